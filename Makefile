@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make run` (a media node + site on embedded defaults) and
+# `make test` (the whole suite).  Each installs what it needs: Debian packages when root, a
+# virtualenv, the project with its compiled codecs.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test setup system-deps lint bench clean
+
+run: setup
+	$(BIN)/watchbuy serve
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+setup: system-deps $(STAMP)
+
+# Debian's ffmpeg is our stand-in for OBS (and a player) in the tests and the printed push line.
+system-deps:
+	@if ! command -v ffmpeg >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing ffmpeg from Debian's packages"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
+	  else \
+	    echo "ffmpeg is missing: install it (apt-get install ffmpeg) to publish a test stream"; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml setup.py engine/*.pyx
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel Cython
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider bench --benchmark-only
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info engine/*.so engine/*.c

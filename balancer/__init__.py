@@ -1,0 +1,1 @@
+"""watchbuy.balancer: node discovery and least-ingest choice."""

@@ -1,0 +1,1 @@
+"""watchbuy.db: schema, migrations and queries."""

@@ -1,0 +1,441 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""RTMP chunk stream: incremental parser and serialiser (compiled; twin of ``_chunk_py.py``).
+
+Same API, results and error texts as the pure-Python twin, whose docstring explains the format.
+The parser walks a ``const unsigned char*`` over the fed bytes, copies each chunk's payload with
+one ``memcpy`` straight into the message's final ``bytes`` object (allocated once at the message
+header, handed out when full), and keeps per-chunk-stream state in typed fields.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from watchbuy.engine.errors import ChunkError
+
+DEF EXTENDED = 0xFFFFFF
+
+MSG_SET_CHUNK_SIZE = 1
+MSG_ABORT = 2
+MAX_CHUNK_SIZE = 0x7FFFFFFF
+MAX_MESSAGE_SIZE = 0xFFFFFF
+MAX_CSID = 65599
+HEADER_SIZES = (11, 7, 3, 0)
+
+cdef int[4] _HEADER_SIZES
+_HEADER_SIZES[0] = 11
+_HEADER_SIZES[1] = 7
+_HEADER_SIZES[2] = 3
+_HEADER_SIZES[3] = 0
+
+
+cdef class _Stream:
+    cdef uint32_t timestamp
+    cdef uint32_t ts_field
+    cdef bint extended
+    cdef Py_ssize_t length
+    cdef int type_id
+    cdef uint32_t stream_id
+    cdef bint has_header
+    cdef bytes payload  # None between messages
+    cdef Py_ssize_t filled
+
+
+cdef inline uint32_t _be24(const unsigned char* p) noexcept:
+    return (<uint32_t>p[0] << 16) | (<uint32_t>p[1] << 8) | p[2]
+
+
+cdef inline uint32_t _be32(const unsigned char* p) noexcept:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline uint32_t _le32(const unsigned char* p) noexcept:
+    return (<uint32_t>p[3] << 24) | (<uint32_t>p[2] << 16) | (<uint32_t>p[1] << 8) | p[0]
+
+
+cdef class ChunkReader:
+    """Incremental RTMP chunk stream parser: ``feed(bytes)`` → completed messages."""
+
+    cdef Py_ssize_t _chunk_size
+    cdef public Py_ssize_t max_message_size
+    cdef public Py_ssize_t max_pending_bytes
+    cdef dict _streams
+    cdef bytes _tail
+    cdef _Stream _current
+    cdef int _current_csid
+    cdef Py_ssize_t _chunk_left
+    cdef Py_ssize_t _pending
+    cdef object _broken
+    cdef public unsigned long long bytes_received
+
+    def __init__(self, Py_ssize_t max_message_size=MAX_MESSAGE_SIZE,
+                 Py_ssize_t max_pending_bytes=64 * 1024 * 1024):
+        self._chunk_size = 128
+        self.max_message_size = max_message_size
+        self.max_pending_bytes = max_pending_bytes
+        self._streams = {}
+        self._tail = b""
+        self._current = None
+        self._current_csid = 0
+        self._chunk_left = 0
+        self._pending = 0
+        self._broken = None
+        self.bytes_received = 0
+
+    @property
+    def chunk_size(self):
+        """The peer's current chunk size (changed by its Set Chunk Size messages)."""
+        return self._chunk_size
+
+    def feed(self, data):
+        if self._broken is not None:
+            raise ChunkError(self._broken)
+        if type(data) is not bytes:
+            data = bytes(data)
+        try:
+            return self._feed(<bytes>data)
+        except ChunkError as exc:
+            self._broken = str(exc)
+            raise
+
+    cdef list _feed(self, bytes data):
+        cdef list out = []
+        cdef Py_ssize_t pos = 0, end, start, need, n
+        cdef const unsigned char* buf
+        cdef int b0, fmt, csid, type_id
+        cdef uint32_t ts_field, stream_id
+        cdef Py_ssize_t length
+        cdef bint extended, in_message
+        cdef _Stream stream
+        cdef object found
+
+        self.bytes_received += PyBytes_GET_SIZE(data)
+        if PyBytes_GET_SIZE(self._tail):
+            data = self._tail + data
+            self._tail = b""
+        buf = <const unsigned char*>PyBytes_AS_STRING(data)
+        end = PyBytes_GET_SIZE(data)
+
+        while pos < end:
+            if self._chunk_left:
+                stream = self._current
+                n = self._chunk_left
+                if end - pos < n:
+                    n = end - pos
+                memcpy(PyBytes_AS_STRING(stream.payload) + stream.filled, buf + pos, n)
+                stream.filled += n
+                self._chunk_left -= n
+                pos += n
+                if stream.filled == stream.length:
+                    payload = stream.payload
+                    stream.payload = None
+                    self._pending -= stream.length
+                    self._chunk_left = 0
+                    self._current = None
+                    self._complete(self._current_csid, stream, payload, out)
+                continue
+
+            start = pos
+            b0 = buf[pos]
+            fmt = b0 >> 6
+            csid = b0 & 0x3F
+            pos += 1
+            if csid == 0:
+                if end - pos < 1:
+                    self._tail = data[start:]
+                    break
+                csid = buf[pos] + 64
+                pos += 1
+            elif csid == 1:
+                if end - pos < 2:
+                    self._tail = data[start:]
+                    break
+                csid = buf[pos] + (buf[pos + 1] << 8) + 64
+                pos += 2
+            need = _HEADER_SIZES[fmt]
+            if end - pos < need:
+                self._tail = data[start:]
+                break
+            found = self._streams.get(csid)
+            if found is None:
+                if fmt != 0:
+                    raise ChunkError(
+                        f"chunk stream {csid}: format {fmt} chunk without a previous header")
+                stream = _Stream.__new__(_Stream)
+                stream.payload = None
+                self._streams[csid] = stream
+            else:
+                stream = <_Stream>found
+                if not stream.has_header and fmt != 0:
+                    raise ChunkError(
+                        f"chunk stream {csid}: format {fmt} chunk without a previous header")
+            in_message = stream.payload is not None
+            if fmt != 3 and in_message:
+                raise ChunkError(
+                    f"chunk stream {csid}: new message header inside an unfinished message")
+            if fmt < 3:
+                ts_field = _be24(buf + pos)
+                if fmt < 2:
+                    length = _be24(buf + pos + 3)
+                    type_id = buf[pos + 6]
+                    if fmt == 0:
+                        stream_id = _le32(buf + pos + 7)
+                    else:
+                        stream_id = stream.stream_id
+                else:
+                    length = stream.length
+                    type_id = stream.type_id
+                    stream_id = stream.stream_id
+                pos += need
+                extended = ts_field == EXTENDED
+                if extended:
+                    if end - pos < 4:
+                        self._tail = data[start:]
+                        break
+                    ts_field = _be32(buf + pos)
+                    pos += 4
+                if length > self.max_message_size:
+                    raise ChunkError(
+                        f"chunk stream {csid}: message of {length} bytes exceeds the limit "
+                        f"of {self.max_message_size}")
+                stream.extended = extended
+                stream.ts_field = ts_field
+                stream.length = length
+                stream.type_id = type_id
+                stream.stream_id = stream_id
+                stream.has_header = True
+                if fmt == 0:
+                    stream.timestamp = ts_field
+                else:
+                    stream.timestamp = stream.timestamp + ts_field  # wraps mod 2**32
+            else:
+                if stream.extended:
+                    if end - pos < 4:
+                        self._tail = data[start:]
+                        break
+                    ts_field = _be32(buf + pos)
+                    pos += 4
+                    if not in_message:
+                        stream.ts_field = ts_field
+                if not in_message:
+                    stream.timestamp = stream.timestamp + stream.ts_field
+            if not in_message:
+                if stream.length == 0:
+                    out.append((csid, stream.timestamp, stream.type_id, stream.stream_id, b""))
+                    continue
+                self._pending += stream.length
+                if self._pending > self.max_pending_bytes:
+                    raise ChunkError("too many bytes in unfinished messages")
+                stream.payload = PyBytes_FromStringAndSize(NULL, stream.length)
+                stream.filled = 0
+            self._current = stream
+            self._current_csid = csid
+            self._chunk_left = self._chunk_size
+            if stream.length - stream.filled < self._chunk_left:
+                self._chunk_left = stream.length - stream.filled
+        return out
+
+    cdef _complete(self, int csid, _Stream stream, bytes payload, list out):
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(payload)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+        cdef uint32_t size
+        cdef object found
+        cdef _Stream aborted
+        if stream.type_id == MSG_SET_CHUNK_SIZE:
+            if n < 4:
+                raise ChunkError("set chunk size: payload shorter than 4 bytes")
+            size = _be32(p)
+            if size < 1 or size > MAX_CHUNK_SIZE:
+                raise ChunkError(f"set chunk size: invalid chunk size {size}")
+            self._chunk_size = size
+        elif stream.type_id == MSG_ABORT:
+            if n < 4:
+                raise ChunkError("abort: payload shorter than 4 bytes")
+            found = self._streams.get(_be32(p))
+            if found is not None:
+                aborted = <_Stream>found
+                if aborted.payload is not None:
+                    self._pending -= aborted.length
+                    aborted.payload = None
+        out.append((csid, stream.timestamp, stream.type_id, stream.stream_id, payload))
+
+
+cdef Py_ssize_t _write_basic_header(char* out, int fmt, long csid) except -1:
+    if csid < 2 or csid > MAX_CSID:
+        raise ChunkError(f"chunk stream id {csid} out of range 2..{MAX_CSID}")
+    if csid < 64:
+        out[0] = <char>((fmt << 6) | csid)
+        return 1
+    if csid < 320:
+        out[0] = <char>(fmt << 6)
+        out[1] = <char>(csid - 64)
+        return 2
+    csid -= 64
+    out[0] = <char>((fmt << 6) | 1)
+    out[1] = <char>(csid & 0xFF)
+    out[2] = <char>(csid >> 8)
+    return 3
+
+
+cdef inline void _put24(char* p, uint32_t v) noexcept:
+    p[0] = <char>((v >> 16) & 0xFF)
+    p[1] = <char>((v >> 8) & 0xFF)
+    p[2] = <char>(v & 0xFF)
+
+
+cdef inline void _put32(char* p, uint32_t v) noexcept:
+    p[0] = <char>((v >> 24) & 0xFF)
+    p[1] = <char>((v >> 16) & 0xFF)
+    p[2] = <char>((v >> 8) & 0xFF)
+    p[3] = <char>(v & 0xFF)
+
+
+cdef int _check(long long chunk_size, Py_ssize_t length) except -1:
+    if chunk_size < 1 or chunk_size > MAX_CHUNK_SIZE:
+        raise ChunkError(f"invalid chunk size {chunk_size}")
+    if length > MAX_MESSAGE_SIZE:
+        raise ChunkError(f"message of {length} bytes exceeds the 24-bit length field")
+    return 0
+
+
+cdef bytes _chunks(Py_ssize_t chunk_size, long csid, const char* header, Py_ssize_t header_len,
+                   uint32_t ts_field, const unsigned char* payload, Py_ssize_t length):
+    """Header + payload split into chunks with format-3 continuation headers, in one buffer."""
+    cdef char cont[8]
+    cdef Py_ssize_t cont_len, n_cont, total, offset, n
+    cdef bint extended = ts_field >= EXTENDED
+    cdef bytes result
+    cdef char* w
+    cont_len = _write_basic_header(cont, 3, csid)
+    if extended:
+        _put32(cont + cont_len, ts_field)
+        cont_len += 4
+    n_cont = (length - 1) // chunk_size if length > 0 else 0
+    total = header_len + (4 if extended else 0) + length + n_cont * cont_len
+    result = PyBytes_FromStringAndSize(NULL, total)
+    w = PyBytes_AS_STRING(result)
+    memcpy(w, header, header_len)
+    w += header_len
+    if extended:
+        _put32(w, ts_field)
+        w += 4
+    n = chunk_size if length > chunk_size else length
+    memcpy(w, payload, n)
+    w += n
+    offset = n
+    while offset < length:
+        memcpy(w, cont, cont_len)
+        w += cont_len
+        n = chunk_size if length - offset > chunk_size else length - offset
+        memcpy(w, payload + offset, n)
+        w += n
+        offset += n
+    return result
+
+
+def encode_message(long long chunk_size, long csid, unsigned long long timestamp, int type_id,
+                   unsigned long long stream_id, payload):
+    """One message as chunks with a full (format 0) header (see the twin's docstring)."""
+    cdef const unsigned char[:] view
+    cdef const unsigned char* p
+    cdef Py_ssize_t length
+    cdef char header[16]
+    cdef Py_ssize_t h
+    cdef uint32_t ts = <uint32_t>(timestamp & 0xFFFFFFFF)
+    if type(payload) is bytes:
+        p = <const unsigned char*>PyBytes_AS_STRING(payload)
+        length = PyBytes_GET_SIZE(payload)
+    else:
+        payload = bytes(payload)
+        p = <const unsigned char*>PyBytes_AS_STRING(payload)
+        length = PyBytes_GET_SIZE(payload)
+    _check(chunk_size, length)
+    h = _write_basic_header(header, 0, csid)
+    _put24(header + h, ts if ts < EXTENDED else EXTENDED)
+    _put24(header + h + 3, <uint32_t>length)
+    header[h + 6] = <char>(type_id & 0xFF)
+    header[h + 7] = <char>(stream_id & 0xFF)
+    header[h + 8] = <char>((stream_id >> 8) & 0xFF)
+    header[h + 9] = <char>((stream_id >> 16) & 0xFF)
+    header[h + 10] = <char>((stream_id >> 24) & 0xFF)
+    return _chunks(chunk_size, csid, header, h + 11, ts, p, length)
+
+
+cdef class _Last:
+    cdef uint32_t timestamp
+    cdef Py_ssize_t length
+    cdef int type_id
+    cdef uint32_t stream_id
+    cdef uint32_t delta
+    cdef bint delta_usable
+
+
+cdef class ChunkWriter:
+    """Serialiser for one connection's outgoing messages, with header compression."""
+
+    cdef public long long chunk_size
+    cdef dict _last
+
+    def __init__(self, long long chunk_size=128):
+        self.chunk_size = chunk_size
+        self._last = {}
+
+    def write(self, long csid, unsigned long long timestamp, int type_id,
+              unsigned long long stream_id, payload):
+        cdef const unsigned char* p
+        cdef Py_ssize_t length, h
+        cdef char header[16]
+        cdef uint32_t ts = <uint32_t>(timestamp & 0xFFFFFFFF)
+        cdef uint32_t sid = <uint32_t>(stream_id & 0xFFFFFFFF)
+        cdef uint32_t delta, ts_field
+        cdef int tid = type_id & 0xFF
+        cdef _Last last
+        cdef object found
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        p = <const unsigned char*>PyBytes_AS_STRING(payload)
+        length = PyBytes_GET_SIZE(payload)
+        _check(self.chunk_size, length)
+        found = self._last.get(csid)
+        if found is None:
+            last = _Last.__new__(_Last)
+            self._last[csid] = last
+            h = -1
+        else:
+            last = <_Last>found
+            h = 0 if (last.stream_id == sid and ts >= last.timestamp) else -1
+        if h < 0:
+            h = _write_basic_header(header, 0, csid)
+            _put24(header + h, ts if ts < EXTENDED else EXTENDED)
+            _put24(header + h + 3, <uint32_t>length)
+            header[h + 6] = <char>tid
+            header[h + 7] = <char>(sid & 0xFF)
+            header[h + 8] = <char>((sid >> 8) & 0xFF)
+            header[h + 9] = <char>((sid >> 16) & 0xFF)
+            header[h + 10] = <char>((sid >> 24) & 0xFF)
+            h += 11
+            ts_field = ts
+            last.delta = ts
+            last.delta_usable = False
+        else:
+            delta = ts - last.timestamp
+            if length != last.length or tid != last.type_id:
+                h = _write_basic_header(header, 1, csid)
+                _put24(header + h, delta if delta < EXTENDED else EXTENDED)
+                _put24(header + h + 3, <uint32_t>length)
+                header[h + 6] = <char>tid
+                h += 7
+            elif delta != last.delta or not last.delta_usable:
+                h = _write_basic_header(header, 2, csid)
+                _put24(header + h, delta if delta < EXTENDED else EXTENDED)
+                h += 3
+            else:
+                h = _write_basic_header(header, 3, csid)
+            ts_field = delta
+            last.delta = delta
+            last.delta_usable = True
+        last.timestamp = ts
+        last.length = length
+        last.type_id = tid
+        last.stream_id = sid
+        return _chunks(self.chunk_size, csid, header, h, ts_field, p, length)

@@ -1,0 +1,358 @@
+"""RTMP chunk stream: incremental parser and serialiser (pure-Python twin of ``_chunk.pyx``).
+
+The chunk stream splits RTMP messages into chunks of at most ``chunk_size`` payload bytes and
+interleaves them by chunk stream id (csid).  Each chunk has a basic header (format + csid in 1, 2
+or 3 bytes), a message header of 11, 7, 3 or 0 bytes (formats 0..3, each repeating less of the
+previous header on that csid) and an optional 4-byte extended timestamp.
+
+``ChunkReader.feed(bytes)`` returns the messages completed by those bytes as tuples
+``(csid, timestamp, type_id, stream_id, payload)``.  It never touches a socket.  Payload bytes
+are consumed as they arrive, so only an incomplete chunk *header* (at most 18 bytes) is ever held
+back, and a huge chunk size cannot make us buffer a huge chunk.
+
+Protocol control that changes how the following bytes must be parsed is applied inside the
+reader, at the exact byte where it takes effect: Set Chunk Size (type 1) and Abort (type 2).
+Both are still returned as messages so the session can log or answer them.
+"""
+
+from __future__ import annotations
+
+from watchbuy.engine.errors import ChunkError
+
+MSG_SET_CHUNK_SIZE = 1
+MSG_ABORT = 2
+
+MAX_CHUNK_SIZE = 0x7FFFFFFF  # the top bit of Set Chunk Size must be zero
+MAX_MESSAGE_SIZE = 0xFFFFFF  # message length is a 24-bit field
+EXTENDED = 0xFFFFFF  # timestamp field value announcing an extended timestamp
+MAX_CSID = 65599
+
+# How many header bytes follow the basic header, by chunk format.
+HEADER_SIZES = (11, 7, 3, 0)
+
+Message = tuple[int, int, int, int, bytes]
+
+
+class _Stream:
+    """What one chunk stream id remembers from its previous chunk headers."""
+
+    __slots__ = (
+        "timestamp",
+        "ts_field",
+        "extended",
+        "length",
+        "type_id",
+        "stream_id",
+        "has_header",
+        "payload",
+        "filled",
+    )
+
+    def __init__(self) -> None:
+        self.timestamp = 0  # absolute timestamp of the current/last message
+        self.ts_field = 0  # last timestamp field (absolute for fmt 0, delta for 1/2)
+        self.extended = False  # last fmt 0/1/2 header used an extended timestamp
+        self.length = 0
+        self.type_id = 0
+        self.stream_id = 0
+        self.has_header = False
+        self.payload: bytearray | None = None  # message being assembled, None between messages
+        self.filled = 0
+
+
+class ChunkReader:
+    """Incremental RTMP chunk stream parser: ``feed(bytes)`` → completed messages."""
+
+    def __init__(
+        self,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        max_pending_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self._chunk_size = 128
+        self.max_message_size = max_message_size
+        self.max_pending_bytes = max_pending_bytes
+        self._streams: dict[int, _Stream] = {}
+        self._tail = b""  # an incomplete chunk header held back from the last feed
+        self._current: _Stream | None = None  # stream whose chunk payload we are inside
+        self._current_csid = 0
+        self._chunk_left = 0  # payload bytes left in the current chunk
+        self._pending = 0  # bytes held in partially assembled messages
+        self._broken: str | None = None
+        self.bytes_received = 0
+
+    @property
+    def chunk_size(self) -> int:
+        """The peer's current chunk size (changed by its Set Chunk Size messages)."""
+        return self._chunk_size
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        if self._broken is not None:
+            raise ChunkError(self._broken)
+        try:
+            return self._feed(bytes(data))
+        except ChunkError as exc:
+            self._broken = str(exc)
+            raise
+
+    def _fail(self, text: str) -> None:
+        raise ChunkError(text)
+
+    def _feed(self, data: bytes) -> list[Message]:
+        self.bytes_received += len(data)
+        if self._tail:
+            data = self._tail + data
+            self._tail = b""
+        out: list[Message] = []
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if self._chunk_left:
+                pos = self._take_payload(data, pos, end, out)
+                continue
+            start = pos
+            b0 = data[pos]
+            fmt = b0 >> 6
+            csid = b0 & 0x3F
+            pos += 1
+            if csid == 0:
+                if end - pos < 1:
+                    self._tail = data[start:]
+                    break
+                csid = data[pos] + 64
+                pos += 1
+            elif csid == 1:
+                if end - pos < 2:
+                    self._tail = data[start:]
+                    break
+                csid = data[pos] + (data[pos + 1] << 8) + 64
+                pos += 2
+            need = HEADER_SIZES[fmt]
+            if end - pos < need:
+                self._tail = data[start:]
+                break
+            stream = self._streams.get(csid)
+            if stream is None:
+                if fmt != 0:
+                    self._fail(f"chunk stream {csid}: format {fmt} chunk without a previous header")
+                stream = _Stream()
+                self._streams[csid] = stream
+            elif not stream.has_header and fmt != 0:
+                self._fail(f"chunk stream {csid}: format {fmt} chunk without a previous header")
+            in_message = stream.payload is not None
+            if fmt != 3 and in_message:
+                self._fail(f"chunk stream {csid}: new message header inside an unfinished message")
+            if fmt < 3:
+                ts_field = (data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2]
+                if fmt < 2:
+                    length = (data[pos + 3] << 16) | (data[pos + 4] << 8) | data[pos + 5]
+                    type_id = data[pos + 6]
+                    if fmt == 0:
+                        stream_id = int.from_bytes(data[pos + 7 : pos + 11], "little")
+                    else:
+                        stream_id = stream.stream_id
+                else:
+                    length = stream.length
+                    type_id = stream.type_id
+                    stream_id = stream.stream_id
+                pos += need
+                extended = ts_field == EXTENDED
+                if extended:
+                    if end - pos < 4:
+                        self._tail = data[start:]
+                        break
+                    ts_field = int.from_bytes(data[pos : pos + 4], "big")
+                    pos += 4
+                if length > self.max_message_size:
+                    self._fail(
+                        f"chunk stream {csid}: message of {length} bytes exceeds the limit "
+                        f"of {self.max_message_size}"
+                    )
+                stream.extended = extended
+                stream.ts_field = ts_field
+                stream.length = length
+                stream.type_id = type_id
+                stream.stream_id = stream_id
+                stream.has_header = True
+                if fmt == 0:
+                    stream.timestamp = ts_field
+                else:
+                    stream.timestamp = (stream.timestamp + ts_field) & 0xFFFFFFFF
+            else:
+                if stream.extended:
+                    if end - pos < 4:
+                        self._tail = data[start:]
+                        break
+                    ext_value = int.from_bytes(data[pos : pos + 4], "big")
+                    pos += 4
+                    if not in_message:
+                        stream.ts_field = ext_value
+                if not in_message:
+                    # A format-3 chunk that starts a message repeats the previous delta.
+                    stream.timestamp = (stream.timestamp + stream.ts_field) & 0xFFFFFFFF
+            if not in_message:
+                if stream.length == 0:
+                    out.append((csid, stream.timestamp, stream.type_id, stream.stream_id, b""))
+                    continue
+                self._pending += stream.length
+                if self._pending > self.max_pending_bytes:
+                    self._fail("too many bytes in unfinished messages")
+                stream.payload = bytearray(stream.length)
+                stream.filled = 0
+            self._current = stream
+            self._chunk_left = min(self._chunk_size, stream.length - stream.filled)
+            self._current_csid = csid
+        return out
+
+    def _take_payload(self, data: bytes, pos: int, end: int, out: list[Message]) -> int:
+        stream = self._current
+        assert stream is not None and stream.payload is not None
+        n = min(self._chunk_left, end - pos)
+        stream.payload[stream.filled : stream.filled + n] = data[pos : pos + n]
+        stream.filled += n
+        self._chunk_left -= n
+        pos += n
+        if stream.filled == stream.length:
+            payload = bytes(stream.payload)
+            stream.payload = None
+            self._pending -= stream.length
+            self._chunk_left = 0
+            self._current = None
+            self._complete(self._current_csid, stream, payload, out)
+        return pos
+
+    def _complete(self, csid: int, stream: _Stream, payload: bytes, out: list[Message]) -> None:
+        type_id = stream.type_id
+        if type_id == MSG_SET_CHUNK_SIZE:
+            if len(payload) < 4:
+                self._fail("set chunk size: payload shorter than 4 bytes")
+            size = int.from_bytes(payload[:4], "big")
+            if size < 1 or size > MAX_CHUNK_SIZE:
+                self._fail(f"set chunk size: invalid chunk size {size}")
+            self._chunk_size = size
+        elif type_id == MSG_ABORT:
+            if len(payload) < 4:
+                self._fail("abort: payload shorter than 4 bytes")
+            aborted = self._streams.get(int.from_bytes(payload[:4], "big"))
+            if aborted is not None and aborted.payload is not None:
+                self._pending -= aborted.length
+                aborted.payload = None
+        out.append((csid, stream.timestamp, type_id, stream.stream_id, payload))
+
+
+def _basic_header(fmt: int, csid: int) -> bytes:
+    if csid < 2 or csid > MAX_CSID:
+        raise ChunkError(f"chunk stream id {csid} out of range 2..{MAX_CSID}")
+    if csid < 64:
+        return bytes(((fmt << 6) | csid,))
+    if csid < 320:
+        return bytes((fmt << 6, csid - 64))
+    csid -= 64
+    return bytes(((fmt << 6) | 1, csid & 0xFF, csid >> 8))
+
+
+def _check(chunk_size: int, length: int) -> None:
+    if chunk_size < 1 or chunk_size > MAX_CHUNK_SIZE:
+        raise ChunkError(f"invalid chunk size {chunk_size}")
+    if length > MAX_MESSAGE_SIZE:
+        raise ChunkError(f"message of {length} bytes exceeds the 24-bit length field")
+
+
+def _chunks(
+    chunk_size: int, csid: int, header: bytes, ts_field: int, payload: bytes
+) -> bytes:
+    """Header + payload split into chunks with format-3 continuation headers."""
+    extended = ts_field >= EXTENDED
+    ext = ts_field.to_bytes(4, "big") if extended else b""
+    parts = [header, ext, payload[:chunk_size]]
+    if len(payload) > chunk_size:
+        cont = _basic_header(3, csid) + ext
+        for offset in range(chunk_size, len(payload), chunk_size):
+            parts.append(cont)
+            parts.append(payload[offset : offset + chunk_size])
+    return b"".join(parts)
+
+
+def _ts3(value: int) -> bytes:
+    return min(value, EXTENDED).to_bytes(3, "big")
+
+
+def encode_message(
+    chunk_size: int,
+    csid: int,
+    timestamp: int,
+    type_id: int,
+    stream_id: int,
+    payload: bytes | bytearray | memoryview,
+) -> bytes:
+    """One message as chunks with a full (format 0) header.
+
+    Stateless, so the same bytes can be shared by every player that uses ``chunk_size``: this is
+    how the relay encodes each media message once for all its RTMP viewers.
+    """
+    payload = bytes(payload)
+    _check(chunk_size, len(payload))
+    timestamp &= 0xFFFFFFFF
+    header = (
+        _basic_header(0, csid)
+        + _ts3(timestamp)
+        + len(payload).to_bytes(3, "big")
+        + bytes((type_id & 0xFF,))
+        + (stream_id & 0xFFFFFFFF).to_bytes(4, "little")
+    )
+    return _chunks(chunk_size, csid, header, timestamp, payload)
+
+
+class ChunkWriter:
+    """Serialiser for one connection's outgoing messages, with header compression.
+
+    Uses format 1/2/3 headers when the chunk stream's previous message allows it, as ffmpeg and
+    OBS do.  Set ``chunk_size`` only after the Set Chunk Size message itself was written.
+    """
+
+    def __init__(self, chunk_size: int = 128) -> None:
+        self.chunk_size = chunk_size
+        # csid -> (timestamp, length, type_id, stream_id, delta, delta_usable)
+        self._last: dict[int, tuple[int, int, int, int, int, bool]] = {}
+
+    def write(
+        self,
+        csid: int,
+        timestamp: int,
+        type_id: int,
+        stream_id: int,
+        payload: bytes | bytearray | memoryview,
+    ) -> bytes:
+        payload = bytes(payload)
+        length = len(payload)
+        _check(self.chunk_size, length)
+        timestamp &= 0xFFFFFFFF
+        type_id &= 0xFF
+        stream_id &= 0xFFFFFFFF
+        last = self._last.get(csid)
+        if last is None or last[3] != stream_id or timestamp < last[0]:
+            header = (
+                _basic_header(0, csid)
+                + _ts3(timestamp)
+                + length.to_bytes(3, "big")
+                + bytes((type_id,))
+                + stream_id.to_bytes(4, "little")
+            )
+            ts_field = timestamp
+            # After a format-0 header a format-3 message would repeat the *absolute* time.
+            self._last[csid] = (timestamp, length, type_id, stream_id, timestamp, False)
+        else:
+            delta = timestamp - last[0]
+            if length != last[1] or type_id != last[2]:
+                header = (
+                    _basic_header(1, csid)
+                    + _ts3(delta)
+                    + length.to_bytes(3, "big")
+                    + bytes((type_id,))
+                )
+            elif delta != last[4] or not last[5]:
+                header = _basic_header(2, csid) + _ts3(delta)
+            else:
+                header = _basic_header(3, csid)
+            ts_field = delta
+            self._last[csid] = (timestamp, length, type_id, stream_id, delta, True)
+        return _chunks(self.chunk_size, csid, header, ts_field, payload)

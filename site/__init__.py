@@ -1,0 +1,1 @@
+"""watchbuy.site: the shop (Starlette pages, chat, cart, checkout)."""

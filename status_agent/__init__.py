@@ -1,0 +1,1 @@
+"""watchbuy.status_agent: per-node traffic sampler."""

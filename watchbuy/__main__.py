@@ -1,0 +1,3 @@
+from watchbuy.cli import main
+
+raise SystemExit(main())
