@@ -1,0 +1,141 @@
+"""Publish authentication: who may publish, and under which public stream name.
+
+As nginx-rtmp's ``on_publish``: when a publisher sends ``publish <key>``, the engine asks an HTTP
+endpoint (the site) whether the secret stream key may publish and which public name the stream
+gets; when it stops, the engine reports ``publish_done``.  Requests are HMAC-SHA256 signed over
+``"<timestamp>.<body>"`` so the site can tell them from forgeries and replays.
+
+Standalone, without a site, :class:`StaticKeys` maps keys to names from configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from typing import Protocol
+
+log = logging.getLogger("watchbuy.engine.hooks")
+
+SIGNATURE_HEADER = "X-WatchBuy-Signature"
+TIMESTAMP_HEADER = "X-WatchBuy-Timestamp"
+MAX_SKEW_SECONDS = 300
+
+
+class PublishRefused(Exception):
+    """This key may not publish (unknown key, or the hook said no or did not answer)."""
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    message = timestamp.encode() + b"." + body
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def verify(
+    secret: str, timestamp: str, body: bytes, signature: str, now: float | None = None
+) -> bool:
+    """True when ``signature`` is ours for this body and the timestamp is fresh."""
+    if not secret or not timestamp or not signature:
+        return False
+    try:
+        age = abs((time.time() if now is None else now) - int(timestamp))
+    except ValueError:
+        return False
+    if age > MAX_SKEW_SECONDS:
+        return False
+    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+def split_key(publish_name: str) -> str:
+    """The stream key from a publish name: OBS and ffmpeg may append ``?query`` arguments."""
+    return publish_name.split("?", 1)[0].strip()
+
+
+class PublishAuthorizer(Protocol):
+    async def authorize(self, app: str, key: str, addr: str) -> str:
+        """The public stream name for ``key``; raises :class:`PublishRefused`."""
+
+    async def publish_done(self, app: str, key: str, name: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class StaticKeys:
+    """Keys from configuration: ``{key: public name}``."""
+
+    def __init__(self, keys: dict[str, str]) -> None:
+        self.keys = dict(keys)
+
+    async def authorize(self, app: str, key: str, addr: str) -> str:
+        name = self.keys.get(key)
+        if name is None:
+            raise PublishRefused("unknown stream key")
+        return name
+
+    async def publish_done(self, app: str, key: str, name: str) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class HttpHooks:
+    """Asks an HTTP endpoint (``POST <url>``, JSON, HMAC-signed) as nginx-rtmp's on_publish.
+
+    Request body: ``{"call": "publish"|"publish_done", "app", "key", "addr", "node_id"[, "name"]}``.
+    A 2xx answer to ``publish`` must carry ``{"name": "<public stream name>"}``; anything else
+    (4xx, 5xx, timeout, unreachable) refuses the publisher.
+    """
+
+    def __init__(self, url: str, secret: str, node_id: str, timeout: float = 5.0) -> None:
+        import httpx
+
+        self.url = url
+        self.secret = secret
+        self.node_id = node_id
+        self._client = httpx.AsyncClient(timeout=timeout)
+
+    async def _call(self, payload: dict):
+        import httpx
+
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        timestamp = str(int(time.time()))
+        headers = {
+            "Content-Type": "application/json",
+            TIMESTAMP_HEADER: timestamp,
+            SIGNATURE_HEADER: sign(self.secret, timestamp, body),
+        }
+        try:
+            return await self._client.post(self.url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise PublishRefused(f"publish hook unreachable: {exc!r}") from exc
+
+    async def authorize(self, app: str, key: str, addr: str) -> str:
+        response = await self._call(
+            {"call": "publish", "app": app, "key": key, "addr": addr, "node_id": self.node_id}
+        )
+        if response.status_code // 100 != 2:
+            raise PublishRefused(f"publish hook answered {response.status_code}")
+        try:
+            name = response.json()["name"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PublishRefused("publish hook answer has no stream name") from exc
+        if not isinstance(name, str) or not name or "/" in name:
+            raise PublishRefused(f"publish hook gave an unusable stream name {name!r}")
+        return name
+
+    async def publish_done(self, app: str, key: str, name: str) -> None:
+        try:
+            response = await self._call(
+                {"call": "publish_done", "app": app, "key": key, "name": name,
+                 "node_id": self.node_id, "addr": ""}
+            )
+            if response.status_code // 100 != 2:
+                log.warning("publish_done hook for %s answered %s", name, response.status_code)
+        except PublishRefused as exc:
+            log.warning("publish_done hook for %s failed: %s", name, exc)
+
+    async def close(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,400 @@
+"""Fan-out relay: live streams, their GOP cache, and viewers with bounded queues.
+
+Every media message from a publisher becomes one :class:`Tag`.  A tag is encoded at most once per
+output format (FLV tag bytes for HTTP-FLV, format-0 chunk bytes for RTMP players) and those very
+bytes go to every viewer, as every fast relay does.  The publisher's session hands the tags of one
+socket read to :meth:`LiveStream.flush`, which gives each viewer a single ``writelines`` call: the
+merged write.
+
+A viewer's queue is its transport's write buffer, capped by ``set_write_buffer_limits``.  While
+the transport asks us to pause (the viewer is not draining), new tags for it are dropped and the
+viewer waits for the next keyframe, so it resumes on a decodable frame; a viewer that stays
+stalled past ``stall_timeout`` is disconnected.  Neither can delay other viewers or grow memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from watchbuy.engine.amf_types import ECMAArray
+from watchbuy.engine.codecs import amf, chunk, flvmux
+
+log = logging.getLogger("watchbuy.engine.relay")
+
+MSG_AUDIO = 8
+MSG_VIDEO = 9
+MSG_DATA_AMF0 = 18
+
+# Chunk stream ids for media sent to RTMP players (ffmpeg's and nginx-rtmp's choices).
+CSID_AUDIO = 4
+CSID_DATA = 5
+CSID_VIDEO = 6
+PLAY_STREAM_ID = 1  # the first createStream of every connection answers 1
+
+
+@dataclass
+class RelayLimits:
+    """Bounds that keep one stream or one viewer from eating the node."""
+
+    gop_max_frames: int = 1024
+    gop_max_bytes: int = 16 * 1024 * 1024
+    viewer_queue_bytes: int = 1024 * 1024
+    stall_timeout: float = 10.0
+    out_chunk_size: int = 4096
+
+
+class Tag:
+    """One media message, encoded lazily and at most once per output format."""
+
+    __slots__ = ("type_id", "timestamp", "payload", "keyframe", "_flv", "_rtmp", "_chunk_size")
+
+    def __init__(self, type_id: int, timestamp: int, payload: bytes, keyframe: bool) -> None:
+        self.type_id = type_id
+        self.timestamp = timestamp
+        self.payload = payload
+        self.keyframe = keyframe  # a point a viewer may start from
+        self._flv: bytes | None = None
+        self._rtmp: bytes | None = None
+        self._chunk_size = 0
+
+    @property
+    def flv(self) -> bytes:
+        if self._flv is None:
+            self._flv = flvmux.flv_tag(self.type_id, self.timestamp, self.payload)
+        return self._flv
+
+    def rtmp(self, chunk_size: int) -> bytes:
+        if self._rtmp is None or self._chunk_size != chunk_size:
+            csid = (
+                CSID_VIDEO
+                if self.type_id == MSG_VIDEO
+                else CSID_AUDIO
+                if self.type_id == MSG_AUDIO
+                else CSID_DATA
+            )
+            self._rtmp = chunk.encode_message(
+                chunk_size, csid, self.timestamp, self.type_id, PLAY_STREAM_ID, self.payload
+            )
+            self._chunk_size = chunk_size
+        return self._rtmp
+
+
+class Viewer:
+    """Base of HTTP-FLV and RTMP viewers: bounded queue, keyframe resync, stall cut-off.
+
+    Subclasses say how a batch of tags becomes bytes (:meth:`encode`) and how a stream starts
+    and ends for their protocol.
+    """
+
+    kind = "viewer"
+
+    def __init__(self, transport, limits: RelayLimits, on_bytes: Callable[[int], None]) -> None:
+        self.transport = transport
+        self.limits = limits
+        self.on_bytes = on_bytes
+        self.paused_since: float | None = None
+        self.waiting_keyframe = False
+        self.closed = False
+        self.tags_sent = 0
+        self.tags_dropped = 0
+        self.started = time.monotonic()
+        try:
+            transport.set_write_buffer_limits(high=limits.viewer_queue_bytes)
+        except (AttributeError, NotImplementedError):  # pragma: no cover - every loop has it
+            pass
+
+    # -- what subclasses provide ------------------------------------------------------------
+    def encode(self, tags: list[Tag]) -> list[bytes]:
+        raise NotImplementedError
+
+    def start(self, stream: LiveStream) -> None:
+        """Send what a new viewer needs before the live tags: headers and the GOP."""
+        raise NotImplementedError
+
+    def end(self) -> None:
+        """The publisher stopped."""
+        raise NotImplementedError
+
+    # -- flow control, called by the protocol that owns the transport ------------------------
+    def pause_writing(self) -> None:
+        if self.paused_since is None:
+            self.paused_since = time.monotonic()
+
+    def resume_writing(self) -> None:
+        self.paused_since = None
+
+    def close(self) -> None:
+        self.closed = True
+
+    def deliver(self, tags: list[Tag], byte_hint: int = 0) -> None:
+        """Give this viewer one batch (one publisher read) in a single merged write."""
+        if self.closed:
+            return
+        if self.paused_since is not None:
+            self.tags_dropped += len(tags)
+            self.waiting_keyframe = True
+            if time.monotonic() - self.paused_since > self.limits.stall_timeout:
+                log.info("%s %s stalled for %.0f s: disconnecting", self.kind,
+                         self.peer(), self.limits.stall_timeout)
+                self.closed = True
+                self.transport.abort()
+            return
+        if self.waiting_keyframe:
+            for index, tag in enumerate(tags):
+                if tag.keyframe:
+                    self.tags_dropped += index
+                    tags = tags[index:]
+                    self.waiting_keyframe = False
+                    break
+            else:
+                self.tags_dropped += len(tags)
+                return
+        self.write(self.encode(tags))
+        self.tags_sent += len(tags)
+
+    def write(self, chunks: list[bytes]) -> None:
+        if not chunks:
+            return
+        self.transport.writelines(chunks)
+        self.on_bytes(sum(map(len, chunks)))
+
+    def peer(self) -> str:
+        try:
+            host, port = self.transport.get_extra_info("peername")[:2]
+            return f"{host}:{port}"
+        except (TypeError, ValueError):
+            return "?"
+
+
+class LiveStream:
+    """One live stream: its publisher's tags, the cached start-up data and its viewers."""
+
+    def __init__(self, name: str, app: str, limits: RelayLimits, publisher: str = "") -> None:
+        self.name = name
+        self.app = app
+        self.limits = limits
+        self.publisher = publisher
+        self.started_at = time.time()
+        self.started_mono = time.monotonic()
+        self.metadata: dict = {}
+        self.metadata_tag: Tag | None = None
+        self.video_header: Tag | None = None
+        self.audio_header: Tag | None = None
+        self.gop: list[Tag] = []
+        self.gop_bytes = 0
+        self.viewers: set[Viewer] = set()
+        self.pending: list[Tag] = []
+        self.video_codec = ""
+        self.audio_codec = ""
+        self.has_video = False
+        self.bytes_in = 0
+        self.video_frames = 0
+        # (monotonic time, bytes_in, video_frames) samples for rates over a short window
+        self._samples: deque[tuple[float, int, int]] = deque(maxlen=6)
+
+    # -- input from the publisher --------------------------------------------------------------
+    def on_media(self, type_id: int, timestamp: int, payload: bytes) -> None:
+        self.bytes_in += len(payload)
+        if type_id == MSG_VIDEO:
+            codec, _frame_type, keyframe, sequence_header = flvmux.inspect_video(payload)
+            if codec:
+                self.video_codec = codec
+                self.has_video = True
+            tag = Tag(MSG_VIDEO, timestamp, payload, keyframe)
+            if sequence_header:
+                self.video_header = tag
+            else:
+                self.video_frames += 1
+                self._cache(tag, keyframe)
+        elif type_id == MSG_AUDIO:
+            codec, sequence_header = flvmux.inspect_audio(payload)
+            if codec:
+                self.audio_codec = codec
+            # In an audio-only stream every audio frame is a fine place to start.
+            tag = Tag(MSG_AUDIO, timestamp, payload, not self.has_video)
+            if sequence_header:
+                self.audio_header = tag
+            else:
+                self._cache(tag, False)
+        else:
+            return
+        self.pending.append(tag)
+
+    def on_metadata(self, values: list) -> None:
+        """``@setDataFrame onMetaData {...}`` from the publisher: keep it for late joiners."""
+        if values and values[0] == "@setDataFrame":
+            values = values[1:]
+        if len(values) < 2 or values[0] != "onMetaData" or not isinstance(values[1], dict):
+            return
+        self.metadata = dict(values[1])
+        self.metadata["server"] = "WatchBuy"
+        payload = amf.encode_amf0("onMetaData", ECMAArray(self.metadata))
+        self.metadata_tag = Tag(MSG_DATA_AMF0, 0, payload, False)
+        if self.viewers:
+            self.pending.append(self.metadata_tag)
+
+    def on_data(self, timestamp: int, payload: bytes) -> None:
+        """Other script data (cue points, captions): relayed as is."""
+        self.pending.append(Tag(MSG_DATA_AMF0, timestamp, payload, False))
+
+    def _cache(self, tag: Tag, keyframe: bool) -> None:
+        limits = self.limits
+        if keyframe:
+            self.gop = [tag]
+            self.gop_bytes = len(tag.payload)
+            return
+        if not self.gop:
+            return
+        if len(self.gop) >= limits.gop_max_frames or \
+                self.gop_bytes + len(tag.payload) > limits.gop_max_bytes:
+            # Too long a GOP to hold: late joiners wait for the next keyframe instead.
+            self.gop = []
+            self.gop_bytes = 0
+            return
+        self.gop.append(tag)
+        self.gop_bytes += len(tag.payload)
+
+    def flush(self) -> None:
+        """Send the tags gathered from one publisher read to every viewer, one write each."""
+        tags = self.pending
+        if not tags:
+            return
+        self.pending = []
+        for viewer in tuple(self.viewers):
+            viewer.deliver(tags)
+            if viewer.closed:
+                self.viewers.discard(viewer)
+
+    # -- viewers ---------------------------------------------------------------------------
+    def startup_tags(self) -> list[Tag]:
+        """What a late joiner gets at once: metadata, sequence headers, the GOP so far."""
+        tags = [t for t in (self.metadata_tag, self.video_header, self.audio_header) if t]
+        if self.has_video:
+            tags.extend(self.gop)
+        return tags
+
+    def add_viewer(self, viewer: Viewer) -> None:
+        self.viewers.add(viewer)
+        viewer.start(self)
+        if self.has_video and not self.gop:
+            viewer.waiting_keyframe = True
+
+    def remove_viewer(self, viewer: Viewer) -> None:
+        self.viewers.discard(viewer)
+
+    def end(self) -> None:
+        for viewer in tuple(self.viewers):
+            try:
+                viewer.end()
+            except Exception:  # a broken viewer must not keep the others from ending
+                log.exception("ending viewer %s", viewer.peer())
+        self.viewers.clear()
+
+    # -- stats -----------------------------------------------------------------------------
+    def sample(self, now: float) -> None:
+        self._samples.append((now, self.bytes_in, self.video_frames))
+
+    def rates(self) -> tuple[float, float]:
+        """(bits per second in, video frames per second) over the sampling window."""
+        if len(self._samples) < 2:
+            return 0.0, 0.0
+        t0, b0, f0 = self._samples[0]
+        t1, b1, f1 = self._samples[-1]
+        span = t1 - t0
+        if span <= 0:
+            return 0.0, 0.0
+        return (b1 - b0) * 8 / span, (f1 - f0) / span
+
+    def info(self) -> dict:
+        bitrate, fps = self.rates()
+        meta = self.metadata
+        return {
+            "name": self.name,
+            "app": self.app,
+            "video_codec": self.video_codec,
+            "audio_codec": self.audio_codec,
+            "width": _int(meta.get("width")),
+            "height": _int(meta.get("height")),
+            "fps": round(fps, 2) if fps else _float(meta.get("framerate")),
+            "bitrate_in": int(bitrate),
+            "viewers": len(self.viewers),
+            "viewers_by_kind": _count_kinds(self.viewers),
+            "uptime": round(time.monotonic() - self.started_mono, 1),
+            "started_at": self.started_at,
+            "publisher": self.publisher,
+        }
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _float(value) -> float | None:
+    try:
+        return round(float(value), 2) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _count_kinds(viewers: Iterable[Viewer]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for viewer in viewers:
+        counts[viewer.kind] = counts.get(viewer.kind, 0) + 1
+    return counts
+
+
+class StreamRegistry:
+    """The live streams of a node, by name, plus RTMP players waiting for a name to go live."""
+
+    def __init__(self, limits: RelayLimits) -> None:
+        self.limits = limits
+        self.streams: dict[str, LiveStream] = {}
+        self.waiting: dict[str, set] = {}  # name -> sessions of RTMP players waiting for it
+        self.listeners: list[Callable[[str, LiveStream], None]] = []
+
+    def get(self, name: str) -> LiveStream | None:
+        return self.streams.get(name)
+
+    def start(self, name: str, app: str, publisher: str = "") -> LiveStream | None:
+        """A new live stream, or None when ``name`` is live already."""
+        if name in self.streams:
+            return None
+        stream = LiveStream(name, app, self.limits, publisher)
+        self.streams[name] = stream
+        for session in tuple(self.waiting.pop(name, ())):
+            session.stream_started(stream)
+        self._notify("publish", stream)
+        return stream
+
+    def stop(self, stream: LiveStream) -> None:
+        if self.streams.get(stream.name) is stream:
+            del self.streams[stream.name]
+        stream.end()
+        self._notify("publish_done", stream)
+
+    def wait_for(self, name: str, session) -> None:
+        self.waiting.setdefault(name, set()).add(session)
+
+    def stop_waiting(self, name: str, session) -> None:
+        waiters = self.waiting.get(name)
+        if waiters is not None:
+            waiters.discard(session)
+            if not waiters:
+                del self.waiting[name]
+
+    def _notify(self, event: str, stream: LiveStream) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, stream)
+            except Exception:
+                log.exception("stream listener failed on %s", event)
+
+    def viewer_count(self) -> int:
+        return sum(len(s.viewers) for s in self.streams.values())

@@ -1,0 +1,484 @@
+"""RTMP sessions on asyncio: the thin layer between sockets and the socket-free codecs.
+
+One :class:`RtmpSession` per TCP connection.  It runs the handshake, feeds the chunk reader,
+answers protocol control, and speaks the NetConnection/NetStream commands that OBS and ffmpeg
+send (publish side) and that players send (play side).  Anything malformed raises a
+:class:`ProtocolError` somewhere below; the session logs one line and drops this connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import TYPE_CHECKING
+
+from watchbuy.engine.amf_types import UNDEFINED
+from watchbuy.engine.codecs import amf, chunk
+from watchbuy.engine.errors import ProtocolError
+from watchbuy.engine.handshake import ServerHandshake
+from watchbuy.engine.hooks import PublishRefused, split_key
+from watchbuy.engine.relay import (
+    MSG_AUDIO,
+    MSG_DATA_AMF0,
+    MSG_VIDEO,
+    PLAY_STREAM_ID,
+    LiveStream,
+    Tag,
+    Viewer,
+)
+
+if TYPE_CHECKING:
+    from watchbuy.engine.node import MediaNode
+
+log = logging.getLogger("watchbuy.engine.rtmp")
+
+MSG_SET_CHUNK_SIZE = 1
+MSG_ABORT = 2
+MSG_ACK = 3
+MSG_USER_CONTROL = 4
+MSG_WINDOW_ACK_SIZE = 5
+MSG_SET_PEER_BANDWIDTH = 6
+MSG_DATA_AMF3 = 15
+MSG_COMMAND_AMF3 = 17
+MSG_COMMAND_AMF0 = 20
+MSG_AGGREGATE = 22
+
+UC_STREAM_BEGIN = 0
+UC_STREAM_EOF = 1
+UC_PING_REQUEST = 6
+UC_PING_RESPONSE = 7
+
+CSID_CONTROL = 2
+CSID_COMMAND = 3
+CSID_STATUS = 8  # onStatus on a stream; kept apart from the shared media csids 4/5/6
+
+WINDOW_ACK_SIZE = 2_500_000
+
+# Codecs we relay, stated in the connect reply when the client lists its own (Enhanced RTMP).
+FOURCC_LIST = ["avc1", "hvc1", "av01", "vp09", "mp4a", "Opus", "fLaC", "ac-3", "ec-3", ".mp3"]
+
+
+class RtmpViewer(Viewer):
+    """An RTMP player: gets the shared format-0 chunk bytes of every tag."""
+
+    kind = "rtmp"
+
+    def __init__(self, session: RtmpSession, msid: int) -> None:
+        super().__init__(session.transport, session.node.limits, session.count_out)
+        self.session = session
+        self.msid = msid
+        self.chunk_size = session.node.limits.out_chunk_size
+
+    def encode(self, tags: list[Tag]) -> list[bytes]:
+        if self.msid == PLAY_STREAM_ID:
+            size = self.chunk_size
+            return [tag.rtmp(size) for tag in tags]
+        # A player that created more than one stream: its own encoding, not the shared bytes.
+        return [
+            chunk.encode_message(self.chunk_size, 5, t.timestamp, t.type_id, self.msid, t.payload)
+            for t in tags
+        ]
+
+    def start(self, stream: LiveStream) -> None:
+        self.write(self.encode(stream.startup_tags()))
+
+    def end(self) -> None:
+        self.closed = True
+        self.session.stream_ended(self)
+
+
+class RtmpSession(asyncio.Protocol):
+    def __init__(self, node: MediaNode) -> None:
+        self.node = node
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.handshake: ServerHandshake | None = ServerHandshake()
+        self.reader = chunk.ChunkReader(max_message_size=node.config.max_message_size)
+        self.writer = chunk.ChunkWriter(128)
+        self.closed = False
+        self.app = ""
+        self.next_stream_id = 1
+        self.ack_window = 0
+        self.last_ack = 0
+        # publishing
+        self.stream: LiveStream | None = None
+        self.publish_key = ""
+        self.publish_msid = 0
+        self.held: list | None = None  # messages that arrived while the publish hook decides
+        self.auth_task: asyncio.Task | None = None
+        # playing
+        self.viewer: RtmpViewer | None = None
+        self.play_name = ""
+        self.play_msid = 0
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.node.stats.connection_opened("rtmp")
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.node.stats.connection_closed("rtmp")
+        if self.auth_task is not None and not self.auth_task.done():
+            self.auth_task.cancel()
+        self.stop_publishing()
+        self.stop_playing()
+
+    def pause_writing(self) -> None:
+        if self.viewer is not None:
+            self.viewer.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.viewer is not None:
+            self.viewer.resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        self.node.stats.bytes_in += len(data)
+        try:
+            if self.handshake is not None:
+                reply = self.handshake.feed(data)
+                if reply:
+                    self.send(reply)
+                if not self.handshake.done:
+                    return
+                data = self.handshake.leftover
+                self.handshake = None
+                if not data:
+                    return
+            messages = self.reader.feed(data)
+            self.acknowledge()
+            if self.held is not None:
+                self.held.extend(messages)
+                return
+            self.dispatch(messages)
+        except ProtocolError as exc:
+            self.drop(str(exc))
+        except Exception:  # a bug must cost this connection only, never the node
+            log.exception("rtmp %s: internal error", self.peer)
+            self.drop("internal error")
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def drop(self, reason: str) -> None:
+        if not self.closed:
+            log.warning("rtmp %s: dropping connection: %s", self.peer, reason)
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def count_out(self, n: int) -> None:
+        self.node.stats.bytes_out += n
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+            self.node.stats.bytes_out += len(data)
+
+    def send_message(self, csid: int, type_id: int, payload: bytes, msid: int = 0,
+                     timestamp: int = 0) -> None:
+        self.send(self.writer.write(csid, timestamp, type_id, msid, payload))
+
+    def send_control(self, type_id: int, payload: bytes) -> None:
+        self.send_message(CSID_CONTROL, type_id, payload)
+
+    def send_user_control(self, event: int, value: int) -> None:
+        self.send_control(MSG_USER_CONTROL, struct.pack(">HI", event, value))
+
+    def send_command(self, *values, msid: int = 0, csid: int = CSID_COMMAND) -> None:
+        self.send_message(csid, MSG_COMMAND_AMF0, amf.encode_amf0(*values), msid)
+
+    def send_status(self, msid: int, level: str, code: str, description: str, **extra) -> None:
+        info = {"level": level, "code": code, "description": description, **extra}
+        self.send_command("onStatus", 0.0, None, info, msid=msid, csid=CSID_STATUS)
+
+    def acknowledge(self) -> None:
+        """Acknowledge received bytes once per window, as the peer asked with Window Ack Size."""
+        received = self.reader.bytes_received
+        if self.ack_window and received - self.last_ack >= self.ack_window:
+            self.last_ack = received
+            self.send_control(MSG_ACK, struct.pack(">I", received & 0xFFFFFFFF))
+
+    # -- message dispatch -------------------------------------------------------------------
+    def dispatch(self, messages: list) -> None:
+        for index, message in enumerate(messages):
+            self.on_message(message)
+            if self.closed:
+                return
+            if self.held is not None:  # publish is waiting for the hook: keep the rest
+                self.held.extend(messages[index + 1 :])
+                return
+        if self.stream is not None:
+            self.stream.flush()
+
+    def on_message(self, message: tuple) -> None:
+        _csid, timestamp, type_id, msid, payload = message
+        if type_id == MSG_VIDEO or type_id == MSG_AUDIO:
+            if self.stream is not None and msid == self.publish_msid:
+                self.stream.on_media(type_id, timestamp, payload)
+        elif type_id == MSG_COMMAND_AMF0:
+            self.on_command(amf.decode_amf0(payload), msid)
+        elif type_id == MSG_COMMAND_AMF3:
+            # AMF3 command messages carry a format byte, then AMF0 values.
+            self.on_command(amf.decode_amf0(payload[1:]), msid)
+        elif type_id == MSG_DATA_AMF0:
+            self.on_data(timestamp, payload, msid)
+        elif type_id == MSG_DATA_AMF3:
+            self.on_data(timestamp, payload[1:], msid)
+        elif type_id == MSG_USER_CONTROL:
+            self.on_user_control(payload)
+        elif type_id == MSG_WINDOW_ACK_SIZE:
+            if len(payload) >= 4:
+                self.ack_window = struct.unpack_from(">I", payload)[0]
+        elif type_id == MSG_AGGREGATE:
+            self.on_aggregate(timestamp, payload, msid)
+        # Set Chunk Size and Abort were applied by the reader; Acknowledgement and Set Peer
+        # Bandwidth need nothing from a server that does not throttle its output.
+
+    def on_user_control(self, payload: bytes) -> None:
+        if len(payload) < 6:
+            return
+        event, value = struct.unpack_from(">HI", payload)
+        if event == UC_PING_REQUEST:
+            self.send_user_control(UC_PING_RESPONSE, value)
+
+    def on_aggregate(self, timestamp: int, payload: bytes, msid: int) -> None:
+        """Unpack an aggregate message: FLV-tag-like sub-messages with back pointers."""
+        pos = 0
+        base = None
+        while len(payload) - pos >= 11:
+            type_id = payload[pos]
+            size = int.from_bytes(payload[pos + 1 : pos + 4], "big")
+            sub_ts = int.from_bytes(payload[pos + 4 : pos + 7], "big") | (payload[pos + 7] << 24)
+            body = payload[pos + 11 : pos + 11 + size]
+            if len(body) < size:
+                raise ProtocolError("aggregate message: sub-message past the end")
+            if base is None:
+                base = sub_ts
+            ts = (timestamp + sub_ts - base) & 0xFFFFFFFF
+            self.on_message((0, ts, type_id, msid, body))
+            pos += 11 + size + 4
+
+    def on_data(self, timestamp: int, payload: bytes, msid: int) -> None:
+        if self.stream is None or msid != self.publish_msid:
+            return
+        values = amf.decode_amf0(payload)
+        if not values:
+            return
+        if values[0] == "@setDataFrame" or values[0] == "onMetaData":
+            self.stream.on_metadata(values)
+        elif values[0] != "@clearDataFrame":
+            self.stream.on_data(timestamp, payload)
+
+    def on_command(self, values: list, msid: int) -> None:
+        if not values or not isinstance(values[0], str):
+            raise ProtocolError("command message without a command name")
+        name = values[0]
+        txn = values[1] if len(values) > 1 and isinstance(values[1], float) else 0.0
+        args = values[3:]
+        handler = getattr(self, "cmd_" + name, None) if name.isidentifier() else None
+        if handler is None:
+            log.debug("rtmp %s: ignoring command %r", self.peer, name)
+            return
+        handler(txn, values[2] if len(values) > 2 else None, args, msid)
+
+    # -- NetConnection ------------------------------------------------------------------------
+    def cmd_connect(self, txn: float, command: object, args: list, msid: int) -> None:
+        if not isinstance(command, dict):
+            raise ProtocolError("connect without a command object")
+        app = str(command.get("app", "")).strip("/").split("?", 1)[0]
+        if app not in self.node.config.apps:
+            log.info("rtmp %s: connect to unknown app %r refused", self.peer, app)
+            self.send_command("_error", txn, None, {
+                "level": "error", "code": "NetConnection.Connect.Rejected",
+                "description": f"unknown application {app!r}"})
+            self.close_soon()
+            return
+        self.app = app
+        out_size = self.node.limits.out_chunk_size
+        self.send_control(MSG_WINDOW_ACK_SIZE, struct.pack(">I", WINDOW_ACK_SIZE))
+        self.send_control(MSG_SET_PEER_BANDWIDTH, struct.pack(">IB", WINDOW_ACK_SIZE, 2))
+        self.send_control(MSG_SET_CHUNK_SIZE, struct.pack(">I", out_size))
+        self.writer.chunk_size = out_size
+        properties = {"fmsVer": "FMS/3,0,1,123", "capabilities": 31.0, "mode": 1.0}
+        if "fourCcList" in command:
+            properties["fourCcList"] = list(FOURCC_LIST)
+        encoding = command.get("objectEncoding", 0.0)
+        self.send_command("_result", txn, properties, {
+            "level": "status", "code": "NetConnection.Connect.Success",
+            "description": "Connection succeeded.",
+            "objectEncoding": encoding if isinstance(encoding, float) else 0.0})
+
+    def cmd_createStream(self, txn: float, command: object, args: list, msid: int) -> None:
+        stream_id = self.next_stream_id
+        self.next_stream_id += 1
+        self.send_command("_result", txn, None, float(stream_id))
+
+    def cmd_releaseStream(self, txn: float, command: object, args: list, msid: int) -> None:
+        self.send_command("_result", txn, None, UNDEFINED)
+
+    def cmd_FCPublish(self, txn: float, command: object, args: list, msid: int) -> None:
+        self.send_command("_result", txn, None, UNDEFINED)
+
+    def cmd_FCUnpublish(self, txn: float, command: object, args: list, msid: int) -> None:
+        self.stop_publishing()
+
+    def cmd_deleteStream(self, txn: float, command: object, args: list, msid: int) -> None:
+        target = int(args[0]) if args and isinstance(args[0], float) else msid
+        if self.stream is not None and target == self.publish_msid:
+            self.stop_publishing()
+        if self.play_name and target == self.play_msid:
+            self.stop_playing()
+
+    def cmd_closeStream(self, txn: float, command: object, args: list, msid: int) -> None:
+        if self.stream is not None and msid == self.publish_msid:
+            self.stop_publishing()
+        if self.play_name and msid == self.play_msid:
+            self.stop_playing()
+
+    def cmd_getStreamLength(self, txn: float, command: object, args: list, msid: int) -> None:
+        self.send_command("_result", txn, None, 0.0)
+
+    # -- publishing ---------------------------------------------------------------------------
+    def cmd_publish(self, txn: float, command: object, args: list, msid: int) -> None:
+        if not args or not isinstance(args[0], str) or not split_key(args[0]):
+            raise ProtocolError("publish without a stream key")
+        if self.stream is not None or self.held is not None or self.play_name:
+            self.send_status(msid, "error", "NetStream.Publish.BadConnection",
+                             "this connection is already publishing or playing")
+            return
+        self.publish_key = split_key(args[0])
+        self.publish_msid = msid
+        # Hold the rest of this read and stop reading until the hook has decided: media that
+        # ffmpeg sends right after publish must neither be lost nor relayed unauthorised.
+        self.held = []
+        self.transport.pause_reading()
+        self.auth_task = asyncio.ensure_future(self.authorize())
+
+    async def authorize(self) -> None:
+        key, msid = self.publish_key, self.publish_msid
+        try:
+            name = await self.node.authorizer.authorize(self.app, key, self.peer.rsplit(":", 1)[0])
+        except PublishRefused as exc:
+            if not self.closed:
+                log.info("rtmp %s: publish refused: %s", self.peer, exc)
+                self.send_status(msid, "error", "NetStream.Publish.Unauthorized",
+                                 "publishing with this stream key is not allowed")
+                self.close_soon()
+            return
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("rtmp %s: publish hook failed", self.peer)
+            self.drop("publish hook failed")
+            return
+        if self.closed:
+            await self.node.authorizer.publish_done(self.app, key, name)
+            return
+        stream = self.node.registry.start(name, self.app, publisher=self.peer)
+        if stream is None:
+            log.info("rtmp %s: refused second publisher on live stream %r", self.peer, name)
+            self.send_status(msid, "error", "NetStream.Publish.BadName",
+                             f"stream {name!r} is already live")
+            self.close_soon()
+            return
+        self.stream = stream
+        log.info("rtmp %s: publishing %r (app %s)", self.peer, name, self.app)
+        self.send_user_control(UC_STREAM_BEGIN, msid)
+        self.send_status(msid, "status", "NetStream.Publish.Start", f"{name} is now published.")
+        held, self.held = self.held or [], None
+        try:
+            self.dispatch(held)
+        except ProtocolError as exc:
+            self.drop(str(exc))
+            return
+        if not self.closed:
+            self.transport.resume_reading()
+
+    def stop_publishing(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is None:
+            return
+        log.info("rtmp %s: stopped publishing %r", self.peer, stream.name)
+        self.node.registry.stop(stream)
+        asyncio.ensure_future(
+            self.node.authorizer.publish_done(self.app, self.publish_key, stream.name)
+        )
+
+    # -- playing ------------------------------------------------------------------------------
+    def cmd_play(self, txn: float, command: object, args: list, msid: int) -> None:
+        if not args or not isinstance(args[0], str):
+            raise ProtocolError("play without a stream name")
+        name = args[0].split("?", 1)[0]
+        if name.endswith(".flv"):
+            name = name[:-4]
+        if self.stream is not None or self.play_name:
+            self.send_status(msid, "error", "NetStream.Play.Failed",
+                             "this connection is already publishing or playing")
+            return
+        self.play_name = name
+        self.play_msid = msid or 1
+        self.send_user_control(UC_STREAM_BEGIN, self.play_msid)
+        self.send_status(self.play_msid, "status", "NetStream.Play.Reset",
+                         f"Playing and resetting {name}.", details=name)
+        self.send_status(self.play_msid, "status", "NetStream.Play.Start",
+                         f"Started playing {name}.", details=name)
+        self.send_message(CSID_STATUS, MSG_DATA_AMF0,
+                          amf.encode_amf0("|RtmpSampleAccess", True, True), self.play_msid)
+        stream = self.node.registry.get(name)
+        if stream is None:
+            # Like nginx-rtmp's idle streams: wait, and start when the host goes live.
+            self.node.registry.wait_for(name, self)
+        else:
+            self.stream_started(stream)
+
+    def stream_started(self, stream: LiveStream) -> None:
+        """Called by the registry when the stream we wait for goes live."""
+        if self.closed:
+            return
+        self.node.registry.stop_waiting(stream.name, self)
+        self.viewer = RtmpViewer(self, self.play_msid)
+        self.viewer_stream = stream
+        stream.add_viewer(self.viewer)
+
+    def stream_ended(self, viewer: RtmpViewer) -> None:
+        """The publisher stopped: tell the player, then wait for the host to return."""
+        if self.viewer is not viewer or self.closed:
+            return
+        self.viewer = None
+        msid = self.play_msid
+        self.send_user_control(UC_STREAM_EOF, msid)
+        self.send_status(msid, "status", "NetStream.Play.UnpublishNotify",
+                         f"{self.play_name} is now unpublished.")
+        self.send_status(msid, "status", "NetStream.Play.Stop", f"Stopped playing {self.play_name}.")
+        self.node.registry.wait_for(self.play_name, self)
+
+    def cmd_pause(self, txn: float, command: object, args: list, msid: int) -> None:
+        """Pausing a live stream detaches the player; unpausing starts it again from the GOP."""
+        if not self.play_name:
+            return
+        pausing = bool(args) and args[0] is True
+        if pausing and self.viewer is not None:
+            self.viewer_stream.remove_viewer(self.viewer)
+            self.viewer = None
+        elif not pausing and self.viewer is None:
+            stream = self.node.registry.get(self.play_name)
+            if stream is not None:
+                self.stream_started(stream)
+
+    def stop_playing(self) -> None:
+        if not self.play_name:
+            return
+        self.node.registry.stop_waiting(self.play_name, self)
+        if self.viewer is not None:
+            self.viewer.closed = True
+            self.viewer_stream.remove_viewer(self.viewer)
+            self.viewer = None
+        self.play_name = ""
+
+    def close_soon(self) -> None:
+        """Close after what we wrote (an error status) has gone out."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()

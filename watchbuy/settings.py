@@ -1,0 +1,162 @@
+"""Configuration: ``WATCHBUY_*`` environment variables, an optional env file, laptop defaults.
+
+Every setting is a field of :class:`Settings` with a default that runs on a laptop with nothing
+else installed.  Values come from (highest first) the process environment, then the env file
+named by ``WATCHBUY_ENV_FILE`` (or ``./watchbuy.env`` when it exists), then the default.  A bad
+value raises :class:`ConfigError` whose text is one line naming the variable; the command line
+prints it and exits 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX = "WATCHBUY_"
+
+
+class ConfigError(Exception):
+    """A setting has a value we cannot use."""
+
+
+def _default_node_id() -> str:
+    # Instance ids / host names are what ops see in the dashboard; keep them URL-safe.
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "node"
+
+
+@dataclass
+class Settings:
+    # media node
+    node_id: str = field(default_factory=_default_node_id)
+    public_host: str = "127.0.0.1"
+    rtmp_host: str = "0.0.0.0"
+    rtmp_port: int = 1935
+    http_host: str = "0.0.0.0"
+    http_port: int = 8000
+    apps: list[str] = field(default_factory=lambda: ["live"])
+    stream_keys: dict[str, str] = field(default_factory=dict)
+    publish_hook_url: str = ""
+    hook_secret: str = ""
+    gop_max_frames: int = 1024
+    gop_max_bytes: int = 16 * 1024 * 1024
+    viewer_queue_bytes: int = 1024 * 1024
+    stall_timeout: float = 10.0
+    out_chunk_size: int = 4096
+    max_message_size: int = 0xFFFFFF
+    # everything
+    data_dir: str = "data"
+    log_level: str = "INFO"
+
+    @property
+    def rtmp_url(self) -> str:
+        port = "" if self.rtmp_port == 1935 else f":{self.rtmp_port}"
+        return f"rtmp://{self.public_host}{port}/{self.apps[0]}"
+
+    @property
+    def play_base(self) -> str:
+        return f"http://{self.public_host}:{self.http_port}/{self.apps[0]}"
+
+    def replace(self, **changes) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    """``NAME=value`` lines; ``#`` comments and blank lines skipped; quotes around values removed."""
+    values: dict[str, str] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read env file {path}: {exc.strerror}") from exc
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:]
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"env file {path}, line {number}: expected NAME=value")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[name.strip()] = value
+    return values
+
+
+def _convert(name: str, kind, raw: str):
+    variable = PREFIX + name.upper()
+    if kind is int or kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{variable}: expected a whole number, got {raw!r}") from None
+    if kind is float or kind == "float":
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{variable}: expected a number, got {raw!r}") from None
+    if kind is bool or kind == "bool":
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{variable}: expected true or false, got {raw!r}")
+    if kind == "list[str]":
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if kind == "dict[str, str]":
+        mapping = {}
+        for item in filter(None, (part.strip() for part in raw.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise ConfigError(f"{variable}: expected key=value pairs separated by commas")
+            mapping[key.strip()] = value.strip()
+        return mapping
+    return raw
+
+
+def _validate(settings: Settings) -> None:
+    for name in ("rtmp_port", "http_port"):
+        port = getattr(settings, name)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{PREFIX}{name.upper()}: port {port} is out of range 0..65535")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", settings.node_id):
+        raise ConfigError(f"{PREFIX}NODE_ID: use letters, digits, '-' and '_' only")
+    if not settings.apps:
+        raise ConfigError(f"{PREFIX}APPS: at least one application name is needed")
+    if not 128 <= settings.out_chunk_size <= 65536:
+        raise ConfigError(f"{PREFIX}OUT_CHUNK_SIZE: must be between 128 and 65536")
+    if settings.publish_hook_url and not settings.hook_secret:
+        raise ConfigError(f"{PREFIX}HOOK_SECRET: required when {PREFIX}PUBLISH_HOOK_URL is set")
+    for name in ("gop_max_frames", "gop_max_bytes", "viewer_queue_bytes", "max_message_size"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{PREFIX}{name.upper()}: must be positive")
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{PREFIX}LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR")
+
+
+def load_settings(environ: dict[str, str] | None = None, **overrides) -> Settings:
+    """Settings from the environment (and env file), with ``overrides`` applied last."""
+    env = dict(os.environ if environ is None else environ)
+    env_file = env.get(PREFIX + "ENV_FILE")
+    if env_file:
+        file_values = parse_env_file(Path(env_file))
+    elif Path("watchbuy.env").is_file():
+        file_values = parse_env_file(Path("watchbuy.env"))
+    else:
+        file_values = {}
+    merged = {**file_values, **env}
+    values = {}
+    known = {f.name: f for f in dataclasses.fields(Settings)}
+    for name, spec in known.items():
+        raw = merged.get(PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _convert(name, spec.type, raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
