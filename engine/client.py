@@ -134,6 +134,8 @@ class RtmpClient:
         """Next audio/video/data message of a played stream: (timestamp, type_id, payload)."""
         while True:
             message = await self.next_message(timeout)
+            if message[2] == 18 and message[4].startswith(b"\x02\x00\x11|RtmpSampleAccess"):
+                continue  # a permission flag for Flash players, not stream data
             if message[2] in (8, 9, 18):
                 return message[1], message[2], message[4]
             if message[2] == MSG_COMMAND_AMF0:

@@ -102,7 +102,7 @@ class MediaNode:
         for server in self._servers:
             try:
                 await asyncio.wait_for(server.wait_closed(), 2)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         await self.authorizer.close()
 
