@@ -22,6 +22,16 @@ MAX_MESSAGE_SIZE = 0xFFFFFF
 MAX_CSID = 65599
 HEADER_SIZES = (11, 7, 3, 0)
 
+# C-level twins of the constants above: comparing against the Python module globals costs a
+# dict lookup, an int box and a rich compare per message.
+cdef enum:
+    _SET_CHUNK_SIZE = 1
+    _ABORT = 2
+    _MAX_CHUNK_SIZE = 0x7FFFFFFF
+    _MAX_MESSAGE_SIZE = 0xFFFFFF
+    _MAX_CSID = 65599
+    _SMALL_CSIDS = 64  # csids with a one-byte basic header: all that ffmpeg and OBS use
+
 cdef int[4] _HEADER_SIZES
 _HEADER_SIZES[0] = 11
 _HEADER_SIZES[1] = 7
@@ -60,6 +70,7 @@ cdef class ChunkReader:
     cdef public Py_ssize_t max_message_size
     cdef public Py_ssize_t max_pending_bytes
     cdef dict _streams
+    cdef list _small  # _streams[csid] for csid < 64 (None when unseen): no int box, no hashing
     cdef bytes _tail
     cdef _Stream _current
     cdef int _current_csid
@@ -74,6 +85,7 @@ cdef class ChunkReader:
         self.max_message_size = max_message_size
         self.max_pending_bytes = max_pending_bytes
         self._streams = {}
+        self._small = [None] * _SMALL_CSIDS
         self._tail = b""
         self._current = None
         self._current_csid = 0
@@ -132,7 +144,11 @@ cdef class ChunkReader:
                     self._pending -= stream.length
                     self._chunk_left = 0
                     self._current = None
-                    self._complete(self._current_csid, stream, payload, out)
+                    if stream.type_id == _SET_CHUNK_SIZE or stream.type_id == _ABORT:
+                        self._complete(self._current_csid, stream, payload, out)
+                    else:
+                        out.append((self._current_csid, stream.timestamp, stream.type_id,
+                                    stream.stream_id, payload))
                 continue
 
             start = pos
@@ -156,7 +172,10 @@ cdef class ChunkReader:
             if end - pos < need:
                 self._tail = data[start:]
                 break
-            found = self._streams.get(csid)
+            if csid < _SMALL_CSIDS:
+                found = self._small[csid]
+            else:
+                found = self._streams.get(csid)
             if found is None:
                 if fmt != 0:
                     raise ChunkError(
@@ -164,6 +183,8 @@ cdef class ChunkReader:
                 stream = _Stream.__new__(_Stream)
                 stream.payload = None
                 self._streams[csid] = stream
+                if csid < _SMALL_CSIDS:
+                    self._small[csid] = stream
             else:
                 stream = <_Stream>found
                 if not stream.has_header and fmt != 0:
@@ -241,14 +262,14 @@ cdef class ChunkReader:
         cdef uint32_t size
         cdef object found
         cdef _Stream aborted
-        if stream.type_id == MSG_SET_CHUNK_SIZE:
+        if stream.type_id == _SET_CHUNK_SIZE:
             if n < 4:
                 raise ChunkError("set chunk size: payload shorter than 4 bytes")
             size = _be32(p)
-            if size < 1 or size > MAX_CHUNK_SIZE:
+            if size < 1 or size > _MAX_CHUNK_SIZE:
                 raise ChunkError(f"set chunk size: invalid chunk size {size}")
             self._chunk_size = size
-        elif stream.type_id == MSG_ABORT:
+        elif stream.type_id == _ABORT:
             if n < 4:
                 raise ChunkError("abort: payload shorter than 4 bytes")
             found = self._streams.get(_be32(p))
@@ -261,7 +282,7 @@ cdef class ChunkReader:
 
 
 cdef Py_ssize_t _write_basic_header(char* out, int fmt, long csid) except -1:
-    if csid < 2 or csid > MAX_CSID:
+    if csid < 2 or csid > _MAX_CSID:
         raise ChunkError(f"chunk stream id {csid} out of range 2..{MAX_CSID}")
     if csid < 64:
         out[0] = <char>((fmt << 6) | csid)
@@ -291,9 +312,9 @@ cdef inline void _put32(char* p, uint32_t v) noexcept:
 
 
 cdef int _check(long long chunk_size, Py_ssize_t length) except -1:
-    if chunk_size < 1 or chunk_size > MAX_CHUNK_SIZE:
+    if chunk_size < 1 or chunk_size > _MAX_CHUNK_SIZE:
         raise ChunkError(f"invalid chunk size {chunk_size}")
-    if length > MAX_MESSAGE_SIZE:
+    if length > _MAX_MESSAGE_SIZE:
         raise ChunkError(f"message of {length} bytes exceeds the 24-bit length field")
     return 0
 
@@ -341,7 +362,7 @@ def encode_message(long long chunk_size, long csid, unsigned long long timestamp
     cdef Py_ssize_t length
     cdef char header[16]
     cdef Py_ssize_t h
-    cdef uint32_t ts = <uint32_t>(timestamp & 0xFFFFFFFF)
+    cdef uint32_t ts = <uint32_t>timestamp  # mod 2**32 (a 0xFFFFFFFF mask would box)
     if type(payload) is bytes:
         p = <const unsigned char*>PyBytes_AS_STRING(payload)
         length = PyBytes_GET_SIZE(payload)
@@ -385,8 +406,8 @@ cdef class ChunkWriter:
         cdef const unsigned char* p
         cdef Py_ssize_t length, h
         cdef char header[16]
-        cdef uint32_t ts = <uint32_t>(timestamp & 0xFFFFFFFF)
-        cdef uint32_t sid = <uint32_t>(stream_id & 0xFFFFFFFF)
+        cdef uint32_t ts = <uint32_t>timestamp  # mod 2**32 (a 0xFFFFFFFF mask would box)
+        cdef uint32_t sid = <uint32_t>stream_id
         cdef uint32_t delta, ts_field
         cdef int tid = type_id & 0xFF
         cdef _Last last

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,12 +12,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def clean_copy(target: Path) -> Path:
+    """The source tree as a clean clone would have it: no build/, no in-place .so files."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+        text=True, check=True,
+    ).stdout.split("\n")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
 def test_wheel_is_binary_and_holds_the_compiled_codecs(tmp_path):
+    source = clean_copy(tmp_path / "src")
     # --no-isolation: build with this venv's setuptools and Cython (the set-up installed them),
     # so the test needs no download; the build backend and setup.py are the real ones.
     proc = subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path),
-         str(ROOT)],
+         str(source)],
         capture_output=True, text=True, timeout=900,
         env={**os.environ, "WATCHBUY_NO_EXTENSIONS": ""},
     )
