@@ -139,8 +139,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"{PREFIX}LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR")
 
 
-def load_settings(environ: dict[str, str] | None = None, **overrides) -> Settings:
-    """Settings from the environment (and env file), with ``overrides`` applied last."""
+def read_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The process environment over the env file (``WATCHBUY_ENV_FILE`` or ./watchbuy.env)."""
     env = dict(os.environ if environ is None else environ)
     env_file = env.get(PREFIX + "ENV_FILE")
     if env_file:
@@ -149,14 +149,32 @@ def load_settings(environ: dict[str, str] | None = None, **overrides) -> Setting
         file_values = parse_env_file(Path("watchbuy.env"))
     else:
         file_values = {}
-    merged = {**file_values, **env}
+    return {**file_values, **env}
+
+
+def load_config(cls, environ: dict[str, str] | None = None, **overrides):
+    """An instance of the dataclass ``cls`` from ``WATCHBUY_<FIELD>`` variables.
+
+    Components keep their own settings dataclass (the status agent's, the balancer's, …) and
+    load it with this one function, so every setting is read, converted and reported alike.
+    ``cls.validate(self)``, when defined, raises :class:`ConfigError` for unusable values.
+    """
+    merged = read_environment(environ)
     values = {}
-    known = {f.name: f for f in dataclasses.fields(Settings)}
-    for name, spec in known.items():
-        raw = merged.get(PREFIX + name.upper())
+    for spec in dataclasses.fields(cls):
+        raw = merged.get(PREFIX + spec.name.upper())
         if raw is not None:
-            values[name] = _convert(name, spec.type, raw)
+            values[spec.name] = _convert(spec.name, spec.type, raw)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    settings = Settings(**values)
+    config = cls(**values)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def load_settings(environ: dict[str, str] | None = None, **overrides) -> Settings:
+    """The media node's and shared settings (see :func:`load_config`)."""
+    settings = load_config(Settings, environ, **overrides)
     _validate(settings)
     return settings

@@ -1,0 +1,87 @@
+"""``watchbuy media``: a media node on its own."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+from pathlib import Path
+
+from watchbuy.settings import Settings, load_settings
+
+
+def add_node_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rtmp-port", type=int, help="RTMP port (default 1935)")
+    parser.add_argument("--http-port", type=int, help="HTTP-FLV and stats port (default 8000)")
+    parser.add_argument("--node-id", help="node id, used in CDN play paths")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        rtmp_port=getattr(args, "rtmp_port", None),
+        http_port=getattr(args, "http_port", None),
+        node_id=getattr(args, "node_id", None),
+    )
+
+
+def standalone_keys(settings: Settings) -> Settings:
+    """Without a site or configured keys, make one key (kept in the data folder) to try with."""
+    if settings.stream_keys or settings.publish_hook_url:
+        return settings
+    path = Path(settings.data_dir) / "stream_key"
+    try:
+        key = path.read_text().strip()
+    except OSError:
+        key = ""
+    if not key:
+        key = "wb_" + secrets.token_urlsafe(12)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(key + "\n")
+    return settings.replace(stream_keys={key: "demo"})
+
+
+def push_line(rtmp_base: str, key: str) -> str:
+    """An ffmpeg command that publishes a test pattern the way OBS would."""
+    return (
+        "ffmpeg -re -f lavfi -i testsrc2=size=1280x720:rate=30 -f lavfi -i sine=frequency=440 "
+        "-c:v libx264 -preset veryfast -tune zerolatency -g 60 -c:a aac "
+        f"-f flv {rtmp_base}/{key}"
+    )
+
+
+def print_media_banner(settings: Settings, rtmp_port: int, http_port: int) -> None:
+    host = settings.public_host
+    app = settings.apps[0]
+    rtmp = f"rtmp://{host}:{rtmp_port}/{app}"
+    print(f"WatchBuy media node {settings.node_id} is up.", flush=True)
+    for key, name in settings.stream_keys.items():
+        print(f"\n  OBS: Settings > Stream > Custom: Server {rtmp}  Stream key {key}")
+        print("  or publish a test pattern with ffmpeg:")
+        print(f"    {push_line(rtmp, key)}")
+        print(f"  play: ffplay -fflags nobuffer http://{host}:{http_port}/{app}/{name}.flv")
+        print(f"        or rtmp://{host}:{rtmp_port}/{app}/{name}")
+    print(f"\n  stats: http://{host}:{http_port}/api/streams  http://{host}:{http_port}/api/server",
+          flush=True)
+
+
+def run_media(args: argparse.Namespace) -> int:
+    from watchbuy.cli import install_uvloop, run_until_signalled, setup_logging
+    from watchbuy.engine.node import MediaNode
+
+    settings = standalone_keys(settings_from(args))
+    setup_logging(settings.log_level)
+    install_uvloop()
+    node = MediaNode(settings)
+
+    async def start() -> None:
+        await node.start()
+        print_media_banner(settings, node.rtmp_port, node.http_port)
+
+    asyncio.run(run_until_signalled(start, node.stop))
+    return 0
+
+
+def register(subparsers) -> None:
+    media = subparsers.add_parser("media", help="run a media node (RTMP ingest, HTTP-FLV playback)")
+    add_node_options(media)
+    media.set_defaults(run=run_media)
