@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup system-deps lint bench clean
+.PHONY: run test setup system-deps frontend lint bench clean
 
 run: setup
 	$(BIN)/watchbuy serve
@@ -16,7 +16,16 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) frontend
+
+# mpegts.js and Chart.js for the site, from npm (package.json and the lock file are committed,
+# node_modules never is).
+FRONTEND := site/frontend
+frontend: $(FRONTEND)/node_modules/.package-lock.json
+
+$(FRONTEND)/node_modules/.package-lock.json: $(FRONTEND)/package.json $(FRONTEND)/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: install Node.js and npm (apt-get install nodejs npm)"; exit 1; }
+	cd $(FRONTEND) && npm ci --no-audit --no-fund --loglevel=error
 
 # Debian's ffmpeg is our stand-in for OBS (and a player) in the tests and the printed push line.
 system-deps:

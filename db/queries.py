@@ -1,0 +1,440 @@
+"""Every query the site runs, in one place, on top of :class:`~watchbuy.db.database.Database`.
+
+Rows come back as plain dicts.  Writes run in transactions; stock changes only through
+conditional updates (``stock = stock - q WHERE stock >= q``) whose affected-row count decides,
+so concurrent buyers can never oversell, on SQLite and on MySQL alike.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import sqlalchemy as sa
+
+from watchbuy.db.database import Database, now
+from watchbuy.db.schema import (
+    cart_items,
+    channels,
+    chat_messages,
+    chat_mutes,
+    login_attempts,
+    order_items,
+    orders,
+    products,
+    sessions,
+    users,
+    webhook_events,
+)
+
+
+class OutOfStock(Exception):
+    """A product in the cart does not have the quantity asked for."""
+
+    def __init__(self, product_name: str) -> None:
+        super().__init__(f"not enough {product_name} in stock")
+        self.product_name = product_name
+
+
+def as_dict(row) -> dict | None:
+    return None if row is None else dict(row._mapping)
+
+
+def as_dicts(rows) -> list[dict]:
+    return [dict(row._mapping) for row in rows]
+
+
+# -- users and sessions ---------------------------------------------------------------------
+
+
+async def create_user(db: Database, email: str, display_name: str, password_hash: str,
+                      is_host: bool, is_admin: bool = False) -> int:
+    async with db.transaction():
+        return await db.execute(users.insert().values(
+            email=email.lower(), display_name=display_name, password_hash=password_hash,
+            is_host=is_host, is_admin=is_admin, created_at=now()))
+
+
+async def user_by_email(db: Database, email: str) -> dict | None:
+    return as_dict(await db.fetch_one(users.select().where(users.c.email == email.lower())))
+
+
+async def user_by_id(db: Database, user_id: int) -> dict | None:
+    return as_dict(await db.fetch_one(users.select().where(users.c.id == user_id)))
+
+
+async def set_password_hash(db: Database, user_id: int, password_hash: str) -> None:
+    async with db.transaction():
+        await db.execute(users.update().where(users.c.id == user_id)
+                         .values(password_hash=password_hash))
+
+
+async def make_host(db: Database, user_id: int) -> None:
+    async with db.transaction():
+        await db.execute(users.update().where(users.c.id == user_id).values(is_host=True))
+
+
+async def create_session(db: Database, session_hash: str, user_id: int, csrf_token: str,
+                         lifetime: float) -> None:
+    created = now()
+    async with db.transaction():
+        await db.execute(sessions.insert().values(
+            id=session_hash, user_id=user_id, csrf_token=csrf_token, created_at=created,
+            expires_at=created + lifetime, revoked=False))
+
+
+async def session_user(db: Database, session_hash: str) -> tuple[dict, dict] | None:
+    """(session, user) for a live session, or None when unknown, expired or revoked."""
+    query = (
+        sa.select(sessions, users.c.email, users.c.display_name, users.c.is_host,
+                  users.c.is_admin)
+        .select_from(sessions.join(users, users.c.id == sessions.c.user_id))
+        .where(sessions.c.id == session_hash, sessions.c.revoked == sa.false(),
+               sessions.c.expires_at > now())
+    )
+    row = as_dict(await db.fetch_one(query))
+    if row is None:
+        return None
+    user = {"id": row["user_id"], "email": row["email"], "display_name": row["display_name"],
+            "is_host": bool(row["is_host"]), "is_admin": bool(row["is_admin"])}
+    return row, user
+
+
+async def revoke_session(db: Database, session_hash: str) -> None:
+    async with db.transaction():
+        await db.execute(sessions.update().where(sessions.c.id == session_hash)
+                         .values(revoked=True))
+
+
+async def record_login_attempt(db: Database, key: str) -> None:
+    async with db.transaction():
+        await db.execute(login_attempts.insert().values(key=key, attempted_at=now()))
+
+
+async def recent_login_attempts(db: Database, key: str, window: float) -> int:
+    return int(await db.fetch_val(
+        sa.select(sa.func.count()).select_from(login_attempts)
+        .where(login_attempts.c.key == key, login_attempts.c.attempted_at > now() - window)))
+
+
+async def clear_login_attempts(db: Database, key: str) -> None:
+    async with db.transaction():
+        await db.execute(login_attempts.delete().where(login_attempts.c.key == key))
+
+
+# -- channels (a host's live room) ----------------------------------------------------------
+
+
+def new_stream_key() -> str:
+    return "wb_" + secrets.token_urlsafe(24)
+
+
+async def create_channel(db: Database, host_id: int, slug: str, title: str) -> int:
+    async with db.transaction():
+        return await db.execute(channels.insert().values(
+            host_id=host_id, slug=slug, title=title, stream_key=new_stream_key(),
+            is_live=False, created_at=now()))
+
+
+async def channel_by_host(db: Database, host_id: int) -> dict | None:
+    return as_dict(await db.fetch_one(channels.select().where(channels.c.host_id == host_id)))
+
+
+async def channel_by_slug(db: Database, slug: str) -> dict | None:
+    return as_dict(await db.fetch_one(channels.select().where(channels.c.slug == slug)))
+
+
+async def channel_by_key(db: Database, stream_key: str) -> dict | None:
+    return as_dict(await db.fetch_one(
+        channels.select().where(channels.c.stream_key == stream_key)))
+
+
+async def channel_by_id(db: Database, channel_id: int) -> dict | None:
+    return as_dict(await db.fetch_one(channels.select().where(channels.c.id == channel_id)))
+
+
+async def regenerate_stream_key(db: Database, host_id: int) -> str:
+    key = new_stream_key()
+    async with db.transaction():
+        await db.execute(channels.update().where(channels.c.host_id == host_id)
+                         .values(stream_key=key))
+    return key
+
+
+async def update_channel_title(db: Database, host_id: int, title: str) -> None:
+    async with db.transaction():
+        await db.execute(channels.update().where(channels.c.host_id == host_id)
+                         .values(title=title))
+
+
+async def set_live(db: Database, channel_id: int, live: bool, node_id: str | None) -> None:
+    stamp = now()
+    values = {"is_live": live, "live_node_id": node_id if live else None, "last_live_at": stamp}
+    if live:
+        values["live_since"] = stamp
+    async with db.transaction():
+        await db.execute(channels.update().where(channels.c.id == channel_id).values(**values))
+
+
+async def set_pinned(db: Database, channel_id: int, product_id: int | None) -> None:
+    async with db.transaction():
+        await db.execute(channels.update().where(channels.c.id == channel_id)
+                         .values(pinned_product_id=product_id))
+
+
+async def list_rooms(db: Database, limit: int = 50) -> list[dict]:
+    """Live rooms first (newest live first), then recently live, then the rest."""
+    query = (
+        sa.select(channels, users.c.display_name.label("host_name"))
+        .select_from(channels.join(users, users.c.id == channels.c.host_id))
+        .order_by(channels.c.is_live.desc(), sa.func.coalesce(channels.c.last_live_at, 0).desc(),
+                  channels.c.id.desc())
+        .limit(limit)
+    )
+    return as_dicts(await db.fetch_all(query))
+
+
+# -- products ---------------------------------------------------------------------------------
+
+
+async def create_product(db: Database, host_id: int, name: str, description: str,
+                         price_minor: int, currency: str, stock: int,
+                         image: str | None) -> int:
+    stamp = now()
+    async with db.transaction():
+        return await db.execute(products.insert().values(
+            host_id=host_id, name=name, description=description, price_minor=price_minor,
+            currency=currency, stock=stock, image=image, shown=True, deleted=False,
+            created_at=stamp, updated_at=stamp))
+
+
+async def product(db: Database, product_id: int) -> dict | None:
+    return as_dict(await db.fetch_one(
+        products.select().where(products.c.id == product_id, products.c.deleted == sa.false())))
+
+
+async def host_products(db: Database, host_id: int, shown_only: bool = False) -> list[dict]:
+    query = products.select().where(products.c.host_id == host_id,
+                                    products.c.deleted == sa.false())
+    if shown_only:
+        query = query.where(products.c.shown == sa.true())
+    return as_dicts(await db.fetch_all(query.order_by(products.c.id)))
+
+
+async def update_product(db: Database, host_id: int, product_id: int, **values) -> bool:
+    """Changes a product of this host; False when it is not theirs (or gone)."""
+    values["updated_at"] = now()
+    async with db.transaction():
+        await db.execute(products.update().where(
+            products.c.id == product_id, products.c.host_id == host_id,
+            products.c.deleted == sa.false()).values(**values))
+        return await db.affected_rows() == 1
+
+
+async def delete_product(db: Database, host_id: int, product_id: int) -> bool:
+    async with db.transaction():
+        await db.execute(products.update().where(
+            products.c.id == product_id, products.c.host_id == host_id,
+            products.c.deleted == sa.false()).values(deleted=True, shown=False,
+                                                     updated_at=now()))
+        changed = await db.affected_rows() == 1
+        if changed:
+            await db.execute(cart_items.delete().where(cart_items.c.product_id == product_id))
+            await db.execute(channels.update().where(
+                channels.c.pinned_product_id == product_id).values(pinned_product_id=None))
+        return changed
+
+
+# -- cart ---------------------------------------------------------------------------------------
+
+
+async def cart(db: Database, user_id: int) -> list[dict]:
+    query = (
+        sa.select(cart_items.c.product_id, cart_items.c.quantity, products.c.name,
+                  products.c.price_minor, products.c.currency, products.c.stock,
+                  products.c.image, products.c.host_id)
+        .select_from(cart_items.join(products, products.c.id == cart_items.c.product_id))
+        .where(cart_items.c.user_id == user_id, products.c.deleted == sa.false())
+        .order_by(cart_items.c.id)
+    )
+    return as_dicts(await db.fetch_all(query))
+
+
+async def set_cart_quantity(db: Database, user_id: int, product_id: int, quantity: int) -> None:
+    """Sets (or with 0 removes) a cart line; the caller has validated against stock."""
+    async with db.transaction():
+        await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id,
+                                                   cart_items.c.product_id == product_id))
+        if quantity > 0:
+            await db.execute(cart_items.insert().values(
+                user_id=user_id, product_id=product_id, quantity=quantity, added_at=now()))
+
+
+async def cart_quantity(db: Database, user_id: int, product_id: int) -> int:
+    value = await db.fetch_val(sa.select(cart_items.c.quantity).where(
+        cart_items.c.user_id == user_id, cart_items.c.product_id == product_id))
+    return int(value or 0)
+
+
+# -- orders -------------------------------------------------------------------------------------
+
+
+async def create_order_from_cart(db: Database, user_id: int, payment_mode: str) -> dict:
+    """Cart → pending order with price snapshots, stock reserved, cart emptied: all or nothing.
+
+    Raises :class:`OutOfStock` (and changes nothing) when any line cannot be reserved, and
+    ValueError for an empty cart or mixed currencies.
+    """
+    async with db.transaction():
+        lines = await cart(db, user_id)
+        if not lines:
+            raise ValueError("your cart is empty")
+        currencies = {line["currency"] for line in lines}
+        if len(currencies) != 1:
+            raise ValueError("items in different currencies must be bought separately")
+        # Lock rows in one global order (product id) so concurrent checkouts never deadlock.
+        for line in sorted(lines, key=lambda line: line["product_id"]):
+            await db.execute(
+                products.update()
+                .where(products.c.id == line["product_id"],
+                       products.c.stock >= line["quantity"])
+                .values(stock=products.c.stock - line["quantity"], updated_at=now()))
+            if await db.affected_rows() != 1:
+                raise OutOfStock(line["name"])  # rolls back the reservations made so far
+        total = sum(line["price_minor"] * line["quantity"] for line in lines)
+        order_id = await db.execute(orders.insert().values(
+            user_id=user_id, status="pending", total_minor=total, currency=currencies.pop(),
+            payment_mode=payment_mode, created_at=now()))
+        for line in lines:
+            await db.execute(order_items.insert().values(
+                order_id=order_id, product_id=line["product_id"], host_id=line["host_id"],
+                name=line["name"], unit_price_minor=line["price_minor"],
+                currency=line["currency"], quantity=line["quantity"]))
+        await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id))
+    return await order(db, order_id)
+
+
+async def order(db: Database, order_id: int) -> dict | None:
+    row = as_dict(await db.fetch_one(orders.select().where(orders.c.id == order_id)))
+    if row is not None:
+        row["items"] = as_dicts(await db.fetch_all(
+            order_items.select().where(order_items.c.order_id == order_id)
+            .order_by(order_items.c.id)))
+    return row
+
+
+async def set_payment_ref(db: Database, order_id: int, payment_ref: str) -> None:
+    async with db.transaction():
+        await db.execute(orders.update().where(orders.c.id == order_id)
+                         .values(payment_ref=payment_ref))
+
+
+async def order_by_payment_ref(db: Database, payment_ref: str) -> dict | None:
+    row = as_dict(await db.fetch_one(orders.select().where(orders.c.payment_ref == payment_ref)))
+    return None if row is None else await order(db, row["id"])
+
+
+async def mark_paid(db: Database, order_id: int) -> bool:
+    """pending → paid, once: True only for the call that made the change."""
+    async with db.transaction():
+        await db.execute(orders.update().where(orders.c.id == order_id,
+                                               orders.c.status == "pending")
+                         .values(status="paid", paid_at=now()))
+        return await db.affected_rows() == 1
+
+
+async def release_order(db: Database, order_id: int, status: str) -> bool:
+    """pending → cancelled/expired, once, giving the reserved stock back."""
+    async with db.transaction():
+        await db.execute(orders.update().where(orders.c.id == order_id,
+                                               orders.c.status == "pending")
+                         .values(status=status, closed_at=now()))
+        if await db.affected_rows() != 1:
+            return False
+        items = await db.fetch_all(order_items.select().where(order_items.c.order_id == order_id))
+        for item in items:
+            await db.execute(products.update().where(products.c.id == item["product_id"])
+                             .values(stock=products.c.stock + item["quantity"]))
+        return True
+
+
+async def user_orders(db: Database, user_id: int) -> list[dict]:
+    rows = as_dicts(await db.fetch_all(
+        orders.select().where(orders.c.user_id == user_id).order_by(orders.c.id.desc())))
+    for row in rows:
+        row["items"] = as_dicts(await db.fetch_all(
+            order_items.select().where(order_items.c.order_id == row["id"])))
+    return rows
+
+
+async def host_sales(db: Database, host_id: int) -> list[dict]:
+    """Lines of orders that contain this host's products (never other hosts' lines)."""
+    query = (
+        sa.select(order_items, orders.c.status, orders.c.created_at, orders.c.paid_at,
+                  users.c.display_name.label("buyer"))
+        .select_from(order_items.join(orders, orders.c.id == order_items.c.order_id)
+                     .join(users, users.c.id == orders.c.user_id))
+        .where(order_items.c.host_id == host_id)
+        .order_by(order_items.c.order_id.desc())
+    )
+    return as_dicts(await db.fetch_all(query))
+
+
+async def record_webhook_event(db: Database, event_id: str, event_type: str) -> bool:
+    """True the first time an event id is seen; False for a redelivery."""
+    try:
+        async with db.transaction():
+            await db.execute(webhook_events.insert().values(
+                id=event_id, type=event_type, received_at=now()))
+        return True
+    except Exception as exc:  # the unique key refused a duplicate: seen before
+        if await db.fetch_one(webhook_events.select().where(webhook_events.c.id == event_id)):
+            return False
+        raise exc
+
+
+async def order_counts(db: Database) -> dict:
+    rows = await db.fetch_all(sa.select(orders.c.status, sa.func.count()).group_by(orders.c.status))
+    return {row[0]: int(row[1]) for row in rows}
+
+
+# -- chat ---------------------------------------------------------------------------------------
+
+
+async def add_chat_message(db: Database, channel_id: int, user_id: int, display_name: str,
+                           text: str) -> dict:
+    stamp = now()
+    async with db.transaction():
+        message_id = await db.execute(chat_messages.insert().values(
+            channel_id=channel_id, user_id=user_id, display_name=display_name, text=text,
+            created_at=stamp, deleted=False))
+    return {"id": message_id, "channel_id": channel_id, "user_id": user_id,
+            "display_name": display_name, "text": text, "created_at": stamp}
+
+
+async def recent_chat(db: Database, channel_id: int, limit: int = 50) -> list[dict]:
+    rows = as_dicts(await db.fetch_all(
+        chat_messages.select().where(chat_messages.c.channel_id == channel_id,
+                                     chat_messages.c.deleted == sa.false())
+        .order_by(chat_messages.c.id.desc()).limit(limit)))
+    return rows[::-1]
+
+
+async def delete_chat_message(db: Database, channel_id: int, message_id: int) -> bool:
+    async with db.transaction():
+        await db.execute(chat_messages.update().where(
+            chat_messages.c.id == message_id, chat_messages.c.channel_id == channel_id)
+            .values(deleted=True))
+        return await db.affected_rows() == 1
+
+
+async def mute(db: Database, channel_id: int, user_id: int) -> None:
+    async with db.transaction():
+        await db.execute(chat_mutes.delete().where(chat_mutes.c.channel_id == channel_id,
+                                                   chat_mutes.c.user_id == user_id))
+        await db.execute(chat_mutes.insert().values(channel_id=channel_id, user_id=user_id,
+                                                    created_at=now()))
+
+
+async def is_muted(db: Database, channel_id: int, user_id: int) -> bool:
+    return await db.fetch_one(chat_mutes.select().where(
+        chat_mutes.c.channel_id == channel_id, chat_mutes.c.user_id == user_id)) is not None

@@ -1,0 +1,168 @@
+"""The schema: SQLAlchemy Core tables, the one source for SQLite and MySQL/MariaDB.
+
+Grown from the seed's MySQL tables (hostlist, userlist, products, orderlist, cartlist): hosts and
+shoppers are one ``users`` table (a host can shop too), a host's live room is a ``channels`` row
+holding the secret stream key apart from the public stream name, and login expiry lives in
+``sessions`` as the seed kept it in its user tables.  Money is integer minor units plus an ISO
+currency code, never a float.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+# MySQL needs lengths on indexed strings; SQLite ignores them.
+EMAIL = 254
+NAME = 120
+TOKEN = 64
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("email", sa.String(EMAIL), nullable=False, unique=True),
+    sa.Column("display_name", sa.String(NAME), nullable=False),
+    sa.Column("password_hash", sa.String(255), nullable=False),
+    sa.Column("is_host", sa.Boolean, nullable=False, default=False),
+    sa.Column("is_admin", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    # sha256 of the cookie value: a leaked table does not leak usable cookies
+    sa.Column("id", sa.String(TOKEN), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"),
+              nullable=False, index=True),
+    sa.Column("csrf_token", sa.String(TOKEN), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("revoked", sa.Boolean, nullable=False, default=False),
+)
+
+login_attempts = sa.Table(
+    "login_attempts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("key", sa.String(EMAIL + 50), nullable=False, index=True),
+    sa.Column("attempted_at", sa.Float, nullable=False),
+)
+
+channels = sa.Table(
+    "channels",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("host_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"),
+              nullable=False, unique=True),
+    # public: in room links and play URLs
+    sa.Column("slug", sa.String(64), nullable=False, unique=True),
+    sa.Column("title", sa.String(NAME), nullable=False),
+    # secret: only in the host studio and OBS
+    sa.Column("stream_key", sa.String(TOKEN), nullable=False, unique=True),
+    sa.Column("is_live", sa.Boolean, nullable=False, default=False),
+    sa.Column("live_node_id", sa.String(64), nullable=True),
+    sa.Column("live_since", sa.Float, nullable=True),
+    sa.Column("last_live_at", sa.Float, nullable=True),
+    sa.Column("pinned_product_id", sa.Integer, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+products = sa.Table(
+    "products",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("host_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"),
+              nullable=False, index=True),
+    sa.Column("name", sa.String(NAME), nullable=False),
+    sa.Column("description", sa.Text, nullable=False, default=""),
+    sa.Column("price_minor", sa.Integer, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("stock", sa.Integer, nullable=False),
+    sa.Column("image", sa.String(255), nullable=True),
+    sa.Column("shown", sa.Boolean, nullable=False, default=True),  # listed in the live room
+    sa.Column("deleted", sa.Boolean, nullable=False, default=False),  # orders keep snapshots
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.CheckConstraint("stock >= 0", name="ck_products_stock_nonnegative"),
+    sa.CheckConstraint("price_minor >= 0", name="ck_products_price_nonnegative"),
+)
+
+cart_items = sa.Table(
+    "cart_items",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("product_id", sa.Integer, sa.ForeignKey("products.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("quantity", sa.Integer, nullable=False),
+    sa.Column("added_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("user_id", "product_id", name="uq_cart_user_product"),
+)
+
+orders = sa.Table(
+    "orders",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"),
+              nullable=False, index=True),
+    # pending → paid | cancelled | expired; stock is reserved while pending
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("total_minor", sa.Integer, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("payment_ref", sa.String(255), nullable=True, unique=True),
+    sa.Column("payment_mode", sa.String(16), nullable=False),  # stripe | test
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("paid_at", sa.Float, nullable=True),
+    sa.Column("closed_at", sa.Float, nullable=True),
+)
+
+order_items = sa.Table(
+    "order_items",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("order_id", sa.Integer, sa.ForeignKey("orders.id", ondelete="CASCADE"),
+              nullable=False, index=True),
+    sa.Column("product_id", sa.Integer, nullable=False),
+    sa.Column("host_id", sa.Integer, nullable=False, index=True),
+    # snapshots: what was bought at what price, whatever happens to the product later
+    sa.Column("name", sa.String(NAME), nullable=False),
+    sa.Column("unit_price_minor", sa.Integer, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("quantity", sa.Integer, nullable=False),
+)
+
+chat_messages = sa.Table(
+    "chat_messages",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("channel_id", sa.Integer, sa.ForeignKey("channels.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("user_id", sa.Integer, nullable=False),
+    sa.Column("display_name", sa.String(NAME), nullable=False),
+    sa.Column("text", sa.String(500), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("deleted", sa.Boolean, nullable=False, default=False),
+    sa.Index("ix_chat_channel_id", "channel_id", "id"),
+)
+
+chat_mutes = sa.Table(
+    "chat_mutes",
+    metadata,
+    sa.Column("channel_id", sa.Integer, sa.ForeignKey("channels.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("user_id", sa.Integer, primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+webhook_events = sa.Table(
+    "webhook_events",
+    metadata,
+    # Stripe delivers at least once: the event id makes fulfilment happen exactly once
+    sa.Column("id", sa.String(255), primary_key=True),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+)

@@ -1,0 +1,115 @@
+"""The Starlette application: explicit routes from each page module, no magic."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
+
+from watchbuy.db.database import Database
+from watchbuy.db.migrations import upgrade
+from watchbuy.site import accounts, chat, hooks, rooms, shop, studio
+from watchbuy.site.broker import make_broker
+from watchbuy.site.config import SiteSettings
+from watchbuy.site.media import MediaDirectory
+from watchbuy.site.payments import StripeGateway
+from watchbuy.site.security import AuthMiddleware
+from watchbuy.site.storage import LocalStorage, make_storage
+from watchbuy.site.web import build_templates, render
+
+log = logging.getLogger("watchbuy.site")
+
+HERE = Path(__file__).parent
+STATIC = HERE / "static"
+# Front-end packages come from npm (site/frontend/package.json), installed by the set-up.
+NODE_MODULES = HERE / "frontend" / "node_modules"
+VENDOR = {
+    "mpegts": NODE_MODULES / "mpegts.js" / "dist",
+    "chart": NODE_MODULES / "chart.js" / "dist",
+}
+
+
+def vendor_mounts() -> list[Mount]:
+    mounts = []
+    for name, folder in VENDOR.items():
+        if folder.is_dir():
+            mounts.append(Mount(f"/static/vendor/{name}", StaticFiles(directory=folder)))
+        else:
+            log.warning("front-end package %s is not installed (%s): run make setup", name,
+                        folder)
+    return mounts
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code in (301, 302, 303, 307) and exc.headers:
+        return RedirectResponse(exc.headers["Location"], status_code=exc.status_code)
+    if request.url.path.startswith("/api/") or \
+            request.headers.get("accept", "").startswith("application/json"):
+        return Response(
+            f'{{"error": "{exc.detail}"}}', status_code=exc.status_code,
+            media_type="application/json")
+    try:
+        return render(request, "error.html", status_code=exc.status_code,
+                      status=exc.status_code, message=exc.detail)
+    except Exception:  # the error page must never fail itself
+        return PlainTextResponse(str(exc.detail), status_code=exc.status_code)
+
+
+def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
+               db: Database | None = None, run_migrations: bool = True) -> Starlette:
+    db = db or Database(settings.database_url)
+    broker = make_broker(settings.broker_url)
+    storage = make_storage(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await db.connect()
+        if run_migrations:
+            applied = await upgrade(db)
+            if applied:
+                log.info("database migrated to version %d", applied[-1])
+        await broker.start()
+        try:
+            yield
+        finally:
+            await broker.close()
+            await db.disconnect()
+
+    routes = [
+        *rooms.routes,
+        *accounts.routes,
+        *studio.routes,
+        *shop.routes,
+        *hooks.routes,
+        *chat.routes,
+        *vendor_mounts(),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    if isinstance(storage, LocalStorage):
+        settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+        routes.append(Mount("/uploads", StaticFiles(directory=settings.uploads_dir)))
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error})
+    app.state.settings = settings
+    app.state.db = db
+    app.state.broker = broker
+    app.state.storage = storage
+    app.state.templates = build_templates()
+    app.state.media = media or MediaDirectory(settings)
+    app.state.chat_limiter = chat.RateLimiter(settings.chat_rate, 10.0)
+    app.state.payments = (
+        StripeGateway(settings.stripe_secret_key, settings.stripe_webhook_secret,
+                      settings.stripe_api_base)
+        if settings.stripe_enabled else None
+    )
+    app.add_middleware(AuthMiddleware, db=db, secret=settings.secret_key,
+                       secure_cookies=settings.cookie_secure,
+                       max_body=settings.max_image_bytes + 1024 * 1024)
+    return app

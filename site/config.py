@@ -1,0 +1,96 @@
+"""The site's settings (``WATCHBUY_*`` like every component) and its generated secrets."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchbuy.settings import ConfigError, load_config
+
+
+def persistent_secret(data_dir: str, name: str) -> str:
+    """A random secret created once and kept in the data folder, so restarts keep sessions and
+    the engine and site (in ``watchbuy serve``) agree without anyone configuring anything."""
+    path = Path(data_dir) / name
+    try:
+        value = path.read_text().strip()
+    except OSError:
+        value = ""
+    if not value:
+        value = secrets.token_urlsafe(32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value + "\n")
+        path.chmod(0o600)
+    return value
+
+
+@dataclass
+class SiteSettings:
+    site_host: str = "0.0.0.0"
+    site_port: int = 8080
+    public_url: str = ""  # how browsers reach the site; default http://127.0.0.1:<port>
+    data_dir: str = "data"
+    database_url: str = ""  # default: sqlite:///<data_dir>/watchbuy.db
+    secret_key: str = ""  # default: generated into the data folder
+    hook_secret: str = ""  # shared with the media nodes; default: generated (serve)
+    broker_url: str = ""  # "" = in-memory chat; redis://host:6379/0 for several processes
+    # single media node (until the balancer is configured): where hosts push, where rooms play
+    public_host: str = "127.0.0.1"
+    rtmp_port: int = 1935
+    http_port: int = 8000
+    node_id: str = "local"
+    node_stats_url: str = ""  # the node's stats API; default http://127.0.0.1:<http_port>
+    # payments: without keys, checkout runs in test mode with the seed's test card
+    stripe_secret_key: str = ""
+    stripe_webhook_secret: str = ""
+    stripe_api_base: str = ""  # a stand-in of Stripe's API (tests); default: Stripe's own
+    currency: str = "usd"
+    # uploads: local files by default, S3 when a bucket is named
+    max_image_bytes: int = 5 * 1024 * 1024
+    s3_bucket: str = ""
+    s3_prefix: str = "products/"
+    aws_region: str = ""
+    # accounts
+    session_days: float = 14.0
+    cookie_secure: bool = False
+    login_attempts: int = 5  # per email and address, per window
+    login_window: float = 900.0
+    chat_rate: int = 5  # messages per user per 10 s
+    chat_max_length: int = 300
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        if not 0 <= self.site_port <= 65535:
+            raise ConfigError(f"WATCHBUY_SITE_PORT: port {self.site_port} is out of range")
+        if self.currency.lower() != self.currency or len(self.currency) != 3:
+            raise ConfigError("WATCHBUY_CURRENCY: a three-letter ISO code in lower case, e.g. usd")
+        if bool(self.stripe_secret_key) != bool(self.stripe_webhook_secret):
+            raise ConfigError(
+                "WATCHBUY_STRIPE_WEBHOOK_SECRET and WATCHBUY_STRIPE_SECRET_KEY go together"
+            )
+        if self.max_image_bytes <= 0:
+            raise ConfigError("WATCHBUY_MAX_IMAGE_BYTES: must be positive")
+
+    @property
+    def stripe_enabled(self) -> bool:
+        return bool(self.stripe_secret_key)
+
+    @property
+    def uploads_dir(self) -> Path:
+        return Path(self.data_dir) / "uploads"
+
+
+def load_site_settings(environ: dict[str, str] | None = None, **overrides) -> SiteSettings:
+    settings = load_config(SiteSettings, environ, **overrides)
+    if not settings.database_url:
+        settings.database_url = f"sqlite:///{Path(settings.data_dir).resolve()}/watchbuy.db"
+    if not settings.secret_key:
+        settings.secret_key = persistent_secret(settings.data_dir, "secret_key")
+    if not settings.hook_secret:
+        settings.hook_secret = persistent_secret(settings.data_dir, "hook_secret")
+    if not settings.public_url:
+        settings.public_url = f"http://{settings.public_host}:{settings.site_port}"
+    if not settings.node_stats_url:
+        settings.node_stats_url = f"http://127.0.0.1:{settings.http_port}"
+    return settings

@@ -1,0 +1,216 @@
+"""Cart, checkout, payment (Stripe or test mode), the Stripe webhook, order history."""
+
+from __future__ import annotations
+
+import logging
+
+import stripe
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from watchbuy.db import queries
+from watchbuy.site import payments
+from watchbuy.site.studio import announce_products
+from watchbuy.site.web import format_money, parse_int, redirect, render, require_user, safe_next
+
+log = logging.getLogger("watchbuy.site.shop")
+
+MAX_QUANTITY = 99
+
+
+def wants_json(request: Request) -> bool:
+    return request.headers.get("accept", "").startswith("application/json")
+
+
+async def cart_view(request: Request, error: str | None = None, status_code: int = 200):
+    user = require_user(request)
+    lines = await queries.cart(request.app.state.db, user["id"])
+    totals: dict[str, int] = {}
+    for line in lines:
+        line["line_total"] = format_money(line["price_minor"] * line["quantity"],
+                                          line["currency"])
+        line["price"] = format_money(line["price_minor"], line["currency"])
+        totals[line["currency"]] = totals.get(line["currency"], 0) + \
+            line["price_minor"] * line["quantity"]
+    return render(request, "cart.html", status_code=status_code, lines=lines,
+                  totals=[format_money(v, c) for c, v in totals.items()], error=error,
+                  test_mode=not request.app.state.settings.stripe_enabled)
+
+
+async def cart_page(request: Request):
+    return await cart_view(request)
+
+
+async def cart_set(request: Request, add: bool):
+    """Add to or set a cart line; quantities are checked against stock here, on the server."""
+    user = require_user(request)
+    form = await request.form()
+    db = request.app.state.db
+    try:
+        product_id = parse_int(form.get("product_id"), "Product", 1, 2**31 - 1)
+        quantity = parse_int(form.get("quantity", "1"), "Quantity", 0 if not add else 1,
+                             MAX_QUANTITY)
+    except ValueError as exc:
+        return await cart_error(request, str(exc))
+    product = await queries.product(db, product_id)
+    if product is None or not product["shown"] and add:
+        return await cart_error(request, "That product is not for sale.", 404)
+    if add:
+        quantity += await queries.cart_quantity(db, user["id"], product_id)
+    if quantity > product["stock"]:
+        return await cart_error(
+            request, f"Only {product['stock']} of {product['name']} left in stock.")
+    if quantity > MAX_QUANTITY:
+        return await cart_error(request, f"At most {MAX_QUANTITY} of one product per order.")
+    await queries.set_cart_quantity(db, user["id"], product_id, quantity)
+    if wants_json(request):
+        return JSONResponse({"ok": True, "product_id": product_id, "quantity": quantity})
+    return redirect(safe_next(form.get("next")) if form.get("next") else "/cart")
+
+
+async def cart_error(request: Request, message: str, status_code: int = 400):
+    if wants_json(request):
+        return JSONResponse({"ok": False, "error": message}, status_code=status_code)
+    return await cart_view(request, error=message, status_code=status_code)
+
+
+async def cart_add(request: Request):
+    return await cart_set(request, add=True)
+
+
+async def cart_update(request: Request):
+    return await cart_set(request, add=False)
+
+
+async def checkout(request: Request):
+    """Cart → order (stock reserved, one transaction) → Stripe Checkout or the test card form."""
+    user = require_user(request)
+    app = request.app
+    settings = app.state.settings
+    mode = "stripe" if settings.stripe_enabled else "test"
+    try:
+        order = await queries.create_order_from_cart(app.state.db, user["id"], mode)
+    except queries.OutOfStock as exc:
+        return await cart_view(request, error=f"Sorry: {exc}. Adjust your cart and try again.",
+                               status_code=409)
+    except ValueError as exc:
+        return await cart_view(request, error=str(exc), status_code=400)
+    for host_id in {item["host_id"] for item in order["items"]}:
+        await announce_products(app, host_id)  # stock shown in the rooms went down
+    if mode == "test":
+        return redirect(f"/checkout/{order['id']}/pay")
+    try:
+        session_id, url = await app.state.payments.create_checkout(order, settings.public_url)
+    except payments.PaymentError as exc:
+        await payments.release(app, order["id"], "cancelled")
+        return await cart_view(request, error=str(exc), status_code=502)
+    await queries.set_payment_ref(app.state.db, order["id"], session_id)
+    return redirect(url)
+
+
+async def own_order(request: Request, order_id: int) -> dict:
+    user = require_user(request)
+    order = await queries.order(request.app.state.db, order_id)
+    if order is None or order["user_id"] != user["id"]:
+        raise HTTPException(404, "No such order.")
+    return order
+
+
+def decorate(order: dict) -> dict:
+    order["total"] = format_money(order["total_minor"], order["currency"])
+    for item in order["items"]:
+        item["line_total"] = format_money(item["unit_price_minor"] * item["quantity"],
+                                          item["currency"])
+    return order
+
+
+async def test_pay(request: Request):
+    """Test mode (no Stripe keys): a clearly labelled card form for the seed's test card."""
+    order = await own_order(request, parse_path_id(request, "order_id"))
+    if order["payment_mode"] != "test":
+        raise HTTPException(404, "No such order.")
+    if request.method == "GET" or order["status"] != "pending":
+        return render(request, "pay_test.html", order=decorate(order), error=None)
+    form = await request.form()
+    error = payments.check_test_card(form.get("card", ""), form.get("expiry", ""),
+                                     (form.get("cvc") or "").strip())
+    if error:
+        return render(request, "pay_test.html", status_code=400, order=decorate(order),
+                      error=error)
+    await payments.fulfil(request.app, order["id"])
+    return redirect(f"/orders?paid={order['id']}")
+
+
+def parse_path_id(request: Request, name: str) -> int:
+    try:
+        return int(request.path_params[name])
+    except ValueError:
+        raise HTTPException(404, "Not found.") from None
+
+
+async def checkout_success(request: Request):
+    # Payment is confirmed by the webhook, never by this redirect (anyone can open a URL).
+    return redirect("/orders?returned=1")
+
+
+async def checkout_cancel(request: Request):
+    try:
+        order_id = int(request.query_params.get("order", ""))
+    except ValueError:
+        return redirect("/cart")
+    order = await own_order(request, order_id)
+    if order["status"] == "pending":
+        await payments.release(request.app, order["id"], "cancelled")
+    return redirect("/cart")
+
+
+async def orders_page(request: Request):
+    user = require_user(request)
+    orders = [decorate(o) for o in await queries.user_orders(request.app.state.db, user["id"])]
+    return render(request, "orders.html", orders=orders,
+                  returned=request.query_params.get("returned"))
+
+
+async def stripe_webhook(request: Request):
+    app = request.app
+    gateway = app.state.payments
+    if gateway is None:
+        return JSONResponse({"error": "stripe is not configured"}, status_code=404)
+    payload = await request.body()
+    try:
+        event = gateway.parse_event(payload, request.headers.get("stripe-signature"))
+    except (ValueError, stripe.SignatureVerificationError) as exc:
+        log.warning("refused a webhook: %s", exc)
+        return JSONResponse({"error": "invalid signature"}, status_code=400)
+    if not await queries.record_webhook_event(app.state.db, event["id"], event["type"]):
+        return JSONResponse({"ok": True, "duplicate": True})
+    session = event["data"]["object"]
+    order = None
+    if session.get("id"):
+        order = await queries.order_by_payment_ref(app.state.db, session["id"])
+    if order is None:
+        log.warning("webhook %s for an unknown checkout session", event["id"])
+        return JSONResponse({"ok": True, "ignored": True})
+    if event["type"] in ("checkout.session.completed",
+                         "checkout.session.async_payment_succeeded"):
+        if session.get("payment_status") in ("paid", "no_payment_required"):
+            await payments.fulfil(app, order["id"])
+    elif event["type"] in ("checkout.session.expired",
+                           "checkout.session.async_payment_failed"):
+        await payments.release(app, order["id"], "expired")
+    return JSONResponse({"ok": True})
+
+
+routes = [
+    Route("/cart", cart_page),
+    Route("/cart/add", cart_add, methods=["POST"]),
+    Route("/cart/update", cart_update, methods=["POST"]),
+    Route("/checkout", checkout, methods=["POST"]),
+    Route("/checkout/success", checkout_success),
+    Route("/checkout/cancel", checkout_cancel),
+    Route("/checkout/{order_id}/pay", test_pay, methods=["GET", "POST"]),
+    Route("/orders", orders_page),
+    Route("/webhooks/stripe", stripe_webhook, methods=["POST"]),
+]

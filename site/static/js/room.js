@@ -1,0 +1,214 @@
+// The live room: low-latency HTTP-FLV playback (mpegts.js), live/offline without reloads,
+// chat, the pinned product, stock and add-to-cart.  One websocket brings every room event.
+(function () {
+  "use strict";
+  const room = document.querySelector(".room");
+  if (!room) return;
+  const slug = room.dataset.slug;
+  const csrf = document.querySelector('meta[name="csrf-token"]').content;
+  const video = document.getElementById("video");
+  const offline = document.getElementById("offline");
+  const badge = document.getElementById("live-badge");
+  const unmute = document.getElementById("unmute");
+  let playUrl = room.dataset.playUrl;
+  let live = room.dataset.live === "true";
+  let player = null;
+  let retryTimer = null;
+  let retryDelay = 1000;
+  let me = null;
+  let isHost = false;
+
+  // ---- player ---------------------------------------------------------------------------
+  function destroyPlayer() {
+    if (player) {
+      try { player.pause(); player.unload(); player.detachMediaElement(); player.destroy(); } catch (e) { /* already gone */ }
+      player = null;
+    }
+  }
+
+  function scheduleRetry() {
+    clearTimeout(retryTimer);
+    if (!live) return;
+    retryTimer = setTimeout(startPlayer, retryDelay);
+    retryDelay = Math.min(retryDelay * 2, 8000);
+  }
+
+  function startPlayer() {
+    destroyPlayer();
+    if (!live || !window.mpegts || !mpegts.getFeatureList().mseLivePlayback) return;
+    player = mpegts.createPlayer(
+      { type: "flv", isLive: true, url: playUrl, hasAudio: true, hasVideo: true, cors: true },
+      {
+        enableStashBuffer: false,        // hand data to the decoder at once
+        liveBufferLatencyChasing: true,  // skip ahead when the buffer grows
+        liveBufferLatencyMaxLatency: 1.2,
+        liveBufferLatencyMinRemain: 0.3,
+        lazyLoad: false,
+        autoCleanupSourceBuffer: true,
+      }
+    );
+    player.attachMediaElement(video);
+    player.on(mpegts.Events.ERROR, function () { destroyPlayer(); scheduleRetry(); });
+    player.on(mpegts.Events.LOADING_COMPLETE, function () { destroyPlayer(); scheduleRetry(); });
+    player.load();
+    const started = player.play();
+    if (started && started.catch) started.catch(function () { /* autoplay rules: muted video plays anyway */ });
+    video.addEventListener("playing", function () { retryDelay = 1000; }, { once: true });
+  }
+
+  function setLive(isLive, url) {
+    if (url) playUrl = url;
+    live = isLive;
+    room.dataset.live = String(isLive);
+    offline.hidden = isLive;
+    badge.textContent = isLive ? "LIVE" : "OFFLINE";
+    badge.classList.toggle("live", isLive);
+    if (isLive) { retryDelay = 1000; startPlayer(); } else { clearTimeout(retryTimer); destroyPlayer(); }
+  }
+
+  if (video.muted) unmute.hidden = false;
+  unmute.addEventListener("click", function () { video.muted = false; unmute.hidden = true; });
+
+  // ---- products and cart -------------------------------------------------------------------
+  function productHtml(p) {
+    const el = document.createElement("article");
+    el.className = "product";
+    el.dataset.productId = p.id;
+    if (p.image) { const img = document.createElement("img"); img.src = p.image; img.alt = ""; el.appendChild(img); }
+    else { const d = document.createElement("div"); d.className = "noimage"; el.appendChild(d); }
+    const body = document.createElement("div"); body.className = "product-body";
+    const h = document.createElement("h3"); h.textContent = p.name; body.appendChild(h);
+    const price = document.createElement("p"); price.className = "price"; price.textContent = p.price; body.appendChild(price);
+    const stock = document.createElement("p"); stock.className = "stock"; stock.dataset.stock = ""; stock.textContent = p.stock + " in stock"; body.appendChild(stock);
+    const b = document.createElement("button"); b.type = "button"; b.className = "add-to-cart"; b.dataset.add = p.id; b.textContent = "Add to cart"; b.disabled = p.stock < 1; body.appendChild(b);
+    el.appendChild(body);
+    return el;
+  }
+
+  function showProducts(products) {
+    const list = document.getElementById("product-list");
+    list.replaceChildren();
+    products.forEach(function (p) { const li = document.createElement("li"); li.appendChild(productHtml(p)); list.appendChild(li); });
+    const none = document.getElementById("no-products");
+    if (none) none.hidden = products.length > 0;
+  }
+
+  function showPinned(p) {
+    const box = document.getElementById("pinned");
+    box.replaceChildren();
+    if (p) box.appendChild(productHtml(p));
+    box.hidden = !p;
+  }
+
+  const cartStatus = document.getElementById("cart-status");
+  document.addEventListener("click", async function (event) {
+    const button = event.target.closest("[data-add]");
+    if (!button) return;
+    if (room.dataset.loggedIn !== "true") { location.href = "/login?next=/room/" + slug; return; }
+    button.disabled = true;
+    const body = new URLSearchParams({ product_id: button.dataset.add, quantity: "1" });
+    try {
+      const response = await fetch("/cart/add", {
+        method: "POST", body: body, credentials: "same-origin",
+        headers: { "X-CSRF-Token": csrf, "Accept": "application/json" },
+      });
+      const result = await response.json();
+      cartStatus.hidden = false;
+      cartStatus.textContent = result.ok ? "Added to your cart. " : result.error;
+      if (result.ok) { const a = document.createElement("a"); a.href = "/cart"; a.textContent = "Go to cart →"; cartStatus.appendChild(a); }
+    } catch (e) {
+      cartStatus.hidden = false;
+      cartStatus.textContent = "Could not reach the shop. Try again.";
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  // ---- chat and room events ------------------------------------------------------------------
+  const messages = document.getElementById("messages");
+  const chatError = document.getElementById("chat-error");
+
+  function addMessage(m) {
+    const li = document.createElement("li");
+    li.dataset.messageId = m.id;
+    const name = document.createElement("strong"); name.textContent = m.name; li.appendChild(name);
+    const text = document.createElement("span"); text.textContent = " " + m.text; li.appendChild(text);  // text, never HTML
+    if (isHost && m.user_id !== me) {
+      const del = document.createElement("button"); del.className = "link small"; del.textContent = "delete";
+      del.onclick = function () { send({ type: "delete", id: m.id }); };
+      const mute = document.createElement("button"); mute.className = "link small"; mute.textContent = "mute";
+      mute.onclick = function () { send({ type: "mute", user_id: m.user_id }); };
+      li.append(" ", del, " ", mute);
+    }
+    messages.appendChild(li);
+    while (messages.children.length > 200) messages.removeChild(messages.firstChild);
+    messages.scrollTop = messages.scrollHeight;
+  }
+
+  let socket = null;
+  function send(data) { if (socket && socket.readyState === 1) socket.send(JSON.stringify(data)); }
+
+  function connect() {
+    const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+    socket = new WebSocket(scheme + location.host + "/ws/room/" + encodeURIComponent(slug));
+    socket.onmessage = function (event) {
+      const data = JSON.parse(event.data);
+      switch (data.type) {
+        case "hello":
+          me = data.user_id; isHost = data.is_host;
+          messages.replaceChildren();
+          data.messages.forEach(addMessage);
+          break;
+        case "chat": addMessage(data); break;
+        case "deleted": {
+          const li = messages.querySelector('[data-message-id="' + data.id + '"]');
+          if (li) li.remove();
+          break;
+        }
+        case "muted": if (data.user_id === me) { chatError.hidden = false; chatError.textContent = "The host has muted you."; } break;
+        case "error": chatError.hidden = false; chatError.textContent = data.error; break;
+        case "live": setLive(true, data.play_url); break;
+        case "offline": setLive(false); break;
+        case "pinned": showPinned(data.product); break;
+        case "products": showProducts(data.products); break;
+      }
+    };
+    socket.onclose = function () { setTimeout(connect, 2000); };
+  }
+  connect();
+
+  const form = document.getElementById("chat-form");
+  if (form) {
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      const input = document.getElementById("chat-input");
+      const text = input.value.trim();
+      if (!text) return;
+      chatError.hidden = true;
+      send({ type: "chat", text: text });
+      input.value = "";
+    });
+  }
+
+  // Viewer counts come from the media node; the room state is also the fallback for events
+  // missed while the websocket was reconnecting.
+  async function refresh() {
+    try {
+      const response = await fetch("/api/rooms/" + encodeURIComponent(slug), { credentials: "same-origin" });
+      if (!response.ok) return;
+      const state = await response.json();
+      document.getElementById("viewer-count").textContent = state.viewers;
+      if (state.live !== live) setLive(state.live, state.play_url);
+    } catch (e) { /* try again on the next tick */ }
+  }
+  setInterval(refresh, 5000);
+
+  // Keep latency low after tab switches: jump to the live edge when far behind.
+  setInterval(function () {
+    if (!player || video.paused || !video.buffered.length) return;
+    const end = video.buffered.end(video.buffered.length - 1);
+    if (end - video.currentTime > 2.5) video.currentTime = end - 0.3;
+  }, 1000);
+
+  if (live) startPlayer();
+})();

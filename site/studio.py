@@ -1,0 +1,233 @@
+"""The host studio: stream settings, products, what the room shows and pins, sales."""
+
+from __future__ import annotations
+
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.routing import Route
+
+from watchbuy.db import queries
+from watchbuy.site.accounts import ensure_channel
+from watchbuy.site.chat import publish_room_event
+from watchbuy.site.rooms import product_card
+from watchbuy.site.storage import ImageRejected, check_image
+from watchbuy.site.web import (
+    format_money,
+    parse_int,
+    parse_money,
+    redirect,
+    render,
+    require_host,
+)
+
+MAX_STOCK = 1_000_000
+
+
+async def studio(request: Request):
+    host = require_host(request)
+    db = request.app.state.db
+    channel = await ensure_channel(db, host["id"], host["display_name"])
+    try:
+        ingest = await request.app.state.media.ingest()
+        ingest_error = None
+    except Exception as exc:  # no healthy media node: tell the host, not a stack trace
+        ingest, ingest_error = None, str(exc)
+    products = await queries.host_products(db, host["id"])
+    for product in products:
+        product["price"] = format_money(product["price_minor"], product["currency"])
+        product["image_url"] = (request.app.state.storage.url(product["image"])
+                                if product["image"] else None)
+    room_url = f"{request.app.state.settings.public_url}/room/{channel['slug']}"
+    return render(request, "studio.html", channel=channel, ingest=ingest,
+                  ingest_error=ingest_error, products=products, room_url=room_url,
+                  notice=request.query_params.get("notice"))
+
+
+async def regenerate_key(request: Request):
+    host = require_host(request)
+    await queries.regenerate_stream_key(request.app.state.db, host["id"])
+    return redirect("/studio?notice=key")
+
+
+async def update_title(request: Request):
+    host = require_host(request)
+    form = await request.form()
+    title = (form.get("title") or "").strip()
+    if 2 <= len(title) <= 100:
+        await queries.update_channel_title(request.app.state.db, host["id"], title)
+        return redirect("/studio?notice=title")
+    return redirect("/studio?notice=title-invalid")
+
+
+def product_values(form, currency: str) -> tuple[dict, list[str]]:
+    values = {
+        "name": (form.get("name") or "").strip(),
+        "description": (form.get("description") or "").strip(),
+        "price": (form.get("price") or "").strip(),
+        "stock": (form.get("stock") or "").strip(),
+    }
+    errors = []
+    if not 1 <= len(values["name"]) <= 100:
+        errors.append("The name must be 1 to 100 characters.")
+    if len(values["description"]) > 2000:
+        errors.append("The description can be at most 2000 characters.")
+    try:
+        values["price_minor"] = parse_money(values["price"], currency)
+        if values["price_minor"] <= 0:
+            errors.append("The price must be more than zero.")
+    except ValueError as exc:
+        errors.append(str(exc))
+    try:
+        values["stock_count"] = parse_int(values["stock"], "Stock", 0, MAX_STOCK)
+    except ValueError as exc:
+        errors.append(str(exc))
+    return values, errors
+
+
+async def read_image(request: Request, form) -> tuple[tuple[bytes, str, str] | None, str | None]:
+    upload = form.get("image")
+    if not isinstance(upload, UploadFile) or not upload.filename:
+        return None, None
+    limit = request.app.state.settings.max_image_bytes
+    data = await upload.read(limit + 1)
+    try:
+        ext, content_type = check_image(data, limit)
+    except ImageRejected as exc:
+        return None, str(exc)
+    return (data, ext, content_type), None
+
+
+async def own_product(request: Request, host: dict) -> dict:
+    try:
+        product_id = int(request.path_params["product_id"])
+    except ValueError:
+        raise HTTPException(404, "No such product.") from None
+    product = await queries.product(request.app.state.db, product_id)
+    if product is None or product["host_id"] != host["id"]:
+        # Another host's product is as invisible as a missing one.
+        raise HTTPException(404, "No such product.")
+    return product
+
+
+async def product_form(request: Request):
+    host = require_host(request)
+    settings = request.app.state.settings
+    product = None
+    if "product_id" in request.path_params:
+        product = await own_product(request, host)
+    if request.method == "GET":
+        values = {"name": "", "description": "", "price": "", "stock": "1"}
+        if product:
+            values = {"name": product["name"], "description": product["description"],
+                      "price": format_money(product["price_minor"], product["currency"])
+                      .lstrip("$€£¥S NT").replace(",", ""),
+                      "stock": str(product["stock"])}
+        return render(request, "product_form.html", product=product, values=values, errors=[])
+    form = await request.form()
+    currency = product["currency"] if product else settings.currency
+    values, errors = product_values(form, currency)
+    image, image_error = await read_image(request, form)
+    if image_error:
+        errors.append(image_error)
+    if errors:
+        return render(request, "product_form.html", status_code=400, product=product,
+                      values=values, errors=errors)
+    db = request.app.state.db
+    image_name = product["image"] if product else None
+    if image is not None:
+        image_name = await request.app.state.storage.save(*image)
+    if product is None:
+        product_id = await queries.create_product(
+            db, host["id"], values["name"], values["description"], values["price_minor"],
+            currency, values["stock_count"], image_name)
+    else:
+        product_id = product["id"]
+        await queries.update_product(
+            db, host["id"], product_id, name=values["name"], description=values["description"],
+            price_minor=values["price_minor"], stock=values["stock_count"], image=image_name)
+    await announce_products(request.app, host["id"])
+    return redirect(f"/studio?notice=saved-{product_id}")
+
+
+async def delete_product(request: Request):
+    host = require_host(request)
+    product = await own_product(request, host)
+    await queries.delete_product(request.app.state.db, host["id"], product["id"])
+    await announce_products(request.app, host["id"])
+    return redirect("/studio?notice=deleted")
+
+
+async def toggle_shown(request: Request):
+    host = require_host(request)
+    product = await own_product(request, host)
+    await queries.update_product(request.app.state.db, host["id"], product["id"],
+                                 shown=not product["shown"])
+    await announce_products(request.app, host["id"])
+    return redirect("/studio")
+
+
+async def pin(request: Request):
+    """Pin one product (or none): every viewer's page shows the card at once."""
+    host = require_host(request)
+    db = request.app.state.db
+    channel = await ensure_channel(db, host["id"], host["display_name"])
+    form = await request.form()
+    raw = (form.get("product_id") or "").strip()
+    product_id = None
+    if raw:
+        try:
+            product = await queries.product(db, int(raw))
+        except ValueError:
+            product = None
+        if product is None or product["host_id"] != host["id"]:
+            raise HTTPException(404, "No such product.")
+        product_id = product["id"]
+    await queries.set_pinned(db, channel["id"], product_id)
+    card = None
+    if product_id is not None:
+        card = product_card(product, request.app.state.storage)
+    await publish_room_event(request.app, channel["id"], {"type": "pinned", "product": card})
+    if request.headers.get("accept", "").startswith("application/json"):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"pinned": card})
+    return redirect("/studio?notice=pinned")
+
+
+async def announce_products(app, host_id: int) -> None:
+    """Tell the host's room that its product list changed (names, prices, stock)."""
+    db = app.state.db
+    channel = await queries.channel_by_host(db, host_id)
+    if channel is None:
+        return
+    shown = await queries.host_products(db, host_id, shown_only=True)
+    await publish_room_event(app, channel["id"], {
+        "type": "products", "products": [product_card(p, app.state.storage) for p in shown]})
+
+
+async def sales(request: Request):
+    host = require_host(request)
+    lines = await queries.host_sales(request.app.state.db, host["id"])
+    paid_total: dict[str, int] = {}
+    for line in lines:
+        line["line_total"] = format_money(line["unit_price_minor"] * line["quantity"],
+                                          line["currency"])
+        if line["status"] == "paid":
+            paid_total[line["currency"]] = paid_total.get(line["currency"], 0) + \
+                line["unit_price_minor"] * line["quantity"]
+    totals = [format_money(v, c) for c, v in paid_total.items()]
+    return render(request, "sales.html", lines=lines, totals=totals)
+
+
+routes = [
+    Route("/studio", studio),
+    Route("/studio/key", regenerate_key, methods=["POST"]),
+    Route("/studio/title", update_title, methods=["POST"]),
+    Route("/studio/pin", pin, methods=["POST"]),
+    Route("/studio/products/new", product_form, methods=["GET", "POST"]),
+    Route("/studio/products/{product_id}", product_form, methods=["GET", "POST"]),
+    Route("/studio/products/{product_id}/delete", delete_product, methods=["POST"]),
+    Route("/studio/products/{product_id}/shown", toggle_shown, methods=["POST"]),
+    Route("/studio/sales", sales),
+]

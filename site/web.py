@@ -1,0 +1,118 @@
+"""Helpers every page module shares: rendering, redirects, access checks, money, forms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+CURRENCY_SYMBOLS = {"usd": "$", "eur": "€", "gbp": "£", "jpy": "¥", "twd": "NT$", "sgd": "S$"}
+ZERO_DECIMAL = {"jpy", "krw", "twd"}
+
+
+def minor_units(currency: str) -> int:
+    return 0 if currency.lower() in ZERO_DECIMAL else 2
+
+
+def format_money(amount_minor: int, currency: str) -> str:
+    digits = minor_units(currency)
+    symbol = CURRENCY_SYMBOLS.get(currency.lower(), currency.upper() + " ")
+    if digits == 0:
+        return f"{symbol}{amount_minor:,}"
+    return f"{symbol}{amount_minor / 10**digits:,.{digits}f}"
+
+
+def parse_money(text: str, currency: str) -> int:
+    """'12.50' → 1250 minor units; ValueError with a message fit for the form otherwise."""
+    text = (text or "").strip().replace(",", "")
+    if not text:
+        raise ValueError("Enter a price.")
+    digits = minor_units(currency)
+    whole, _, fraction = text.partition(".")
+    if not whole.isdigit() and not (whole == "" and fraction):
+        raise ValueError("The price must be a positive number, like 12.50.")
+    if fraction and (not fraction.isdigit() or len(fraction) > digits):
+        raise ValueError(f"The price can have at most {digits} digits after the point.")
+    value = int(whole or "0") * 10**digits + int((fraction or "0").ljust(digits, "0")[:digits] or 0)
+    if value > 100_000_000 * 10**digits:
+        raise ValueError("That price is too high.")
+    return value
+
+
+def parse_int(text: str | None, name: str, low: int, high: int) -> int:
+    try:
+        value = int((text or "").strip())
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number.") from None
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high:,}.")
+    return value
+
+
+def build_templates() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["money"] = lambda product: format_money(
+        product["price_minor"] if "price_minor" in product else product["unit_price_minor"],
+        product["currency"],
+    )
+    env.globals["format_money"] = format_money
+    env.filters["urlquote"] = lambda value: quote(str(value), safe="")
+    return env
+
+
+def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
+    env: Environment = request.app.state.templates
+    context.setdefault("user", request.state.user)
+    context.setdefault("csrf_token", request.state.csrf_token)
+    context.setdefault("request", request)
+    context.setdefault("settings", request.app.state.settings)
+    html = env.get_template(template).render(**context)
+    return HTMLResponse(html, status_code=status_code)
+
+
+def redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+def current_user(request: Request) -> dict | None:
+    return request.state.user
+
+
+def require_user(request: Request) -> dict:
+    """The logged-in user, or a redirect to the login page (raised as an exception)."""
+    user = request.state.user
+    if user is None:
+        raise HTTPException(303, headers={"Location": f"/login?next={quote(request.url.path)}"})
+    return user
+
+
+def require_host(request: Request) -> dict:
+    user = require_user(request)
+    if not user["is_host"]:
+        raise HTTPException(403, "Only hosts can open the studio.")
+    return user
+
+
+def require_admin(request: Request) -> dict:
+    user = require_user(request)
+    if not user["is_admin"]:
+        raise HTTPException(403, "Only operators can open the dashboard.")
+    return user
+
+
+def safe_next(url: str | None) -> str:
+    """Only same-site paths: never redirect a user to another site after login."""
+    if url and url.startswith("/") and not url.startswith("//") and "\\" not in url:
+        return url
+    return "/"
