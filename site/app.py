@@ -15,7 +15,7 @@ from starlette.staticfiles import StaticFiles
 
 from watchbuy.db.database import Database
 from watchbuy.db.migrations import upgrade
-from watchbuy.site import accounts, chat, hooks, rooms, shop, studio
+from watchbuy.site import accounts, chat, dashboard, hooks, rooms, shop, studio
 from watchbuy.site.broker import make_broker
 from watchbuy.site.config import SiteSettings
 from watchbuy.site.media import MediaDirectory
@@ -79,6 +79,8 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
         try:
             yield
         finally:
+            if getattr(app.state, "dashboard", None) is not None:
+                await app.state.dashboard.stop()
             await broker.close()
             await db.disconnect()
 
@@ -89,6 +91,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
         *shop.routes,
         *hooks.routes,
         *chat.routes,
+        *dashboard.routes,
         *vendor_mounts(),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
@@ -104,6 +107,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
     app.state.templates = build_templates()
     app.state.media = media or MediaDirectory(settings)
     app.state.chat_limiter = chat.RateLimiter(settings.chat_rate, 10.0)
+    app.state.dashboard = None
     app.state.payments = (
         StripeGateway(settings.stripe_secret_key, settings.stripe_webhook_secret,
                       settings.stripe_api_base)

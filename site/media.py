@@ -17,10 +17,12 @@ log = logging.getLogger("watchbuy.site.media")
 
 
 class MediaDirectory:
-    def __init__(self, settings, balancer=None, local_stats=None, cache_seconds: float = 2.0):
+    def __init__(self, settings, balancer=None, local_stats=None, local_server=None,
+                 cache_seconds: float = 2.0):
         self.settings = settings
         self.balancer = balancer
         self.local_stats = local_stats  # callable → the in-process node's streams_info()
+        self.local_server = local_server  # callable → the in-process node's server_info()
         self.cache_seconds = cache_seconds
         self._stats: dict[str, dict] = {}
         self._stats_at = 0.0
@@ -75,11 +77,21 @@ class MediaDirectory:
                 streams[stream["name"]] = {**stream, "node_id": info.get("node_id")}
         return streams
 
+    async def node_stats(self) -> list[dict]:
+        """Each media node's traffic and counts (``/api/server``), for the ops dashboard."""
+        if self.local_server is not None:
+            return [self.local_server()]
+        urls = [self.settings.node_stats_url]
+        if self.balancer is not None:
+            urls = [n.stats_url for n in await self.balancer.known_nodes()]
+        found = await asyncio.gather(*(self._fetch(u, "/api/server") for u in urls))
+        return [info for info in found if info]
+
     @staticmethod
-    async def _fetch(base_url: str) -> dict | None:
+    async def _fetch(base_url: str, path: str = "/api/streams") -> dict | None:
         try:
             async with httpx.AsyncClient(timeout=1.0) as client:
-                response = await client.get(f"{base_url}/api/streams")
+                response = await client.get(f"{base_url}{path}")
                 return response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError) as exc:
             log.debug("media node stats at %s unavailable: %s", base_url, exc)

@@ -64,7 +64,8 @@ def run_serve(args: argparse.Namespace) -> int:
     install_uvloop()
 
     node = MediaNode(media_settings)
-    media = MediaDirectory(site_settings, local_stats=node.streams_info)
+    media = MediaDirectory(site_settings, local_stats=node.streams_info,
+                           local_server=node.server_info)
     app = create_app(site_settings, media=media)
     server = uvicorn_server(app, site_settings.site_host, site_settings.site_port,
                             site_settings.log_level)

@@ -1,0 +1,154 @@
+"""The ops dashboard: per-node network in/out as live charts, live streams, site-wide totals.
+
+A sampler polls the media nodes every ``INTERVAL`` seconds while anyone watches and keeps the
+last ``HISTORY`` seconds per node; the page gets snapshots over Server-Sent Events.  As the
+seed's dashboard showed: network in grows with hosts, network out with viewers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from watchbuy.db import queries
+from watchbuy.site.web import render, require_admin
+
+log = logging.getLogger("watchbuy.site.dashboard")
+
+INTERVAL = 2.0
+HISTORY = 300.0
+
+
+class DashboardSampler:
+    def __init__(self, app) -> None:
+        self.app = app
+        self.series: dict[str, deque] = {}  # node id → deque of (t, rx B/s, tx B/s)
+        self.latest: dict = {}
+        self.watchers = 0
+        self._task: asyncio.Task | None = None
+        self._changed = asyncio.Event()
+
+    def ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _run(self) -> None:
+        idle_since = None
+        while True:
+            try:
+                await self.sample()
+            except Exception:  # a bad round must not end the dashboard
+                log.exception("dashboard sample failed")
+            if self.watchers == 0:
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > 60:
+                    return  # nobody is looking: stop polling the nodes
+            else:
+                idle_since = None
+            await asyncio.sleep(INTERVAL)
+
+    async def sample(self) -> dict:
+        media = self.app.state.media
+        now = time.time()
+        nodes = await media.node_stats()
+        streams = await media.stream_stats()
+        orders = await queries.order_counts(self.app.state.db)
+        for node in nodes:
+            series = self.series.setdefault(node["node_id"], deque())
+            series.append((round(now, 1), node.get("bytes_in_per_s", 0),
+                           node.get("bytes_out_per_s", 0)))
+            while series and now - series[0][0] > HISTORY:
+                series.popleft()
+        self.latest = {
+            "at": now,
+            "nodes": [
+                {
+                    "node_id": node["node_id"],
+                    "publishers": node.get("publishers", 0),
+                    "viewers": node.get("viewers", 0),
+                    "rx": node.get("bytes_in_per_s", 0),
+                    "tx": node.get("bytes_out_per_s", 0),
+                    "series": list(self.series.get(node["node_id"], ())),
+                }
+                for node in nodes
+            ],
+            "streams": sorted(
+                ({"name": name, "node_id": s.get("node_id"), "viewers": s.get("viewers", 0),
+                  "bitrate_in": s.get("bitrate_in", 0), "video_codec": s.get("video_codec"),
+                  "width": s.get("width"), "height": s.get("height"), "fps": s.get("fps"),
+                  "uptime": s.get("uptime")} for name, s in streams.items()),
+                key=lambda s: -s["viewers"]),
+            "viewers": sum(s.get("viewers", 0) for s in streams.values()),
+            "orders": orders,
+        }
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return self.latest
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+
+def sampler(app) -> DashboardSampler:
+    if getattr(app.state, "dashboard", None) is None:
+        app.state.dashboard = DashboardSampler(app)
+    return app.state.dashboard
+
+
+async def dashboard_page(request: Request):
+    require_admin(request)
+    data = sampler(request.app)
+    data.ensure_running()
+    snapshot = data.latest or await data.sample()
+    return render(request, "dashboard.html", snapshot=snapshot)
+
+
+async def dashboard_json(request: Request):
+    require_admin(request)
+    data = sampler(request.app)
+    data.ensure_running()
+    return JSONResponse(data.latest or await data.sample())
+
+
+async def dashboard_events(request: Request):
+    """Server-Sent Events: one snapshot per sampling round, while the page stays open."""
+    require_admin(request)
+    data = sampler(request.app)
+    data.ensure_running()
+
+    async def stream():
+        data.watchers += 1
+        try:
+            if data.latest:
+                yield f"data: {json.dumps(data.latest)}\n\n"
+            while not await request.is_disconnected():
+                await data.wait(INTERVAL * 2)
+                if data.latest:
+                    yield f"data: {json.dumps(data.latest)}\n\n"
+        finally:
+            data.watchers -= 1
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+routes = [
+    Route("/dashboard", dashboard_page),
+    Route("/dashboard/data", dashboard_json),
+    Route("/dashboard/events", dashboard_events),
+]
