@@ -19,6 +19,7 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from watchbuy.db import queries
+from watchbuy.site.broker import BrokerUnavailable
 
 log = logging.getLogger("watchbuy.site.chat")
 
@@ -27,8 +28,14 @@ def room_topic(channel_id: int) -> str:
     return f"room:{channel_id}"
 
 
-async def publish_room_event(app, channel_id: int, event: dict) -> None:
-    await app.state.broker.publish(room_topic(channel_id), event)
+async def publish_room_event(app, channel_id: int, event: dict) -> bool:
+    """Send an event to everyone in the room; False (logged) when the broker is down."""
+    try:
+        await app.state.broker.publish(room_topic(channel_id), event)
+        return True
+    except BrokerUnavailable as exc:
+        log.warning("room %s: event %s not delivered: %s", channel_id, event.get("type"), exc)
+        return False
 
 
 def public_message(message: dict) -> dict:
@@ -77,6 +84,10 @@ async def room_socket(websocket: WebSocket) -> None:
     user = websocket.scope["state"].get("user")
     is_host = user is not None and user["id"] == channel["host_id"]
     await websocket.accept()
+    # Subscribe (and let Redis confirm) before reading the history, so nothing posted in
+    # between is lost.
+    subscription = app.state.broker.subscribe(room_topic(channel["id"]))
+    await subscription.ready()
     history = await queries.recent_chat(db, channel["id"], 50)
     await websocket.send_json({
         "type": "hello",
@@ -86,7 +97,6 @@ async def room_socket(websocket: WebSocket) -> None:
         "user_id": user["id"] if user else None,
         "max_length": settings.chat_max_length,
     })
-    subscription = app.state.broker.subscribe(room_topic(channel["id"]))
     forward = asyncio.ensure_future(_forward(subscription, websocket))
     try:
         while True:
@@ -109,7 +119,7 @@ async def room_socket(websocket: WebSocket) -> None:
 async def _forward(subscription, websocket: WebSocket) -> None:
     try:
         async for event in subscription:
-            await websocket.send_json(event)
+            await websocket.send_text(event.json)  # the broker's one encoding, shared
     except (WebSocketDisconnect, RuntimeError, ConnectionError):
         return
     if getattr(subscription, "overflowed", False):
