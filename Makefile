@@ -15,6 +15,7 @@ run: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python bench/ci_check.py
 
 setup: system-deps $(STAMP) frontend
 

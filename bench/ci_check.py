@@ -1,0 +1,120 @@
+"""CI's short benchmark pass: compiled codecs really in use, and no ratio regressions.
+
+Runs the codec benchmarks briefly (pytest-benchmark, JSON saved), pairs every compiled
+benchmark with its pure-Python twin measured in the same run, and fails when a ratio falls
+under its floor.  Only ratios measured side by side fail CI; absolute times never do (these
+machines are shared and noisy).  The floors sit well under what a quiet run measures (see
+bench/RESULTS.md) so noise cannot fail CI, yet a lost optimisation — or a twin sneaking in
+where the extension should be — does.
+
+    python bench/ci_check.py [--json bench/results/ci.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (benchmark name pattern, minimum compiled/twin ratio).  First match wins.
+FLOORS: list[tuple[str, float]] = [
+    (r"test_reader_feed\[ffmpeg", 6.0),  # chunk parse of a recorded ffmpeg session (~14x)
+    (r"test_reader_feed\[rechunked-128", 15.0),  # header-heavy parse (~60x)
+    (r"test_encode_message", 4.0),
+    (r"test_writer_write", 4.0),
+    (r"test_inspect_video", 10.0),
+    (r"test_inspect_audio", 8.0),
+    (r"test_decode_amf0", 5.0),
+    (r"test_encode_amf0", 5.0),
+    (r"test_feed_whole_file", 3.0),
+    (r"test_flv_tag\[audio", 3.0),
+    (r"test_flv_tag\[pframe", 1.5),
+    # a 60 KB tag is one memcpy in both (the twin's join is C too): a sanity floor only
+    (r"test_flv_tag\[keyframe", 0.5),
+    (r".*", 1.1),
+]
+
+
+def floor_for(name: str) -> float:
+    for pattern, floor in FLOORS:
+        if re.search(pattern, name):
+            return floor
+    return 1.1
+
+
+def compiled_in_use() -> list[str]:
+    """Problems with the codec selection (empty when the compiled extensions are loaded)."""
+    code = (
+        "import json; from watchbuy.engine import codecs;"
+        "print(json.dumps({n: getattr(codecs, n).__file__ for n in codecs.CODEC_NAMES}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WATCHBUY_PUREPYTHON"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return [f"importing the codecs failed: {out.stderr.strip()[-500:]}"]
+    files = json.loads(out.stdout)
+    return [f"codec {name} runs the pure-Python twin ({path})"
+            for name, path in files.items() if not path.endswith(".so")]
+
+
+def pair_ratios(report: dict) -> list[tuple[str, float, float, float]]:
+    """(compiled benchmark, compiled median, twin median, ratio) for every pair in a run."""
+    by_name = {b["fullname"]: b for b in report["benchmarks"]}
+    pairs = []
+    for name, bench in sorted(by_name.items()):
+        if "cython" not in name:
+            continue
+        twin = by_name.get(name.replace("cython", "python"))
+        if twin is None:
+            continue
+        compiled = bench["stats"]["median"]
+        pure = twin["stats"]["median"]
+        pairs.append((name, compiled, pure, pure / compiled))
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "ci.json"))
+    args = parser.parse_args(argv)
+    problems = compiled_in_use()
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "bench/test_bench_chunk.py", "bench/test_bench_amf.py", "bench/test_bench_flvmux.py",
+         "--benchmark-only", "--benchmark-max-time=0.2", "--benchmark-min-rounds=5",
+         f"--benchmark-json={args.json}", "--benchmark-disable-gc"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    if run.returncode != 0:
+        print(run.stdout[-4000:], run.stderr[-2000:])
+        print("bench: the benchmark run itself failed")
+        return 1
+    report = json.loads(Path(args.json).read_text())
+    pairs = pair_ratios(report)
+    if not pairs:
+        problems.append("no compiled/twin benchmark pairs were measured")
+    print(f"{'benchmark':64} {'compiled':>11} {'twin':>11} {'ratio':>7} {'floor':>6}")
+    for name, compiled, pure, ratio in pairs:
+        floor = floor_for(name)
+        mark = "" if ratio >= floor else "  << below floor"
+        short = name.split("::", 1)[-1]
+        print(f"{short:64} {compiled * 1e6:9.1f}us {pure * 1e6:9.1f}us {ratio:6.1f}x "
+              f"{floor:5.1f}x{mark}")
+        if ratio < floor:
+            problems.append(f"{short}: compiled is only {ratio:.1f}x its twin (floor {floor}x)")
+    for problem in problems:
+        print(f"bench: FAIL: {problem}")
+    if not problems:
+        print(f"bench: {len(pairs)} ratios at or above their floors; compiled codecs in use")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
