@@ -28,14 +28,21 @@ $(FRONTEND)/node_modules/.package-lock.json: $(FRONTEND)/package.json $(FRONTEND
 	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: install Node.js and npm (apt-get install nodejs npm)"; exit 1; }
 	cd $(FRONTEND) && npm ci --no-audit --no-fund --loglevel=error
 
-# Debian's ffmpeg is our stand-in for OBS (and a player) in the tests and the printed push line.
+# Debian's packages the project uses as real peers: ffmpeg (OBS's stand-in, and a player),
+# chromium (the browser tests), nodejs/npm (the site's front-end packages).  Installed when
+# missing and we are root; otherwise we say what is missing.
+DEBIAN_PACKAGES := ffmpeg:ffmpeg chromium:chromium npm:npm
 system-deps:
-	@if ! command -v ffmpeg >/dev/null 2>&1; then \
+	@missing=""; for pair in $(DEBIAN_PACKAGES); do \
+	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing ffmpeg from Debian's packages"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
+	    echo "installing from Debian's packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "ffmpeg is missing: install it (apt-get install ffmpeg) to publish a test stream"; \
+	    echo "missing:$$missing (apt-get install$$missing)"; \
 	  fi; \
 	fi
 

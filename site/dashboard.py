@@ -48,6 +48,8 @@ class DashboardSampler:
 
     async def _run(self) -> None:
         idle_since = None
+        if self.latest and time.time() - self.latest["at"] < INTERVAL:
+            await asyncio.sleep(INTERVAL)  # a page just sampled: don't add a duplicate point
         while True:
             try:
                 await self.sample()
@@ -113,16 +115,17 @@ def sampler(app) -> DashboardSampler:
 async def dashboard_page(request: Request):
     require_admin(request)
     data = sampler(request.app)
-    data.ensure_running()
     snapshot = data.latest or await data.sample()
+    data.ensure_running()
     return render(request, "dashboard.html", snapshot=snapshot)
 
 
 async def dashboard_json(request: Request):
     require_admin(request)
     data = sampler(request.app)
+    snapshot = data.latest or await data.sample()
     data.ensure_running()
-    return JSONResponse(data.latest or await data.sample())
+    return JSONResponse(snapshot)
 
 
 async def dashboard_events(request: Request):

@@ -16,7 +16,9 @@
       const p = document.createElement("p"); p.className = "muted";
       p.innerHTML = '<span data-field="publishers"></span> publishing · <span data-field="viewers"></span> watching';
       card.appendChild(p);
-      card.appendChild(document.createElement("canvas"));
+      const box = document.createElement("div"); box.className = "chart-box";
+      box.appendChild(document.createElement("canvas"));
+      card.appendChild(box);
       nodesBox.appendChild(card);
     }
     return card;
@@ -28,11 +30,17 @@
       charts[id] = new Chart(card.querySelector("canvas"), {
         type: "line",
         data: { labels: [], datasets: [
-          { label: "in (kb/s)", data: [], borderColor: "#e8384f", backgroundColor: "rgba(232,56,79,.1)", fill: true, tension: .25, pointRadius: 0 },
-          { label: "out (kb/s)", data: [], borderColor: "#2f6fdf", backgroundColor: "rgba(47,111,223,.1)", fill: true, tension: .25, pointRadius: 0 },
+          // "in" grows with hosts, "out" with viewers; out is dashed and drawn on top, so equal
+          // values (one viewer of one stream) still show both lines.
+          { label: "network in (kb/s)", data: [], borderColor: "#e8384f", backgroundColor: "rgba(232,56,79,.12)", fill: true, tension: .25, pointRadius: 0, borderWidth: 2, order: 1 },
+          { label: "network out (kb/s)", data: [], borderColor: "#2f6fdf", backgroundColor: "rgba(47,111,223,.08)", fill: true, tension: .25, pointRadius: 0, borderWidth: 2, borderDash: [6, 4], order: 0 },
         ] },
         options: { animation: false, responsive: true, maintainAspectRatio: false,
-          scales: { y: { beginAtZero: true, title: { display: true, text: "kb/s" } } },
+          interaction: { mode: "index", intersect: false },
+          scales: {
+            x: { ticks: { maxRotation: 0, autoSkip: true, maxTicksLimit: 6 } },
+            y: { beginAtZero: true, title: { display: true, text: "kb/s" } },
+          },
           plugins: { legend: { position: "bottom" } } },
       });
     }

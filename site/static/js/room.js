@@ -35,14 +35,29 @@
 
   function startPlayer() {
     destroyPlayer();
-    if (!live || !window.mpegts || !mpegts.getFeatureList().mseLivePlayback) return;
+    if (!live) return;
+    if (!window.mpegts || !mpegts.getFeatureList().mseLivePlayback) {
+      offline.hidden = false;
+      offline.replaceChildren();
+      const strong = document.createElement("strong"); strong.textContent = "This browser cannot play the live show";
+      const hint = document.createElement("span"); hint.textContent = "Open this page in Chrome, Edge, Firefox or Safari on a computer.";
+      offline.append(strong, hint);
+      return;
+    }
     player = mpegts.createPlayer(
       { type: "flv", isLive: true, url: playUrl, hasAudio: true, hasVideo: true, cors: true },
       {
         enableStashBuffer: false,        // hand data to the decoder at once
-        liveBufferLatencyChasing: true,  // skip ahead when the buffer grows
-        liveBufferLatencyMaxLatency: 1.2,
-        liveBufferLatencyMinRemain: 0.3,
+        // Joining mid-GOP puts up to a keyframe interval in the buffer: play slightly faster
+        // until about half a second is left (smooth, no skipped frames)…
+        liveSync: true,
+        liveSyncMaxLatency: 0.9,
+        liveSyncTargetLatency: 0.5,
+        liveSyncPlaybackRate: 1.15,
+        // …and jump to the live edge when far behind (after a stall or a background tab).
+        liveBufferLatencyChasing: true,
+        liveBufferLatencyMaxLatency: 1.3,
+        liveBufferLatencyMinRemain: 0.5,
         lazyLoad: false,
         autoCleanupSourceBuffer: true,
       }
@@ -85,7 +100,19 @@
     return el;
   }
 
+  // What the page shows now (server-rendered first), so that the state poll can repair events
+  // missed while the websocket was down.
+  let shown = { pinned: null, products: [] };
+  try { shown = JSON.parse(document.getElementById("room-state").textContent); } catch (e) { /* no state */ }
+  function canon(value) {  // JSON with sorted keys: the page's and the API's key orders differ
+    return JSON.stringify(value === undefined ? null : value, function (k, x) {
+      if (!x || typeof x !== "object" || Array.isArray(x)) return x;
+      return Object.keys(x).sort().reduce(function (o, key) { o[key] = x[key]; return o; }, {});
+    });
+  }
+
   function showProducts(products) {
+    shown.products = products;
     const list = document.getElementById("product-list");
     list.replaceChildren();
     products.forEach(function (p) { const li = document.createElement("li"); li.appendChild(productHtml(p)); list.appendChild(li); });
@@ -94,6 +121,7 @@
   }
 
   function showPinned(p) {
+    shown.pinned = p || null;
     const box = document.getElementById("pinned");
     box.replaceChildren();
     if (p) box.appendChild(productHtml(p));
@@ -156,6 +184,8 @@
       switch (data.type) {
         case "hello":
           me = data.user_id; isHost = data.is_host;
+          if (room.dataset.socket) refresh();  // a reconnect: catch up on what was missed
+          room.dataset.socket = "open";
           messages.replaceChildren();
           data.messages.forEach(addMessage);
           break;
@@ -173,7 +203,7 @@
         case "products": showProducts(data.products); break;
       }
     };
-    socket.onclose = function () { setTimeout(connect, 2000); };
+    socket.onclose = function () { room.dataset.socket = "closed"; setTimeout(connect, 2000); };
   }
   connect();
 
@@ -199,6 +229,8 @@
       const state = await response.json();
       document.getElementById("viewer-count").textContent = state.viewers;
       if (state.live !== live) setLive(state.live, state.play_url);
+      if (canon(state.pinned) !== canon(shown.pinned)) showPinned(state.pinned);
+      if (canon(state.products) !== canon(shown.products)) showProducts(state.products);
     } catch (e) { /* try again on the next tick */ }
   }
   setInterval(refresh, 5000);
