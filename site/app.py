@@ -62,6 +62,23 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
         return PlainTextResponse(str(exc.detail), status_code=exc.status_code)
 
 
+def make_balancer(environ: dict[str, str] | None = None):
+    """A balancer over the configured media nodes, or None for the single local node.
+
+    Only when ops name the nodes (``WATCHBUY_BALANCER_NODES``) or an Auto Scaling group
+    (``WATCHBUY_BALANCER_ASG``): hosts are then sent to the least-loaded node.
+    """
+    import os
+
+    from watchbuy.balancer import Balancer, BalancerSettings
+    from watchbuy.settings import load_config, read_environment
+
+    env = read_environment(os.environ if environ is None else environ)
+    if not env.get("WATCHBUY_BALANCER_NODES") and not env.get("WATCHBUY_BALANCER_ASG"):
+        return None
+    return Balancer(load_config(BalancerSettings, env))
+
+
 def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
                db: Database | None = None, run_migrations: bool = True) -> Starlette:
     db = db or Database(settings.database_url)
@@ -105,7 +122,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
     app.state.broker = broker
     app.state.storage = storage
     app.state.templates = build_templates()
-    app.state.media = media or MediaDirectory(settings)
+    app.state.media = media or MediaDirectory(settings, balancer=make_balancer())
     app.state.chat_limiter = chat.RateLimiter(settings.chat_rate, 10.0)
     app.state.dashboard = None
     app.state.payments = (

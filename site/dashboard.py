@@ -84,6 +84,9 @@ class DashboardSampler:
                     "viewers": node.get("viewers", 0),
                     "rx": node.get("bytes_in_per_s", 0),
                     "tx": node.get("bytes_out_per_s", 0),
+                    "net_rx": node.get("net_rx_per_s"),
+                    "net_tx": node.get("net_tx_per_s"),
+                    "cpu_load": node.get("cpu_load"),
                     "series": list(self.series.get(node["node_id"], ())),
                 }
                 for node in nodes

@@ -18,11 +18,12 @@ log = logging.getLogger("watchbuy.site.media")
 
 class MediaDirectory:
     def __init__(self, settings, balancer=None, local_stats=None, local_server=None,
-                 cache_seconds: float = 2.0):
+                 local_agent=None, cache_seconds: float = 2.0):
         self.settings = settings
         self.balancer = balancer
         self.local_stats = local_stats  # callable → the in-process node's streams_info()
         self.local_server = local_server  # callable → the in-process node's server_info()
+        self.local_agent = local_agent  # callable → the in-process status agent's status
         self.cache_seconds = cache_seconds
         self._stats: dict[str, dict] = {}
         self._stats_at = 0.0
@@ -78,14 +79,24 @@ class MediaDirectory:
         return streams
 
     async def node_stats(self) -> list[dict]:
-        """Each media node's traffic and counts (``/api/server``), for the ops dashboard."""
+        """Each media node's network in/out and counts, for the ops dashboard.
+
+        Network rates come from the node's status agent (the kernel's interface counters, what
+        the balancer compares); without an agent, from the engine's own byte counters.
+        """
         if self.local_server is not None:
-            return [self.local_server()]
-        urls = [self.settings.node_stats_url]
-        if self.balancer is not None:
-            urls = [n.stats_url for n in await self.balancer.known_nodes()]
-        found = await asyncio.gather(*(self._fetch(u, "/api/server") for u in urls))
-        return [info for info in found if info]
+            engine = self.local_server()
+            agent = self.local_agent() if self.local_agent is not None else None
+            return [_node_row(engine, agent)]
+        if self.balancer is None:
+            engine = await self._fetch(self.settings.node_stats_url, "/api/server")
+            return [_node_row(engine, None)] if engine else []
+        nodes = await self.balancer.known_nodes()
+        engines = await asyncio.gather(*(self._fetch(n.stats_url, "/api/server") for n in nodes))
+        agents = await asyncio.gather(*(self._fetch(n.agent_url, "/status") for n in nodes))
+        return [_node_row(engine, agent, node.node_id)
+                for node, engine, agent in zip(nodes, engines, agents, strict=True)
+                if engine or agent]
 
     @staticmethod
     async def _fetch(base_url: str, path: str = "/api/streams") -> dict | None:
@@ -96,3 +107,21 @@ class MediaDirectory:
         except (httpx.HTTPError, ValueError) as exc:
             log.debug("media node stats at %s unavailable: %s", base_url, exc)
             return None
+
+
+def _node_row(engine: dict | None, agent: dict | None, node_id: str | None = None) -> dict:
+    """One node for the dashboard.  The charts use the engine's own traffic (in grows with
+    hosts, out with viewers, whatever the interface); the agent adds the kernel's view of the
+    machine's interfaces, which is what the balancer compares."""
+    engine = engine or {}
+    agent = agent or {}
+    return {
+        "node_id": node_id or engine.get("node_id") or agent.get("node_id", "?"),
+        "publishers": engine.get("publishers", agent.get("publishers", 0)),
+        "viewers": engine.get("viewers", agent.get("viewers", 0)),
+        "bytes_in_per_s": engine.get("bytes_in_per_s", 0),
+        "bytes_out_per_s": engine.get("bytes_out_per_s", 0),
+        "net_rx_per_s": agent.get("rx_bytes_per_s"),
+        "net_tx_per_s": agent.get("tx_bytes_per_s"),
+        "cpu_load": agent.get("cpu_load"),
+    }

@@ -47,10 +47,13 @@ async def seed_demo(app) -> dict | None:
 def run_serve(args: argparse.Namespace) -> int:
     from watchbuy.cli import install_uvloop, run_until_signalled, setup_logging
     from watchbuy.engine.node import MediaNode
+    from watchbuy.settings import load_config
     from watchbuy.site.app import create_app
     from watchbuy.site.cli import uvicorn_server
     from watchbuy.site.config import load_site_settings
     from watchbuy.site.media import MediaDirectory
+    from watchbuy.status_agent.agent import StatusAgent
+    from watchbuy.status_agent.config import AgentSettings
 
     media_settings = settings_from(args)
     site_settings = load_site_settings(
@@ -64,8 +67,13 @@ def run_serve(args: argparse.Namespace) -> int:
     install_uvloop()
 
     node = MediaNode(media_settings)
+    # The node's status agent (kernel interface counters), reading the engine in-process.
+    agent = StatusAgent(
+        load_config(AgentSettings, node_id=media_settings.node_id, agent_port=args.agent_port,
+                    engine_url=""),
+        engine_info=node.server_info)
     media = MediaDirectory(site_settings, local_stats=node.streams_info,
-                           local_server=node.server_info)
+                           local_server=node.server_info, local_agent=lambda: agent.status)
     app = create_app(site_settings, media=media)
     server = uvicorn_server(app, site_settings.site_host, site_settings.site_port,
                             site_settings.log_level)
@@ -73,6 +81,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     async def start() -> None:
         await node.start()
+        await agent.start()
         tasks.append(asyncio.ensure_future(server.serve()))
         while not server.started:
             if tasks[0].done():
@@ -81,11 +90,14 @@ def run_serve(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.05)
         demo = await seed_demo(app)
         print_banner(site_settings, node, demo)
+        print(f"  status agent: http://{site_settings.public_host}:{agent.port}/status",
+              flush=True)
 
     async def stop() -> None:
         server.should_exit = True
         for task in tasks:
             await task
+        await agent.stop()
         await node.stop()
 
     asyncio.run(run_until_signalled(start, stop))
@@ -115,4 +127,5 @@ def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="all-in-one: media node, site and status agent")
     add_node_options(serve)
     serve.add_argument("--site-port", type=int, help="site port (default 8080)")
+    serve.add_argument("--agent-port", type=int, help="status agent port (default 8090)")
     serve.set_defaults(run=run_serve)

@@ -14,7 +14,8 @@
       card.dataset.node = node.node_id;
       const h = document.createElement("h3"); h.textContent = node.node_id; card.appendChild(h);
       const p = document.createElement("p"); p.className = "muted";
-      p.innerHTML = '<span data-field="publishers"></span> publishing · <span data-field="viewers"></span> watching';
+      p.innerHTML = '<span data-field="publishers"></span> publishing · <span data-field="viewers"></span> watching' +
+        ' · <span data-field="net"></span>';
       card.appendChild(p);
       const box = document.createElement("div"); box.className = "chart-box";
       box.appendChild(document.createElement("canvas"));
@@ -57,6 +58,13 @@
       const card = nodeCard(node);
       card.querySelector('[data-field="publishers"]').textContent = node.publishers;
       card.querySelector('[data-field="viewers"]').textContent = node.viewers;
+      const net = card.querySelector('[data-field="net"]');
+      if (net) {
+        // the status agent's view of the machine's interfaces (what the balancer compares)
+        net.textContent = node.net_rx == null ? "no status agent" :
+          "interfaces in " + kbps(node.net_rx) + " / out " + kbps(node.net_tx) + " kb/s" +
+          (node.cpu_load == null ? "" : " · CPU " + Math.round(node.cpu_load * 100) + "%");
+      }
       const chart = chartFor(card);
       chart.data.labels = node.series.map(function (p) { return new Date(p[0] * 1000).toLocaleTimeString(); });
       chart.data.datasets[0].data = node.series.map(function (p) { return kbps(p[1]); });
