@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
+from urllib.parse import urlsplit
+
+from watchbuy.settings import ConfigError
 
 
 def run_upgrade(args: argparse.Namespace) -> int:
@@ -21,9 +25,31 @@ def run_upgrade(args: argparse.Namespace) -> int:
         finally:
             await db.disconnect()
 
-    applied = asyncio.run(main())
+    try:
+        applied = asyncio.run(main())
+    except ConfigError:
+        raise
+    except Exception as exc:
+        # An unreachable server, an unknown database, a bad port: one line, not a traceback,
+        # as every command reports what the operator must fix.
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        print(f"watchbuy: cannot upgrade the database at {redacted(settings.database_url)}: "
+              f"{reason}", file=sys.stderr)
+        return 1
     print(f"database is up to date (applied: {', '.join(map(str, applied)) or 'nothing'})")
     return 0
+
+
+def redacted(url: str) -> str:
+    """The URL without its password (error messages end up in logs)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+    except ValueError:
+        return url.split("://", 1)[0] + "://…"
+    return url
 
 
 def register(subparsers) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,6 +36,17 @@ def normalise_url(url: str) -> str:
     return url
 
 
+class _SQLiteConnection(sqlite3.Connection):
+    """``databases`` opens a new SQLite connection for every statement outside a transaction,
+    and these pragmas hold per connection: set on one in :meth:`Database.connect` only, foreign
+    keys went unchecked everywhere else."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.execute("PRAGMA foreign_keys=ON")
+        self.execute("PRAGMA busy_timeout=5000")
+
+
 class Database:
     def __init__(self, url: str) -> None:
         url = normalise_url(url)
@@ -47,7 +59,8 @@ class Database:
                 "WATCHBUY_DATABASE_URL: use sqlite:///path or mysql+aiomysql://user:pass@host/db"
             )
         self.url = url
-        options = {"min_size": 1, "max_size": 20} if self.dialect_name == "mysql" else {}
+        options = {"min_size": 1, "max_size": 20} if self.dialect_name == "mysql" else \
+            {"factory": _SQLiteConnection}
         self._db = databases.Database(url, **options)
         self._write_lock = asyncio.Lock() if self.dialect_name == "sqlite" else None
 

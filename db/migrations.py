@@ -23,7 +23,7 @@ schema_version = sa.Table(
     sa.MetaData(),
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("description", sa.String(200), nullable=False),
-    sa.Column("applied_at", sa.Float, nullable=False),
+    sa.Column("applied_at", sa.Double, nullable=False),
 )
 
 

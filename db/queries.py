@@ -392,6 +392,12 @@ async def record_webhook_event(db: Database, event_id: str, event_type: str) -> 
         raise exc
 
 
+async def forget_webhook_event(db: Database, event_id: str) -> None:
+    """Undo :func:`record_webhook_event` for an event that could not be applied."""
+    async with db.transaction():
+        await db.execute(webhook_events.delete().where(webhook_events.c.id == event_id))
+
+
 async def order_counts(db: Database) -> dict:
     rows = await db.fetch_all(sa.select(orders.c.status, sa.func.count()).group_by(orders.c.status))
     return {row[0]: int(row[1]) for row in rows}

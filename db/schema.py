@@ -13,7 +13,8 @@ import sqlalchemy as sa
 
 metadata = sa.MetaData()
 
-# MySQL needs lengths on indexed strings; SQLite ignores them.
+# MySQL needs lengths on indexed strings; SQLite ignores them.  Times are Unix seconds in a
+# Double: MySQL's FLOAT is single precision, minutes off at today's epoch (and shown to 6 digits).
 EMAIL = 254
 NAME = 120
 TOKEN = 64
@@ -27,7 +28,7 @@ users = sa.Table(
     sa.Column("password_hash", sa.String(255), nullable=False),
     sa.Column("is_host", sa.Boolean, nullable=False, default=False),
     sa.Column("is_admin", sa.Boolean, nullable=False, default=False),
-    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
 )
 
 sessions = sa.Table(
@@ -38,8 +39,8 @@ sessions = sa.Table(
     sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"),
               nullable=False, index=True),
     sa.Column("csrf_token", sa.String(TOKEN), nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("expires_at", sa.Double, nullable=False),
     sa.Column("revoked", sa.Boolean, nullable=False, default=False),
 )
 
@@ -48,7 +49,7 @@ login_attempts = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("key", sa.String(EMAIL + 50), nullable=False, index=True),
-    sa.Column("attempted_at", sa.Float, nullable=False),
+    sa.Column("attempted_at", sa.Double, nullable=False),
 )
 
 channels = sa.Table(
@@ -64,10 +65,10 @@ channels = sa.Table(
     sa.Column("stream_key", sa.String(TOKEN), nullable=False, unique=True),
     sa.Column("is_live", sa.Boolean, nullable=False, default=False),
     sa.Column("live_node_id", sa.String(64), nullable=True),
-    sa.Column("live_since", sa.Float, nullable=True),
-    sa.Column("last_live_at", sa.Float, nullable=True),
+    sa.Column("live_since", sa.Double, nullable=True),
+    sa.Column("last_live_at", sa.Double, nullable=True),
     sa.Column("pinned_product_id", sa.Integer, nullable=True),
-    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
 )
 
 products = sa.Table(
@@ -84,8 +85,8 @@ products = sa.Table(
     sa.Column("image", sa.String(255), nullable=True),
     sa.Column("shown", sa.Boolean, nullable=False, default=True),  # listed in the live room
     sa.Column("deleted", sa.Boolean, nullable=False, default=False),  # orders keep snapshots
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
     sa.CheckConstraint("stock >= 0", name="ck_products_stock_nonnegative"),
     sa.CheckConstraint("price_minor >= 0", name="ck_products_price_nonnegative"),
 )
@@ -99,7 +100,7 @@ cart_items = sa.Table(
     sa.Column("product_id", sa.Integer, sa.ForeignKey("products.id", ondelete="CASCADE"),
               nullable=False),
     sa.Column("quantity", sa.Integer, nullable=False),
-    sa.Column("added_at", sa.Float, nullable=False),
+    sa.Column("added_at", sa.Double, nullable=False),
     sa.UniqueConstraint("user_id", "product_id", name="uq_cart_user_product"),
 )
 
@@ -115,9 +116,9 @@ orders = sa.Table(
     sa.Column("currency", sa.String(3), nullable=False),
     sa.Column("payment_ref", sa.String(255), nullable=True, unique=True),
     sa.Column("payment_mode", sa.String(16), nullable=False),  # stripe | test
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("paid_at", sa.Float, nullable=True),
-    sa.Column("closed_at", sa.Float, nullable=True),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("paid_at", sa.Double, nullable=True),
+    sa.Column("closed_at", sa.Double, nullable=True),
 )
 
 order_items = sa.Table(
@@ -144,7 +145,7 @@ chat_messages = sa.Table(
     sa.Column("user_id", sa.Integer, nullable=False),
     sa.Column("display_name", sa.String(NAME), nullable=False),
     sa.Column("text", sa.String(500), nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("deleted", sa.Boolean, nullable=False, default=False),
     sa.Index("ix_chat_channel_id", "channel_id", "id"),
 )
@@ -155,7 +156,7 @@ chat_mutes = sa.Table(
     sa.Column("channel_id", sa.Integer, sa.ForeignKey("channels.id", ondelete="CASCADE"),
               primary_key=True),
     sa.Column("user_id", sa.Integer, primary_key=True),
-    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
 )
 
 webhook_events = sa.Table(
@@ -164,5 +165,5 @@ webhook_events = sa.Table(
     # Stripe delivers at least once: the event id makes fulfilment happen exactly once
     sa.Column("id", sa.String(255), primary_key=True),
     sa.Column("type", sa.String(64), nullable=False),
-    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("received_at", sa.Double, nullable=False),
 )

@@ -32,6 +32,11 @@ async def rtmp_hook(request: Request):
         return JSONResponse({"error": "malformed hook call"}, status_code=400)
     db = app.state.db
     channel = await queries.channel_by_key(db, key)
+    if channel is None and kind == "publish_done" and call.get("name"):
+        # The host may have regenerated the key while live: the stream that ends still carries
+        # the old key, and its room must not stay "live" forever.  The call is signed, and the
+        # engine reports only names that publish granted.
+        channel = await queries.channel_by_slug(db, str(call["name"]))
     if channel is None:
         return JSONResponse({"error": "unknown stream key"}, status_code=403)
     if kind == "publish":

@@ -65,8 +65,11 @@ class StripeGateway:
         return session.id, session.url
 
     def parse_event(self, payload: bytes, signature: str | None):
-        """The verified event; raises ValueError or SignatureVerificationError."""
-        return stripe.Webhook.construct_event(payload, signature, self.webhook_secret)
+        """The verified event as a plain dict; raises ValueError or SignatureVerificationError."""
+        event = stripe.Webhook.construct_event(payload, signature, self.webhook_secret)
+        # Since stripe 12 its objects are not dicts (.get raises AttributeError): the webhook
+        # handler reads plain dicts.
+        return event.to_dict()
 
 
 async def fulfil(app, order_id: int) -> bool:

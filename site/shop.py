@@ -186,6 +186,16 @@ async def stripe_webhook(request: Request):
         return JSONResponse({"error": "invalid signature"}, status_code=400)
     if not await queries.record_webhook_event(app.state.db, event["id"], event["type"]):
         return JSONResponse({"ok": True, "duplicate": True})
+    try:
+        return await apply_stripe_event(app, event)
+    except Exception:
+        # Not applied: forget the event, or Stripe's retry (it retries after a 5xx) would be
+        # taken for a duplicate and the payment lost.
+        await queries.forget_webhook_event(app.state.db, event["id"])
+        raise
+
+
+async def apply_stripe_event(app, event: dict):
     session = event["data"]["object"]
     order = None
     if session.get("id"):

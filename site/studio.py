@@ -14,6 +14,7 @@ from watchbuy.site.rooms import product_card
 from watchbuy.site.storage import ImageRejected, check_image
 from watchbuy.site.web import (
     format_money,
+    money_input,
     parse_int,
     parse_money,
     redirect,
@@ -120,8 +121,8 @@ async def product_form(request: Request):
         values = {"name": "", "description": "", "price": "", "stock": "1"}
         if product:
             values = {"name": product["name"], "description": product["description"],
-                      "price": format_money(product["price_minor"], product["currency"])
-                      .lstrip("$€£¥S NT").replace(",", ""),
+                      # not format_money with its symbol stripped: "CHF 18.00" kept "CHF"
+                      "price": money_input(product["price_minor"], product["currency"]),
                       "stock": str(product["stock"])}
         return render(request, "product_form.html", product=product, values=values, errors=[])
     form = await request.form()
@@ -153,7 +154,12 @@ async def product_form(request: Request):
 async def delete_product(request: Request):
     host = require_host(request)
     product = await own_product(request, host)
-    await queries.delete_product(request.app.state.db, host["id"], product["id"])
+    db = request.app.state.db
+    channel = await queries.channel_by_host(db, host["id"])
+    await queries.delete_product(db, host["id"], product["id"])
+    if channel is not None and channel["pinned_product_id"] == product["id"]:
+        # the query unpinned it; the viewers' pages must drop the card too
+        await publish_room_event(request.app, channel["id"], {"type": "pinned", "product": None})
     await announce_products(request.app, host["id"])
     return redirect("/studio?notice=deleted")
 

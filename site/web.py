@@ -28,6 +28,21 @@ def format_money(amount_minor: int, currency: str) -> str:
     return f"{symbol}{amount_minor / 10**digits:,.{digits}f}"
 
 
+def money_input(amount_minor: int, currency: str) -> str:
+    """The amount as a form field shows it, so that saving it again gives the same amount:
+    1234.50, not "CHF 1,234.50"."""
+    digits = minor_units(currency)
+    if digits == 0:
+        return str(amount_minor)
+    return f"{amount_minor // 10**digits}.{amount_minor % 10**digits:0{digits}d}"
+
+
+def _ascii_digits(text: str) -> bool:
+    # str.isdigit() also says yes to '²' and to other scripts' digits, which int() then refuses
+    # (a Python error message on the form) or reads as a number nobody typed on purpose.
+    return text.isascii() and text.isdigit()
+
+
 def parse_money(text: str, currency: str) -> int:
     """'12.50' → 1250 minor units; ValueError with a message fit for the form otherwise."""
     text = (text or "").strip().replace(",", "")
@@ -35,10 +50,12 @@ def parse_money(text: str, currency: str) -> int:
         raise ValueError("Enter a price.")
     digits = minor_units(currency)
     whole, _, fraction = text.partition(".")
-    if not whole.isdigit() and not (whole == "" and fraction):
+    if not _ascii_digits(whole) and not (whole == "" and fraction):
         raise ValueError("The price must be a positive number, like 12.50.")
-    if fraction and (not fraction.isdigit() or len(fraction) > digits):
+    if fraction and (not _ascii_digits(fraction) or len(fraction) > digits):
         raise ValueError(f"The price can have at most {digits} digits after the point.")
+    if len(whole) > 12:  # int() refuses thousands of digits; such a price is too high anyway
+        raise ValueError("That price is too high.")
     value = int(whole or "0") * 10**digits + int((fraction or "0").ljust(digits, "0")[:digits] or 0)
     if value > 100_000_000 * 10**digits:
         raise ValueError("That price is too high.")

@@ -1,0 +1,153 @@
+"""Fixtures for the shop site's tests: load with ``pytest_plugins = ["site_fixtures"]``.
+
+* ``db_url`` runs a test twice: on a fresh SQLite file and on a real MariaDB server.  MariaDB
+  gets one database per test session (``wb_test_<uuid hex>``, dropped at the end, so parallel
+  runs never collide), emptied before each test; where no server answers the MariaDB half is
+  skipped loudly, except in CI (``CI=true``) where it fails.  ``fresh_mariadb_url`` is a new,
+  empty database of its own.
+* ``make_site`` / ``site``: the app of ``create_app``, its lifespan entered (database connected
+  and migrated, broker started); ``site.browser(user)`` is a visitor (see site_helpers.Browser).
+* ``sync_site``: the same app under Starlette's TestClient, for websockets.
+* ``stripe_api``: a local stand-in of Stripe's API, a real HTTP server on 127.0.0.1.
+* ``redis_url``: the test Redis (mandatory in CI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from site_helpers import (
+    REDIS_URL,
+    FakeNode,
+    Site,
+    StripeStandIn,
+    _skipped_servers,
+    build_app,
+    empty_mysql_database,
+    fresh_mysql_database,
+    mysql_url,
+    redis_problem,
+    require_server,
+    run_sync_site,
+    site_settings,
+)
+
+from watchbuy.db.database import Database
+from watchbuy.db.migrations import upgrade
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for what in sorted(_skipped_servers):
+        terminalreporter.write_line(
+            f"!!! {what} did not answer: its tests were SKIPPED (mandatory in CI)",
+            red=True, bold=True)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    require_server(redis_problem(), f"Redis at {REDIS_URL}")
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def mariadb_database():
+    """This test session's MariaDB database (created on first use, dropped at the end)."""
+    with fresh_mysql_database() as name:
+        yield name
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> Path:
+    """A migrated SQLite file that each test copies (migrating costs ~0.3 s per test)."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "watchbuy.db"
+
+    async def migrate() -> None:
+        db = Database(f"sqlite:///{path}")
+        await db.connect()
+        await upgrade(db)
+        await db.disconnect()
+
+    asyncio.run(migrate())
+    return path
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        template = request.getfixturevalue("sqlite_template")
+        for suffix in ("", "-wal"):
+            if Path(f"{template}{suffix}").exists():
+                shutil.copy(f"{template}{suffix}", tmp_path / f"watchbuy.db{suffix}")
+        return f"sqlite:///{tmp_path}/watchbuy.db"
+    name = request.getfixturevalue("mariadb_database")
+    empty_mysql_database(name)
+    return mysql_url(name)
+
+
+@pytest.fixture
+def fresh_mariadb_url():
+    with fresh_mysql_database() as name:
+        yield mysql_url(name)
+
+
+@pytest.fixture
+async def make_site(db_url, tmp_path):
+    """Factory of started apps on this test's database (several = several site processes)."""
+    async with contextlib.AsyncExitStack() as stack:
+        count = 0
+
+        async def start(**overrides) -> Site:
+            nonlocal count
+            count += 1
+            settings = site_settings(tmp_path / f"data{count}", db_url, **overrides)
+            node = FakeNode()
+            app = build_app(settings, node)
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            return Site(app, settings, node, stack)
+
+        yield start
+
+
+@pytest.fixture
+async def site(make_site) -> Site:
+    return await make_site()
+
+
+@pytest.fixture
+def sync_site(db_url, tmp_path):
+    with run_sync_site(tmp_path / "data", db_url) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def stripe_api():
+    """The stand-in, served by uvicorn on 127.0.0.1 (a random port) in a background thread."""
+    import uvicorn
+
+    stand_in = StripeStandIn()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(stand_in.app, log_level="warning", lifespan="off",
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the Stripe stand-in did not start")
+        time.sleep(0.01)
+    stand_in.url = f"http://127.0.0.1:{port}"
+    yield stand_in
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+

@@ -1,0 +1,289 @@
+"""The data layer on SQLite and a real MariaDB: migrations, ``watchbuy db upgrade``, and the
+guarantees the site builds on (conditional stock updates, exactly-once state changes)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+from site_helpers import (
+    MYSQL_URL,
+    make_product,
+    make_user,
+    mysql_connect,
+    mysql_problem,
+    mysql_url,
+    require_server,
+)
+
+from watchbuy.db import queries
+from watchbuy.db.database import Database
+from watchbuy.db.migrations import MIGRATIONS, upgrade
+from watchbuy.db.schema import metadata, orders, products, sessions
+from watchbuy.site import security
+
+pytest_plugins = ["site_fixtures"]
+
+TABLES = {table.name for table in metadata.sorted_tables} | {"schema_version"}
+
+
+def watchbuy(tmp_path, *args: str, database_url: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHBUY_")}
+    env.update(WATCHBUY_DATABASE_URL=database_url, WATCHBUY_DATA_DIR=str(tmp_path / "data"))
+    return subprocess.run([sys.executable, "-m", "watchbuy", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def assert_upgrades_once(tmp_path, url: str) -> None:
+    first = watchbuy(tmp_path, "db", "upgrade", database_url=url)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "database is up to date (applied: 1)"
+    again = watchbuy(tmp_path, "db", "upgrade", database_url=url)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "database is up to date (applied: nothing)"
+
+
+def test_db_upgrade_on_a_fresh_sqlite_file(tmp_path) -> None:
+    path = tmp_path / "fresh" / "watchbuy.db"
+    assert_upgrades_once(tmp_path, f"sqlite:///{path}")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master "
+                                                "WHERE type = 'table'")}
+        versions = conn.execute("SELECT version FROM schema_version").fetchall()
+    assert TABLES <= names and versions == [(1,)]
+
+
+def test_db_upgrade_on_a_fresh_mariadb(tmp_path, fresh_mariadb_url) -> None:
+    assert_upgrades_once(tmp_path, fresh_mariadb_url)
+    name = fresh_mariadb_url.rsplit("/", 1)[1]
+    with contextlib.closing(mysql_connect(name)) as conn, conn.cursor() as cursor:
+        cursor.execute("SHOW TABLES")
+        names = {row[0] for row in cursor.fetchall()}
+        cursor.execute("SELECT version FROM schema_version")
+        versions = cursor.fetchall()
+        cursor.execute("SELECT ENGINE FROM information_schema.TABLES "
+                       "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'products'", (name,))
+        engine = cursor.fetchone()[0]
+    assert TABLES <= names and versions == ((1,),) and engine == "InnoDB"
+
+
+def test_db_upgrade_with_a_bad_url_says_so_in_one_line(tmp_path) -> None:
+    result = watchbuy(tmp_path, "db", "upgrade", database_url="postgres://someone@db.example/shop")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "watchbuy: configuration error: WATCHBUY_DATABASE_URL: use " \
+        "sqlite:///path or mysql+aiomysql://user:pass@host/db\n"
+
+
+def run_cli_here(monkeypatch, tmp_path, url: str, *args: str) -> int:
+    """``watchbuy <args>`` in this process (a subprocess costs ~1.5 s of imports)."""
+    from watchbuy.cli import main
+
+    for name in list(os.environ):
+        if name.startswith("WATCHBUY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("WATCHBUY_DATABASE_URL", url)
+    monkeypatch.setenv("WATCHBUY_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    return main(list(args))
+
+
+@pytest.mark.parametrize("url", [
+    "mysql+aiomysql://root:hunter2@127.0.0.1:1/watchbuy",  # nothing listens on port 1
+    "mysql+aiomysql://root:hunter2@127.0.0.1:port/watchbuy",
+    "sqlite:////proc/no/such/folder/watchbuy.db",
+])
+def test_db_upgrade_reports_unusable_databases_in_one_line(monkeypatch, tmp_path, capsys,
+                                                           url) -> None:
+    assert run_cli_here(monkeypatch, tmp_path, url, "db", "upgrade") == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("watchbuy: "), err
+    assert "hunter2" not in err
+
+
+def test_db_upgrade_of_a_missing_mariadb_database_says_so(monkeypatch, tmp_path,
+                                                          capsys) -> None:
+    require_server(mysql_problem(), f"MariaDB at {MYSQL_URL}")
+    url = mysql_url("wb_test_this_database_does_not_exist")
+    assert run_cli_here(monkeypatch, tmp_path, url, "db", "upgrade") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Unknown database" in err
+
+
+# -- the data layer on both databases -----------------------------------------------------------
+
+
+@pytest.fixture
+async def db(db_url):
+    database = Database(db_url)
+    await database.connect()
+    assert await upgrade(database) in ([1], [])  # MariaDB's session database is reused
+    assert await upgrade(database) == []
+    yield database
+    await database.disconnect()
+
+
+async def stock_of(db, product_id: int) -> int:
+    return int(await db.fetch_val(sa.select(products.c.stock).where(products.c.id == product_id)))
+
+
+async def test_migrations_are_recorded(db) -> None:
+    versions = await db.fetch_all("SELECT version, description FROM schema_version")
+    assert [(row[0], row[1]) for row in versions] == \
+        [(m.version, m.description) for m in MIGRATIONS]
+
+
+async def test_checkout_is_all_or_nothing(db) -> None:
+    host = await make_user(db, "Host", host=True)
+    plenty = await make_product(db, host, name="Plenty", stock=5)
+    scarce = await make_product(db, host, name="Scarce", stock=2)
+    shopper = await make_user(db, "Sue")
+    await queries.set_cart_quantity(db, shopper["id"], plenty["id"], 1)
+    await queries.set_cart_quantity(db, shopper["id"], scarce["id"], 3)
+    with pytest.raises(queries.OutOfStock, match="not enough Scarce in stock"):
+        await queries.create_order_from_cart(db, shopper["id"], "test")
+    # the reservation made before the failing line was rolled back
+    assert await stock_of(db, plenty["id"]) == 5 and await stock_of(db, scarce["id"]) == 2
+    assert len(await queries.cart(db, shopper["id"])) == 2
+    assert await queries.user_orders(db, shopper["id"]) == []
+
+    await queries.set_cart_quantity(db, shopper["id"], scarce["id"], 2)
+    order = await queries.create_order_from_cart(db, shopper["id"], "test")
+    assert order["total_minor"] == 3 * 1800 and order["status"] == "pending"
+    assert await stock_of(db, plenty["id"]) == 4 and await stock_of(db, scarce["id"]) == 0
+    assert await queries.cart(db, shopper["id"]) == []
+    with pytest.raises(ValueError, match="your cart is empty"):
+        await queries.create_order_from_cart(db, shopper["id"], "test")
+
+    euro = await make_product(db, host, name="Euro", stock=5, currency="eur")
+    await queries.set_cart_quantity(db, shopper["id"], plenty["id"], 1)
+    await queries.set_cart_quantity(db, shopper["id"], euro["id"], 1)
+    with pytest.raises(ValueError, match="different currencies"):
+        await queries.create_order_from_cart(db, shopper["id"], "test")
+    assert await stock_of(db, plenty["id"]) == 4
+
+
+async def test_stock_can_never_go_negative(db) -> None:
+    host = await make_user(db, "Host", host=True)
+    product = await make_product(db, host, stock=1)
+    with pytest.raises(Exception):  # noqa: B017 - the driver's own integrity error
+        async with db.transaction():
+            await db.execute(products.update().where(products.c.id == product["id"])
+                             .values(stock=-1))
+    assert await stock_of(db, product["id"]) == 1
+
+
+async def test_paid_and_released_exactly_once_even_at_once(db) -> None:
+    host = await make_user(db, "Host", host=True)
+    product = await make_product(db, host, stock=10)
+    shopper = await make_user(db, "Sue")
+    await queries.set_cart_quantity(db, shopper["id"], product["id"], 4)
+    paid_order = await queries.create_order_from_cart(db, shopper["id"], "stripe")
+    await queries.set_cart_quantity(db, shopper["id"], product["id"], 3)
+    released_order = await queries.create_order_from_cart(db, shopper["id"], "stripe")
+    assert await stock_of(db, product["id"]) == 3
+
+    results = await asyncio.gather(*(queries.mark_paid(db, paid_order["id"]) for _ in range(10)))
+    assert sorted(results) == [False] * 9 + [True]
+    assert await queries.release_order(db, paid_order["id"], "expired") is False
+
+    results = await asyncio.gather(
+        *(queries.release_order(db, released_order["id"], "expired") for _ in range(10)))
+    assert sorted(results) == [False] * 9 + [True]
+    assert await stock_of(db, product["id"]) == 6  # the 3 came back once
+    assert await queries.mark_paid(db, released_order["id"]) is False
+    statuses = {row[0]: row[1] for row in await db.fetch_all(sa.select(orders.c.id,
+                                                                       orders.c.status))}
+    assert statuses == {paid_order["id"]: "paid", released_order["id"]: "expired"}
+
+
+async def test_webhook_events_are_recorded_once(db) -> None:
+    assert await queries.record_webhook_event(db, "evt_1", "checkout.session.completed")
+    assert not await queries.record_webhook_event(db, "evt_1", "checkout.session.completed")
+    results = await asyncio.gather(
+        *(queries.record_webhook_event(db, "evt_2", "checkout.session.expired")
+          for _ in range(5)))
+    assert sorted(results) == [False] * 4 + [True]
+
+
+async def test_sessions_expire_and_revoke(db) -> None:
+    user = await make_user(db, "Sue")
+    live = await security.start_session(db, user["id"], 1)
+    assert (await queries.session_user(db, security.session_hash(live)))[1]["id"] == user["id"]
+    expired = await security.start_session(db, user["id"], -1)
+    assert await queries.session_user(db, security.session_hash(expired)) is None
+    await queries.revoke_session(db, security.session_hash(live))
+    assert await queries.session_user(db, security.session_hash(live)) is None
+    stored = {row[0] for row in await db.fetch_all(sa.select(sessions.c.id))}
+    assert live not in stored and security.session_hash(live) in stored
+
+
+async def test_deleting_a_product_keeps_orders_and_clears_carts_and_pins(db) -> None:
+    host = await make_user(db, "Host", host=True)
+    other = await make_user(db, "Other host", host=True)
+    product = await make_product(db, host, name="Mug", stock=5)
+    shopper = await make_user(db, "Sue")
+    await queries.set_cart_quantity(db, shopper["id"], product["id"], 1)
+    order = await queries.create_order_from_cart(db, shopper["id"], "test")
+    await queries.set_cart_quantity(db, shopper["id"], product["id"], 2)
+    await queries.set_pinned(db, host["channel"]["id"], product["id"])
+    assert not await queries.delete_product(db, other["id"], product["id"])  # not theirs
+    assert await queries.product(db, product["id"]) is not None
+    assert await queries.delete_product(db, host["id"], product["id"])
+    assert await queries.product(db, product["id"]) is None
+    assert await queries.cart(db, shopper["id"]) == []
+    assert (await queries.channel_by_host(db, host["id"]))["pinned_product_id"] is None
+    assert [i["name"] for i in (await queries.order(db, order["id"]))["items"]] == ["Mug"]
+    assert [line["order_id"] for line in await queries.host_sales(db, host["id"])] == \
+        [order["id"]]
+    assert await queries.host_sales(db, other["id"]) == []
+    assert not await queries.update_product(db, host["id"], product["id"], stock=9)
+
+
+async def test_rooms_list_live_first(db) -> None:
+    quiet = await make_user(db, "Quiet", host=True)
+    recent = await make_user(db, "Recent", host=True)
+    live = await make_user(db, "Live", host=True)
+    await queries.set_live(db, recent["channel"]["id"], True, "node-a")
+    await queries.set_live(db, recent["channel"]["id"], False, None)
+    await queries.set_live(db, live["channel"]["id"], True, "node-b")
+    rooms = await queries.list_rooms(db)
+    assert [r["host_id"] for r in rooms] == [live["id"], recent["id"], quiet["id"]]
+    assert rooms[0]["live_node_id"] == "node-b" and rooms[1]["live_node_id"] is None
+    assert await queries.channel_by_key(db, live["channel"]["stream_key"]) is not None
+    new_key = await queries.regenerate_stream_key(db, live["id"])
+    assert await queries.channel_by_key(db, live["channel"]["stream_key"]) is None
+    assert (await queries.channel_by_key(db, new_key))["host_id"] == live["id"]
+
+
+async def test_times_keep_their_precision(db) -> None:
+    # Unix times need a double: MySQL's FLOAT is single precision (~2 minutes at today's epoch)
+    first = await make_user(db, "First", host=True)
+    second = await make_user(db, "Second", host=True)
+    message = await queries.add_chat_message(db, first["channel"]["id"], second["id"], "Second",
+                                             "hello")
+    [stored] = await queries.recent_chat(db, first["channel"]["id"])
+    assert abs(stored["created_at"] - message["created_at"]) < 0.001
+    # the room that was live most recently comes first, even a moment later
+    await queries.set_live(db, second["channel"]["id"], True, "n")
+    await queries.set_live(db, second["channel"]["id"], False, None)
+    await asyncio.sleep(0.01)
+    await queries.set_live(db, first["channel"]["id"], True, "n")
+    await queries.set_live(db, first["channel"]["id"], False, None)
+    assert [r["host_id"] for r in await queries.list_rooms(db)] == [first["id"], second["id"]]
+    live = await security.start_session(db, second["id"], 30 / 86400)  # 30 seconds
+    assert await queries.session_user(db, security.session_hash(live)) is not None
+
+
+async def test_foreign_keys_hold_on_every_connection(db) -> None:
+    # SQLite checks foreign keys only where PRAGMA foreign_keys is on, per connection, and the
+    # driver opens a connection per statement: every one of them must have it
+    user = await make_user(db, "Sue")
+    with pytest.raises(Exception):  # noqa: B017 - the driver's own integrity error
+        await queries.set_cart_quantity(db, user["id"], 999_999, 1)
+    assert await queries.cart(db, user["id"]) == []

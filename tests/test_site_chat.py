@@ -1,0 +1,288 @@
+"""Live rooms over websockets (Starlette's TestClient): chat, moderation, pins, engine hooks,
+and two site processes sharing rooms through one Redis."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from site_helpers import (
+    run_sync_site,
+    signed_hook,
+    ws_quiet,
+    ws_receive,
+    ws_until,
+)
+from starlette.websockets import WebSocketDisconnect
+
+from watchbuy.db import queries
+from watchbuy.site import chat
+
+pytest_plugins = ["site_fixtures"]
+
+ROOM_JS = Path(chat.__file__).parent / "static" / "js" / "room.js"
+
+
+def say(ws, text) -> None:
+    ws.send_json({"type": "chat", "text": text})
+
+
+def count_messages(site, channel_id: int) -> int:
+    return len(site.call(queries.recent_chat, site.db, channel_id, 1000))
+
+
+def test_history_on_join_and_anonymous_can_read_not_write(sync_site) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    channel = host["channel"]
+    for n in range(60):
+        site.call(queries.add_chat_message, site.db, channel["id"], host["id"], "Hana",
+                  f"message {n}")
+    with site.websocket(channel["slug"]) as ws:
+        hello = ws_receive(ws)
+        assert hello["type"] == "hello" and hello["can_chat"] is False
+        assert hello["is_host"] is False and hello["user_id"] is None
+        assert [m["text"] for m in hello["messages"]] == [f"message {n}" for n in range(10, 60)]
+        say(ws, "let me in")
+        assert ws_receive(ws) == {"type": "error", "error": "Log in to chat."}
+        ws.send_json({"type": "delete", "id": hello["messages"][0]["id"]})  # ignored
+        ws.send_json({"type": "mute", "user_id": host["id"]})  # ignored
+        ws.send_text("not json")  # ignored
+        assert ws_quiet(ws) == []
+    assert count_messages(site, channel["id"]) == 60
+    with pytest.raises(WebSocketDisconnect) as refused:
+        with site.websocket("no-such-room") as ws:
+            pass
+    assert refused.value.code == 4404
+
+
+def test_chat_is_delivered_as_plain_text(sync_site) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    sam = site.user("Sam <b>")
+    evil = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
+    with site.websocket(host["channel"]["slug"]) as viewer, \
+            site.websocket(host["channel"]["slug"], sam) as ws:
+        ws_receive(viewer)
+        hello = ws_receive(ws)
+        assert hello["can_chat"] is True and hello["user_id"] == sam["id"]
+        say(ws, f"  {evil}\x00\x07  ")
+        for socket in (viewer, ws):
+            event = ws_until(socket, "chat")
+            # JSON text, exactly as typed (control characters and padding removed): the page
+            # shows it with textContent, never as HTML
+            assert event["text"] == evil and event["name"] == "Sam <b>"
+            assert event["user_id"] == sam["id"]
+    [stored] = site.call(queries.recent_chat, site.db, host["channel"]["id"], 50)
+    assert stored["text"] == evil
+    script = ROOM_JS.read_text()
+    assert "innerHTML" not in script and "insertAdjacentHTML" not in script
+    assert re.search(r"\.textContent = \" \" \+ m\.text", script)
+    assert re.search(r"name\.textContent = m\.name", script)
+
+
+def test_length_and_rate_limits(sync_site) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    sam = site.user("Sam")
+    limit = site.settings.chat_max_length
+    with site.websocket(host["channel"]["slug"], sam) as ws:
+        ws_receive(ws)
+        for text in ("x" * (limit + 1), "   ", "", 42, None, ["a"]):
+            say(ws, text)
+            assert ws_receive(ws) == {"type": "error",
+                                      "error": f"Messages are 1 to {limit} characters."}
+        say(ws, "y" * limit)
+        assert ws_until(ws, "chat")["text"] == "y" * limit
+        for n in range(site.settings.chat_rate - 1):
+            say(ws, f"quick {n}")
+            assert ws_until(ws, "chat")["text"] == f"quick {n}"
+        say(ws, "one too many")
+        assert ws_receive(ws) == {"type": "error", "error": "Slow down a little."}
+    assert count_messages(site, host["channel"]["id"]) == site.settings.chat_rate
+
+
+def test_host_deletes_messages_and_mutes_users(sync_site) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    sam, tom = site.user("Sam"), site.user("Tom")
+    slug = host["channel"]["slug"]
+    with site.websocket(slug, host) as hosts, site.websocket(slug, sam) as sams, \
+            site.websocket(slug, tom) as toms:
+        assert ws_receive(hosts)["is_host"] is True
+        ws_receive(sams)
+        assert ws_receive(toms)["is_host"] is False
+        say(sams, "rude words")
+        message = ws_until(hosts, "chat")
+        ws_until(sams, "chat")
+        ws_until(toms, "chat")
+        # a viewer cannot delete or mute
+        toms.send_json({"type": "delete", "id": message["id"]})
+        toms.send_json({"type": "mute", "user_id": sam["id"]})
+        assert ws_quiet(hosts) == []
+        # the host can
+        hosts.send_json({"type": "delete", "id": message["id"]})
+        for socket in (hosts, sams, toms):
+            assert ws_until(socket, "deleted") == {"type": "deleted", "id": message["id"]}
+        hosts.send_json({"type": "mute", "user_id": sam["id"]})
+        for socket in (hosts, sams, toms):
+            assert ws_until(socket, "muted") == {"type": "muted", "user_id": sam["id"]}
+        say(sams, "still here")
+        assert ws_receive(sams) == {"type": "error", "error": "The host has muted you."}
+        hosts.send_json({"type": "mute", "user_id": host["id"]})  # not themselves
+        say(hosts, "welcome")
+        assert ws_until(toms, "chat")["text"] == "welcome"
+        assert ws_quiet(toms, kind="chat") == []
+    with site.websocket(slug) as late:
+        assert [m["text"] for m in ws_receive(late)["messages"]] == ["welcome"]
+
+
+def test_pinning_in_the_studio_reaches_the_room(sync_site) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    mug = site.product(host, name="Mug <i>", price_minor=1800, stock=7)
+    with site.websocket(host["channel"]["slug"]) as ws:
+        ws_receive(ws)
+        response = site.post("/studio/pin", host, {"product_id": str(mug["id"])})
+        assert response.status_code == 303
+        event = ws_until(ws, "pinned")
+        assert event["product"] == {"id": mug["id"], "name": "Mug <i>", "description": "",
+                                    "price": "$18.00", "stock": 7, "image": None}
+        response = site.post("/studio/pin", host, {"product_id": ""})
+        assert ws_until(ws, "pinned") == {"type": "pinned", "product": None}
+        # deleting the pinned product takes the card down everywhere
+        site.post("/studio/pin", host, {"product_id": str(mug["id"])})
+        assert ws_until(ws, "pinned")["product"]["id"] == mug["id"]
+        other = site.product(host, name="Bag")
+        assert site.post(f"/studio/products/{other['id']}/delete", host, {}).status_code == 303
+        assert ws_quiet(ws, kind="pinned") == []  # not pinned: the card stays
+        assert site.post(f"/studio/products/{mug['id']}/delete", host, {}).status_code == 303
+        assert ws_until(ws, "pinned") == {"type": "pinned", "product": None}
+        assert ws_until(ws, "products")["products"] == []
+        mug = site.product(host, name="Mug <i>", price_minor=1800, stock=7)
+        # a product change is announced with its new stock
+        response = site.post(f"/studio/products/{mug['id']}", host,
+                             {"name": "Mug", "price": "18", "stock": "3"})
+        assert response.status_code == 303
+        products = ws_until(ws, "products")["products"]
+        assert [(p["name"], p["stock"]) for p in products] == [("Mug", 3)]
+
+
+def hook(site, payload: dict, secret: str | None = None, timestamp: int | None = None):
+    call = signed_hook(secret or site.settings.hook_secret, payload, timestamp)
+    return site.client.post("/hooks/rtmp", content=call["content"], headers=call["headers"])
+
+
+def test_engine_hooks_drive_live_and_offline(sync_site) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    channel = host["channel"]
+    key, slug = channel["stream_key"], channel["slug"]
+    publish = {"call": "publish", "app": "live", "key": key, "addr": "10.0.0.9",
+               "node_id": "local"}
+    with site.websocket(slug) as ws:
+        ws_receive(ws)
+        # forged, stale, unknown key, malformed: refused, nothing changes
+        assert hook(site, publish, secret="not-the-secret").status_code == 401
+        assert hook(site, publish, timestamp=int(time.time()) - 3600).status_code == 401
+        unsigned = site.client.post("/hooks/rtmp", json=publish)
+        assert unsigned.status_code == 401
+        response = hook(site, {**publish, "key": "wb_guess"})
+        assert response.status_code == 403 and response.json() == {"error": "unknown stream key"}
+        assert hook(site, {"call": "publish"}).status_code == 400
+        assert ws_quiet(ws) == []
+        assert not site.call(queries.channel_by_slug, site.db, slug)["is_live"]
+
+        response = hook(site, publish)
+        assert response.status_code == 200 and response.json() == {"name": slug}
+        assert ws_until(ws, "live") == {"type": "live",
+                                        "play_url": f"http://127.0.0.1:8000/live/{slug}.flv"}
+        assert site.call(queries.channel_by_slug, site.db, slug)["is_live"]
+        site.node.streams = [{"name": slug, "viewers": 7}]
+        home = site.client.get("/")
+        live_part = home.text.split("Recently live")[0]
+        assert f"/room/{slug}" in live_part and "7 watching" in live_part
+        state = site.client.get(f"/api/rooms/{slug}").json()
+        assert state["live"] is True and state["viewers"] == 7
+
+        response = hook(site, {"call": "publish_done", "app": "live", "key": key, "name": slug,
+                               "node_id": "local", "addr": ""})
+        assert response.status_code == 200
+        assert ws_until(ws, "offline") == {"type": "offline"}
+        assert not site.call(queries.channel_by_slug, site.db, slug)["is_live"]
+        site.node.streams = []
+        assert f"/room/{slug}" in site.client.get("/").text.split("Recently live")[1]
+
+
+def test_publish_done_after_the_key_was_regenerated_still_goes_offline(sync_site) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    old_key, slug = host["channel"]["stream_key"], host["channel"]["slug"]
+    assert hook(site, {"call": "publish", "app": "live", "key": old_key,
+                       "node_id": "local"}).json() == {"name": slug}
+    # the host makes a new key while live; the running stream ends later with the old one
+    assert site.post("/studio/key", host, {}).status_code == 303
+    response = hook(site, {"call": "publish_done", "app": "live", "key": old_key, "name": slug,
+                           "node_id": "local", "addr": ""})
+    assert response.status_code == 200
+    assert not site.call(queries.channel_by_slug, site.db, slug)["is_live"]
+    # but the old key can no longer start a stream
+    response = hook(site, {"call": "publish", "app": "live", "key": old_key, "node_id": "local"})
+    assert response.status_code == 403
+
+
+def test_two_site_processes_share_a_room_through_redis(db_url, redis_url, tmp_path) -> None:
+    prefix = f"wbtest-{uuid.uuid4().hex}:"  # parallel runs must not hear each other
+
+    def isolate(app) -> None:
+        app.state.broker.prefix = prefix
+
+    with run_sync_site(tmp_path / "a", db_url, isolate, broker_url=redis_url) as a, \
+            run_sync_site(tmp_path / "b", db_url, isolate, broker_url=redis_url) as b:
+        assert type(a.app.state.broker).__name__ == "RedisBroker"
+        host = a.user("Hana", host=True)
+        sam = a.user("Sam")
+        mug = a.product(host, name="Mug")
+        slug = host["channel"]["slug"]
+        with b.websocket(slug) as on_b, a.websocket(slug, sam) as on_a:
+            ws_receive(on_b)
+            ws_receive(on_a)
+            say(on_a, "hello from A")
+            event = ws_until(on_b, "chat")
+            assert event["text"] == "hello from A" and event["name"] == "Sam"
+            assert ws_until(on_a, "chat")["text"] == "hello from A"  # once, via Redis
+            assert ws_quiet(on_a, kind="chat") == []
+            # the studio on A pins; the viewer on B sees it
+            assert a.post("/studio/pin", host, {"product_id": str(mug["id"])}).status_code == 303
+            assert ws_until(on_b, "pinned")["product"]["name"] == "Mug"
+            # the engine's hook lands on B; the viewer on A hears it
+            call = signed_hook(b.settings.hook_secret, {
+                "call": "publish", "app": "live", "key": host["channel"]["stream_key"],
+                "node_id": "local"})
+            response = b.client.post("/hooks/rtmp", content=call["content"],
+                                      headers=call["headers"])
+            assert response.json() == {"name": slug}
+            assert ws_until(on_a, "live")["play_url"].endswith(f"/live/{slug}.flv")
+        with b.websocket(slug) as late:
+            assert [m["text"] for m in ws_receive(late)["messages"]] == ["hello from A"]
+
+
+def test_room_state_api_and_page(sync_site) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    site.product(host, name="Mug", stock=0)
+    slug = host["channel"]["slug"]
+    state = site.client.get(f"/api/rooms/{slug}")
+    assert state.headers["cache-control"] == "no-store"
+    body = state.json()
+    assert body["live"] is False and body["pinned"] is None
+    assert [(p["name"], p["stock"]) for p in body["products"]] == [("Mug", 0)]
+    assert host["channel"]["stream_key"] not in json.dumps(body)
+    page = site.client.get(f"/room/{slug}")
+    assert page.status_code == 200 and "Mug" in page.text
+    assert site.client.get("/room/nobody-here").status_code == 404
+    assert site.client.get("/api/rooms/nobody-here").status_code == 404

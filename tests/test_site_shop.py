@@ -1,0 +1,506 @@
+"""Cart, checkout, orders and payment: test mode, Stripe (a local stand-in), concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from site_helpers import (
+    STRIPE_WEBHOOK_SECRET,
+    error_texts,
+    make_product,
+    make_user,
+    start_session,
+    stripe_event,
+    stripe_settings,
+    stripe_signature,
+    table_counts,
+)
+
+from watchbuy.db import queries
+from watchbuy.db.schema import orders, products, webhook_events
+from watchbuy.site import payments
+
+pytest_plugins = ["site_fixtures"]
+# stripe's HTTPXClient posts its form as data=str, which httpx deprecates (not our code)
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
+
+async def stock(db, product_id: int) -> int:
+    return int(await db.fetch_val(sa.select(products.c.stock).where(products.c.id == product_id)))
+
+
+async def add_to_cart(browser, product_id, quantity="1"):
+    return await browser.post("/cart/add", {"product_id": str(product_id),
+                                            "quantity": str(quantity)})
+
+
+# -- the cart ---------------------------------------------------------------------------------
+
+
+BAD_CART_INPUT = [
+    (None, "0", 400, "Quantity must be between 1 and 99."),
+    (None, "-1", 400, "Quantity must be between 1 and 99."),
+    (None, "1000000000", 400, "Quantity must be between 1 and 99."),
+    (None, "2.5", 400, "Quantity must be a whole number."),
+    (None, "", 400, "Quantity must be a whole number."),
+    (None, "11", 400, "Only 10 of Mug left in stock."),
+    ("999999", "1", 404, "That product is not for sale."),
+    ("abc", "1", 400, "Product must be a whole number."),
+]
+
+
+async def test_bad_cart_input_gets_a_message_and_changes_nothing(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=10)
+    shopper = await site.user("Sue")
+    browser = await site.browser(shopper)
+    await browser.get("/cart")
+    before = await table_counts(site.db)
+    for product_id, quantity, status, message in BAD_CART_INPUT:
+        product_id = product_id or str(mug["id"])
+        case = f"product_id={product_id!r} quantity={quantity!r}"
+        response = await add_to_cart(browser, product_id, quantity)
+        assert response.status_code == status, case
+        assert error_texts(response.text) == [message], case
+        assert "Your cart" in response.text  # the message is on the cart page
+        # a script's fetch gets the same message as JSON
+        response = await browser.fetch("/cart/add", {"product_id": product_id,
+                                                     "quantity": quantity})
+        assert response.status_code == status, case
+        assert response.json() == {"ok": False, "error": message}, case
+    for quantity, message in [("1000000000", "Quantity must be between 0 and 99."),
+                              ("-1", "Quantity must be between 0 and 99."),
+                              ("11", "Only 10 of Mug left in stock.")]:
+        response = await browser.post("/cart/update", {"product_id": str(mug["id"]),
+                                                       "quantity": quantity})
+        assert response.status_code == 400 and error_texts(response.text) == [message]
+    assert await table_counts(site.db) == before
+    assert await stock(site.db, mug["id"]) == 10
+
+
+async def test_cart_add_update_remove_and_stock_limits(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=5)
+    bag = await site.product(host, name="Bag", price_minor=2450, stock=5)
+    shopper = await site.user("Sue")
+    browser = await site.browser(shopper)
+    response = await browser.fetch("/cart/add", {"product_id": str(mug["id"]), "quantity": "2"})
+    assert response.json() == {"ok": True, "product_id": mug["id"], "quantity": 2}
+    assert (await add_to_cart(browser, mug["id"], 2)).status_code == 303
+    assert (await add_to_cart(browser, bag["id"], 1)).status_code == 303
+    # 4 in the cart, 5 in stock: 2 more would be 6
+    response = await add_to_cart(browser, mug["id"], 2)
+    assert response.status_code == 400 and "Only 5 of Mug left in stock." in response.text
+    page = await browser.get("/cart")
+    assert "$72.00" in page.text and "$24.50" in page.text and "$96.50" in page.text
+    # totals are the server's: a price sent with the form is ignored
+    response = await browser.post("/cart/update", {"product_id": str(mug["id"]),
+                                                   "quantity": "1", "price": "0.01"})
+    assert response.status_code == 303
+    assert await queries.cart_quantity(site.db, shopper["id"], mug["id"]) == 1
+    response = await browser.post("/cart/update", {"product_id": str(bag["id"]),
+                                                   "quantity": "0"})
+    assert response.status_code == 303
+    lines = await queries.cart(site.db, shopper["id"])
+    assert [(line["name"], line["quantity"]) for line in lines] == [("Mug", 1)]
+    # a hidden product cannot be added
+    await queries.update_product(site.db, host["id"], bag["id"], shown=False)
+    response = await add_to_cart(browser, bag["id"], 1)
+    assert response.status_code == 404
+
+
+async def test_nobody_sees_another_shoppers_cart_or_orders(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Secret mug", stock=10)
+    ann, bob = await site.user("Ann"), await site.user("Bob")
+    anns, bobs = await site.browser(ann), await site.browser(bob)
+    await add_to_cart(anns, mug["id"], 2)
+    assert "Secret mug" in (await anns.get("/cart")).text
+    assert "Secret mug" not in (await bobs.get("/cart")).text
+    response = await anns.post("/checkout")
+    assert response.status_code == 303
+    order_id = int(re.fullmatch(r"/checkout/(\d+)/pay", response.headers["location"]).group(1))
+
+    assert "Secret mug" not in (await bobs.get("/orders")).text
+    before = await queries.order(site.db, order_id)
+    for method, path, data in [
+        ("get", f"/checkout/{order_id}/pay", None),
+        ("post", f"/checkout/{order_id}/pay",
+         {"card": "4242 4242 4242 4242", "expiry": "12/99", "cvc": "123"}),
+        ("get", f"/checkout/cancel?order={order_id}", None),
+    ]:
+        response = await (bobs.get(path) if method == "get" else bobs.post(path, data))
+        assert response.status_code == 404, path
+        assert "No such order." in response.text
+    assert await queries.order(site.db, order_id) == before
+    assert (await bobs.get("/checkout/abc/pay")).status_code == 404
+    # anonymous visitors are sent to log in
+    response = await (await site.browser()).get("/cart")
+    assert response.status_code == 303 and response.headers["location"] == "/login?next=/cart"
+
+
+# -- test mode (no Stripe keys) --------------------------------------------------------------------
+
+
+async def test_test_mode_checkout_pays_with_the_test_card(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=10)
+    shopper = await site.user("Sue")
+    browser = await site.browser(shopper)
+    await add_to_cart(browser, mug["id"], 2)
+    cart = await browser.get("/cart")
+    assert "Checkout (test mode)" in cart.text
+    response = await browser.post("/checkout")
+    assert response.status_code == 303
+    pay_url = response.headers["location"]
+    order_id = int(re.fullmatch(r"/checkout/(\d+)/pay", pay_url).group(1))
+    order = await queries.order(site.db, order_id)
+    assert (order["status"], order["payment_mode"], order["total_minor"]) == ("pending", "test", 3600)
+    assert [(i["name"], i["unit_price_minor"], i["quantity"]) for i in order["items"]] == \
+        [("Mug", 1800, 2)]
+    assert await stock(site.db, mug["id"]) == 8  # reserved
+    assert await queries.cart(site.db, shopper["id"]) == []
+
+    page = await browser.get(pay_url)
+    assert page.status_code == 200 and "TEST MODE" in page.text and "$36.00" in page.text
+    for card, expiry, cvc, message in [
+        ("4000 0000 0000 0002", "12/99", "123",
+         "Test mode accepts only the test card 4242 4242 4242 4242."),
+        ("4242 4242 4242 4242", "01/20", "123", "That expiry date is not in the future."),
+        ("4242 4242 4242 4242", "soon", "123", "Enter the expiry date as MM/YY."),
+        ("4242 4242 4242 4242", "12/99", "1", "Enter the 3 or 4 digit security code."),
+    ]:
+        response = await browser.post(pay_url, {"card": card, "expiry": expiry, "cvc": cvc})
+        assert response.status_code == 400 and error_texts(response.text) == [message]
+        assert (await queries.order(site.db, order_id))["status"] == "pending"
+
+    response = await browser.post(pay_url, {"card": "4242 4242 4242 4242", "expiry": "12/99",
+                                            "cvc": "123"})
+    assert response.status_code == 303 and response.headers["location"] == f"/orders?paid={order_id}"
+    order = await queries.order(site.db, order_id)
+    assert order["status"] == "paid" and order["paid_at"]
+    # paying again changes nothing
+    response = await browser.post(pay_url, {"card": "4242424242424242", "expiry": "12/99",
+                                            "cvc": "123"})
+    assert response.status_code == 200 and "This order is" in response.text
+    assert await queries.order(site.db, order_id) == order
+    assert await stock(site.db, mug["id"]) == 8
+
+    orders_page = await browser.get("/orders")
+    assert re.search(rf'id="order-{order_id}">\s*<h3>Order #{order_id} '
+                     r'<span class="status paid">paid</span>', orders_page.text)
+    sales = await (await site.browser(host)).get("/studio/sales")
+    assert "Sue" in sales.text and '<span class="status paid">paid</span>' in sales.text
+    assert "Paid so far: <strong>$36.00</strong>" in sales.text
+
+
+async def test_checkout_of_an_empty_cart_or_more_than_is_left(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=3)
+    shopper = await site.user("Sue")
+    browser = await site.browser(shopper)
+    response = await browser.post("/checkout")
+    assert response.status_code == 400 and error_texts(response.text) == ["your cart is empty"]
+    await add_to_cart(browser, mug["id"], 3)
+    await queries.update_product(site.db, host["id"], mug["id"], stock=2)  # sold elsewhere
+    before = await table_counts(site.db)
+    response = await browser.post("/checkout")
+    assert response.status_code == 409
+    assert error_texts(response.text) == [
+        "Sorry: not enough Mug in stock. Adjust your cart and try again."]
+    assert await table_counts(site.db) == before
+    assert await stock(site.db, mug["id"]) == 2
+    assert await queries.cart_quantity(site.db, shopper["id"], mug["id"]) == 3
+
+
+async def test_cancelling_a_pending_order_releases_its_stock(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=4)
+    browser = await site.browser(await site.user("Sue"))
+    await add_to_cart(browser, mug["id"], 3)
+    order_id = int((await browser.post("/checkout")).headers["location"].split("/")[2])
+    assert await stock(site.db, mug["id"]) == 1
+    response = await browser.get(f"/checkout/cancel?order={order_id}")
+    assert response.status_code == 303
+    assert (await queries.order(site.db, order_id))["status"] == "cancelled"
+    assert await stock(site.db, mug["id"]) == 4
+    await browser.get(f"/checkout/cancel?order={order_id}")  # twice: released once
+    assert await stock(site.db, mug["id"]) == 4
+
+
+# -- 50 shoppers, 10 in stock ----------------------------------------------------------------------
+
+SHOPPERS = 50
+STOCK = 10
+
+
+async def shoppers_with_carts(db, product: dict) -> list[dict]:
+    shoppers = []
+    for n in range(SHOPPERS):
+        shopper = await make_user(db, f"Shopper {n}")
+        await queries.set_cart_quantity(db, shopper["id"], product["id"], 1)
+        shoppers.append(shopper)
+    return shoppers
+
+
+async def watch_stock(db, product_id: int, seen: list[int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        seen.append(await stock(db, product_id))
+        await asyncio.sleep(0.005)
+
+
+async def assert_sold_exactly_the_stock(db, product: dict, seen: list[int]) -> None:
+    assert await stock(db, product["id"]) == 0
+    assert min(seen) >= 0
+    sold = await db.fetch_val("SELECT SUM(quantity) FROM order_items WHERE product_id = "
+                              f"{int(product['id'])}")
+    assert int(sold) == STOCK
+    assert int(await db.fetch_val(sa.select(sa.func.count()).select_from(orders))) == STOCK
+
+
+async def test_fifty_concurrent_checkouts_sell_exactly_the_stock_in_the_data_layer(site) -> None:
+    host = await make_user(site.db, "Host", host=True)
+    product = await make_product(site.db, host, name="Last ones", stock=STOCK)
+    shoppers = await shoppers_with_carts(site.db, product)
+    seen: list[int] = []
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(watch_stock(site.db, product["id"], seen, stop))
+    results = await asyncio.gather(
+        *(queries.create_order_from_cart(site.db, s["id"], "test") for s in shoppers),
+        return_exceptions=True)
+    stop.set()
+    await watcher
+    made = [r for r in results if isinstance(r, dict)]
+    refused = [r for r in results if isinstance(r, queries.OutOfStock)]
+    assert len(made) == STOCK and len(refused) == SHOPPERS - STOCK, \
+        [r for r in results if not isinstance(r, dict | queries.OutOfStock)]
+    assert all(order["status"] == "pending" and order["total_minor"] == 1800 for order in made)
+    await assert_sold_exactly_the_stock(site.db, product, seen)
+    # the refused keep their carts; the buyers' carts are empty
+    buyers = {order["user_id"] for order in made}
+    for shopper in shoppers:
+        expected = 0 if shopper["id"] in buyers else 1
+        assert await queries.cart_quantity(site.db, shopper["id"], product["id"]) == expected
+
+
+async def test_fifty_concurrent_checkouts_through_the_site(site) -> None:
+    host = await make_user(site.db, "Host", host=True)
+    product = await make_product(site.db, host, name="Last ones", stock=STOCK)
+    shoppers = await shoppers_with_carts(site.db, product)
+    browsers = [await site.browser(s) for s in shoppers]
+    await asyncio.gather(*(b.get("/cart") for b in browsers))  # each page's CSRF token
+    seen: list[int] = []
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(watch_stock(site.db, product["id"], seen, stop))
+    responses = await asyncio.gather(*(b.post("/checkout") for b in browsers))
+    stop.set()
+    await watcher
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [303] * STOCK + [409] * (SHOPPERS - STOCK)
+    for response in responses:
+        if response.status_code == 303:
+            assert re.fullmatch(r"/checkout/\d+/pay", response.headers["location"])
+        else:
+            assert "Sorry: not enough Last ones in stock." in response.text
+    await assert_sold_exactly_the_stock(site.db, product, seen)
+
+
+# -- Stripe (the official library against a local stand-in of its API) ----------------------------
+
+
+@pytest.fixture
+async def stripe_site(make_site, stripe_api):
+    return await make_site(**stripe_settings(stripe_api))
+
+
+async def stripe_checkout(site, stripe_api, browser, product, quantity=2):
+    await add_to_cart(browser, product["id"], quantity)
+    response = await browser.post("/checkout")
+    assert response.status_code == 303, response.text
+    session_id = response.headers["location"].rsplit("/", 1)[1]
+    assert response.headers["location"] == f"https://checkout.stripe.test/c/pay/{session_id}"
+    return stripe_api.sessions[session_id]
+
+
+async def deliver(site, payload: str, signature: str | None = None):
+    browser = await site.browser()
+    headers = {"Content-Type": "application/json"}
+    if signature is not False:
+        headers["Stripe-Signature"] = signature or stripe_signature(payload)
+    return await browser.http.post("/webhooks/stripe", content=payload, headers=headers)
+
+
+async def test_stripe_checkout_and_webhook_pay_exactly_once(stripe_site, stripe_api) -> None:
+    site = stripe_site
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=10)
+    shopper = await site.user("Sue")
+    browser = await site.browser(shopper)
+    cart = await browser.get("/cart")
+    assert "test mode" not in cart.text
+    session = await stripe_checkout(site, stripe_api, browser, mug)
+    request = stripe_api.requests[-1]
+    order = await queries.order_by_payment_ref(site.db, session["id"])
+    assert order["status"] == "pending" and order["payment_mode"] == "stripe"
+    assert order["payment_ref"] == session["id"]
+    assert request["headers"]["idempotency-key"] == f"watchbuy-order-{order['id']}"
+    assert request["form"]["line_items[0][price_data][unit_amount]"] == "1800"
+    assert request["form"]["line_items[0][quantity]"] == "2"
+    assert request["form"]["line_items[0][price_data][product_data][name]"] == "Mug"
+    assert session["amount_total"] == order["total_minor"] == 3600
+    assert session["success_url"].startswith(site.settings.public_url)
+    assert await stock(site.db, mug["id"]) == 8
+
+    # the success redirect is no proof of payment
+    response = await browser.get(f"/checkout/success?order={order['id']}")
+    assert response.status_code == 303
+    assert (await queries.order(site.db, order["id"]))["status"] == "pending"
+
+    completed = stripe_event("checkout.session.completed", session, payment_status="paid",
+                             status="complete")
+    # forged, tampered, stale or unsigned: refused, and nothing changes
+    tampered = completed.replace('"amount_total": 3600', '"amount_total": 1')
+    assert tampered != completed
+    before = await table_counts(site.db)
+    for payload, signature in [
+        (completed, stripe_signature(completed, secret="whsec_someone_else")),
+        (tampered, stripe_signature(completed)),
+        (completed, stripe_signature(completed, timestamp=1_000_000_000)),
+        (completed, "t=1,v1=00"),
+        (completed, False),
+        ("not json", stripe_signature("not json", STRIPE_WEBHOOK_SECRET)),
+    ]:
+        response = await deliver(site, payload, signature)
+        assert response.status_code == 400, signature
+    assert await table_counts(site.db) == before
+    assert (await queries.order(site.db, order["id"]))["status"] == "pending"
+
+    response = await deliver(site, completed)
+    assert response.status_code == 200 and response.json() == {"ok": True}
+    paid = await queries.order(site.db, order["id"])
+    assert paid["status"] == "paid" and paid["paid_at"]
+    # Stripe delivers at least once: the same event again changes nothing
+    response = await deliver(site, completed)
+    assert response.status_code == 200 and response.json()["duplicate"] is True
+    # nor does another event for the same session
+    again = stripe_event("checkout.session.completed", session, payment_status="paid")
+    assert (await deliver(site, again)).status_code == 200
+    # nor an expiry that comes late
+    late = stripe_event("checkout.session.expired", session, status="expired")
+    assert (await deliver(site, late)).status_code == 200
+    assert await queries.order(site.db, order["id"]) == paid
+    assert await stock(site.db, mug["id"]) == 8
+    events = await site.db.fetch_val(sa.select(sa.func.count()).select_from(webhook_events))
+    assert events == 3
+
+    page = await browser.get("/orders")
+    assert '<span class="status paid">paid</span>' in page.text
+    sales = await (await site.browser(host)).get("/studio/sales")
+    assert "Paid so far: <strong>$36.00</strong>" in sales.text
+
+
+async def test_stripe_unpaid_completion_and_expiry_release_stock(stripe_site, stripe_api) -> None:
+    site = stripe_site
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    browser = await site.browser(await site.user("Sue"))
+    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=3)
+    order = await queries.order_by_payment_ref(site.db, session["id"])
+    assert await stock(site.db, mug["id"]) == 2
+    # completed but not paid (a delayed payment method): still pending
+    pending = stripe_event("checkout.session.completed", session, payment_status="unpaid")
+    assert (await deliver(site, pending)).status_code == 200
+    assert (await queries.order(site.db, order["id"]))["status"] == "pending"
+
+    expired = stripe_event("checkout.session.expired", session, status="expired")
+    assert (await deliver(site, expired)).status_code == 200
+    assert (await queries.order(site.db, order["id"]))["status"] == "expired"
+    assert await stock(site.db, mug["id"]) == 5
+    assert (await deliver(site, expired)).status_code == 200  # replayed: released once
+    other = stripe_event("checkout.session.expired", session, status="expired")
+    assert (await deliver(site, other)).status_code == 200
+    assert await stock(site.db, mug["id"]) == 5
+    # a payment that arrives after expiry does not resurrect the order
+    paid = stripe_event("checkout.session.completed", session, payment_status="paid")
+    assert (await deliver(site, paid)).status_code == 200
+    assert (await queries.order(site.db, order["id"]))["status"] == "expired"
+
+    unknown = stripe_event("checkout.session.completed", {"id": "cs_test_unknown"},
+                           payment_status="paid")
+    response = await deliver(site, unknown)
+    assert response.status_code == 200 and response.json()["ignored"] is True
+
+
+async def test_a_webhook_that_fails_midway_is_applied_on_stripes_retry(stripe_site, stripe_api,
+                                                                        monkeypatch) -> None:
+    site = stripe_site
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    browser = await site.browser(await site.user("Sue"))
+    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=1)
+    order = await queries.order_by_payment_ref(site.db, session["id"])
+    completed = stripe_event("checkout.session.completed", session, payment_status="paid")
+
+    async def database_hiccup(app, order_id):
+        raise ConnectionError("lost the database for a moment")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(payments, "fulfil", database_hiccup)
+        transport = httpx.ASGITransport(app=site.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            response = await http.post("/webhooks/stripe", content=completed, headers={
+                "Stripe-Signature": stripe_signature(completed)})
+        assert response.status_code == 500  # Stripe retries
+    assert (await queries.order(site.db, order["id"]))["status"] == "pending"
+    response = await deliver(site, completed)  # the retry is no duplicate
+    assert response.status_code == 200 and response.json() == {"ok": True}
+    assert (await queries.order(site.db, order["id"]))["status"] == "paid"
+
+
+async def test_stripe_refusal_cancels_the_order(stripe_site, stripe_api) -> None:
+    site = stripe_site
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    shopper = await site.user("Sue")
+    browser = await site.browser(shopper)
+    await add_to_cart(browser, mug["id"], 1)
+    stripe_api.fail_next = True
+    response = await browser.post("/checkout")
+    assert response.status_code == 502
+    assert error_texts(response.text) == ["The payment service is not available right now."]
+    [order] = await queries.user_orders(site.db, shopper["id"])
+    assert order["status"] == "cancelled" and order["payment_ref"] is None
+    assert await stock(site.db, mug["id"]) == 5
+
+
+async def test_one_order_never_makes_two_stripe_sessions(stripe_site, stripe_api) -> None:
+    site = stripe_site
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    shopper = await site.user("Sue")
+    await queries.set_cart_quantity(site.db, shopper["id"], mug["id"], 1)
+    order = await queries.create_order_from_cart(site.db, shopper["id"], "stripe")
+    gateway = site.app.state.payments
+    first = await gateway.create_checkout(order, site.settings.public_url)
+    second = await gateway.create_checkout(order, site.settings.public_url)
+    assert first == second and first[0].startswith("cs_test_")
+
+
+async def test_webhook_without_stripe_configured_is_not_found(site) -> None:
+    payload = json.dumps({"id": "evt_1", "type": "checkout.session.completed",
+                          "data": {"object": {"id": "cs_test_1"}}})
+    response = await deliver(site, payload)
+    assert response.status_code == 404
+    assert await site.db.fetch_val(sa.select(sa.func.count()).select_from(webhook_events)) == 0
+
+
+async def test_sessions_are_per_shopper_even_when_made_at_once(site) -> None:
+    # sanity for the helpers the concurrency tests rely on: one session per browser
+    a, b = await make_user(site.db, "A"), await make_user(site.db, "B")
+    tokens = await asyncio.gather(start_session(site.db, a), start_session(site.db, b))
+    assert len(set(tokens)) == 2
