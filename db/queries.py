@@ -444,3 +444,12 @@ async def mute(db: Database, channel_id: int, user_id: int) -> None:
 async def is_muted(db: Database, channel_id: int, user_id: int) -> bool:
     return await db.fetch_one(chat_mutes.select().where(
         chat_mutes.c.channel_id == channel_id, chat_mutes.c.user_id == user_id)) is not None
+
+
+async def stale_pending_orders(db: Database, created_before: float,
+                               payment_mode: str) -> list[int]:
+    """Ids of orders still pending (stock reserved) that were created before a time."""
+    rows = await db.fetch_all(sa.select(orders.c.id).where(
+        orders.c.status == "pending", orders.c.payment_mode == payment_mode,
+        orders.c.created_at < created_before))
+    return [int(row[0]) for row in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
@@ -19,7 +20,7 @@ from watchbuy.site import accounts, chat, dashboard, hooks, rooms, shop, studio
 from watchbuy.site.broker import make_broker
 from watchbuy.site.config import SiteSettings
 from watchbuy.site.media import MediaDirectory
-from watchbuy.site.payments import StripeGateway
+from watchbuy.site.payments import StripeGateway, expire_forever
 from watchbuy.site.security import AuthMiddleware
 from watchbuy.site.storage import LocalStorage, make_storage
 from watchbuy.site.web import build_templates, render
@@ -52,9 +53,7 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
         return RedirectResponse(exc.headers["Location"], status_code=exc.status_code)
     if request.url.path.startswith("/api/") or \
             request.headers.get("accept", "").startswith("application/json"):
-        return Response(
-            f'{{"error": "{exc.detail}"}}', status_code=exc.status_code,
-            media_type="application/json")
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
     try:
         return render(request, "error.html", status_code=exc.status_code,
                       status=exc.status_code, message=exc.detail)
@@ -93,9 +92,11 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             if applied:
                 log.info("database migrated to version %d", applied[-1])
         await broker.start()
+        sweeper = asyncio.ensure_future(expire_forever(app))
         try:
             yield
         finally:
+            sweeper.cancel()
             if getattr(app.state, "dashboard", None) is not None:
                 await app.state.dashboard.stop()
             await broker.close()

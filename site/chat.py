@@ -87,7 +87,13 @@ async def room_socket(websocket: WebSocket) -> None:
     # Subscribe (and let Redis confirm) before reading the history, so nothing posted in
     # between is lost.
     subscription = app.state.broker.subscribe(room_topic(channel["id"]))
-    await subscription.ready()
+    try:
+        await subscription.ready()
+    except (TimeoutError, BrokerUnavailable) as exc:
+        log.warning("room %s: chat unavailable: %s", channel["slug"], exc)
+        await subscription.close()
+        await websocket.close(code=1013)  # try again later; the page reconnects
+        return
     history = await queries.recent_chat(db, channel["id"], 50)
     await websocket.send_json({
         "type": "hello",

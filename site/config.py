@@ -46,6 +46,9 @@ class SiteSettings:
     stripe_webhook_secret: str = ""
     stripe_api_base: str = ""  # a stand-in of Stripe's API (tests); default: Stripe's own
     currency: str = "usd"
+    # test-mode orders left unpaid this long give their reserved stock back (Stripe's own
+    # sessions expire by themselves and tell us through the webhook)
+    test_reservation_minutes: float = 30.0
     # uploads: local files by default, S3 when a bucket is named
     max_image_bytes: int = 5 * 1024 * 1024
     s3_bucket: str = ""

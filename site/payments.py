@@ -111,3 +111,26 @@ def check_test_card(number: str, expiry: str, cvc: str, today: date | None = Non
     if not (cvc.isdigit() and 3 <= len(cvc) <= 4):
         return "Enter the 3 or 4 digit security code."
     return None
+
+
+async def expire_stale_test_orders(app) -> int:
+    """Release test-mode orders nobody paid within the reservation time; returns how many."""
+    import time
+
+    settings = app.state.settings
+    cutoff = time.time() - settings.test_reservation_minutes * 60
+    released = 0
+    for order_id in await queries.stale_pending_orders(app.state.db, cutoff, "test"):
+        released += await release(app, order_id, "expired")
+    return released
+
+
+async def expire_forever(app, every: float = 60.0) -> None:
+    import asyncio
+
+    while True:
+        try:
+            await expire_stale_test_orders(app)
+        except Exception:  # the sweep must outlive a bad round (database restarting, …)
+            log.exception("expiring stale test-mode orders failed")
+        await asyncio.sleep(every)
