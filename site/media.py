@@ -93,7 +93,7 @@ class MediaDirectory:
             return [_node_row(engine, None)] if engine else []
         nodes = await self.balancer.known_nodes()
         engines = await asyncio.gather(*(self._fetch(n.stats_url, "/api/server") for n in nodes))
-        agents = await asyncio.gather(*(self._fetch(n.agent_url, "/status") for n in nodes))
+        agents = await asyncio.gather(*(self._fetch(n.agent_url, "") for n in nodes))
         return [_node_row(engine, agent, node.node_id)
                 for node, engine, agent in zip(nodes, engines, agents, strict=True)
                 if engine or agent]
