@@ -81,7 +81,7 @@ def make_balancer(environ: dict[str, str] | None = None):
 def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
                db: Database | None = None, run_migrations: bool = True) -> Starlette:
     db = db or Database(settings.database_url)
-    broker = make_broker(settings.broker_url)
+    broker = make_broker(settings.broker_url, settings.broker_prefix)
     storage = make_storage(settings)
 
     @contextlib.asynccontextmanager

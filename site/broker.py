@@ -697,16 +697,18 @@ def _redacted(url: str) -> str:
     return url
 
 
-def make_broker(url: str | None) -> Broker:
+def make_broker(url: str | None, prefix: str = "watchbuy:") -> Broker:
     """The broker for ``WATCHBUY_BROKER_URL``: empty or ``memory://`` -> in-memory (one
-    process); ``redis://`` or ``rediss://`` (TLS) -> Redis.  Raises :class:`ConfigError`."""
+    process); ``redis://`` or ``rediss://`` (TLS) -> Redis, its channels named ``prefix`` +
+    topic (``WATCHBUY_BROKER_PREFIX``: deployments sharing one Redis stay apart).
+    Raises :class:`ConfigError`."""
     if url is None or url.strip() in ("", "memory://"):
         return InMemoryBroker()
     url = url.strip()
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme in ("redis", "rediss"):
         try:
-            return RedisBroker(url)
+            return RedisBroker(url, prefix=prefix)
         except ValueError as exc:  # redis-py's URL parsing: bad port, bad db, ...
             raise ConfigError(f"WATCHBUY_BROKER_URL: {exc} in {_redacted(url)!r}") from None
     raise ConfigError("WATCHBUY_BROKER_URL: expected empty, memory://, redis://host:6379/0 or "

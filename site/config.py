@@ -35,6 +35,7 @@ class SiteSettings:
     secret_key: str = ""  # default: generated into the data folder
     hook_secret: str = ""  # shared with the media nodes; default: generated (serve)
     broker_url: str = ""  # "" = in-memory chat; redis://host:6379/0 for several processes
+    broker_prefix: str = "watchbuy:"  # Redis channel prefix: one per deployment on a shared Redis
     # single media node (until the balancer is configured): where hosts push, where rooms play
     public_host: str = "127.0.0.1"
     rtmp_port: int = 1935

@@ -156,14 +156,18 @@ async def checkout_success(request: Request):
 
 
 async def checkout_cancel(request: Request):
+    """Where Stripe sends a buyer who backs out.  The GET only asks (another site could make a
+    browser open this URL); releasing the reserved stock takes the page's POST."""
     try:
-        order_id = int(request.query_params.get("order", ""))
-    except ValueError:
+        order_id = int(request.query_params.get("order") or request.path_params.get("order_id"))
+    except (TypeError, ValueError):
         return redirect("/cart")
     order = await own_order(request, order_id)
-    if order["status"] == "pending":
-        await payments.release(request.app, order["id"], "cancelled")
-    return redirect("/cart")
+    if request.method == "POST":
+        if order["status"] == "pending":
+            await payments.release(request.app, order["id"], "cancelled")
+        return redirect("/orders")
+    return render(request, "checkout_cancel.html", order=decorate(order))
 
 
 async def orders_page(request: Request):
@@ -220,6 +224,7 @@ routes = [
     Route("/checkout", checkout, methods=["POST"]),
     Route("/checkout/success", checkout_success),
     Route("/checkout/cancel", checkout_cancel),
+    Route("/checkout/{order_id}/cancel", checkout_cancel, methods=["POST"]),
     Route("/checkout/{order_id}/pay", test_pay, methods=["GET", "POST"]),
     Route("/orders", orders_page),
     Route("/webhooks/stripe", stripe_webhook, methods=["POST"]),

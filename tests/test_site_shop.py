@@ -133,6 +133,7 @@ async def test_nobody_sees_another_shoppers_cart_or_orders(site) -> None:
         ("post", f"/checkout/{order_id}/pay",
          {"card": "4242 4242 4242 4242", "expiry": "12/99", "cvc": "123"}),
         ("get", f"/checkout/cancel?order={order_id}", None),
+        ("post", f"/checkout/{order_id}/cancel", {}),
     ]:
         response = await (bobs.get(path) if method == "get" else bobs.post(path, data))
         assert response.status_code == 404, path
@@ -225,11 +226,16 @@ async def test_cancelling_a_pending_order_releases_its_stock(site) -> None:
     await add_to_cart(browser, mug["id"], 3)
     order_id = int((await browser.post("/checkout")).headers["location"].split("/")[2])
     assert await stock(site.db, mug["id"]) == 1
+    # Stripe's cancel URL is a GET: it only asks, so another site cannot cancel for the buyer
     response = await browser.get(f"/checkout/cancel?order={order_id}")
+    assert response.status_code == 200 and "Cancel this order" in response.text
+    assert (await queries.order(site.db, order_id))["status"] == "pending"
+    assert (await browser.post(f"/checkout/{order_id}/cancel", csrf=False)).status_code == 403
+    response = await browser.post(f"/checkout/{order_id}/cancel")
     assert response.status_code == 303
     assert (await queries.order(site.db, order_id))["status"] == "cancelled"
     assert await stock(site.db, mug["id"]) == 4
-    await browser.get(f"/checkout/cancel?order={order_id}")  # twice: released once
+    await browser.post(f"/checkout/{order_id}/cancel")  # twice: released once
     assert await stock(site.db, mug["id"]) == 4
 
 
