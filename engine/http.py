@@ -14,7 +14,6 @@ HTTP/1.1, which proxies and CDNs handle, and close-delimited bodies on HTTP/1.0.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import TYPE_CHECKING
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING
 from watchbuy.engine.codecs import flvmux
 from watchbuy.engine.errors import ProtocolError
 from watchbuy.engine.httpparse import HttpError, Request, RequestParser
-from watchbuy.engine.relay import LiveStream, Tag, Viewer
+from watchbuy.engine.relay import LiveStream, Tag, Viewer, ViewerSession
 
 if TYPE_CHECKING:
     from watchbuy.engine.node import MediaNode
@@ -45,8 +44,7 @@ class FlvViewer(Viewer):
     kind = "flv"
 
     def __init__(self, session: HttpSession, chunked: bool) -> None:
-        super().__init__(session.transport, session.node.limits, session.count_out)
-        self.session = session
+        super().__init__(session)
         self.chunked = chunked
 
     def encode(self, tags: list[Tag]) -> list[bytes]:
@@ -70,20 +68,13 @@ class FlvViewer(Viewer):
         self.session.stream_ended(self)
 
 
-class HttpSession(asyncio.Protocol):
-    def __init__(self, node: MediaNode) -> None:
-        self.node = node
-        self.transport = None
-        self.parser = RequestParser()
-        self.viewer: FlvViewer | None = None
-        self.stream: LiveStream | None = None
-        self.peer = "?"
+class HttpSession(ViewerSession):
+    protocol = "http"
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.node.stats.connection_opened("http")
+    def __init__(self, node: MediaNode) -> None:
+        super().__init__(node)
+        self.parser = RequestParser()
+        self.stream: LiveStream | None = None
 
     def connection_lost(self, exc) -> None:
         self.node.stats.connection_closed("http")
@@ -91,17 +82,6 @@ class HttpSession(asyncio.Protocol):
             self.viewer.closed = True
             self.stream.remove_viewer(self.viewer)
             self.viewer = None
-
-    def pause_writing(self) -> None:
-        if self.viewer is not None:
-            self.viewer.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.viewer is not None:
-            self.viewer.resume_writing()
-
-    def count_out(self, n: int) -> None:
-        self.node.stats.bytes_out += n
 
     def data_received(self, data: bytes) -> None:
         self.node.stats.bytes_in += len(data)

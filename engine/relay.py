@@ -14,6 +14,7 @@ stalled past ``stall_timeout`` is disconnected.  Neither can delay other viewers
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -92,10 +93,11 @@ class Viewer:
 
     kind = "viewer"
 
-    def __init__(self, transport, limits: RelayLimits, on_bytes: Callable[[int], None]) -> None:
-        self.transport = transport
-        self.limits = limits
-        self.on_bytes = on_bytes
+    def __init__(self, session: ViewerSession) -> None:
+        self.session = session
+        self.transport = transport = session.transport
+        self.limits = limits = session.node.limits
+        self.on_bytes = session.count_out
         self.paused_since: float | None = None
         self.waiting_keyframe = False
         self.closed = False
@@ -168,6 +170,36 @@ class Viewer:
             return f"{host}:{port}"
         except (TypeError, ValueError):
             return "?"
+
+
+class ViewerSession(asyncio.Protocol):
+    """What the node's RTMP and HTTP protocols share: peer name, connection counts, byte
+    accounting, and flow control handed to the viewer this connection may be playing."""
+
+    protocol = "?"
+
+    def __init__(self, node) -> None:
+        self.node = node
+        self.transport = None
+        self.peer = "?"
+        self.viewer: Viewer | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.node.stats.connection_opened(self.protocol)
+
+    def pause_writing(self) -> None:
+        if self.viewer is not None:
+            self.viewer.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.viewer is not None:
+            self.viewer.resume_writing()
+
+    def count_out(self, n: int) -> None:
+        self.node.stats.bytes_out += n
 
 
 class LiveStream:

@@ -26,6 +26,7 @@ from watchbuy.engine.relay import (
     LiveStream,
     Tag,
     Viewer,
+    ViewerSession,
 )
 
 if TYPE_CHECKING:
@@ -65,8 +66,7 @@ class RtmpViewer(Viewer):
     kind = "rtmp"
 
     def __init__(self, session: RtmpSession, msid: int) -> None:
-        super().__init__(session.transport, session.node.limits, session.count_out)
-        self.session = session
+        super().__init__(session)
         self.msid = msid
         self.chunk_size = session.node.limits.out_chunk_size
 
@@ -88,11 +88,11 @@ class RtmpViewer(Viewer):
         self.session.stream_ended(self)
 
 
-class RtmpSession(asyncio.Protocol):
+class RtmpSession(ViewerSession):
+    protocol = "rtmp"
+
     def __init__(self, node: MediaNode) -> None:
-        self.node = node
-        self.transport: asyncio.Transport | None = None
-        self.peer = "?"
+        super().__init__(node)
         self.handshake: ServerHandshake | None = ServerHandshake()
         self.reader = chunk.ChunkReader(max_message_size=node.config.max_message_size)
         self.writer = chunk.ChunkWriter(128)
@@ -113,12 +113,6 @@ class RtmpSession(asyncio.Protocol):
         self.play_msid = 0
 
     # -- asyncio.Protocol -------------------------------------------------------------------
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.node.stats.connection_opened("rtmp")
-
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.node.stats.connection_closed("rtmp")
@@ -126,14 +120,6 @@ class RtmpSession(asyncio.Protocol):
             self.auth_task.cancel()
         self.stop_publishing()
         self.stop_playing()
-
-    def pause_writing(self) -> None:
-        if self.viewer is not None:
-            self.viewer.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.viewer is not None:
-            self.viewer.resume_writing()
 
     def data_received(self, data: bytes) -> None:
         self.node.stats.bytes_in += len(data)
@@ -167,9 +153,6 @@ class RtmpSession(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
-
-    def count_out(self, n: int) -> None:
-        self.node.stats.bytes_out += n
 
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
