@@ -220,13 +220,23 @@ async def host_products(db: Database, host_id: int, shown_only: bool = False) ->
     return as_dicts(await db.fetch_all(query.order_by(products.c.id)))
 
 
-async def update_product(db: Database, host_id: int, product_id: int, **values) -> bool:
-    """Changes a product of this host; False when it is not theirs (or gone)."""
+async def update_product(db: Database, host_id: int, product_id: int,
+                         stock_delta: int | None = None, **values) -> bool:
+    """Changes a product of this host; False when it is not theirs (or gone).
+
+    ``stock_delta`` changes the stock relative to what it is now, in the same conditional
+    update that guards checkouts (never below zero), so a host's edit and concurrent sales
+    both count; False when the stock would go negative.
+    """
     values["updated_at"] = now()
+    query = products.update().where(
+        products.c.id == product_id, products.c.host_id == host_id,
+        products.c.deleted == sa.false())
+    if stock_delta is not None:
+        query = query.where(products.c.stock + stock_delta >= 0)
+        values["stock"] = products.c.stock + stock_delta
     async with db.transaction():
-        await db.execute(products.update().where(
-            products.c.id == product_id, products.c.host_id == host_id,
-            products.c.deleted == sa.false()).values(**values))
+        await db.execute(query.values(**values))
         return await db.affected_rows() == 1
 
 

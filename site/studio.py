@@ -144,9 +144,22 @@ async def product_form(request: Request):
             currency, values["stock_count"], image_name)
     else:
         product_id = product["id"]
-        await queries.update_product(
+        # The form showed the stock as it was then ("stock_was"); apply the host's change as a
+        # difference, so units sold while the form was open are not handed out again.
+        try:
+            shown_stock = parse_int(form.get("stock_was"), "Stock", 0, MAX_STOCK)
+        except ValueError:
+            shown_stock = product["stock"]
+        changed = await queries.update_product(
             db, host["id"], product_id, name=values["name"], description=values["description"],
-            price_minor=values["price_minor"], stock=values["stock_count"], image=image_name)
+            price_minor=values["price_minor"], image=image_name,
+            stock_delta=values["stock_count"] - shown_stock)
+        if not changed:
+            values["stock"] = str((await queries.product(db, product_id))["stock"])
+            return render(request, "product_form.html", status_code=409, product=product,
+                          values=values, errors=[
+                              "Some units sold while you were editing: the stock cannot go "
+                              "that low. Check the stock and save again."])
     await announce_products(request.app, host["id"])
     return redirect(f"/studio?notice=saved-{product_id}")
 

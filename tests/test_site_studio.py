@@ -270,3 +270,29 @@ async def test_the_edit_form_shows_the_price_as_it_can_be_saved_again(make_site,
     response = await browser.post(f"/studio/products/{product['id']}", product_form(price=shown))
     assert response.status_code == 303
     assert (await queries.product(site.db, product["id"]))["price_minor"] == stored
+
+
+async def test_editing_stock_keeps_units_sold_meanwhile(site) -> None:
+    """The host opens the edit form at stock 10, 3 sell, the host saves 15 (adding 5): 12."""
+    from site_helpers import csrf_from_html
+
+    from watchbuy.db import queries
+
+    host = await site.user("Stock Host", host=True)
+    product = await site.product(host, name="Mug", stock=10)
+    browser = await site.browser(host)
+    form = await browser.get(f"/studio/products/{product['id']}")
+    assert 'name="stock_was" value="10"' in form.text
+    shopper = await site.user("Quick Buyer")
+    await queries.set_cart_quantity(site.db, shopper["id"], product["id"], 3)
+    await queries.create_order_from_cart(site.db, shopper["id"], "test")
+    browser.csrf = csrf_from_html(form.text)
+    response = await browser.post(f"/studio/products/{product['id']}", {
+        "name": "Mug", "description": "", "price": "18.00", "stock": "15", "stock_was": "10"})
+    assert response.status_code == 303
+    assert (await queries.product(site.db, product["id"]))["stock"] == 12
+    # lowering below what is left now is refused with a message, not a negative stock
+    response = await browser.post(f"/studio/products/{product['id']}", {
+        "name": "Mug", "description": "", "price": "18.00", "stock": "0", "stock_was": "15"})
+    assert response.status_code == 409 and "sold while you were editing" in response.text
+    assert (await queries.product(site.db, product["id"]))["stock"] == 12
