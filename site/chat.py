@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections import defaultdict, deque
+from urllib.parse import urlsplit
 
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -73,6 +74,18 @@ def clean_text(text: object, limit: int) -> str | None:
     return text
 
 
+def same_origin(websocket: WebSocket) -> bool:
+    """Browsers send Origin on websocket handshakes; it must be this site (as the Host header or
+    the configured public URL says).  Clients without an Origin (not a browser) are let in."""
+    origin = websocket.headers.get("origin")
+    if not origin:
+        return True
+    origin_host = urlsplit(origin).netloc.lower()
+    allowed = {websocket.headers.get("host", "").lower(),
+               urlsplit(websocket.app.state.settings.public_url).netloc.lower()}
+    return origin_host in allowed
+
+
 async def room_socket(websocket: WebSocket) -> None:
     app = websocket.app
     db = app.state.db
@@ -80,6 +93,10 @@ async def room_socket(websocket: WebSocket) -> None:
     channel = await queries.channel_by_slug(db, websocket.path_params["slug"])
     if channel is None:
         await websocket.close(code=4404)
+        return
+    if not same_origin(websocket):
+        # Another site's page may open a websocket with this browser's cookies: refuse it.
+        await websocket.close(code=4403)
         return
     user = websocket.scope["state"].get("user")
     is_host = user is not None and user["id"] == channel["host_id"]

@@ -286,3 +286,22 @@ def test_room_state_api_and_page(sync_site) -> None:
     assert page.status_code == 200 and "Mug" in page.text
     assert site.client.get("/room/nobody-here").status_code == 404
     assert site.client.get("/api/rooms/nobody-here").status_code == 404
+
+
+def test_websocket_from_another_origin_is_refused(sync_site) -> None:
+    """A page on another site cannot open the room socket with this browser's cookies."""
+    from starlette.websockets import WebSocketDisconnect
+
+    host = sync_site.user("Origin Host", host=True)
+    slug = host["channel"]["slug"]
+    client = sync_site.client
+    with client.websocket_connect(f"/ws/room/{slug}",
+                                  headers={"origin": "http://testserver"}) as ws:
+        assert ws.receive_json()["type"] == "hello"
+    try:
+        with client.websocket_connect(f"/ws/room/{slug}",
+                                      headers={"origin": "https://evil.example"}) as ws:
+            ws.receive_json()
+        raise AssertionError("a foreign origin was let in")
+    except WebSocketDisconnect as exc:
+        assert exc.code == 4403
