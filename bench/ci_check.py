@@ -7,7 +7,10 @@ machines are shared and noisy).  The floors sit well under what a quiet run meas
 bench/RESULTS.md) so noise cannot fail CI, yet a lost optimisation — or a twin sneaking in
 where the extension should be — does.
 
-    python bench/ci_check.py [--json bench/results/ci.json]
+    python bench/ci_check.py [--json bench/results/ci.json] [--no-servers]
+
+It also runs the quick fan-out and ingest passes (WatchBuy and node-media-server 4.4.3, installed
+from npm into bench/work/) and checks their CPU ratios.
 """
 
 from __future__ import annotations
@@ -79,9 +82,49 @@ def pair_ratios(report: dict) -> list[tuple[str, float, float, float]]:
     return pairs
 
 
+# Server-level ratios from the short fan-out and ingest passes against node-media-server 4.4.3,
+# measured side by side in the same run: CPU per viewer-second and per publisher-second,
+# node-media-server over WatchBuy (quick passes measured 1.8-2.5 and 2.0-3.2; 1.0 means WatchBuy
+# has lost its lead).
+SERVER_FLOORS = {
+    "fanout": ("ratios", "cpu_us_per_viewer_s", 1.0),
+    "ingest": ("ratios_cpu_per_publisher_s_nms_over_watchbuy", None, 1.0),
+}
+
+
+def server_passes(results: Path) -> list[str]:
+    """Run the quick fan-out and ingest passes; problems (empty when the ratios hold)."""
+    problems = []
+    install = subprocess.run([sys.executable, "-m", "bench.fanout", "--install-nms"], cwd=ROOT,
+                             capture_output=True, text=True)
+    if install.returncode != 0:
+        return [f"node-media-server could not be installed: {install.stderr.strip()[-300:]}"]
+    for harness, (key, field, floor) in SERVER_FLOORS.items():
+        out = results / f"{harness}-quick.json"
+        run = subprocess.run([sys.executable, "-m", f"bench.{harness}", "--quick", "--json",
+                              str(out)], cwd=ROOT, capture_output=True, text=True)
+        print(run.stdout[-1500:])
+        if run.returncode != 0:
+            problems.append(f"{harness} quick pass failed to run: {run.stderr.strip()[-500:]}")
+            continue
+        ratios = json.loads(out.read_text()).get(key) or {}
+        if not ratios:
+            problems.append(f"{harness} quick pass measured no node-media-server ratio")
+            continue
+        for size, value in ratios.items():
+            ratio = value[field] if field else value
+            print(f"{harness} at {size}: node-media-server uses {ratio:.2f}x WatchBuy's CPU "
+                  f"(floor {floor}x)")
+            if ratio is None or ratio < floor:
+                problems.append(f"{harness} at {size}: CPU ratio {ratio} under the floor {floor}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "ci.json"))
+    parser.add_argument("--no-servers", action="store_true",
+                        help="skip the fan-out and ingest passes against node-media-server")
     args = parser.parse_args(argv)
     problems = compiled_in_use()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{floor:5.1f}x{mark}")
         if ratio < floor:
             problems.append(f"{short}: compiled is only {ratio:.1f}x its twin (floor {floor}x)")
+    if not args.no_servers:
+        problems += server_passes(Path(args.json).parent)
     for problem in problems:
         print(f"bench: FAIL: {problem}")
     if not problems:
