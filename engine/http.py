@@ -47,6 +47,9 @@ class FlvViewer(Viewer):
         super().__init__(session)
         self.chunked = chunked
 
+    def encoding_key(self) -> object:
+        return ("flv", self.chunked)
+
     def encode(self, tags: list[Tag]) -> list[bytes]:
         body = [tag.flv for tag in tags]
         if not self.chunked:

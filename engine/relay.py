@@ -132,8 +132,17 @@ class Viewer:
     def close(self) -> None:
         self.closed = True
 
-    def deliver(self, tags: list[Tag], byte_hint: int = 0) -> None:
-        """Give this viewer one batch (one publisher read) in a single merged write."""
+    def encoding_key(self) -> object:
+        """Viewers with equal keys get byte-identical encodings of a batch, so the batch is
+        encoded (framing included) and measured once for all of them."""
+        return id(self)
+
+    def deliver(self, tags: list[Tag], shared: dict | None = None) -> None:
+        """Give this viewer one batch (one publisher read) in a single merged write.
+
+        ``shared`` caches the batch's encodings by :meth:`encoding_key` across the viewers of
+        one flush; a viewer resyncing on a keyframe encodes its own slice instead.
+        """
         if self.closed:
             return
         if self.paused_since is not None:
@@ -155,14 +164,23 @@ class Viewer:
             else:
                 self.tags_dropped += len(tags)
                 return
-        self.write(self.encode(tags))
+            self.write(self.encode(tags))
+        elif shared is None:
+            self.write(self.encode(tags))
+        else:
+            key = self.encoding_key()
+            encoded = shared.get(key)
+            if encoded is None:
+                chunks = self.encode(tags)
+                encoded = shared[key] = (chunks, sum(map(len, chunks)))
+            self.write(*encoded)
         self.tags_sent += len(tags)
 
-    def write(self, chunks: list[bytes]) -> None:
+    def write(self, chunks: list[bytes], size: int | None = None) -> None:
         if not chunks:
             return
         self.transport.writelines(chunks)
-        self.on_bytes(sum(map(len, chunks)))
+        self.on_bytes(sum(map(len, chunks)) if size is None else size)
 
     def peer(self) -> str:
         try:
@@ -296,8 +314,9 @@ class LiveStream:
         if not tags:
             return
         self.pending = []
+        shared: dict = {}
         for viewer in tuple(self.viewers):
-            viewer.deliver(tags)
+            viewer.deliver(tags, shared)
             if viewer.closed:
                 self.viewers.discard(viewer)
 

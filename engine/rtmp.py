@@ -70,6 +70,9 @@ class RtmpViewer(Viewer):
         self.msid = msid
         self.chunk_size = session.node.limits.out_chunk_size
 
+    def encoding_key(self) -> object:
+        return ("rtmp", self.chunk_size, self.msid)
+
     def encode(self, tags: list[Tag]) -> list[bytes]:
         if self.msid == PLAY_STREAM_ID:
             size = self.chunk_size
