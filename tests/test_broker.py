@@ -8,17 +8,15 @@ are skipped loudly -- except in CI (CI=true), where they are mandatory.
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import logging
-import os
 import time
 import uuid
 import warnings
 
 import pytest
-import redis
 import redis.asyncio as aioredis
+from site_helpers import IN_CI, REDIS_URL, redis_problem
 
 from watchbuy.settings import ConfigError
 from watchbuy.site.broker import (
@@ -29,22 +27,6 @@ from watchbuy.site.broker import (
     Subscription,
     make_broker,
 )
-
-REDIS_URL = os.environ.get("WATCHBUY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-@functools.cache
-def redis_problem() -> str | None:
-    try:
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
-        try:
-            client.ping()
-        finally:
-            client.close()
-    except Exception as exc:  # any reason at all means: no usable Redis here
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 @pytest.fixture
