@@ -359,7 +359,9 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def main(argv: list[str]) -> int:
+def run_load_process(argv: list[str], run_plan) -> int:
+    """A load process's body: the plan from ``argv[0]``, run (uvloop when there is one), the
+    result written to the plan's ``out`` file."""
     plan = json.loads(argv[0])
     raise_fd_limit()
     try:
@@ -376,6 +378,10 @@ def main(argv: list[str]) -> int:
         json.dump(result, f)
     os.replace(out + ".tmp", out)
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_load_process(argv, run_plan)
 
 
 if __name__ == "__main__":

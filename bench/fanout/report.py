@@ -56,115 +56,108 @@ def contention(row: dict) -> str:
     )
 
 
+def side_by_side_table(report: dict, count_key: str, head: str, cells) -> str:
+    """One row a size run (smallest first): ``cells(size, WatchBuy's row, NMS's row)``, each row
+    ``{}`` for a server that did not run that size; 11 columns under ``head``."""
+    runs = report.get("runs", [])
+    by = {(r["server"], r[count_key]): r for r in runs}
+    out = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in sorted({r[count_key] for r in runs}):
+        out.append(cells(n, by.get(("watchbuy", n), {}), by.get(("nms", n), {})))
+    return "\n".join(out) + "\n"
+
+
+def pair(wb: dict, nm: dict, key: str, spec: str = "{:.1f}") -> str:
+    """``WatchBuy / node-media-server``; – for a server that did not run."""
+    return f"{fmt(wb.get(key), spec) if wb else '–'} / {fmt(nm.get(key), spec) if nm else '–'}"
+
+
+def notes(wb: dict, nm: dict, saturated: str, publisher_errors: bool = False) -> str:
+    """Contention on both sides, then (after a dash) errors and load-bound runs."""
+    found = []
+    for name, row in (("WB", wb), ("NMS", nm)):
+        if row.get("error"):
+            found.append(f"{name} error: {row['error']}")
+        if row.get("load_saturated"):
+            found.append(f"{name}: {saturated}")
+        if publisher_errors:
+            for err, count in (row.get("publisher_errors") or {}).items():
+                found.append(f"{name}: {count}× {err}")
+    cont = f"{contention(wb) if wb else '–'}; {contention(nm) if nm else '–'}"
+    return f"{cont}{' — ' + '; '.join(found) if found else ''}"
+
+
+def capacity_table(report: dict, title: str) -> str:
+    """The sweep's capacities (empty without a sweep); ``title`` heads the table."""
+    cap = report.get("capacity")
+    if not cap:
+        return ""
+    text = f"\n{title}\n"
+    text += "|---|---|---|---|\n"
+    for name, c in cap.items():
+        miss = c.get("first_failure") or (
+            f"{c['inconclusive_at']} (load-bound)" if c.get("inconclusive_at") else "–"
+        )
+        label = "WatchBuy" if name == "watchbuy" else "node-media-server"
+        text += f"| {label} | {c.get('capacity') or '–'} | {miss} | {c.get('note') or ''} |\n"
+    return text
+
+
+def cpu_split(row: dict) -> str:
+    if not row or row.get("cpu_user_pct") is None:
+        return "–"
+    return f"{row['cpu_user_pct']:.0f} + {row['cpu_sys_pct']:.0f}"
+
+
+def probe_latency(row: dict) -> str:
+    if not row:
+        return "–"
+    return f"{fmt(row.get('probe_latency_p50_ms'))} / {fmt(row.get('probe_latency_p99_ms'))}"
+
+
 def fanout_tables(report: dict) -> str:
-    runs = [r for r in report.get("runs", [])]
-    by = {(r["server"], r["viewers"]): r for r in runs}
-    ns = sorted({r["viewers"] for r in runs})
-    out = [
+    def cells(n: int, wb: dict, nm: dict) -> str:
+        return (
+            f"| {n} | {pair(wb, nm, 'keeping_up_pct')} | "
+            f"{pair(wb, nm, 'cpu_us_per_viewer_s', '{:.0f}')} | "
+            f"{ratio(nm.get('cpu_us_per_viewer_s'), wb.get('cpu_us_per_viewer_s'))} | "
+            f"{pair(wb, nm, 'latency_p50_ms')} | {pair(wb, nm, 'latency_p99_ms')} | "
+            f"{pair(wb, nm, 'late_ttfk_median_ms')} | {pair(wb, nm, 'peak_rss_mib')} | "
+            f"{pair(wb, nm, 'cpu_pct', '{:.0f}')} | {cpu_split(wb)}; {cpu_split(nm)} | "
+            f"{notes(wb, nm, 'load generator at its limit')} |"
+        )
+
+    head = (
         "| N | keep-up % WB / NMS | CPU µs per viewer-s WB / NMS | NMS÷WB | "
         "p50 added ms WB / NMS | p99 added ms WB / NMS | late joiner ms WB / NMS | "
         "peak RSS MiB WB / NMS | server CPU % WB / NMS | user + sys % WB; NMS | "
-        "others on server / load CPU % WB; NMS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for n in ns:
-        wb, nm = by.get(("watchbuy", n), {}), by.get(("nms", n), {})
-
-        def pair(key, spec="{:.1f}", wb=wb, nm=nm):
-            return (
-                f"{fmt(wb.get(key), spec) if wb else '–'} / {fmt(nm.get(key), spec) if nm else '–'}"
-            )
-
-        flags = []
-        for name, row in (("WB", wb), ("NMS", nm)):
-            if row.get("error"):
-                flags.append(f"{name} error: {row['error']}")
-            if row.get("load_saturated"):
-                flags.append(f"{name}: load generator at its limit")
-        cont = f"{contention(wb) if wb else '–'}; {contention(nm) if nm else '–'}"
-
-        def split(row):
-            if not row or row.get("cpu_user_pct") is None:
-                return "–"
-            return f"{row['cpu_user_pct']:.0f} + {row['cpu_sys_pct']:.0f}"
-
-        out.append(
-            f"| {n} | {pair('keeping_up_pct')} | {pair('cpu_us_per_viewer_s', '{:.0f}')} | "
-            f"{ratio(nm.get('cpu_us_per_viewer_s'), wb.get('cpu_us_per_viewer_s'))} | "
-            f"{pair('latency_p50_ms')} | {pair('latency_p99_ms')} | "
-            f"{pair('late_ttfk_median_ms')} | {pair('peak_rss_mib')} | {pair('cpu_pct', '{:.0f}')} | "
-            f"{split(wb)}; {split(nm)} | "
-            f"{cont}{' — ' + '; '.join(flags) if flags else ''} |"
-        )
-    text = "\n".join(out) + "\n"
-    cap = report.get("capacity")
-    if cap:
-        text += "\n| capacity (≥ 99 % keep up) | largest N sustained | first N missed | note |\n"
-        text += "|---|---|---|---|\n"
-        for name, c in cap.items():
-            miss = c.get("first_failure") or (
-                f"{c['inconclusive_at']} (load-bound)" if c.get("inconclusive_at") else "–"
-            )
-            label = "WatchBuy" if name == "watchbuy" else "node-media-server"
-            text += f"| {label} | {c.get('capacity') or '–'} | {miss} | {c.get('note') or ''} |\n"
-    return text
+        "others on server / load CPU % WB; NMS |"
+    )
+    return side_by_side_table(report, "viewers", head, cells) + capacity_table(
+        report, "| capacity (≥ 99 % keep up) | largest N sustained | first N missed | note |"
+    )
 
 
 def ingest_tables(report: dict) -> str:
-    runs = report.get("runs", [])
-    by = {(r["server"], r["publishers"]): r for r in runs}
-    ks = sorted({r["publishers"] for r in runs})
-    out = [
+    def cells(k: int, wb: dict, nm: dict) -> str:
+        return (
+            f"| {k} | {pair(wb, nm, 'sustained', '{}')} | {pair(wb, nm, 'publishing', '{}')} | "
+            f"{pair(wb, nm, 'cpu_us_per_publisher_s', '{:.0f}')} | "
+            f"{ratio(nm.get('cpu_us_per_publisher_s'), wb.get('cpu_us_per_publisher_s'))} | "
+            f"{pair(wb, nm, 'cpu_pct', '{:.0f}')} | {probe_latency(wb)} | {probe_latency(nm)} | "
+            f"{pair(wb, nm, 'probe_end_lag_max_ms', '{:.0f}')} | {pair(wb, nm, 'peak_rss_mib')} | "
+            f"{notes(wb, nm, 'publisher process at its limit', publisher_errors=True)} |"
+        )
+
+    head = (
         "| K | keeps up WB / NMS | live publishers WB / NMS | CPU µs per publisher-s WB / NMS "
         "| NMS÷WB | server CPU % WB / NMS | probe p50 / p99 ms WB | probe p50 / p99 ms NMS "
         "| end lag ms WB / NMS | peak RSS MiB WB / NMS | others on server / load CPU % "
-        "WB; NMS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for k in ks:
-        wb, nm = by.get(("watchbuy", k), {}), by.get(("nms", k), {})
-
-        def pair(key, spec="{:.1f}", wb=wb, nm=nm):
-            return (
-                f"{fmt(wb.get(key), spec) if wb else '–'} / {fmt(nm.get(key), spec) if nm else '–'}"
-            )
-
-        def lat(row):
-            if not row:
-                return "–"
-            return (
-                f"{fmt(row.get('probe_latency_p50_ms'))} / {fmt(row.get('probe_latency_p99_ms'))}"
-            )
-
-        notes = []
-        for name, row in (("WB", wb), ("NMS", nm)):
-            if row.get("error"):
-                notes.append(f"{name} error: {row['error']}")
-            if row.get("load_saturated"):
-                notes.append(f"{name}: publisher process at its limit")
-            for err, count in (row.get("publisher_errors") or {}).items():
-                notes.append(f"{name}: {count}× {err}")
-        cont = f"{contention(wb) if wb else '–'}; {contention(nm) if nm else '–'}"
-        out.append(
-            f"| {k} | {pair('sustained', '{}')} | {pair('publishing', '{}')} | "
-            f"{pair('cpu_us_per_publisher_s', '{:.0f}')} | "
-            f"{ratio(nm.get('cpu_us_per_publisher_s'), wb.get('cpu_us_per_publisher_s'))} | "
-            f"{pair('cpu_pct', '{:.0f}')} | {lat(wb)} | {lat(nm)} | "
-            f"{pair('probe_end_lag_max_ms', '{:.0f}')} | {pair('peak_rss_mib')} | "
-            f"{cont}{' — ' + '; '.join(notes) if notes else ''} |"
-        )
-    text = "\n".join(out) + "\n"
-    cap = report.get("capacity")
-    if cap:
-        text += "\n| publishers on one core | largest K sustained | first K missed | note |\n"
-        text += "|---|---|---|---|\n"
-        for name, c in cap.items():
-            miss = c.get("first_failure") or (
-                f"{c['inconclusive_at']} (load-bound)" if c.get("inconclusive_at") else "–"
-            )
-            label = "WatchBuy" if name == "watchbuy" else "node-media-server"
-            text += f"| {label} | {c.get('capacity') or '–'} | {miss} | {c.get('note') or ''} |\n"
-    return text
+        "WB; NMS |"
+    )
+    return side_by_side_table(report, "publishers", head, cells) + capacity_table(
+        report, "| publishers on one core | largest K sustained | first K missed | note |"
+    )
 
 
 def codec_table(report: dict) -> str:

@@ -18,7 +18,6 @@ stops reading shows up as a growing queue, a refused or dropped publish as an er
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import time
@@ -238,22 +237,9 @@ async def run_plan(plan: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from bench.fanout.load import raise_fd_limit
+    from bench.fanout.load import run_load_process
 
-    plan = json.loads(argv[0])
-    raise_fd_limit()
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
-    result = asyncio.run(run_plan(plan))
-    out = plan["out"]
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(out + ".tmp", out)
-    return 0
+    return run_load_process(argv, run_plan)
 
 
 if __name__ == "__main__":
