@@ -177,6 +177,21 @@ async def orders_page(request: Request):
                   returned=request.query_params.get("returned"))
 
 
+async def order_from_reference(app, session: dict) -> dict | None:
+    """The order a session names in client_reference_id, when the webhook came before we stored
+    the session id (Stripe can be that fast); adopted only if no other session claimed it."""
+    try:
+        order_id = int(session.get("client_reference_id") or "")
+    except ValueError:
+        return None
+    order = await queries.order(app.state.db, order_id)
+    if order is None or order["payment_mode"] != "stripe" or \
+            order["payment_ref"] not in (None, session["id"]):
+        return None
+    await queries.set_payment_ref(app.state.db, order_id, session["id"])
+    return await queries.order(app.state.db, order_id)
+
+
 async def stripe_webhook(request: Request):
     app = request.app
     gateway = app.state.payments
@@ -204,6 +219,8 @@ async def apply_stripe_event(app, event: dict):
     order = None
     if session.get("id"):
         order = await queries.order_by_payment_ref(app.state.db, session["id"])
+    if order is None and session.get("id"):
+        order = await order_from_reference(app, session)
     if order is None:
         log.warning("webhook %s for an unknown checkout session", event["id"])
         return JSONResponse({"ok": True, "ignored": True})

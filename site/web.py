@@ -45,7 +45,15 @@ def _ascii_digits(text: str) -> bool:
 
 def parse_money(text: str, currency: str) -> int:
     """'12.50' → 1250 minor units; ValueError with a message fit for the form otherwise."""
-    text = (text or "").strip().replace(",", "")
+    text = (text or "").strip()
+    if text.count(",") == 1 and "." not in text and len(text.rsplit(",", 1)[1]) != 3:
+        # "12,50" is a decimal comma (as many shoppers write it), "1,250" a thousands separator
+        text = text.replace(",", ".")
+    elif "," in text:
+        groups = text.split(".", 1)[0].split(",")
+        if not groups[0] or any(len(group) != 3 for group in groups[1:]):
+            raise ValueError("The price must be a positive number, like 12.50.")
+    text = text.replace(",", "")
     if not text:
         raise ValueError("Enter a price.")
     digits = minor_units(currency)

@@ -510,3 +510,27 @@ async def test_sessions_are_per_shopper_even_when_made_at_once(site) -> None:
     a, b = await make_user(site.db, "A"), await make_user(site.db, "B")
     tokens = await asyncio.gather(start_session(site.db, a), start_session(site.db, b))
     assert len(set(tokens)) == 2
+
+
+async def test_webhook_that_beats_the_stored_session_id_still_pays(stripe_site,
+                                                                  stripe_api) -> None:
+    """Stripe can deliver checkout.session.completed before we stored the session id; the
+    order named by client_reference_id is adopted (once) and paid."""
+    site = stripe_site
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    browser = await site.browser(await site.user("Early"))
+    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=1)
+    order = await queries.order_by_payment_ref(site.db, session["id"])
+    await queries.set_payment_ref(site.db, order["id"], None)  # as if the webhook came first
+    response = await deliver(site, stripe_event(
+        "checkout.session.completed", session, payment_status="paid",
+        client_reference_id=str(order["id"])))
+    assert response.status_code == 200
+    paid = await queries.order(site.db, order["id"])
+    assert paid["status"] == "paid" and paid["payment_ref"] == session["id"]
+    # another session cannot claim an order that has its own
+    response = await deliver(site, stripe_event(
+        "checkout.session.completed", {**session, "id": "cs_test_other"}, payment_status="paid",
+        client_reference_id=str(order["id"])))
+    assert response.json().get("ignored") is True

@@ -296,3 +296,17 @@ async def test_editing_stock_keeps_units_sold_meanwhile(site) -> None:
         "name": "Mug", "description": "", "price": "18.00", "stock": "0", "stock_was": "15"})
     assert response.status_code == 409 and "sold while you were editing" in response.text
     assert (await queries.product(site.db, product["id"]))["stock"] == 12
+
+
+def test_prices_as_shoppers_and_hosts_type_them() -> None:
+    from watchbuy.site.web import parse_money
+
+    assert parse_money("12,50", "usd") == 1250  # decimal comma
+    assert parse_money("1,250", "usd") == 125000  # thousands separator
+    assert parse_money("1,000,000.50", "usd") == 100000050
+    for bad in ("1,2,3", "12,5,0", "-3", "1e3"):
+        try:
+            parse_money(bad, "usd")
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} was accepted")
