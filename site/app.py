@@ -97,6 +97,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             yield
         finally:
             sweeper.cancel()
+            await app.state.media.close()
             if getattr(app.state, "dashboard", None) is not None:
                 await app.state.dashboard.stop()
             await broker.close()

@@ -28,6 +28,7 @@ class MediaDirectory:
         self._stats: dict[str, dict] = {}
         self._stats_at = 0.0
         self._lock = asyncio.Lock()
+        self._client: httpx.AsyncClient | None = None
 
     def local_ingest(self) -> dict:
         s = self.settings
@@ -78,6 +79,11 @@ class MediaDirectory:
                 streams[stream["name"]] = {**stream, "node_id": info.get("node_id")}
         return streams
 
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
     async def node_stats(self) -> list[dict]:
         """Each media node's network in/out and counts, for the ops dashboard.
 
@@ -98,12 +104,13 @@ class MediaDirectory:
                 for node, engine, agent in zip(nodes, engines, agents, strict=True)
                 if engine or agent]
 
-    @staticmethod
-    async def _fetch(base_url: str, path: str = "/api/streams") -> dict | None:
+    async def _fetch(self, base_url: str, path: str = "/api/streams") -> dict | None:
+        # One client for every poll: a new one per fetch built an SSL context each time.
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=1.0)
         try:
-            async with httpx.AsyncClient(timeout=1.0) as client:
-                response = await client.get(f"{base_url}{path}")
-                return response.json() if response.status_code == 200 else None
+            response = await self._client.get(f"{base_url}{path}")
+            return response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError) as exc:
             log.debug("media node stats at %s unavailable: %s", base_url, exc)
             return None

@@ -86,6 +86,7 @@ def build_templates() -> Environment:
         autoescape=select_autoescape(["html"]),
         trim_blocks=True,
         lstrip_blocks=True,
+        auto_reload=False,  # templates ship with the code: no mtime check on every render
     )
     env.filters["money"] = lambda product: format_money(
         product["price_minor"] if "price_minor" in product else product["unit_price_minor"],
