@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 
 from watchbuy.engine.codecs import implementations
 from watchbuy.engine.hooks import HttpHooks, PublishAuthorizer, StaticKeys
 from watchbuy.engine.http import HttpSession
-from watchbuy.engine.relay import RelayLimits, StreamRegistry
+from watchbuy.engine.relay import CounterWindow, RelayLimits, StreamRegistry
 from watchbuy.engine.rtmp import RtmpSession
 from watchbuy.settings import Settings
 
@@ -25,7 +24,7 @@ class ServerStats:
         self.connections_total = 0
         self.bytes_in = 0
         self.bytes_out = 0
-        self._samples: deque[tuple[float, int, int]] = deque(maxlen=6)
+        self._window = CounterWindow()  # bytes in, bytes out
 
     def connection_opened(self, kind: str) -> None:
         self.connections[kind] = self.connections.get(kind, 0) + 1
@@ -35,15 +34,12 @@ class ServerStats:
         self.connections[kind] -= 1
 
     def sample(self, now: float) -> None:
-        self._samples.append((now, self.bytes_in, self.bytes_out))
+        self._window.add(now, self.bytes_in, self.bytes_out)
 
     def rates(self) -> tuple[float, float]:
-        if len(self._samples) < 2:
-            return 0.0, 0.0
-        t0, in0, out0 = self._samples[0]
-        t1, in1, out1 = self._samples[-1]
-        span = t1 - t0
-        return ((in1 - in0) / span, (out1 - out0) / span) if span > 0 else (0.0, 0.0)
+        """(bytes per second in, bytes per second out) over the sampling window."""
+        rx, tx = self._window.rates(2)
+        return rx, tx
 
 
 def make_authorizer(settings: Settings) -> PublishAuthorizer:

@@ -190,6 +190,27 @@ class Viewer:
             return "?"
 
 
+class CounterWindow:
+    """Samples of growing counters over a short window; rates between its oldest and newest
+    sample, so a stats request is answered from memory at once."""
+
+    def __init__(self, size: int = 6) -> None:
+        self.samples: deque[tuple[float, tuple[int, ...]]] = deque(maxlen=size)
+
+    def add(self, now: float, *counters: int) -> None:
+        self.samples.append((now, counters))
+
+    def rates(self, width: int) -> tuple[float, ...]:
+        """Per-second rates of each of the ``width`` counters (zeros until two samples)."""
+        if len(self.samples) < 2:
+            return (0.0,) * width
+        (t0, first), (t1, last) = self.samples[0], self.samples[-1]
+        span = t1 - t0
+        if span <= 0:
+            return (0.0,) * width
+        return tuple((b - a) / span for a, b in zip(first, last, strict=True))
+
+
 class ViewerSession(asyncio.Protocol):
     """What the node's RTMP and HTTP protocols share: peer name, connection counts, byte
     accounting, and flow control handed to the viewer this connection may be playing."""
@@ -243,8 +264,7 @@ class LiveStream:
         self.has_video = False
         self.bytes_in = 0
         self.video_frames = 0
-        # (monotonic time, bytes_in, video_frames) samples for rates over a short window
-        self._samples: deque[tuple[float, int, int]] = deque(maxlen=6)
+        self._window = CounterWindow()  # bytes in, video frames
 
     # -- input from the publisher --------------------------------------------------------------
     def on_media(self, type_id: int, timestamp: int, payload: bytes) -> None:
@@ -347,18 +367,12 @@ class LiveStream:
 
     # -- stats -----------------------------------------------------------------------------
     def sample(self, now: float) -> None:
-        self._samples.append((now, self.bytes_in, self.video_frames))
+        self._window.add(now, self.bytes_in, self.video_frames)
 
     def rates(self) -> tuple[float, float]:
         """(bits per second in, video frames per second) over the sampling window."""
-        if len(self._samples) < 2:
-            return 0.0, 0.0
-        t0, b0, f0 = self._samples[0]
-        t1, b1, f1 = self._samples[-1]
-        span = t1 - t0
-        if span <= 0:
-            return 0.0, 0.0
-        return (b1 - b0) * 8 / span, (f1 - f0) / span
+        bytes_per_s, fps = self._window.rates(2)
+        return bytes_per_s * 8, fps
 
     def info(self) -> dict:
         bitrate, fps = self.rates()
