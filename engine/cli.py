@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
-from pathlib import Path
 
-from watchbuy.settings import Settings, load_settings
+from watchbuy.settings import Settings, load_settings, persistent_secret
 
 
 def add_node_options(parser: argparse.ArgumentParser) -> None:
@@ -28,15 +27,8 @@ def standalone_keys(settings: Settings) -> Settings:
     """Without a site or configured keys, make one key (kept in the data folder) to try with."""
     if settings.stream_keys or settings.publish_hook_url:
         return settings
-    path = Path(settings.data_dir) / "stream_key"
-    try:
-        key = path.read_text().strip()
-    except OSError:
-        key = ""
-    if not key:
-        key = "wb_" + secrets.token_urlsafe(12)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(key + "\n")
+    key = persistent_secret(settings.data_dir, "stream_key",
+                            lambda: "wb_" + secrets.token_urlsafe(12))
     return settings.replace(stream_keys={key: "demo"})
 
 

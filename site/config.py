@@ -2,27 +2,10 @@
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchbuy.settings import ConfigError, load_config
-
-
-def persistent_secret(data_dir: str, name: str) -> str:
-    """A random secret created once and kept in the data folder, so restarts keep sessions and
-    the engine and site (in ``watchbuy serve``) agree without anyone configuring anything."""
-    path = Path(data_dir) / name
-    try:
-        value = path.read_text().strip()
-    except OSError:
-        value = ""
-    if not value:
-        value = secrets.token_urlsafe(32)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(value + "\n")
-        path.chmod(0o600)
-    return value
+from watchbuy.settings import ConfigError, load_config, persistent_secret
 
 
 @dataclass

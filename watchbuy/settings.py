@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import secrets
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,23 @@ class Settings:
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def persistent_secret(data_dir: str, name: str, make=lambda: secrets.token_urlsafe(32)) -> str:
+    """A random secret created once (by ``make``) and kept in the data folder, so restarts keep
+    sessions and keys, and the engine and site of ``watchbuy serve`` agree without anyone
+    configuring anything."""
+    path = Path(data_dir) / name
+    try:
+        value = path.read_text().strip()
+    except OSError:
+        value = ""
+    if not value:
+        value = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value + "\n")
+        path.chmod(0o600)
+    return value
 
 
 def parse_env_file(path: Path) -> dict[str, str]:
