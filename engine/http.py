@@ -51,20 +51,17 @@ class FlvViewer(Viewer):
         return ("flv", self.chunked)
 
     def encode(self, tags: list[Tag]) -> list[bytes]:
-        body = [tag.flv for tag in tags]
+        return self.frame([tag.flv for tag in tags])
+
+    def frame(self, body: list[bytes]) -> list[bytes]:
+        """One write's bytes: as they are, or as one HTTP/1.1 chunk."""
         if not self.chunked:
             return body
-        size = sum(map(len, body))
-        return [b"%x\r\n" % size, *body, b"\r\n"]
+        return [b"%x\r\n" % sum(map(len, body)), *body, b"\r\n"]
 
     def start(self, stream: LiveStream) -> None:
         header = flvmux.flv_header(True, True)
-        tags = stream.startup_tags()
-        if self.chunked:
-            body = [header, *(tag.flv for tag in tags)]
-            self.write([b"%x\r\n" % sum(map(len, body)), *body, b"\r\n"])
-        else:
-            self.write([header, *(tag.flv for tag in tags)])
+        self.write(self.frame([header, *(tag.flv for tag in stream.startup_tags())]))
 
     def end(self) -> None:
         self.closed = True
