@@ -8,8 +8,11 @@ or ``--region`` wins over them for the region.
 from __future__ import annotations
 
 import contextlib
+import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from watchbuy.settings import PREFIX, ConfigError
 
@@ -18,6 +21,15 @@ from watchbuy.settings import PREFIX, ConfigError
 # group still lists it as Pending.
 IN_SERVICE = frozenset({"InService"})
 SERVING_OR_STARTING = frozenset({"Pending", "Pending:Wait", "Pending:Proceed", "InService"})
+
+# Access key ids that only stand-ins accept: moto's documented "testing", the "FOOBARKEY" that
+# moto's mock_aws puts in the environment, LocalStack's "test".  A real key id is 16 or more
+# upper-case letters and digits (AKIA..., ASIA...), so anything else is not AWS's either.
+FAKE_ACCESS_KEY_IDS = frozenset({"testing", "FOOBARKEY", "test"})
+REAL_ACCESS_KEY_ID = re.compile(r"[A-Z0-9]{16,128}")
+# Hosts of AWS's own API endpoints (VPC interface endpoints included): an endpoint URL outside
+# these is a stand-in (moto server, LocalStack) whose instances' addresses are invented.
+AWS_API_DOMAINS = (".amazonaws.com", ".amazonaws.com.cn", ".api.aws")
 
 
 class BalancerError(Exception):
@@ -71,6 +83,29 @@ class Aws:
             with aws_errors(f"AWS {service}"):
                 self._clients[service] = self.session.client(service, config=config)
         return self._clients[service]
+
+    def stand_in(self, service: str = "ec2") -> str:
+        """Why ``service``'s answers do not come from AWS ('' when they do, as far as we can
+        tell): moto patched into this process, an endpoint URL that is not AWS's, or fake
+        credentials.  Blocking (it may resolve credentials), like every call here.
+
+        Addresses in a stand-in's answers are made up (moto hands out 10.x and 54.x addresses
+        and ec2-*.compute.amazonaws.com names): they may belong to anybody, so the balancer
+        must never connect to them.
+        """
+        moto = sys.modules.get("moto.core.models")
+        if getattr(getattr(moto, "botocore_stubber", None), "enabled", False):
+            return "moto's mock_aws answers AWS calls in this process"
+        endpoint = getattr(getattr(self.client(service), "meta", None), "endpoint_url", "") or ""
+        host = (urlsplit(endpoint).hostname or "").lower()
+        if host and not host.endswith(AWS_API_DOMAINS):
+            return f"the {service} endpoint {endpoint} is not AWS's"
+        with aws_errors("AWS credentials"):
+            credentials = self.session.get_credentials()
+            key_id = credentials.get_frozen_credentials().access_key if credentials else ""
+        if key_id and (key_id in FAKE_ACCESS_KEY_IDS or not REAL_ACCESS_KEY_ID.fullmatch(key_id)):
+            return f"the AWS access key id {key_id[:4]}... is a test one"
+        return ""
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ configured from one env file, the balancer then assumes what the nodes actually 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -38,6 +39,20 @@ class Node:
     @property
     def label(self) -> str:
         return self.node_id or self.host
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback address literals (127.0.0.0/8, ::1).
+
+    Any other name is False without resolving it: a made-up DNS name may resolve to somebody's
+    real machine, which is exactly what the stand-in guard keeps the balancer away from.
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _port(entry: str, text: str) -> int:

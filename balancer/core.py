@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from watchbuy.balancer.aws import BalancerError
-from watchbuy.balancer.config import BalancerSettings, Node
+from watchbuy.balancer.config import BalancerSettings, Node, is_loopback_host
 from watchbuy.balancer.discovery import Discovery, discovery_from_settings
 from watchbuy.status_agent.client import FetchError, fetch_json
 
@@ -121,6 +121,7 @@ class Balancer:
         self.rounds = 0  # how many rounds of queries ran (for tests and the dashboard)
         self._round: Round | None = None
         self._inflight: asyncio.Future | None = None
+        self._stand_in_logged = False
 
     # -- public API ---------------------------------------------------------------------------
     async def choose(self) -> NodeChoice:
@@ -146,7 +147,8 @@ class Balancer:
         return None
 
     async def known_nodes(self) -> list[NodeChoice]:
-        """Every discovered node's URLs, healthy or not (stats pages, the ops dashboard).
+        """Every discovered node's URLs, healthy or not (stats pages, the ops dashboard), except
+        those :meth:`may_query` forbids: callers connect to these URLs.
 
         Asks no agent: unnamed static nodes carry the id their agent gave in the last round.
         """
@@ -154,7 +156,25 @@ class Balancer:
         reported = {}
         if self._round is not None:
             reported = {s.node: s.node_id for s in self._round.statuses if s.ok}
-        return [self.choice_for(node, reported.get(node)) for node in nodes]
+        return [self.choice_for(node, reported.get(node)) for node in nodes
+                if self.may_query(node)]
+
+    def may_query(self, node: Node) -> bool:
+        """False when the node's status address is not to be connected to: discovery talked
+        to a stand-in of AWS (moto, fake credentials), which invents instance addresses that
+        may be anybody's, and the address is not loopback.  Logged once per balancer.
+
+        Tests give such nodes loopback agent addresses; real AWS never gets here.
+        """
+        stand_in = getattr(self.discovery, "stand_in", "")
+        if not stand_in or is_loopback_host(node.status_host):
+            return True
+        if not self._stand_in_logged:
+            self._stand_in_logged = True
+            log.warning("%s comes from a stand-in of AWS (%s): its nodes' agents are not "
+                        "queried except on loopback addresses", self.discovery.describe(),
+                        stand_in)
+        return False
 
     async def statuses(self, fresh: bool = False) -> Round:
         """The cached round, or a new one (shared with concurrent callers)."""
@@ -205,6 +225,9 @@ class Balancer:
         loop = asyncio.get_running_loop()
         started = loop.time()
         label = node.label
+        if not self.may_query(node):
+            return NodeStatus(node, ok=False, node_id=label,
+                              error="not queried: its address came from a stand-in of AWS")
         try:
             doc = await fetch_json(node.status_host, node.agent_port, "/status", self.timeout,
                                    deadline)

@@ -21,9 +21,16 @@ class Discovery(Protocol):
     def describe(self) -> str:
         """Where the nodes come from, for messages ("Auto Scaling group media")."""
 
+    # Why the nodes' addresses are not to be trusted ('' when they are): set when discovery
+    # talks to a stand-in of AWS (moto, fake credentials), whose addresses are invented.  The
+    # balancer then queries loopback agents only.  Optional: a discovery without it is trusted.
+    stand_in: str
+
 
 class StaticDiscovery:
     """A fixed list: :class:`Node` objects or entries as in ``WATCHBUY_BALANCER_NODES``."""
+
+    stand_in = ""  # ops typed these addresses: trusted
 
     def __init__(self, nodes: Iterable[Node | str]) -> None:
         self._nodes = [n if isinstance(n, Node) else parse_node_entry(n) for n in nodes]
@@ -61,6 +68,7 @@ class AsgDiscovery:
         self.agent_address = agent_address
         self.ttl = ttl
         self._aws = aws
+        self.stand_in = ""  # set by each ask: see Discovery.stand_in
         self._nodes: list[Node] | None = None
         self._at = float("-inf")
         self._lock: asyncio.Lock | None = None
@@ -74,7 +82,11 @@ class AsgDiscovery:
             self._aws = Aws(self.region)
         rtmp_port, http_port, agent_port = self.ports
         nodes = []
-        for instance in asg_instances(self._aws, self.asg_name, IN_SERVICE):
+        instances = asg_instances(self._aws, self.asg_name, IN_SERVICE)
+        # Asked after the call that succeeded, so a set-up without credentials still gets the
+        # usual "no AWS credentials" message rather than a stand-in check failing first.
+        self.stand_in = self._aws.stand_in("ec2")
+        for instance in instances:
             if not instance.public_host:
                 log.warning("instance %s has no public address: skipped", instance.instance_id)
                 continue

@@ -3,7 +3,10 @@
 As nginx-rtmp's ``on_publish``: when a publisher sends ``publish <key>``, the engine asks an HTTP
 endpoint (the site) whether the secret stream key may publish and which public name the stream
 gets; when it stops, the engine reports ``publish_done``.  Requests are HMAC-SHA256 signed over
-``"<timestamp>.<body>"`` so the site can tell them from forgeries and replays.
+``"<timestamp>.<body>"`` so the site can tell them from forgeries; the JSON body carries a random
+one-use ``nonce`` (signed with it), so that the site can also refuse a call replayed while its
+timestamp is still fresh.  The site accepts a timestamp up to ``MAX_AGE_SECONDS`` old and at most
+``MAX_FUTURE_SECONDS`` ahead of its own clock, and remembers nonces that long.
 
 Standalone, without a site, :class:`StaticKeys` maps keys to names from configuration.
 """
@@ -14,6 +17,8 @@ import hashlib
 import hmac
 import json
 import logging
+import re
+import secrets
 import time
 from typing import Protocol
 
@@ -21,7 +26,16 @@ log = logging.getLogger("watchbuy.engine.hooks")
 
 SIGNATURE_HEADER = "X-WatchBuy-Signature"
 TIMESTAMP_HEADER = "X-WatchBuy-Timestamp"
-MAX_SKEW_SECONDS = 300
+NONCE_FIELD = "nonce"
+# Defaults of the verifier's window (the site's WATCHBUY_HOOK_MAX_AGE / WATCHBUY_HOOK_MAX_FUTURE):
+# a call is accepted from its timestamp on for MAX_AGE_SECONDS; a timestamp ahead of the
+# verifier's clock only by MAX_FUTURE_SECONDS (clock skew between machines), since a timestamp
+# far in the future would keep a captured call fresh for as long.
+MAX_AGE_SECONDS = 300
+MAX_FUTURE_SECONDS = 30
+# What a nonce looks like: the engine sends 32 hex digits; the verifier takes 16-128 URL-safe
+# characters, so a short guessable value (or a huge key for the nonce store) is refused.
+NONCE = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
 class PublishRefused(Exception):
@@ -33,19 +47,39 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
+def new_nonce() -> str:
+    return secrets.token_hex(16)
+
+
+def check_signature(
+    secret: str, timestamp: str, body: bytes, signature: str, now: float | None = None,
+    max_age: float = MAX_AGE_SECONDS, max_future: float = MAX_FUTURE_SECONDS,
+) -> str:
+    """Why this call is refused ('' when the signature is ours and the timestamp fresh).
+
+    The signature is checked first: only the holder of the secret learns that a timestamp was
+    the problem.  Replays within the window are the caller's to refuse (by the body's nonce).
+    """
+    if not secret or not timestamp or not signature:
+        return "bad signature"
+    if not timestamp.isdigit() or len(timestamp) > 12:
+        return "bad signature"
+    if not hmac.compare_digest(sign(secret, timestamp, body), signature):
+        return "bad signature"
+    age = (time.time() if now is None else now) - int(timestamp)
+    if age > max_age:
+        return "stale timestamp"
+    if age < -max_future:
+        return "timestamp in the future"
+    return ""
+
+
 def verify(
-    secret: str, timestamp: str, body: bytes, signature: str, now: float | None = None
+    secret: str, timestamp: str, body: bytes, signature: str, now: float | None = None,
+    max_age: float = MAX_AGE_SECONDS, max_future: float = MAX_FUTURE_SECONDS,
 ) -> bool:
     """True when ``signature`` is ours for this body and the timestamp is fresh."""
-    if not secret or not timestamp or not signature:
-        return False
-    try:
-        age = abs((time.time() if now is None else now) - int(timestamp))
-    except ValueError:
-        return False
-    if age > MAX_SKEW_SECONDS:
-        return False
-    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+    return not check_signature(secret, timestamp, body, signature, now, max_age, max_future)
 
 
 def split_key(publish_name: str) -> str:
@@ -84,22 +118,27 @@ class StaticKeys:
 class HttpHooks:
     """Asks an HTTP endpoint (``POST <url>``, JSON, HMAC-signed) as nginx-rtmp's on_publish.
 
-    Request body: ``{"call": "publish"|"publish_done", "app", "key", "addr", "node_id"[, "name"]}``.
-    A 2xx answer to ``publish`` must carry ``{"name": "<public stream name>"}``; anything else
-    (4xx, 5xx, timeout, unreachable) refuses the publisher.
+    Request body: ``{"call": "publish"|"publish_done", "app", "key", "addr", "node_id",
+    "nonce"[, "name"]}``.  A 2xx answer to ``publish`` must carry ``{"name": "<public stream
+    name>"}``; anything else (4xx, 5xx, timeout, unreachable) refuses the publisher.
+
+    ``transport`` is an httpx transport to send through instead of the network (tests).
     """
 
-    def __init__(self, url: str, secret: str, node_id: str, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, secret: str, node_id: str, timeout: float = 5.0,
+                 transport=None) -> None:
         import httpx
 
         self.url = url
         self.secret = secret
         self.node_id = node_id
-        self._client = httpx.AsyncClient(timeout=timeout)
+        self._client = httpx.AsyncClient(timeout=timeout, transport=transport)
 
     async def _call(self, payload: dict):
         import httpx
 
+        # A new nonce per call, retries included: the site accepts each one once.
+        payload = {**payload, NONCE_FIELD: new_nonce()}
         body = json.dumps(payload, separators=(",", ":")).encode()
         timestamp = str(int(time.time()))
         headers = {

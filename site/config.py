@@ -46,6 +46,13 @@ class SiteSettings:
     chat_rate: int = 5  # messages per user per 10 s
     chat_max_length: int = 300
     log_level: str = "INFO"
+    # engine hooks (/hooks/rtmp): a signed call is accepted for hook_max_age seconds after its
+    # timestamp, and with a timestamp at most hook_max_future seconds ahead (clock skew); its
+    # nonce is remembered as long, in Redis with a Redis broker, else in this process, which
+    # remembers at most hook_nonce_capacity of them (more fresh calls than that are refused)
+    hook_max_age: float = 300.0
+    hook_max_future: float = 30.0
+    hook_nonce_capacity: int = 10000
 
     def validate(self) -> None:
         if not 0 <= self.site_port <= 65535:
@@ -58,6 +65,12 @@ class SiteSettings:
             )
         if self.max_image_bytes <= 0:
             raise ConfigError("WATCHBUY_MAX_IMAGE_BYTES: must be positive")
+        if not 0 < self.hook_max_age <= 86400:
+            raise ConfigError("WATCHBUY_HOOK_MAX_AGE: seconds, more than 0 and at most 86400")
+        if not 0 <= self.hook_max_future <= self.hook_max_age:
+            raise ConfigError("WATCHBUY_HOOK_MAX_FUTURE: seconds, from 0 to WATCHBUY_HOOK_MAX_AGE")
+        if self.hook_nonce_capacity < 1:
+            raise ConfigError("WATCHBUY_HOOK_NONCE_CAPACITY: at least 1")
 
     @property
     def stripe_enabled(self) -> bool:

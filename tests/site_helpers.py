@@ -414,9 +414,17 @@ def ws_quiet(ws, seconds: float = 0.3, kind: str | None = None) -> list[dict]:
 
 
 def signed_hook(secret: str, payload: dict, timestamp: int | None = None) -> dict:
-    """Body and headers of an engine hook call, signed as engine/hooks.py signs them."""
-    from watchbuy.engine.hooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+    """Body and headers of an engine hook call, signed as engine/hooks.py signs them (with a
+    fresh nonce unless the payload has one)."""
+    from watchbuy.engine.hooks import (
+        NONCE_FIELD,
+        SIGNATURE_HEADER,
+        TIMESTAMP_HEADER,
+        new_nonce,
+        sign,
+    )
 
+    payload = {NONCE_FIELD: new_nonce(), **payload}
     body = json.dumps(payload, separators=(",", ":")).encode()
     stamp = str(int(time.time()) if timestamp is None else timestamp)
     return {"content": body,

@@ -1,23 +1,36 @@
 """Auto Scaling discovery against moto (`mock_aws`): no request leaves this process.
 
-These tests never call ``choose()`` on AWS-discovered nodes: that would send status queries to
-the made-up instance addresses moto hands out.  The choice itself is tested on loopback
-(test_balancer.py, test_balancer_nodes.py); here: which nodes, under which ids and addresses.
+moto hands out made-up instance addresses (10.x private, 54.x and ec2-*.amazonaws.com public)
+that may be anybody's.  The balancer refuses to query them (it knows it talks to a stand-in of
+AWS), and the autouse ``off_loopback`` fixture makes any socket connect or name lookup to a
+non-loopback host in these tests fail the test, before a packet is sent.  Where a test needs the
+balancer to query moto-discovered nodes, it points them at loopback agents first.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import logging
 import os
+import socket
+from dataclasses import replace
 
 import boto3
 import pytest
 from moto import mock_aws
+from test_balancer import FakeAgent
 
-from watchbuy.balancer import AsgDiscovery, AwsConfigError, Balancer, BalancerSettings
+from watchbuy.balancer import (
+    AsgDiscovery,
+    AwsConfigError,
+    Balancer,
+    BalancerSettings,
+    NoHealthyNode,
+)
 from watchbuy.balancer.aws import IN_SERVICE, Aws, asg_instances
+from watchbuy.balancer.config import is_loopback_host
 from watchbuy.balancer.discovery import discovery_from_settings
 
 REGION = "eu-west-1"
@@ -42,6 +55,42 @@ def aws():
         patch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
         with mock_aws():
             yield
+
+
+@pytest.fixture(autouse=True)
+def off_loopback(monkeypatch):
+    """Every connect or name lookup to a host that is not loopback: recorded, refused before it
+    reaches the network, and a failure of the test at teardown.  The list is the fixture's value
+    (a test that provokes an attempt on purpose empties it)."""
+    attempts: list[tuple[str, object]] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_getaddrinfo = socket.getaddrinfo
+
+    def refuse(what: str, host: object) -> None:
+        if not isinstance(host, str) or not is_loopback_host(host):
+            attempts.append((what, host))
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"test guard: {host} is off loopback")
+
+    def connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            refuse("connect", address[0])
+        return real_connect(sock, address)
+
+    def connect_ex(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            refuse("connect", address[0])
+        return real_connect_ex(sock, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host is not None:
+            refuse("getaddrinfo", host.decode() if isinstance(host, bytes) else host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield attempts
+    assert attempts == [], f"tried to reach hosts off loopback: {attempts}"
 
 
 _groups = itertools.count(1)
@@ -156,3 +205,83 @@ def test_unknown_group_is_a_config_error(aws):
     with pytest.raises(AwsConfigError) as info:
         asg_instances(Aws(REGION), "nope")
     assert str(info.value) == f"Auto Scaling group 'nope' not found in {REGION}"
+
+
+# -- the off-loopback guard -------------------------------------------------------------------
+async def test_the_guard_catches_an_attempt_off_loopback(off_loopback):
+    """The fixture the other tests rely on does catch a query to a made-up address."""
+    from watchbuy.status_agent.client import FetchError, fetch_json
+
+    with pytest.raises(FetchError, match="refused"):
+        await fetch_json("10.0.0.7", 8090, "/status", 1)  # TEST: never leaves this process
+    with pytest.raises(FetchError):
+        await fetch_json("ec2-54-1-2-3.eu-west-1.compute.amazonaws.com", 8090, "/status", 1)
+    assert off_loopback == [("connect", "10.0.0.7"),
+                            ("getaddrinfo", "ec2-54-1-2-3.eu-west-1.compute.amazonaws.com")]
+    off_loopback.clear()
+
+
+@pytest.mark.parametrize("agent_address", ["private", "public"])
+async def test_balancer_never_queries_addresses_moto_made_up(aws, caplog, off_loopback,
+                                                             agent_address):
+    group, ids = make_media_asg(count=2)
+    settings = BalancerSettings(balancer_asg=group, aws_region=REGION,
+                                balancer_agent_address=agent_address, balancer_cache_ttl=0)
+    settings.validate()
+    balancer = Balancer(settings)
+    with caplog.at_level(logging.WARNING, logger="watchbuy.balancer"):
+        with pytest.raises(NoHealthyNode) as info:
+            await balancer.choose()
+        await balancer.statuses(fresh=True)  # a second round: no second log line
+        assert await balancer.known_nodes() == []  # the site polls these: none to poll
+    assert balancer.rounds == 2
+    assert [s.node_id for s in info.value.statuses] == ids
+    assert {s.error for s in info.value.statuses} == {
+        "not queried: its address came from a stand-in of AWS"}
+    refusals = [r.getMessage() for r in caplog.records if "stand-in of AWS" in r.getMessage()]
+    assert len(refusals) == 1 and "moto" in refusals[0] and group in refusals[0]
+    # URLs for hosts and viewers are still given: the site does not connect to them.
+    assert (await balancer.node_for(ids[0])).node_id == ids[0]
+    assert off_loopback == []
+
+
+async def test_moto_discovered_nodes_with_loopback_agents_are_queried(aws, off_loopback):
+    """What a test that needs a choice among discovered nodes does: loopback agents."""
+    group, ids = make_media_asg(count=2)
+    busy = await FakeAgent(rx_bytes_per_s=9_000_000).start()
+    light = await FakeAgent(rx_bytes_per_s=1_000).start()
+    try:
+        discovery = AsgDiscovery(group, region=REGION, ttl=0)
+        asked = discovery.nodes_now
+        ports = {ids[0]: busy.port, ids[1]: light.port}
+
+        def on_loopback():
+            return [replace(n, agent_host="127.0.0.1", agent_port=ports[n.node_id])
+                    for n in asked()]
+
+        discovery.nodes_now = on_loopback
+        balancer = Balancer(discovery, cache_ttl=0)
+        choice = await balancer.choose()
+        assert discovery.stand_in  # still a stand-in: loopback is what made the query allowed
+        assert choice.node_id == ids[1] and (busy.requests, light.requests) == (1, 1)
+        assert [n.node_id for n in await balancer.known_nodes()] == ids
+    finally:
+        await busy.stop()
+        await light.stop()
+
+
+def test_stand_ins_are_recognised(aws, monkeypatch):
+    assert "moto" in Aws(REGION).stand_in()
+    # As in a process without moto: fake keys and endpoints that are not AWS's are told apart
+    # from AWS itself.  Only a client is made and credentials read: no call is sent.
+    import moto.core.models
+
+    monkeypatch.setattr(moto.core.models.botocore_stubber, "enabled", False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")  # the form of a real one
+    assert Aws(REGION).stand_in() == ""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:5000")  # moto server, LocalStack
+    assert "is not AWS's" in Aws(REGION).stand_in()
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    for fake in ("testing", "FOOBARKEY", "test", "my-key"):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", fake)
+        assert "is a test one" in Aws(REGION).stand_in()

@@ -24,6 +24,7 @@ from test_balancer_aws import (
     aws_client,
     group_instance_ids,
     make_media_asg,
+    off_loopback,
     terminate,
 )
 
@@ -31,7 +32,9 @@ from watchbuy.balancer import AwsConfigError, AwsError
 from watchbuy.balancer.cdn import CdnTarget, plan_sync, sync_distribution
 from watchbuy.cli import main
 
-__all__ = ["aws"]  # the fixture, shared with test_balancer_aws.py
+# The fixtures, shared with test_balancer_aws.py: moto, and (autouse) the guard that fails a
+# test which connects to or looks up any host off loopback.
+__all__ = ["aws", "off_loopback"]
 
 USER_BEHAVIOUR = {
     "PathPattern": "/static/*", "TargetOriginId": "site", "ViewerProtocolPolicy": "allow-all",

@@ -1,22 +1,43 @@
-"""Handshake (simple and digest), the HMAC-signed publish hook, and the settings/CLI errors."""
+"""Handshake (simple and digest), the HMAC-signed publish hook (the engine's side, and the
+site's: signature, time window, one-use nonces on SQLite and MariaDB, in one process and across
+processes sharing Redis), and the settings/CLI errors."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import re
+import socket
 import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 from conftest import node_settings
+from site_helpers import signed_hook
 
+from watchbuy.db import queries
 from watchbuy.engine.errors import HandshakeError
 from watchbuy.engine.handshake import PACKET_SIZE, ClientHandshake, ServerHandshake
-from watchbuy.engine.hooks import HttpHooks, PublishRefused, sign, verify
+from watchbuy.engine.hooks import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    HttpHooks,
+    PublishRefused,
+    check_signature,
+    sign,
+    verify,
+)
 from watchbuy.engine.httpparse import HttpError, RequestParser
 from watchbuy.engine.node import MediaNode
 from watchbuy.settings import ConfigError, load_settings
+from watchbuy.site.config import load_site_settings
+from watchbuy.site.hooks import MemoryNonces, NonceStoreError, RedisNonces
+
+pytest_plugins = ["site_fixtures"]
 
 
 @pytest.mark.parametrize("digest", [True, False])
@@ -54,6 +75,18 @@ def test_signatures():
     assert not verify("other", ts, b"{}", signature, now=now)
     assert not verify("s3cret", ts, b"{}", signature, now=now + 3600)  # replayed later
     assert not verify("", ts, b"{}", signature, now=now)
+    # the window: 300 s back, 30 s ahead (clocks of two machines differ a little, not more)
+    assert verify("s3cret", ts, b"{}", signature, now=now + 299)
+    assert verify("s3cret", ts, b"{}", signature, now=now - 29)
+    assert check_signature("s3cret", ts, b"{}", signature, now=now - 31) == \
+        "timestamp in the future"
+    assert check_signature("s3cret", ts, b"{}", signature, now=now + 301) == "stale timestamp"
+    assert check_signature("s3cret", ts, b"{}", signature, now=now - 31, max_future=60) == ""
+    # the timestamp is only judged once the signature is ours
+    assert check_signature("other", ts, b"{}", signature, now=now + 3600) == "bad signature"
+    for bad in ("", "-5", "1e9", " 17", "9" * 40):
+        assert check_signature("s3cret", bad, b"{}", sign("s3cret", bad, b"{}")) == \
+            "bad signature"
 
 
 async def hook_server(answers: dict[str, tuple[int, dict]], calls: list):
@@ -95,6 +128,8 @@ async def test_http_publish_hook_names_the_stream_and_hears_publish_done():
         client = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
         await client.publish("good-key?obs=1")
         assert node.registry.get("alice-room") is not None  # public name, never the key
+        nonce = calls[0][1].pop("nonce")
+        assert re.fullmatch(r"[0-9a-f]{32}", nonce)  # signed with the body: one use each
         assert calls[0] == (True, {"call": "publish", "app": "live", "key": "good-key",
                                    "addr": "127.0.0.1", "node_id": "test-node"})
         await client.close()
@@ -103,7 +138,7 @@ async def test_http_publish_hook_names_the_stream_and_hears_publish_done():
                 break
             await asyncio.sleep(0.05)
         assert calls[1][0] is True and calls[1][1]["call"] == "publish_done"
-        assert calls[1][1]["name"] == "alice-room"
+        assert calls[1][1]["name"] == "alice-room" and calls[1][1]["nonce"] != nonce
         assert node.registry.get("alice-room") is None
 
         bad = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
@@ -124,6 +159,165 @@ async def test_hook_with_wrong_secret_is_refused():
         await hooks.authorize("live", "k", "1.2.3.4")
     await hooks.close()
     server.close()
+
+
+# -- the site's side: the engine's own calls, refused when replayed -----------------------------
+class Recording(httpx.AsyncBaseTransport):
+    """The engine's hook client's transport into the site app, keeping every request sent."""
+
+    def __init__(self, app) -> None:
+        self.inner = httpx.ASGITransport(app=app)
+        self.requests: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return await self.inner.handle_async_request(request)
+
+
+async def send_again(app, request: httpx.Request) -> httpx.Response:
+    """What an eavesdropper who captured ``request`` sends: the same bytes and headers."""
+    headers = {name: request.headers[name]
+               for name in ("content-type", TIMESTAMP_HEADER, SIGNATURE_HEADER)}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
+        return await client.post(str(request.url), content=request.content, headers=headers)
+
+
+async def post_hook(app, call: dict) -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
+        return await client.post("http://site/hooks/rtmp", content=call["content"],
+                                 headers=call["headers"])
+
+
+def engine_hooks(site, transport: Recording) -> HttpHooks:
+    return HttpHooks("http://site/hooks/rtmp", site.settings.hook_secret, "node-a",
+                     transport=transport)
+
+
+async def is_live(site, slug: str) -> bool:
+    return bool((await queries.channel_by_slug(site.db, slug))["is_live"])
+
+
+async def test_engine_hook_calls_pass_once_and_their_replays_are_refused(make_site):
+    site = await make_site()
+    host = await site.user("Hana", host=True)
+    key, slug = host["channel"]["stream_key"], host["channel"]["slug"]
+    sent = Recording(site.app)
+    hooks = engine_hooks(site, sent)
+    try:
+        assert await hooks.authorize("live", key, "10.0.0.9") == slug  # a fresh call passes
+        assert await is_live(site, slug)
+        await hooks.publish_done("live", key, slug)
+        assert not await is_live(site, slug)
+    finally:
+        await hooks.close()
+    publish, done = sent.requests
+    # the captured "publish", sent again within its window: refused, the room stays offline
+    replayed = await send_again(site.app, publish)
+    assert replayed.status_code == 409 and replayed.json() == {"error": "replayed hook call"}
+    assert not await is_live(site, slug)
+    assert (await send_again(site.app, done)).status_code == 409
+    # a nonce is one-use whatever the rest of the call says
+    nonce = json.loads(publish.content)["nonce"]
+    again = signed_hook(site.settings.hook_secret, {"call": "publish", "app": "live", "key": key,
+                                                    "node_id": "node-a", "nonce": nonce})
+    assert (await post_hook(site.app, again)).status_code == 409
+    # a signed call without a usable nonce is refused as well
+    for bad in (None, "", "short", "x" * 129, "not/url-safe-but-long-enough", 12345678901234567):
+        call = signed_hook(site.settings.hook_secret, {"call": "publish", "app": "live",
+                                                       "key": key, "nonce": bad})
+        response = await post_hook(site.app, call)
+        assert response.status_code == 400, bad
+        assert response.json() == {"error": "hook call without a nonce"}
+    assert not await is_live(site, slug)
+
+
+async def test_timestamps_from_the_future_are_refused_beyond_the_skew(make_site):
+    site = await make_site()
+    host = await site.user("Hana", host=True)
+    publish = {"call": "publish", "app": "live", "key": host["channel"]["stream_key"],
+               "node_id": "node-a"}
+    secret = site.settings.hook_secret
+    ahead = await post_hook(site.app, signed_hook(secret, publish, int(time.time()) + 120))
+    assert ahead.status_code == 401 and ahead.json() == {"error": "timestamp in the future"}
+    stale = await post_hook(site.app, signed_hook(secret, publish, int(time.time()) - 400))
+    assert stale.status_code == 401 and stale.json() == {"error": "stale timestamp"}
+    assert not await is_live(site, host["channel"]["slug"])
+    # a node whose clock is a little ahead is not refused
+    slightly = await post_hook(site.app, signed_hook(secret, publish, int(time.time()) + 10))
+    assert slightly.status_code == 200 and slightly.json() == {"name": host["channel"]["slug"]}
+
+
+async def test_a_replay_to_another_site_process_is_refused_through_redis(make_site, redis_url):
+    a = await make_site(broker_url=redis_url)
+    b = await make_site(broker_url=redis_url)  # another process: same database, same Redis
+    assert b.settings.hook_secret != a.settings.hook_secret
+    b.settings.hook_secret = a.settings.hook_secret  # one deployment: one secret
+    host = await a.user("Hana", host=True)
+    key, slug = host["channel"]["stream_key"], host["channel"]["slug"]
+    sent = Recording(a.app)
+    hooks = engine_hooks(a, sent)
+    try:
+        assert await hooks.authorize("live", key, "10.0.0.9") == slug
+        await hooks.publish_done("live", key, slug)
+    finally:
+        await hooks.close()
+    replayed = await send_again(b.app, sent.requests[0])
+    assert replayed.status_code == 409 and replayed.json() == {"error": "replayed hook call"}
+    assert not await is_live(b, slug)
+    # and a fresh call reaches B as usual
+    call = signed_hook(a.settings.hook_secret, {"call": "publish", "app": "live", "key": key,
+                                                "node_id": "node-a"})
+    assert (await post_hook(b.app, call)).json() == {"name": slug}
+
+
+async def test_a_full_nonce_store_refuses_and_a_flood_is_logged_once(make_site, caplog):
+    site = await make_site(hook_nonce_capacity=2)
+    host = await site.user("Hana", host=True)
+    publish = {"call": "publish", "app": "live", "key": host["channel"]["stream_key"],
+               "node_id": "node-a"}
+    secret = site.settings.hook_secret
+    for _ in range(2):
+        assert (await post_hook(site.app, signed_hook(secret, publish))).status_code == 200
+    with caplog.at_level(logging.WARNING, logger="watchbuy.site.hooks"):
+        full = await post_hook(site.app, signed_hook(secret, publish))
+        assert full.status_code == 503 and full.json() == {"error": "replay check unavailable"}
+        for _ in range(50):  # forgeries: refused, one line for them all
+            assert (await post_hook(site.app, signed_hook("guess", publish))).status_code == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "watchbuy.site.hooks"]
+    assert len(lines) == 1 and "WATCHBUY_HOOK_NONCE_CAPACITY" in lines[0]
+
+
+async def test_memory_nonces_expire_after_their_window():
+    nonces = MemoryNonces(ttl=0.05, capacity=2)
+    assert await nonces.claim("a" * 16) and not await nonces.claim("a" * 16)
+    assert await nonces.claim("b" * 16)
+    with pytest.raises(NonceStoreError):
+        await nonces.claim("c" * 16)
+    await asyncio.sleep(0.1)  # past the window: the old ones make room (and may be reused)
+    assert await nonces.claim("c" * 16) and await nonces.claim("a" * 16) and len(nonces) == 2
+
+
+async def test_redis_nonces_unreachable_is_an_error_not_a_pass():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    nonces = RedisNonces(f"redis://127.0.0.1:{closed}/0", "wbtest:", ttl=330)
+    with pytest.raises(NonceStoreError, match="Redis"):
+        await nonces.claim("a" * 32)
+
+
+def test_hook_window_settings():
+    base = {"WATCHBUY_ENV_FILE": os.devnull, "WATCHBUY_SECRET_KEY": "k",
+            "WATCHBUY_HOOK_SECRET": "h"}
+    settings = load_site_settings({**base, "WATCHBUY_HOOK_MAX_AGE": "120",
+                                   "WATCHBUY_HOOK_MAX_FUTURE": "5",
+                                   "WATCHBUY_HOOK_NONCE_CAPACITY": "50"})
+    assert (settings.hook_max_age, settings.hook_max_future, settings.hook_nonce_capacity) == \
+        (120, 5, 50)
+    for name, value in [("WATCHBUY_HOOK_MAX_AGE", "0"), ("WATCHBUY_HOOK_MAX_FUTURE", "-1"),
+                        ("WATCHBUY_HOOK_MAX_FUTURE", "400"), ("WATCHBUY_HOOK_NONCE_CAPACITY", "0")]:
+        with pytest.raises(ConfigError, match=name):
+            load_site_settings({**base, name: value})
 
 
 def test_request_parser_incremental():
