@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup system-deps frontend lint bench clean
+.PHONY: run test setup system-deps frontend lint bench wheel clean
 
 run: setup
 	$(BIN)/watchbuy serve
@@ -57,6 +57,22 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider bench --benchmark-only
+
+# The release wheel (deploy/README.md, "Releasing"): built with the venv's setuptools and Cython,
+# then repaired by auditwheel into a manylinux tag, so one wheel installs on any Linux of the
+# build machine's architecture whose glibc is at least the tag's.  --plat is a floor, not a target: the build fails if
+# the codecs need a newer glibc than MANYLINUX (2.34 = Amazon Linux 2023; Ubuntu 22.04 has 2.35),
+# and auditwheel picks the oldest tag their symbols allow (manylinux_2_17 today).  The codecs
+# link nothing but libc, so there is nothing to graft and no patchelf is needed ("--patcher
+# none"); should one ever link another library, repair stops, naming the file (then install
+# patchelf and drop the option, so auditwheel can graft it).
+MANYLINUX ?= manylinux_2_34
+RAW_WHEELS := build/raw-wheel
+wheel: $(STAMP)
+	rm -rf $(RAW_WHEELS) dist/watchbuy-*.whl
+	$(BIN)/python -m build --wheel --no-isolation --outdir $(RAW_WHEELS) .
+	$(BIN)/python -m auditwheel repair --patcher none --plat $(MANYLINUX)_$$(uname -m) \
+	  --wheel-dir dist $(RAW_WHEELS)/watchbuy-*.whl
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info engine/*.so engine/*.c

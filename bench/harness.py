@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.fanout import common
-from bench.fanout.common import (
+from bench import common
+from bench.common import (
     BenchError,
     cpu_plan,
     flv_summary,
@@ -479,6 +479,10 @@ def add_machine_options(p, *, load_help: str, quick_help: str, raw_help: str) ->
     p.add_argument("--raw", action="store_true", help=raw_help)
 
 
+def no_notes(row: dict) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class Harness:
     """What makes one harness: the command's frame (:func:`main`) is the same for both."""
@@ -491,11 +495,12 @@ class Harness:
     describe_media: Callable[[dict], str]  # the line printed about the media file
     run: Callable[..., dict]  # (server, n, args, flv, media) -> row
     sustained: Callable[[dict], bool]  # the row's server kept up
-    format_row: Callable[[dict], str]
-    header: Callable[[], str]
+    table: Table  # the printed results (results_table)
     ratios: Callable[[list[dict], dict], None]  # (runs, report): into the report, printed
     capacity_title: str
     failed: Callable[[dict], bool]  # the row makes the command fail
+    quick: dict[str, float | int]  # --quick: these option values, one run per server, no sweep
+    row_notes: Callable[[dict], list[str]] = no_notes  # notes after the flags of a row
 
 
 def run_and_print(harness: Harness, args, flv: Path, media: dict, runs: list[dict]):
@@ -504,7 +509,7 @@ def run_and_print(harness: Harness, args, flv: Path, media: dict, runs: list[dic
     def run_one(name: str, n: int) -> dict:
         row = harness.run(name, n, args, flv, media)
         runs.append(row)
-        print(harness.format_row(row), flush=True)
+        print(harness.table.format_row(row, harness.row_notes(row)), flush=True)
         return row
 
     return run_one
@@ -522,6 +527,11 @@ def sweep(harness: Harness, servers: list[str], args, flv: Path, media: dict, ru
 
 def main(harness: Harness, args, argv: list[str]) -> int:
     """Runs (one per server, or the sweep), the table, ratios and capacity; the JSON; the status."""
+    common.install_signal_handlers()
+    if args.quick:
+        for option, value in harness.quick.items():
+            setattr(args, option, value)
+        args.sweep = False
     notes: list[str] = []
     status = 0
     report: dict = {"kind": harness.kind, "argv": argv}
@@ -538,7 +548,7 @@ def main(harness: Harness, args, argv: list[str]) -> int:
         print(harness.describe_media(media))
         runs: list[dict] = []
         capacity: dict = {}
-        print(harness.header())
+        print(harness.table.header())
         if args.sweep:
             capacity = sweep(harness, servers, args, flv, media, runs)
         else:

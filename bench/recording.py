@@ -20,8 +20,14 @@ import asyncio
 import concurrent.futures
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+
+if __package__ in (None, ""):  # a script, or imported as `recording` (bench/conftest.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import loopback_node_settings  # noqa: E402
 
 WORK_DIR = Path(__file__).resolve().parent / "work"
 SESSION_FILE = WORK_DIR / "ffmpeg_publish.rtmp"
@@ -128,18 +134,8 @@ async def _pump(
 
 async def _record(ffmpeg: str) -> bytes:
     from watchbuy.engine.node import MediaNode
-    from watchbuy.settings import Settings
 
-    settings = Settings(
-        node_id="bench-recorder",
-        rtmp_host="127.0.0.1",
-        rtmp_port=0,
-        http_host="127.0.0.1",
-        http_port=0,
-        stream_keys={STREAM_KEY: STREAM_NAME},
-        data_dir="",
-    )
-    node = MediaNode(settings)
+    node = MediaNode(loopback_node_settings("bench-recorder", {STREAM_KEY: STREAM_NAME}))
     await node.start()
     sessions: list[bytearray] = []
     proxies: list[asyncio.Task] = []

@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 
+import watchbuy
 from watchbuy.settings import ConfigError
 
 COMPONENT_CLIS = (
@@ -57,8 +58,14 @@ async def run_until_signalled(start, stop) -> None:
         await stop()
 
 
+def add_version_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"%(prog)s {watchbuy.__version__}",
+                        help="print the installed version and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="watchbuy", description="WatchBuy live-stream shopping")
+    add_version_option(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMPONENT_CLIS:
         try:
@@ -72,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `--version` is answered before the components' commands are imported, so it works even
+    # where a component's dependencies are missing or broken (a wheel installed --no-deps).
+    early = argparse.ArgumentParser(prog="watchbuy", add_help=False, allow_abbrev=False)
+    add_version_option(early)
+    early.parse_known_args(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

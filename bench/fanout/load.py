@@ -296,6 +296,33 @@ async def _late_joiner(loop, host, port, path, at: float, timeout: float) -> dic
     }
 
 
+def viewer_plan(
+    server,
+    paths: list[str],
+    viewers: int,
+    *,
+    connect_at: float,
+    connect_spread: float,
+    t_start: float,
+    t_end: float,
+    late_at: list[float] | None = None,
+) -> dict:
+    """The plan :func:`run_plan` reads: ``viewers`` viewers of ``server``'s HTTP port, over
+    ``paths`` in turn, connecting evenly over ``connect_spread`` s from ``connect_at``, measured
+    in ``[t_start, t_end)``; late joiners at the moments ``late_at``."""
+    return {
+        "host": "127.0.0.1",
+        "port": server.http_port,
+        "paths": paths,
+        "viewers": viewers,
+        "connect_at": connect_at,
+        "connect_spread": connect_spread,
+        "t_start": t_start,
+        "t_end": t_end,
+        "late_at": late_at or [],
+    }
+
+
 async def run_plan(plan: dict) -> dict:
     """Open the viewers as planned, keep them until the window ends, summarise."""
     loop = asyncio.get_running_loop()

@@ -16,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.fanout.common import WORK  # noqa: E402
+from bench.common import WORK  # noqa: E402
 
 
 def newest(pattern: str) -> Path | None:

@@ -28,9 +28,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python bench/fanout/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench import harness  # noqa: E402
-from bench.fanout import common  # noqa: E402
-from bench.fanout.common import (  # noqa: E402
+from bench import common, harness  # noqa: E402
+from bench.common import (  # noqa: E402
     FANOUT_FLV,
     WORK,
     ffmpeg_path,
@@ -38,6 +37,7 @@ from bench.fanout.common import (  # noqa: E402
     nms_installed,
     spawn,
 )
+from bench.fanout.load import viewer_plan  # noqa: E402
 from bench.fanout.servers import wait_stream_live  # noqa: E402
 from bench.harness import (  # noqa: E402
     KEEP_UP,
@@ -108,22 +108,17 @@ def fanout_run(server_name: str, n: int, args, flv: Path, media: dict) -> dict:
         t_start = connect_at + spread + args.warmup
         t_end = t_start + args.seconds
         late_at = [t_start + args.seconds * (i + 0.5) / LATE_JOINERS for i in range(LATE_JOINERS)]
-        plans = []
-        for i, count in enumerate(split(n, procs)):
-            plans.append(
-                {
-                    "host": "127.0.0.1",
-                    "port": server.http_port,
-                    "paths": [server.play_path(0)],
-                    "viewers": count,
-                    "connect_at": connect_at,
-                    "connect_spread": spread,
-                    "t_start": t_start,
-                    "t_end": t_end,
-                    "late_at": late_at if i == 0 else [],
-                }
+        jobs = [
+            (
+                "bench.fanout.load",
+                viewer_plan(
+                    server, [server.play_path(0)], count, connect_at=connect_at,
+                    connect_spread=spread, t_start=t_start, t_end=t_end,
+                    late_at=late_at if i == 0 else [],
+                ),
             )
-        jobs = [("bench.fanout.load", plan) for plan in plans]
+            for i, count in enumerate(split(n, procs))
+        ]
         results, marks = run_loads(server, jobs, load_cpus, meter, t_start, t_end)
         note_server(row, server)
         window = t_end - t_start
@@ -192,9 +187,6 @@ TABLE = results_table(
     width=8,
     saturated="load generator saturated",
 )
-COLUMNS = TABLE.columns
-format_row = TABLE.format_row
-header = TABLE.header
 
 
 def ratio(a, b) -> float | None:
@@ -300,11 +292,11 @@ HARNESS = harness.Harness(
     describe_media=describe_media,
     run=fanout_run,
     sustained=sustained,
-    format_row=format_row,
-    header=header,
+    table=TABLE,
     ratios=report_ratios,
     capacity_title="capacity (largest N with >= 99 % of viewers keeping up)",
     failed=failed,
+    quick={"viewers": 20, "seconds": 5.0, "warmup": 1.0, "baseline": 1.0},
 )
 
 
@@ -312,12 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.install_nms:
         return install_nms()
-    common.install_signal_handlers()
     if args.full:
         return full(args)
-    if args.quick:
-        args.viewers, args.seconds, args.warmup, args.baseline = 20, 5.0, 1.0, 1.0
-        args.sweep = False
     return harness.main(HARNESS, args, sys.argv[1:] if argv is None else argv)
 
 
@@ -328,6 +316,7 @@ def full(args) -> int:
     codec suites (pytest-benchmark, JSON kept), the fan-out sweep and the ingest sweep; every
     JSON lands in bench/work/ with one time stamp.
     """
+    common.install_signal_handlers()
     if not nms_installed() and install_nms() != 0:
         print("continuing without node-media-server", file=sys.stderr)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.fanout.common import (
+from bench.common import (
     NMS_DIR,
     NMS_SCRIPT,
     REPO,

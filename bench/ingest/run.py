@@ -39,8 +39,8 @@ if __package__ in (None, ""):  # run as a script: python bench/ingest/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import harness  # noqa: E402
-from bench.fanout import common  # noqa: E402
-from bench.fanout.common import INGEST_FLV  # noqa: E402
+from bench.common import INGEST_FLV  # noqa: E402
+from bench.fanout.load import viewer_plan  # noqa: E402
 from bench.harness import (  # noqa: E402
     KEEP_UP,
     count_errors,
@@ -80,17 +80,10 @@ def ingest_run(name: str, k: int, args, flv: Path, media: dict) -> dict:
             "t_end": t_end,
             "concurrency": 64,
         }
-        probe_plan = {
-            "host": "127.0.0.1",
-            "port": server.http_port,
-            "paths": [server.play_path(i) for i in sample],
-            "viewers": len(sample),
-            "connect_at": probes_at,
-            "connect_spread": 0.5,
-            "t_start": t_start,
-            "t_end": t_end,
-            "late_at": [],
-        }
+        probe_plan = viewer_plan(
+            server, [server.play_path(i) for i in sample], len(sample), connect_at=probes_at,
+            connect_spread=0.5, t_start=t_start, t_end=t_end,
+        )
         jobs = [("bench.ingest.publishers", pub_plan), ("bench.fanout.load", probe_plan)]
         (pubs, probes), marks = run_loads(
             server, jobs, run.load_cpus, server.meter, t_start, t_end, api_path="/api/streams"
@@ -176,16 +169,14 @@ TABLE = results_table(
     width=7,
     saturated="load generator was the limit",
 )
-COLUMNS = TABLE.columns
-header = TABLE.header
 
 
-def format_row(row: dict) -> str:
+def publisher_errors(row: dict) -> list[str]:
+    """A row's note of its publishers' errors, after the table's flags."""
     errors = row.get("publisher_errors")
-    more = (
-        ["publisher errors: " + ", ".join(f"{n}x {e}" for e, n in errors.items())] if errors else []
-    )
-    return TABLE.format_row(row, more)
+    if not errors:
+        return []
+    return ["publisher errors: " + ", ".join(f"{n}x {e}" for e, n in errors.items())]
 
 
 def report_ratios(runs: list[dict], report: dict) -> None:
@@ -242,20 +233,17 @@ HARNESS = harness.Harness(
     describe_media=describe_media,
     run=ingest_run,
     sustained=lambda row: bool(row.get("sustained")),
-    format_row=format_row,
-    header=header,
+    table=TABLE,
     ratios=report_ratios,
     capacity_title="publishers one server core sustains (largest K that keeps up)",
     failed=failed,
+    quick={"publishers": 20, "seconds": 4.0, "warmup": 1.0, "probes": 5},
+    row_notes=publisher_errors,
 )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    common.install_signal_handlers()
-    if args.quick:
-        args.publishers, args.seconds, args.warmup, args.probes = 20, 4.0, 1.0, 5
-        args.sweep = False
     return harness.main(HARNESS, args, sys.argv[1:] if argv is None else argv)
 
 

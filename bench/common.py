@@ -20,7 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from watchbuy.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 WORK = BENCH / "work"
 LOGS = WORK / "logs"
@@ -313,6 +315,22 @@ class TreeMeter:
 
     def peak_kb(self) -> int:
         return max(self.peak_rss_kb, hwm_kb(self.refresh()))
+
+
+# -- an in-process media node ----------------------------------------------------------------------
+def loopback_node_settings(node_id: str, stream_keys: dict[str, str], **changes) -> Settings:
+    """Settings of a media node run in-process for a benchmark or a test: both listeners on
+    127.0.0.1 at ports the kernel picks (0: runs never collide, nothing leaves the machine), no
+    data folder; ``changes`` override any other field."""
+    return Settings(
+        node_id=node_id,
+        rtmp_host="127.0.0.1",
+        rtmp_port=0,
+        http_host="127.0.0.1",
+        http_port=0,
+        stream_keys=dict(stream_keys),
+        data_dir="",
+    ).replace(**changes)
 
 
 # -- media ---------------------------------------------------------------------------------------
