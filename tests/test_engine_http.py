@@ -465,8 +465,32 @@ async def garbage_after_valid(port: int, seconds: float) -> None:
         writer.close()
 
 
+class AnswersPerTurn:
+    """The most HTTP answers the node gave within one turn of the event loop: a callback that
+    re-schedules itself with call_soon runs once per turn and reads the count in between."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.count = self.most = 0
+        self.running = True
+        respond = http.HttpSession.respond
+
+        def counting(session, *args, **kwargs):
+            self.count += 1
+            return respond(session, *args, **kwargs)
+
+        monkeypatch.setattr(http.HttpSession, "respond", counting)
+        self.loop = asyncio.get_running_loop()
+        self.loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.most = max(self.most, self.count)
+        self.count = 0
+        if self.running:
+            self.loop.call_soon(self._tick)
+
+
 @pytest.mark.usefixtures("ffmpeg")
-async def test_healthy_viewer_keeps_its_rate_under_every_http_attack(node, caplog):
+async def test_healthy_viewer_keeps_its_rate_under_every_http_attack(node, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="watchbuy")
     small_timeouts(node, header_timeout=1.0, drain_timeout=1.0)
     pub = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1", seconds=90)
@@ -482,8 +506,13 @@ async def test_healthy_viewer_keeps_its_rate_under_every_http_attack(node, caplo
             slow_heads(node.http_port, window),
             garbage_after_valid(node.http_port, window),
         )
+        per_turn = AnswersPerTurn(monkeypatch)
         rate = await meter.measure(attacks)
+        per_turn.running = False
         answered = attacks.result()[:2]
+        # Three pipelining connections and one more at a time: each gets at most
+        # http_requests_per_turn answers per turn (one 256 kB read used to get ~6500).
+        assert per_turn.most <= 4 * node.config.http_requests_per_turn, per_turn.most
         assert rate >= 0.9, f"healthy viewer got {rate:.0%} of real time"
         assert all(answered), answered  # the floods were answered, just not all at once
         assert not meter.task.done()
