@@ -22,6 +22,7 @@ from watchbuy.engine import http
 from watchbuy.engine.client import RtmpClient
 from watchbuy.engine.codecs import flvmux
 from watchbuy.engine.httpparse import HttpError, Request, RequestParser
+from watchbuy.settings import ConfigError, load_settings
 
 GET = b"GET /api/streams HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -82,6 +83,17 @@ def test_queued_bytes_are_bounded():
     events = parser.feed(GET * 4000, limit=32)  # 150 kB queued behind the first 32
     assert isinstance(events[-1], HttpError) and events[-1].status == 431
     assert parser.buffered == 0
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("DRAIN_TIMEOUT", "0", "WATCHBUY_DRAIN_TIMEOUT: must be positive"),
+    ("HEADER_TIMEOUT", "soon", "WATCHBUY_HEADER_TIMEOUT: expected a number, got 'soon'"),
+    ("HTTP_REQUESTS_PER_TURN", "-1", "WATCHBUY_HTTP_REQUESTS_PER_TURN: must be positive"),
+])
+def test_bad_http_limit_is_one_clear_line(name, value, message):
+    with pytest.raises(ConfigError) as error:
+        load_settings({"WATCHBUY_" + name: value, "WATCHBUY_ENV_FILE": os.devnull})
+    assert str(error.value) == message
 
 
 # -- helpers for node tests -------------------------------------------------------------------
