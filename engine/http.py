@@ -144,7 +144,7 @@ class FlvViewer(Viewer):
             return  # script data before any track: nothing a player could start from (as SRS)
         stream = self.stream
         has_audio, has_video = stream_tracks(stream) if stream is not None else (True, True)
-        if not (has_audio or has_video):  # pragma: no cover - the batch has audio or video
+        if not (has_audio or has_video):  # pragma: no cover - only empty media payloads name no codec
             has_audio = has_video = True
         self.header_sent = True
         prefix = [flvmux.flv_header(has_audio, has_video)]
