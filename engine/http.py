@@ -8,20 +8,43 @@ Routes:
 * ``OPTIONS`` — CORS preflight; every answer carries CORS headers so a browser on the site's
   origin can fetch the stream.
 
+``/api/streams`` is public and leaves out each stream's ``publisher`` (the host's IP:port, often
+a home address).  The operator view adds it: the same request with
+``Authorization: Bearer <WATCHBUY_HOOK_SECRET>``.  Without a configured hook secret there is no
+operator view.
+
 Live responses are never cacheable (``Cache-Control: no-cache``) and use chunked encoding on
 HTTP/1.1, which proxies and CDNs handle, and close-delimited bodies on HTTP/1.0.
+
+The FLV header's audio/video flags say what the stream carries, as SRS does with its default
+``guess_has_av``: players (ffmpeg, ffplay, mpv, VLC) wait for every track the header announces,
+so an audio-only stream announced as audio+video never starts.  A viewer joining a stream that
+has shown its tracks (sequence headers, codecs, or ``onMetaData``'s ``videocodecid`` /
+``audiocodecid``) gets the flags from those; a viewer joining before the stream has shown any
+audio or video gets its header with the first batch that carries some, flagged from what the
+stream has shown by then (SRS writes its header at the first messages with A/V the same way).
+
+One client costs bounded work and memory (``WATCHBUY_HTTP_*`` and the timeouts in
+:class:`~watchbuy.settings.Settings`): at most ``http_requests_per_turn`` pipelined requests are
+answered before the event loop serves others; reading pauses while answers are queued or the
+peer is not taking them; a head must be complete within ``header_timeout``, an idle keep-alive
+connection closes after ``keepalive_timeout``, and an answer the peer does not take (a closing
+JSON answer, the end of a live body, a paused pipeline) is aborted after ``drain_timeout``.  An
+HTTP-FLV viewer, once streaming, is left to the relay's stall cut-off instead.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from watchbuy.engine.codecs import flvmux
-from watchbuy.engine.errors import ProtocolError
 from watchbuy.engine.httpparse import HttpError, Request, RequestParser
-from watchbuy.engine.relay import LiveStream, Tag, Viewer, ViewerSession
+from watchbuy.engine.relay import MSG_AUDIO, MSG_VIDEO, LiveStream, Tag, Viewer, ViewerSession
 
 if TYPE_CHECKING:
     from watchbuy.engine.node import MediaNode
@@ -38,6 +61,49 @@ REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
            405: "Method Not Allowed", 431: "Request Header Fields Too Large"}
 
 
+class LogBudget:
+    """At most ``lines`` log lines per ``interval`` seconds; the next line allowed after a quiet
+    spell says how many were held back.  Lines a crowd of peers can trigger at once (timeouts,
+    aborted drains, refused requests) go through one, so a flood cannot flood the log."""
+
+    def __init__(self, lines: int = 20, interval: float = 10.0) -> None:
+        self.lines = lines
+        self.interval = interval
+        self._window_start = 0.0
+        self._used = 0
+        self.suppressed = 0
+
+    def log(self, level: int, message: str, *args: object) -> None:
+        if not log.isEnabledFor(level):
+            return
+        now = time.monotonic()
+        if now - self._window_start >= self.interval:
+            if self.suppressed:
+                log.log(level, "(%d similar lines suppressed)", self.suppressed)
+            self._window_start = now
+            self._used = 0
+            self.suppressed = 0
+        if self._used >= self.lines:
+            self.suppressed += 1
+            return
+        self._used += 1
+        log.log(level, message, *args)
+
+
+LOG_BUDGET = LogBudget()
+
+
+def stream_tracks(stream: LiveStream) -> tuple[bool, bool]:
+    """(has audio, has video) as far as the stream has shown so far."""
+    meta = stream.metadata
+    # ``is not None``: codec id 0 (PCM) is a real audio codec.
+    audio = bool(stream.audio_codec or stream.audio_header) or \
+        meta.get("audiocodecid") is not None
+    video = bool(stream.has_video or stream.video_header) or \
+        meta.get("videocodecid") is not None
+    return audio, video
+
+
 class FlvViewer(Viewer):
     """An HTTP-FLV viewer: gets the shared FLV tag bytes, framed per batch when chunked."""
 
@@ -46,6 +112,8 @@ class FlvViewer(Viewer):
     def __init__(self, session: HttpSession, chunked: bool) -> None:
         super().__init__(session)
         self.chunked = chunked
+        self.stream: LiveStream | None = None
+        self.header_sent = False
 
     def encoding_key(self) -> object:
         return ("flv", self.chunked)
@@ -60,8 +128,34 @@ class FlvViewer(Viewer):
         return [b"%x\r\n" % sum(map(len, body)), *body, b"\r\n"]
 
     def start(self, stream: LiveStream) -> None:
-        header = flvmux.flv_header(True, True)
+        self.stream = stream
+        has_audio, has_video = stream_tracks(stream)
+        if not (has_audio or has_video):
+            return  # nothing shown yet: the header goes out with the first audio or video
+        self.header_sent = True
+        header = flvmux.flv_header(has_audio, has_video)
         self.write(self.frame([header, *(tag.flv for tag in stream.startup_tags())]))
+
+    def deliver(self, tags: list[Tag], shared: dict | None = None) -> None:
+        if self.header_sent or self.closed or self.paused_since is not None:
+            super().deliver(tags, shared)
+            return
+        if not any(tag.type_id in (MSG_AUDIO, MSG_VIDEO) for tag in tags):
+            return  # script data before any track: nothing a player could start from (as SRS)
+        stream = self.stream
+        has_audio, has_video = stream_tracks(stream) if stream is not None else (True, True)
+        if not (has_audio or has_video):  # pragma: no cover - only empty media payloads name no codec
+            has_audio = has_video = True
+        self.header_sent = True
+        prefix = [flvmux.flv_header(has_audio, has_video)]
+        if stream is not None:
+            # What this batch does not carry and a player needs first (a viewer that was
+            # paused before its header also lost the sequence headers).
+            prefix.extend(t.flv for t in (stream.metadata_tag, stream.video_header,
+                                          stream.audio_header)
+                          if t is not None and all(t is not tag for tag in tags))
+        self.write(self.frame(prefix))
+        super().deliver(tags, None)
 
     def end(self) -> None:
         self.closed = True
@@ -69,14 +163,34 @@ class FlvViewer(Viewer):
 
 
 class HttpSession(ViewerSession):
+    """One HTTP connection: answers pipelined requests a bounded number per turn, under
+    backpressure and timeouts, until it becomes an HTTP-FLV viewer or closes."""
+
     protocol = "http"
 
     def __init__(self, node: MediaNode) -> None:
         super().__init__(node)
-        self.parser = RequestParser()
+        config = node.config
+        self.parser = RequestParser(config.http_max_head, config.http_max_buffer)
         self.stream: LiveStream | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_kind = ""
+        self._write_paused = False  # our answers are above the transport's high-water mark
+        self._reading_paused = False
+        self._turn_scheduled = False
+        self._closing = False  # the last answer is queued; the transport closes after it
+        self._lost = False
+
+    # -- connection life ----------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.loop = asyncio.get_running_loop()
+        self._arm("header", self.node.config.header_timeout)
 
     def connection_lost(self, exc) -> None:
+        self._lost = True
+        self._cancel_timer()
         self.node.stats.connection_closed("http")
         if self.viewer is not None and self.stream is not None:
             self.viewer.closed = True
@@ -85,21 +199,130 @@ class HttpSession(ViewerSession):
 
     def data_received(self, data: bytes) -> None:
         self.node.stats.bytes_in += len(data)
+        if self.viewer is not None or self._closing:
+            return  # a streaming or closing response owns the connection; ignore the rest
+        self._turn(data)
+
+    def pause_writing(self) -> None:
         if self.viewer is not None:
-            return  # a streaming response owns the connection; ignore pipelined junk
+            super().pause_writing()
+            return
+        # The peer is not taking our answers: stop reading (and answering) until it does.
+        self._write_paused = True
+        if not self._closing:
+            self._set_reading(False)
+            self._arm("drain", self.node.config.drain_timeout)
+
+    def resume_writing(self) -> None:
+        if self.viewer is not None:
+            super().resume_writing()
+            return
+        self._write_paused = False
+        if not self._closing and not self._lost:
+            self._schedule()
+
+    # -- requests -----------------------------------------------------------------------------
+    def _turn(self, data: bytes = b"") -> None:
+        """Answer at most ``http_requests_per_turn`` requests; the rest wait for a later turn."""
+        self._turn_scheduled = False
+        if self._lost or self._closing or self.viewer is not None:
+            return
         try:
-            requests = self.parser.feed(data)
-        except HttpError as exc:
-            log.info("http %s: %s", self.peer, exc.reason)
-            self.respond(exc.status, {"error": exc.reason}, keep_alive=False)
+            for event in self.parser.feed(data, self.node.config.http_requests_per_turn):
+                if isinstance(event, HttpError):
+                    LOG_BUDGET.log(logging.INFO, "http %s: %s", self.peer, event.reason)
+                    self.respond(event.status, {"error": event.reason}, keep_alive=False)
+                    return
+                self._cancel_timer()  # a whole head arrived in time
+                self.handle(event)
+                if self.viewer is not None or self._closing or self._write_paused:
+                    break
+        except Exception as exc:  # a bug must cost this connection only, and one line
+            LOG_BUDGET.log(logging.WARNING, "http %s: internal error: %s: %s", self.peer,
+                           type(exc).__name__, exc)
+            self._closing = True
+            self.transport.abort()
             return
-        except ProtocolError as exc:  # pragma: no cover - the parser raises HttpError only
-            self.respond(400, {"error": str(exc)}, keep_alive=False)
+        if self.viewer is not None:
+            self._cancel_timer()  # a streaming viewer is the relay's to cut off
+            self._set_reading(True)
             return
-        for request in requests:
-            self.handle(request)
-            if self.viewer is not None or self.transport.is_closing():
-                return
+        if not self._closing:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """After a turn or a drained write buffer: plan the next turn, reading and timer."""
+        backlog = self.parser.has_complete()
+        if backlog and not self._write_paused and not self._turn_scheduled:
+            self._turn_scheduled = True
+            self.loop.call_soon(self._turn)
+        # Read more only when all that was read is answered and the peer takes the answers:
+        # this bounds what one client can queue in the parser and in the write buffer.
+        self._set_reading(not backlog and not self._write_paused)
+        config = self.node.config
+        if self._write_paused:
+            if self._timer_kind != "drain":
+                self._arm("drain", config.drain_timeout)
+        elif backlog:
+            self._cancel_timer()  # waiting on us, not on the peer
+        elif self.parser.buffered:
+            if self._timer_kind != "header":  # the clock runs from a head's first byte
+                self._arm("header", config.header_timeout)
+        elif self._timer_kind != "keepalive":
+            self._arm("keepalive", config.keepalive_timeout)
+
+    def _set_reading(self, on: bool) -> None:
+        if self._reading_paused is not on or self.transport.is_closing():
+            return  # already as asked (paused is the opposite of on), or closing anyway
+        self._reading_paused = not on
+        if on:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+    # -- timers -------------------------------------------------------------------------------
+    def _arm(self, kind: str, delay: float) -> None:
+        self._cancel_timer()
+        self._timer_kind = kind
+        self._timer = self.loop.call_later(delay, self._expired)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_kind = ""
+
+    def _expired(self) -> None:
+        kind, self._timer, self._timer_kind = self._timer_kind, None, ""
+        if self._lost:
+            return
+        config = self.node.config
+        if kind == "drain":
+            LOG_BUDGET.log(logging.INFO, "http %s: peer took no data for %.0f s: aborting",
+                           self.peer, config.drain_timeout)
+            self._closing = True
+            self.transport.abort()
+        elif kind == "header":
+            LOG_BUDGET.log(logging.INFO, "http %s: no complete request head within %.0f s: "
+                           "closing", self.peer, config.header_timeout)
+            self.close_after_drain()
+        else:
+            LOG_BUDGET.log(logging.DEBUG, "http %s: idle for %.0f s: closing", self.peer,
+                           config.keepalive_timeout)
+            self.close_after_drain()
+
+    def close_after_drain(self) -> None:
+        """Close once the queued bytes are sent, but abort a peer that does not take them
+        within ``drain_timeout``: ``transport.close()`` alone waits on it forever."""
+        if self._closing and self._timer_kind == "drain":
+            return
+        self._closing = True
+        self._set_reading(False)
+        self.transport.close()
+        if not self._lost and self.transport.get_write_buffer_size():
+            self._arm("drain", self.node.config.drain_timeout)
+        else:
+            self._cancel_timer()
 
     # -- responses ----------------------------------------------------------------------------
     def respond(self, status: int, body: dict | None, keep_alive: bool = True,
@@ -116,7 +339,17 @@ class HttpSession(ViewerSession):
         self.transport.write(head if head_only else head + payload)
         self.count_out(len(head) + len(payload))
         if not keep_alive:
-            self.transport.close()
+            self.close_after_drain()
+
+    def is_operator(self, request: Request) -> bool:
+        """``Authorization: Bearer <hook secret>``; never true without a configured secret."""
+        secret = self.node.config.hook_secret
+        if not secret:
+            return False
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(token.strip().encode("latin-1"), secret.encode())
 
     def handle(self, request: Request) -> None:
         keep = request.keep_alive
@@ -129,7 +362,8 @@ class HttpSession(ViewerSession):
         head_only = request.method == "HEAD"
         path = request.path
         if path == "/api/streams":
-            self.respond(200, self.node.streams_info(), keep, head_only)
+            info = self.node.streams_info(operator=self.is_operator(request))
+            self.respond(200, info, keep, head_only)
         elif path == "/api/server":
             self.respond(200, self.node.server_info(), keep, head_only)
         elif path == "/healthz":
@@ -162,7 +396,7 @@ class HttpSession(ViewerSession):
         self.transport.write(head)
         self.count_out(len(head))
         if head_only:
-            self.transport.close()
+            self.close_after_drain()
             return
         self.stream = stream
         self.viewer = FlvViewer(self, chunked)
@@ -172,6 +406,6 @@ class HttpSession(ViewerSession):
         """The publisher stopped: finish the body so the player sees the end at once."""
         if viewer.chunked:
             self.transport.write(b"0\r\n\r\n")
-        self.transport.close()
         self.viewer = None
         self.stream = None
+        self.close_after_drain()

@@ -1,8 +1,19 @@
-"""A small incremental HTTP/1.x request-head parser (``feed(bytes)`` → requests), socket-free.
+"""A small incremental HTTP/1.x request-head parser (``feed(bytes)`` → events), socket-free.
 
 The media node only serves GET/HEAD/OPTIONS without bodies (FLV playback and JSON stats), so
-this parses request heads and refuses bodies; a head larger than ``max_head`` is an error, so a
-client cannot make us buffer without bound.
+this parses request heads and refuses bodies.
+
+Events are :class:`Request` objects and, at most once and always last, an :class:`HttpError`:
+the requests before a malformed one are still returned, so a client that pipelines a valid
+request and then garbage gets its answer before the 400.  After an error the parser returns
+nothing more.
+
+Work and memory are bounded: a head larger than ``max_head`` is an error, unparsed bytes beyond
+``max_buffer`` are an error (a client cannot make us buffer without bound), the buffer is one
+``bytearray`` consumed from the front once per :meth:`feed`, and the search for the end of a
+head resumes where the previous search stopped, so N pipelined requests cost O(bytes), not
+O(N × bytes).  ``feed(data, limit)`` returns at most ``limit`` events and keeps the rest for the
+next call (``feed(b"", limit)``), so the caller can answer a bounded number per turn.
 """
 
 from __future__ import annotations
@@ -11,6 +22,8 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from watchbuy.engine.errors import ProtocolError
+
+HEAD_END = b"\r\n\r\n"
 
 
 class HttpError(ProtocolError):
@@ -43,38 +56,73 @@ class Request:
         return "close" not in connection
 
 
-class RequestParser:
-    def __init__(self, max_head: int = 16384) -> None:
-        self.max_head = max_head
-        self._buffer = b""
+Event = Request | HttpError
 
-    def feed(self, data: bytes) -> list[Request]:
-        self._buffer += data
-        requests = []
-        while True:
-            end = self._buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buffer) > self.max_head:
+
+class RequestParser:
+    def __init__(self, max_head: int = 16384, max_buffer: int = 256 * 1024) -> None:
+        self.max_head = max_head
+        self.max_buffer = max(max_buffer, max_head)
+        self._buffer = bytearray()
+        self._scan = 0  # where the search for the next head end resumes
+        self.failed = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as a request (a partial or queued head)."""
+        return len(self._buffer)
+
+    def has_complete(self) -> bool:
+        """Whether a whole head is waiting (``feed(b"")`` would return an event)."""
+        if self.failed or not self._buffer:
+            return False
+        return self._buffer.find(HEAD_END, max(0, self._scan - 3)) >= 0 or \
+            len(self._buffer) > self.max_head
+
+    def feed(self, data: bytes = b"", limit: int | None = None) -> list[Event]:
+        if self.failed:
+            return []
+        buffer = self._buffer
+        buffer += data
+        events: list[Event] = []
+        start = 0
+        try:
+            while limit is None or len(events) < limit:
+                # Resume 3 bytes back: the end marker may straddle two reads.
+                end = buffer.find(HEAD_END, max(start, self._scan - 3))
+                if end < 0:
+                    self._scan = len(buffer)
+                    if len(buffer) - start > self.max_head:
+                        raise HttpError(431, "request head too large")
+                    break
+                if end - start > self.max_head:
                     raise HttpError(431, "request head too large")
-                return requests
-            if end > self.max_head:
-                raise HttpError(431, "request head too large")
-            head = self._buffer[:end]
-            self._buffer = self._buffer[end + 4 :]
-            requests.append(self._parse(head))
+                events.append(self._parse(bytes(buffer[start:end])))
+                start = self._scan = end + 4
+        except HttpError as exc:
+            events.append(exc)
+            self.failed = True
+            buffer.clear()
+            self._scan = 0
+            return events
+        del buffer[:start]  # once per feed: no per-request copy of the rest
+        self._scan -= start
+        if len(buffer) > self.max_buffer:
+            events.append(HttpError(431, "too much pipelined data"))
+            self.failed = True
+            buffer.clear()
+            self._scan = 0
+        return events
 
     @staticmethod
     def _parse(head: bytes) -> Request:
-        try:
-            text = head.decode("latin-1")
-        except UnicodeDecodeError as exc:  # pragma: no cover - latin-1 decodes every byte
-            raise HttpError(400, "undecodable request head") from exc
+        text = head.decode("latin-1")  # decodes every byte; names and values are ASCII anyway
         lines = text.split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             raise HttpError(400, "malformed request line")
         method, target, version = parts
-        if not method.isalpha() or not target.startswith("/"):
+        if not method.isascii() or not method.isalpha() or not target.startswith("/"):
             raise HttpError(400, "malformed request line")
         headers: dict[str, str] = {}
         for line in lines[1:]:

@@ -111,11 +111,12 @@ class MediaNode:
             await asyncio.sleep(1.0)
 
     # -- stats for the HTTP API ---------------------------------------------------------------
-    def streams_info(self) -> dict:
-        return {
-            "node_id": self.config.node_id,
-            "streams": [s.info() for s in self.registry.streams.values()],
-        }
+    def streams_info(self, operator: bool = False) -> dict:
+        streams = [s.info() for s in self.registry.streams.values()]
+        if not operator:  # a publisher's IP:port is a host's home address: operators only
+            for info in streams:
+                info.pop("publisher", None)
+        return {"node_id": self.config.node_id, "streams": streams}
 
     def server_info(self) -> dict:
         rx, tx = self.stats.rates()

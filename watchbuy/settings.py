@@ -48,6 +48,13 @@ class Settings:
     stall_timeout: float = 10.0
     out_chunk_size: int = 4096
     max_message_size: int = 0xFFFFFF
+    # HTTP limits (engine/http.py): what one HTTP client may cost the node.
+    http_max_head: int = 16384  # bytes of one request head
+    http_max_buffer: int = 1024 * 1024  # unanswered pipelined bytes held per connection
+    http_requests_per_turn: int = 32  # pipelined requests answered before others get a turn
+    header_timeout: float = 10.0  # seconds to complete a request head once a connection opens
+    keepalive_timeout: float = 15.0  # seconds an idle keep-alive connection is kept
+    drain_timeout: float = 5.0  # seconds a closing answer may wait for a peer that does not read
     # everything
     data_dir: str = "data"
     log_level: str = "INFO"
@@ -151,6 +158,10 @@ def _validate(settings: Settings) -> None:
     if settings.publish_hook_url and not settings.hook_secret:
         raise ConfigError(f"{PREFIX}HOOK_SECRET: required when {PREFIX}PUBLISH_HOOK_URL is set")
     for name in ("gop_max_frames", "gop_max_bytes", "viewer_queue_bytes", "max_message_size"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{PREFIX}{name.upper()}: must be positive")
+    for name in ("http_max_head", "http_max_buffer", "http_requests_per_turn",
+                 "header_timeout", "keepalive_timeout", "drain_timeout"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{PREFIX}{name.upper()}: must be positive")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
