@@ -32,6 +32,10 @@ class PaymentError(Exception):
     """The payment provider refused or failed; the text is fit to show."""
 
 
+def idempotency_key(order: dict) -> str:
+    return f"watchbuy-order-{order['id']}-{order['created_at']:.3f}"
+
+
 class StripeGateway:
     def __init__(self, secret_key: str, webhook_secret: str, api_base: str = "") -> None:
         options = {"http_client": stripe.HTTPXClient()}
@@ -70,8 +74,10 @@ class StripeGateway:
         try:
             session = await self.client.v1.checkout.sessions.create_async(
                 params=params,
-                # the same order never makes two sessions, even when the buyer double-clicks
-                options={"idempotency_key": f"watchbuy-order-{order['id']}"},
+                # the same order never makes two sessions, even when the buyer double-clicks;
+                # its creation time in the key keeps a reused order id (a database restored
+                # or reset within Stripe's 24 h of keys) from getting another order's session
+                options={"idempotency_key": idempotency_key(order)},
             )
         except stripe.StripeError as exc:
             log.warning("stripe refused checkout for order %s: %s", order["id"], exc)
