@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -11,7 +13,7 @@ from watchbuy.db import queries
 from watchbuy.site.accounts import ensure_channel
 from watchbuy.site.chat import publish_room_event
 from watchbuy.site.rooms import product_card
-from watchbuy.site.storage import ImageRejected, check_image
+from watchbuy.site.storage import ImageRejected, prepare_image
 from watchbuy.site.web import (
     format_money,
     money_input,
@@ -90,13 +92,16 @@ async def read_image(request: Request, form) -> tuple[tuple[bytes, str, str] | N
     upload = form.get("image")
     if not isinstance(upload, UploadFile) or not upload.filename:
         return None, None
-    limit = request.app.state.settings.max_image_bytes
-    data = await upload.read(limit + 1)
+    settings = request.app.state.settings
+    data = await upload.read(settings.max_image_bytes + 1)
     try:
-        ext, content_type = check_image(data, limit)
+        # decoding and encoding take CPU time: off the event loop
+        image = await asyncio.to_thread(prepare_image, data, settings.max_image_bytes,
+                                        settings.max_image_pixels)
     except ImageRejected as exc:
         return None, str(exc)
-    return (data, ext, content_type), None
+    # what is stored and served is the re-encoded image, never the uploaded bytes
+    return (image.data, image.ext, image.content_type), None
 
 
 async def own_product(request: Request, host: dict) -> dict:
