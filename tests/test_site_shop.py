@@ -705,6 +705,7 @@ async def test_a_hidden_product_cannot_be_bought_by_any_path(site) -> None:
         "Sorry: Mug is not for sale any more: remove it from your cart. "
         "Adjust your cart and try again."]
     assert await table_counts(site.db) == before and await stock(site.db, mug["id"]) == 10
+    assert "no longer for sale" in (await browser.get("/cart")).text
     # taking it out of the cart still works
     response = await browser.post("/cart/update", {"product_id": str(mug["id"]),
                                                    "quantity": "0"})
