@@ -19,12 +19,16 @@ from watchbuy.site.web import format_money, parse_int, redirect, render, require
 log = logging.getLogger("watchbuy.site.shop")
 
 MAX_QUANTITY = 99
-# a shopper who keeps hitting a limit gets one log line a minute, not one per request
-LIMIT_LOG = RateLimiter(1, 60.0)
 
 
-def log_limit(user: dict, message: str) -> None:
-    if LIMIT_LOG.allow(user["id"]):
+def log_limit(request: Request, user: dict, message: str) -> None:
+    """Log a shop limit that refused this shopper: one line a minute per shopper at most, not
+    one per request (a script hitting the limit must not flood the log)."""
+    state = request.app.state
+    limiter = getattr(state, "shop_limit_log", None)
+    if limiter is None:
+        limiter = state.shop_limit_log = RateLimiter(1, 60.0)
+    if limiter.allow(user["id"]):
         log.info("shop limit for user %s: %s", user["id"], message)
 
 
@@ -77,7 +81,7 @@ async def cart_set(request: Request, add: bool):
     max_units = request.app.state.settings.max_units_per_product
     if quantity > max_units:
         message = f"At most {max_units} of {product['name']} per shopper."
-        log_limit(user, message)
+        log_limit(request, user, message)
         return await cart_error(request, message)
     await queries.set_cart_quantity(db, user["id"], product_id, quantity)
     if wants_json(request):
@@ -116,7 +120,7 @@ async def checkout(request: Request):
         return await cart_view(request, error=f"Sorry: {exc}. Adjust your cart and try again.",
                                status_code=409)
     except queries.OrderLimit as exc:
-        log_limit(user, str(exc))
+        log_limit(request, user, str(exc))
         return await cart_view(request, error=f"Sorry: {exc}.", status_code=409)
     except ValueError as exc:
         return await cart_view(request, error=str(exc), status_code=400)
