@@ -107,12 +107,12 @@ class StripeGateway:
                            "try again in a minute.") from refusal
 
     async def refund(self, payment_intent: str, order_id: int) -> str:
-        """Refund a payment in full; the refund's id.  Idempotent per order (a retried webhook
+        """Refund a payment in full; the refund's id.  Idempotent per payment (a retried webhook
         never refunds twice)."""
         refund = await self.client.v1.refunds.create_async(
             params={"payment_intent": payment_intent,
                     "metadata": {"order_id": str(order_id)}},
-            options={"idempotency_key": f"watchbuy-refund-{order_id}"})
+            options={"idempotency_key": f"watchbuy-refund-{payment_intent}"})
         return refund.id
 
     def parse_event(self, payload: bytes, signature: str | None):

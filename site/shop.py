@@ -160,7 +160,8 @@ async def test_pay(request: Request):
     if order["payment_mode"] != "test":
         raise HTTPException(404, "No such order.")
     # Only a POST pays; GET and HEAD (which Starlette routes here too) just show the form.
-    if request.method != "POST" or order["status"] != "pending":
+    paying = request.method == "POST" and order["status"] == "pending"
+    if not paying:
         return render(request, "pay_test.html", order=decorate(order), error=None)
     form = await request.form()
     error = payments.check_test_card(form.get("card", ""), form.get("expiry", ""),
