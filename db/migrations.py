@@ -44,13 +44,49 @@ async def create_tables(db: Database, metadata: sa.MetaData) -> None:
             await db.execute(db.compile_ddl(sa.schema.CreateIndex(index, if_not_exists=True)))
 
 
+async def column_names(db: Database, table: str) -> set[str]:
+    """The columns a table has now: a migration adds only what a database lacks, because
+    migration 1 creates the tables as :mod:`schema` is today (with the later columns)."""
+    if db.dialect_name == "sqlite":
+        rows = await db.fetch_all(f"PRAGMA table_info({table})")
+        return {row[1] for row in rows}
+    rows = await db.fetch_all(
+        "SELECT COLUMN_NAME FROM information_schema.COLUMNS "
+        "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :table", {"table": table})
+    return {row[0] for row in rows}
+
+
+async def add_missing_column(db: Database, column: sa.Column) -> bool:
+    """ALTER TABLE … ADD COLUMN for a column of :mod:`schema` the database lacks."""
+    table = column.table.name
+    if column.name in await column_names(db, table):
+        return False
+    spec = db.compile_ddl(sa.schema.CreateColumn(column))
+    await db.execute(f"ALTER TABLE {table} ADD COLUMN {spec}")
+    return True
+
+
 async def initial_schema(db: Database) -> None:
     await create_tables(db, schema.metadata)
+
+
+async def money_bigint_and_test_orders(db: Database) -> None:
+    # MySQL's INT stops at 2^31 - 1 minor units ($21 million); SQLite's INTEGER is 64-bit.
+    if db.dialect_name == "mysql":
+        for table, column in (("products", "price_minor"), ("orders", "total_minor"),
+                              ("order_items", "unit_price_minor")):
+            await db.execute(f"ALTER TABLE {table} MODIFY {column} BIGINT NOT NULL")
+    if await add_missing_column(db, schema.orders.c.test_mode):
+        # orders of the test-card form were never real money
+        await db.execute("UPDATE orders SET test_mode = 1 WHERE payment_mode = 'test'")
+    await add_missing_column(db, schema.orders.c.status_note)
 
 
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema: users, sessions, channels, products, cart, orders, chat",
               initial_schema),
+    Migration(2, "money columns BIGINT; orders.test_mode and orders.status_note",
+              money_bigint_and_test_orders),
 ]
 
 

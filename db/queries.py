@@ -35,6 +35,18 @@ class OutOfStock(Exception):
         self.product_name = product_name
 
 
+class NotForSale(ValueError):
+    """A product in the cart was hidden by its host: it cannot be ordered."""
+
+    def __init__(self, product_name: str) -> None:
+        super().__init__(f"{product_name} is not for sale any more: remove it from your cart")
+        self.product_name = product_name
+
+
+class OrderLimit(ValueError):
+    """The shopper holds as many unpaid orders or units as one shopper may (stock hoarding)."""
+
+
 def as_dict(row) -> dict | None:
     return None if row is None else dict(row._mapping)
 
@@ -240,6 +252,28 @@ async def update_product(db: Database, host_id: int, product_id: int,
         return await db.affected_rows() == 1
 
 
+async def set_product_shown(db: Database, host_id: int, product_id: int,
+                            shown: bool) -> tuple[bool, list[int]]:
+    """Shows or hides a product of this host: (changed, ids of channels it was unpinned from).
+
+    A hidden product is not for sale, so it cannot stay pinned: the same transaction unpins it
+    (the caller tells those rooms)."""
+    async with db.transaction():
+        await db.execute(products.update().where(
+            products.c.id == product_id, products.c.host_id == host_id,
+            products.c.deleted == sa.false()).values(shown=shown, updated_at=now()))
+        if await db.affected_rows() != 1:
+            return False, []
+        unpinned: list[int] = []
+        if not shown:
+            unpinned = [int(row[0]) for row in await db.fetch_all(
+                sa.select(channels.c.id).where(channels.c.pinned_product_id == product_id))]
+            if unpinned:
+                await db.execute(channels.update().where(channels.c.id.in_(unpinned))
+                                 .values(pinned_product_id=None))
+        return True, unpinned
+
+
 async def delete_product(db: Database, host_id: int, product_id: int) -> bool:
     async with db.transaction():
         await db.execute(products.update().where(
@@ -261,7 +295,7 @@ async def cart(db: Database, user_id: int) -> list[dict]:
     query = (
         sa.select(cart_items.c.product_id, cart_items.c.quantity, products.c.name,
                   products.c.price_minor, products.c.currency, products.c.stock,
-                  products.c.image, products.c.host_id)
+                  products.c.image, products.c.host_id, products.c.shown)
         .select_from(cart_items.join(products, products.c.id == cart_items.c.product_id))
         .where(cart_items.c.user_id == user_id, products.c.deleted == sa.false())
         .order_by(cart_items.c.id)
@@ -288,32 +322,82 @@ async def cart_quantity(db: Database, user_id: int, product_id: int) -> int:
 # -- orders -------------------------------------------------------------------------------------
 
 
-async def create_order_from_cart(db: Database, user_id: int, payment_mode: str) -> dict:
+async def pending_units(db: Database, user_id: int) -> dict[int, int]:
+    """Units per product that this shopper's unpaid orders hold."""
+    rows = await db.fetch_all(
+        sa.select(order_items.c.product_id, sa.func.sum(order_items.c.quantity))
+        .select_from(order_items.join(orders, orders.c.id == order_items.c.order_id))
+        .where(orders.c.user_id == user_id, orders.c.status == "pending")
+        .group_by(order_items.c.product_id))
+    return {int(row[0]): int(row[1]) for row in rows}
+
+
+async def check_order_limits(db: Database, user_id: int, lines: list[dict],
+                             max_pending: int | None, max_units: int | None) -> None:
+    """Raises :class:`OrderLimit` when this cart would make the shopper hold more unpaid
+    orders, or more units of one product, than one shopper may."""
+    if max_pending is not None:
+        pending = int(await db.fetch_val(
+            sa.select(sa.func.count()).select_from(orders)
+            .where(orders.c.user_id == user_id, orders.c.status == "pending")))
+        if pending >= max_pending:
+            raise OrderLimit(f"you already have {pending} unpaid orders: pay or cancel one "
+                             "before checking out again")
+    if max_units is not None:
+        held = await pending_units(db, user_id)
+        for line in lines:
+            have = held.get(line["product_id"], 0)
+            if have + line["quantity"] > max_units:
+                raise OrderLimit(f"at most {max_units} of {line['name']} per shopper"
+                                 + (f" (your unpaid orders hold {have})" if have else ""))
+
+
+async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
+                                 test_mode: bool | None = None, max_pending: int | None = None,
+                                 max_units: int | None = None) -> dict:
     """Cart → pending order with price snapshots, stock reserved, cart emptied: all or nothing.
 
-    Raises :class:`OutOfStock` (and changes nothing) when any line cannot be reserved, and
-    ValueError for an empty cart or mixed currencies.
+    Raises :class:`OutOfStock` (and changes nothing) when any line cannot be reserved,
+    :class:`NotForSale` for a hidden product, :class:`OrderLimit` past ``max_pending`` unpaid
+    orders or ``max_units`` units of one product held by this shopper, and ValueError for an
+    empty cart or mixed currencies.  ``test_mode`` (default: payment_mode "test") marks orders
+    that are no real money.
     """
     async with db.transaction():
+        # One checkout per shopper at a time: the limits below count this shopper's pending
+        # orders, and two concurrent checkouts must not both pass the count (MySQL; SQLite
+        # serialises write transactions anyway and has no FOR UPDATE).
+        await db.fetch_val(sa.select(users.c.id).where(users.c.id == user_id).with_for_update())
         lines = await cart(db, user_id)
         if not lines:
             raise ValueError("your cart is empty")
         currencies = {line["currency"] for line in lines}
         if len(currencies) != 1:
             raise ValueError("items in different currencies must be bought separately")
+        for line in lines:
+            if not line["shown"]:
+                raise NotForSale(line["name"])
+        await check_order_limits(db, user_id, lines, max_pending, max_units)
         # Lock rows in one global order (product id) so concurrent checkouts never deadlock.
         for line in sorted(lines, key=lambda line: line["product_id"]):
             await db.execute(
                 products.update()
                 .where(products.c.id == line["product_id"],
-                       products.c.stock >= line["quantity"])
+                       products.c.stock >= line["quantity"],
+                       # hidden since the cart was read: refused in the same statement
+                       products.c.shown == sa.true(), products.c.deleted == sa.false())
                 .values(stock=products.c.stock - line["quantity"], updated_at=now()))
             if await db.affected_rows() != 1:
+                now_shown = await db.fetch_val(sa.select(products.c.shown).where(
+                    products.c.id == line["product_id"], products.c.deleted == sa.false()))
+                if not now_shown:
+                    raise NotForSale(line["name"])
                 raise OutOfStock(line["name"])  # rolls back the reservations made so far
         total = sum(line["price_minor"] * line["quantity"] for line in lines)
         order_id = await db.execute(orders.insert().values(
             user_id=user_id, status="pending", total_minor=total, currency=currencies.pop(),
-            payment_mode=payment_mode, created_at=now()))
+            payment_mode=payment_mode, created_at=now(),
+            test_mode=payment_mode == "test" if test_mode is None else test_mode))
         for line in lines:
             await db.execute(order_items.insert().values(
                 order_id=order_id, product_id=line["product_id"], host_id=line["host_id"],
@@ -367,6 +451,49 @@ async def release_order(db: Database, order_id: int, status: str) -> bool:
         return True
 
 
+class _CannotReserve(Exception):
+    """Rolls back a re-reservation that found too little stock."""
+
+
+async def reopen_paid_order(db: Database, order_id: int) -> bool:
+    """A payment arrived for a cancelled/expired order: reserve its stock again and make it
+    paid, all or nothing.  False (nothing changed) when the stock is gone or the order is not
+    cancelled/expired (any more)."""
+    try:
+        async with db.transaction():
+            row = as_dict(await db.fetch_one(orders.select().where(orders.c.id == order_id)))
+            if row is None or row["status"] not in ("cancelled", "expired"):
+                return False
+            items = await db.fetch_all(order_items.select()
+                                       .where(order_items.c.order_id == order_id)
+                                       .order_by(order_items.c.product_id))
+            for item in items:
+                await db.execute(products.update().where(
+                    products.c.id == item["product_id"], products.c.deleted == sa.false(),
+                    products.c.stock >= item["quantity"])
+                    .values(stock=products.c.stock - item["quantity"], updated_at=now()))
+                if await db.affected_rows() != 1:
+                    raise _CannotReserve
+            await db.execute(orders.update().where(orders.c.id == order_id,
+                                                   orders.c.status == row["status"])
+                             .values(status="paid", paid_at=now(), status_note=(
+                                 f"paid after it was {row['status']}; stock reserved again")))
+            if await db.affected_rows() != 1:
+                raise _CannotReserve  # changed meanwhile: undo the reservations
+            return True
+    except _CannotReserve:
+        return False
+
+
+async def mark_refunded(db: Database, order_id: int, note: str) -> bool:
+    """cancelled/expired → refunded (the payment that came late went back), once."""
+    async with db.transaction():
+        await db.execute(orders.update().where(
+            orders.c.id == order_id, orders.c.status.in_(("cancelled", "expired")))
+            .values(status="refunded", status_note=note, closed_at=now()))
+        return await db.affected_rows() == 1
+
+
 async def user_orders(db: Database, user_id: int) -> list[dict]:
     rows = as_dicts(await db.fetch_all(
         orders.select().where(orders.c.user_id == user_id).order_by(orders.c.id.desc())))
@@ -380,6 +507,7 @@ async def host_sales(db: Database, host_id: int) -> list[dict]:
     """Lines of orders that contain this host's products (never other hosts' lines)."""
     query = (
         sa.select(order_items, orders.c.status, orders.c.created_at, orders.c.paid_at,
+                  orders.c.test_mode, orders.c.status_note,
                   users.c.display_name.label("buyer"))
         .select_from(order_items.join(orders, orders.c.id == order_items.c.order_id)
                      .join(users, users.c.id == orders.c.user_id))
@@ -408,8 +536,21 @@ async def forget_webhook_event(db: Database, event_id: str) -> None:
         await db.execute(webhook_events.delete().where(webhook_events.c.id == event_id))
 
 
-async def order_counts(db: Database) -> dict:
-    rows = await db.fetch_all(sa.select(orders.c.status, sa.func.count()).group_by(orders.c.status))
+async def order_counts(db: Database, test_mode: bool | None = None) -> dict:
+    """Orders per status; only real (False) or only test-mode (True) orders when asked."""
+    query = sa.select(orders.c.status, sa.func.count()).group_by(orders.c.status)
+    if test_mode is not None:
+        query = query.where(orders.c.test_mode == (sa.true() if test_mode else sa.false()))
+    rows = await db.fetch_all(query)
+    return {row[0]: int(row[1]) for row in rows}
+
+
+async def paid_revenue(db: Database) -> dict[str, int]:
+    """Minor units per currency of paid orders that were real money (no test-mode order)."""
+    rows = await db.fetch_all(
+        sa.select(orders.c.currency, sa.func.sum(orders.c.total_minor))
+        .where(orders.c.status == "paid", orders.c.test_mode == sa.false())
+        .group_by(orders.c.currency))
     return {row[0]: int(row[1]) for row in rows}
 
 

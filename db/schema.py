@@ -4,7 +4,7 @@ Grown from the seed's MySQL tables (hostlist, userlist, products, orderlist, car
 shoppers are one ``users`` table (a host can shop too), a host's live room is a ``channels`` row
 holding the secret stream key apart from the public stream name, and login expiry lives in
 ``sessions`` as the seed kept it in its user tables.  Money is integer minor units plus an ISO
-currency code, never a float.
+currency code, never a float, in 64-bit columns (BIGINT on MySQL, whose INT stops at 2^31).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ products = sa.Table(
               nullable=False, index=True),
     sa.Column("name", sa.String(NAME), nullable=False),
     sa.Column("description", sa.Text, nullable=False, default=""),
-    sa.Column("price_minor", sa.Integer, nullable=False),
+    sa.Column("price_minor", sa.BigInteger, nullable=False),
     sa.Column("currency", sa.String(3), nullable=False),
     sa.Column("stock", sa.Integer, nullable=False),
     sa.Column("image", sa.String(255), nullable=True),
@@ -110,12 +110,17 @@ orders = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"),
               nullable=False, index=True),
-    # pending → paid | cancelled | expired; stock is reserved while pending
+    # pending → paid | cancelled | expired; stock is reserved while pending.  A payment that
+    # arrives for a cancelled/expired order makes it paid again (stock reserved anew) or
+    # refunded (sold out meanwhile); status_note says which, for the shopper and the host.
     sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("total_minor", sa.Integer, nullable=False),
+    sa.Column("total_minor", sa.BigInteger, nullable=False),
     sa.Column("currency", sa.String(3), nullable=False),
     sa.Column("payment_ref", sa.String(255), nullable=True, unique=True),
     sa.Column("payment_mode", sa.String(16), nullable=False),  # stripe | test
+    # no real money: the test-card form or Stripe's test keys (kept out of revenue)
+    sa.Column("test_mode", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("status_note", sa.String(200), nullable=True),
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("paid_at", sa.Double, nullable=True),
     sa.Column("closed_at", sa.Double, nullable=True),
@@ -131,7 +136,7 @@ order_items = sa.Table(
     sa.Column("host_id", sa.Integer, nullable=False, index=True),
     # snapshots: what was bought at what price, whatever happens to the product later
     sa.Column("name", sa.String(NAME), nullable=False),
-    sa.Column("unit_price_minor", sa.Integer, nullable=False),
+    sa.Column("unit_price_minor", sa.BigInteger, nullable=False),
     sa.Column("currency", sa.String(3), nullable=False),
     sa.Column("quantity", sa.Integer, nullable=False),
 )

@@ -31,8 +31,22 @@ class SiteSettings:
     stripe_api_base: str = ""  # a stand-in of Stripe's API (tests); default: Stripe's own
     currency: str = "usd"
     # test-mode orders left unpaid this long give their reserved stock back (Stripe's own
-    # sessions expire by themselves and tell us through the webhook)
-    test_reservation_minutes: float = 30.0
+    # sessions expire by themselves and tell us through the webhook); short, so that unpaid
+    # orders cannot hold a product's stock for long
+    test_reservation_minutes: float = 10.0
+    # payments and shop limits
+    # Without Stripe keys checkout runs the test-card form; on a public https site that must be
+    # asked for (WATCHBUY_TEST_PAYMENTS=1), or real shoppers would "pay" with the test card.
+    test_payments: bool = False
+    # a Stripe Checkout Session stays payable this long (Stripe allows 30 minutes to 24 hours;
+    # its default of 24 h would hold the reserved stock for a day)
+    checkout_minutes: float = 30.0
+    # against stock hoarding: unpaid orders one shopper may have at once, and units of one
+    # product one shopper may hold (cart line, and all their pending orders together)
+    max_pending_orders: int = 2
+    max_units_per_product: int = 10
+    # uploads with more pixels are refused before they are decoded (decompression bombs)
+    max_image_pixels: int = 25_000_000
     # uploads: local files by default, S3 when a bucket is named
     max_image_bytes: int = 5 * 1024 * 1024
     s3_bucket: str = ""
@@ -71,6 +85,29 @@ class SiteSettings:
             raise ConfigError("WATCHBUY_HOOK_MAX_FUTURE: seconds, from 0 to WATCHBUY_HOOK_MAX_AGE")
         if self.hook_nonce_capacity < 1:
             raise ConfigError("WATCHBUY_HOOK_NONCE_CAPACITY: at least 1")
+        if self.max_image_pixels <= 0:
+            raise ConfigError("WATCHBUY_MAX_IMAGE_PIXELS: must be positive")
+        if not 30 <= self.checkout_minutes <= 24 * 60 - 1:
+            # Stripe allows 30 minutes to 24 hours; a minute of slack is added (payments.py)
+            raise ConfigError("WATCHBUY_CHECKOUT_MINUTES: Stripe allows 30 to 1439 minutes")
+        if self.test_reservation_minutes <= 0:
+            raise ConfigError("WATCHBUY_TEST_RESERVATION_MINUTES: must be positive")
+        if self.max_pending_orders < 1:
+            raise ConfigError("WATCHBUY_MAX_PENDING_ORDERS: must be at least 1")
+        if self.max_units_per_product < 1:
+            raise ConfigError("WATCHBUY_MAX_UNITS_PER_PRODUCT: must be at least 1")
+        if not self.stripe_secret_key and not self.test_payments and \
+                self.public_url.lower().startswith("https://"):
+            # fail closed: a public site without keys would take test-card "payments"
+            raise ConfigError(
+                "WATCHBUY_STRIPE_SECRET_KEY is not set on a public https site: set the Stripe "
+                "keys, or WATCHBUY_TEST_PAYMENTS=1 to run the test-card checkout on purpose")
+
+    @property
+    def test_orders(self) -> bool:
+        """Orders made now are no real money: the test-card form, or Stripe's test keys."""
+        return not self.stripe_enabled or \
+            self.stripe_secret_key.startswith(("sk_test_", "rk_test_"))
 
     @property
     def stripe_enabled(self) -> bool:

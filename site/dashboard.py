@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from watchbuy.db import queries
-from watchbuy.site.web import render, require_admin
+from watchbuy.site.web import format_money, render, require_admin
 
 log = logging.getLogger("watchbuy.site.dashboard")
 
@@ -68,7 +68,11 @@ class DashboardSampler:
         now = time.time()
         nodes = await media.node_stats()
         streams = await media.stream_stats()
-        orders = await queries.order_counts(self.app.state.db)
+        db = self.app.state.db
+        # test-mode orders (test card, Stripe test keys) are no money: counted apart
+        orders = await queries.order_counts(db, test_mode=False)
+        test_orders = await queries.order_counts(db, test_mode=True)
+        revenue = await queries.paid_revenue(db)
         for node in nodes:
             series = self.series.setdefault(node["node_id"], deque())
             series.append((round(now, 1), node.get("bytes_in_per_s", 0),
@@ -99,6 +103,8 @@ class DashboardSampler:
                 key=lambda s: -s["viewers"]),
             "viewers": sum(s.get("viewers", 0) for s in streams.values()),
             "orders": orders,
+            "test_orders": test_orders,
+            "revenue": [format_money(v, c) for c, v in sorted(revenue.items())],
         }
         self._changed.set()
         self._changed = asyncio.Event()

@@ -4,11 +4,18 @@ Both go through :func:`fulfil` / :func:`release`, so the test mode exercises the
 Stripe's webhook drives.  Stripe's webhook is verified on the raw body with
 ``stripe.Webhook.construct_event``; each event id is recorded, so a redelivered event changes
 nothing, and ``mark_paid`` only moves a *pending* order, so an order is paid exactly once.
+
+A shopper's cancel expires the Checkout Session at Stripe *before* the stock goes back (a
+session left open could still be paid while the units are sold again), and sessions expire on
+their own after ``checkout_minutes``.  A payment that still arrives for a cancelled or expired
+order is never dropped: the order is paid again if its stock can be reserved anew, otherwise the
+payment is refunded; either is logged at ERROR and shown in the order's history.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import date
 
 import stripe
@@ -18,10 +25,15 @@ from watchbuy.db import queries
 log = logging.getLogger("watchbuy.site.payments")
 
 TEST_CARD = "4242424242424242"
+SESSION_SLACK = 60  # seconds added to a Checkout Session's lifetime (see create_checkout)
 
 
 class PaymentError(Exception):
     """The payment provider refused or failed; the text is fit to show."""
+
+
+def idempotency_key(order: dict) -> str:
+    return f"watchbuy-order-{order['id']}-{order['created_at']:.3f}"
 
 
 class StripeGateway:
@@ -32,8 +44,10 @@ class StripeGateway:
         self.client = stripe.StripeClient(secret_key, **options)
         self.webhook_secret = webhook_secret
 
-    async def create_checkout(self, order: dict, public_url: str) -> tuple[str, str]:
-        """(session id, URL to send the buyer to) for a pending order."""
+    async def create_checkout(self, order: dict, public_url: str,
+                              minutes: float = 30.0) -> tuple[str, str]:
+        """(session id, URL to send the buyer to) for a pending order, payable for ``minutes``
+        (Stripe's own default is 24 hours, holding the reserved stock all that time)."""
         line_items = [
             {
                 "quantity": item["quantity"],
@@ -52,17 +66,54 @@ class StripeGateway:
             "metadata": {"order_id": str(order["id"])},
             "success_url": f"{public_url}/checkout/success?order={order['id']}",
             "cancel_url": f"{public_url}/checkout/cancel?order={order['id']}",
+            # Counted from the order, not from now: a retried create (double click) must send
+            # the same parameters under its idempotency key.  The minute of slack keeps it
+            # within Stripe's "at least 30 minutes ahead" when the request comes a moment later.
+            "expires_at": int(order["created_at"] + minutes * 60) + SESSION_SLACK,
         }
         try:
             session = await self.client.v1.checkout.sessions.create_async(
                 params=params,
-                # the same order never makes two sessions, even when the buyer double-clicks
-                options={"idempotency_key": f"watchbuy-order-{order['id']}"},
+                # the same order never makes two sessions, even when the buyer double-clicks;
+                # its creation time in the key keeps a reused order id (a database restored
+                # or reset within Stripe's 24 h of keys) from getting another order's session
+                options={"idempotency_key": idempotency_key(order)},
             )
         except stripe.StripeError as exc:
             log.warning("stripe refused checkout for order %s: %s", order["id"], exc)
             raise PaymentError("The payment service is not available right now.") from exc
         return session.id, session.url
+
+    async def expire_checkout(self, session_id: str) -> str:
+        """Make a session unpayable: "expired" when it is (now or already), "complete" when the
+        buyer has paid or is paying (the payment is coming: keep the stock); PaymentError when
+        Stripe cannot say (the order must stay as it is)."""
+        try:
+            session = await self.client.v1.checkout.sessions.expire_async(session_id)
+            return session.status
+        except stripe.StripeError as exc:
+            # Stripe refuses to expire a session that is not open: ask which state it is in.
+            refusal = exc
+        try:
+            session = await self.client.v1.checkout.sessions.retrieve_async(session_id)
+        except stripe.StripeError as exc:
+            log.warning("stripe could not expire session %s: %s; %s", session_id, refusal, exc)
+            raise PaymentError("The payment service is not available right now; "
+                               "try again in a minute.") from exc
+        if session.status in ("expired", "complete"):
+            return session.status
+        log.warning("stripe could not expire open session %s: %s", session_id, refusal)
+        raise PaymentError("The payment service is not available right now; "
+                           "try again in a minute.") from refusal
+
+    async def refund(self, payment_intent: str, order_id: int) -> str:
+        """Refund a payment in full; the refund's id.  Idempotent per payment (a retried webhook
+        never refunds twice)."""
+        refund = await self.client.v1.refunds.create_async(
+            params={"payment_intent": payment_intent,
+                    "metadata": {"order_id": str(order_id)}},
+            options={"idempotency_key": f"watchbuy-refund-{payment_intent}"})
+        return refund.id
 
     def parse_event(self, payload: bytes, signature: str | None):
         """The verified event as a plain dict; raises ValueError or SignatureVerificationError."""
@@ -85,12 +136,55 @@ async def release(app, order_id: int, status: str) -> bool:
     released = await queries.release_order(app.state.db, order_id, status)
     if released:
         log.info("order %s %s; stock released", order_id, status)
-        order = await queries.order(app.state.db, order_id)
-        from watchbuy.site.studio import announce_products
-
-        for host_id in {item["host_id"] for item in order["items"]}:
-            await announce_products(app, host_id)
+        await announce_stock(app, await queries.order(app.state.db, order_id))
     return released
+
+
+async def cancel(app, order: dict) -> str:
+    """The shopper cancels a pending order: "cancelled", or "paying" when Stripe says the buyer
+    has already paid (the webhook will fulfil it; the stock stays reserved).  PaymentError when
+    Stripe cannot be asked: nothing changes, the shopper can try again."""
+    if order["status"] != "pending":
+        return order["status"]
+    if order["payment_mode"] == "stripe" and order["payment_ref"] and \
+            app.state.payments is not None:
+        # First make the session unpayable, only then give the stock back: the other order
+        # would let the buyer pay for units that are being sold again.
+        state = await app.state.payments.expire_checkout(order["payment_ref"])
+        if state == "complete":
+            log.info("order %s: cancel refused, its checkout session is complete", order["id"])
+            return "paying"
+    await release(app, order["id"], "cancelled")
+    return "cancelled"
+
+
+async def late_payment(app, order: dict, payment_intent: str | None) -> str:
+    """A payment arrived for an order that is no longer pending.  Returns what became of it:
+    "paid" (already, or the stock was reserved again), "refunded", or "unresolved"."""
+    if order["status"] in ("paid", "refunded"):
+        return order["status"]  # another event for the same payment: already handled
+    log.error("order %s was %s when its payment arrived", order["id"], order["status"])
+    if await queries.reopen_paid_order(app.state.db, order["id"]):
+        log.error("order %s: stock reserved again, the order is paid", order["id"])
+        await announce_stock(app, order)
+        return "paid"
+    if not payment_intent:
+        log.error("order %s: sold out and no payment intent to refund: refund it by hand",
+                  order["id"])
+        return "unresolved"
+    refund_id = await app.state.payments.refund(payment_intent, order["id"])
+    await queries.mark_refunded(app.state.db, order["id"],
+                                "refunded: sold out while you paid")
+    log.error("order %s: sold out meanwhile, payment %s refunded (%s)", order["id"],
+              payment_intent, refund_id)
+    return "refunded"
+
+
+async def announce_stock(app, order: dict) -> None:
+    from watchbuy.site.studio import announce_products
+
+    for host_id in {item["host_id"] for item in order["items"]}:
+        await announce_products(app, host_id)
 
 
 def check_test_card(number: str, expiry: str, cvc: str, today: date | None = None) -> str | None:
@@ -115,8 +209,6 @@ def check_test_card(number: str, expiry: str, cvc: str, today: date | None = Non
 
 async def expire_stale_test_orders(app) -> int:
     """Release test-mode orders nobody paid within the reservation time; returns how many."""
-    import time
-
     settings = app.state.settings
     cutoff = time.time() - settings.test_reservation_minutes * 60
     released = 0

@@ -31,7 +31,8 @@ async def room_state(app, channel: dict) -> dict:
     pinned = None
     if channel["pinned_product_id"]:
         found = await queries.product(db, channel["pinned_product_id"])
-        pinned = product_card(found, app.state.storage) if found else None
+        # a hidden product is not for sale, even if it was pinned before hiding unpinned it
+        pinned = product_card(found, app.state.storage) if found and found["shown"] else None
     play_url = await media.play_url(channel["live_node_id"], channel["slug"])
     return {
         "slug": channel["slug"],

@@ -12,12 +12,24 @@ from starlette.routing import Route
 
 from watchbuy.db import queries
 from watchbuy.site import payments
+from watchbuy.site.chat import RateLimiter
 from watchbuy.site.studio import announce_products
 from watchbuy.site.web import format_money, parse_int, redirect, render, require_user, safe_next
 
 log = logging.getLogger("watchbuy.site.shop")
 
 MAX_QUANTITY = 99
+
+
+def log_limit(request: Request, user: dict, message: str) -> None:
+    """Log a shop limit that refused this shopper: one line a minute per shopper at most, not
+    one per request (a script hitting the limit must not flood the log)."""
+    state = request.app.state
+    limiter = getattr(state, "shop_limit_log", None)
+    if limiter is None:
+        limiter = state.shop_limit_log = RateLimiter(1, 60.0)
+    if limiter.allow(user["id"]):
+        log.info("shop limit for user %s: %s", user["id"], message)
 
 
 def wants_json(request: Request) -> bool:
@@ -55,7 +67,9 @@ async def cart_set(request: Request, add: bool):
     except ValueError as exc:
         return await cart_error(request, str(exc))
     product = await queries.product(db, product_id)
-    if product is None or not product["shown"] and add:
+    # A hidden product is not for sale by any path (its id is still known to the shoppers
+    # who saw it); taking it out of the cart (quantity 0) stays possible.
+    if product is None or not product["shown"] and (add or quantity > 0):
         return await cart_error(request, "That product is not for sale.", 404)
     if add:
         quantity += await queries.cart_quantity(db, user["id"], product_id)
@@ -64,6 +78,11 @@ async def cart_set(request: Request, add: bool):
             request, f"Only {product['stock']} of {product['name']} left in stock.")
     if quantity > MAX_QUANTITY:
         return await cart_error(request, f"At most {MAX_QUANTITY} of one product per order.")
+    max_units = request.app.state.settings.max_units_per_product
+    if quantity > max_units:
+        message = f"At most {max_units} of {product['name']} per shopper."
+        log_limit(request, user, message)
+        return await cart_error(request, message)
     await queries.set_cart_quantity(db, user["id"], product_id, quantity)
     if wants_json(request):
         return JSONResponse({"ok": True, "product_id": product_id, "quantity": quantity})
@@ -91,10 +110,18 @@ async def checkout(request: Request):
     settings = app.state.settings
     mode = "stripe" if settings.stripe_enabled else "test"
     try:
-        order = await queries.create_order_from_cart(app.state.db, user["id"], mode)
-    except queries.OutOfStock as exc:
+        # hidden products, stock and the per-shopper limits are all checked here, on the
+        # server, in the transaction that reserves the stock
+        order = await queries.create_order_from_cart(
+            app.state.db, user["id"], mode, test_mode=settings.test_orders,
+            max_pending=settings.max_pending_orders,
+            max_units=settings.max_units_per_product)
+    except (queries.OutOfStock, queries.NotForSale) as exc:
         return await cart_view(request, error=f"Sorry: {exc}. Adjust your cart and try again.",
                                status_code=409)
+    except queries.OrderLimit as exc:
+        log_limit(request, user, str(exc))
+        return await cart_view(request, error=f"Sorry: {exc}.", status_code=409)
     except ValueError as exc:
         return await cart_view(request, error=str(exc), status_code=400)
     for host_id in {item["host_id"] for item in order["items"]}:
@@ -102,7 +129,8 @@ async def checkout(request: Request):
     if mode == "test":
         return redirect(f"/checkout/{order['id']}/pay")
     try:
-        session_id, url = await app.state.payments.create_checkout(order, settings.public_url)
+        session_id, url = await app.state.payments.create_checkout(
+            order, settings.public_url, settings.checkout_minutes)
     except payments.PaymentError as exc:
         await payments.release(app, order["id"], "cancelled")
         return await cart_view(request, error=str(exc), status_code=502)
@@ -131,7 +159,9 @@ async def test_pay(request: Request):
     order = await own_order(request, parse_path_id(request, "order_id"))
     if order["payment_mode"] != "test":
         raise HTTPException(404, "No such order.")
-    if request.method == "GET" or order["status"] != "pending":
+    # Only a POST pays; GET and HEAD (which Starlette routes here too) just show the form.
+    paying = request.method == "POST" and order["status"] == "pending"
+    if not paying:
         return render(request, "pay_test.html", order=decorate(order), error=None)
     form = await request.form()
     error = payments.check_test_card(form.get("card", ""), form.get("expiry", ""),
@@ -164,8 +194,12 @@ async def checkout_cancel(request: Request):
         return redirect("/cart")
     order = await own_order(request, order_id)
     if request.method == "POST":
-        if order["status"] == "pending":
-            await payments.release(request.app, order["id"], "cancelled")
+        try:
+            outcome = await payments.cancel(request.app, order)
+        except payments.PaymentError:
+            return redirect("/orders?cancel=failed")
+        if outcome == "paying":
+            return redirect("/orders?cancel=paying")
         return redirect("/orders")
     return render(request, "checkout_cancel.html", order=decorate(order))
 
@@ -173,8 +207,14 @@ async def checkout_cancel(request: Request):
 async def orders_page(request: Request):
     user = require_user(request)
     orders = [decorate(o) for o in await queries.user_orders(request.app.state.db, user["id"])]
+    notices = {
+        "paying": "That order was not cancelled: its payment had already gone through.",
+        "failed": "The payment service did not answer, so the order is not cancelled yet. "
+                  "Try again in a minute.",
+    }
     return render(request, "orders.html", orders=orders,
-                  returned=request.query_params.get("returned"))
+                  returned=request.query_params.get("returned"),
+                  notice=notices.get(request.query_params.get("cancel", "")))
 
 
 async def order_from_reference(app, session: dict) -> dict | None:
@@ -227,7 +267,13 @@ async def apply_stripe_event(app, event: dict):
     if event["type"] in ("checkout.session.completed",
                          "checkout.session.async_payment_succeeded"):
         if session.get("payment_status") in ("paid", "no_payment_required"):
-            await payments.fulfil(app, order["id"])
+            if not await payments.fulfil(app, order["id"]):
+                # not pending: cancelled or expired while the buyer paid (or paid already);
+                # the payment must not be dropped
+                outcome = await payments.late_payment(
+                    app, await queries.order(app.state.db, order["id"]),
+                    session.get("payment_intent"))
+                return JSONResponse({"ok": True, "late_payment": outcome})
     elif event["type"] in ("checkout.session.expired",
                            "checkout.session.async_payment_failed"):
         await payments.release(app, order["id"], "expired")

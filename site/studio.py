@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -11,7 +13,7 @@ from watchbuy.db import queries
 from watchbuy.site.accounts import ensure_channel
 from watchbuy.site.chat import publish_room_event
 from watchbuy.site.rooms import product_card
-from watchbuy.site.storage import ImageRejected, check_image
+from watchbuy.site.storage import ImageRejected, prepare_image
 from watchbuy.site.web import (
     format_money,
     money_input,
@@ -90,13 +92,16 @@ async def read_image(request: Request, form) -> tuple[tuple[bytes, str, str] | N
     upload = form.get("image")
     if not isinstance(upload, UploadFile) or not upload.filename:
         return None, None
-    limit = request.app.state.settings.max_image_bytes
-    data = await upload.read(limit + 1)
+    settings = request.app.state.settings
+    data = await upload.read(settings.max_image_bytes + 1)
     try:
-        ext, content_type = check_image(data, limit)
+        # decoding and encoding take CPU time: off the event loop
+        image = await asyncio.to_thread(prepare_image, data, settings.max_image_bytes,
+                                        settings.max_image_pixels)
     except ImageRejected as exc:
         return None, str(exc)
-    return (data, ext, content_type), None
+    # what is stored and served is the re-encoded image, never the uploaded bytes
+    return (image.data, image.ext, image.content_type), None
 
 
 async def own_product(request: Request, host: dict) -> dict:
@@ -113,18 +118,23 @@ async def own_product(request: Request, host: dict) -> dict:
 
 async def product_form(request: Request):
     host = require_host(request)
-    settings = request.app.state.settings
     product = None
     if "product_id" in request.path_params:
         product = await own_product(request, host)
-    if request.method == "GET":
-        values = {"name": "", "description": "", "price": "", "stock": "1"}
-        if product:
-            values = {"name": product["name"], "description": product["description"],
-                      # not format_money with its symbol stripped: "CHF 18.00" kept "CHF"
-                      "price": money_input(product["price_minor"], product["currency"]),
-                      "stock": str(product["stock"])}
-        return render(request, "product_form.html", product=product, values=values, errors=[])
+    if request.method == "POST":
+        return await save_product(request, host, product)
+    # GET and HEAD (Starlette routes HEAD here too) only show the form
+    values = {"name": "", "description": "", "price": "", "stock": "1"}
+    if product:
+        values = {"name": product["name"], "description": product["description"],
+                  # not format_money with its symbol stripped: "CHF 18.00" kept "CHF"
+                  "price": money_input(product["price_minor"], product["currency"]),
+                  "stock": str(product["stock"])}
+    return render(request, "product_form.html", product=product, values=values, errors=[])
+
+
+async def save_product(request: Request, host: dict, product: dict | None):
+    settings = request.app.state.settings
     form = await request.form()
     currency = product["currency"] if product else settings.currency
     values, errors = product_values(form, currency)
@@ -180,8 +190,11 @@ async def delete_product(request: Request):
 async def toggle_shown(request: Request):
     host = require_host(request)
     product = await own_product(request, host)
-    await queries.update_product(request.app.state.db, host["id"], product["id"],
-                                 shown=not product["shown"])
+    _, unpinned = await queries.set_product_shown(request.app.state.db, host["id"],
+                                                  product["id"], not product["shown"])
+    for channel_id in unpinned:
+        # a hidden product is not for sale: the viewers' pages drop its pinned card too
+        await publish_room_event(request.app, channel_id, {"type": "pinned", "product": None})
     await announce_products(request.app, host["id"])
     return redirect("/studio")
 
@@ -201,6 +214,8 @@ async def pin(request: Request):
             product = None
         if product is None or product["host_id"] != host["id"]:
             raise HTTPException(404, "No such product.")
+        if not product["shown"]:
+            raise HTTPException(409, "Show this product in the room before pinning it.")
         product_id = product["id"]
     await queries.set_pinned(db, channel["id"], product_id)
     card = None
@@ -229,14 +244,17 @@ async def sales(request: Request):
     host = require_host(request)
     lines = await queries.host_sales(request.app.state.db, host["id"])
     paid_total: dict[str, int] = {}
+    test_total: dict[str, int] = {}  # test-mode orders: shown apart, never as money earned
     for line in lines:
         line["line_total"] = format_money(line["unit_price_minor"] * line["quantity"],
                                           line["currency"])
         if line["status"] == "paid":
-            paid_total[line["currency"]] = paid_total.get(line["currency"], 0) + \
+            into = test_total if line["test_mode"] else paid_total
+            into[line["currency"]] = into.get(line["currency"], 0) + \
                 line["unit_price_minor"] * line["quantity"]
-    totals = [format_money(v, c) for c, v in paid_total.items()]
-    return render(request, "sales.html", lines=lines, totals=totals)
+    return render(request, "sales.html", lines=lines,
+                  totals=[format_money(v, c) for c, v in paid_total.items()],
+                  test_totals=[format_money(v, c) for c, v in test_total.items()])
 
 
 routes = [

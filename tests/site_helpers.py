@@ -453,6 +453,7 @@ class StripeStandIn:
         self.app = Starlette(routes=[
             Route("/v1/checkout/sessions", self.create_session, methods=["POST"]),
         ])
+        self.add_expire_and_refund()
 
     async def create_session(self, request: Request):
         body = (await request.body()).decode()
@@ -492,11 +493,83 @@ class StripeStandIn:
             "success_url": form.get("success_url"),
             "cancel_url": form.get("cancel_url"),
             "line_item_count": index,
+            "expires_at": int(form["expires_at"]) if "expires_at" in form else None,
+            "payment_intent": None,
         }
         self.sessions[session_id] = session
         if key:
             self.by_idempotency_key[key] = session
         return JSONResponse(session)
+
+    # -- expiring sessions, refunds (what the cancel and late-payment paths call) ------------
+
+    def add_expire_and_refund(self) -> None:
+        self.refunds: list[dict] = []
+        self.refunds_by_idempotency_key: dict[str, dict] = {}
+        self.expire_fails = False  # Stripe unreachable for expire/retrieve (a refusal, no retry)
+        self.app.router.routes.extend([
+            Route("/v1/checkout/sessions/{session_id}/expire", self.expire_session,
+                  methods=["POST"]),
+            Route("/v1/checkout/sessions/{session_id}", self.retrieve_session, methods=["GET"]),
+            Route("/v1/refunds", self.create_refund, methods=["POST"]),
+        ])
+
+    def pay(self, session_id: str) -> dict:
+        """The buyer pays on Stripe's page: the session completes with a payment intent."""
+        session = self.sessions[session_id]
+        session.update(status="complete", payment_status="paid",
+                       payment_intent=f"pi_{secrets.token_hex(12)}")
+        return session
+
+    def _refusal(self, request: Request, message: str, status: int = 400,
+                 kind: str = "invalid_request_error") -> JSONResponse | None:
+        self.requests.append({"headers": dict(request.headers), "path": request.url.path})
+        if request.headers.get("authorization") != f"Bearer {STRIPE_SECRET_KEY}":
+            return JSONResponse({"error": {"type": "invalid_request_error",
+                                           "message": "Invalid API Key provided"}}, 401)
+        if message:
+            return JSONResponse({"error": {"type": kind, "message": message}}, status)
+        return None
+
+    async def expire_session(self, request: Request):
+        session = self.sessions.get(request.path_params["session_id"])
+        refused = self._refusal(request, "No such checkout.session" if session is None else
+                                "Simulated outage" if self.expire_fails else "")
+        if refused:
+            return refused
+        if session["status"] != "open":  # as Stripe answers for a complete/expired session
+            return JSONResponse({"error": {
+                "type": "invalid_request_error",
+                "message": 'Only Checkout Sessions with a status in ["open"] can be expired. '
+                           f'This Checkout Session has a status of "{session["status"]}".'}},
+                400)
+        session["status"] = "expired"
+        return JSONResponse(session)
+
+    async def retrieve_session(self, request: Request):
+        session = self.sessions.get(request.path_params["session_id"])
+        refused = self._refusal(request, "No such checkout.session" if session is None else
+                                "Simulated outage" if self.expire_fails else "", 404)
+        return refused or JSONResponse(session)
+
+    async def create_refund(self, request: Request):
+        form = {key: values[-1] for key, values in parse_qs((await request.body()).decode())
+                .items()}
+        intent = form.get("payment_intent")
+        paid = [s for s in self.sessions.values() if intent and s["payment_intent"] == intent]
+        refused = self._refusal(request, "" if paid else f"No such payment_intent: '{intent}'")
+        if refused:
+            return refused
+        key = request.headers.get("idempotency-key")
+        if key and key in self.refunds_by_idempotency_key:
+            return JSONResponse(self.refunds_by_idempotency_key[key])
+        refund = {"id": f"re_{secrets.token_hex(12)}", "object": "refund",
+                  "payment_intent": intent, "amount": paid[0]["amount_total"],
+                  "status": "succeeded", "metadata": {"order_id": form.get("metadata[order_id]")}}
+        self.refunds.append(refund)
+        if key:
+            self.refunds_by_idempotency_key[key] = refund
+        return JSONResponse(refund)
 
 
 def stripe_settings(stripe_api: StripeStandIn) -> dict:

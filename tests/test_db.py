@@ -43,7 +43,8 @@ def watchbuy(tmp_path, *args: str, database_url: str) -> subprocess.CompletedPro
 def assert_upgrades_once(tmp_path, url: str) -> None:
     first = watchbuy(tmp_path, "db", "upgrade", database_url=url)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == "database is up to date (applied: 1)"
+    every = ", ".join(str(m.version) for m in MIGRATIONS)
+    assert first.stdout.strip() == f"database is up to date (applied: {every})"
     again = watchbuy(tmp_path, "db", "upgrade", database_url=url)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "database is up to date (applied: nothing)"
@@ -56,7 +57,7 @@ def test_db_upgrade_on_a_fresh_sqlite_file(tmp_path) -> None:
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master "
                                                 "WHERE type = 'table'")}
         versions = conn.execute("SELECT version FROM schema_version").fetchall()
-    assert TABLES <= names and versions == [(1,)]
+    assert TABLES <= names and versions == [(m.version,) for m in MIGRATIONS]
 
 
 def test_db_upgrade_on_a_fresh_mariadb(tmp_path, fresh_mariadb_url) -> None:
@@ -70,7 +71,8 @@ def test_db_upgrade_on_a_fresh_mariadb(tmp_path, fresh_mariadb_url) -> None:
         cursor.execute("SELECT ENGINE FROM information_schema.TABLES "
                        "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'products'", (name,))
         engine = cursor.fetchone()[0]
-    assert TABLES <= names and versions == ((1,),) and engine == "InnoDB"
+    assert TABLES <= names and engine == "InnoDB"
+    assert versions == tuple((m.version,) for m in MIGRATIONS)
 
 
 def test_db_upgrade_with_a_bad_url_says_so_in_one_line(tmp_path) -> None:
@@ -122,7 +124,8 @@ def test_db_upgrade_of_a_missing_mariadb_database_says_so(monkeypatch, tmp_path,
 async def db(db_url):
     database = Database(db_url)
     await database.connect()
-    assert await upgrade(database) in ([1], [])  # MariaDB's session database is reused
+    # MariaDB's session database is reused
+    assert await upgrade(database) in ([m.version for m in MIGRATIONS], [])
     assert await upgrade(database) == []
     yield database
     await database.disconnect()
@@ -287,3 +290,69 @@ async def test_foreign_keys_hold_on_every_connection(db) -> None:
     with pytest.raises(Exception):  # noqa: B017 - the driver's own integrity error
         await queries.set_cart_quantity(db, user["id"], 999_999, 1)
     assert await queries.cart(db, user["id"]) == []
+
+
+# -- migration 2: 64-bit money, test-mode orders ------------------------------------------------
+
+BIG_PRICE = 2**31 + 12_345  # more minor units than a 32-bit INT holds ($21.5 million)
+
+
+async def money_column_types(db) -> dict[str, str]:
+    if db.dialect_name == "sqlite":
+        types = {}
+        for table in ("products", "orders", "order_items"):
+            for row in await db.fetch_all(f"PRAGMA table_info({table})"):
+                types[f"{table}.{row[1]}"] = row[2].upper()
+    else:
+        rows = await db.fetch_all(
+            "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA = DATABASE()")
+        types = {f"{row[0]}.{row[1]}": row[2].upper() for row in rows}
+    return {name: types[name] for name in
+            ("products.price_minor", "orders.total_minor", "order_items.unit_price_minor")}
+
+
+async def test_a_price_above_two_to_the_31_round_trips(db) -> None:
+    host = await make_user(db, "Host", host=True)
+    yacht = await make_product(db, host, name="Yacht", price_minor=BIG_PRICE, stock=3)
+    assert (await queries.product(db, yacht["id"]))["price_minor"] == BIG_PRICE
+    shopper = await make_user(db, "Rich")
+    await queries.set_cart_quantity(db, shopper["id"], yacht["id"], 2)
+    order = await queries.create_order_from_cart(db, shopper["id"], "test")
+    assert order["total_minor"] == 2 * BIG_PRICE
+    assert order["items"][0]["unit_price_minor"] == BIG_PRICE
+    assert set((await money_column_types(db)).values()) == {"BIGINT"}
+
+
+async def test_a_version_1_database_upgrades_to_bigint_money_and_test_orders(db) -> None:
+    # Put the database back to version 1's shape: 32-bit money, no test_mode/status_note.
+    if db.dialect_name == "mysql":
+        for table, column in (("products", "price_minor"), ("orders", "total_minor"),
+                              ("order_items", "unit_price_minor")):
+            await db.execute(f"ALTER TABLE {table} MODIFY {column} INT NOT NULL")
+    await db.execute("ALTER TABLE orders DROP COLUMN test_mode")
+    await db.execute("ALTER TABLE orders DROP COLUMN status_note")
+    await db.execute("DELETE FROM schema_version WHERE version > 1")
+    host = await make_user(db, "Host", host=True)
+    product = await make_product(db, host, stock=5)
+    shopper = await make_user(db, "Sue")
+    made = {}
+    for mode in ("test", "stripe"):
+        await db.execute(
+            "INSERT INTO orders (user_id, status, total_minor, currency, payment_mode, "
+            "created_at) VALUES (:user, 'paid', 1800, 'usd', :mode, 0)",
+            {"user": shopper["id"], "mode": mode})
+        made[mode] = int(await db.fetch_val(
+            "SELECT MAX(id) FROM orders WHERE payment_mode = :mode", {"mode": mode}))
+    if db.dialect_name == "mysql":
+        assert set((await money_column_types(db)).values()) == {"INT"}
+
+    assert await upgrade(db) == [m.version for m in MIGRATIONS if m.version > 1]
+    assert set((await money_column_types(db)).values()) == {"BIGINT"}
+    test_order = await queries.order(db, made["test"])
+    real_order = await queries.order(db, made["stripe"])
+    assert bool(test_order["test_mode"]) is True and bool(real_order["test_mode"]) is False
+    assert test_order["status_note"] is None
+    await queries.update_product(db, host["id"], product["id"], price_minor=BIG_PRICE)
+    assert (await queries.product(db, product["id"]))["price_minor"] == BIG_PRICE
+    assert await upgrade(db) == []

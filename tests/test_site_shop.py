@@ -194,10 +194,13 @@ async def test_test_mode_checkout_pays_with_the_test_card(site) -> None:
 
     orders_page = await browser.get("/orders")
     assert re.search(rf'id="order-{order_id}">\s*<h3>Order #{order_id} '
-                     r'<span class="status paid">paid</span>', orders_page.text)
+                     r'<span class="status paid">paid</span> <span class="testmode">test order',
+                     orders_page.text)
     sales = await (await site.browser(host)).get("/studio/sales")
     assert "Sue" in sales.text and '<span class="status paid">paid</span>' in sales.text
-    assert "Paid so far: <strong>$36.00</strong>" in sales.text
+    # a test-card order is no money earned: shown apart, never in "Paid so far"
+    assert "Paid so far" not in sales.text
+    assert "Test orders (no real money, not counted above): $36.00" in sales.text
 
 
 async def test_checkout_of_an_empty_cart_or_more_than_is_left(site) -> None:
@@ -354,7 +357,8 @@ async def test_stripe_checkout_and_webhook_pay_exactly_once(stripe_site, stripe_
     order = await queries.order_by_payment_ref(site.db, session["id"])
     assert order["status"] == "pending" and order["payment_mode"] == "stripe"
     assert order["payment_ref"] == session["id"]
-    assert request["headers"]["idempotency-key"] == f"watchbuy-order-{order['id']}"
+    assert request["headers"]["idempotency-key"] == \
+        f"watchbuy-order-{order['id']}-{order['created_at']:.3f}"
     assert request["form"]["line_items[0][price_data][unit_amount]"] == "1800"
     assert request["form"]["line_items[0][quantity]"] == "2"
     assert request["form"]["line_items[0][price_data][product_data][name]"] == "Mug"
@@ -406,8 +410,10 @@ async def test_stripe_checkout_and_webhook_pay_exactly_once(stripe_site, stripe_
 
     page = await browser.get("/orders")
     assert '<span class="status paid">paid</span>' in page.text
+    # Stripe's test keys (sk_test_…) take no real money either: a test order
+    assert paid["test_mode"]
     sales = await (await site.browser(host)).get("/studio/sales")
-    assert "Paid so far: <strong>$36.00</strong>" in sales.text
+    assert "Test orders (no real money, not counted above): $36.00" in sales.text
 
 
 async def test_stripe_unpaid_completion_and_expiry_release_stock(stripe_site, stripe_api) -> None:
@@ -431,10 +437,7 @@ async def test_stripe_unpaid_completion_and_expiry_release_stock(stripe_site, st
     other = stripe_event("checkout.session.expired", session, status="expired")
     assert (await deliver(site, other)).status_code == 200
     assert await stock(site.db, mug["id"]) == 5
-    # a payment that arrives after expiry does not resurrect the order
-    paid = stripe_event("checkout.session.completed", session, payment_status="paid")
-    assert (await deliver(site, paid)).status_code == 200
-    assert (await queries.order(site.db, order["id"]))["status"] == "expired"
+    # (a payment that arrives after expiry: see test_a_payment_after_cancelling_*)
 
     unknown = stripe_event("checkout.session.completed", {"id": "cs_test_unknown"},
                            payment_status="paid")
@@ -534,3 +537,339 @@ async def test_webhook_that_beats_the_stored_session_id_still_pays(stripe_site,
         "checkout.session.completed", {**session, "id": "cs_test_other"}, payment_status="paid",
         client_reference_id=str(order["id"])))
     assert response.json().get("ignored") is True
+
+
+# -- cancel, then pay: the payment is never lost (hardening item 1) -------------------------------
+
+
+def refunds_of(stripe_api, session: dict) -> list[dict]:
+    """Refunds of this session's payment (the stand-in serves the whole test session)."""
+    intent = stripe_api.sessions[session["id"]]["payment_intent"]
+    return [r for r in stripe_api.refunds if intent and r["payment_intent"] == intent]
+
+
+async def cancel(browser, order_id: int):
+    await browser.get(f"/checkout/cancel?order={order_id}")
+    return await browser.post(f"/checkout/{order_id}/cancel")
+
+
+async def test_stripe_sessions_expire_after_the_checkout_minutes(stripe_site, stripe_api) -> None:
+    site = stripe_site
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    browser = await site.browser(await site.user("Sue"))
+    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=1)
+    order = await queries.order_by_payment_ref(site.db, session["id"])
+    # not Stripe's default of 24 hours: the settings' minutes (30, Stripe's minimum) + slack
+    assert site.settings.checkout_minutes == 30
+    assert session["expires_at"] == int(order["created_at"] + 30 * 60) + payments.SESSION_SLACK
+
+
+async def test_cancelling_expires_the_stripe_session_before_releasing_stock(stripe_site,
+                                                                            stripe_api) -> None:
+    site = stripe_site
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    browser = await site.browser(await site.user("Sue"))
+    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=2)
+    order = await queries.order_by_payment_ref(site.db, session["id"])
+    response = await cancel(browser, order["id"])
+    assert response.status_code == 303 and response.headers["location"] == "/orders"
+    assert stripe_api.sessions[session["id"]]["status"] == "expired"  # no longer payable
+    assert (await queries.order(site.db, order["id"]))["status"] == "cancelled"
+    assert await stock(site.db, mug["id"]) == 5
+
+
+async def test_cancelling_a_session_the_buyer_already_paid_keeps_the_stock(stripe_site,
+                                                                           stripe_api) -> None:
+    site = stripe_site
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    browser = await site.browser(await site.user("Sue"))
+    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=2)
+    order = await queries.order_by_payment_ref(site.db, session["id"])
+    stripe_api.pay(session["id"])  # paid in another tab; the webhook is still on its way
+    response = await cancel(browser, order["id"])
+    assert response.headers["location"] == "/orders?cancel=paying"
+    assert "its payment had already gone through" in (await browser.get("/orders?cancel=paying")).text
+    assert (await queries.order(site.db, order["id"]))["status"] == "pending"
+    assert await stock(site.db, mug["id"]) == 3  # still reserved for the payment that is coming
+    completed = stripe_event("checkout.session.completed", stripe_api.sessions[session["id"]])
+    assert (await deliver(site, completed)).json() == {"ok": True}
+    assert (await queries.order(site.db, order["id"]))["status"] == "paid"
+    assert await stock(site.db, mug["id"]) == 3 and refunds_of(stripe_api, session) == []
+
+
+async def test_cancelling_while_stripe_does_not_answer_changes_nothing(stripe_site,
+                                                                       stripe_api) -> None:
+    site = stripe_site
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    browser = await site.browser(await site.user("Sue"))
+    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=2)
+    order = await queries.order_by_payment_ref(site.db, session["id"])
+    stripe_api.expire_fails = True
+    try:
+        response = await cancel(browser, order["id"])
+    finally:
+        stripe_api.expire_fails = False
+    assert response.headers["location"] == "/orders?cancel=failed"
+    assert (await queries.order(site.db, order["id"]))["status"] == "pending"
+    assert await stock(site.db, mug["id"]) == 3
+    assert stripe_api.sessions[session["id"]]["status"] == "open"
+    response = await cancel(browser, order["id"])  # Stripe is back: the retry cancels
+    assert response.headers["location"] == "/orders"
+    assert await stock(site.db, mug["id"]) == 5
+
+
+async def test_a_payment_after_cancelling_reserves_the_stock_again(stripe_site, stripe_api,
+                                                                   caplog) -> None:
+    site = stripe_site
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    browser = await site.browser(await site.user("Sue"))
+    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=3)
+    order = await queries.order_by_payment_ref(site.db, session["id"])
+    # the order expired on our side (e.g. Stripe's expiry event) while the buyer was paying
+    assert await payments.release(site.app, order["id"], "expired")
+    assert await stock(site.db, mug["id"]) == 5
+    paid = stripe_api.pay(session["id"])
+    with caplog.at_level("ERROR", logger="watchbuy.site.payments"):
+        response = await deliver(site, stripe_event("checkout.session.completed", paid))
+    assert response.status_code == 200 and response.json()["late_payment"] == "paid"
+    order = await queries.order(site.db, order["id"])
+    assert order["status"] == "paid" and "stock reserved again" in order["status_note"]
+    assert await stock(site.db, mug["id"]) == 2 and refunds_of(stripe_api, session) == []
+    assert any(f"order {order['id']} was expired when its payment arrived" in r.getMessage()
+               for r in caplog.records if r.levelname == "ERROR")
+    assert "stock reserved again" in (await browser.get("/orders")).text
+
+
+async def test_a_payment_after_cancelling_when_sold_out_is_refunded(stripe_site, stripe_api,
+                                                                    caplog) -> None:
+    site = stripe_site
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=3)
+    sue = await site.user("Sue")
+    browser = await site.browser(sue)
+    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=3)
+    order = await queries.order_by_payment_ref(site.db, session["id"])
+    assert await payments.release(site.app, order["id"], "expired")
+    # the units are sold to someone else ...
+    other = await site.user("Olga")
+    await queries.set_cart_quantity(site.db, other["id"], mug["id"], 3)
+    resold = await queries.create_order_from_cart(site.db, other["id"], "stripe")
+    assert await stock(site.db, mug["id"]) == 0
+    # ... and then Sue's payment arrives: refunded through Stripe, never dropped
+    paid = stripe_api.pay(session["id"])
+    with caplog.at_level("ERROR", logger="watchbuy.site.payments"):
+        response = await deliver(site, stripe_event("checkout.session.completed", paid))
+    assert response.status_code == 200 and response.json()["late_payment"] == "refunded"
+    [refund] = refunds_of(stripe_api, session)
+    assert refund["payment_intent"] == paid["payment_intent"] and refund["amount"] == 5400
+    order = await queries.order(site.db, order["id"])
+    assert order["status"] == "refunded"
+    assert order["status_note"] == "refunded: sold out while you paid"
+    assert await stock(site.db, mug["id"]) == 0
+    assert (await queries.order(site.db, resold["id"]))["status"] == "pending"
+    assert any("refunded" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    # another event for the same payment refunds nothing more
+    again = stripe_event("checkout.session.async_payment_succeeded", paid)
+    assert (await deliver(site, again)).status_code == 200
+    assert len(refunds_of(stripe_api, session)) == 1
+    page = await browser.get("/orders")
+    assert '<span class="status refunded">refunded</span>' in page.text
+    assert "refunded: sold out while you paid" in page.text
+    sales = await (await site.browser(host)).get("/studio/sales")
+    assert "refunded: sold out while you paid" in sales.text
+
+
+# -- hidden products (item 2) -------------------------------------------------------------------
+
+
+async def test_a_hidden_product_cannot_be_bought_by_any_path(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=10)
+    shopper = await site.user("Sue")
+    browser = await site.browser(shopper)
+    assert (await add_to_cart(browser, mug["id"], 1)).status_code == 303
+    await queries.update_product(site.db, host["id"], mug["id"], shown=False)  # host hides it
+    before = await table_counts(site.db)
+    response = await browser.post("/cart/update", {"product_id": str(mug["id"]),
+                                                   "quantity": "2"})
+    assert response.status_code == 404
+    assert error_texts(response.text) == ["That product is not for sale."]
+    response = await browser.post("/checkout")
+    assert response.status_code == 409
+    assert error_texts(response.text) == [
+        "Sorry: Mug is not for sale any more: remove it from your cart. "
+        "Adjust your cart and try again."]
+    assert await table_counts(site.db) == before and await stock(site.db, mug["id"]) == 10
+    assert "no longer for sale" in (await browser.get("/cart")).text
+    # taking it out of the cart still works
+    response = await browser.post("/cart/update", {"product_id": str(mug["id"]),
+                                                   "quantity": "0"})
+    assert response.status_code == 303 and await queries.cart(site.db, shopper["id"]) == []
+
+
+# -- stock hoarding (item 3) ----------------------------------------------------------------------
+
+
+async def test_one_shopper_cannot_hoard_the_stock(site, caplog) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=250)
+    hoarder = await site.user("Hoarder")
+    browser = await site.browser(hoarder)
+    assert site.settings.max_units_per_product == 10 and site.settings.max_pending_orders == 2
+    with caplog.at_level("INFO", logger="watchbuy.site.shop"):
+        response = await add_to_cart(browser, mug["id"], 11)
+        assert response.status_code == 400
+        assert error_texts(response.text) == ["At most 10 of Mug per shopper."]
+        # the seed's attack: order after order, all left unpaid
+        statuses = []
+        for _ in range(5):
+            await queries.set_cart_quantity(site.db, hoarder["id"], mug["id"], 10)  # even direct
+            statuses.append((await browser.post("/checkout")).status_code)
+    assert statuses == [303, 409, 409, 409, 409]
+    # one log line for the shopper who hit the limits five times (rate-limited)
+    limit_lines = [r for r in caplog.records if r.getMessage().startswith(
+        f"shop limit for user {hoarder['id']}:")]
+    assert len(limit_lines) == 1
+    assert await stock(site.db, mug["id"]) == 240  # never more than 10 units held
+    response = await browser.post("/checkout")
+    assert "at most 10 of Mug per shopper (your unpaid orders hold 10)" in response.text
+    # another product still sells, up to the pending-order cap
+    bag = await site.product(host, name="Bag", stock=50)
+    await queries.set_cart_quantity(site.db, hoarder["id"], mug["id"], 0)
+    await queries.set_cart_quantity(site.db, hoarder["id"], bag["id"], 1)
+    assert (await browser.post("/checkout")).status_code == 303
+    await queries.set_cart_quantity(site.db, hoarder["id"], bag["id"], 1)
+    response = await browser.post("/checkout")
+    assert response.status_code == 409
+    assert "you already have 2 unpaid orders" in response.text
+    # an honest shopper still buys
+    honest = await site.browser(await site.user("Honest"))
+    assert (await add_to_cart(honest, mug["id"], 3)).status_code == 303
+    assert (await honest.post("/checkout")).status_code == 303
+    assert await stock(site.db, mug["id"]) == 237
+
+
+async def test_a_double_clicked_checkout_makes_one_order(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=50)
+    shopper = await site.user("Sue")
+    browser = await site.browser(shopper)
+    await add_to_cart(browser, mug["id"], 5)
+    responses = await asyncio.gather(*(browser.post("/checkout") for _ in range(4)))
+    assert sorted(r.status_code for r in responses) == [303, 400, 400, 400]
+    assert len(await queries.user_orders(site.db, shopper["id"])) == 1
+    assert await stock(site.db, mug["id"]) == 45
+
+
+async def test_test_reservations_are_short() -> None:
+    from watchbuy.site.config import SiteSettings
+
+    assert SiteSettings().test_reservation_minutes == 10
+
+
+# -- test mode fails closed, test orders are no revenue (item 4) ---------------------------------
+
+
+def run_site_cli(monkeypatch, tmp_path, capsys, **env: str) -> tuple[int, str]:
+    import os
+
+    from watchbuy.cli import main
+
+    for name in list(os.environ):
+        if name.startswith("WATCHBUY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("WATCHBUY_ENV_FILE", os.devnull)
+    monkeypatch.setenv("WATCHBUY_DATA_DIR", str(tmp_path / "data"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code = main(["site"])
+    return code, capsys.readouterr().err
+
+
+def test_test_mode_refuses_to_start_on_a_public_https_site(monkeypatch, tmp_path,
+                                                           capsys) -> None:
+    code, err = run_site_cli(monkeypatch, tmp_path, capsys,
+                             WATCHBUY_PUBLIC_URL="https://shop.example.com")
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("watchbuy: configuration error: WATCHBUY_STRIPE_SECRET_KEY is not "
+                          "set on a public https site")
+    assert "WATCHBUY_TEST_PAYMENTS=1" in err
+
+
+def test_test_mode_on_https_only_when_asked_for() -> None:
+    from watchbuy.settings import ConfigError
+    from watchbuy.site.config import SiteSettings
+
+    SiteSettings(public_url="https://shop.example.com", test_payments=True).validate()
+    SiteSettings(public_url="https://shop.example.com", stripe_secret_key="sk_live_x",
+                 stripe_webhook_secret="whsec_x").validate()
+    SiteSettings(public_url="http://127.0.0.1:8080").validate()  # a developer's machine
+    with pytest.raises(ConfigError, match="WATCHBUY_TEST_PAYMENTS=1"):
+        SiteSettings(public_url="HTTPS://shop.example.com").validate()
+    for bad in ({"checkout_minutes": 10}, {"checkout_minutes": 1440},
+                {"max_pending_orders": 0}, {"max_units_per_product": 0},
+                {"max_image_pixels": 0}):
+        with pytest.raises(ConfigError):
+            SiteSettings(**bad).validate()
+    assert SiteSettings(stripe_secret_key="sk_live_x").test_orders is False
+    assert SiteSettings(stripe_secret_key="sk_test_x").test_orders is True
+    assert SiteSettings().test_orders is True
+
+
+async def test_test_orders_are_not_revenue_on_the_dashboard_and_sales(site) -> None:
+    from site_helpers import password_hash
+
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=10)
+    shopper = await site.user("Sue")
+    made = []
+    for test_mode in (False, True, True):
+        await queries.set_cart_quantity(site.db, shopper["id"], mug["id"], 1)
+        order = await queries.create_order_from_cart(site.db, shopper["id"], "stripe",
+                                                     test_mode=test_mode)
+        assert await queries.mark_paid(site.db, order["id"])
+        made.append(order)
+    admin_id = await queries.create_user(site.db, "ops@example.test", "Ops", password_hash(),
+                                         False, is_admin=True)
+    ops = await site.browser({"id": admin_id})
+    data = (await ops.get("/dashboard/data")).json()
+    assert data["orders"] == {"paid": 1} and data["test_orders"] == {"paid": 2}
+    assert data["revenue"] == ["$18.00"]
+    page = await ops.get("/dashboard")
+    assert 'id="revenue">$18.00<' in page.text and 'id="test-orders-paid">2<' in page.text
+    sales = await (await site.browser(host)).get("/studio/sales")
+    assert "Paid so far: <strong>$18.00</strong>" in sales.text
+    assert "Test orders (no real money, not counted above): $36.00" in sales.text
+    orders_page = await (await site.browser(shopper)).get("/orders")
+    assert orders_page.text.count("test order, no real payment") == 2
+
+
+# -- POST, and only POST, changes things (item 8) -------------------------------------------------
+
+
+async def test_head_requests_never_pay_or_save(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=10)
+    shopper = await site.user("Sue")
+    browser = await site.browser(shopper)
+    await add_to_cart(browser, mug["id"], 1)
+    order_id = int((await browser.post("/checkout")).headers["location"].split("/")[2])
+    await browser.get(f"/checkout/{order_id}/pay")
+    form = {"csrf_token": browser.csrf, "card": "4242 4242 4242 4242", "expiry": "12/99",
+            "cvc": "123"}
+    response = await browser.http.request("HEAD", f"/checkout/{order_id}/pay", data=form)
+    assert response.status_code in (200, 400)  # shown (or the body refused), never paid
+    assert (await queries.order(site.db, order_id))["status"] == "pending"
+
+    studio = await site.browser(host)
+    await studio.get("/studio/products/new")
+    before = await table_counts(site.db)
+    response = await studio.http.request("HEAD", "/studio/products/new", data={
+        "csrf_token": studio.csrf, "name": "Sneaky", "price": "5", "stock": "1"})
+    assert response.status_code in (200, 400)
+    assert await table_counts(site.db) == before

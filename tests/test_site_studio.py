@@ -101,9 +101,13 @@ async def test_create_edit_delete_a_product_with_an_image(site) -> None:
         ("Ceramic mug", 123450, "usd", 10)
     assert product["image"].endswith(".png")
     stored = site.settings.uploads_dir / product["image"]
-    assert stored.read_bytes() == png_bytes()
+    # re-encoded, never the uploaded bytes: the same picture
+    with Image.open(stored) as saved:
+        assert saved.format == "PNG" and saved.size == (8, 8)
+        assert saved.convert("RGB").getpixel((3, 3)) == (200, 30, 30)
     image = await browser.get(f"/uploads/{product['image']}")
-    assert image.status_code == 200 and image.content == png_bytes()
+    assert image.status_code == 200 and image.content == stored.read_bytes()
+    assert image.headers["content-type"] == "image/png"
 
     response = await browser.get(f"/studio/products/{product['id']}")
     assert 'value="1234.50"' in response.text
@@ -310,3 +314,81 @@ def test_prices_as_shoppers_and_hosts_type_them() -> None:
         except ValueError:
             continue
         raise AssertionError(f"{bad!r} was accepted")
+
+
+async def test_an_uploaded_photo_loses_its_gps_and_is_served_as_what_it_is(site) -> None:
+    host = await site.user("Pia", host=True)
+    browser = await site.browser(host)
+    exif = Image.Exif()
+    exif[0x8825] = {1: "N", 2: (52.0, 31.0, 7.0), 3: "E", 4: (13.0, 24.0, 0.0)}  # GPS
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 16), (10, 120, 200)).save(buffer, "JPEG", exif=exif.tobytes())
+    upload = buffer.getvalue() + b"<html><script>alert(1)</script>"  # and a polyglot tail
+    # named and typed as a PNG: what is stored follows the content, not the claim
+    response = await browser.post("/studio/products/new", product_form(),
+                                  files={"image": ("photo.png", upload, "image/png")})
+    assert response.status_code == 303, response.text
+    [product] = await queries.host_products(site.db, host["id"])
+    assert product["image"].endswith(".jpg")
+    served = await browser.get(f"/uploads/{product['image']}")
+    assert served.headers["content-type"] == "image/jpeg"
+    assert b"<script>" not in served.content and b"Exif" not in served.content
+    with Image.open(io.BytesIO(served.content)) as image:
+        assert image.size == (32, 16) and dict(image.getexif()) == {}
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+async def test_an_image_with_too_many_pixels_is_refused_and_nothing_is_stored(site) -> None:
+    host = await site.user("Quinn", host=True)
+    browser = await site.browser(host)
+    buffer = io.BytesIO()
+    Image.new("1", (6000, 5000)).save(buffer, "PNG")  # 30 Mpx in a few kB
+    before = await table_counts(site.db)
+    response = await browser.post("/studio/products/new", product_form(),
+                                  files={"image": ("big.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 400
+    assert error_texts(response.text) == ["That image has too many pixels (at most 25,000,000)."]
+    assert await table_counts(site.db) == before
+    uploads = site.settings.uploads_dir
+    assert not uploads.exists() or os.listdir(uploads) == []
+
+
+def test_hiding_the_pinned_product_unpins_it_in_every_viewers_room(sync_site) -> None:
+    from site_helpers import ws_receive, ws_until
+
+    site = sync_site
+    host = site.user("Rae", host=True)
+    mug = site.product(host, name="Mug")
+    assert site.post("/studio/pin", host, {"product_id": str(mug["id"])}).status_code == 303
+    with site.websocket(host["channel"]["slug"]) as viewer:
+        ws_receive(viewer)  # hello
+        response = site.post(f"/studio/products/{mug['id']}/shown", host, {})
+        assert response.status_code == 303
+        assert ws_until(viewer, "pinned") == {"type": "pinned", "product": None}
+    assert site.call(queries.channel_by_host, site.db, host["id"])["pinned_product_id"] is None
+    assert not site.call(queries.product, site.db, mug["id"])["shown"]
+    room = site.client.get(f"/room/{host['channel']['slug']}")
+    assert 'id="pinned" class="pinned-card" hidden>' in room.text
+    # a hidden product cannot be pinned again until it is shown
+    response = site.post("/studio/pin", host, {"product_id": str(mug["id"])})
+    assert response.status_code == 409
+    assert site.call(queries.channel_by_host, site.db, host["id"])["pinned_product_id"] is None
+    # showing it again does not pin it by itself
+    assert site.post(f"/studio/products/{mug['id']}/shown", host, {}).status_code == 303
+    assert site.call(queries.channel_by_host, site.db, host["id"])["pinned_product_id"] is None
+
+
+async def test_a_price_above_two_to_the_31_minor_units_is_saved_and_sold(site) -> None:
+    host = await site.user("Sol", host=True)
+    browser = await site.browser(host)
+    response = await browser.post("/studio/products/new",
+                                  product_form(name="Yacht", price="30,000,000.01", stock="1"))
+    assert response.status_code == 303, response.text
+    [yacht] = await queries.host_products(site.db, host["id"])
+    assert yacht["price_minor"] == 3_000_000_001 > 2**31
+    shopper = await site.user("Tycoon")
+    await queries.set_cart_quantity(site.db, shopper["id"], yacht["id"], 1)
+    order = await queries.create_order_from_cart(site.db, shopper["id"], "test")
+    assert order["total_minor"] == 3_000_000_001
+    page = await browser.get(f"/studio/products/{yacht['id']}")
+    assert 'name="price" value="30000000.01"' in page.text

@@ -53,6 +53,8 @@
     document.getElementById("total-streams").textContent = snapshot.streams.length;
     document.getElementById("orders-paid").textContent = snapshot.orders.paid || 0;
     document.getElementById("orders-pending").textContent = snapshot.orders.pending || 0;
+    document.getElementById("revenue").textContent = (snapshot.revenue || []).join(", ") || "0";
+    document.getElementById("test-orders-paid").textContent = (snapshot.test_orders || {}).paid || 0;
     document.getElementById("updated").textContent = "updated " + new Date(snapshot.at * 1000).toLocaleTimeString();
     snapshot.nodes.forEach(function (node) {
       const card = nodeCard(node);
