@@ -77,6 +77,7 @@ class HttpSession(ViewerSession):
         self.stream: LiveStream | None = None
 
     def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)  # the per-address count (ViewerSession)
         self.node.stats.connection_closed("http")
         if self.viewer is not None and self.stream is not None:
             self.viewer.closed = True
