@@ -87,12 +87,14 @@ class MediaNode:
         self.authorizer = authorizer or make_authorizer(settings)
         self.stats = ServerStats()
         self.rtmp_sessions: set[RtmpSession] = set()  # swept once a second for timeouts
-        self.per_ip: dict[str, int] = {}  # open connections by peer address, where capped
+        self.per_ip: dict[str, set] = {}  # open sessions by peer address, where capped
         self.fd_budget = 0
         self._fd_refusals = LogLimiter(log)
         self._ip_refusals = LogLimiter(log)
-        # Timeouts a peer can cause by the thousand (handshake, idle, partial) share one line.
-        self.rtmp_timeout_log = LogLimiter(logging.getLogger("watchbuy.engine.rtmp"))
+        # Timeouts a peer can cause by the thousand: at most a line per kind every few seconds.
+        rtmp_log = logging.getLogger("watchbuy.engine.rtmp")
+        self.rtmp_timeout_logs = {kind: LogLimiter(rtmp_log) for kind in
+                                  ("handshake", "partial", "idle")}
         self.started_mono = time.monotonic()
         self._servers: list[asyncio.base_events.Server] = []
         self._sampler: asyncio.Task | None = None
@@ -165,26 +167,29 @@ class MediaNode:
         cap = config.max_connections_per_ip
         host = session.peer_host
         if cap and host and (config.per_ip_limit_loopback or not is_loopback(host)):
-            count = self.per_ip.get(host, 0)
-            if count >= cap:
+            sessions = self.per_ip.setdefault(host, set())
+            if len(sessions) >= cap:
+                # release() normally keeps this exact; should a close ever miss it, the
+                # sessions whose transports are closed must not count against the address.
+                sessions.difference_update([s for s in sessions if s.transport.is_closing()])
+            if len(sessions) >= cap:
                 self.stats.connections_refused += 1
                 self._ip_refusals.log(logging.WARNING, "refusing %s connection from %s: %d open "
                                       "from that address (WATCHBUY_MAX_CONNECTIONS_PER_IP)",
-                                      session.protocol, session.peer, count)
+                                      session.protocol, session.peer, len(sessions))
                 return False
-            self.per_ip[host] = count + 1
+            sessions.add(session)
             session.ip_slot = host
         return True
 
     def release(self, session) -> None:
         """A connection closed: give back its place in its address's count."""
         host, session.ip_slot = session.ip_slot, ""
-        if host:
-            count = self.per_ip.get(host, 0) - 1
-            if count > 0:
-                self.per_ip[host] = count
-            else:
-                self.per_ip.pop(host, None)
+        sessions = self.per_ip.get(host) if host else None
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self.per_ip[host]
 
     # -- stats for the HTTP API ---------------------------------------------------------------
     def streams_info(self) -> dict:

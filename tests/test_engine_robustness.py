@@ -459,7 +459,7 @@ async def test_connections_per_address_are_capped_for_rtmp_and_http(caplog):
         # a connection closed gives its place back
         kept.pop().close()
         for _ in range(100):
-            if node.per_ip["127.0.0.1"] < cap:
+            if len(node.per_ip["127.0.0.1"]) < cap:
                 break
             await asyncio.sleep(0.05)
         ok, writer = await accepted(node.http_port, "http")
