@@ -574,11 +574,11 @@ class RtmpSession(ViewerSession):
         if self.closed:
             return
         config = self.node.config
-        limiter = self.node.rtmp_timeout_log
+        limiters = self.node.rtmp_timeout_logs
         if not self.app:
             if config.handshake_timeout and now - self.opened_at > config.handshake_timeout:
                 self.drop(f"handshake and connect not done within {config.handshake_timeout:g} s"
-                          " (WATCHBUY_HANDSHAKE_TIMEOUT)", limiter)
+                          " (WATCHBUY_HANDSHAKE_TIMEOUT)", limiters["handshake"])
                 return
         if self.messages_in != self.messages_at_sweep:
             self.messages_at_sweep = self.messages_in
@@ -589,7 +589,7 @@ class RtmpSession(ViewerSession):
         timeout = config.partial_message_timeout
         if partial and timeout and now - self.progress_at > timeout:
             self.drop(f"an unfinished message made no progress for {timeout:g} s "
-                      "(WATCHBUY_PARTIAL_MESSAGE_TIMEOUT)", limiter)
+                      "(WATCHBUY_PARTIAL_MESSAGE_TIMEOUT)", limiters["partial"])
             return
         stream = self.stream
         if stream is not None:
@@ -607,7 +607,7 @@ class RtmpSession(ViewerSession):
         timeout = config.idle_connection_timeout
         if timeout and now - self.idle_since > timeout:
             self.drop(f"neither publishing nor playing for {timeout:g} s "
-                      "(WATCHBUY_IDLE_CONNECTION_TIMEOUT)", limiter)
+                      "(WATCHBUY_IDLE_CONNECTION_TIMEOUT)", limiters["idle"])
 
     def close_soon(self) -> None:
         """Close after what we wrote (an error status) has gone out."""
