@@ -34,8 +34,8 @@ class RtmpClient:
         self.statuses: list[dict] = []
 
     @classmethod
-    async def connect(cls, host: str, port: int, app: str = "live", digest: bool = True,
-                      connect_extra: dict | None = None) -> RtmpClient:
+    async def open(cls, host: str, port: int, digest: bool = True) -> RtmpClient:
+        """A client that has done the handshake and nothing else (tests send what follows)."""
         reader, writer = await asyncio.open_connection(host, port)
         client = cls(reader, writer)
         handshake = ClientHandshake(digest=digest)
@@ -51,6 +51,12 @@ class RtmpClient:
             client.inbox.extend(client.chunks.feed(handshake.leftover))
         client.send_raw(client.out.write(2, 0, MSG_SET_CHUNK_SIZE, 0, struct.pack(">I", 4096)))
         client.out.chunk_size = 4096
+        return client
+
+    @classmethod
+    async def connect(cls, host: str, port: int, app: str = "live", digest: bool = True,
+                      connect_extra: dict | None = None) -> RtmpClient:
+        client = await cls.open(host, port, digest)
         command = {"app": app, "type": "nonprivate", "flashVer": "FMLE/3.0 (compatible; FMSc/1.0)",
                    "tcUrl": f"rtmp://{host}:{port}/{app}"}
         command.update(connect_extra or {})

@@ -191,6 +191,7 @@ class HttpSession(ViewerSession):
     def connection_lost(self, exc) -> None:
         self._lost = True
         self._cancel_timer()
+        super().connection_lost(exc)  # the per-address count (ViewerSession)
         self.node.stats.connection_closed("http")
         if self.viewer is not None and self.stream is not None:
             self.viewer.closed = True

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 
 from watchbuy.engine.codecs import implementations
 from watchbuy.engine.hooks import HttpHooks, PublishAuthorizer, StaticKeys
 from watchbuy.engine.http import HttpSession
-from watchbuy.engine.relay import CounterWindow, RelayLimits, StreamRegistry
+from watchbuy.engine.relay import CounterWindow, LogLimiter, RelayLimits, StreamRegistry
 from watchbuy.engine.rtmp import RtmpSession
 from watchbuy.settings import Settings
 
@@ -22,6 +23,7 @@ class ServerStats:
     def __init__(self) -> None:
         self.connections: dict[str, int] = {"rtmp": 0, "http": 0}
         self.connections_total = 0
+        self.connections_refused = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self._window = CounterWindow()  # bytes in, bytes out
@@ -33,6 +35,9 @@ class ServerStats:
     def connection_closed(self, kind: str) -> None:
         self.connections[kind] -= 1
 
+    def open_connections(self) -> int:
+        return sum(self.connections.values())
+
     def sample(self, now: float) -> None:
         self._window.add(now, self.bytes_in, self.bytes_out)
 
@@ -40,6 +45,22 @@ class ServerStats:
         """(bytes per second in, bytes per second out) over the sampling window."""
         rx, tx = self._window.rates(2)
         return rx, tx
+
+
+def fd_budget(reserve: int) -> int:
+    """How many connections the node may hold open: the soft RLIMIT_NOFILE less a reserve of
+    ``reserve`` or 5 % of it, whichever is more, for listeners, logs and hook requests; 0 for
+    no limit.  Past it, accept() would fail with EMFILE for everyone, publishers included."""
+    if reserve <= 0:
+        return 0
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(soft - max(reserve, soft // 20), soft // 2)
+
+
+def is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "::1" or host.startswith("::ffff:127.")
 
 
 def make_authorizer(settings: Settings) -> PublishAuthorizer:
@@ -59,10 +80,21 @@ class MediaNode:
             viewer_queue_bytes=settings.viewer_queue_bytes,
             stall_timeout=settings.stall_timeout,
             out_chunk_size=settings.out_chunk_size,
+            metadata_max_fields=settings.metadata_max_fields,
+            metadata_max_bytes=settings.metadata_max_bytes,
         )
         self.registry = StreamRegistry(self.limits)
         self.authorizer = authorizer or make_authorizer(settings)
         self.stats = ServerStats()
+        self.rtmp_sessions: set[RtmpSession] = set()  # swept once a second for timeouts
+        self.per_ip: dict[str, set] = {}  # open sessions by peer address, where capped
+        self.fd_budget = 0
+        self._fd_refusals = LogLimiter(log)
+        self._ip_refusals = LogLimiter(log)
+        # Timeouts a peer can cause by the thousand: at most a line per kind every few seconds.
+        rtmp_log = logging.getLogger("watchbuy.engine.rtmp")
+        self.rtmp_timeout_logs = {kind: LogLimiter(rtmp_log) for kind in
+                                  ("handshake", "partial", "idle")}
         self.started_mono = time.monotonic()
         self._servers: list[asyncio.base_events.Server] = []
         self._sampler: asyncio.Task | None = None
@@ -71,6 +103,7 @@ class MediaNode:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.fd_budget = fd_budget(self.config.fd_reserve)
         rtmp = await loop.create_server(
             lambda: RtmpSession(self), self.config.rtmp_host, self.config.rtmp_port,
             reuse_address=True, backlog=1024,
@@ -108,7 +141,55 @@ class MediaNode:
             self.stats.sample(now)
             for stream in self.registry.streams.values():
                 stream.sample(now)
+            self.sweep(now)
             await asyncio.sleep(1.0)
+
+    def sweep(self, now: float) -> None:
+        """Once a second: the RTMP sessions' timeouts (handshake, partial message, publisher
+        silence, idle), so no timer is armed or moved per message."""
+        for session in tuple(self.rtmp_sessions):
+            try:
+                session.check_timeouts(now)
+            except Exception:  # a bug in one session must not stop the sampler
+                log.exception("rtmp %s: timeout check failed", session.peer)
+
+    # -- admission ----------------------------------------------------------------------------
+    def admit(self, session) -> bool:
+        """Whether a new connection (already counted as open) may stay."""
+        config = self.config
+        if self.fd_budget and self.stats.open_connections() > self.fd_budget:
+            self.stats.connections_refused += 1
+            self._fd_refusals.log(logging.WARNING, "refusing %s connection from %s: %d "
+                                  "connections open, the most the open-file limit allows "
+                                  "(RLIMIT_NOFILE less WATCHBUY_FD_RESERVE=%d)", session.protocol,
+                                  session.peer, self.fd_budget, config.fd_reserve)
+            return False
+        cap = config.max_connections_per_ip
+        host = session.peer_host
+        if cap and host and (config.per_ip_limit_loopback or not is_loopback(host)):
+            sessions = self.per_ip.setdefault(host, set())
+            if len(sessions) >= cap:
+                # release() normally keeps this exact; should a close ever miss it, the
+                # sessions whose transports are closed must not count against the address.
+                sessions.difference_update([s for s in sessions if s.transport.is_closing()])
+            if len(sessions) >= cap:
+                self.stats.connections_refused += 1
+                self._ip_refusals.log(logging.WARNING, "refusing %s connection from %s: %d open "
+                                      "from that address (WATCHBUY_MAX_CONNECTIONS_PER_IP)",
+                                      session.protocol, session.peer, len(sessions))
+                return False
+            sessions.add(session)
+            session.ip_slot = host
+        return True
+
+    def release(self, session) -> None:
+        """A connection closed: give back its place in its address's count."""
+        host, session.ip_slot = session.ip_slot, ""
+        sessions = self.per_ip.get(host) if host else None
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self.per_ip[host]
 
     # -- stats for the HTTP API ---------------------------------------------------------------
     def streams_info(self, operator: bool = False) -> dict:
@@ -125,6 +206,7 @@ class MediaNode:
             "uptime": round(time.monotonic() - self.started_mono, 1),
             "connections": dict(self.stats.connections),
             "connections_total": self.stats.connections_total,
+            "connections_refused": self.stats.connections_refused,
             "publishers": len(self.registry.streams),
             "viewers": self.registry.viewer_count(),
             "bytes_in": self.stats.bytes_in,

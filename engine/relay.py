@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -46,6 +47,53 @@ class RelayLimits:
     viewer_queue_bytes: int = 1024 * 1024
     stall_timeout: float = 10.0
     out_chunk_size: int = 4096
+    metadata_max_fields: int = 64
+    metadata_max_bytes: int = 8192
+
+
+# onMetaData fields that describe a file, not a live stream: a player given them shows a fixed
+# length or reports an incomplete download (ffmpeg -t writes them).  SRS strips them too.
+FILE_ONLY_METADATA = ("duration", "filesize")
+
+
+def short(value: object, limit: int = 80) -> str:
+    """A peer-supplied value for a log line or a reply, never longer than about ``limit``.
+
+    Peers choose these values; a log line or an error reply must not grow with what they send,
+    and a non-string (a nested object, say) is named by its type only.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value[: limit + 1]).decode("latin-1")
+    if not isinstance(value, str):
+        return f"<{type(value).__name__}>"
+    if len(value) > limit:
+        return repr(value[:limit]) + f"...({len(value)} chars)"
+    return repr(value)
+
+
+class LogLimiter:
+    """At most one line per ``interval`` seconds for one kind of event that a peer can cause
+    at will (refused connections, say); the lines held back are counted in the next one."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 5.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.last = -math.inf
+        self.held_back = 0
+
+    def log(self, level: int, message: str, *args: object) -> bool:
+        """Log unless a line went out less than ``interval`` ago; True when logged."""
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.held_back += 1
+            return False
+        if self.held_back:
+            message += " (and %d more like it since the last line)"
+            args = (*args, self.held_back)
+        self.last = now
+        self.held_back = 0
+        self.logger.log(level, message, *args)
+        return True
 
 
 class Tag:
@@ -221,13 +269,25 @@ class ViewerSession(asyncio.Protocol):
         self.node = node
         self.transport = None
         self.peer = "?"
+        self.peer_host = ""
+        self.ip_slot = ""  # the address this connection counts against, when it counts
+        self.refused = False
         self.viewer: Viewer | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.peer_host = str(peer[0]) if peer else ""
         self.node.stats.connection_opened(self.protocol)
+        # Per-address cap and open-file headroom, for RTMP and HTTP alike: a refused
+        # connection is aborted before it reads a byte (the node logs it, rate-limited).
+        if not self.node.admit(self):
+            self.refused = True
+            transport.abort()
+
+    def connection_lost(self, exc) -> None:
+        self.node.release(self)
 
     def pause_writing(self) -> None:
         if self.viewer is not None:
@@ -251,6 +311,10 @@ class LiveStream:
         self.publisher = publisher
         self.started_at = time.time()
         self.started_mono = time.monotonic()
+        self.owner: object = None  # the publishing session
+        self.last_media_at = self.started_mono  # updated per publisher read, not per message
+        self._media_seen = 0
+        self._metadata_trim_logged = False
         self.metadata: dict = {}
         self.metadata_tag: Tag | None = None
         self.video_header: Tag | None = None
@@ -300,7 +364,12 @@ class LiveStream:
             values = values[1:]
         if len(values) < 2 or values[0] != "onMetaData" or not isinstance(values[1], dict):
             return
-        self.metadata = dict(values[1])
+        self.metadata, skipped = live_metadata(
+            values[1], self.limits.metadata_max_fields, self.limits.metadata_max_bytes)
+        if skipped and not self._metadata_trim_logged:
+            self._metadata_trim_logged = True  # publishers may resend metadata at any rate
+            log.info("stream %s: publisher metadata trimmed: %d fields not kept (nested, too "
+                     "long or past WATCHBUY_METADATA_MAX_FIELDS/_BYTES)", self.name, skipped)
         self.metadata["server"] = "WatchBuy"
         payload = amf.encode_amf0("onMetaData", ECMAArray(self.metadata))
         self.metadata_tag = Tag(MSG_DATA_AMF0, 0, payload, False)
@@ -334,6 +403,9 @@ class LiveStream:
         if not tags:
             return
         self.pending = []
+        if self.bytes_in != self._media_seen:  # once per publisher read: the silence clock
+            self._media_seen = self.bytes_in
+            self.last_media_at = time.monotonic()
         shared: dict = {}
         for viewer in tuple(self.viewers):
             viewer.deliver(tags, shared)
@@ -356,6 +428,18 @@ class LiveStream:
 
     def remove_viewer(self, viewer: Viewer) -> None:
         self.viewers.discard(viewer)
+
+    def handover(self, owner: object, publisher: str) -> None:
+        """A new session of the same publisher (its key) continues this stream after the old
+        one went silent, as OBS does when it reconnects.  Viewers stay attached; the new
+        publisher's sequence headers and first keyframe replace the old ones as they come, and
+        late joiners get no GOP from the old session."""
+        self.owner = owner
+        self.publisher = publisher
+        self.gop = []
+        self.gop_bytes = 0
+        self.pending = []
+        self.last_media_at = time.monotonic()
 
     def end(self) -> None:
         for viewer in tuple(self.viewers):
@@ -394,18 +478,49 @@ class LiveStream:
         }
 
 
-def _int(value) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError, OverflowError):
-        return None
+def live_metadata(source: dict, max_fields: int, max_bytes: int) -> tuple[dict, int]:
+    """The publisher's onMetaData fields we keep and pass on, and how many we left out.
+
+    Only scalars (numbers, booleans, strings) are kept, within ``max_fields`` fields and
+    ``max_bytes`` of keys and strings, so what a publisher sends cannot grow what every late
+    joiner is sent; the file-only fields (duration, filesize) are dropped for live viewers.
+    """
+    kept: dict = {}
+    size = 0
+    skipped = 0
+    for key, value in source.items():
+        if key in FILE_ONLY_METADATA:
+            continue
+        if isinstance(value, str):
+            cost = len(key) + len(value)
+        elif isinstance(value, (bool, int, float)):
+            cost = len(key) + 8
+        else:
+            skipped += 1
+            continue
+        if len(kept) >= max_fields or size + cost > max_bytes:
+            skipped += 1
+            continue
+        kept[key] = value
+        size += cost
+    return kept, skipped
 
 
 def _float(value) -> float | None:
-    try:
-        return round(float(value), 2) if value is not None else None
-    except (TypeError, ValueError):
+    """A finite number from a metadata value, or None: the stats API must stay valid JSON,
+    which has no Infinity or NaN."""
+    if value is None or isinstance(value, bool):
         return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return round(number, 2) if math.isfinite(number) else None
+
+
+def _int(value) -> int | None:
+    number = _float(value)
+    return int(number) if number is not None else None
 
 
 def _count_kinds(viewers: Iterable[Viewer]) -> dict[str, int]:

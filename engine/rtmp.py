@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import struct
+import time
 from typing import TYPE_CHECKING
 
 from watchbuy.engine.amf_types import UNDEFINED
@@ -24,9 +26,11 @@ from watchbuy.engine.relay import (
     MSG_VIDEO,
     PLAY_STREAM_ID,
     LiveStream,
+    LogLimiter,
     Tag,
     Viewer,
     ViewerSession,
+    short,
 )
 
 if TYPE_CHECKING:
@@ -45,6 +49,13 @@ MSG_COMMAND_AMF3 = 17
 MSG_COMMAND_AMF0 = 20
 MSG_AGGREGATE = 22
 
+# What an aggregate message may carry: the publisher's media and data, never another aggregate.
+AGGREGATE_PARTS = frozenset((MSG_AUDIO, MSG_VIDEO, MSG_DATA_AMF0, MSG_DATA_AMF3))
+
+# What decoding peer input may raise besides ProtocolError: bad numbers, depth, text.  Each is
+# the peer's fault and costs its connection one log line, never a traceback.
+PEER_ERRORS = (ProtocolError, ValueError, OverflowError, RecursionError)
+
 UC_STREAM_BEGIN = 0
 UC_STREAM_EOF = 1
 UC_PING_REQUEST = 6
@@ -58,6 +69,14 @@ WINDOW_ACK_SIZE = 2_500_000
 
 # Codecs we relay, stated in the connect reply when the client lists its own (Enhanced RTMP).
 FOURCC_LIST = ["avc1", "hvc1", "av01", "vp09", "mp4a", "Opus", "fLaC", "ac-3", "ec-3", ".mp3"]
+
+
+def stream_id(value: float) -> int:
+    """A message stream id from a peer's AMF number: NaN, infinities and numbers outside the
+    32-bit field are protocol errors (int() would raise or give nonsense)."""
+    if not (math.isfinite(value) and 0 <= value <= 0xFFFFFFFF):
+        raise ProtocolError(f"stream id {short(repr(value), 30)} is not a valid stream id")
+    return int(value)
 
 
 class RtmpViewer(Viewer):
@@ -114,10 +133,27 @@ class RtmpSession(ViewerSession):
         self.viewer: RtmpViewer | None = None
         self.play_name = ""
         self.play_msid = 0
+        # timeouts, checked by the node's once-a-second sweep (see check_timeouts)
+        self.opened_at = 0.0
+        self.idle_since = 0.0
+        self.messages_in = 0
+        self.messages_at_sweep = 0
+        self.progress_at = 0.0
+        self.unfinished = False  # the last read completed no message (if partial_count is absent)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if self.refused:
+            self.closed = True
+            return
+        self.opened_at = self.idle_since = self.progress_at = time.monotonic()
+        self.node.rtmp_sessions.add(self)
+
     def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
         self.closed = True
+        self.node.rtmp_sessions.discard(self)
         self.node.stats.connection_closed("rtmp")
         if self.auth_task is not None and not self.auth_task.done():
             self.auth_task.cancel()
@@ -138,21 +174,29 @@ class RtmpSession(ViewerSession):
                 if not data:
                     return
             messages = self.reader.feed(data)
+            self.messages_in += len(messages)
+            self.unfinished = not messages
             self.acknowledge()
             if self.held is not None:
                 self.held.extend(messages)
                 return
             self.dispatch(messages)
-        except ProtocolError as exc:
-            self.drop(str(exc))
+        except PEER_ERRORS as exc:
+            self.drop(str(exc) or type(exc).__name__)
         except Exception:  # a bug must cost this connection only, never the node
             log.exception("rtmp %s: internal error", self.peer)
             self.drop("internal error")
 
     # -- plumbing ---------------------------------------------------------------------------
-    def drop(self, reason: str) -> None:
+    def drop(self, reason: str, limiter: LogLimiter | None = None) -> None:
+        """Abort this connection with one log line (through ``limiter`` when a peer could
+        make many of them at once)."""
         if not self.closed:
-            log.warning("rtmp %s: dropping connection: %s", self.peer, reason)
+            reason = reason if len(reason) <= 200 else reason[:200] + "..."
+            if limiter is None:
+                log.warning("rtmp %s: dropping connection: %s", self.peer, reason)
+            else:
+                limiter.log(logging.WARNING, "rtmp %s: dropping connection: %s", self.peer, reason)
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
@@ -230,21 +274,36 @@ class RtmpSession(ViewerSession):
             self.send_user_control(UC_PING_RESPONSE, value)
 
     def on_aggregate(self, timestamp: int, payload: bytes, msid: int) -> None:
-        """Unpack an aggregate message: FLV-tag-like sub-messages with back pointers."""
+        """Unpack an aggregate message: FLV-tag-like sub-messages with back pointers.
+
+        One flat walk over a memoryview: only the media and data sub-messages we relay become
+        bytes.  An aggregate inside an aggregate is a protocol error (it served only to make us
+        copy and recurse), as is a sub-message past the end.
+        """
+        if self.stream is None or msid != self.publish_msid:
+            return  # only a publisher's media is of use; the rest is not worth parsing
+        view = memoryview(payload)
+        end = len(view)
         pos = 0
         base = None
-        while len(payload) - pos >= 11:
-            type_id = payload[pos]
-            size = int.from_bytes(payload[pos + 1 : pos + 4], "big")
-            sub_ts = int.from_bytes(payload[pos + 4 : pos + 7], "big") | (payload[pos + 7] << 24)
-            body = payload[pos + 11 : pos + 11 + size]
-            if len(body) < size:
+        while end - pos >= 11:
+            type_id = view[pos]
+            size = (view[pos + 1] << 16) | (view[pos + 2] << 8) | view[pos + 3]
+            sub_ts = (view[pos + 4] << 16) | (view[pos + 5] << 8) | view[pos + 6] \
+                | (view[pos + 7] << 24)
+            start = pos + 11
+            if start + size > end:
                 raise ProtocolError("aggregate message: sub-message past the end")
+            if type_id == MSG_AGGREGATE:
+                raise ProtocolError("aggregate message inside an aggregate message")
             if base is None:
                 base = sub_ts
-            ts = (timestamp + sub_ts - base) & 0xFFFFFFFF
-            self.on_message((0, ts, type_id, msid, body))
-            pos += 11 + size + 4
+            if type_id in AGGREGATE_PARTS:
+                ts = (timestamp + sub_ts - base) & 0xFFFFFFFF
+                self.on_message((0, ts, type_id, msid, bytes(view[start : start + size])))
+                if self.closed:
+                    return
+            pos = start + size + 4
 
     def on_data(self, timestamp: int, payload: bytes, msid: int) -> None:
         if self.stream is None or msid != self.publish_msid:
@@ -265,7 +324,7 @@ class RtmpSession(ViewerSession):
         args = values[3:]
         handler = getattr(self, "cmd_" + name, None) if name.isidentifier() else None
         if handler is None:
-            log.debug("rtmp %s: ignoring command %r", self.peer, name)
+            log.debug("rtmp %s: ignoring command %s", self.peer, short(name))
             return
         handler(txn, values[2] if len(values) > 2 else None, args, msid)
 
@@ -273,12 +332,15 @@ class RtmpSession(ViewerSession):
     def cmd_connect(self, txn: float, command: object, args: list, msid: int) -> None:
         if not isinstance(command, dict):
             raise ProtocolError("connect without a command object")
-        app = str(command.get("app", "")).strip("/").split("?", 1)[0]
+        app = command.get("app", "")
+        if isinstance(app, str):
+            app = app.strip("/").split("?", 1)[0]
         if app not in self.node.config.apps:
-            log.info("rtmp %s: connect to unknown app %r refused", self.peer, app)
+            # The app is the peer's: only a short form goes to the log and back to the peer.
+            log.info("rtmp %s: connect to unknown app %s refused", self.peer, short(app))
             self.send_command("_error", txn, None, {
                 "level": "error", "code": "NetConnection.Connect.Rejected",
-                "description": f"unknown application {app!r}"})
+                "description": f"unknown application {short(app)}"})
             self.close_soon()
             return
         self.app = app
@@ -311,7 +373,7 @@ class RtmpSession(ViewerSession):
         self.stop_publishing()
 
     def cmd_deleteStream(self, txn: float, command: object, args: list, msid: int) -> None:
-        target = int(args[0]) if args and isinstance(args[0], float) else msid
+        target = stream_id(args[0]) if args and isinstance(args[0], float) else msid
         if self.stream is not None and target == self.publish_msid:
             self.stop_publishing()
         if self.play_name and target == self.play_msid:
@@ -328,8 +390,15 @@ class RtmpSession(ViewerSession):
 
     # -- publishing ---------------------------------------------------------------------------
     def cmd_publish(self, txn: float, command: object, args: list, msid: int) -> None:
-        if not args or not isinstance(args[0], str) or not split_key(args[0]):
+        if not args or not isinstance(args[0], str):
             raise ProtocolError("publish without a stream key")
+        if not self.app:
+            self.refuse(msid, "NetStream.Publish.BadConnection", "publish before connect")
+            return
+        if not split_key(args[0]):
+            # rtmp://host/live or rtmp://host/live?x: tell the encoder why, then close.
+            self.refuse(msid, "NetStream.Publish.BadName", "publish needs a stream key")
+            return
         if self.stream is not None or self.held is not None or self.play_name:
             self.send_status(msid, "error", "NetStream.Publish.BadConnection",
                              "this connection is already publishing or playing")
@@ -364,23 +433,46 @@ class RtmpSession(ViewerSession):
             return
         stream = self.node.registry.start(name, self.app, publisher=self.peer)
         if stream is None:
+            stream = self.take_over(name, key)
+        if stream is None:
             log.info("rtmp %s: refused second publisher on live stream %r", self.peer, name)
             self.send_status(msid, "error", "NetStream.Publish.BadName",
                              f"stream {name!r} is already live")
             self.close_soon()
             return
         self.stream = stream
+        stream.owner = self
         log.info("rtmp %s: publishing %r (app %s)", self.peer, name, self.app)
         self.send_user_control(UC_STREAM_BEGIN, msid)
         self.send_status(msid, "status", "NetStream.Publish.Start", f"{name} is now published.")
         held, self.held = self.held or [], None
         try:
             self.dispatch(held)
-        except ProtocolError as exc:
-            self.drop(str(exc))
+        except PEER_ERRORS as exc:
+            self.drop(str(exc) or type(exc).__name__)
             return
         if not self.closed:
             self.transport.resume_reading()
+
+    def take_over(self, name: str, key: str) -> LiveStream | None:
+        """The live stream ``name`` for this session if its publisher is an earlier session of
+        the same key that has sent no media for ``publish_takeover_grace`` seconds: what OBS
+        does when it reconnects after a network blip, before we noticed the old connection is
+        dead.  The old session is dropped; the stream and its viewers carry on."""
+        stream = self.node.registry.get(name)
+        old = stream.owner if stream is not None else None
+        if not isinstance(old, RtmpSession) or old is self or old.publish_key != key \
+                or old.app != self.app:
+            return None  # another key (or app) owns this name: refused as before
+        silent = time.monotonic() - stream.last_media_at
+        if silent < self.node.config.publish_takeover_grace:
+            return None
+        log.info("rtmp %s: takes over %r from %s, which sent no media for %.1f s",
+                 self.peer, name, old.peer, silent)
+        old.stream = None  # so its end neither stops the stream nor reports publish_done
+        old.drop(f"stream {name!r} taken over by {self.peer} (same stream key)")
+        stream.handover(self, self.peer)
+        return stream
 
     def stop_publishing(self) -> None:
         stream, self.stream = self.stream, None
@@ -396,9 +488,15 @@ class RtmpSession(ViewerSession):
     def cmd_play(self, txn: float, command: object, args: list, msid: int) -> None:
         if not args or not isinstance(args[0], str):
             raise ProtocolError("play without a stream name")
+        if not self.app:
+            self.refuse(msid, "NetStream.Play.Failed", "play before connect")
+            return
         name = args[0].split("?", 1)[0]
         if name.endswith(".flv"):
             name = name[:-4]
+        if not name:
+            self.refuse(msid, "NetStream.Play.StreamNotFound", "play needs a stream name")
+            return
         if self.stream is not None or self.play_name:
             self.send_status(msid, "error", "NetStream.Play.Failed",
                              "this connection is already publishing or playing")
@@ -462,6 +560,54 @@ class RtmpSession(ViewerSession):
             self.viewer_stream.remove_viewer(self.viewer)
             self.viewer = None
         self.play_name = ""
+
+    def refuse(self, msid: int, code: str, reason: str) -> None:
+        """Answer a command we cannot follow with an error status and the reason, then close."""
+        log.info("rtmp %s: refused: %s", self.peer, reason)
+        self.send_status(msid, "error", code, reason)
+        self.close_soon()
+
+    # -- timeouts -----------------------------------------------------------------------------
+    def check_timeouts(self, now: float) -> None:
+        """Called once a second by the node's sweep; drops this connection when it has
+        overstayed.  Progress is read from counters the data path keeps anyway."""
+        if self.closed:
+            return
+        config = self.node.config
+        limiters = self.node.rtmp_timeout_logs
+        if not self.app:
+            if config.handshake_timeout and now - self.opened_at > config.handshake_timeout:
+                self.drop(f"handshake and connect not done within {config.handshake_timeout:g} s"
+                          " (WATCHBUY_HANDSHAKE_TIMEOUT)", limiters["handshake"])
+                return
+        if self.messages_in != self.messages_at_sweep:
+            self.messages_at_sweep = self.messages_in
+            self.progress_at = now
+        partial = getattr(self.reader, "partial_count", None)
+        if partial is None:  # a reader without the count: the last read ended mid-message
+            partial = self.unfinished
+        timeout = config.partial_message_timeout
+        if partial and timeout and now - self.progress_at > timeout:
+            self.drop(f"an unfinished message made no progress for {timeout:g} s "
+                      "(WATCHBUY_PARTIAL_MESSAGE_TIMEOUT)", limiters["partial"])
+            return
+        stream = self.stream
+        if stream is not None:
+            timeout = config.publish_idle_timeout
+            if timeout and now - stream.last_media_at > timeout:
+                # Ended at once, so the host can publish again under the same name.
+                self.drop(f"publisher sent no media for {timeout:g} s, ending {stream.name!r} "
+                          "(WATCHBUY_PUBLISH_IDLE_TIMEOUT)")
+                self.stop_publishing()
+            return
+        if self.play_name or self.held is not None or (
+                self.auth_task is not None and not self.auth_task.done()):
+            self.idle_since = now
+            return
+        timeout = config.idle_connection_timeout
+        if timeout and now - self.idle_since > timeout:
+            self.drop(f"neither publishing nor playing for {timeout:g} s "
+                      "(WATCHBUY_IDLE_CONNECTION_TIMEOUT)", limiters["idle"])
 
     def close_soon(self) -> None:
         """Close after what we wrote (an error status) has gone out."""

@@ -4,13 +4,17 @@ ping, and a player that waits for a host to go live."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import signal
 import struct
 
-from conftest import FlvHttpReader
+import pytest
+from conftest import FlvHttpReader, node_settings, start_ffmpeg_publisher, stop_process, wait_live
 
-from watchbuy.engine.client import RtmpClient
-from watchbuy.engine.codecs import flvmux
+from watchbuy.engine.client import RtmpClient, RtmpError
+from watchbuy.engine.codecs import amf, flvmux
+from watchbuy.engine.node import MediaNode
 
 
 def ex_video(frame_type: int, packet_type: int, fourcc: bytes, body: bytes) -> bytes:
@@ -109,3 +113,144 @@ async def test_player_waits_for_the_host_and_starts_when_live(node):
             pass
     assert any(s.get("code") == "NetStream.Play.UnpublishNotify" for s in player.statuses)
     await player.close()
+
+
+async def test_aggregate_messages_are_unpacked_with_their_timestamps(node):
+    publisher = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+    await publisher.publish("key1")
+    player = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+    await player.play("show1")
+    header = bytes([0x17, 0]) + os.urandom(20)
+    frames = [bytes([0x17 if i == 0 else 0x27, 1, 0, 0, 0]) + os.urandom(50) for i in range(3)]
+    parts = [(9, 1000, header)] + [(9, 1000 + 40 * i, f) for i, f in enumerate(frames)]
+    parts.insert(2, (20, 1000, b"\x02\x00\x04junk"))  # not media: skipped
+    body = b"".join(
+        bytes([t]) + len(p).to_bytes(3, "big") + ts.to_bytes(3, "big") + b"\0" + b"\0\0\0" + p
+        + (11 + len(p)).to_bytes(4, "big") for t, ts, p in parts)
+    # the aggregate's own timestamp is 5000: sub-messages keep their offsets from the first
+    publisher.send_raw(publisher.out.write(6, 5000, 22, publisher.stream_id, body))
+    await publisher.drain()
+    got = []
+    while len(got) < 4:
+        got.append(await player.media())
+    assert [g[2] for g in got] == [header, *frames]
+    assert [g[0] for g in got[1:]] == [5000, 5040, 5080]
+    await player.close()
+    await publisher.close()
+
+
+async def test_commands_before_connect_and_empty_names_get_an_error_status(node):
+    for command, args, code in [
+        ("publish", ("key1", "live"), "NetStream.Publish.BadConnection"),
+        ("play", ("show1",), "NetStream.Play.Failed"),
+    ]:
+        client = await RtmpClient.open("127.0.0.1", node.rtmp_port)
+        client.command(command, None, *args, stream_id=1)
+        status = await client.wait_status()
+        assert status["code"] == code and "connect" in status["description"]
+        with pytest.raises(RtmpError):  # then closed
+            await client.next_message(timeout=5)
+        await client.close()
+    assert node.registry.get("show1") is None
+    # rtmp://host/live?key or an empty name: the encoder hears why, then the connection closes
+    for name in ("", "?key1", "  "):
+        client = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+        with pytest.raises(RtmpError, match="BadName"):
+            await client.publish(name)
+        assert "stream key" in client.statuses[-1]["description"]
+        with pytest.raises(RtmpError):
+            await client.next_message(timeout=5)
+        await client.close()
+
+
+async def test_live_viewers_get_no_file_duration_or_size(node):
+    publisher = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+    await publisher.publish("key1")
+    # what ffmpeg -t 30 writes
+    publisher.send_metadata({"duration": 30.0, "filesize": 1234567.0, "width": 320.0,
+                             "height": 240.0, "framerate": 25.0, "encoder": "Lavf"})
+    await publisher.drain()
+    for _ in range(100):
+        if node.registry.get("show1").metadata_tag is not None:
+            break
+        await asyncio.sleep(0.02)
+    viewer = await FlvHttpReader.open(node.http_port, "/live/show1.flv")
+    tags = await viewer.tags()
+    assert tags[0][0] == flvmux.TAG_SCRIPT
+    name, metadata = amf.decode_amf0(tags[0][2])
+    assert name == "onMetaData"
+    assert "duration" not in metadata and "filesize" not in metadata
+    assert metadata["width"] == 320.0 and metadata["encoder"] == "Lavf"
+    player = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+    await player.play("show1")
+    _ts, type_id, payload = await player.media()
+    assert type_id == 18 and "duration" not in amf.decode_amf0(payload)[1]
+    await player.close()
+    await viewer.close()
+    await publisher.close()
+
+
+@pytest.fixture
+async def two_key_node():
+    # key1 and other both map to show1: only key1's own reconnect may take over
+    media = MediaNode(node_settings(stream_keys={"key1": "show1", "other": "show1"}))
+    await media.start()
+    yield media
+    await media.stop()
+
+
+@pytest.mark.usefixtures("ffmpeg")
+async def test_a_reconnecting_publisher_takes_over_its_silent_session(two_key_node, caplog):
+    """OBS reconnects after a network blip before the node noticed the old connection died:
+    the same key takes the stream over from its silent session; viewers stay on."""
+    node = two_key_node
+    caplog.set_level(logging.INFO, logger="watchbuy")
+    url = f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1"
+    first = await start_ffmpeg_publisher(url, seconds=60)
+    second = None
+    try:
+        await wait_live(node, "show1", frames=10)
+        stream = node.registry.get("show1")
+        player = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+        await player.play("show1")
+        viewer = await FlvHttpReader.open(node.http_port, "/live/show1.flv")
+        assert await viewer.tags()
+        # while the first one sends, neither its key nor another key may take the name
+        for key in ("key1", "other"):
+            client = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+            with pytest.raises(RtmpError, match="BadName"):
+                await client.publish(key)
+            await client.close()
+        first.send_signal(signal.SIGSTOP)  # hung: its TCP connection stays open
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(1.5)  # past publish_takeover_grace (1 s)
+        client = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+        with pytest.raises(RtmpError, match="BadName"):  # another key: still refused
+            await client.publish("other")
+        await client.close()
+        frames = stream.video_frames
+        second = await start_ffmpeg_publisher(url, seconds=60)
+        deadline = loop.time() + 15
+        while stream.video_frames < frames + 25:
+            assert loop.time() < deadline, "the second publisher never took over"
+            await asyncio.sleep(0.05)
+        assert node.registry.get("show1") is stream  # the same stream, viewers attached
+        assert any("takes over 'show1'" in r.getMessage() for r in caplog.records)
+        # the waiting RTMP player gets the new publisher's frames
+        seen = 0
+        while seen < 25:
+            _ts, type_id, _payload = await player.media(timeout=10)
+            seen += type_id == 9
+        assert not any(s.get("code") == "NetStream.Play.Stop" for s in player.statuses)
+        assert len(stream.viewers) == 2
+        first.send_signal(signal.SIGCONT)  # it finds its connection gone and gives up
+        assert await asyncio.wait_for(first.wait(), 15) != 0
+        assert node.registry.get("show1") is stream
+        await player.close()
+        await viewer.close()
+    finally:
+        if first.returncode is None:
+            first.send_signal(signal.SIGCONT)
+        await stop_process(first)
+        if second is not None:
+            await stop_process(second)

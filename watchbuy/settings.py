@@ -55,6 +55,17 @@ class Settings:
     header_timeout: float = 10.0  # seconds to complete a request head once a connection opens
     keepalive_timeout: float = 15.0  # seconds an idle keep-alive connection is kept
     drain_timeout: float = 5.0  # seconds a closing answer may wait for a peer that does not read
+    # RTMP and connection limits (times in seconds; a timeout or cap of 0 is off)
+    handshake_timeout: float = 10.0  # handshake + connect must be done within this
+    partial_message_timeout: float = 30.0  # an unfinished message with no progress this long
+    publish_idle_timeout: float = 10.0  # a publisher without media this long is ended
+    idle_connection_timeout: float = 30.0  # connected, neither publishing nor playing
+    publish_takeover_grace: float = 1.0  # the same key replaces a publisher silent this long
+    max_connections_per_ip: int = 200
+    per_ip_limit_loopback: bool = False  # loopback is exempt unless this is set (tests, bench)
+    fd_reserve: int = 64  # refuse connections this close (or 5 %) to the soft RLIMIT_NOFILE
+    metadata_max_fields: int = 64  # publisher onMetaData: scalar fields kept
+    metadata_max_bytes: int = 8192  # publisher onMetaData: key + string bytes kept
     # everything
     data_dir: str = "data"
     log_level: str = "INFO"
@@ -164,6 +175,11 @@ def _validate(settings: Settings) -> None:
                  "header_timeout", "keepalive_timeout", "drain_timeout"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{PREFIX}{name.upper()}: must be positive")
+    for name in ("handshake_timeout", "partial_message_timeout", "publish_idle_timeout",
+                 "idle_connection_timeout", "publish_takeover_grace", "max_connections_per_ip",
+                 "fd_reserve", "metadata_max_fields", "metadata_max_bytes"):
+        if not getattr(settings, name) >= 0:  # NaN fails this too
+            raise ConfigError(f"{PREFIX}{name.upper()}: must be zero (off) or positive")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{PREFIX}LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR")
 
