@@ -168,7 +168,8 @@ async def test_live_viewers_get_no_file_duration_or_size(node):
     await publisher.publish("key1")
     # what ffmpeg -t 30 writes
     publisher.send_metadata({"duration": 30.0, "filesize": 1234567.0, "width": 320.0,
-                             "height": 240.0, "framerate": 25.0, "encoder": "Lavf"})
+                             "height": 240.0, "framerate": 25.0, "videocodecid": 7.0,
+                             "audiocodecid": 10.0, "encoder": "Lavf"})
     await publisher.drain()
     for _ in range(100):
         if node.registry.get("show1").metadata_tag is not None:
