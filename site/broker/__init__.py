@@ -61,7 +61,6 @@ class BrokerUnavailable(ConnectionError):
     """The broker's backend (Redis) cannot be reached; chat is down until it comes back."""
 
 
-
 class Broker(Protocol):
     """Publish/subscribe of JSON-serialisable dicts on opaque string topics."""
 
@@ -72,7 +71,6 @@ class Broker(Protocol):
     async def publish(self, topic: str, message: dict) -> None: ...
 
     def subscribe(self, topic: str, queue_size: int = DEFAULT_QUEUE_SIZE) -> Subscription: ...
-
 
 
 def __getattr__(name: str) -> object:

@@ -149,8 +149,8 @@ class Subscription:
     async def ready(self, timeout: float | None = None) -> None:
         """Wait until messages published from now on will reach this subscription.
 
-        Raises :class:`~watchbuy.site.broker.BrokerUnavailable` when Redis does not confirm in time (default: the
-        broker's ``ready_timeout``).  Immediate with the in-memory broker.
+        Raises :class:`~watchbuy.site.broker.BrokerUnavailable` when Redis does not confirm in
+        time (default: the broker's ``ready_timeout``).  Immediate with the in-memory broker.
         """
         if not self._sink.closed:
             await self._broker._until_live(self.topic, timeout)
