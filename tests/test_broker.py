@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
+import subprocess
+import sys
+import textwrap
 import time
 import uuid
 import warnings
@@ -123,11 +127,11 @@ async def test_topics_are_isolated(broker) -> None:
 async def test_close_unsubscribes(broker) -> None:
     keep = broker.subscribe("room:1")
     await keep.ready()
-    # close(): the iterator ends, and it may be awaited or not
+    # close(): the iterator ends; idempotent
     sub = broker.subscribe("room:1")
     assert broker.local_subscribers("room:1") == 2
     await sub.close()
-    sub.close()
+    await sub.close()
     assert broker.local_subscribers("room:1") == 1
     with pytest.raises(StopAsyncIteration):
         await next_message(sub)
@@ -142,7 +146,7 @@ async def test_close_unsubscribes(broker) -> None:
     gc.collect()
     await asyncio.sleep(0)  # the removal is scheduled on the loop, never done inside GC
     assert broker.local_subscribers("room:1") == 1
-    keep.close()
+    await keep.close()
     assert broker.local_subscribers("room:1") == 0
 
 
@@ -175,7 +179,7 @@ async def test_a_thousand_subscribers_each_receive(broker) -> None:
         # Fan-out is an append per subscriber (~0.1 us here); 20 us allows for a slow CI box.
         assert elapsed < 1000 * 20e-6, f"{elapsed * 1e3:.2f} ms for 1000 subscribers"
     for sub in subs:
-        sub.close()
+        await sub.close()
     assert broker.local_subscribers("room:big") == 0
 
 
@@ -234,12 +238,12 @@ async def test_last_local_unsubscribe_unsubscribes_the_channel(redis_brokers, pl
     await first.ready()
     await other.ready()
     assert await numsub() == 2  # one connection per process, not one per subscriber
-    first.close()
+    await first.close()
     await asyncio.sleep(0.1)
     assert await numsub() == 2  # `second` still listens in process one
-    second.close()
+    await second.close()
     await until(lambda: _equals(numsub(), 1))
-    other.close()
+    await other.close()
     await until(lambda: _equals(numsub(), 0))
     assert await plain_redis.pubsub_channels(f"{prefix}*") == []
     # and subscribing again works
@@ -326,3 +330,42 @@ def test_make_broker_rejects(url) -> None:
     assert text.startswith("WATCHBUY_BROKER_URL: ")
     assert "\n" not in text
     assert "hunter2" not in text  # never print a password
+
+
+# the package layout ---------------------------------------------------------------------------
+
+
+async def test_every_close_is_a_coroutine(broker) -> None:
+    # Plainly async: no close() that returns an already-finished awaitable or None by turns.
+    sub = broker.subscribe("room:1")
+    closing = sub.close()
+    assert inspect.iscoroutine(closing)
+    await closing
+    assert sub.closed and broker.local_subscribers("room:1") == 0
+    assert inspect.iscoroutinefunction(type(broker).close)
+
+
+def test_backend_module_named_redis_does_not_shadow_the_library() -> None:
+    # A fresh interpreter: the in-memory path loads neither the Redis backend nor redis-py; the
+    # backend module, imported first, still gets the real library for its `import redis...`.
+    script = textwrap.dedent("""
+        import sys
+        from watchbuy.site.broker import make_broker
+        make_broker("")
+        assert "watchbuy.site.broker.redis" not in sys.modules
+        assert "redis" not in sys.modules, "the in-memory broker loaded redis-py"
+        from watchbuy.site.broker.redis import RedisBroker
+        from watchbuy.site.broker import RedisBroker as exported
+        assert exported is RedisBroker
+        broker = RedisBroker("redis://127.0.0.1:6379/0")  # runs the backend's redis imports
+        import redis, redis.asyncio
+        import watchbuy.site.broker.redis as backend
+        assert redis is not backend and redis.__name__ == "redis", redis.__file__
+        assert hasattr(redis, "Redis") and hasattr(redis, "__version__"), redis.__file__
+        assert isinstance(broker._client, redis.asyncio.Redis)
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"

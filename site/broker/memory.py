@@ -1,0 +1,312 @@
+"""Local delivery, which every site process runs: topic -> bounded subscriber queues.
+
+Both brokers deliver through the same fan-out (:class:`_FanoutBroker`): each process keeps topic ->
+set of subscriber queues (*sinks*), and a message is put in every queue of its topic.  Queues are
+bounded, as every fast relay bounds a viewer's queue: a subscriber whose queue is full is a *slow
+consumer* and is dropped (its iterator ends and ``overflowed`` is set, so the websocket can tell
+the browser to reconnect and resync) -- it never grows the server's memory and never blocks a
+publisher.
+
+:class:`InMemoryBroker` is that fan-out with a direct ``publish``: one process (``watchbuy
+serve``, the laptop default).  The Redis broker (:mod:`.redis`) is the same fan-out fed by a Redis
+pub/sub reader.  The fan-out lives here, beside the sinks and :class:`Subscription`, rather than in
+a module of its own, because the three are one mechanism that calls into each other's private
+parts (``_sink``, ``_discard``, ``_until_live``); one module keeps that protocol in one file.
+
+Messages are encoded once per publish (:func:`_encode`) and every subscriber of a process
+receives the same decoded :class:`Message`.  The in-memory broker encodes and decodes too, so
+that what works on a laptop works with Redis (a ``datetime`` fails in both; tuples arrive as lists
+in both; the publisher's dict is never shared).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import weakref
+from collections import deque
+
+# One logger for the whole package (both backends): ops filter on this name.
+log = logging.getLogger("watchbuy.site.broker")
+
+DEFAULT_QUEUE_SIZE = 256
+
+
+class Message(dict):
+    """A delivered message: the published dict, plus ``json``, its encoded text.
+
+    One instance is shared by every local subscriber of the topic, so do not mutate it.
+    """
+
+    __slots__ = ("json",)
+    json: str
+
+
+def _encode(message: dict) -> str:
+    if not isinstance(message, dict):
+        raise TypeError(f"a broker message is a dict, not {type(message).__name__}")
+    # ensure_ascii (the default) keeps the text valid UTF-8 even when a client managed to send a
+    # lone surrogate; allow_nan=False because browsers' JSON.parse rejects NaN and Infinity.
+    return json.dumps(message, separators=(",", ":"), allow_nan=False)
+
+
+def _decode(text: str) -> Message | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    message = Message(value)
+    message.json = text
+    return message
+
+
+class _Sink:
+    """One subscriber's bounded queue.  The broker holds sinks, never Subscriptions, so that a
+    Subscription nobody references any more can be garbage-collected and unsubscribed."""
+
+    __slots__ = ("buf", "maxsize", "waiter", "closed", "overflowed")
+
+    def __init__(self, maxsize: int) -> None:
+        # A deque plus one waiter future rather than asyncio.Queue: putting is an append and at
+        # most one set_result, and ending the stream needs no free slot for a sentinel (a full
+        # queue is exactly when a slow consumer must be ended).
+        self.buf: deque[Message] = deque()
+        self.maxsize = maxsize
+        self.waiter: asyncio.Future[None] | None = None
+        self.closed = False
+        self.overflowed = False
+
+    def end(self) -> None:
+        self.closed = True
+        # Free the backlog now: a dropped consumer must not keep up to maxsize messages alive.
+        self.buf.clear()
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _release_abandoned(loop: asyncio.AbstractEventLoop, broker: _FanoutBroker, topic: str,
+                       sink: _Sink) -> None:
+    # Runs when a Subscription is garbage-collected without close().  GC can run anywhere --
+    # in another thread, or in the middle of a fan-out loop over this very set -- so only
+    # schedule the removal on the broker's loop.
+    try:
+        loop.call_soon_threadsafe(broker._discard, topic, sink)
+    except RuntimeError:  # the loop is closed: nothing is left to unsubscribe from
+        pass
+
+
+class Subscription:
+    """Messages of one topic for one consumer: ``async for message in sub``.
+
+    ``async with broker.subscribe(topic) as sub`` also waits until the subscription is live
+    (with Redis: until Redis has confirmed the channel), so nothing published afterwards is
+    missed, and closes it on exit.  The iterator ends when the subscription is closed, when the
+    broker closes, or when the consumer was too slow (then ``overflowed`` is True).
+    """
+
+    __slots__ = ("topic", "_broker", "_sink", "_finalizer", "__weakref__")
+
+    def __init__(self, broker: _FanoutBroker, topic: str, queue_size: int) -> None:
+        self.topic = topic
+        self._broker = broker
+        self._sink = _Sink(queue_size)
+        assert broker._loop is not None
+        self._finalizer = weakref.finalize(self, _release_abandoned, broker._loop, broker, topic,
+                                           self._sink)
+        self._finalizer.atexit = False
+
+    @property
+    def overflowed(self) -> bool:
+        """True when the broker dropped this subscriber for not keeping up."""
+        return self._sink.overflowed
+
+    @property
+    def closed(self) -> bool:
+        return self._sink.closed
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        sink = self._sink
+        while True:
+            if sink.buf:
+                return sink.buf.popleft()
+            if sink.closed:
+                raise StopAsyncIteration
+            if sink.waiter is not None:
+                raise RuntimeError("another task is already reading this subscription")
+            waiter = sink.waiter = self._broker._loop.create_future()  # type: ignore[union-attr]
+            try:
+                await waiter
+            finally:
+                sink.waiter = None
+
+    async def ready(self, timeout: float | None = None) -> None:
+        """Wait until messages published from now on will reach this subscription.
+
+        Raises :class:`~watchbuy.site.broker.BrokerUnavailable` when Redis does not confirm in
+        time (default: the broker's ``ready_timeout``).  Immediate with the in-memory broker.
+        """
+        if not self._sink.closed:
+            await self._broker._until_live(self.topic, timeout)
+
+    async def close(self) -> None:
+        """Unsubscribe; the iterator ends.  Idempotent.
+
+        A coroutine like :meth:`Broker.close`, so every ``close()`` of the package is awaited the
+        same way.  It never suspends today; being async leaves room for a backend that must wait
+        for its server to confirm.
+        """
+        self._release()
+
+    def _release(self) -> None:
+        # The synchronous core of close(), for __aenter__'s error path, which may be running a
+        # cancellation and should not start awaiting anything.
+        if self._finalizer.detach() is not None:
+            self._broker._discard(self.topic, self._sink)
+
+    async def __aenter__(self) -> Subscription:
+        try:
+            await self.ready()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "overflowed" if self.overflowed else "closed" if self.closed else "open"
+        return f"<Subscription {self.topic!r} {state}, {len(self._sink.buf)} queued>"
+
+
+class _FanoutBroker:
+    """The local fan-out both brokers share: topic -> set of subscriber queues."""
+
+    def __init__(self) -> None:
+        self._topics: dict[str, set[_Sink]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state = "new"  # -> "running" -> "closed"
+
+    # lifecycle -----------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        if self._state != "new":
+            raise RuntimeError(f"broker already {self._state}")
+        self._loop = asyncio.get_running_loop()
+        self._state = "running"
+
+    def _check_running(self) -> None:
+        # Both brokers insist on start() so that code tested with the in-memory broker does not
+        # break the day it runs against Redis.
+        if self._state != "running":
+            raise RuntimeError("broker not started" if self._state == "new" else "broker closed")
+
+    def _end_all(self) -> None:
+        self._state = "closed"
+        topics, self._topics = self._topics, {}
+        for sinks in topics.values():
+            for sink in sinks:
+                sink.end()
+
+    async def __aenter__(self) -> _FanoutBroker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # subscribers ---------------------------------------------------------------------------
+
+    def subscribe(self, topic: str, queue_size: int = DEFAULT_QUEUE_SIZE) -> Subscription:
+        """A new subscription to ``topic``; see :class:`Subscription`."""
+        self._check_running()
+        if not isinstance(topic, str):
+            raise TypeError("a topic is a str")
+        if queue_size < 1:
+            raise ValueError("queue_size must be at least 1")
+        subscription = Subscription(self, topic, queue_size)
+        sinks = self._topics.get(topic)
+        if sinks is None:
+            sinks = self._topics[topic] = set()
+            sinks.add(subscription._sink)
+            self._topic_added(topic)
+        else:
+            sinks.add(subscription._sink)
+        return subscription
+
+    def local_subscribers(self, topic: str) -> int:
+        """How many subscriptions to ``topic`` this process has (not other processes)."""
+        return len(self._topics.get(topic, ()))
+
+    def _discard(self, topic: str, sink: _Sink) -> None:
+        sink.end()
+        sinks = self._topics.get(topic)
+        if sinks is None or sink not in sinks:
+            return
+        sinks.remove(sink)
+        if not sinks:
+            del self._topics[topic]
+            self._topic_removed(topic)
+
+    def _fan_out(self, topic: str, message: Message) -> None:
+        sinks = self._topics.get(topic)
+        if not sinks:
+            return
+        slow: list[_Sink] | None = None
+        # The hot loop: an append and, for a consumer that is waiting, one set_result.
+        for sink in sinks:
+            buf = sink.buf
+            if len(buf) < sink.maxsize:
+                buf.append(message)
+                waiter = sink.waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+            elif slow is None:
+                slow = [sink]
+            else:
+                slow.append(sink)
+        if slow is not None:
+            # Removed after the loop: the set must not change while it is being iterated.
+            for sink in slow:
+                sink.overflowed = True
+                self._discard(topic, sink)
+            log.info("dropped %d slow subscriber(s) of %r (queue full)", len(slow), topic)
+
+    # hooks for RedisBroker: the first local subscriber of a topic arrived / the last one left
+    def _topic_added(self, topic: str) -> None:
+        pass
+
+    def _topic_removed(self, topic: str) -> None:
+        pass
+
+    async def _until_live(self, topic: str, timeout: float | None) -> None:
+        pass
+
+
+class InMemoryBroker(_FanoutBroker):
+    """One process: publish fans out to the local subscribers directly."""
+
+    async def start(self) -> None:
+        self._begin()
+
+    async def close(self) -> None:
+        self._end_all()
+
+    async def publish(self, topic: str, message: dict) -> None:
+        self._check_running()
+        # Encoded (always: a message Redis would refuse fails here too) and decoded like the
+        # Redis broker does; see the module docstring.
+        text = _encode(message)
+        if topic in self._topics:
+            decoded = _decode(text)
+            assert decoded is not None
+            self._fan_out(topic, decoded)
+
+
