@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import json
 import logging
 import subprocess
 import sys
@@ -170,14 +171,13 @@ async def test_slow_consumer_is_dropped_others_still_receive(broker, caplog) -> 
 async def test_a_thousand_subscribers_each_receive(broker) -> None:
     subs = [broker.subscribe("room:big") for _ in range(1000)]
     await subs[0].ready()  # one Redis channel for all of them
-    started = time.perf_counter()
     await broker.publish("room:big", {"type": "pinned", "product": 42})
-    elapsed = time.perf_counter() - started
-    for sub in subs:
-        assert await next_message(sub) == {"type": "pinned", "product": 42}
-    if isinstance(broker, InMemoryBroker):
-        # Fan-out is an append per subscriber (~0.1 us here); 20 us allows for a slow CI box.
-        assert elapsed < 1000 * 20e-6, f"{elapsed * 1e3:.2f} ms for 1000 subscribers"
+    received = [await next_message(sub) for sub in subs]
+    assert all(message == {"type": "pinned", "product": 42} for message in received)
+    # Encoded and decoded once per process, whatever the number of subscribers: all 1000 got
+    # the very same Message, carrying the one JSON text a websocket forwards as is.
+    assert len({id(message) for message in received}) == 1
+    assert json.loads(received[0].json) == {"type": "pinned", "product": 42}
     for sub in subs:
         await sub.close()
     assert broker.local_subscribers("room:big") == 0
