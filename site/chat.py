@@ -88,7 +88,14 @@ _LOOKALIKES = str.maketrans({
     "ԛ": "q", "ԝ": "w", "ɡ": "g", "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k",
     "μ": "u", "ν": "v", "ο": "o", "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ω": "w", "ϲ": "c",
     "0": "o", "1": "l", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "@": "a", "$": "s",
-    "!": "l", "|": "l", "i": "l",
+    "|": "l", "i": "l",
+})
+# Capitals first (before case folding loses them): Greek and Cyrillic ones shaped as Latin.
+_CAPITALS = str.maketrans({
+    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N",
+    "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X", "А": "A", "В": "B", "Е": "E", "К": "K",
+    "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T", "У": "Y", "Х": "X", "І": "I",
+    "Ј": "J", "Ѕ": "S",
 })
 _WORDS = re.compile(r"[a-z]+")
 # Words a viewer's name may not carry: they would pass for the host or the site's staff.
@@ -101,7 +108,8 @@ def strip_invisible(text: str) -> str:
 
 
 def _folded(name: str) -> str:
-    decomposed = unicodedata.normalize("NFKD", strip_invisible(name).casefold())
+    decomposed = unicodedata.normalize(
+        "NFKD", strip_invisible(name).translate(_CAPITALS).casefold())
     plain = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
     return plain.translate(_LOOKALIKES).replace("rn", "m").replace("vv", "w")
 
