@@ -134,12 +134,15 @@ async def test_invisible_characters_are_stripped_from_names(site) -> None:
     assert user["display_name"] == "Eve Shop"
 
 
-async def test_sign_up_does_not_tell_whether_an_email_has_an_account(site) -> None:
+async def test_sign_up_does_not_tell_whether_an_email_has_an_account(site,
+                                                                      monkeypatch) -> None:
     existing = await site.user("Cy")
     before = await queries.user_by_email(site.db, existing["email"])
+    work = PasswordWork(monkeypatch)
     fresh = await sign_up(await site.browser(), "new@example.test", "Newbie")
     stranger = await site.browser()
     taken = await sign_up(stranger, existing["email"].upper(), "Cy again", "another secret pw")
+    assert work.calls == 2  # one hash each: the same cost, so the same time
     # the same answer, word for word: the login page with a notice fit for both cases
     for response in (fresh, taken):
         assert response.status_code == 303
@@ -352,6 +355,22 @@ async def test_ended_sessions_and_old_attempts_are_pruned(site) -> None:
     assert [row[0] for row in rows] == [live]
     rows = await site.db.fetch_all(sa.select(login_attempts.c.key))
     assert [row[0] for row in rows] == ["ip:new"]
+
+
+async def test_pruning_runs_by_itself(make_site) -> None:
+    site = await make_site(prune_interval=0.05)
+    user = await site.user("Ned")
+    token = await security.start_session(site.db, user["id"], 1)
+    await queries.revoke_session(site.db, security.session_hash(token))
+    pruner = asyncio.ensure_future(accounts.prune_forever(site.app))
+    try:
+        for _ in range(200):  # bounded: at most ~10 s on a very slow machine
+            if not await site.db.fetch_all(sa.select(sessions.c.id)):
+                break
+            await asyncio.sleep(0.05)
+        assert await site.db.fetch_all(sa.select(sessions.c.id)) == []
+    finally:
+        pruner.cancel()
 
 
 @pytest.mark.parametrize("name", ["WATCHBUY_WS_MAX_PER_IP", "WATCHBUY_LOGIN_PER_IP",
