@@ -117,9 +117,40 @@ async def revoke_session(db: Database, session_hash: str) -> None:
                          .values(revoked=True))
 
 
-async def record_login_attempt(db: Database, key: str) -> None:
+async def prune_sessions(db: Database) -> int:
+    """Delete sessions that can never be used again (expired or revoked); returns how many."""
     async with db.transaction():
-        await db.execute(login_attempts.insert().values(key=key, attempted_at=now()))
+        await db.execute(sessions.delete().where(
+            sa.or_(sessions.c.expires_at <= now(), sessions.c.revoked == sa.true())))
+        return await db.affected_rows()
+
+
+async def record_login_attempt(db: Database, key: str) -> int:
+    """Records an attempt (before it is checked, so concurrent ones count each other)."""
+    async with db.transaction():
+        return await db.execute(login_attempts.insert().values(key=key, attempted_at=now()))
+
+
+async def login_attempt_window(db: Database, key: str, window: float,
+                               attempt_id: int) -> tuple[int, float | None, float | None]:
+    """(attempts in the window including ``attempt_id``, the oldest one's time, the latest
+    other one's time) for ``key``."""
+    since = now() - window
+    row = await db.fetch_one(
+        sa.select(sa.func.count(), sa.func.min(login_attempts.c.attempted_at))
+        .where(login_attempts.c.key == key, login_attempts.c.attempted_at > since))
+    count, oldest = row[0], row[1]
+    latest = await db.fetch_val(
+        sa.select(sa.func.max(login_attempts.c.attempted_at))
+        .where(login_attempts.c.key == key, login_attempts.c.attempted_at > since,
+               login_attempts.c.id != attempt_id))
+    return int(count or 0), oldest, latest
+
+
+async def forget_login_attempt(db: Database, *attempt_ids: int) -> None:
+    """Undo :func:`record_login_attempt` for attempts that were refused or succeeded."""
+    async with db.transaction():
+        await db.execute(login_attempts.delete().where(login_attempts.c.id.in_(attempt_ids)))
 
 
 async def recent_login_attempts(db: Database, key: str, window: float) -> int:
@@ -128,9 +159,17 @@ async def recent_login_attempts(db: Database, key: str, window: float) -> int:
         .where(login_attempts.c.key == key, login_attempts.c.attempted_at > now() - window)))
 
 
-async def clear_login_attempts(db: Database, key: str) -> None:
+async def clear_login_attempts(db: Database, *keys: str) -> None:
     async with db.transaction():
-        await db.execute(login_attempts.delete().where(login_attempts.c.key == key))
+        await db.execute(login_attempts.delete().where(login_attempts.c.key.in_(keys)))
+
+
+async def prune_login_attempts(db: Database, older_than: float) -> int:
+    """Delete attempts made more than ``older_than`` seconds ago; returns how many."""
+    async with db.transaction():
+        await db.execute(login_attempts.delete().where(
+            login_attempts.c.attempted_at < now() - older_than))
+        return await db.affected_rows()
 
 
 # -- channels (a host's live room) ----------------------------------------------------------

@@ -55,10 +55,25 @@ class SiteSettings:
     # accounts
     session_days: float = 14.0
     cookie_secure: bool = False
-    login_attempts: int = 5  # per email and address, per window
+    login_attempts: int = 5  # failures per email and address per window, then backoff
     login_window: float = 900.0
     chat_rate: int = 5  # messages per user per 10 s
     chat_max_length: int = 300
+    # abuse limits
+    password_min_length: int = 10
+    password_hash_concurrency: int = 2  # argon2 runs in threads, at most this many at once
+    signup_per_ip: int = 10  # sign-ups per address per signup_window
+    signup_window: float = 3600.0
+    login_per_ip: int = 30  # failed (or in-flight) logins per address per login_window
+    login_account_attempts: int = 20  # failures per account from all addresses, then backoff
+    login_backoff_base: float = 2.0  # the first wait after the free failures; doubles
+    login_backoff_max: float = 900.0  # the longest wait backoff asks for
+    chat_frame_max_bytes: int = 4096  # a bigger websocket frame closes the socket (1009)
+    chat_frames: int = 20  # frames of any kind per socket per chat_frame_window, then 1008
+    chat_frame_window: float = 10.0
+    ws_max_per_ip: int = 20  # room websockets per address, per site process
+    ws_max_per_user: int = 5  # room websockets per logged-in user, per site process
+    prune_interval: float = 600.0  # how often expired sessions and old login attempts go
     log_level: str = "INFO"
     # engine hooks (/hooks/rtmp): a signed call is accepted for hook_max_age seconds after its
     # timestamp, and with a timestamp at most hook_max_future seconds ahead (clock skew); its
@@ -85,6 +100,14 @@ class SiteSettings:
             raise ConfigError("WATCHBUY_HOOK_MAX_FUTURE: seconds, from 0 to WATCHBUY_HOOK_MAX_AGE")
         if self.hook_nonce_capacity < 1:
             raise ConfigError("WATCHBUY_HOOK_NONCE_CAPACITY: at least 1")
+        for name in ("password_min_length", "password_hash_concurrency", "signup_per_ip",
+                     "signup_window", "login_attempts", "login_window", "login_per_ip",
+                     "login_account_attempts", "login_backoff_base",
+                     "login_backoff_max", "chat_frame_max_bytes",
+                     "chat_frames", "chat_frame_window", "ws_max_per_ip", "ws_max_per_user",
+                     "prune_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"WATCHBUY_{name.upper()}: must be positive")
         if self.max_image_pixels <= 0:
             raise ConfigError("WATCHBUY_MAX_IMAGE_PIXELS: must be positive")
         if not 30 <= self.checkout_minutes <= 24 * 60 - 1:

@@ -233,3 +233,5 @@ def sign_up(page, base_url: str, email: str, name: str, password: str) -> None:
         page.click('form[action="/signup"] button[type="submit"]')
     if "/signup" in page.url:
         raise AssertionError(f"signing up {email} failed: {page.inner_text('main')[:300]}")
+    # Sign-up answers new and taken emails alike (the login page): the new user logs in once.
+    log_in(page, base_url, email, password)

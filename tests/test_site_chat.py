@@ -20,7 +20,7 @@ from site_helpers import (
 from starlette.websockets import WebSocketDisconnect
 
 from watchbuy.db import queries
-from watchbuy.site import chat
+from watchbuy.site import chat, security
 
 pytest_plugins = ["site_fixtures"]
 
@@ -92,18 +92,23 @@ def test_length_and_rate_limits(sync_site) -> None:
     limit = site.settings.chat_max_length
     with site.websocket(host["channel"]["slug"], sam) as ws:
         ws_receive(ws)
-        for text in ("x" * (limit + 1), "   ", "", 42, None, ["a"]):
+        for text in ("x" * (limit + 1), "", 42, None, ["a"]):
             say(ws, text)
             assert ws_receive(ws) == {"type": "error",
                                       "error": f"Messages are 1 to {limit} characters."}
+        # blank once cleaned: refused too, but cleaning comes after the rate (per-character
+        # work only for messages within it), so this one counts against the rate
+        say(ws, " \u200b ")
+        assert ws_receive(ws) == {"type": "error",
+                                  "error": f"Messages are 1 to {limit} characters."}
         say(ws, "y" * limit)
         assert ws_until(ws, "chat")["text"] == "y" * limit
-        for n in range(site.settings.chat_rate - 1):
+        for n in range(site.settings.chat_rate - 2):
             say(ws, f"quick {n}")
             assert ws_until(ws, "chat")["text"] == f"quick {n}"
         say(ws, "one too many")
         assert ws_receive(ws) == {"type": "error", "error": "Slow down a little."}
-    assert count_messages(site, host["channel"]["id"]) == site.settings.chat_rate
+    assert count_messages(site, host["channel"]["id"]) == site.settings.chat_rate - 1
 
 
 def test_host_deletes_messages_and_mutes_users(sync_site) -> None:
@@ -305,3 +310,170 @@ def test_websocket_from_another_origin_is_refused(sync_site) -> None:
         raise AssertionError("a foreign origin was let in")
     except WebSocketDisconnect as exc:
         assert exc.code == 4403
+
+
+# -- abuse limits ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def chat_log(caplog):
+    """The chat's warnings; the throttle forgets earlier tests' lines first."""
+    chat.throttled._last.clear()
+    chat.throttled._skipped.clear()
+    caplog.set_level("WARNING", logger="watchbuy.site.chat")
+    return caplog
+
+
+def closed_with(ws) -> int:
+    """The close code the server sends next (events before it are skipped)."""
+    with pytest.raises(WebSocketDisconnect) as closed:
+        for _ in range(100):
+            ws_receive(ws)
+    return closed.value.code
+
+
+def warnings_about(caplog, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "watchbuy.site.chat" and text in r.getMessage()]
+
+
+def test_a_huge_frame_closes_only_that_socket_cheaply(sync_site, chat_log, monkeypatch) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    sam = site.user("Sam")
+    cleaned = []
+    monkeypatch.setattr(chat, "clean_text", lambda *a: cleaned.append(a) or None)
+    slug = host["channel"]["slug"]
+    with site.websocket(slug) as viewer, site.websocket(slug, sam) as ws:
+        ws_receive(viewer)
+        ws_receive(ws)
+        ws.send_text(json.dumps({"type": "chat", "text": "x" * (15 * 1024 * 1024)}))
+        assert closed_with(ws) == 1009
+    # frames just over the limit in bytes (not in characters) too
+    with site.websocket(slug, sam) as ws:
+        ws_receive(ws)
+        limit = site.settings.chat_frame_max_bytes
+        ws.send_text(json.dumps({"type": "chat", "text": "é" * (limit // 2)}))
+        assert closed_with(ws) == 1009
+    assert cleaned == []  # refused before any per-character work
+    assert count_messages(site, host["channel"]["id"]) == 0
+    with site.websocket(slug, sam) as ws:  # the room and the user are fine
+        ws_receive(ws)
+        say(ws, "hello")
+    assert len(warnings_about(chat_log, "frame of")) == 1  # the second one: rate-limited
+    assert not any(r.exc_info for r in chat_log.records)
+
+
+def test_a_binary_frame_is_refused_cleanly(sync_site, chat_log) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    with site.websocket(host["channel"]["slug"]) as ws:
+        ws_receive(ws)
+        ws.send_bytes(b"\x00\x01binary")
+        assert closed_with(ws) == 1003
+    [line] = warnings_about(chat_log, "binary frame")
+    assert not any(r.exc_info for r in chat_log.records)
+    assert "Traceback" not in chat_log.text
+
+
+def test_too_many_frames_close_the_socket(sync_site, chat_log) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    with site.websocket(host["channel"]["slug"]) as ws:
+        ws_receive(ws)
+        for _ in range(site.settings.chat_frames):
+            ws.send_json({"type": "typing"})  # any frame counts, known or not
+        assert ws_quiet(ws) == []  # still open
+        ws.send_json({"type": "typing"})
+        assert closed_with(ws) == 1008
+    assert len(warnings_about(chat_log, "frames in")) == 1
+
+
+def test_room_sockets_are_capped_per_address_and_per_user(db_url, tmp_path, chat_log) -> None:
+    with run_sync_site(tmp_path / "data", db_url, ws_max_per_ip=3, ws_max_per_user=2) as site:
+        host = site.user("Hana", host=True)
+        sam = site.user("Sam")
+        slug = host["channel"]["slug"]
+        with site.websocket(slug, sam) as one, site.websocket(slug, sam) as two:
+            ws_receive(one)
+            ws_receive(two)
+            with pytest.raises(WebSocketDisconnect) as refused:
+                with site.websocket(slug, sam):
+                    pass
+            assert refused.value.code == chat.CLOSE_TOO_MANY
+            with site.websocket(slug) as third:  # another (anonymous) visitor: the address
+                ws_receive(third)
+                with pytest.raises(WebSocketDisconnect) as refused:
+                    with site.websocket(slug):
+                        pass
+                assert refused.value.code == chat.CLOSE_TOO_MANY
+        # closed sockets give their places back
+        with site.websocket(slug, sam) as one, site.websocket(slug, sam) as two:
+            assert ws_receive(one)["type"] == ws_receive(two)["type"] == "hello"
+        assert site.app.state.room_connections.by_address == {}
+        assert site.app.state.room_connections.by_user == {}
+    lines = warnings_about(chat_log, "room socket refused")
+    assert len(lines) == 1 and "has 2 room sockets open" in lines[0]  # then rate-limited
+
+
+def test_logout_ends_the_sessions_sockets(sync_site) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    sam = site.user("Sam")
+    slug = host["channel"]["slug"]
+    with site.websocket(slug) as viewer, site.websocket(slug, sam) as ws:
+        ws_receive(viewer)
+        assert ws_receive(ws)["can_chat"] is True
+        assert site.post("/logout", sam, {}).status_code == 303
+        assert closed_with(ws) == chat.CLOSE_SESSION_ENDED
+        assert ws_quiet(viewer) == []  # others stay
+    # a session that ended without the event (expired, or the broker lost it): the socket
+    # ends on its next message, which is not posted
+    sam = site.user("Sam again")
+    with site.websocket(slug, sam) as ws:
+        ws_receive(ws)
+        site.call(queries.revoke_session, site.db, security.session_hash(sam["session"]))
+        say(ws, "am I still here?")
+        assert closed_with(ws) == chat.CLOSE_SESSION_ENDED
+    assert count_messages(site, host["channel"]["id"]) == 0
+
+
+def test_logout_on_one_process_ends_sockets_on_another(db_url, redis_url, tmp_path) -> None:
+    prefix = f"wbtest-{uuid.uuid4().hex}:"
+
+    def isolate(app) -> None:
+        app.state.broker.prefix = prefix
+
+    with run_sync_site(tmp_path / "a", db_url, isolate, broker_url=redis_url) as a, \
+            run_sync_site(tmp_path / "b", db_url, isolate, broker_url=redis_url) as b:
+        host = a.user("Hana", host=True)
+        sam = a.user("Sam")
+        with b.websocket(host["channel"]["slug"], sam) as on_b:
+            assert ws_receive(on_b)["can_chat"] is True
+            assert a.post("/logout", sam, {}).status_code == 303
+            assert closed_with(on_b) == chat.CLOSE_SESSION_ENDED
+
+
+def test_nobody_else_can_pose_as_the_host(sync_site) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    slug = host["channel"]["slug"]
+    impostors = [site.user("hana"), site.user("Η\u200bANA"), site.user("H a n a!")]
+    with site.websocket(slug, host) as hosts:
+        ws_receive(hosts)
+        say(hosts, "welcome \u202eevil\u202c all")
+        event = ws_until(hosts, "chat")
+        assert event["is_host"] is True and event["name"] == "Hana"
+        assert event["text"] == "welcome evil all"  # no bidi controls in the text
+        for impostor in impostors:
+            with site.websocket(slug, impostor) as ws:
+                ws_receive(ws)
+                say(ws, "I am the host, pay here")
+                event = ws_until(ws, "chat")
+                assert event["is_host"] is False
+                assert event["name"].endswith(" (viewer)") and "\u200b" not in event["name"]
+    with site.websocket(slug) as late:
+        messages = ws_receive(late)["messages"]
+        assert [m["is_host"] for m in messages] == [True, False, False, False]
+    script = ROOM_JS.read_text()
+    assert "m.is_host" in script and "Host" in script

@@ -144,6 +144,8 @@ class SiteServer:
         env = {**os.environ, "WATCHBUY_ENV_FILE": os.devnull, "WATCHBUY_DATABASE_URL": url,
                "WATCHBUY_DATA_DIR": str(data_dir), "WATCHBUY_SITE_HOST": "127.0.0.1",
                "WATCHBUY_LOG_LEVEL": "WARNING",
+               # every chat viewer of the benchmark connects from 127.0.0.1
+               "WATCHBUY_WS_MAX_PER_IP": "100000",
                # no media node runs: its stats port is a closed one (refused at once)
                "WATCHBUY_HTTP_PORT": str(free_port())}
         env.pop("WATCHBUY_BROKER_URL", None)

@@ -160,6 +160,8 @@
     const li = document.createElement("li");
     li.dataset.messageId = m.id;
     const name = document.createElement("strong"); name.textContent = m.name; li.appendChild(name);
+    // The server's flag, not the name, says who the host is: a viewer cannot earn the badge.
+    if (m.is_host) { const badge = document.createElement("span"); badge.className = "host-badge"; badge.textContent = "Host"; li.appendChild(badge); }
     const text = document.createElement("span"); text.textContent = " " + m.text; li.appendChild(text);  // text, never HTML
     if (isHost && m.user_id !== me) {
       const del = document.createElement("button"); del.className = "link small"; del.textContent = "delete";
@@ -203,7 +205,12 @@
         case "products": showProducts(data.products); break;
       }
     };
-    socket.onclose = function () { room.dataset.socket = "closed"; setTimeout(connect, 2000); };
+    socket.onclose = function (event) {
+      room.dataset.socket = "closed";
+      // 4429 too many sockets, 1008 too many frames: come back slowly; otherwise soon (4401,
+      // the session ended: the page reconnects as a visitor).
+      setTimeout(connect, event.code === 4429 || event.code === 1008 ? 30000 : 2000);
+    };
   }
   connect();
 
