@@ -21,7 +21,7 @@ from watchbuy.site.broker import make_broker
 from watchbuy.site.config import SiteSettings
 from watchbuy.site.media import MediaDirectory
 from watchbuy.site.payments import StripeGateway, expire_forever
-from watchbuy.site.security import AuthMiddleware
+from watchbuy.site.security import AuthMiddleware, origin_of
 from watchbuy.site.storage import LocalStorage, make_storage
 from watchbuy.site.web import build_templates, render
 
@@ -132,7 +132,17 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
                       settings.stripe_api_base)
         if settings.stripe_enabled else None
     )
-    app.add_middleware(AuthMiddleware, db=db, secret=settings.secret_key,
-                       secure_cookies=settings.cookie_secure,
-                       max_body=settings.max_image_bytes + 1024 * 1024)
+    app.add_middleware(AuthMiddleware, db=db, settings=settings,
+                       media_origins=media_origins(settings, app.state.media))
     return app
+
+
+def media_origins(settings: SiteSettings, media: MediaDirectory) -> list[str]:
+    """Where the room player may fetch HTTP-FLV from (the pages' CSP media-src/connect-src):
+    the local node, the balancer's CDN, and any origins ops list in WATCHBUY_MEDIA_ORIGINS."""
+    origins = [origin_of(media.local_ingest()["play_base"])]
+    cdn = getattr(media.balancer, "cdn_domain", "") if media.balancer is not None else ""
+    if cdn:
+        origins.append(f"https://{cdn}")
+    origins += [item for item in settings.media_origins.replace(",", " ").split() if item]
+    return list(dict.fromkeys(origin for origin in origins if origin))
