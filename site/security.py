@@ -1,12 +1,21 @@
-"""Accounts' security: password hashing, server-side sessions, CSRF tokens.
+"""Accounts' security: password hashing, server-side sessions, CSRF tokens, HTTP limits.
 
 * Passwords: argon2id (memory-hard), rehashed on login when the parameters change.
 * Sessions: a random cookie value; the database keeps only its SHA-256, an expiry date and a
-  revoked flag, so logout really ends a session.  Cookies are HttpOnly and SameSite=Lax.
+  revoked flag, so logout really ends a session.  Cookies are HttpOnly and SameSite=Lax, and on
+  https Secure with the ``__Host-`` prefix (:func:`cookie_name`).
 * CSRF: every visitor carries a random ``wb_csrf`` cookie; forms and fetches send
-  HMAC(secret, that cookie) back.  A page on another origin can neither read the cookie nor
-  compute the token.  The middleware checks every state-changing request, so no handler can
-  forget to.
+  HMAC(secret, that cookie + the session's hash) back.  A page on another origin can neither
+  read the cookie nor compute the token, and a token seen in one session is worthless in
+  another; logging in or out rotates the cookie.  The middleware checks every
+  state-changing request, so no handler can forget to, and it checks the token before the
+  body is buffered: from the X-CSRF-Token header, or from the form's first field
+  (:class:`CsrfFieldScanner`), reading at most ``csrf_scan_bytes`` of the body for it.
+* Bodies: none on GET/HEAD/OPTIONS (Starlette routes HEAD to GET handlers); every other body is
+  bounded (``max_body_bytes``, multipart ``max_upload_bytes``) and must arrive within
+  ``body_timeout``.
+* Responses: CSP and the other security headers on every page, ``private, no-store`` on
+  anything personal, no cookie on static files.
 """
 
 from __future__ import annotations

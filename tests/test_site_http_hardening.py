@@ -431,6 +431,18 @@ def test_an_oversized_or_slow_request_head_is_refused(live_site):
         assert get_ok(port)  # and the site still serves everyone else
 
 
+def test_head_declaring_a_huge_body_is_refused_before_it_is_sent(live_site):
+    with live_site() as (port, _, _):
+        before = vm_rss_mb()
+        with connect(port) as conn:
+            conn.sendall(b"HEAD /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/"
+                         b"x-www-form-urlencoded\r\nContent-Length: 943718400\r\n\r\n"
+                         + b"email=a&password=b&" * 3000)
+            assert read_all(conn).startswith(b"HTTP/1.1 400")
+        assert vm_rss_mb() - before < 32
+        assert get_ok(port)
+
+
 def vm_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
