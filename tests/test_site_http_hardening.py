@@ -213,6 +213,37 @@ def test_csrf_field_scanner_is_incremental():
     assert scanner.feed(multipart([("image", b"\0" * 2000)])) == ""
 
 
+async def test_read_form_limits_files_and_fields(tmp_path):
+    from types import SimpleNamespace
+
+    from watchbuy.site.web import read_form
+
+    async def handler(request: Request) -> PlainTextResponse:
+        form = await read_form(request)
+        return PlainTextResponse(str(len(form)))
+
+    app = Starlette(routes=[Route("/", handler, methods=["POST"])])
+    app.state.settings = SimpleNamespace(max_body_bytes=1024)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://testserver") as client:
+        one = await client.post("/", files={"image": ("a.png", b"1")}, data={"name": "mug"})
+        assert one.status_code == 200 and one.text == "2"
+        two = await client.post("/", files=[("image", ("a.png", b"1")),
+                                            ("image", ("b.png", b"2"))])
+        assert two.status_code == 400
+        big_field = await client.post("/", files={"image": ("a.png", b"1")},
+                                      data={"description": "x" * 2048})
+        assert big_field.status_code == 400
+
+
+def test_refusals_are_logged_without_flooding(caplog):
+    log = security.LimitedLog(security.log, interval=60.0)
+    with caplog.at_level("WARNING", logger=security.log.name):
+        for _ in range(1000):
+            log.warning("k", "refused %s", "x")
+    assert len(caplog.records) == 1 and caplog.records[0].getMessage() == "refused x"
+
+
 # -- 4, 5. Cache-Control and security headers ----------------------------------------------------
 
 
