@@ -256,8 +256,10 @@ class AuthMiddleware:
             *self.static_headers,
         ]
         if settings.https and settings.hsts_seconds:
+            # Not includeSubDomains: media nodes may serve HTTP-FLV over plain http from a
+            # subdomain, which browsers would then refuse to reach.
             hsts = (b"strict-transport-security",
-                    f"max-age={settings.hsts_seconds}; includeSubDomains".encode())
+                    f"max-age={settings.hsts_seconds}".encode())
             self.static_headers.append(hsts)
             self.page_headers.append(hsts)
 
