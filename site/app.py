@@ -20,8 +20,8 @@ from watchbuy.site import accounts, chat, dashboard, hooks, rooms, shop, studio
 from watchbuy.site.broker import make_broker
 from watchbuy.site.config import SiteSettings
 from watchbuy.site.media import MediaDirectory
-from watchbuy.site.payments import StripeGateway, expire_forever
-from watchbuy.site.security import AuthMiddleware
+from watchbuy.site.payments import StripeGateway, expire_stale_test_orders
+from watchbuy.site.security import AuthMiddleware, origin_of
 from watchbuy.site.storage import LocalStorage, make_storage
 from watchbuy.site.web import build_templates, render
 
@@ -61,6 +61,22 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
         return PlainTextResponse(str(exc.detail), status_code=exc.status_code)
 
 
+async def sweep_until(app: Starlette, stopping: asyncio.Event, every: float = 60.0) -> None:
+    """Expire stale test-mode orders every ``every`` seconds until ``stopping`` is set.
+
+    It stops between rounds, never inside one: cancelling a round in the middle of a query
+    leaks a pooled MariaDB connection (``databases``), and the database's disconnect then
+    waits for it forever (a short test or a quick restart hung at shutdown).
+    """
+    while not stopping.is_set():
+        try:
+            await expire_stale_test_orders(app)
+        except Exception:  # the sweep must outlive a bad round (database restarting, …)
+            log.exception("expiring stale test-mode orders failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), every)
+
+
 def make_balancer(environ: dict[str, str] | None = None):
     """A balancer over the configured media nodes, or None for the single local node.
 
@@ -92,11 +108,13 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             if applied:
                 log.info("database migrated to version %d", applied[-1])
         await broker.start()
-        sweeper = asyncio.ensure_future(expire_forever(app))
+        stopping = asyncio.Event()
+        sweeper = asyncio.ensure_future(sweep_until(app, stopping))
         try:
             yield
         finally:
-            sweeper.cancel()
+            stopping.set()
+            await sweeper
             await app.state.media.close()
             if getattr(app.state, "dashboard", None) is not None:
                 await app.state.dashboard.stop()
@@ -132,7 +150,17 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
                       settings.stripe_api_base)
         if settings.stripe_enabled else None
     )
-    app.add_middleware(AuthMiddleware, db=db, secret=settings.secret_key,
-                       secure_cookies=settings.cookie_secure,
-                       max_body=settings.max_image_bytes + 1024 * 1024)
+    app.add_middleware(AuthMiddleware, db=db, settings=settings,
+                       media_origins=media_origins(settings, app.state.media))
     return app
+
+
+def media_origins(settings: SiteSettings, media: MediaDirectory) -> list[str]:
+    """Where the room player may fetch HTTP-FLV from (the pages' CSP media-src/connect-src):
+    the local node, the balancer's CDN, and any origins ops list in WATCHBUY_MEDIA_ORIGINS."""
+    origins = [origin_of(media.local_ingest()["play_base"])]
+    cdn = getattr(media.balancer, "cdn_domain", "") if media.balancer is not None else ""
+    if cdn:
+        origins.append(f"https://{cdn}")
+    origins += [item for item in settings.media_origins.replace(",", " ").split() if item]
+    return list(dict.fromkeys(origin for origin in origins if origin))

@@ -1,19 +1,122 @@
-"""``watchbuy site``: the shop on its own (media nodes run elsewhere)."""
+"""``watchbuy site``: the shop on its own (media nodes run elsewhere).
+
+:func:`uvicorn_server` is the one place the site's HTTP server is configured, for ``watchbuy
+site`` and ``watchbuy serve`` alike: connection-level limits (header size and time, websocket
+message size, pings) and which proxies may set X-Forwarded-For.  Body size and body time are
+the security middleware's (site/security.py), which sees each request's content type.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 
-from watchbuy.site.config import load_site_settings
+from watchbuy.site.config import SiteSettings, load_site_settings
+from watchbuy.site.security import LimitedLog
+
+log = logging.getLogger("watchbuy.site.http")
+limited_log = LimitedLog(log)
 
 
-def uvicorn_server(app, host: str, port: int, log_level: str = "info"):
+def guarded_http_protocol(max_header_bytes: int, header_timeout: float) -> type:
+    """uvicorn's httptools protocol with a bound on the request head: at most
+    ``max_header_bytes`` (httptools itself keeps any amount of header bytes it is sent) and at
+    most ``header_timeout`` seconds from connecting, or from a request's first byte, to its
+    last header line (a client that trickles headers, or sends nothing, holds a connection
+    and a socket forever otherwise).  Over either: 431/408 and the connection is closed."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._head_bytes = 0
+            self._in_head = True  # between a request's first byte and its last header
+            self._heads_done = 0
+            self._head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            heads_done = self._heads_done
+            super().data_received(data)
+            if not self._in_head or self.transport.is_closing():
+                return
+            # Count only chunks that did not finish a head: a chunk that did may carry a body,
+            # which is not the head's.  httptools keeps at most one chunk beyond the limit.
+            self._head_bytes = self._head_bytes + len(data) if heads_done == self._heads_done \
+                else 0
+            if self._head_bytes > max_header_bytes:
+                limited_log.warning("head-size", "closed a connection from %s: request head "
+                                    "over %d bytes", self._peer(), max_header_bytes)
+                self._refuse(431, "Request header fields too large")
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head = True
+            self._head_bytes = 0
+            if self._head_timer is None:
+                self._arm_head_timer()
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._heads_done += 1
+            self._cancel_head_timer()
+            super().on_headers_complete()
+
+        def _arm_head_timer(self) -> None:
+            self._head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or not self._in_head:
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # a response is still being written: not a slow head
+            limited_log.warning("head-time", "closed a connection from %s: no complete "
+                                "request head within %g s", self._peer(), header_timeout)
+            self._refuse(408, "Request timeout")
+
+        def _refuse(self, status: int, reason: str) -> None:
+            body = reason.encode()
+            self.transport.write(
+                f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+            self.transport.close()
+
+        def _peer(self) -> str:
+            return self.client[0] if self.client else "?"
+
+    return GuardedHttpToolsProtocol
+
+
+def uvicorn_server(app, settings: SiteSettings):
+    """The site's uvicorn server, with every connection-level limit from ``settings``."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
-                            proxy_headers=True, ws="websockets-sansio", lifespan="on",
-                            access_log=False)
+    proxies = [item.strip() for item in settings.trusted_proxies.split(",") if item.strip()]
+    config = uvicorn.Config(
+        app, host=settings.site_host, port=settings.site_port,
+        log_level=settings.log_level.lower(), lifespan="on", access_log=False,
+        http=guarded_http_protocol(settings.max_header_bytes, settings.header_timeout),
+        ws="websockets-sansio", ws_max_size=settings.ws_max_bytes,
+        ws_ping_interval=settings.ws_ping_interval or None,
+        ws_ping_timeout=settings.ws_ping_timeout or None,
+        # X-Forwarded-For/-Proto only from the named proxies (the load balancer): uvicorn
+        # would otherwise trust 127.0.0.1, and request.client.host is what login throttling
+        # counts by.
+        proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)
     return uvicorn.Server(config)
 
 
@@ -25,7 +128,7 @@ def run_site(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level)
     install_uvloop()
     app = create_app(settings)
-    server = uvicorn_server(app, settings.site_host, settings.site_port, settings.log_level)
+    server = uvicorn_server(app, settings)
     print(f"WatchBuy site on {settings.public_url}", flush=True)
     asyncio.run(server.serve())
     return 0

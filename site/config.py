@@ -74,6 +74,23 @@ class SiteSettings:
     ws_max_per_ip: int = 20  # room websockets per address, per site process
     ws_max_per_user: int = 5  # room websockets per logged-in user, per site process
     prune_interval: float = 600.0  # how often expired sessions and old login attempts go
+    # HTTP limits and headers
+    max_body_bytes: int = 256 * 1024  # any request body but a multipart upload
+    # (multipart bodies may carry one image: max_image_bytes + max_body_bytes)
+    csrf_scan_bytes: int = 64 * 1024  # a form's csrf_token must come within this prefix
+    max_header_bytes: int = 32 * 1024  # request line + headers
+    header_timeout: float = 10.0  # seconds from connection (or request start) to full headers
+    body_timeout: float = 60.0  # seconds for a whole request body to arrive
+    ws_max_bytes: int = 4096  # largest websocket message a client may send
+    ws_ping_interval: float = 20.0
+    ws_ping_timeout: float = 20.0
+    # X-Forwarded-For/-Proto are trusted only from these addresses (comma-separated IPs or
+    # networks, as uvicorn's forwarded_allow_ips); "" = from nobody
+    trusted_proxies: str = ""
+    # origins the player may fetch HTTP-FLV from (space- or comma-separated), besides the
+    # local node and the balancer's CDN, which are always allowed
+    media_origins: str = ""
+    hsts_seconds: int = 365 * 86400  # sent only when public_url is https
     log_level: str = "INFO"
     # engine hooks (/hooks/rtmp): a signed call is accepted for hook_max_age seconds after its
     # timestamp, and with a timestamp at most hook_max_future seconds ahead (clock skew); its
@@ -119,12 +136,30 @@ class SiteSettings:
             raise ConfigError("WATCHBUY_MAX_PENDING_ORDERS: must be at least 1")
         if self.max_units_per_product < 1:
             raise ConfigError("WATCHBUY_MAX_UNITS_PER_PRODUCT: must be at least 1")
-        if not self.stripe_secret_key and not self.test_payments and \
-                self.public_url.lower().startswith("https://"):
+        if not self.stripe_secret_key and not self.test_payments and self.https:
             # fail closed: a public site without keys would take test-card "payments"
             raise ConfigError(
                 "WATCHBUY_STRIPE_SECRET_KEY is not set on a public https site: set the Stripe "
                 "keys, or WATCHBUY_TEST_PAYMENTS=1 to run the test-card checkout on purpose")
+        for name in ("max_body_bytes", "csrf_scan_bytes", "max_header_bytes", "ws_max_bytes",
+                     "header_timeout", "body_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"WATCHBUY_{name.upper()}: must be positive")
+        for name in ("ws_ping_interval", "ws_ping_timeout", "hsts_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"WATCHBUY_{name.upper()}: must not be negative")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ConfigError("WATCHBUY_PUBLIC_URL: must start with http:// or https://")
+
+    @property
+    def https(self) -> bool:
+        """Browsers reach the site over TLS (terminated here or at a load balancer)."""
+        return self.public_url.startswith("https://")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """The largest multipart body: one image and the form's other fields."""
+        return self.max_image_bytes + self.max_body_bytes
 
     @property
     def test_orders(self) -> bool:
@@ -151,6 +186,9 @@ def load_site_settings(environ: dict[str, str] | None = None, **overrides) -> Si
         settings.hook_secret = persistent_secret(settings.data_dir, "hook_secret")
     if not settings.public_url:
         settings.public_url = f"http://{settings.public_host}:{settings.site_port}"
+    # Secure cookies follow from an https public URL; WATCHBUY_COOKIE_SECURE=true forces them
+    # (e.g. behind a TLS proxy while public_url is still being set up).
+    settings.cookie_secure = settings.cookie_secure or settings.https
     if not settings.node_stats_url:
         settings.node_stats_url = f"http://127.0.0.1:{settings.http_port}"
     return settings

@@ -1,20 +1,33 @@
-"""Accounts' security: password hashing, server-side sessions, CSRF tokens.
+"""Accounts' security: password hashing, server-side sessions, CSRF tokens, HTTP limits.
 
 * Passwords: argon2id (memory-hard), rehashed on login when the parameters change.
 * Sessions: a random cookie value; the database keeps only its SHA-256, an expiry date and a
-  revoked flag, so logout really ends a session.  Cookies are HttpOnly and SameSite=Lax.
+  revoked flag, so logout really ends a session.  Cookies are HttpOnly and SameSite=Lax, and on
+  https Secure with the ``__Host-`` prefix (:func:`cookie_name`).
 * CSRF: every visitor carries a random ``wb_csrf`` cookie; forms and fetches send
-  HMAC(secret, that cookie) back.  A page on another origin can neither read the cookie nor
-  compute the token.  The middleware checks every state-changing request, so no handler can
-  forget to.
+  HMAC(secret, that cookie + the session's hash) back.  A page on another origin can neither
+  read the cookie nor compute the token, and a token seen in one session is worthless in
+  another; logging in or out rotates the cookie.  The middleware checks every
+  state-changing request, so no handler can forget to, and it checks the token before the
+  body is buffered: from the X-CSRF-Token header, or from the form's first field
+  (:class:`CsrfFieldScanner`), reading at most ``csrf_scan_bytes`` of the body for it.
+* Bodies: none on GET/HEAD/OPTIONS (Starlette routes HEAD to GET handlers); every other body is
+  bounded (``max_body_bytes``, multipart ``max_upload_bytes``) and must arrive within
+  ``body_timeout``.
+* Responses: CSP and the other security headers on every page, ``private, no-store`` on
+  anything personal, no cookie on static files.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
+import time
 from http.cookies import SimpleCookie
+from urllib.parse import unquote_plus, urlsplit
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -27,6 +40,8 @@ CSRF_COOKIE = "wb_csrf"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+log = logging.getLogger("watchbuy.site.security")
 
 _hasher = PasswordHasher()
 
@@ -50,12 +65,25 @@ def session_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def csrf_token_for(secret: str, csrf_cookie: str) -> str:
-    return hmac.new(secret.encode(), b"csrf:" + csrf_cookie.encode(), hashlib.sha256).hexdigest()
+def csrf_token_for(secret: str, csrf_cookie: str, session_token: str = "") -> str:
+    """The token forms and fetches send back.  With a session it is bound to that session too
+    (through the session's hash, never the cookie itself), so a token leaked from one session
+    is refused in another even when the attacker also plants the csrf cookie."""
+    message = b"csrf:" + csrf_cookie.encode()
+    if session_token:
+        message += b":" + session_hash(session_token).encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def cookie_name(name: str, secure: bool) -> str:
+    """The cookie's name on the wire: ``__Host-`` on https, where browsers then insist on
+    Secure, Path=/ and no Domain (a sibling subdomain cannot plant or overwrite it); the plain
+    name on http, where browsers would refuse the prefix."""
+    return f"__Host-{name}" if secure else name
 
 
 def cookie_header(name: str, value: str, max_age: int | None, secure: bool) -> bytes:
-    parts = [f"{name}={value}", "Path=/", "HttpOnly", "SameSite=Lax"]
+    parts = [f"{cookie_name(name, secure)}={value}", "Path=/", "HttpOnly", "SameSite=Lax"]
     if max_age is not None:
         parts.append(f"Max-Age={max_age}")
     if secure:
@@ -71,154 +99,387 @@ async def start_session(db: Database, user_id: int, days: float) -> str:
     return token
 
 
-class AuthMiddleware:
-    """Pure ASGI: puts ``user``, ``session_token`` and ``csrf_token`` in the request state and
-    refuses state-changing requests without a valid CSRF token (403)."""
 
-    def __init__(self, app, db: Database, secret: str, secure_cookies: bool = False,
-                 max_body: int = 8 * 1024 * 1024) -> None:
+class LimitedLog:
+    """One log line per ``key`` per ``interval`` seconds at most, with how many were left out:
+    refusals an attacker can trigger at will must not flood the log."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def warning(self, key: str, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval) < self.interval:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return
+        skipped = self._skipped.pop(key, 0)
+        self._last[key] = now
+        if skipped:
+            message += f" ({skipped} more like this in the last {self.interval:g} s)"
+        self.logger.warning(message, *args)
+
+
+limited_log = LimitedLog(log)
+
+
+class BodyRefused(Exception):
+    """Raised from ``receive`` when a request body breaks a limit; the middleware answers."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+class CsrfFieldScanner:
+    """Finds the ``csrf_token`` field at the start of a form body, fed chunk by chunk.
+
+    ``feed(bytes)`` returns the token once its field is complete, ``""`` when it is not within
+    the first ``limit`` bytes (our forms put it first, so it is absent), ``None`` while more
+    body is needed; ``finish()`` says the same at the end of the body.  Only the prefix is kept,
+    so checking a large upload costs ``limit`` bytes, not the upload.
+    """
+
+    def __init__(self, content_type: str, field: str = CSRF_FIELD, limit: int = 65536) -> None:
+        self.multipart = content_type.startswith("multipart/form-data")
+        self.field = field
+        self.limit = limit
+        self.buffer = bytearray()
+        self.result: str | None = None
+
+    def feed(self, data: bytes) -> str | None:
+        if self.result is not None:
+            return self.result
+        self.buffer += data[: self.limit + 1 - len(self.buffer)]
+        self.result = self._search(final=False)
+        if self.result is None and len(self.buffer) > self.limit:
+            self.result = ""
+        return self.result
+
+    def finish(self) -> str:
+        if self.result is None:
+            self.result = self._search(final=True) or ""
+        return self.result
+
+    def _search(self, final: bool) -> str | None:
+        if self.multipart:
+            marker = self.buffer.find(f'name="{self.field}"'.encode())
+            if marker < 0:
+                return None
+            start = self.buffer.find(b"\r\n\r\n", marker)
+            end = self.buffer.find(b"\r\n", start + 4) if start >= 0 else -1
+            if end < 0:
+                return None
+            return self.buffer[start + 4 : end].decode("latin-1").strip()
+        # urlencoded: only fields followed by "&" are complete, unless the body has ended
+        fields = bytes(self.buffer).split(b"&")
+        if not final:
+            fields.pop()
+        for item in fields:
+            name, _, value = item.partition(b"=")
+            if unquote_plus(name.decode("latin-1")) == self.field:
+                return unquote_plus(value.decode("latin-1"))
+        return None
+
+
+STATIC_PREFIXES = ("/static/", "/uploads/")
+
+
+def _is_static(path: str) -> bool:
+    # Files the same for everyone: no session lookup, no cookie, cacheable by a CDN.
+    return path.startswith(STATIC_PREFIXES)
+
+
+def content_security_policy(public_url: str, media_origins: list[str],
+                            image_origins: list[str]) -> str:
+    """The pages' CSP.  No inline script or style anywhere (the room's data block is
+    ``type="application/json"``, which never executes); the player fetches HTTP-FLV from the
+    media nodes' origins and feeds MediaSource through blob: URLs; chat is a websocket to
+    this host."""
+    netloc = urlsplit(public_url).netloc
+    ws = ("wss://" if public_url.startswith("https://") else "ws://") + netloc if netloc else ""
+    media = " ".join(dict.fromkeys(media_origins))
+    return "; ".join([
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src " + " ".join(["'self'", "data:", "blob:", *image_origins]),
+        f"media-src 'self' blob: {media}".rstrip(),
+        f"connect-src 'self' {ws} {media}".rstrip(),
+        "worker-src 'self' blob:",
+        "object-src 'none'",
+        "base-uri 'self'",
+        "frame-ancestors 'none'",
+    ])
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
+
+
+class AuthMiddleware:
+    """Pure ASGI, in front of every route: bounds request bodies, refuses state-changing
+    requests without a valid CSRF token (403), puts ``user``, ``session_token`` and
+    ``csrf_token`` in the request state and adds the security headers, Cache-Control and the
+    csrf cookie to responses.
+
+    One middleware on purpose: the body limits must hold before the CSRF check reads the body,
+    and the cookie/cache decisions need the session found on the way in.
+    """
+
+    def __init__(self, app, db: Database, settings, media_origins: list[str] = ()) -> None:
         self.app = app
-        self.max_body = max_body
         self.db = db
-        self.secret = secret
-        self.secure = secure_cookies
+        self.settings = settings
+        self.secret = settings.secret_key
+        self.secure = settings.cookie_secure
+        self.session_cookie = cookie_name(SESSION_COOKIE, self.secure)
+        self.csrf_cookie = cookie_name(CSRF_COOKIE, self.secure)
+        self.media_origins = list(media_origins)
+        image_origins = [f"https://{settings.s3_bucket}.s3.amazonaws.com"] \
+            if settings.s3_bucket else []
+        self.image_origins = image_origins
+        self.csp = content_security_policy(settings.public_url, self.media_origins,
+                                           image_origins).encode()
+        self.static_headers = [
+            (b"x-content-type-options", b"nosniff"),
+            (b"referrer-policy", b"strict-origin-when-cross-origin"),
+        ]
+        self.page_headers = [
+            (b"content-security-policy", self.csp),
+            (b"x-frame-options", b"DENY"),
+            (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
+            *self.static_headers,
+        ]
+        if settings.https and settings.hsts_seconds:
+            # Not includeSubDomains: media nodes may serve HTTP-FLV over plain http from a
+            # subdomain, which browsers would then refuse to reach.
+            hsts = (b"strict-transport-security",
+                    f"max-age={settings.hsts_seconds}".encode())
+            self.static_headers.append(hsts)
+            self.page_headers.append(hsts)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        cookies = {}
-        for name, value in scope.get("headers", ()):
-            if name == b"cookie":
-                jar = SimpleCookie()
-                try:
-                    jar.load(value.decode("latin-1"))
-                except Exception:  # a malformed cookie header is as good as none
-                    continue
-                cookies.update({key: morsel.value for key, morsel in jar.items()})
+        headers = _headers(scope)
+        path = scope["path"]
+        static = _is_static(path)
         state = scope.setdefault("state", {})
         state["user"] = None
         state["session_token"] = None
-        token = cookies.get(SESSION_COOKIE)
+        cookies = {} if static else _cookies(headers.get(b"cookie", []))
+        token = cookies.get(self.session_cookie)
         if token:
             found = await queries.session_user(self.db, session_hash(token))
             if found is not None:
                 state["user"] = found[1]
                 state["session_token"] = token
-        csrf_cookie = cookies.get(CSRF_COOKIE, "")
-        new_csrf_cookie = None
-        if len(csrf_cookie) < 16:
-            csrf_cookie = new_csrf_cookie = secrets.token_urlsafe(24)
-        state["csrf_token"] = csrf_token_for(self.secret, csrf_cookie)
-        state["csrf_cookie_is_new"] = new_csrf_cookie is not None
-
-        if scope["type"] == "http" and scope["method"] not in SAFE_METHODS and \
-                not self._exempt(scope["path"]):
-            receive = await self._check_csrf(scope, receive, send, state["csrf_token"],
-                                             new_csrf_cookie is not None)
-            if receive is None:
-                return
-        elif scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
-            receive = self._bounded(receive, send)
-
-        if new_csrf_cookie is None or scope["type"] != "http":
+        csrf_cookie = cookies.get(self.csrf_cookie, "")
+        cookie_missing = len(csrf_cookie) < 16
+        if cookie_missing:
+            csrf_cookie = secrets.token_urlsafe(24)
+        state["csrf_token"] = csrf_token_for(self.secret, csrf_cookie, state["session_token"] or "")
+        state["csrf_cookie_is_new"] = cookie_missing
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
-        async def send_with_cookie(message) -> None:
+        started = False
+
+        async def send_wrapped(message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.append((b"set-cookie",
-                                cookie_header(CSRF_COOKIE, new_csrf_cookie, None, self.secure)))
-                message = {**message, "headers": headers}
+                started = True
+                message = {**message, "headers": self._response_headers(
+                    scope, list(message.get("headers", [])), static,
+                    csrf_cookie if cookie_missing else None)}
             await send(message)
 
-        await self.app(scope, receive, send_with_cookie)
+        try:
+            receive = await self._check_request(scope, headers, receive, send_wrapped,
+                                                state["csrf_token"], cookie_missing)
+            if receive is None:
+                return
+            await self.app(scope, receive, send_wrapped)
+        except BodyRefused as refused:
+            limited_log.warning(f"body-{refused.status}", "refused %s %s from %s: %s",
+                                scope["method"], path, _client(scope), refused.text)
+            if not started:
+                await _refuse(send_wrapped, refused.status, refused.text.encode())
 
-    def _bounded(self, receive, send):
-        """``receive`` for the CSRF-exempt machine endpoints, refusing bodies over the limit."""
-        size = 0
-
-        async def bounded():
-            nonlocal size
-            message = await receive()
-            if message["type"] == "http.request":
-                size += len(message.get("body", b""))
-                if size > self.max_body:
-                    await _refuse(send, 413, b"Request body too large.")
-                    return {"type": "http.disconnect"}
-            return message
-
-        return bounded
-
-    @staticmethod
-    def _exempt(path: str) -> bool:
-        # Machine callers that prove themselves otherwise: Stripe signs its webhooks, the
-        # media nodes sign their hook calls with HMAC.
-        return path.startswith("/webhooks/") or path.startswith("/hooks/")
-
-    async def _check_csrf(self, scope, receive, send, expected: str, cookie_missing: bool):
-        """Reads the body (bounded by the app's own limits later) and checks the token.
-
-        Returns a ``receive`` that replays the body for the app, or None after refusing.
-        """
-        sent = ""
-        for name, value in scope.get("headers", ()):
-            if name == CSRF_HEADER.encode():
-                sent = value.decode("latin-1")
-        body_parts = []
-        size = 0
-        more = True
-        while more:
+    async def _check_request(self, scope, headers, receive, send, expected: str,
+                             cookie_missing: bool):
+        """A ``receive`` fit for the app, or None after refusing the request."""
+        method = scope["method"]
+        length = headers.get(b"content-length", [b""])[-1]
+        chunked = b"transfer-encoding" in headers
+        if method in SAFE_METHODS:
+            # Starlette answers HEAD with the GET route, and handlers that branch on
+            # ``method == "GET"`` would parse a HEAD body as a POST form, past the CSRF check.
+            if chunked or length.strip() not in (b"", b"0"):
+                limited_log.warning("body-on-safe", "refused %s %s from %s: a body on %s",
+                                    method, scope["path"], _client(scope), method)
+                await _refuse(send, 400, f"{method} requests carry no body.".encode())
+                return None
+            return _no_body(receive)
+        content_type = headers.get(b"content-type", [b""])[-1].decode("latin-1").lower()
+        multipart = content_type.startswith("multipart/form-data")
+        limit = self.settings.max_upload_bytes if multipart else self.settings.max_body_bytes
+        too_large = "That upload is too large." if multipart else "That request is too large."
+        if length.strip().isdigit() and int(length) > limit:
+            raise BodyRefused(413, too_large)
+        receive = _guarded(receive, limit, self.settings.body_timeout, too_large)
+        if _exempt(scope["path"]):
+            return receive
+        sent = headers.get(CSRF_HEADER.encode(), [b""])[-1].decode("latin-1")
+        if sent:
+            # The token travels in the header: check it and stream the body through untouched.
+            if cookie_missing or not hmac.compare_digest(sent, expected):
+                await _refuse(send)
+                return None
+            return receive
+        if not (multipart or content_type.startswith("application/x-www-form-urlencoded")):
+            await _refuse(send)
+            return None
+        scanner = CsrfFieldScanner(content_type, CSRF_FIELD, self.settings.csrf_scan_bytes)
+        prefix: list[dict] = []
+        while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return None
-            body_parts.append(message.get("body", b""))
-            size += len(body_parts[-1])
-            if size > self.max_body:
-                await _refuse(send, 413, b"That upload is too large.")
-                return None
-            more = message.get("more_body", False)
-        body = b"".join(body_parts)
-        if not sent:
-            sent = _form_field(scope, body, CSRF_FIELD)
-        if cookie_missing or not sent or not hmac.compare_digest(sent, expected):
+            prefix.append(message)
+            found = scanner.feed(message.get("body", b""))
+            if found is None and not message.get("more_body", False):
+                found = scanner.finish()
+            if found is not None:
+                break
+        del scanner  # the prefix lives on only in the messages replayed below
+        if cookie_missing or not found or not hmac.compare_digest(found, expected):
             await _refuse(send)
             return None
-        replayed = False
 
         async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
+            if prefix:
+                return prefix.pop(0)
             return await receive()
 
         return replay
 
+    def _response_headers(self, scope, headers: list, static: bool,
+                          new_csrf_cookie: str | None) -> list:
+        if not static:
+            session_prefix = self.session_cookie.encode() + b"="
+            if any(name == b"set-cookie" and value.startswith(session_prefix)
+                   for name, value in headers):
+                # Log-in and log-out change the session: a new csrf cookie too, so a token
+                # seen before (by anyone) is worthless after.
+                new_csrf_cookie = secrets.token_urlsafe(24)
+            if new_csrf_cookie is not None:
+                headers.append((b"set-cookie", cookie_header(
+                    CSRF_COOKIE, new_csrf_cookie, None, self.secure)))
+            personal = scope["state"].get("user") is not None or \
+                any(name == b"set-cookie" for name, _ in headers)
+            cache = b",".join(v for n, v in headers if n == b"cache-control")
+            if personal and b"no-store" not in cache:
+                # Pages for a logged-in user (the studio shows the stream key) and anything
+                # that sets a cookie must never be kept by a shared cache or the back button.
+                headers = [(n, v) for n, v in headers if n != b"cache-control"]
+                headers.append((b"cache-control", b"private, no-store"))
+        present = {name for name, _ in headers}
+        extra = self.static_headers if static else self._page_headers(scope)
+        headers.extend(item for item in extra if item[0] not in present)
+        return headers
 
-def _form_field(scope, body: bytes, field: str) -> str:
-    content_type = ""
+    def _page_headers(self, scope) -> list:
+        origin = scope["state"].get("csp_media_origin")
+        if not origin or origin in self.media_origins:
+            return self.page_headers
+        # A room playing from a node outside the configured list (a balancer node): allow
+        # exactly that node's origin on this page.
+        csp = content_security_policy(self.settings.public_url, [*self.media_origins, origin],
+                                      self.image_origins).encode()
+        return [(b"content-security-policy", csp), *self.page_headers[1:]]
+
+
+def _headers(scope) -> dict[bytes, list[bytes]]:
+    found: dict[bytes, list[bytes]] = {}
     for name, value in scope.get("headers", ()):
-        if name == b"content-type":
-            content_type = value.decode("latin-1").lower()
-    if content_type.startswith("application/x-www-form-urlencoded"):
-        from urllib.parse import parse_qs
+        found.setdefault(name, []).append(value)
+    return found
 
-        values = parse_qs(body.decode("utf-8", "replace")).get(field)
-        return values[0] if values else ""
-    if content_type.startswith("multipart/form-data"):
-        # The token field comes first in our forms; find it without parsing the files.
-        marker = f'name="{field}"'.encode()
-        index = body.find(marker)
-        if index < 0:
-            return ""
-        start = body.find(b"\r\n\r\n", index)
-        end = body.find(b"\r\n", start + 4)
-        if start < 0 or end < 0:
-            return ""
-        return body[start + 4 : end].decode("latin-1").strip()
-    return ""
+
+def _cookies(values: list[bytes]) -> dict[str, str]:
+    cookies: dict[str, str] = {}
+    for value in values:
+        jar = SimpleCookie()
+        try:
+            jar.load(value.decode("latin-1"))
+        except Exception:  # a malformed cookie header is as good as none
+            continue
+        cookies.update({key: morsel.value for key, morsel in jar.items()})
+    return cookies
+
+
+def _client(scope) -> str:
+    client = scope.get("client")
+    return client[0] if client else "?"
+
+
+def _exempt(path: str) -> bool:
+    # Machine callers that prove themselves otherwise: Stripe signs its webhooks, the
+    # media nodes sign their hook calls with HMAC.
+    return path.startswith("/webhooks/") or path.startswith("/hooks/")
+
+
+def _no_body(receive):
+    """GET/HEAD/OPTIONS: the app sees an empty body and nothing is ever read for it."""
+    delivered = False
+
+    async def empty():
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return await receive()  # only ever a disconnect: there is no body to read
+
+    return empty
+
+
+def _guarded(receive, limit: int, timeout: float, too_large: str):
+    """``receive`` that raises :class:`BodyRefused` past ``limit`` bytes or when the whole body
+    has not arrived within ``timeout`` seconds (a trickled body holds a connection and memory
+    open as long as the client likes otherwise).  After the body, it passes through (Starlette
+    keeps calling receive() to notice disconnects)."""
+    size = 0
+    done = False
+    deadline = time.monotonic() + timeout
+
+    async def guarded():
+        nonlocal size, done
+        if done:
+            return await receive()
+        remaining = deadline - time.monotonic()
+        try:
+            async with asyncio.timeout(max(remaining, 0)):
+                message = await receive()
+        except TimeoutError:
+            raise BodyRefused(408, "The request body did not arrive in time.") from None
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise BodyRefused(413, too_large)
+            done = not message.get("more_body", False)
+        else:
+            done = True
+        return message
+
+    return guarded
 
 
 async def _refuse(send, status: int = 403, text: bytes = b"") -> None:
@@ -227,5 +488,6 @@ async def _refuse(send, status: int = 403, text: bytes = b"") -> None:
     body = b"<!doctype html><title>Refused</title><p>" + text + b"</p>"
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"text/html; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode())]})
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})

@@ -10,6 +10,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse
 
+from watchbuy.site.security import origin_of
+
 TEMPLATES = Path(__file__).parent / "templates"
 
 CURRENCY_SYMBOLS = {"usd": "$", "eur": "€", "gbp": "£", "jpy": "¥", "twd": "NT$", "sgd": "S$"}
@@ -104,7 +106,20 @@ def render(request: Request, template: str, status_code: int = 200, **context) -
     context.setdefault("request", request)
     context.setdefault("settings", request.app.state.settings)
     html = env.get_template(template).render(**context)
+    state = context.get("state")
+    if isinstance(state, dict) and state.get("play_url"):
+        # The room's player fetches from this node: the CSP of this page must allow it even
+        # when the balancer picked a node outside the configured origins.
+        request.state.csp_media_origin = origin_of(state["play_url"])
     return HTMLResponse(html, status_code=status_code)
+
+
+async def read_form(request: Request):
+    """The request's form with tight limits on its parts (the body as a whole is bounded by
+    the security middleware): at most one file, a few dozen fields, small text fields."""
+    settings = request.app.state.settings
+    return await request.form(max_files=1, max_fields=50,
+                              max_part_size=settings.max_body_bytes)
 
 
 def redirect(url: str) -> RedirectResponse:

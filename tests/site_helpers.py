@@ -353,7 +353,9 @@ class SyncSite:
         return {"cookie": cookie}
 
     def post(self, url: str, user: dict | None, data: dict, **kwargs) -> httpx.Response:
-        token = security.csrf_token_for(self.settings.secret_key, self._csrf_cookie)
+        # the token is bound to the session when there is one, as the site computes it
+        token = security.csrf_token_for(self.settings.secret_key, self._csrf_cookie,
+                                        user["session"] if user is not None else "")
         return self.client.post(url, data={"csrf_token": token, **data},
                                 headers=self.cookies(user), follow_redirects=False, **kwargs)
 

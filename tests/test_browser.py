@@ -67,12 +67,21 @@ def publisher(server, tmp_path):
 
 @pytest.fixture
 def new_context(browser):
-    """Browser contexts (separate cookie jars: separate people), closed after the test."""
+    """Browser contexts (separate cookie jars: separate people), closed after the test.
+
+    Every page must work under the site's Content-Security-Policy: a violation Chromium
+    reports on the console fails the test."""
     contexts = []
+    violations: list[str] = []
+
+    def on_console(message) -> None:
+        if "Content Security Policy" in message.text:
+            violations.append(message.text)
 
     def make(**options):
         options.setdefault("viewport", DESKTOP)
         context = browser.new_context(**options)
+        context.on("console", on_console)
         context.set_default_timeout(20_000)
         context.set_default_navigation_timeout(30_000)
         contexts.append(context)
@@ -81,6 +90,7 @@ def new_context(browser):
     yield make
     for context in contexts:
         context.close()
+    assert not violations, f"CSP violations: {violations}"
 
 
 def room_state(server) -> dict:
@@ -157,7 +167,7 @@ def test_chat_pin_and_checkout_between_two_people(server, new_context, record_pr
         host_room.goto(server.room_url)
     for page in (host_room, shopper_page):
         page.wait_for_selector("#chat-input", state="visible")
-        page.wait_for_function("document.querySelector('.room').dataset.socket === 'open'",
+        page.wait_for_function("() => document.querySelector('.room').dataset.socket === 'open'",
                                timeout=15_000)
         page.evaluate("""() => {
           window.__seen = {};
@@ -313,8 +323,8 @@ def test_dashboard_charts_update_while_a_stream_runs(server, publisher, new_cont
     page.set_viewport_size(DESKTOP)
 
     page.goto(server.url + "/dashboard")
-    page.wait_for_function("(window.dashboardUpdates || 0) >= 1", timeout=15_000)
-    page.wait_for_function("window.Chart && Object.keys(Chart.instances).length > 0",
+    page.wait_for_function("() => (window.dashboardUpdates || 0) >= 1", timeout=15_000)
+    page.wait_for_function("() => window.Chart && Object.keys(Chart.instances).length > 0",
                            timeout=10_000)
     read = """() => Object.values(Chart.instances).map(c => ({
       labels: c.data.labels.length,
@@ -325,7 +335,7 @@ def test_dashboard_charts_update_while_a_stream_runs(server, publisher, new_cont
     updates = page.evaluate("window.dashboardUpdates")
     assert before and all(c["width"] > 100 and c["height"] > 50 for c in before), \
         f"the charts did not render with a size: {before}"
-    page.wait_for_function(f"window.dashboardUpdates >= {updates + 2}", timeout=20_000)
+    page.wait_for_function(f"() => window.dashboardUpdates >= {updates + 2}", timeout=20_000)
     page.wait_for_function(
         "() => Object.values(Chart.instances).some(c => c.data.datasets[0].data.some(v => v > 0))",
         timeout=20_000)
@@ -338,5 +348,5 @@ def test_dashboard_charts_update_while_a_stream_runs(server, publisher, new_cont
     streams = page.inner_text("#streams")
     assert server.room_slug in streams, f"live streams table lacks the stream: {streams}"
     assert "1280" in streams, streams
-    page.wait_for_function(f"window.dashboardUpdates >= {updates + 4}", timeout=20_000)
+    page.wait_for_function(f"() => window.dashboardUpdates >= {updates + 4}", timeout=20_000)
     screenshot(page, "dashboard.png")

@@ -75,8 +75,7 @@ def run_serve(args: argparse.Namespace) -> int:
     media = MediaDirectory(site_settings, local_stats=node.streams_info,
                            local_server=node.server_info, local_agent=lambda: agent.status)
     app = create_app(site_settings, media=media)
-    server = uvicorn_server(app, site_settings.site_host, site_settings.site_port,
-                            site_settings.log_level)
+    server = uvicorn_server(app, site_settings)
     tasks: list[asyncio.Task] = []
 
     async def start() -> None:
