@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import re
@@ -15,7 +14,7 @@ from starlette.routing import Route
 from watchbuy.db import queries
 from watchbuy.site import chat, security
 from watchbuy.site.passwords import password_problem, workers_for
-from watchbuy.site.web import redirect, render, safe_next
+from watchbuy.site.web import read_form, redirect, render, safe_next
 
 log = logging.getLogger("watchbuy.site.accounts")
 throttled = chat.LogThrottle(log)
@@ -115,10 +114,10 @@ SIGNED_UP_NOTICE = ("If this email was new here, your account is ready: log in b
 
 async def signup_page(request: Request):
     settings = request.app.state.settings
-    if request.method == "GET":
+    if request.method != "POST":
         return render(request, "signup.html", values={"account_type": "shopper"}, errors=[],
                       min_password=settings.password_min_length)
-    form = await request.form()
+    form = await read_form(request)
     values, errors = validate_signup(form, settings.password_min_length)
     db = request.app.state.db
     shown = {**values, "account_type": "host" if values["is_host"] else "shopper"}
@@ -176,10 +175,10 @@ def backoff_wait(settings, failures: int, free: int, latest: float | None) -> fl
 async def login_page(request: Request):
     next_url = safe_next(request.query_params.get("next"))
     notice = SIGNED_UP_NOTICE if request.query_params.get("signed_up") else None
-    if request.method == "GET":
+    if request.method != "POST":
         return render(request, "login.html", email="", next_url=next_url, error=None,
                       notice=notice)
-    form = await request.form()
+    form = await read_form(request)
     email = (form.get("email") or "").strip().lower()[:254]
     password = (form.get("password") or "")[:1024]
     next_url = safe_next(form.get("next"))
@@ -256,19 +255,11 @@ async def prune(db, settings) -> tuple[int, int]:
     return sessions, attempts
 
 
-async def prune_forever(app) -> None:
-    """Runs :func:`prune` every ``prune_interval`` seconds (start it in the app's lifespan)."""
-    settings = app.state.settings
-    while True:
-        try:
-            sessions, attempts = await prune(app.state.db, settings)
-            if sessions or attempts:
-                log.info("pruned %d ended sessions, %d old login attempts", sessions, attempts)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the database is away: try again next time
-            log.warning("pruning sessions and login attempts failed: %s", exc)
-        await asyncio.sleep(settings.prune_interval)
+async def prune_and_log(app) -> None:
+    """One round of :func:`prune` (the app's upkeep runs it every ``prune_interval``)."""
+    sessions, attempts = await prune(app.state.db, app.state.settings)
+    if sessions or attempts:
+        log.info("pruned %d ended sessions, %d old login attempts", sessions, attempts)
 
 
 routes = [

@@ -23,6 +23,7 @@ from watchbuy.site.media import MediaDirectory
 from watchbuy.site.payments import StripeGateway, expire_stale_test_orders
 from watchbuy.site.security import AuthMiddleware, origin_of
 from watchbuy.site.storage import LocalStorage, make_storage
+from watchbuy.site.upkeep import repeat_until
 from watchbuy.site.web import build_templates, render
 
 log = logging.getLogger("watchbuy.site")
@@ -61,22 +62,6 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
         return PlainTextResponse(str(exc.detail), status_code=exc.status_code)
 
 
-async def sweep_until(app: Starlette, stopping: asyncio.Event, every: float = 60.0) -> None:
-    """Expire stale test-mode orders every ``every`` seconds until ``stopping`` is set.
-
-    It stops between rounds, never inside one: cancelling a round in the middle of a query
-    leaks a pooled MariaDB connection (``databases``), and the database's disconnect then
-    waits for it forever (a short test or a quick restart hung at shutdown).
-    """
-    while not stopping.is_set():
-        try:
-            await expire_stale_test_orders(app)
-        except Exception:  # the sweep must outlive a bad round (database restarting, …)
-            log.exception("expiring stale test-mode orders failed")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), every)
-
-
 def make_balancer(environ: dict[str, str] | None = None):
     """A balancer over the configured media nodes, or None for the single local node.
 
@@ -108,13 +93,22 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             if applied:
                 log.info("database migrated to version %d", applied[-1])
         await broker.start()
+        # Upkeep: unpaid test-mode orders give their stock back; ended sessions and old login
+        # attempts are pruned.  Stopped between rounds (see repeat_until).
         stopping = asyncio.Event()
-        sweeper = asyncio.ensure_future(sweep_until(app, stopping))
+        upkeep = [
+            asyncio.ensure_future(repeat_until(
+                stopping, 60.0, lambda: expire_stale_test_orders(app),
+                "expiring stale test-mode orders")),
+            asyncio.ensure_future(repeat_until(
+                stopping, settings.prune_interval, lambda: accounts.prune_and_log(app),
+                "pruning sessions and login attempts")),
+        ]
         try:
             yield
         finally:
             stopping.set()
-            await sweeper
+            await asyncio.gather(*upkeep)
             await app.state.media.close()
             if getattr(app.state, "dashboard", None) is not None:
                 await app.state.dashboard.stop()

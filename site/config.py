@@ -148,13 +148,13 @@ class SiteSettings:
         for name in ("ws_ping_interval", "ws_ping_timeout", "hsts_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"WATCHBUY_{name.upper()}: must not be negative")
-        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+        if self.public_url and not self.public_url.lower().startswith(("http://", "https://")):
             raise ConfigError("WATCHBUY_PUBLIC_URL: must start with http:// or https://")
 
     @property
     def https(self) -> bool:
         """Browsers reach the site over TLS (terminated here or at a load balancer)."""
-        return self.public_url.startswith("https://")
+        return self.public_url.lower().startswith("https://")
 
     @property
     def max_upload_bytes(self) -> int:

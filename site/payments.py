@@ -215,14 +215,3 @@ async def expire_stale_test_orders(app) -> int:
     for order_id in await queries.stale_pending_orders(app.state.db, cutoff, "test"):
         released += await release(app, order_id, "expired")
     return released
-
-
-async def expire_forever(app, every: float = 60.0) -> None:
-    import asyncio
-
-    while True:
-        try:
-            await expire_stale_test_orders(app)
-        except Exception:  # the sweep must outlive a bad round (database restarting, …)
-            log.exception("expiring stale test-mode orders failed")
-        await asyncio.sleep(every)

@@ -14,7 +14,15 @@ from watchbuy.db import queries
 from watchbuy.site import payments
 from watchbuy.site.chat import RateLimiter
 from watchbuy.site.studio import announce_products
-from watchbuy.site.web import format_money, parse_int, redirect, render, require_user, safe_next
+from watchbuy.site.web import (
+    format_money,
+    parse_int,
+    read_form,
+    redirect,
+    render,
+    require_user,
+    safe_next,
+)
 
 log = logging.getLogger("watchbuy.site.shop")
 
@@ -58,7 +66,7 @@ async def cart_page(request: Request):
 async def cart_set(request: Request, add: bool):
     """Add to or set a cart line; quantities are checked against stock here, on the server."""
     user = require_user(request)
-    form = await request.form()
+    form = await read_form(request)
     db = request.app.state.db
     try:
         product_id = parse_int(form.get("product_id"), "Product", 1, 2**31 - 1)
@@ -163,7 +171,7 @@ async def test_pay(request: Request):
     paying = request.method == "POST" and order["status"] == "pending"
     if not paying:
         return render(request, "pay_test.html", order=decorate(order), error=None)
-    form = await request.form()
+    form = await read_form(request)
     error = payments.check_test_card(form.get("card", ""), form.get("expiry", ""),
                                      (form.get("cvc") or "").strip())
     if error:

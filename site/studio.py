@@ -19,6 +19,7 @@ from watchbuy.site.web import (
     money_input,
     parse_int,
     parse_money,
+    read_form,
     redirect,
     render,
     require_host,
@@ -55,7 +56,7 @@ async def regenerate_key(request: Request):
 
 async def update_title(request: Request):
     host = require_host(request)
-    form = await request.form()
+    form = await read_form(request)
     title = (form.get("title") or "").strip()
     if 2 <= len(title) <= 100:
         await queries.update_channel_title(request.app.state.db, host["id"], title)
@@ -135,7 +136,7 @@ async def product_form(request: Request):
 
 async def save_product(request: Request, host: dict, product: dict | None):
     settings = request.app.state.settings
-    form = await request.form()
+    form = await read_form(request)
     currency = product["currency"] if product else settings.currency
     values, errors = product_values(form, currency)
     image, image_error = await read_image(request, form)
@@ -204,7 +205,7 @@ async def pin(request: Request):
     host = require_host(request)
     db = request.app.state.db
     channel = await ensure_channel(db, host["id"], host["display_name"])
-    form = await request.form()
+    form = await read_form(request)
     raw = (form.get("product_id") or "").strip()
     product_id = None
     if raw:

@@ -319,7 +319,7 @@ def test_templates_and_scripts_need_no_unsafe_inline():
 
 
 async def test_https_public_url_makes_cookies_secure_and_host_prefixed(make_site):
-    site = await make_site(public_url="https://shop.example.test")
+    site = await make_site(public_url="https://shop.example.test", test_payments=True)
     assert site.settings.cookie_secure
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=site.app),
                                  base_url="https://testserver") as client:
