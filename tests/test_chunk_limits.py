@@ -244,3 +244,53 @@ def test_differential_extended_timestamp_styles(msgs, base, chunk_size, repeat_e
         if not lookalike:
             assert whole == want
     assert _chunk.ChunkReader().feed(data) == _chunk_py.ChunkReader().feed(data)
+
+
+def run(codec, pieces: list[bytes], **limits) -> list:
+    """What a reader makes of the pieces: messages or the error, and its counters, per feed."""
+    reader = codec.ChunkReader(**limits)
+    out = []
+    for piece in pieces:
+        try:
+            got: object = reader.feed(piece)
+        except ChunkError as exc:
+            got = ("error", str(exc))
+        out.append((got, reader.partial_count, reader.partial_bytes))
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    msgs=st.lists(message, max_size=10),
+    chunk_size=st.sampled_from([1, 7, 128]),
+    cut=st.integers(0, 4000) | st.just(10**6),
+    step=st.integers(1, 200),
+    max_partial_messages=st.integers(0, 4) | st.just(20),
+    max_partial_bytes=st.integers(0, 600) | st.just(10_000),
+)
+def test_differential_partial_limits(
+    msgs, chunk_size, cut, step, max_partial_messages, max_partial_bytes
+):
+    """Messages on several chunk streams with their chunks interleaved, cut anywhere: both
+    twins agree on every feed's messages or error and on the counters after it."""
+    lists = []
+    for i, (_, ts, type_id, payload) in enumerate(msgs):
+        whole = chunked(3 + i, ts, payload, chunk_size, True, type_id)
+        first = len(header0(3 + i, ts, len(payload))) + min(chunk_size, len(payload))
+        rest = whole[first:]
+        step3 = len(basic(3, 3 + i)) + chunk_size
+        lists.append([whole[:first]] + [rest[j : j + step3] for j in range(0, len(rest), step3)])
+    data = set_chunk_size(chunk_size)
+    while any(lists):  # round robin: one chunk of each unfinished message in turn
+        for chunks in lists:
+            if chunks:
+                data += chunks.pop(0)
+    data = data[: len(set_chunk_size(1)) + cut]
+    pieces = [data[i : i + step] for i in range(0, len(data), step)]
+    limits = {"max_partial_messages": max_partial_messages, "max_partial_bytes": max_partial_bytes}
+    assert run(_chunk, pieces, **limits) == run(_chunk_py, pieces, **limits)
+    if max_partial_messages >= len(msgs) and max_partial_bytes >= 700 * len(msgs) and cut >= 10**6:
+        delivered = [m for feed, _, _ in run(_chunk, pieces, **limits) for m in feed][1:]
+        assert sorted(delivered) == sorted(
+            (3 + i, ts, type_id, 1, payload) for i, (_, ts, type_id, payload) in enumerate(msgs)
+        )
