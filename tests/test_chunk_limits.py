@@ -289,7 +289,8 @@ def test_differential_partial_limits(
     pieces = [data[i : i + step] for i in range(0, len(data), step)]
     limits = {"max_partial_messages": max_partial_messages, "max_partial_bytes": max_partial_bytes}
     assert run(_chunk, pieces, **limits) == run(_chunk_py, pieces, **limits)
-    if max_partial_messages >= len(msgs) and max_partial_bytes >= 700 * len(msgs) and cut >= 10**6:
+    roomy = max_partial_messages > len(msgs) and max_partial_bytes >= 700 * len(msgs) + 4
+    if roomy and cut >= 10**6:  # Set Chunk Size counts too, while it is unfinished
         delivered = [m for feed, _, _ in run(_chunk, pieces, **limits) for m in feed][1:]
         assert sorted(delivered) == sorted(
             (3 + i, ts, type_id, 1, payload) for i, (_, ts, type_id, payload) in enumerate(msgs)
