@@ -249,14 +249,16 @@ cdef int _check_max_depth(object max_depth) except -1:
 
 
 cdef Py_ssize_t _check_budget(str name, object value) except -1:
-    # The twin's checks and texts; an int beyond Py_ssize_t is as good as unlimited (no input
-    # can be that long, and the decoder charges no more than it has left).
+    # The twin's checks and texts.  Anything above a quarter of Py_ssize_t's range is as good
+    # as unlimited (no input can be that long) and is clamped there, which leaves the room
+    # that the arithmetic on what is left needs (an AMF3 string reference may be longer than
+    # its target, so the size left can grow a little).
     if not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{name} must not be negative")
-    if value > PY_SSIZE_T_MAX:
-        return PY_SSIZE_T_MAX
+    if value > PY_SSIZE_T_MAX // 4:
+        return PY_SSIZE_T_MAX // 4
     return PyLong_AsSsize_t(value)
 
 
