@@ -6,16 +6,24 @@ the limits on unfinished messages and the extended-timestamp detection.  The par
 ``const unsigned char*`` over the fed bytes, copies each chunk's payload with one ``memcpy``
 straight into a ``bytes`` object that becomes the message (handed out when full, so no copy at the
 end), and keeps per-chunk-stream state in typed fields.  That object grows as chunks arrive, by
-doubling, and is never sized by the declared length alone: it is sized to the bytes at hand, and
-when a message is the only unfinished one, to all the bytes left in the fed buffer (then a
-message that arrived whole is allocated once, at its exact size).
+doubling (resized in place where realloc can), and is never sized by the declared length alone:
+it is sized to the bytes at hand, and when a message is the only unfinished one, to up to twice
+the bytes left in the fed buffer (so a message that arrived whole is allocated once, at its exact
+size, and one cut by the end of a read usually needs one more resize).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.ref cimport Py_INCREF, PyObject
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from watchbuy.engine.errors import ChunkError
+
+cdef extern from "Python.h":
+    # Resizes a bytes object nobody else holds, in place when the allocator can (realloc);
+    # on failure it frees the object, sets *bytes to NULL and returns -1 with MemoryError set.
+    int _PyBytes_Resize(PyObject** bytes, Py_ssize_t newsize) except -1
+    void _decref "Py_DECREF" (PyObject* o)
 
 MSG_SET_CHUNK_SIZE = 1
 MSG_ABORT = 2
@@ -85,7 +93,7 @@ cdef class ChunkReader:
 
     * ``partial_count``: unfinished messages;
     * ``partial_bytes``: payload bytes buffered in them (memory held is at most about twice
-      this, plus what is left of one fed buffer);
+      this, plus twice one fed buffer);
     * ``chunk_size``: the peer's chunk size; ``bytes_received``: bytes fed so far.
     """
 
@@ -143,19 +151,27 @@ cdef class ChunkReader:
         """Grow the message buffer to hold ``want`` bytes; ``at_hand``: as many as could be
         filled from the bytes already fed."""
         cdef Py_ssize_t cap = 2 * PyBytes_GET_SIZE(stream.payload)
-        cdef bytes grown
+        cdef PyObject* raw
         if cap < want:
             cap = want
-        # Only one message may size itself by the fed buffer: several doing so would each
-        # claim the same bytes.
-        if self._partial_count == 1 and cap < at_hand:
-            cap = at_hand
+        # Only one message may size itself by the fed buffer (several doing so would each claim
+        # the same bytes), to twice what is at hand like any doubling: then a message cut by
+        # the end of a read usually needs no second allocation.
+        if self._partial_count == 1 and cap < 2 * at_hand:
+            cap = 2 * at_hand
         if cap > stream.length:
             cap = stream.length
-        grown = PyBytes_FromStringAndSize(NULL, cap)
-        if stream.filled:
-            memcpy(PyBytes_AS_STRING(grown), PyBytes_AS_STRING(stream.payload), stream.filled)
-        stream.payload = grown
+        if PyBytes_GET_SIZE(stream.payload) == 0:  # the shared b"": nothing to keep
+            stream.payload = PyBytes_FromStringAndSize(NULL, cap)
+            return 0
+        # The buffer was never handed out: once the stream lets go, ours is the only reference,
+        # as resizing requires.  realloc often grows it without a copy.
+        raw = <PyObject*>stream.payload
+        Py_INCREF(stream.payload)
+        stream.payload = None
+        _PyBytes_Resize(&raw, cap)
+        stream.payload = <bytes>raw
+        _decref(raw)
         return 0
 
     def feed(self, data):
