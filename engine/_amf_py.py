@@ -23,9 +23,10 @@ Format notes (Adobe's AMF0 and AMF3 specifications), as far as they shape the co
   relay's re-encoded onMetaData) although decoding itself is linear.  Two budgets bound the
   *expanded* value, every reference counted as a copy of its target: ``max_nodes`` values in all
   (each scalar, string, container and vector item is one) and ``max_expanded_size`` bytes (the
-  input's length plus, for each reference, its target's own expanded size).  Every reference
-  table entry records its target's expanded node count and size when it is complete, so charging
-  a reference is two subtractions, never a walk.
+  input's length with every reference replaced by a copy of its target: what re-encoding the
+  result takes; checked where a reference adds bytes, so input without references is bounded by
+  the message size alone).  Every reference table entry records its target's expanded value
+  count and size when it is complete, so charging a reference is two subtractions, never a walk.
 """
 
 from __future__ import annotations

@@ -23,11 +23,12 @@ so that the session can also cap them across connections and time out stalled on
 
 Extended timestamps on continuation chunks: the specification has a format-3 chunk repeat the
 4-byte extended timestamp of its message's header, and most encoders do, but some omit it within a
-message (the gap shows once timestamps pass 0xFFFFFF, after about 4.6 hours).  As SRS and
-nginx-rtmp do, the first continuation chunk that could carry one decides the peer's style: if its
-next 4 bytes equal the header's extended timestamp (or the message's timestamp), the peer repeats
-them, otherwise they are payload and the peer omits them.  The style is kept for the connection,
-so later payload that happens to look like a timestamp cannot be mistaken for one.
+message (the gap shows once timestamps pass 0xFFFFFF, after about 4.6 hours).  Like SRS and
+nginx-rtmp we accept both: the first continuation chunk that could carry one decides the peer's
+style (if its next 4 bytes equal the header's extended timestamp, or the message's timestamp, the
+peer repeats them; otherwise they are payload and the peer omits them).  The style is then kept
+for the connection, so later payload that happens to look like the timestamp is not taken for it.
+Format-3 chunks that *start* a message always carry it, as before.
 """
 
 from __future__ import annotations
