@@ -16,6 +16,7 @@ from cpython.dict cimport PyDict_SetItem
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.long cimport PyLong_AsLongAndOverflow
 from cpython.number cimport PyNumber_Float
+from cpython.long cimport PyLong_AsSsize_t
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
 from libc.stdint cimport int16_t, int32_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
@@ -51,14 +52,27 @@ cdef extern from "Python.h":
     int PyErr_ExceptionMatches(object exc)
     void PyErr_Clear()
     double _long_as_double "PyLong_AsDouble" (object o)  # error: -1.0 and an exception set
+    const Py_ssize_t PY_SSIZE_T_MAX
 
-__all__ = ["decode_amf0", "decode_amf3", "encode_amf0", "MAX_DEPTH_LIMIT", "ENCODE_MAX_DEPTH"]
+__all__ = [
+    "decode_amf0",
+    "decode_amf3",
+    "encode_amf0",
+    "MAX_DEPTH_LIMIT",
+    "ENCODE_MAX_DEPTH",
+    "DEFAULT_MAX_NODES",
+    "DEFAULT_MAX_EXPANDED_SIZE",
+]
 
 MAX_DEPTH_LIMIT = 256
 ENCODE_MAX_DEPTH = 64
+DEFAULT_MAX_NODES = 65536
+DEFAULT_MAX_EXPANDED_SIZE = 16 * 1024 * 1024
 cdef enum:
     C_ENCODE_MAX_DEPTH = 64
     C_MAX_DEPTH_LIMIT = 256
+    C_DEFAULT_MAX_NODES = 65536
+    C_DEFAULT_MAX_EXPANDED_SIZE = 16 * 1024 * 1024
 
 # Sits in a reference table while its container is still being decoded.
 cdef object _INCOMPLETE = object()
@@ -68,6 +82,9 @@ cdef object _TypedObject = TypedObject
 cdef object _AMFDate = AMFDate
 cdef object _XMLDocument = XMLDocument
 cdef object _Mapping = Mapping
+# The very objects decode_amf0's defaults are, so that a call with the defaults skips the checks.
+cdef object _DEFAULT_MAX_NODES = DEFAULT_MAX_NODES
+cdef object _DEFAULT_MAX_EXPANDED_SIZE = DEFAULT_MAX_EXPANDED_SIZE
 
 
 # ------------------------------------------------------------------------------- byte helpers
@@ -231,9 +248,31 @@ cdef int _check_max_depth(object max_depth) except -1:
     return max_depth
 
 
+cdef Py_ssize_t _check_budget(str name, object value) except -1:
+    # The twin's checks and texts.  Anything above a quarter of Py_ssize_t's range is as good
+    # as unlimited (no input can be that long) and is clamped there, which leaves the room
+    # that the arithmetic on what is left needs (an AMF3 string reference may be longer than
+    # its target, so the size left can grow a little).
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must not be negative")
+    if value > PY_SSIZE_T_MAX // 4:
+        return PY_SSIZE_T_MAX // 4
+    return PyLong_AsSsize_t(value)
+
+
 cdef enum:
     INLINE_REFS = 16
     MAX_STORED_REFS = 0x10000  # a u16 cannot point further; later entries are only counted
+
+
+# One AMF0 reference table entry: the container (an owned reference, NULL while it is still
+# being decoded) and, once complete, its expanded value count and size (see the twin).
+cdef struct _Ref:
+    PyObject* obj
+    Py_ssize_t nodes
+    Py_ssize_t size
 
 
 # All decoder state lives in a C struct on decode_amf0's stack: no per-call object to allocate.
@@ -242,30 +281,47 @@ cdef struct _Dec:
     Py_ssize_t n
     Py_ssize_t pos
     int max_depth
-    # AMF0 reference table: owned references, NULL while the container is still being decoded.
-    PyObject** refs
+    # Budgets (the twin's docstring): the limits, and what is left of them.  Every value costs
+    # one decrement of `nodes`; only references take from `size`.
+    Py_ssize_t max_nodes
+    Py_ssize_t max_size
+    Py_ssize_t nodes
+    Py_ssize_t size
+    # AMF0 reference table.
+    _Ref* refs
     Py_ssize_t nrefs
     Py_ssize_t refs_cap
-    PyObject* refs_inline[INLINE_REFS]
-    # AMF3 tables (owned lists, created at the first AMF3 value): strings, objects (with
-    # _INCOMPLETE placeholders) and traits as (class_name, sealed member names, dynamic).
+    _Ref refs_inline[INLINE_REFS]
+    # AMF3 tables (owned lists, created at the first AMF3 value): strings and their wire sizes,
+    # objects (with _INCOMPLETE placeholders) and their (values, bytes) costs, and traits as
+    # (class_name, sealed member names, dynamic, bytes).
     PyObject* strings
+    PyObject* string_sizes
     PyObject* objects
+    PyObject* object_costs
     PyObject* traits
     Py_buffer view
     bint has_view
 
 
-cdef object _attach(_Dec* d, object data, object max_depth):
+cdef object _attach(_Dec* d, object data, object max_depth, object max_nodes, object max_size):
     """Set up ``d`` for ``data``; returns the object that owns the bytes being read."""
     cdef object mv
     d.max_depth = _check_max_depth(max_depth)
+    if max_nodes is _DEFAULT_MAX_NODES and max_size is _DEFAULT_MAX_EXPANDED_SIZE:
+        d.max_nodes = C_DEFAULT_MAX_NODES  # the defaults: no Python-level checks
+        d.max_size = C_DEFAULT_MAX_EXPANDED_SIZE
+    else:
+        d.max_nodes = _check_budget("max_nodes", max_nodes)
+        d.max_size = _check_budget("max_expanded_size", max_size)
     d.pos = 0
     d.refs = d.refs_inline
     d.nrefs = 0
     d.refs_cap = INLINE_REFS
     d.strings = NULL
+    d.string_sizes = NULL
     d.objects = NULL
+    d.object_costs = NULL
     d.traits = NULL
     d.has_view = False
     if type(data) is not bytes and type(data) is not bytearray:
@@ -277,24 +333,28 @@ cdef object _attach(_Dec* d, object data, object max_depth):
         d.has_view = True
         d.buf = <const unsigned char*>d.view.buf
         d.n = d.view.len
-        return data
-    d.buf = <const unsigned char*>PyBytes_AS_STRING(data)
-    d.n = PyBytes_GET_SIZE(data)
+    else:
+        d.buf = <const unsigned char*>PyBytes_AS_STRING(data)
+        d.n = PyBytes_GET_SIZE(data)
+    d.nodes = d.max_nodes
+    d.size = d.max_size - d.n  # >= -PY_SSIZE_T_MAX: charging a size <= max_size cannot wrap
     return data
 
 
 cdef void _release(_Dec* d) noexcept:
     cdef Py_ssize_t i
     for i in range(min(d.nrefs, MAX_STORED_REFS)):
-        Py_XDECREF(d.refs[i])
+        Py_XDECREF(d.refs[i].obj)
     if d.refs is not d.refs_inline:
         free(d.refs)
     d.refs = d.refs_inline
     d.nrefs = 0
     Py_XDECREF(d.strings)
+    Py_XDECREF(d.string_sizes)
     Py_XDECREF(d.objects)
+    Py_XDECREF(d.object_costs)
     Py_XDECREF(d.traits)
-    d.strings = d.objects = d.traits = NULL
+    d.strings = d.string_sizes = d.objects = d.object_costs = d.traits = NULL
     if d.has_view:
         PyBuffer_Release(&d.view)
         d.has_view = False
@@ -303,32 +363,51 @@ cdef void _release(_Dec* d) noexcept:
 cdef Py_ssize_t _ref_open(_Dec* d) except -1:
     """Reserve the next AMF0 reference slot (incomplete until _ref_close)."""
     cdef Py_ssize_t index = d.nrefs
-    cdef PyObject** grown
+    cdef _Ref* grown
     if index < MAX_STORED_REFS:
         if index == d.refs_cap:
             if d.refs is d.refs_inline:
-                grown = <PyObject**>malloc(2 * index * sizeof(PyObject*))
+                grown = <_Ref*>malloc(2 * index * sizeof(_Ref))
                 if grown is not NULL:
-                    memcpy(grown, d.refs, index * sizeof(PyObject*))
+                    memcpy(grown, d.refs, index * sizeof(_Ref))
             else:
-                grown = <PyObject**>realloc(d.refs, 2 * index * sizeof(PyObject*))
+                grown = <_Ref*>realloc(d.refs, 2 * index * sizeof(_Ref))
             if grown is NULL:
                 raise MemoryError()
             d.refs = grown
             d.refs_cap = 2 * index
-        d.refs[index] = NULL
+        d.refs[index].obj = NULL
     d.nrefs = index + 1
     return index
 
 
-cdef inline void _ref_close(_Dec* d, Py_ssize_t index, object obj) noexcept:
+cdef inline void _ref_close(_Dec* d, Py_ssize_t index, object obj, Py_ssize_t nodes,
+                            Py_ssize_t size) noexcept:
     if index < MAX_STORED_REFS:
         Py_INCREF(obj)
-        d.refs[index] = <PyObject*>obj
+        d.refs[index].obj = <PyObject*>obj
+        d.refs[index].nodes = nodes
+        d.refs[index].size = size
 
 
 cdef object _too_deep(_Dec* d):
     return AMFError(f"AMF nesting deeper than {d.max_depth} levels")
+
+
+cdef int _too_many_nodes(_Dec* d) except -1:
+    raise AMFError(f"AMF data expands to more than {d.max_nodes} values")
+
+
+cdef int _charge(_Dec* d, Py_ssize_t nodes, Py_ssize_t size) except -1:
+    """A reference stands for ``nodes`` values and ``size`` bytes beyond its own one value."""
+    # Both are at most their limit and what is left is >= -limit: no overflow.
+    d.nodes -= nodes
+    if d.nodes < 0:
+        _too_many_nodes(d)
+    d.size -= size
+    if d.size < 0:
+        raise AMFError(f"AMF data expands to more than {d.max_size} bytes")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------- AMF0
@@ -342,6 +421,10 @@ cdef object _read0(_Dec* d, int depth):
     cdef uint32_t index, size
     cdef unsigned char marker
     cdef object obj
+    cdef _Ref* ref
+    d.nodes -= 1
+    if d.nodes < 0:
+        _too_many_nodes(d)
     if pos >= n:
         raise AMFError("truncated AMF0 value")
     marker = buf[pos]
@@ -382,10 +465,12 @@ cdef object _read0(_Dec* d, int depth):
         index = _be16(buf + pos)
         if index >= d.nrefs:
             raise AMFError(f"AMF0 reference {index} out of range")
-        if d.refs[index] is NULL:
+        ref = &d.refs[index]
+        if ref.obj is NULL:
             raise AMFError(f"AMF0 reference {index} points to an incomplete object")
+        _charge(d, ref.nodes - 1, ref.size - 3)  # beyond the one value and 3 bytes it is
         d.pos = pos + 2
-        return <object>d.refs[index]
+        return <object>ref.obj
     if marker == 0x0B:  # date
         if pos + 10 > n:
             raise AMFError("truncated AMF0 date")
@@ -407,6 +492,7 @@ cdef object _read0(_Dec* d, int depth):
         return None
     if marker == 0x11:  # switch to AMF3 for one value
         d.pos = pos
+        d.nodes += 1  # the AMF3 value is the one value: _read3 counts it
         _amf3_tables(d)
         return _read3(d, depth)
     if marker == 0x09:
@@ -420,6 +506,8 @@ cdef object _read0_object(_Dec* d, unsigned char marker, int depth):
     cdef Py_ssize_t n = d.n
     cdef Py_ssize_t pos = d.pos
     cdef Py_ssize_t end, index
+    # To measure the expanded object: it starts at its marker, counted as one value.
+    cdef Py_ssize_t start = pos - 1, nodes = d.nodes + 1, size = d.size
     cdef object obj, key, value
     if depth >= d.max_depth:
         raise _too_deep(d)
@@ -459,7 +547,7 @@ cdef object _read0_object(_Dec* d, unsigned char marker, int depth):
         PyDict_SetItem(obj, key, value)
         pos = d.pos
     d.pos = pos
-    _ref_close(d, index, obj)
+    _ref_close(d, index, obj, nodes - d.nodes, pos - start + size - d.size)
     return obj
 
 
@@ -467,6 +555,7 @@ cdef object _read0_array(_Dec* d, int depth):
     cdef Py_ssize_t n = d.n
     cdef Py_ssize_t pos = d.pos
     cdef Py_ssize_t index
+    cdef Py_ssize_t start = pos - 1, nodes = d.nodes + 1, size = d.size  # as in _read0_object
     cdef uint32_t count, i
     cdef list items
     if depth >= d.max_depth:
@@ -482,7 +571,7 @@ cdef object _read0_array(_Dec* d, int depth):
     items = []
     for i in range(count):
         items.append(_read0(d, depth + 1))
-    _ref_close(d, index, items)
+    _ref_close(d, index, items, nodes - d.nodes, d.pos - start + size - d.size)
     return items
 
 
@@ -496,7 +585,13 @@ cdef int _amf3_tables(_Dec* d) except -1:
         d.strings = <PyObject*>table
         table = []
         Py_INCREF(table)
+        d.string_sizes = <PyObject*>table
+        table = []
+        Py_INCREF(table)
         d.objects = <PyObject*>table
+        table = []
+        Py_INCREF(table)
+        d.object_costs = <PyObject*>table
         table = []
         Py_INCREF(table)
         d.traits = <PyObject*>table
@@ -528,6 +623,7 @@ cdef Py_ssize_t _u29(_Dec* d) except -1:
 
 cdef object _str3(_Dec* d):
     """AMF3 UTF-8-vr: inline (added to the string table unless empty) or a reference."""
+    cdef Py_ssize_t start = d.pos
     cdef Py_ssize_t header = _u29(d)
     cdef Py_ssize_t size = header >> 1
     cdef Py_ssize_t pos = d.pos
@@ -536,6 +632,8 @@ cdef object _str3(_Dec* d):
     if not header & 1:
         if size >= len(strings):
             raise AMFError(f"AMF3 string reference {size} out of range")
+        # Keys too: re-encoding repeats their bytes.
+        _charge(d, 0, <Py_ssize_t>(<list>d.string_sizes)[size] - (pos - start))
         return strings[size]
     if size == 0:
         return ""
@@ -544,17 +642,22 @@ cdef object _str3(_Dec* d):
     text = _text(d.buf + pos, size, 1)
     d.pos = pos + size
     strings.append(text)
+    (<list>d.string_sizes).append(d.pos - start)
     return text
 
 
-cdef object _obj_ref3(_Dec* d, Py_ssize_t index):
+cdef object _obj_ref3(_Dec* d, Py_ssize_t index, Py_ssize_t length):
+    """The complete object ``index`` of the table, for a reference of ``length`` bytes."""
     cdef list objects = <list>d.objects
     cdef object obj
+    cdef Py_ssize_t nodes, size
     if index >= len(objects):
         raise AMFError(f"AMF3 object reference {index} out of range")
     obj = objects[index]
     if obj is _INCOMPLETE:
         raise AMFError(f"AMF3 object reference {index} points to an incomplete object")
+    nodes, size = <tuple>(<list>d.object_costs)[index]
+    _charge(d, nodes - 1, size - length)  # beyond the one value and bytes it already is
     return obj
 
 
@@ -563,12 +666,16 @@ cdef object _read3(_Dec* d, int depth):
     cdef const unsigned char* buf = d.buf
     cdef Py_ssize_t n = d.n
     cdef Py_ssize_t pos = d.pos
-    cdef Py_ssize_t header, size
+    cdef Py_ssize_t header, size, start
     cdef unsigned char marker
     cdef object obj
+    d.nodes -= 1
+    if d.nodes < 0:
+        _too_many_nodes(d)
     if pos >= n:
         raise AMFError("truncated AMF3 value")
     marker = buf[pos]
+    start = pos  # where the marker is: leaves in the object table measure themselves from it
     pos += 1
     d.pos = pos
     if marker == 0x06:  # string
@@ -598,18 +705,19 @@ cdef object _read3(_Dec* d, int depth):
     if marker == 0x08:  # date: milliseconds (double); AMF3 has no time-zone field
         header = _u29(d)
         if not header & 1:
-            return _obj_ref3(d, header >> 1)
+            return _obj_ref3(d, header >> 1, d.pos - start)
         pos = d.pos
         if pos + 8 > n:
             raise AMFError("truncated AMF3 date")
         obj = _AMFDate(_be_double(buf + pos), 0)
         d.pos = pos + 8
         (<list>d.objects).append(obj)
+        (<list>d.object_costs).append((1, d.pos - start))
         return obj
     if marker == 0x07 or marker == 0x0B:  # XMLDocument, XML
         header = _u29(d)
         if not header & 1:
-            return _obj_ref3(d, header >> 1)
+            return _obj_ref3(d, header >> 1, d.pos - start)
         pos = d.pos
         size = header >> 1
         if size > n - pos:
@@ -617,11 +725,12 @@ cdef object _read3(_Dec* d, int depth):
         obj = _XMLDocument(_decode_text(buf + pos, size, 1))
         d.pos = pos + size
         (<list>d.objects).append(obj)
+        (<list>d.object_costs).append((1, d.pos - start))
         return obj
     if marker == 0x0C:  # byte array
         header = _u29(d)
         if not header & 1:
-            return _obj_ref3(d, header >> 1)
+            return _obj_ref3(d, header >> 1, d.pos - start)
         pos = d.pos
         size = header >> 1
         if size > n - pos:
@@ -629,6 +738,7 @@ cdef object _read3(_Dec* d, int depth):
         obj = PyBytes_FromStringAndSize(<const char*>buf + pos, size)
         d.pos = pos + size
         (<list>d.objects).append(obj)
+        (<list>d.object_costs).append((1, d.pos - start))
         return obj
     if 0x0D <= marker <= 0x0F:
         return _read3_vector(d, marker)
@@ -640,8 +750,10 @@ cdef object _read3(_Dec* d, int depth):
 
 
 cdef object _read3_object(_Dec* d, int depth):
+    # To measure the expanded object: it starts at its marker, counted as one value.
+    cdef Py_ssize_t start = d.pos - 1, nodes = d.nodes + 1, size = d.size
     cdef Py_ssize_t header = _u29(d)
-    cdef Py_ssize_t count, i, index
+    cdef Py_ssize_t count, i, index, traits_start, traits_size
     cdef bint dynamic
     cdef object class_name, obj, key, value
     cdef tuple sealed
@@ -649,19 +761,22 @@ cdef object _read3_object(_Dec* d, int depth):
     cdef list objects = <list>d.objects
     cdef list traits = <list>d.traits
     if not header & 1:
-        return _obj_ref3(d, header >> 1)
+        return _obj_ref3(d, header >> 1, d.pos - start)
     if depth >= d.max_depth:
         raise _too_deep(d)
     if not header & 2:
         index = header >> 2
         if index >= len(traits):
             raise AMFError(f"AMF3 traits reference {index} out of range")
-        class_name, sealed, dynamic = <tuple>traits[index]
+        class_name, sealed, dynamic, traits_size = <tuple>traits[index]
+        _charge(d, 0, traits_size)
     else:
         if header & 4:
             raise AMFError("externalizable AMF3 objects are not supported")
         dynamic = (header & 8) != 0
         count = header >> 4
+        traits_start = d.pos
+        traits_size = d.size
         class_name = _str3(d)
         if count > d.n - d.pos:  # every member name takes at least one byte
             raise AMFError(
@@ -671,9 +786,11 @@ cdef object _read3_object(_Dec* d, int depth):
         for i in range(count):
             names.append(_str3(d))
         sealed = tuple(names)
-        traits.append((class_name, sealed, dynamic))
+        traits_size = d.pos - traits_start + traits_size - d.size
+        traits.append((class_name, sealed, dynamic, traits_size))
     index = len(objects)
     objects.append(_INCOMPLETE)
+    (<list>d.object_costs).append(None)
     if class_name:
         obj = _TypedObject(class_name)
     else:
@@ -690,10 +807,12 @@ cdef object _read3_object(_Dec* d, int depth):
             value = _read3(d, depth)
             PyDict_SetItem(obj, key, value)
     objects[index] = obj
+    (<list>d.object_costs)[index] = (nodes - d.nodes, d.pos - start + size - d.size)
     return obj
 
 
 cdef object _read3_array(_Dec* d, int depth):
+    cdef Py_ssize_t start = d.pos - 1, nodes = d.nodes + 1, size = d.size  # as in _read3_object
     cdef Py_ssize_t header = _u29(d)
     cdef Py_ssize_t count, i, index
     cdef object assoc = None
@@ -701,11 +820,12 @@ cdef object _read3_array(_Dec* d, int depth):
     cdef list items
     cdef list objects = <list>d.objects
     if not header & 1:
-        return _obj_ref3(d, header >> 1)
+        return _obj_ref3(d, header >> 1, d.pos - start)
     if depth >= d.max_depth:
         raise _too_deep(d)
     index = len(objects)
     objects.append(_INCOMPLETE)
+    (<list>d.object_costs).append(None)
     depth += 1
     while True:
         key = _str3(d)
@@ -721,6 +841,7 @@ cdef object _read3_array(_Dec* d, int depth):
     items = []
     for i in range(count):
         items.append(_read3(d, depth))
+    (<list>d.object_costs)[index] = (nodes - d.nodes, d.pos - start + size - d.size)
     if assoc is not None:
         for i in range(count):
             PyDict_SetItem(assoc, str(i), items[i])
@@ -732,17 +853,21 @@ cdef object _read3_array(_Dec* d, int depth):
 
 cdef object _read3_vector(_Dec* d, unsigned char marker):
     """Vector of int (0x0D), uint (0x0E) or double (0x0F)."""
+    cdef Py_ssize_t start = d.pos - 1
     cdef Py_ssize_t header = _u29(d)
     cdef Py_ssize_t count, i, pos, width
     cdef const unsigned char* p
     cdef list items
     if not header & 1:
-        return _obj_ref3(d, header >> 1)
+        return _obj_ref3(d, header >> 1, d.pos - start)
     count = header >> 1
     width = 8 if marker == 0x0F else 4
     pos = d.pos + 1  # fixed-length flag: irrelevant to a reader
     if pos > d.n or count * width > d.n - pos:  # count < 2**28: no overflow
         raise AMFError("truncated AMF3 vector")
+    d.nodes -= count  # its items are values too
+    if d.nodes < 0:
+        _too_many_nodes(d)
     p = d.buf + pos
     items = []
     if marker == 0x0D:
@@ -756,17 +881,21 @@ cdef object _read3_vector(_Dec* d, unsigned char marker):
             items.append(_be_double(p + 8 * i))
     d.pos = pos + count * width
     (<list>d.objects).append(items)
+    (<list>d.object_costs).append((1 + count, d.pos - start))
     return items
 
 
-def decode_amf0(data, max_depth=64) -> list:
+def decode_amf0(data, max_depth=64, max_nodes=DEFAULT_MAX_NODES,
+                max_expanded_size=DEFAULT_MAX_EXPANDED_SIZE) -> list:
     """Decode all consecutive AMF0 values in ``data`` (e.g. an RTMP command message body).
 
-    Raises :class:`AMFError` for any malformed input.
+    Raises :class:`AMFError` for any malformed input, for nesting deeper than ``max_depth``, and
+    for data that expands (every reference counted as a copy of its target) to more than
+    ``max_nodes`` values or more than ``max_expanded_size`` bytes.
     """
     cdef _Dec d
     cdef list out = []
-    cdef object owner = _attach(&d, data, max_depth)
+    cdef object owner = _attach(&d, data, max_depth, max_nodes, max_expanded_size)
     try:
         while d.pos < d.n:
             out.append(_read0(&d, 0))
@@ -775,14 +904,16 @@ def decode_amf0(data, max_depth=64) -> list:
     return out
 
 
-def decode_amf3(data, max_depth=64) -> list:
+def decode_amf3(data, max_depth=64, max_nodes=DEFAULT_MAX_NODES,
+                max_expanded_size=DEFAULT_MAX_EXPANDED_SIZE) -> list:
     """Decode all consecutive AMF3 values in ``data``, sharing one set of reference tables.
 
-    Raises :class:`AMFError` for any malformed or unsupported input.
+    Raises :class:`AMFError` for any malformed or unsupported input, and for input over the
+    limits described at :func:`decode_amf0`.
     """
     cdef _Dec d
     cdef list out = []
-    cdef object owner = _attach(&d, data, max_depth)
+    cdef object owner = _attach(&d, data, max_depth, max_nodes, max_expanded_size)
     try:
         _amf3_tables(&d)
         while d.pos < d.n:

@@ -18,6 +18,15 @@ Format notes (Adobe's AMF0 and AMF3 specifications), as far as they shape the co
   is used, so hostile input costs at most time proportional to its own length.
 * Nesting is limited by ``max_depth`` (capped at ``MAX_DEPTH_LIMIT`` so that neither this twin's
   recursion nor the C stack of the compiled one can overflow).
+* References make a few bytes stand for a whole earlier container, so a value built from
+  references to references grows 2**k when anything walks or re-encodes it (JSON for stats, the
+  relay's re-encoded onMetaData) although decoding itself is linear.  Two budgets bound the
+  *expanded* value, every reference counted as a copy of its target: ``max_nodes`` values in all
+  (each scalar, string, container and vector item is one) and ``max_expanded_size`` bytes (the
+  input's length with every reference replaced by a copy of its target: what re-encoding the
+  result takes; checked where a reference adds bytes, so input without references is bounded by
+  the message size alone).  Every reference table entry records its target's expanded value
+  count and size when it is complete, so charging a reference is two subtractions, never a walk.
 """
 
 from __future__ import annotations
@@ -28,10 +37,24 @@ from collections.abc import Mapping
 from watchbuy.engine.amf_types import UNDEFINED, AMFDate, ECMAArray, TypedObject, XMLDocument
 from watchbuy.engine.errors import AMFError
 
-__all__ = ["decode_amf0", "decode_amf3", "encode_amf0", "MAX_DEPTH_LIMIT", "ENCODE_MAX_DEPTH"]
+__all__ = [
+    "decode_amf0",
+    "decode_amf3",
+    "encode_amf0",
+    "MAX_DEPTH_LIMIT",
+    "ENCODE_MAX_DEPTH",
+    "DEFAULT_MAX_NODES",
+    "DEFAULT_MAX_EXPANDED_SIZE",
+]
 
 #: Highest ``max_depth`` accepted by the decoders.
 MAX_DEPTH_LIMIT = 256
+#: Default ``max_nodes``: an OBS/ffmpeg connect or onMetaData has a few dozen values, and even a
+#: file's keyframe index (two numbers per keyframe) stays far below it.
+DEFAULT_MAX_NODES = 65536
+#: Default ``max_expanded_size``: above the largest RTMP message (0xFFFFFF bytes), so only
+#: references can reach it.
+DEFAULT_MAX_EXPANDED_SIZE = 16 * 1024 * 1024
 #: Containers nested deeper than this cannot be encoded (also stops cycles).
 ENCODE_MAX_DEPTH = 64
 
@@ -64,21 +87,76 @@ def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
     return memoryview(data).tobytes()
 
 
+def _check_budget(name: str, value: object) -> int:
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must not be negative")
+    return value
+
+
 class _State:
-    """Per-call decoder state: depth limit and the reference tables."""
+    """Per-call decoder state: limits, what is left of the budgets, the reference tables."""
 
-    __slots__ = ("max_depth", "refs", "strings", "objects", "traits")
+    __slots__ = (
+        "max_depth",
+        "max_nodes",
+        "max_size",
+        "nodes",
+        "size",
+        "refs",
+        "ref_costs",
+        "strings",
+        "string_sizes",
+        "objects",
+        "object_costs",
+        "traits",
+    )
 
-    def __init__(self, max_depth: int) -> None:
+    def __init__(self, max_depth: int, max_nodes: int, max_size: int, length: int) -> None:
         self.max_depth = max_depth
+        self.max_nodes = max_nodes
+        self.max_size = max_size
+        self.nodes = max_nodes  # values still allowed, references expanded
+        self.size = max_size - length  # bytes references may still add
         self.refs: list = []  # AMF0 objects
+        self.ref_costs: list = []  # (expanded values, expanded bytes) of each, once complete
         self.strings: list = []  # AMF3
+        self.string_sizes: list = []  # their bytes on the wire, header included
         self.objects: list = []  # AMF3
-        self.traits: list = []  # AMF3: (class_name, sealed member names, dynamic)
+        self.object_costs: list = []  # (expanded values, expanded bytes), once complete
+        # AMF3: (class_name, sealed member names, dynamic, expanded bytes of the definition)
+        self.traits: list = []
 
 
 def _too_deep(st: _State) -> AMFError:
     return AMFError(f"AMF nesting deeper than {st.max_depth} levels")
+
+
+def _too_many_nodes(st: _State) -> AMFError:
+    return AMFError(f"AMF data expands to more than {st.max_nodes} values")
+
+
+def _too_large(st: _State) -> AMFError:
+    return AMFError(f"AMF data expands to more than {st.max_size} bytes")
+
+
+def _charge(st: _State, nodes: int, size: int) -> None:
+    """A reference stands for ``nodes`` values and ``size`` bytes beyond its own one value."""
+    st.nodes -= nodes
+    if st.nodes < 0:
+        raise _too_many_nodes(st)
+    st.size -= size
+    if st.size < 0:
+        raise _too_large(st)
+
+
+def _limits(max_depth: object, max_nodes: object, max_size: object) -> tuple[int, int, int]:
+    return (
+        _check_max_depth(max_depth),
+        _check_budget("max_nodes", max_nodes),
+        _check_budget("max_expanded_size", max_size),
+    )
 
 
 # --------------------------------------------------------------------------------------- AMF0
@@ -86,6 +164,9 @@ def _too_deep(st: _State) -> AMFError:
 
 def _read0(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
     """One AMF0 value at ``pos``: ``(value, position after it)``.  Branches by frequency."""
+    st.nodes -= 1
+    if st.nodes < 0:
+        raise _too_many_nodes(st)
     n = len(data)
     if pos >= n:
         raise AMFError("truncated AMF0 value")
@@ -109,6 +190,7 @@ def _read0(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
     if marker == 0x03 or marker == 0x08 or marker == 0x10:  # object, ECMA array, typed object
         if depth >= st.max_depth:
             raise _too_deep(st)
+        start, nodes, size = pos - 1, st.nodes + 1, st.size
         if marker == 0x03:
             obj: dict = {}
         elif marker == 0x08:
@@ -131,6 +213,7 @@ def _read0(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
         refs = st.refs
         index = len(refs)
         refs.append(_INCOMPLETE)
+        st.ref_costs.append(None)
         depth += 1
         while True:
             end = pos + 2
@@ -153,6 +236,7 @@ def _read0(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
                     raise AMFError("invalid UTF-8 in AMF0 string") from None
             obj[key], pos = _read0(data, end, depth, st)
         refs[index] = obj
+        st.ref_costs[index] = (nodes - st.nodes, pos - start + size - st.size)
         return obj, pos
     if marker == 0x05:  # null
         return None, pos
@@ -163,6 +247,7 @@ def _read0(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
     if marker == 0x0A:  # strict array
         if depth >= st.max_depth:
             raise _too_deep(st)
+        start, nodes, size = pos - 1, st.nodes + 1, st.size
         if pos + 4 > n:
             raise AMFError("truncated AMF0 strict array count")
         count = int.from_bytes(data[pos : pos + 4], "big")
@@ -172,6 +257,7 @@ def _read0(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
         refs = st.refs
         index = len(refs)
         refs.append(_INCOMPLETE)
+        st.ref_costs.append(None)
         depth += 1
         items = []
         append = items.append
@@ -179,6 +265,7 @@ def _read0(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
             value, pos = _read0(data, pos, depth, st)
             append(value)
         refs[index] = items
+        st.ref_costs[index] = (nodes - st.nodes, pos - start + size - st.size)
         return items, pos
     if marker == 0x06:  # undefined
         return UNDEFINED, pos
@@ -191,6 +278,8 @@ def _read0(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
         obj = st.refs[index]
         if obj is _INCOMPLETE:
             raise AMFError(f"AMF0 reference {index} points to an incomplete object")
+        nodes, size = st.ref_costs[index]
+        _charge(st, nodes - 1, size - 3)  # beyond the one value and 3 bytes it already is
         return obj, pos + 2
     if marker == 0x0B:  # date
         if pos + 10 > n:
@@ -212,19 +301,28 @@ def _read0(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
     if marker == 0x0D:  # unsupported
         return None, pos
     if marker == 0x11:  # switch to AMF3 for one value
+        st.nodes += 1  # the AMF3 value is the one value: _read3 counts it
         return _read3(data, pos, depth, st)
     if marker == 0x09:
         raise AMFError("unexpected AMF0 object-end marker")
     raise AMFError(f"unknown AMF0 marker 0x{marker:02x}")
 
 
-def decode_amf0(data: bytes | bytearray | memoryview, max_depth: int = 64) -> list:
+def decode_amf0(
+    data: bytes | bytearray | memoryview,
+    max_depth: int = 64,
+    max_nodes: int = DEFAULT_MAX_NODES,
+    max_expanded_size: int = DEFAULT_MAX_EXPANDED_SIZE,
+) -> list:
     """Decode all consecutive AMF0 values in ``data`` (e.g. an RTMP command message body).
 
-    Raises :class:`AMFError` for any malformed input.
+    Raises :class:`AMFError` for any malformed input, for nesting deeper than ``max_depth``, and
+    for data that expands (every reference counted as a copy of its target) to more than
+    ``max_nodes`` values or more than ``max_expanded_size`` bytes.
     """
-    st = _State(_check_max_depth(max_depth))
+    limits = _limits(max_depth, max_nodes, max_expanded_size)
     data = _as_bytes(data)
+    st = _State(*limits, len(data))
     n = len(data)
     pos = 0
     out = []
@@ -256,11 +354,14 @@ def _u29(data: bytes, pos: int) -> tuple[int, int]:
 
 def _str3(data: bytes, pos: int, st: _State) -> tuple[str, int]:
     """AMF3 UTF-8-vr: an inline string (added to the string table unless empty) or a reference."""
+    start = pos
     header, pos = _u29(data, pos)
     if not header & 1:
         index = header >> 1
         if index >= len(st.strings):
             raise AMFError(f"AMF3 string reference {index} out of range")
+        # Keys too: re-encoding repeats their bytes.
+        _charge(st, 0, st.string_sizes[index] - (pos - start))
         return st.strings[index], pos
     end = pos + (header >> 1)
     if end == pos:
@@ -272,20 +373,27 @@ def _str3(data: bytes, pos: int, st: _State) -> tuple[str, int]:
     except UnicodeDecodeError:
         raise AMFError("invalid UTF-8 in AMF3 string") from None
     st.strings.append(text)
+    st.string_sizes.append(end - start)
     return text, end
 
 
-def _obj_ref3(st: _State, index: int) -> object:
+def _obj_ref3(st: _State, index: int, length: int) -> object:
+    """The complete object ``index`` of the table, for a reference of ``length`` bytes."""
     if index >= len(st.objects):
         raise AMFError(f"AMF3 object reference {index} out of range")
     obj = st.objects[index]
     if obj is _INCOMPLETE:
         raise AMFError(f"AMF3 object reference {index} points to an incomplete object")
+    nodes, size = st.object_costs[index]
+    _charge(st, nodes - 1, size - length)  # beyond the one value and bytes it already is
     return obj
 
 
 def _read3(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
     """One AMF3 value at ``pos``: ``(value, position after it)``."""
+    st.nodes -= 1
+    if st.nodes < 0:
+        raise _too_many_nodes(st)
     n = len(data)
     if pos >= n:
         raise AMFError("truncated AMF3 value")
@@ -305,21 +413,24 @@ def _read3(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
     if marker <= 0x03:
         return (UNDEFINED, None, False, True)[marker], pos
     if marker == 0x0A:  # object
+        start, nodes, size = pos - 1, st.nodes + 1, st.size
         header, pos = _u29(data, pos)
         if not header & 1:
-            return _obj_ref3(st, header >> 1), pos
+            return _obj_ref3(st, header >> 1, pos - start), pos
         if depth >= st.max_depth:
             raise _too_deep(st)
         if not header & 2:
             index = header >> 2
             if index >= len(st.traits):
                 raise AMFError(f"AMF3 traits reference {index} out of range")
-            class_name, sealed, dynamic = st.traits[index]
+            class_name, sealed, dynamic, traits_size = st.traits[index]
+            _charge(st, 0, traits_size)
         else:
             if header & 4:
                 raise AMFError("externalizable AMF3 objects are not supported")
             dynamic = bool(header & 8)
             count = header >> 4
+            traits_start, traits_added = pos, st.size
             class_name, pos = _str3(data, pos, st)
             if count > n - pos:  # every member name takes at least one byte
                 raise AMFError(
@@ -330,10 +441,12 @@ def _read3(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
                 name, pos = _str3(data, pos, st)
                 names.append(name)
             sealed = tuple(names)
-            st.traits.append((class_name, sealed, dynamic))
+            traits_size = pos - traits_start + traits_added - st.size
+            st.traits.append((class_name, sealed, dynamic, traits_size))
         objects = st.objects
         index = len(objects)
         objects.append(_INCOMPLETE)
+        st.object_costs.append(None)
         obj: dict = TypedObject(class_name) if class_name else {}
         depth += 1
         for name in sealed:
@@ -345,16 +458,19 @@ def _read3(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
                     break
                 obj[key], pos = _read3(data, pos, depth, st)
         objects[index] = obj
+        st.object_costs[index] = (nodes - st.nodes, pos - start + size - st.size)
         return obj, pos
     if marker == 0x09:  # array
+        start, nodes, size = pos - 1, st.nodes + 1, st.size
         header, pos = _u29(data, pos)
         if not header & 1:
-            return _obj_ref3(st, header >> 1), pos
+            return _obj_ref3(st, header >> 1, pos - start), pos
         if depth >= st.max_depth:
             raise _too_deep(st)
         objects = st.objects
         index = len(objects)
         objects.append(_INCOMPLETE)
+        st.object_costs.append(None)
         depth += 1
         assoc = None
         while True:
@@ -378,20 +494,24 @@ def _read3(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
                 assoc[str(i)] = value
             result = assoc
         objects[index] = result
+        st.object_costs[index] = (nodes - st.nodes, pos - start + size - st.size)
         return result, pos
     if marker == 0x08:  # date: milliseconds (double); AMF3 has no time-zone field
+        start = pos - 1
         header, pos = _u29(data, pos)
         if not header & 1:
-            return _obj_ref3(st, header >> 1), pos
+            return _obj_ref3(st, header >> 1, pos - start), pos
         if pos + 8 > n:
             raise AMFError("truncated AMF3 date")
         date = AMFDate(_unpack_double(data, pos)[0], 0)
         st.objects.append(date)
+        st.object_costs.append((1, pos + 8 - start))
         return date, pos + 8
     if marker == 0x07 or marker == 0x0B:  # XMLDocument, XML
+        start = pos - 1
         header, pos = _u29(data, pos)
         if not header & 1:
-            return _obj_ref3(st, header >> 1), pos
+            return _obj_ref3(st, header >> 1, pos - start), pos
         end = pos + (header >> 1)
         if end > n:
             raise AMFError("truncated AMF3 XML")
@@ -400,29 +520,37 @@ def _read3(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
         except UnicodeDecodeError:
             raise AMFError("invalid UTF-8 in AMF3 string") from None
         st.objects.append(xml)
+        st.object_costs.append((1, end - start))
         return xml, end
     if marker == 0x0C:  # byte array
+        start = pos - 1
         header, pos = _u29(data, pos)
         if not header & 1:
-            return _obj_ref3(st, header >> 1), pos
+            return _obj_ref3(st, header >> 1, pos - start), pos
         end = pos + (header >> 1)
         if end > n:
             raise AMFError("truncated AMF3 byte array")
         blob = data[pos:end]
         st.objects.append(blob)
+        st.object_costs.append((1, end - start))
         return blob, end
     if 0x0D <= marker <= 0x0F:  # vector of int, uint, double
+        start = pos - 1
         header, pos = _u29(data, pos)
         if not header & 1:
-            return _obj_ref3(st, header >> 1), pos
+            return _obj_ref3(st, header >> 1, pos - start), pos
         count = header >> 1
         pos += 1  # fixed-length flag: irrelevant to a reader
         end = pos + count * (8 if marker == 0x0F else 4)
         if end > n:
             raise AMFError("truncated AMF3 vector")
+        st.nodes -= count  # its items are values too
+        if st.nodes < 0:
+            raise _too_many_nodes(st)
         fmt = (">%di", ">%dI", ">%dd")[marker - 0x0D] % count
         vector = list(struct.unpack_from(fmt, data, pos))
         st.objects.append(vector)
+        st.object_costs.append((1 + count, end - start))
         return vector, end
     if marker == 0x10:
         raise AMFError("AMF3 vector-object is not supported")
@@ -431,13 +559,20 @@ def _read3(data: bytes, pos: int, depth: int, st: _State) -> tuple[object, int]:
     raise AMFError(f"unknown AMF3 marker 0x{marker:02x}")
 
 
-def decode_amf3(data: bytes | bytearray | memoryview, max_depth: int = 64) -> list:
+def decode_amf3(
+    data: bytes | bytearray | memoryview,
+    max_depth: int = 64,
+    max_nodes: int = DEFAULT_MAX_NODES,
+    max_expanded_size: int = DEFAULT_MAX_EXPANDED_SIZE,
+) -> list:
     """Decode all consecutive AMF3 values in ``data``, sharing one set of reference tables.
 
-    Raises :class:`AMFError` for any malformed or unsupported input.
+    Raises :class:`AMFError` for any malformed or unsupported input, and for input over the
+    limits described at :func:`decode_amf0`.
     """
-    st = _State(_check_max_depth(max_depth))
+    limits = _limits(max_depth, max_nodes, max_expanded_size)
     data = _as_bytes(data)
+    st = _State(*limits, len(data))
     n = len(data)
     pos = 0
     out = []

@@ -1,25 +1,37 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """RTMP chunk stream: incremental parser and serialiser (compiled; twin of ``_chunk_py.py``).
 
-Same API, results and error texts as the pure-Python twin, whose docstring explains the format.
-The parser walks a ``const unsigned char*`` over the fed bytes, copies each chunk's payload with
-one ``memcpy`` straight into the message's final ``bytes`` object (allocated once at the message
-header, handed out when full), and keeps per-chunk-stream state in typed fields.
+Same API, results and error texts as the pure-Python twin, whose docstring explains the format,
+the limits on unfinished messages and the extended-timestamp detection.  The parser walks a
+``const unsigned char*`` over the fed bytes, copies each chunk's payload with one ``memcpy``
+straight into a ``bytes`` object that becomes the message (handed out when full, so no copy at the
+end), and keeps per-chunk-stream state in typed fields.  That object grows as chunks arrive, by
+doubling (resized in place where realloc can), and is never sized by the declared length alone:
+it is sized to the bytes at hand, and when a message is the only unfinished one, to up to twice
+the bytes left in the fed buffer (so a message that arrived whole is allocated once, at its exact
+size, and one cut by the end of a read usually needs one more resize).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.ref cimport Py_INCREF, PyObject
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from watchbuy.engine.errors import ChunkError
 
-DEF EXTENDED = 0xFFFFFF
+cdef extern from "Python.h":
+    # Resizes a bytes object nobody else holds, in place when the allocator can (realloc);
+    # on failure it frees the object, sets *bytes to NULL and returns -1 with MemoryError set.
+    int _PyBytes_Resize(PyObject** bytes, Py_ssize_t newsize) except -1
+    void _decref "Py_DECREF" (PyObject* o)
 
 MSG_SET_CHUNK_SIZE = 1
 MSG_ABORT = 2
 MAX_CHUNK_SIZE = 0x7FFFFFFF
 MAX_MESSAGE_SIZE = 0xFFFFFF
 MAX_CSID = 65599
+MAX_PARTIAL_MESSAGES = 64
+MAX_PARTIAL_BYTES = 32 * 1024 * 1024
 HEADER_SIZES = (11, 7, 3, 0)
 
 # C-level twins of the constants above: comparing against the Python module globals costs a
@@ -31,6 +43,11 @@ cdef enum:
     _MAX_MESSAGE_SIZE = 0xFFFFFF
     _MAX_CSID = 65599
     _SMALL_CSIDS = 64  # csids with a one-byte basic header: all that ffmpeg and OBS use
+    EXTENDED = 0xFFFFFF  # timestamp field value announcing an extended timestamp
+    # What the peer does with the extended timestamp on continuation chunks (see the twin).
+    _EXT_UNKNOWN = 0
+    _EXT_REPEATED = 1
+    _EXT_OMITTED = 2
 
 cdef int[4] _HEADER_SIZES
 _HEADER_SIZES[0] = 11
@@ -47,7 +64,7 @@ cdef class _Stream:
     cdef int type_id
     cdef uint32_t stream_id
     cdef bint has_header
-    cdef bytes payload  # None between messages
+    cdef bytes payload  # None between messages; its size is the capacity
     cdef Py_ssize_t filled
 
 
@@ -64,33 +81,54 @@ cdef inline uint32_t _le32(const unsigned char* p) noexcept:
 
 
 cdef class ChunkReader:
-    """Incremental RTMP chunk stream parser: ``feed(bytes)`` → completed messages."""
+    """Incremental RTMP chunk stream parser: ``feed(bytes)`` → completed messages.
+
+    Limits (each breach raises :class:`ChunkError`, and the reader stays broken):
+
+    * ``max_message_size``: the largest message length a header may declare;
+    * ``max_partial_messages``: unfinished messages (begun, not yet complete) at any one time;
+    * ``max_partial_bytes``: payload bytes buffered in unfinished messages.
+
+    Read-only state for the session, current after every ``feed()``:
+
+    * ``partial_count``: unfinished messages;
+    * ``partial_bytes``: payload bytes buffered in them (memory held is at most about twice
+      this, plus twice one fed buffer);
+    * ``chunk_size``: the peer's chunk size; ``bytes_received``: bytes fed so far.
+    """
 
     cdef Py_ssize_t _chunk_size
     cdef public Py_ssize_t max_message_size
-    cdef public Py_ssize_t max_pending_bytes
+    cdef public Py_ssize_t max_partial_messages
+    cdef public Py_ssize_t max_partial_bytes
     cdef dict _streams
     cdef list _small  # _streams[csid] for csid < 64 (None when unseen): no int box, no hashing
     cdef bytes _tail
     cdef _Stream _current
     cdef int _current_csid
     cdef Py_ssize_t _chunk_left
-    cdef Py_ssize_t _pending
+    cdef Py_ssize_t _partial_count
+    cdef Py_ssize_t _partial_bytes
+    cdef int _ext_style
     cdef object _broken
     cdef public unsigned long long bytes_received
 
     def __init__(self, Py_ssize_t max_message_size=MAX_MESSAGE_SIZE,
-                 Py_ssize_t max_pending_bytes=64 * 1024 * 1024):
+                 Py_ssize_t max_partial_messages=MAX_PARTIAL_MESSAGES,
+                 Py_ssize_t max_partial_bytes=MAX_PARTIAL_BYTES):
         self._chunk_size = 128
         self.max_message_size = max_message_size
-        self.max_pending_bytes = max_pending_bytes
+        self.max_partial_messages = max_partial_messages
+        self.max_partial_bytes = max_partial_bytes
         self._streams = {}
         self._small = [None] * _SMALL_CSIDS
         self._tail = b""
         self._current = None
         self._current_csid = 0
         self._chunk_left = 0
-        self._pending = 0
+        self._partial_count = 0
+        self._partial_bytes = 0
+        self._ext_style = _EXT_UNKNOWN
         self._broken = None
         self.bytes_received = 0
 
@@ -98,6 +136,43 @@ cdef class ChunkReader:
     def chunk_size(self):
         """The peer's current chunk size (changed by its Set Chunk Size messages)."""
         return self._chunk_size
+
+    @property
+    def partial_count(self):
+        """Messages begun and not yet complete."""
+        return self._partial_count
+
+    @property
+    def partial_bytes(self):
+        """Payload bytes buffered in unfinished messages."""
+        return self._partial_bytes
+
+    cdef int _reserve(self, _Stream stream, Py_ssize_t want, Py_ssize_t at_hand) except -1:
+        """Grow the message buffer to hold ``want`` bytes; ``at_hand``: as many as could be
+        filled from the bytes already fed."""
+        cdef Py_ssize_t cap = 2 * PyBytes_GET_SIZE(stream.payload)
+        cdef PyObject* raw
+        if cap < want:
+            cap = want
+        # Only one message may size itself by the fed buffer (several doing so would each claim
+        # the same bytes), to twice what is at hand like any doubling: then a message cut by
+        # the end of a read usually needs no second allocation.
+        if self._partial_count == 1 and cap < 2 * at_hand:
+            cap = 2 * at_hand
+        if cap > stream.length:
+            cap = stream.length
+        if PyBytes_GET_SIZE(stream.payload) == 0:  # the shared b"": nothing to keep
+            stream.payload = PyBytes_FromStringAndSize(NULL, cap)
+            return 0
+        # The buffer was never handed out: once the stream lets go, ours is the only reference,
+        # as resizing requires.  realloc often grows it without a copy.
+        raw = <PyObject*>stream.payload
+        Py_INCREF(stream.payload)
+        stream.payload = None
+        _PyBytes_Resize(&raw, cap)
+        stream.payload = <bytes>raw
+        _decref(raw)
+        return 0
 
     def feed(self, data):
         if self._broken is not None:
@@ -134,14 +209,18 @@ cdef class ChunkReader:
                 n = self._chunk_left
                 if end - pos < n:
                     n = end - pos
+                if stream.filled + n > PyBytes_GET_SIZE(stream.payload):
+                    self._reserve(stream, stream.filled + n, stream.filled + end - pos)
                 memcpy(PyBytes_AS_STRING(stream.payload) + stream.filled, buf + pos, n)
                 stream.filled += n
+                self._partial_bytes += n
                 self._chunk_left -= n
                 pos += n
                 if stream.filled == stream.length:
-                    payload = stream.payload
+                    payload = stream.payload  # exactly `length` bytes: capacity never exceeds it
                     stream.payload = None
-                    self._pending -= stream.length
+                    self._partial_bytes -= stream.length
+                    self._partial_count -= 1
                     self._chunk_left = 0
                     self._current = None
                     if stream.type_id == _SET_CHUNK_SIZE or stream.type_id == _ABORT:
@@ -149,6 +228,10 @@ cdef class ChunkReader:
                     else:
                         out.append((self._current_csid, stream.timestamp, stream.type_id,
                                     stream.stream_id, payload))
+                elif self._partial_bytes > self.max_partial_bytes:
+                    raise ChunkError(
+                        f"chunk stream {self._current_csid}: more than {self.max_partial_bytes} "
+                        "bytes in unfinished messages")
                 continue
 
             start = pos
@@ -229,25 +312,38 @@ cdef class ChunkReader:
                     stream.timestamp = ts_field
                 else:
                     stream.timestamp = stream.timestamp + ts_field  # wraps mod 2**32
-            else:
+            elif not in_message:
                 if stream.extended:
                     if end - pos < 4:
                         self._tail = data[start:]
                         break
-                    ts_field = _be32(buf + pos)
+                    stream.ts_field = _be32(buf + pos)
                     pos += 4
-                    if not in_message:
-                        stream.ts_field = ts_field
-                if not in_message:
-                    stream.timestamp = stream.timestamp + stream.ts_field
+                # A format-3 chunk that starts a message repeats the previous delta.
+                stream.timestamp = stream.timestamp + stream.ts_field
+            elif stream.extended and self._ext_style != _EXT_OMITTED:
+                # A continuation chunk: its extended timestamp may be repeated or omitted.
+                if end - pos < 4:
+                    self._tail = data[start:]
+                    break
+                if self._ext_style == _EXT_UNKNOWN:
+                    ts_field = _be32(buf + pos)
+                    if ts_field == stream.ts_field or ts_field == stream.timestamp:
+                        self._ext_style = _EXT_REPEATED
+                    else:
+                        self._ext_style = _EXT_OMITTED
+                if self._ext_style == _EXT_REPEATED:
+                    pos += 4
             if not in_message:
                 if stream.length == 0:
                     out.append((csid, stream.timestamp, stream.type_id, stream.stream_id, b""))
                     continue
-                self._pending += stream.length
-                if self._pending > self.max_pending_bytes:
-                    raise ChunkError("too many bytes in unfinished messages")
-                stream.payload = PyBytes_FromStringAndSize(NULL, stream.length)
+                if self._partial_count >= self.max_partial_messages:
+                    raise ChunkError(
+                        f"chunk stream {csid}: more than {self.max_partial_messages} "
+                        "unfinished messages")
+                self._partial_count += 1
+                stream.payload = b""  # grown as the chunks arrive
                 stream.filled = 0
             self._current = stream
             self._current_csid = csid
@@ -276,7 +372,8 @@ cdef class ChunkReader:
             if found is not None:
                 aborted = <_Stream>found
                 if aborted.payload is not None:
-                    self._pending -= aborted.length
+                    self._partial_bytes -= aborted.filled
+                    self._partial_count -= 1
                     aborted.payload = None
         out.append((csid, stream.timestamp, stream.type_id, stream.stream_id, payload))
 

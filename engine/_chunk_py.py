@@ -13,6 +13,22 @@ back, and a huge chunk size cannot make us buffer a huge chunk.
 Protocol control that changes how the following bytes must be parsed is applied inside the
 reader, at the exact byte where it takes effect: Set Chunk Size (type 1) and Abort (type 2).
 Both are still returned as messages so the session can log or answer them.
+
+Unfinished messages cost only what has arrived: a message's buffer grows as its chunks come in
+and is never sized by the length its header declares (thousands of chunk streams each declaring
+a large message and sending one byte would otherwise cost far more memory than they sent).  Their
+number and their buffered bytes are capped per reader (``max_partial_messages``,
+``max_partial_bytes``) and readable after each ``feed()`` (``partial_count``, ``partial_bytes``)
+so that the session can also cap them across connections and time out stalled ones.
+
+Extended timestamps on continuation chunks: the specification has a format-3 chunk repeat the
+4-byte extended timestamp of its message's header, and most encoders do, but some omit it within a
+message (the gap shows once timestamps pass 0xFFFFFF, after about 4.6 hours).  Like SRS and
+nginx-rtmp we accept both: the first continuation chunk that could carry one decides the peer's
+style (if its next 4 bytes equal the header's extended timestamp, or the message's timestamp, the
+peer repeats them; otherwise they are payload and the peer omits them).  The style is then kept
+for the connection, so later payload that happens to look like the timestamp is not taken for it.
+Format-3 chunks that *start* a message always carry it, as before.
 """
 
 from __future__ import annotations
@@ -26,6 +42,16 @@ MAX_CHUNK_SIZE = 0x7FFFFFFF  # the top bit of Set Chunk Size must be zero
 MAX_MESSAGE_SIZE = 0xFFFFFF  # message length is a 24-bit field
 EXTENDED = 0xFFFFFF  # timestamp field value announcing an extended timestamp
 MAX_CSID = 65599
+#: Default ``max_partial_messages``: ffmpeg and OBS interleave at most a handful of messages.
+MAX_PARTIAL_MESSAGES = 64
+#: Default ``max_partial_bytes``: room for one message of the largest size (0xFFFFFF, a big
+#: keyframe) next to others in flight, while bounding what one connection can make us hold.
+MAX_PARTIAL_BYTES = 32 * 1024 * 1024
+
+# What the peer does with the extended timestamp on continuation chunks (see above).
+_EXT_UNKNOWN = 0
+_EXT_REPEATED = 1
+_EXT_OMITTED = 2
 
 # How many header bytes follow the basic header, by chunk format.
 HEADER_SIZES = (11, 7, 3, 0)
@@ -45,7 +71,6 @@ class _Stream:
         "stream_id",
         "has_header",
         "payload",
-        "filled",
     )
 
     def __init__(self) -> None:
@@ -56,27 +81,45 @@ class _Stream:
         self.type_id = 0
         self.stream_id = 0
         self.has_header = False
-        self.payload: bytearray | None = None  # message being assembled, None between messages
-        self.filled = 0
+        # The message being assembled (grown as chunks arrive), None between messages.
+        self.payload: bytearray | None = None
 
 
 class ChunkReader:
-    """Incremental RTMP chunk stream parser: ``feed(bytes)`` → completed messages."""
+    """Incremental RTMP chunk stream parser: ``feed(bytes)`` → completed messages.
+
+    Limits (each breach raises :class:`ChunkError`, and the reader stays broken):
+
+    * ``max_message_size``: the largest message length a header may declare;
+    * ``max_partial_messages``: unfinished messages (begun, not yet complete) at any one time;
+    * ``max_partial_bytes``: payload bytes buffered in unfinished messages.
+
+    Read-only state for the session, current after every ``feed()``:
+
+    * ``partial_count``: unfinished messages;
+    * ``partial_bytes``: payload bytes buffered in them (memory held is at most about twice
+      this, as buffers grow by doubling);
+    * ``chunk_size``: the peer's chunk size; ``bytes_received``: bytes fed so far.
+    """
 
     def __init__(
         self,
         max_message_size: int = MAX_MESSAGE_SIZE,
-        max_pending_bytes: int = 64 * 1024 * 1024,
+        max_partial_messages: int = MAX_PARTIAL_MESSAGES,
+        max_partial_bytes: int = MAX_PARTIAL_BYTES,
     ) -> None:
         self._chunk_size = 128
         self.max_message_size = max_message_size
-        self.max_pending_bytes = max_pending_bytes
+        self.max_partial_messages = max_partial_messages
+        self.max_partial_bytes = max_partial_bytes
         self._streams: dict[int, _Stream] = {}
         self._tail = b""  # an incomplete chunk header held back from the last feed
         self._current: _Stream | None = None  # stream whose chunk payload we are inside
         self._current_csid = 0
         self._chunk_left = 0  # payload bytes left in the current chunk
-        self._pending = 0  # bytes held in partially assembled messages
+        self._partial_count = 0
+        self._partial_bytes = 0
+        self._ext_style = _EXT_UNKNOWN
         self._broken: str | None = None
         self.bytes_received = 0
 
@@ -84,6 +127,16 @@ class ChunkReader:
     def chunk_size(self) -> int:
         """The peer's current chunk size (changed by its Set Chunk Size messages)."""
         return self._chunk_size
+
+    @property
+    def partial_count(self) -> int:
+        """Messages begun and not yet complete."""
+        return self._partial_count
+
+    @property
+    def partial_bytes(self) -> int:
+        """Payload bytes buffered in unfinished messages."""
+        return self._partial_bytes
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         if self._broken is not None:
@@ -177,29 +230,41 @@ class ChunkReader:
                     stream.timestamp = ts_field
                 else:
                     stream.timestamp = (stream.timestamp + ts_field) & 0xFFFFFFFF
-            else:
+            elif not in_message:
                 if stream.extended:
                     if end - pos < 4:
                         self._tail = data[start:]
                         break
-                    ext_value = int.from_bytes(data[pos : pos + 4], "big")
+                    stream.ts_field = int.from_bytes(data[pos : pos + 4], "big")
                     pos += 4
-                    if not in_message:
-                        stream.ts_field = ext_value
-                if not in_message:
-                    # A format-3 chunk that starts a message repeats the previous delta.
-                    stream.timestamp = (stream.timestamp + stream.ts_field) & 0xFFFFFFFF
+                # A format-3 chunk that starts a message repeats the previous delta.
+                stream.timestamp = (stream.timestamp + stream.ts_field) & 0xFFFFFFFF
+            elif stream.extended and self._ext_style != _EXT_OMITTED:
+                # A continuation chunk: its extended timestamp may be repeated or omitted.
+                if end - pos < 4:
+                    self._tail = data[start:]
+                    break
+                if self._ext_style == _EXT_UNKNOWN:
+                    value = int.from_bytes(data[pos : pos + 4], "big")
+                    if value == stream.ts_field or value == stream.timestamp:
+                        self._ext_style = _EXT_REPEATED
+                    else:
+                        self._ext_style = _EXT_OMITTED
+                if self._ext_style == _EXT_REPEATED:
+                    pos += 4
             if not in_message:
                 if stream.length == 0:
                     out.append((csid, stream.timestamp, stream.type_id, stream.stream_id, b""))
                     continue
-                self._pending += stream.length
-                if self._pending > self.max_pending_bytes:
-                    self._fail("too many bytes in unfinished messages")
-                stream.payload = bytearray(stream.length)
-                stream.filled = 0
+                if self._partial_count >= self.max_partial_messages:
+                    self._fail(
+                        f"chunk stream {csid}: more than {self.max_partial_messages} "
+                        "unfinished messages"
+                    )
+                self._partial_count += 1
+                stream.payload = bytearray()
             self._current = stream
-            self._chunk_left = min(self._chunk_size, stream.length - stream.filled)
+            self._chunk_left = min(self._chunk_size, stream.length - len(stream.payload))
             self._current_csid = csid
         return out
 
@@ -207,17 +272,23 @@ class ChunkReader:
         stream = self._current
         assert stream is not None and stream.payload is not None
         n = min(self._chunk_left, end - pos)
-        stream.payload[stream.filled : stream.filled + n] = data[pos : pos + n]
-        stream.filled += n
+        stream.payload += data[pos : pos + n]
+        self._partial_bytes += n
         self._chunk_left -= n
         pos += n
-        if stream.filled == stream.length:
+        if len(stream.payload) == stream.length:
             payload = bytes(stream.payload)
             stream.payload = None
-            self._pending -= stream.length
+            self._partial_bytes -= stream.length
+            self._partial_count -= 1
             self._chunk_left = 0
             self._current = None
             self._complete(self._current_csid, stream, payload, out)
+        elif self._partial_bytes > self.max_partial_bytes:
+            self._fail(
+                f"chunk stream {self._current_csid}: more than {self.max_partial_bytes} bytes "
+                "in unfinished messages"
+            )
         return pos
 
     def _complete(self, csid: int, stream: _Stream, payload: bytes, out: list[Message]) -> None:
@@ -234,7 +305,8 @@ class ChunkReader:
                 self._fail("abort: payload shorter than 4 bytes")
             aborted = self._streams.get(int.from_bytes(payload[:4], "big"))
             if aborted is not None and aborted.payload is not None:
-                self._pending -= aborted.length
+                self._partial_bytes -= len(aborted.payload)
+                self._partial_count -= 1
                 aborted.payload = None
         out.append((csid, stream.timestamp, type_id, stream.stream_id, payload))
 

@@ -147,14 +147,20 @@ def test_message_length_limit(codec):
     ]
 
 
-def test_pending_bytes_are_bounded(codec):
-    reader = codec.ChunkReader(max_pending_bytes=1 << 20)
+def test_partial_bytes_are_bounded(codec):
+    reader = codec.ChunkReader(max_partial_bytes=1 << 20)
     data = b""
     for csid in range(3, 10):
         data += bytes([csid]) + b"\0\0\0" + (500_000).to_bytes(3, "big") + b"\x09" + bytes(4)
         data += bytes(128)  # one full chunk, then the next chunk stream starts
-    with pytest.raises(ChunkError, match="unfinished messages"):
-        reader.feed(data)
+    reader.feed(data)  # 7 * 128 bytes arrived: what counts, not the 3.5 MB declared
+    assert (reader.partial_count, reader.partial_bytes) == (7, 7 * 128)
+    # A message that arrives whole is never buffered unfinished; one that stalls is.
+    whole = set_chunk_size(1 << 21) + bytes([0x0A]) + b"\0\0\0" + (1_100_000).to_bytes(3, "big")
+    assert len(reader.feed(whole + b"\x09" + bytes(4) + bytes(1_100_000))) == 2
+    stalled = bytes([0x0A]) + b"\0\0\0" + (1_100_000).to_bytes(3, "big") + b"\x09" + bytes(4)
+    with pytest.raises(ChunkError, match="^chunk stream 10: more than 1048576 bytes in unfin"):
+        reader.feed(stalled + bytes(1_050_000))
 
 
 @pytest.mark.parametrize("fmt", [1, 2, 3])
@@ -211,7 +217,7 @@ DIFF_SETTINGS = settings(
 @DIFF_SETTINGS
 @given(st.lists(st.binary(max_size=300), max_size=8))
 def test_differential_random_bytes(pieces):
-    results = [run(c, pieces, max_pending_bytes=1 << 16) for c in IMPLEMENTATIONS]
+    results = [run(c, pieces, max_partial_bytes=1 << 16) for c in IMPLEMENTATIONS]
     assert results[0] == results[1]
     assert all(r[0] != "crash" for r in results[0][0])
 
