@@ -87,6 +87,7 @@ class MediaNode:
         self.authorizer = authorizer or make_authorizer(settings)
         self.stats = ServerStats()
         self.rtmp_sessions: set[RtmpSession] = set()  # swept once a second for timeouts
+        self.partial_bytes = 0  # unfinished RTMP messages, all connections (node_partial_bytes)
         self.per_ip: dict[str, set] = {}  # open sessions by peer address, where capped
         self.fd_budget = 0
         self._fd_refusals = LogLimiter(log)

@@ -116,7 +116,11 @@ class RtmpSession(ViewerSession):
     def __init__(self, node: MediaNode) -> None:
         super().__init__(node)
         self.handshake: ServerHandshake | None = ServerHandshake()
-        self.reader = chunk.ChunkReader(max_message_size=node.config.max_message_size)
+        config = node.config
+        self.reader = chunk.ChunkReader(max_message_size=config.max_message_size,
+                                        max_partial_messages=config.max_partial_messages,
+                                        max_partial_bytes=config.max_partial_bytes)
+        self.partial_held = 0  # this connection's share of node.partial_bytes
         self.writer = chunk.ChunkWriter(128)
         self.closed = False
         self.app = ""
@@ -139,7 +143,6 @@ class RtmpSession(ViewerSession):
         self.messages_in = 0
         self.messages_at_sweep = 0
         self.progress_at = 0.0
-        self.unfinished = False  # the last read completed no message (if partial_count is absent)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -153,6 +156,7 @@ class RtmpSession(ViewerSession):
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
         self.closed = True
+        self.hold_partial(0)
         self.node.rtmp_sessions.discard(self)
         self.node.stats.connection_closed("rtmp")
         if self.auth_task is not None and not self.auth_task.done():
@@ -175,7 +179,7 @@ class RtmpSession(ViewerSession):
                     return
             messages = self.reader.feed(data)
             self.messages_in += len(messages)
-            self.unfinished = not messages
+            self.hold_partial(self.reader.partial_bytes)
             self.acknowledge()
             if self.held is not None:
                 self.held.extend(messages)
@@ -188,6 +192,24 @@ class RtmpSession(ViewerSession):
             self.drop("internal error")
 
     # -- plumbing ---------------------------------------------------------------------------
+    def hold_partial(self, held: int) -> None:
+        """Account this connection's unfinished-message bytes to the node; past the node-wide
+        cap the connection that asks for more is dropped, so many connections each under their
+        own cap cannot add up to the node's memory."""
+        node = self.node
+        node.partial_bytes += held - self.partial_held
+        grew = held > self.partial_held
+        self.partial_held = held
+        if grew and node.partial_bytes > node.config.node_partial_bytes:
+            self.drop(f"the node holds {node.partial_bytes} bytes of unfinished messages "
+                      "(WATCHBUY_NODE_PARTIAL_BYTES)", node.rtmp_timeout_logs["partial"])
+
+    def decode_amf0(self, payload: bytes) -> list:
+        """A command's or data message's values, within the node's AMF budgets."""
+        config = self.node.config
+        return amf.decode_amf0(payload, max_nodes=config.amf_max_nodes,
+                               max_expanded_size=config.amf_max_expanded_bytes)
+
     def drop(self, reason: str, limiter: LogLimiter | None = None) -> None:
         """Abort this connection with one log line (through ``limiter`` when a peer could
         make many of them at once)."""
@@ -248,10 +270,10 @@ class RtmpSession(ViewerSession):
             if self.stream is not None and msid == self.publish_msid:
                 self.stream.on_media(type_id, timestamp, payload)
         elif type_id == MSG_COMMAND_AMF0:
-            self.on_command(amf.decode_amf0(payload), msid)
+            self.on_command(self.decode_amf0(payload), msid)
         elif type_id == MSG_COMMAND_AMF3:
             # AMF3 command messages carry a format byte, then AMF0 values.
-            self.on_command(amf.decode_amf0(payload[1:]), msid)
+            self.on_command(self.decode_amf0(payload[1:]), msid)
         elif type_id == MSG_DATA_AMF0:
             self.on_data(timestamp, payload, msid)
         elif type_id == MSG_DATA_AMF3:
@@ -308,7 +330,7 @@ class RtmpSession(ViewerSession):
     def on_data(self, timestamp: int, payload: bytes, msid: int) -> None:
         if self.stream is None or msid != self.publish_msid:
             return
-        values = amf.decode_amf0(payload)
+        values = self.decode_amf0(payload)
         if not values:
             return
         if values[0] == "@setDataFrame" or values[0] == "onMetaData":
@@ -583,11 +605,8 @@ class RtmpSession(ViewerSession):
         if self.messages_in != self.messages_at_sweep:
             self.messages_at_sweep = self.messages_in
             self.progress_at = now
-        partial = getattr(self.reader, "partial_count", None)
-        if partial is None:  # a reader without the count: the last read ended mid-message
-            partial = self.unfinished
         timeout = config.partial_message_timeout
-        if partial and timeout and now - self.progress_at > timeout:
+        if self.reader.partial_count and timeout and now - self.progress_at > timeout:
             self.drop(f"an unfinished message made no progress for {timeout:g} s "
                       "(WATCHBUY_PARTIAL_MESSAGE_TIMEOUT)", limiters["partial"])
             return

@@ -606,3 +606,61 @@ async def test_publisher_metadata_is_bounded_and_stats_stay_valid_json(caplog):
         assert info["fps"] is None and info["width"] is None and info["height"] is None
         await publisher.close()
         await healthy.assert_kept_up(mark)
+
+
+# -- unfinished messages across the node ----------------------------------------------------------
+
+async def test_unfinished_messages_are_capped_across_the_node(caplog):
+    """Each connection stays under its own cap, but together they would hold the node's memory:
+    the connection that asks for more than the node-wide budget is dropped, the others and the
+    healthy stream go on, and the budget comes back when connections close."""
+    caplog.set_level(logging.INFO, logger="watchbuy")
+    async with running_node(node_partial_bytes=300_000,
+                            partial_message_timeout=0) as (node, healthy):
+        mark = healthy.mark()
+        clients = []
+        for _ in range(5):  # 100 KB each of a declared 1 MB command: the fourth is one too many
+            client = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+            # one chunk can carry the 100 KB: the node holds exactly that much for this one
+            client.send_raw(client.out.write(2, 0, 1, 0, struct.pack(">I", 1 << 20)))
+            client.send_raw(chunk0(3, 20, os.urandom(100_000), length=1_000_000))
+            await client.drain()
+            clients.append(client)
+        for _ in range(100):
+            if sum(c.reader.at_eof() for c in clients) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        dropped = [c for c in clients if c.reader.at_eof()]
+        assert len(dropped) == 2, "exactly the connections past the node's budget are dropped"
+        assert node.partial_bytes <= 300_000
+        assert len(drop_lines(caplog, "WATCHBUY_NODE_PARTIAL_BYTES")) == 1  # rate-limited
+        for client in clients:
+            await client.close()
+        for _ in range(100):
+            if node.partial_bytes == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert node.partial_bytes == 0, "closed connections give their share back"
+        await healthy.assert_kept_up(mark)
+
+
+async def test_amf_budgets_come_from_the_settings(caplog):
+    """A connect that expands past WATCHBUY_AMF_MAX_NODES is refused with one line and no
+    traceback; the same connect is answered by a node with the default budget."""
+    caplog.set_level(logging.INFO, logger="watchbuy")
+    command = {"app": "live", **{f"k{i}": float(i) for i in range(200)}}
+    for budget, accepted in ((100, False), (None, True)):
+        node = MediaNode(node_settings() if budget is None else node_settings(amf_max_nodes=budget))
+        await node.start()
+        try:
+            client = await RtmpClient.open("127.0.0.1", node.rtmp_port)
+            if accepted:
+                assert (await client.call("connect", command))[0] == "_result"
+            else:
+                client.command("connect", command)
+                assert await closed_by_server(client.reader)
+                assert len(drop_lines(caplog, "values")) == 1
+                assert not [r for r in caplog.records if r.exc_info]
+            await client.close()
+        finally:
+            await node.stop()

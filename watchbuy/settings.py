@@ -66,6 +66,14 @@ class Settings:
     fd_reserve: int = 64  # refuse connections this close (or 5 %) to the soft RLIMIT_NOFILE
     metadata_max_fields: int = 64  # publisher onMetaData: scalar fields kept
     metadata_max_bytes: int = 8192  # publisher onMetaData: key + string bytes kept
+    # unfinished chunked messages: per connection (count, bytes) and for the whole node
+    max_partial_messages: int = 64
+    max_partial_bytes: int = 32 * 1024 * 1024  # one 0xFFFFFF message and some more
+    node_partial_bytes: int = 512 * 1024 * 1024
+    # AMF commands and metadata: values and bytes a message may expand to (references count
+    # as many times as they are used)
+    amf_max_nodes: int = 65536
+    amf_max_expanded_bytes: int = 16 * 1024 * 1024
     # everything
     data_dir: str = "data"
     log_level: str = "INFO"
@@ -168,7 +176,9 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"{PREFIX}OUT_CHUNK_SIZE: must be between 128 and 65536")
     if settings.publish_hook_url and not settings.hook_secret:
         raise ConfigError(f"{PREFIX}HOOK_SECRET: required when {PREFIX}PUBLISH_HOOK_URL is set")
-    for name in ("gop_max_frames", "gop_max_bytes", "viewer_queue_bytes", "max_message_size"):
+    for name in ("gop_max_frames", "gop_max_bytes", "viewer_queue_bytes", "max_message_size",
+                 "max_partial_messages", "max_partial_bytes", "node_partial_bytes",
+                 "amf_max_nodes", "amf_max_expanded_bytes"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{PREFIX}{name.upper()}: must be positive")
     for name in ("http_max_head", "http_max_buffer", "http_requests_per_turn",
