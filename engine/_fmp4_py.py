@@ -421,10 +421,9 @@ def _hevc_codec_string(record: bytes) -> str:
     # .<constraint bytes, trailing zero bytes left out>
     space = ("", "A", "B", "C")[record[1] >> 6]
     tier = "H" if record[1] & 0x20 else "L"
-    compat = int(f"{int.from_bytes(record[2:6], 'big'):032b}"[::-1], 2)
-    constraints = list(record[6:12])
-    while constraints and constraints[-1] == 0:
-        constraints.pop()
+    flags = int.from_bytes(record[2:6], "big")
+    compat = sum(((flags >> i) & 1) << (31 - i) for i in range(32))
+    constraints = record[6:12].rstrip(b"\x00")
     out = f"hvc1.{space}{record[1] & 0x1F}.{compat:X}.{tier}{record[12]}"
     return out + "".join(f".{c:X}" for c in constraints)
 
