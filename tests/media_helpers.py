@@ -184,6 +184,42 @@ def box_tree(data: bytes, start: int = 0, end: int | None = None) -> list:
     return tree
 
 
+def parse_fragment(data: bytes) -> dict:
+    """moof/mdat read back independently: per track id its tfdt and (dur, size, flags, cts)."""
+    (moof_kind, moof, moof_end), (mdat_kind, mdat, mdat_end) = boxes(data)
+    assert (moof_kind, mdat_kind) == ("moof", "mdat")
+    out: dict = {"mdat": data[mdat:mdat_end]}
+    kids = boxes(data, moof, moof_end)
+    assert kids[0][0] == "mfhd"
+    out["seq"] = struct.unpack_from(">I", data, kids[0][1] + 4)[0]
+    for kind, body, end in kids[1:]:
+        assert kind == "traf"
+        (k1, tfhd, _), (k2, tfdt, _), (k3, trun, _) = boxes(data, body, end)
+        assert (k1, k2, k3) == ("tfhd", "tfdt", "trun")
+        tfhd_flags, track_id = struct.unpack_from(">II", data, tfhd)
+        default_flags = struct.unpack_from(">I", data, tfhd + 8)[0] if tfhd_flags & 0x20 else 0
+        version_flags, decode_time = struct.unpack_from(">IQ", data, tfdt)
+        assert version_flags >> 24 == 1
+        trun_vf, count, offset = struct.unpack_from(">IIi", data, trun)
+        flags = trun_vf & 0xFFFFFF
+        samples = []
+        pos = trun + 12
+        for _ in range(count):
+            dur, size = struct.unpack_from(">II", data, pos)
+            pos += 8
+            sflags, cts = default_flags, 0
+            if flags & 0x400:
+                sflags = struct.unpack_from(">I", data, pos)[0]
+                pos += 4
+            if flags & 0x800:
+                cts = struct.unpack_from(">i" if trun_vf >> 24 else ">I", data, pos)[0]
+                pos += 4
+            samples.append((dur, size, sflags, cts))
+        assert pos == end
+        out[track_id] = {"base": decode_time, "offset": offset, "samples": samples}
+    return out
+
+
 def ffprobe_json(path: Path, *args: str) -> dict:
     need_ffmpeg()
     out = subprocess.run(
