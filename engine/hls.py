@@ -257,6 +257,7 @@ class HlsStream:
         self._part_start = 0
         self._audio: list[_Sample] = []  # audio waiting for a part (video-driven streams)
         self._last_audio_ts = -1
+        self._stall_logged = False
         self._fragment_seq = 0
 
         # Blocking requests: (msn, part, id, callback) heaps for parts and whole segments.
@@ -358,11 +359,14 @@ class HlsStream:
                 self._driver_sample(sample.ts, sample.payload, True)
             return
         if len(self._audio) > self.config.max_pending_audio:
-            # Video stalled while audio flows: keep the newest, say so once per overflow.
+            # Video stalled while audio flows: keep the newest half; one line per stall.
             excess = len(self._audio) - self.config.max_pending_audio // 2
             del self._audio[:excess]
             self.dropped_samples += excess
-            log.warning("hls %s: %d audio frames without video dropped", self.name, excess)
+            if not self._stall_logged:
+                self._stall_logged = True
+                log.warning("hls %s: video stalled, audio frames without video dropped "
+                            "(max_pending_audio=%d)", self.name, self.config.max_pending_audio)
 
     def _drop(self, why: str) -> None:
         self.dropped_samples += 1
@@ -441,6 +445,7 @@ class HlsStream:
             return
         samples = self._part
         self._part = []
+        self._stall_logged = False
         audio: list[_Sample] = []
         audio_end = -1
         if self._drives_video and self._muxer.audio is not None:
@@ -588,7 +593,8 @@ class HlsStream:
     def too_far(self, msn: int, part: int | None = None) -> bool:
         """The spec's 400 rule: ``_HLS_msn`` more than two past the last segment, or
         ``_HLS_part`` more than the Advance Part Limit past the last part."""
-        last_msn = self.segments[-1].msn if self.segments else 0
+        # The last segment the playlist lists: a segment just opened has no line in it yet.
+        last_msn = max(self._last_part()[0], self._last_complete_msn(), 0)
         if msn > last_msn + 2:
             return True
         if part is None:

@@ -3,8 +3,8 @@
 ``parse(text)`` reads a media playlist strictly; ``validate(playlist, fetch)`` checks the rules a
 low-latency origin must keep, raising AssertionError with what is wrong:
 
-* part durations <= PART-TARGET, and >= 85 % of it except a segment's last part and parts
-  that are INDEPENDENT; segment EXTINF, rounded, <= TARGETDURATION;
+* part durations <= PART-TARGET, and >= 85 % of it (``min_part_ratio``) except a segment's
+  last part and parts that are INDEPENDENT; segment EXTINF, rounded, <= TARGETDURATION;
 * MSN and part continuity (``seg<msn>.m4s``, ``part<msn>.<i>.m4s`` from 0, no gaps), parts listed
   for a run of segments at the end only, a segment's parts adding up to its EXTINF;
 * PART-HOLD-BACK >= 3 x PART-TARGET, CAN-SKIP-UNTIL >= 6 x TARGETDURATION, VERSION >= 9 where
@@ -168,6 +168,7 @@ def validate(
     pl: Playlist,
     fetch: Callable[[str], bytes | None] | None = None,
     keyframe_segments: bool = True,
+    min_part_ratio: float | None = 0.85,
 ) -> None:
     assert pl.version >= 6, "EXT-X-PART needs version 6 or later"
     if pl.skipped:
@@ -205,9 +206,9 @@ def validate(
                 f"{part.uri}: {part.duration} s > PART-TARGET {pl.part_target}"
             # Exempt: INDEPENDENT parts and a segment's last part (for the segment in progress,
             # its newest part may turn out to be the last).
-            if not part.independent and i < len(segment.parts) - 1:
-                assert part.duration >= 0.85 * pl.part_target - TOLERANCE, \
-                    f"{part.uri}: {part.duration} s < 85% of PART-TARGET"
+            if min_part_ratio and not part.independent and i < len(segment.parts) - 1:
+                assert part.duration >= min_part_ratio * pl.part_target - TOLERANCE, \
+                    f"{part.uri}: {part.duration} s < {min_part_ratio:.0%} of PART-TARGET"
         if complete and segment.parts:
             total = sum(p.duration for p in segment.parts)
             assert math.isclose(total, segment.duration, abs_tol=TOLERANCE * len(segment.parts)), \
