@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from media_helpers import (
     FlvMedia,
+    av1_ertmp_media,
     box_tree,
     boxes,
     decode_errors,
@@ -635,6 +636,23 @@ def test_ffprobe_reads_hevc_from_enhanced_rtmp(
     check_with_ffprobe(path, hevc, "hevc", (640, 360))
     info = ffprobe_json(path, "-show_streams")
     assert info["streams"][0]["codec_tag_string"] == "hvc1"
+
+
+@pytest.mark.ffmpeg
+def test_ffprobe_reads_av1_from_enhanced_rtmp(fm: ModuleType, tmp_path: Path) -> None:
+    media = av1_ertmp_media(tmp_path / "x.obu")
+    track = fm.video_track(media.video_header)
+    assert (track.codec, track.width, track.height) == ("av01", 640, 360)
+    path = tmp_path / "av1.mp4"
+    path.write_bytes(mux_file(fm, media))
+    info = ffprobe_json(path, "-show_streams", "-show_packets")
+    (stream,) = info["streams"]
+    assert (stream["codec_name"], stream["codec_tag_string"]) == ("av1", "av01")
+    assert (stream["width"], stream["height"]) == (640, 360)
+    dts = [int(p["dts"]) for p in info["packets"]]
+    assert len(dts) == len(media.video) and dts == sorted(set(dts))
+    assert info["packets"][0]["flags"].startswith("K")
+    assert decode_errors(path) == ""
 
 
 @pytest.mark.ffmpeg
