@@ -15,6 +15,8 @@ parts, muxed by the fMP4 codec (``codecs.fmp4``):
   into the part being cut when its own successor has arrived (exact durations again).
 * ``EXT-X-PROGRAM-DATE-TIME`` on every segment: the wall clock at the first keyframe plus media
   time.
+* EXT-X-TARGETDURATION is the segment target, raised (never lowered) to the longest segment
+  rounded to the nearest second, the spec's rule, so a 2.001 s segment keeps a target of 2.
 * The playlist lists ``window_segments`` complete segments plus the one in progress; parts are
   listed (and kept in memory) for segments less than three target durations from the end, as
   the spec asks; older segments are served whole (their parts joined once, then dropped).
@@ -670,7 +672,7 @@ class HlsStream:
         for segment in segments[skipped:]:
             if not segment.parts and not segment.complete:
                 continue  # just opened: nothing to list yet (the preload hint names it)
-            if segment.discontinuity and segment is not segments[0]:
+            if segment.discontinuity:  # kept on the first segment too, until it leaves
                 lines.append("#EXT-X-DISCONTINUITY")
             if segment.init != current_init:
                 lines.append(f'#EXT-X-MAP:URI="{init_name(segment.init)}"')

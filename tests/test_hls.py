@@ -536,3 +536,14 @@ def test_any_frame_timing_gives_valid_playlists(
     pl = parse(checker.stream.playlist())
     assert pl.endlist
     assert sum(len(s.parts) for s in pl.segments) >= 1
+
+
+def test_discontinuity_sequence_counts_what_left_the_window() -> None:
+    other = AVC_HEADER[:-4] + b"\xfd\xf8\xf8\x01"
+    second = [(t, ts, other if p == AVC_HEADER else p) for t, ts, p in synthetic(14, start=4000)]
+    checker = run(synthetic(4) + second, HlsConfig(window_segments=3))
+    stream = checker.stream
+    text = stream.playlist()
+    assert "#EXT-X-DISCONTINUITY-SEQUENCE:1\n" in text and "#EXT-X-DISCONTINUITY\n" not in text
+    assert stream.init(0) is None and stream.init(1) is not None  # the old init is gone too
+    assert '#EXT-X-MAP:URI="init1.mp4"' in text
