@@ -11,6 +11,12 @@ by side:
   part/segment cutting, playlist bookkeeping and muxing), with whichever muxer is selected.
 
 The module-level fixture is skipped, with a message, when ffmpeg is not installed.
+
+Measured on the shared 2-core CI box (``pytest bench/test_bench_fmp4.py --benchmark-only
+--benchmark-min-rounds=3 --benchmark-max-time=1``, best round): one part 3.6 us compiled vs
+32 us twin; 20 s of 720p30 at 2.77 Mbit/s into 60 parts 0.38 ms compiled (19 us per
+stream-second) vs 2.5 ms twin (123 us per stream-second); the whole HlsStream over the same
+20 s 2.2 ms with the compiled muxer (110 us per stream-second), 5.0 ms with the twin.
 """
 
 from __future__ import annotations
