@@ -11,7 +11,7 @@ import os
 
 from setuptools import Extension, setup
 
-CODECS = ["_chunk", "_amf", "_flvmux"]
+CODECS = ["_chunk", "_amf", "_flvmux", "_fmp4"]
 
 
 def extensions() -> list:

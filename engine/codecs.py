@@ -1,6 +1,6 @@
 """Chooses the compiled codecs or their pure-Python twins (the msgpack/aiohttp pattern).
 
-``from watchbuy.engine.codecs import chunk, amf, flvmux`` gives modules with one API whichever
+``from watchbuy.engine.codecs import chunk, amf, flvmux, fmp4`` gives modules with one API whichever
 implementation is loaded.  The compiled extensions are preferred; ``WATCHBUY_PUREPYTHON=1`` forces
 the twins (tests use it to run one suite against both), and a missing extension (an install
 without a compiler) falls back to the twins with a warning, so the node still runs, slower.
@@ -15,7 +15,7 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-CODEC_NAMES = ("chunk", "amf", "flvmux")
+CODEC_NAMES = ("chunk", "amf", "flvmux", "fmp4")
 
 
 def purepython_forced() -> bool:
@@ -45,11 +45,12 @@ def load(name: str) -> ModuleType:
 chunk = load("chunk")
 amf = load("amf")
 flvmux = load("flvmux")
+fmp4 = load("fmp4")
 
 
 def implementations() -> dict[str, str]:
     """Which implementation each codec runs on: ``{"chunk": "cython", ...}``."""
     return {
         name: ("python" if module.__name__.endswith("_py") else "cython")
-        for name, module in (("chunk", chunk), ("amf", amf), ("flvmux", flvmux))
+        for name, module in (("chunk", chunk), ("amf", amf), ("flvmux", flvmux), ("fmp4", fmp4))
     }

@@ -13,7 +13,9 @@ def test_compiled_codecs_are_in_use():
     # A set-up that silently fell back to the twins would pass every other test, only slower.
     if codecs.purepython_forced():
         return
-    assert codecs.implementations() == {"chunk": "cython", "amf": "cython", "flvmux": "cython"}
+    assert codecs.implementations() == {
+        "chunk": "cython", "amf": "cython", "flvmux": "cython", "fmp4": "cython"
+    }
 
 
 def test_purepython_env_forces_the_twins():
@@ -23,7 +25,7 @@ def test_purepython_env_forces_the_twins():
         env={**os.environ, "WATCHBUY_PUREPYTHON": "1"}, capture_output=True, text=True,
         check=True,
     ).stdout
-    assert out.strip() == "['python', 'python', 'python']"
+    assert out.strip() == "['python', 'python', 'python', 'python']"
 
 
 def test_twins_share_the_public_api():
