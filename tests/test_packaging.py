@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 from packaging.utils import parse_wheel_filename
 
+from watchbuy.engine.codecs import CODEC_NAMES
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent  # the venv running the tests: `make`'s VENV
 PYPROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-CODECS = ("_chunk", "_amf", "_flvmux")
+CODECS = tuple(f"_{name}" for name in CODEC_NAMES)  # every codec the selector knows
 # Amazon Linux 2023 has glibc 2.34 (Ubuntu 22.04: 2.35); a manylinux_2_X wheel installs on any
 # glibc >= 2.X (PEP 600).
 EC2_GLIBC_MINOR = 34
@@ -135,14 +137,15 @@ def test_release_wheel_installs_and_runs_its_codecs_in_a_clean_venv(release, tmp
            if k not in ("PYTHONPATH", "WATCHBUY_PUREPYTHON", "VIRTUAL_ENV")}
     check = subprocess.run(
         [str(python), "-c",
-         "import json, watchbuy.engine._chunk, watchbuy.engine._amf, watchbuy.engine._flvmux\n"
+         "import json\n"
+         + "".join(f"import watchbuy.engine.{codec}\n" for codec in CODECS) +
          "import watchbuy.engine.codecs as c\n"
          "print(json.dumps({'impl': c.implementations(), 'file': c.chunk.__file__}))"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
     )
     assert check.returncode == 0, check.stderr
     report = json.loads(check.stdout)
-    assert report["impl"] == {"chunk": "cython", "amf": "cython", "flvmux": "cython"}
+    assert report["impl"] == {name: "cython" for name in CODEC_NAMES}
     assert report["file"].startswith(str(venv)) and report["file"].endswith(".so")
     # the console script reads the installed distribution's metadata
     version = subprocess.run(
