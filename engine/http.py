@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING
 
 from watchbuy.engine.codecs import flvmux
 from watchbuy.engine.httpparse import HttpError, Request, RequestParser
-from watchbuy.engine.relay import MSG_AUDIO, MSG_VIDEO, LiveStream, Tag, Viewer, ViewerSession
+from watchbuy.engine.relay import LiveStream, Tag, Viewer, ViewerSession
+from watchbuy.engine.wire import MSG_AUDIO, MSG_VIDEO
 
 if TYPE_CHECKING:
     from watchbuy.engine.node import MediaNode

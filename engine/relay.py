@@ -24,18 +24,17 @@ from dataclasses import dataclass
 
 from watchbuy.engine.amf_types import ECMAArray
 from watchbuy.engine.codecs import amf, chunk, flvmux
+from watchbuy.engine.wire import (
+    CSID_AUDIO,
+    CSID_DATA,
+    CSID_VIDEO,
+    MSG_AUDIO,
+    MSG_DATA_AMF0,
+    MSG_VIDEO,
+    PLAY_STREAM_ID,
+)
 
 log = logging.getLogger("watchbuy.engine.relay")
-
-MSG_AUDIO = 8
-MSG_VIDEO = 9
-MSG_DATA_AMF0 = 18
-
-# Chunk stream ids for media sent to RTMP players (ffmpeg's and nginx-rtmp's choices).
-CSID_AUDIO = 4
-CSID_DATA = 5
-CSID_VIDEO = 6
-PLAY_STREAM_ID = 1  # the first createStream of every connection answers 1
 
 
 @dataclass

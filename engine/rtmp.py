@@ -21,10 +21,6 @@ from watchbuy.engine.errors import ProtocolError
 from watchbuy.engine.handshake import ServerHandshake
 from watchbuy.engine.hooks import PublishRefused, split_key
 from watchbuy.engine.relay import (
-    MSG_AUDIO,
-    MSG_DATA_AMF0,
-    MSG_VIDEO,
-    PLAY_STREAM_ID,
     LiveStream,
     LogLimiter,
     Tag,
@@ -32,38 +28,39 @@ from watchbuy.engine.relay import (
     ViewerSession,
     short,
 )
+from watchbuy.engine.wire import (
+    AGGREGATE_PARTS,
+    CSID_COMMAND,
+    CSID_CONTROL,
+    CSID_DATA,
+    CSID_STATUS,
+    MSG_ACK,
+    MSG_AGGREGATE,
+    MSG_AUDIO,
+    MSG_COMMAND_AMF0,
+    MSG_COMMAND_AMF3,
+    MSG_DATA_AMF0,
+    MSG_DATA_AMF3,
+    MSG_SET_CHUNK_SIZE,
+    MSG_SET_PEER_BANDWIDTH,
+    MSG_USER_CONTROL,
+    MSG_VIDEO,
+    MSG_WINDOW_ACK_SIZE,
+    PLAY_STREAM_ID,
+    UC_PING_REQUEST,
+    UC_PING_RESPONSE,
+    UC_STREAM_BEGIN,
+    UC_STREAM_EOF,
+)
 
 if TYPE_CHECKING:
     from watchbuy.engine.node import MediaNode
 
 log = logging.getLogger("watchbuy.engine.rtmp")
 
-MSG_SET_CHUNK_SIZE = 1
-MSG_ABORT = 2
-MSG_ACK = 3
-MSG_USER_CONTROL = 4
-MSG_WINDOW_ACK_SIZE = 5
-MSG_SET_PEER_BANDWIDTH = 6
-MSG_DATA_AMF3 = 15
-MSG_COMMAND_AMF3 = 17
-MSG_COMMAND_AMF0 = 20
-MSG_AGGREGATE = 22
-
-# What an aggregate message may carry: the publisher's media and data, never another aggregate.
-AGGREGATE_PARTS = frozenset((MSG_AUDIO, MSG_VIDEO, MSG_DATA_AMF0, MSG_DATA_AMF3))
-
 # What decoding peer input may raise besides ProtocolError: bad numbers, depth, text.  Each is
 # the peer's fault and costs its connection one log line, never a traceback.
 PEER_ERRORS = (ProtocolError, ValueError, OverflowError, RecursionError)
-
-UC_STREAM_BEGIN = 0
-UC_STREAM_EOF = 1
-UC_PING_REQUEST = 6
-UC_PING_RESPONSE = 7
-
-CSID_CONTROL = 2
-CSID_COMMAND = 3
-CSID_STATUS = 8  # onStatus on a stream; kept apart from the shared media csids 4/5/6
 
 WINDOW_ACK_SIZE = 2_500_000
 
@@ -96,9 +93,11 @@ class RtmpViewer(Viewer):
         if self.msid == PLAY_STREAM_ID:
             size = self.chunk_size
             return [tag.rtmp(size) for tag in tags]
-        # A player that created more than one stream: its own encoding, not the shared bytes.
+        # A player that created more than one stream: its own encoding, not the shared bytes,
+        # all on one csid (what nginx-rtmp does for a non-default stream).
         return [
-            chunk.encode_message(self.chunk_size, 5, t.timestamp, t.type_id, self.msid, t.payload)
+            chunk.encode_message(self.chunk_size, CSID_DATA, t.timestamp, t.type_id, self.msid,
+                                 t.payload)
             for t in tags
         ]
 
