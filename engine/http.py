@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING
 
 from watchbuy.engine.codecs import flvmux
 from watchbuy.engine.httpparse import HttpError, Request, RequestParser
-from watchbuy.engine.relay import LiveStream, Tag, Viewer, ViewerSession
+from watchbuy.engine.relay import LiveStream, Tag, Viewer
+from watchbuy.engine.session import ViewerSession
 from watchbuy.engine.wire import MSG_AUDIO, MSG_VIDEO
 
 if TYPE_CHECKING:
@@ -158,10 +159,6 @@ class FlvViewer(Viewer):
         self.write(self.frame(prefix))
         super().deliver(tags, None)
 
-    def end(self) -> None:
-        self.closed = True
-        self.session.stream_ended(self)
-
 
 class HttpSession(ViewerSession):
     """One HTTP connection: answers pipelined requests a bounded number per turn, under
@@ -171,9 +168,8 @@ class HttpSession(ViewerSession):
 
     def __init__(self, node: MediaNode) -> None:
         super().__init__(node)
-        config = node.config
-        self.parser = RequestParser(config.http_max_head, config.http_max_buffer)
-        self.stream: LiveStream | None = None
+        settings = node.settings
+        self.parser = RequestParser(settings.http_max_head, settings.http_max_buffer)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_kind = ""
@@ -187,16 +183,16 @@ class HttpSession(ViewerSession):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.loop = asyncio.get_running_loop()
-        self._arm("header", self.node.config.header_timeout)
+        self._arm("header", self.node.settings.header_timeout)
 
     def connection_lost(self, exc) -> None:
         self._lost = True
         self._cancel_timer()
         super().connection_lost(exc)  # the per-address count (ViewerSession)
         self.node.stats.connection_closed("http")
-        if self.viewer is not None and self.stream is not None:
+        if self.viewer is not None and self.playing is not None:
             self.viewer.closed = True
-            self.stream.remove_viewer(self.viewer)
+            self.playing.remove_viewer(self.viewer)
             self.viewer = None
 
     def data_received(self, data: bytes) -> None:
@@ -213,7 +209,7 @@ class HttpSession(ViewerSession):
         self._write_paused = True
         if not self._closing:
             self._set_reading(False)
-            self._arm("drain", self.node.config.drain_timeout)
+            self._arm("drain", self.node.settings.drain_timeout)
 
     def resume_writing(self) -> None:
         if self.viewer is not None:
@@ -230,7 +226,7 @@ class HttpSession(ViewerSession):
         if self._lost or self._closing or self.viewer is not None:
             return
         try:
-            for event in self.parser.feed(data, self.node.config.http_requests_per_turn):
+            for event in self.parser.feed(data, self.node.settings.http_requests_per_turn):
                 if isinstance(event, HttpError):
                     LOG_BUDGET.log(logging.INFO, "http %s: %s", self.peer, event.reason)
                     self.respond(event.status, {"error": event.reason}, keep_alive=False)
@@ -261,17 +257,17 @@ class HttpSession(ViewerSession):
         # Read more only when all that was read is answered and the peer takes the answers:
         # this bounds what one client can queue in the parser and in the write buffer.
         self._set_reading(not backlog and not self._write_paused)
-        config = self.node.config
+        settings = self.node.settings
         if self._write_paused:
             if self._timer_kind != "drain":
-                self._arm("drain", config.drain_timeout)
+                self._arm("drain", settings.drain_timeout)
         elif backlog:
             self._cancel_timer()  # waiting on us, not on the peer
         elif self.parser.buffered:
             if self._timer_kind != "header":  # the clock runs from a head's first byte
-                self._arm("header", config.header_timeout)
+                self._arm("header", settings.header_timeout)
         elif self._timer_kind != "keepalive":
-            self._arm("keepalive", config.keepalive_timeout)
+            self._arm("keepalive", settings.keepalive_timeout)
 
     def _set_reading(self, on: bool) -> None:
         if self._reading_paused is not on or self.transport.is_closing():
@@ -298,19 +294,19 @@ class HttpSession(ViewerSession):
         kind, self._timer, self._timer_kind = self._timer_kind, None, ""
         if self._lost:
             return
-        config = self.node.config
+        settings = self.node.settings
         if kind == "drain":
             LOG_BUDGET.log(logging.INFO, "http %s: peer took no data for %.0f s: aborting",
-                           self.peer, config.drain_timeout)
+                           self.peer, settings.drain_timeout)
             self._closing = True
             self.transport.abort()
         elif kind == "header":
             LOG_BUDGET.log(logging.INFO, "http %s: no complete request head within %.0f s: "
-                           "closing", self.peer, config.header_timeout)
+                           "closing", self.peer, settings.header_timeout)
             self.close_after_drain()
         else:
             LOG_BUDGET.log(logging.DEBUG, "http %s: idle for %.0f s: closing", self.peer,
-                           config.keepalive_timeout)
+                           settings.keepalive_timeout)
             self.close_after_drain()
 
     def close_after_drain(self) -> None:
@@ -322,7 +318,7 @@ class HttpSession(ViewerSession):
         self._set_reading(False)
         self.transport.close()
         if not self._lost and self.transport.get_write_buffer_size():
-            self._arm("drain", self.node.config.drain_timeout)
+            self._arm("drain", self.node.settings.drain_timeout)
         else:
             self._cancel_timer()
 
@@ -345,7 +341,7 @@ class HttpSession(ViewerSession):
 
     def is_operator(self, request: Request) -> bool:
         """``Authorization: Bearer <hook secret>``; never true without a configured secret."""
-        secret = self.node.config.hook_secret
+        secret = self.node.settings.hook_secret
         if not secret:
             return False
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -369,7 +365,7 @@ class HttpSession(ViewerSession):
         elif path == "/api/server":
             self.respond(200, self.node.server_info(), keep, head_only)
         elif path == "/healthz":
-            self.respond(200, {"ok": True, "node_id": self.node.config.node_id}, keep, head_only)
+            self.respond(200, {"ok": True, "node_id": self.node.settings.node_id}, keep, head_only)
         elif path.endswith(".flv"):
             self.play(request, path, head_only)
         else:
@@ -377,10 +373,10 @@ class HttpSession(ViewerSession):
 
     def play(self, request: Request, path: str, head_only: bool) -> None:
         parts = path[:-4].strip("/").split("/")
-        if len(parts) == 3 and parts[0] == self.node.config.node_id:
+        if len(parts) == 3 and parts[0] == self.node.settings.node_id:
             parts = parts[1:]
         stream = None
-        if len(parts) == 2 and parts[0] in self.node.config.apps:
+        if len(parts) == 2 and parts[0] in self.node.settings.apps:
             stream = self.node.registry.get(parts[1])
         if stream is None:
             self.respond(404, {"error": "stream is not live"}, request.keep_alive, head_only)
@@ -400,7 +396,7 @@ class HttpSession(ViewerSession):
         if head_only:
             self.close_after_drain()
             return
-        self.stream = stream
+        self.playing = stream
         self.viewer = FlvViewer(self, chunked)
         stream.add_viewer(self.viewer)
 
@@ -409,5 +405,5 @@ class HttpSession(ViewerSession):
         if viewer.chunked:
             self.transport.write(b"0\r\n\r\n")
         self.viewer = None
-        self.stream = None
+        self.playing = None
         self.close_after_drain()

@@ -20,14 +20,8 @@ from watchbuy.engine.codecs import amf, chunk
 from watchbuy.engine.errors import ProtocolError
 from watchbuy.engine.handshake import ServerHandshake
 from watchbuy.engine.hooks import PublishRefused, split_key
-from watchbuy.engine.relay import (
-    LiveStream,
-    LogLimiter,
-    Tag,
-    Viewer,
-    ViewerSession,
-    short,
-)
+from watchbuy.engine.relay import LiveStream, LogLimiter, Tag, Viewer, short
+from watchbuy.engine.session import ViewerSession
 from watchbuy.engine.wire import (
     AGGREGATE_PARTS,
     CSID_COMMAND,
@@ -104,10 +98,6 @@ class RtmpViewer(Viewer):
     def start(self, stream: LiveStream) -> None:
         self.write(self.encode(stream.startup_tags()))
 
-    def end(self) -> None:
-        self.closed = True
-        self.session.stream_ended(self)
-
 
 class RtmpSession(ViewerSession):
     protocol = "rtmp"
@@ -115,7 +105,7 @@ class RtmpSession(ViewerSession):
     def __init__(self, node: MediaNode) -> None:
         super().__init__(node)
         self.handshake: ServerHandshake | None = ServerHandshake()
-        self.reader = chunk.ChunkReader(max_message_size=node.config.max_message_size)
+        self.reader = chunk.ChunkReader(max_message_size=node.settings.max_message_size)
         self.writer = chunk.ChunkWriter(128)
         self.closed = False
         self.app = ""
@@ -123,7 +113,7 @@ class RtmpSession(ViewerSession):
         self.ack_window = 0
         self.last_ack = 0
         # publishing
-        self.stream: LiveStream | None = None
+        self.publishing: LiveStream | None = None
         self.publish_key = ""
         self.publish_msid = 0
         self.held: list | None = None  # messages that arrived while the publish hook decides
@@ -238,14 +228,14 @@ class RtmpSession(ViewerSession):
             if self.held is not None:  # publish is waiting for the hook: keep the rest
                 self.held.extend(messages[index + 1 :])
                 return
-        if self.stream is not None:
-            self.stream.flush()
+        if self.publishing is not None:
+            self.publishing.flush()
 
     def on_message(self, message: tuple) -> None:
         _csid, timestamp, type_id, msid, payload = message
         if type_id == MSG_VIDEO or type_id == MSG_AUDIO:
-            if self.stream is not None and msid == self.publish_msid:
-                self.stream.on_media(type_id, timestamp, payload)
+            if self.publishing is not None and msid == self.publish_msid:
+                self.publishing.on_media(type_id, timestamp, payload)
         elif type_id == MSG_COMMAND_AMF0:
             self.on_command(amf.decode_amf0(payload), msid)
         elif type_id == MSG_COMMAND_AMF3:
@@ -279,7 +269,7 @@ class RtmpSession(ViewerSession):
         bytes.  An aggregate inside an aggregate is a protocol error (it served only to make us
         copy and recurse), as is a sub-message past the end.
         """
-        if self.stream is None or msid != self.publish_msid:
+        if self.publishing is None or msid != self.publish_msid:
             return  # only a publisher's media is of use; the rest is not worth parsing
         view = memoryview(payload)
         end = len(view)
@@ -305,15 +295,15 @@ class RtmpSession(ViewerSession):
             pos = start + size + 4
 
     def on_data(self, timestamp: int, payload: bytes, msid: int) -> None:
-        if self.stream is None or msid != self.publish_msid:
+        if self.publishing is None or msid != self.publish_msid:
             return
         values = amf.decode_amf0(payload)
         if not values:
             return
         if values[0] == "@setDataFrame" or values[0] == "onMetaData":
-            self.stream.on_metadata(values)
+            self.publishing.on_metadata(values)
         elif values[0] != "@clearDataFrame":
-            self.stream.on_data(timestamp, payload)
+            self.publishing.on_data(timestamp, payload)
 
     def on_command(self, values: list, msid: int) -> None:
         if not values or not isinstance(values[0], str):
@@ -334,7 +324,7 @@ class RtmpSession(ViewerSession):
         app = command.get("app", "")
         if isinstance(app, str):
             app = app.strip("/").split("?", 1)[0]
-        if app not in self.node.config.apps:
+        if app not in self.node.settings.apps:
             # The app is the peer's: only a short form goes to the log and back to the peer.
             log.info("rtmp %s: connect to unknown app %s refused", self.peer, short(app))
             self.send_command("_error", txn, None, {
@@ -373,13 +363,13 @@ class RtmpSession(ViewerSession):
 
     def cmd_deleteStream(self, txn: float, command: object, args: list, msid: int) -> None:
         target = stream_id(args[0]) if args and isinstance(args[0], float) else msid
-        if self.stream is not None and target == self.publish_msid:
+        if self.publishing is not None and target == self.publish_msid:
             self.stop_publishing()
         if self.play_name and target == self.play_msid:
             self.stop_playing()
 
     def cmd_closeStream(self, txn: float, command: object, args: list, msid: int) -> None:
-        if self.stream is not None and msid == self.publish_msid:
+        if self.publishing is not None and msid == self.publish_msid:
             self.stop_publishing()
         if self.play_name and msid == self.play_msid:
             self.stop_playing()
@@ -398,7 +388,7 @@ class RtmpSession(ViewerSession):
             # rtmp://host/live or rtmp://host/live?x: tell the encoder why, then close.
             self.refuse(msid, "NetStream.Publish.BadName", "publish needs a stream key")
             return
-        if self.stream is not None or self.held is not None or self.play_name:
+        if self.publishing is not None or self.held is not None or self.play_name:
             self.send_status(msid, "error", "NetStream.Publish.BadConnection",
                              "this connection is already publishing or playing")
             return
@@ -439,7 +429,7 @@ class RtmpSession(ViewerSession):
                              f"stream {name!r} is already live")
             self.close_soon()
             return
-        self.stream = stream
+        self.publishing = stream
         stream.owner = self
         log.info("rtmp %s: publishing %r (app %s)", self.peer, name, self.app)
         self.send_user_control(UC_STREAM_BEGIN, msid)
@@ -464,17 +454,17 @@ class RtmpSession(ViewerSession):
                 or old.app != self.app:
             return None  # another key (or app) owns this name: refused as before
         silent = time.monotonic() - stream.last_media_at
-        if silent < self.node.config.publish_takeover_grace:
+        if silent < self.node.settings.publish_takeover_grace:
             return None
         log.info("rtmp %s: takes over %r from %s, which sent no media for %.1f s",
                  self.peer, name, old.peer, silent)
-        old.stream = None  # so its end neither stops the stream nor reports publish_done
+        old.publishing = None  # so its end neither stops the stream nor reports publish_done
         old.drop(f"stream {name!r} taken over by {self.peer} (same stream key)")
         stream.handover(self, self.peer)
         return stream
 
     def stop_publishing(self) -> None:
-        stream, self.stream = self.stream, None
+        stream, self.publishing = self.publishing, None
         if stream is None:
             return
         log.info("rtmp %s: stopped publishing %r", self.peer, stream.name)
@@ -496,7 +486,7 @@ class RtmpSession(ViewerSession):
         if not name:
             self.refuse(msid, "NetStream.Play.StreamNotFound", "play needs a stream name")
             return
-        if self.stream is not None or self.play_name:
+        if self.publishing is not None or self.play_name:
             self.send_status(msid, "error", "NetStream.Play.Failed",
                              "this connection is already publishing or playing")
             return
@@ -522,7 +512,7 @@ class RtmpSession(ViewerSession):
             return
         self.node.registry.stop_waiting(stream.name, self)
         self.viewer = RtmpViewer(self, self.play_msid)
-        self.viewer_stream = stream
+        self.playing = stream
         stream.add_viewer(self.viewer)
 
     def stream_ended(self, viewer: RtmpViewer) -> None:
@@ -543,7 +533,7 @@ class RtmpSession(ViewerSession):
             return
         pausing = bool(args) and args[0] is True
         if pausing and self.viewer is not None:
-            self.viewer_stream.remove_viewer(self.viewer)
+            self.playing.remove_viewer(self.viewer)
             self.viewer = None
         elif not pausing and self.viewer is None:
             stream = self.node.registry.get(self.play_name)
@@ -556,8 +546,9 @@ class RtmpSession(ViewerSession):
         self.node.registry.stop_waiting(self.play_name, self)
         if self.viewer is not None:
             self.viewer.closed = True
-            self.viewer_stream.remove_viewer(self.viewer)
+            self.playing.remove_viewer(self.viewer)
             self.viewer = None
+        self.playing = None
         self.play_name = ""
 
     def refuse(self, msid: int, code: str, reason: str) -> None:
@@ -572,11 +563,11 @@ class RtmpSession(ViewerSession):
         overstayed.  Progress is read from counters the data path keeps anyway."""
         if self.closed:
             return
-        config = self.node.config
+        settings = self.node.settings
         limiters = self.node.rtmp_timeout_logs
         if not self.app:
-            if config.handshake_timeout and now - self.opened_at > config.handshake_timeout:
-                self.drop(f"handshake and connect not done within {config.handshake_timeout:g} s"
+            if settings.handshake_timeout and now - self.opened_at > settings.handshake_timeout:
+                self.drop(f"handshake and connect not done within {settings.handshake_timeout:g} s"
                           " (WATCHBUY_HANDSHAKE_TIMEOUT)", limiters["handshake"])
                 return
         if self.messages_in != self.messages_at_sweep:
@@ -585,14 +576,14 @@ class RtmpSession(ViewerSession):
         partial = getattr(self.reader, "partial_count", None)
         if partial is None:  # a reader without the count: the last read ended mid-message
             partial = self.unfinished
-        timeout = config.partial_message_timeout
+        timeout = settings.partial_message_timeout
         if partial and timeout and now - self.progress_at > timeout:
             self.drop(f"an unfinished message made no progress for {timeout:g} s "
                       "(WATCHBUY_PARTIAL_MESSAGE_TIMEOUT)", limiters["partial"])
             return
-        stream = self.stream
+        stream = self.publishing
         if stream is not None:
-            timeout = config.publish_idle_timeout
+            timeout = settings.publish_idle_timeout
             if timeout and now - stream.last_media_at > timeout:
                 # Ended at once, so the host can publish again under the same name.
                 self.drop(f"publisher sent no media for {timeout:g} s, ending {stream.name!r} "
@@ -603,7 +594,7 @@ class RtmpSession(ViewerSession):
                 self.auth_task is not None and not self.auth_task.done()):
             self.idle_since = now
             return
-        timeout = config.idle_connection_timeout
+        timeout = settings.idle_connection_timeout
         if timeout and now - self.idle_since > timeout:
             self.drop(f"neither publishing nor playing for {timeout:g} s "
                       "(WATCHBUY_IDLE_CONNECTION_TIMEOUT)", limiters["idle"])

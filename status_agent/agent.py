@@ -26,10 +26,9 @@ import json
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from watchbuy.engine.rates import RateWindow
 from watchbuy.settings import PREFIX, ConfigError
 from watchbuy.status_agent.client import FetchError, fetch_json
 from watchbuy.status_agent.config import AgentSettings
@@ -39,49 +38,6 @@ log = logging.getLogger("watchbuy.status_agent")
 
 MAX_HEAD_BYTES = 8192
 EngineInfo = Callable[[], dict]
-
-
-@dataclass
-class Sample:
-    at: float  # monotonic seconds
-    counters: dict[str, tuple[int, int]]  # source name -> cumulative (rx, tx) bytes
-    cpu: tuple[int, int]  # cumulative (busy, total) jiffies
-
-
-class RateWindow:
-    """Samples over a short window; rates are taken between its oldest and newest sample."""
-
-    def __init__(self, size: int) -> None:
-        self.samples: deque[Sample] = deque(maxlen=max(2, size))
-
-    def add(self, sample: Sample) -> None:
-        self.samples.append(sample)
-
-    def span(self) -> float:
-        return self.samples[-1].at - self.samples[0].at if len(self.samples) >= 2 else 0.0
-
-    def rates(self) -> dict[str, tuple[float, float]]:
-        span = self.span()
-        if span <= 0:
-            return {name: (0.0, 0.0) for name in self.samples[-1].counters} if self.samples else {}
-        first, last = self.samples[0], self.samples[-1]
-        rates = {}
-        for name, (rx, tx) in last.counters.items():
-            old = first.counters.get(name)
-            # A counter that went backwards belongs to a re-created interface (or a restarted
-            # engine): leave it out until its old sample has left the window.
-            if old is None or rx < old[0] or tx < old[1]:
-                continue
-            rates[name] = ((rx - old[0]) / span, (tx - old[1]) / span)
-        return rates
-
-    def cpu_load(self) -> float:
-        if len(self.samples) < 2:
-            return 0.0
-        busy0, total0 = self.samples[0].cpu
-        busy1, total1 = self.samples[-1].cpu
-        total = total1 - total0
-        return round(min(1.0, max(0.0, (busy1 - busy0) / total)), 3) if total > 0 else 0.0
 
 
 def _render(status: int, reason: str, body: bytes, keep_alive: bool) -> bytes:
@@ -195,7 +151,9 @@ class StatusAgent:
         self.engine_info = engine_info
         self.proc = proc or ProcReader()
         self.interval = settings.agent_interval
-        self.window = RateWindow(round(settings.agent_window / settings.agent_interval) + 1)
+        size = round(settings.agent_window / settings.agent_interval) + 1
+        self.window = RateWindow(size)  # source name -> cumulative (rx, tx) bytes
+        self.cpu_window = RateWindow(size)  # "cpu" -> cumulative (busy, total) jiffies
         self.port = settings.agent_port
         self.status: dict = {}
         self.responses = _Responses(b"{}")
@@ -288,14 +246,16 @@ class StatusAgent:
             except Exception as exc:  # the engine's stats must never kill the agent
                 self._engine_error = f"engine stats failed: {exc}"
                 log.warning("%s", self._engine_error)
-        self.window.add(Sample(time.monotonic(), self._counters(), self.proc.cpu()))
+        now = time.monotonic()
+        self.window.add(now, self._counters())
+        self.cpu_window.add(now, {"cpu": self.proc.cpu()})
         rates = self.window.rates()
         engine_ok = self._engine is not None and self._engine_fresh()
         status = {
             "node_id": self.config.node_id,
             "rx_bytes_per_s": round(sum(r[0] for r in rates.values()), 1),
             "tx_bytes_per_s": round(sum(r[1] for r in rates.values()), 1),
-            "cpu_load": self.window.cpu_load(),
+            "cpu_load": round(self.cpu_window.fraction("cpu"), 3),
             "load_1m": round(os.getloadavg()[0], 2),
             "publishers": int(self._engine.get("publishers", 0)) if engine_ok else None,
             "viewers": int(self._engine.get("viewers", 0)) if engine_ok else None,

@@ -469,7 +469,7 @@ async def test_connections_per_address_are_capped_for_rtmp_and_http(caplog):
         for writer in kept + refused:
             writer.close()
     # loopback is exempt by default: the tests and benchmarks open thousands from 127.0.0.1
-    assert MediaNode(node_settings()).config.per_ip_limit_loopback is False
+    assert MediaNode(node_settings()).settings.per_ip_limit_loopback is False
 
 
 def free_port() -> int:

@@ -255,3 +255,16 @@ async def test_a_reconnecting_publisher_takes_over_its_silent_session(two_key_no
         await stop_process(first)
         if second is not None:
             await stop_process(second)
+
+
+def test_relay_limits_default_to_the_node_settings_and_follow_them():
+    from watchbuy.engine.relay import RelayLimits
+    from watchbuy.settings import Settings
+
+    assert RelayLimits() == RelayLimits.from_settings(Settings())  # the defaults live once
+    limits = RelayLimits.from_settings(Settings(gop_max_frames=7, stall_timeout=2.5,
+                                                metadata_max_bytes=100))
+    assert (limits.gop_max_frames, limits.stall_timeout, limits.metadata_max_bytes) == \
+        (7, 2.5, 100)
+    node = MediaNode(node_settings(out_chunk_size=8192))
+    assert node.limits.out_chunk_size == 8192 and node.settings.out_chunk_size == 8192

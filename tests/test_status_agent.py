@@ -13,8 +13,9 @@ import httpx
 import pytest
 from conftest import start_ffmpeg_publisher, stop_process, wait_live
 
+from watchbuy.engine.rates import RateWindow
 from watchbuy.settings import ConfigError
-from watchbuy.status_agent.agent import RateWindow, Sample, StatusAgent
+from watchbuy.status_agent.agent import StatusAgent
 from watchbuy.status_agent.client import FetchError, fetch_json
 from watchbuy.status_agent.config import AgentSettings, parse_engine_url
 from watchbuy.status_agent.procfs import ProcReader, parse_cpu, parse_net_dev
@@ -89,10 +90,25 @@ def test_proc_reader_reads_this_machines_counters():
 
 def test_rate_window_skips_a_counter_that_went_backwards():
     window = RateWindow(5)
-    window.add(Sample(0.0, {"eth0": (1000, 0), "veth1": (5000, 0)}, (0, 100)))
-    window.add(Sample(2.0, {"eth0": (3000, 400), "veth1": (10, 0)}, (50, 200)))
+    window.add(0.0, {"eth0": (1000, 0), "veth1": (5000, 0)})
+    window.add(2.0, {"eth0": (3000, 400), "veth1": (10, 0)})
     assert window.rates() == {"eth0": (1000.0, 200.0)}
-    assert window.cpu_load() == 0.5
+    assert window.rate("veth1", 2) == (0.0, 0.0)
+    cpu = RateWindow(5)
+    cpu.add(0.0, {"cpu": (0, 100)})
+    assert cpu.fraction("cpu") == 0.0  # one sample: no rate yet
+    cpu.add(2.0, {"cpu": (50, 200)})
+    assert cpu.fraction("cpu") == 0.5
+
+
+def test_status_agent_does_not_load_the_engine_codecs():
+    # The agent runs beside the engine, often as its own process: the shared rate window must
+    # not pull in the relay and the compiled codecs.
+    code = ("import sys, watchbuy.status_agent.agent; "
+            "print(any(m.startswith(('watchbuy.engine.codecs', 'watchbuy.engine.relay')) "
+            "for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_settings_refuse_bad_values_with_one_line():
