@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import struct
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from watchbuy.engine.amf_types import UNDEFINED
 from watchbuy.engine.codecs import amf, chunk
+from watchbuy.engine.commands import (
+    Connect,
+    DeleteStream,
+    Invocation,
+    Pause,
+    Play,
+    Publish,
+)
 from watchbuy.engine.errors import ProtocolError
 from watchbuy.engine.handshake import ServerHandshake
 from watchbuy.engine.hooks import PublishRefused, split_key
@@ -60,14 +68,6 @@ WINDOW_ACK_SIZE = 2_500_000
 
 # Codecs we relay, stated in the connect reply when the client lists its own (Enhanced RTMP).
 FOURCC_LIST = ["avc1", "hvc1", "av01", "vp09", "mp4a", "Opus", "fLaC", "ac-3", "ec-3", ".mp3"]
-
-
-def stream_id(value: float) -> int:
-    """A message stream id from a peer's AMF number: NaN, infinities and numbers outside the
-    32-bit field are protocol errors (int() would raise or give nonsense)."""
-    if not (math.isfinite(value) and 0 <= value <= 0xFFFFFFFF):
-        raise ProtocolError(f"stream id {short(repr(value), 30)} is not a valid stream id")
-    return int(value)
 
 
 class RtmpViewer(Viewer):
@@ -308,26 +308,21 @@ class RtmpSession(ViewerSession):
     def on_command(self, values: list, msid: int) -> None:
         if not values or not isinstance(values[0], str):
             raise ProtocolError("command message without a command name")
-        name = values[0]
-        txn = values[1] if len(values) > 1 and isinstance(values[1], float) else 0.0
-        args = values[3:]
-        handler = getattr(self, "cmd_" + name, None) if name.isidentifier() else None
-        if handler is None:
-            log.debug("rtmp %s: ignoring command %s", self.peer, short(name))
+        entry = COMMANDS.get(values[0])
+        if entry is None:
+            log.debug("rtmp %s: ignoring command %s", self.peer, short(values[0]))
             return
-        handler(txn, values[2] if len(values) > 2 else None, args, msid)
+        decode, handle = entry
+        txn = values[1] if len(values) > 1 and isinstance(values[1], float) else 0.0
+        handle(self, decode(txn, values[2] if len(values) > 2 else None, values[3:], msid))
 
     # -- NetConnection ------------------------------------------------------------------------
-    def cmd_connect(self, txn: float, command: object, args: list, msid: int) -> None:
-        if not isinstance(command, dict):
-            raise ProtocolError("connect without a command object")
-        app = command.get("app", "")
-        if isinstance(app, str):
-            app = app.strip("/").split("?", 1)[0]
+    def cmd_connect(self, cmd: Connect) -> None:
+        app = cmd.app
         if app not in self.node.settings.apps:
             # The app is the peer's: only a short form goes to the log and back to the peer.
             log.info("rtmp %s: connect to unknown app %s refused", self.peer, short(app))
-            self.send_command("_error", txn, None, {
+            self.send_command("_error", cmd.txn, None, {
                 "level": "error", "code": "NetConnection.Connect.Rejected",
                 "description": f"unknown application {short(app)}"})
             self.close_soon()
@@ -339,52 +334,49 @@ class RtmpSession(ViewerSession):
         self.send_control(MSG_SET_CHUNK_SIZE, struct.pack(">I", out_size))
         self.writer.chunk_size = out_size
         properties = {"fmsVer": "FMS/3,0,1,123", "capabilities": 31.0, "mode": 1.0}
-        if "fourCcList" in command:
+        if cmd.lists_fourccs:
             properties["fourCcList"] = list(FOURCC_LIST)
-        encoding = command.get("objectEncoding", 0.0)
-        self.send_command("_result", txn, properties, {
+        self.send_command("_result", cmd.txn, properties, {
             "level": "status", "code": "NetConnection.Connect.Success",
             "description": "Connection succeeded.",
-            "objectEncoding": encoding if isinstance(encoding, float) else 0.0})
+            "objectEncoding": cmd.object_encoding})
 
-    def cmd_createStream(self, txn: float, command: object, args: list, msid: int) -> None:
+    def cmd_createStream(self, cmd: Invocation) -> None:
         stream_id = self.next_stream_id
         self.next_stream_id += 1
-        self.send_command("_result", txn, None, float(stream_id))
+        self.send_command("_result", cmd.txn, None, float(stream_id))
 
-    def cmd_releaseStream(self, txn: float, command: object, args: list, msid: int) -> None:
-        self.send_command("_result", txn, None, UNDEFINED)
+    def cmd_undefined_result(self, cmd: Invocation) -> None:
+        """releaseStream and FCPublish: OBS waits for an answer; there is nothing to say."""
+        self.send_command("_result", cmd.txn, None, UNDEFINED)
 
-    def cmd_FCPublish(self, txn: float, command: object, args: list, msid: int) -> None:
-        self.send_command("_result", txn, None, UNDEFINED)
-
-    def cmd_FCUnpublish(self, txn: float, command: object, args: list, msid: int) -> None:
+    def cmd_FCUnpublish(self, cmd: Invocation) -> None:
         self.stop_publishing()
 
-    def cmd_deleteStream(self, txn: float, command: object, args: list, msid: int) -> None:
-        target = stream_id(args[0]) if args and isinstance(args[0], float) else msid
+    def cmd_deleteStream(self, cmd: DeleteStream) -> None:
+        target = cmd.target
         if self.publishing is not None and target == self.publish_msid:
             self.stop_publishing()
         if self.play_name and target == self.play_msid:
             self.stop_playing()
 
-    def cmd_closeStream(self, txn: float, command: object, args: list, msid: int) -> None:
+    def cmd_closeStream(self, cmd: Invocation) -> None:
+        msid = cmd.msid
         if self.publishing is not None and msid == self.publish_msid:
             self.stop_publishing()
         if self.play_name and msid == self.play_msid:
             self.stop_playing()
 
-    def cmd_getStreamLength(self, txn: float, command: object, args: list, msid: int) -> None:
-        self.send_command("_result", txn, None, 0.0)
+    def cmd_getStreamLength(self, cmd: Invocation) -> None:
+        self.send_command("_result", cmd.txn, None, 0.0)
 
     # -- publishing ---------------------------------------------------------------------------
-    def cmd_publish(self, txn: float, command: object, args: list, msid: int) -> None:
-        if not args or not isinstance(args[0], str):
-            raise ProtocolError("publish without a stream key")
+    def cmd_publish(self, cmd: Publish) -> None:
+        msid = cmd.msid
         if not self.app:
             self.refuse(msid, "NetStream.Publish.BadConnection", "publish before connect")
             return
-        if not split_key(args[0]):
+        if not split_key(cmd.name):
             # rtmp://host/live or rtmp://host/live?x: tell the encoder why, then close.
             self.refuse(msid, "NetStream.Publish.BadName", "publish needs a stream key")
             return
@@ -392,7 +384,7 @@ class RtmpSession(ViewerSession):
             self.send_status(msid, "error", "NetStream.Publish.BadConnection",
                              "this connection is already publishing or playing")
             return
-        self.publish_key = split_key(args[0])
+        self.publish_key = split_key(cmd.name)
         self.publish_msid = msid
         # Hold the rest of this read and stop reading until the hook has decided: media that
         # ffmpeg sends right after publish must neither be lost nor relayed unauthorised.
@@ -474,15 +466,11 @@ class RtmpSession(ViewerSession):
         )
 
     # -- playing ------------------------------------------------------------------------------
-    def cmd_play(self, txn: float, command: object, args: list, msid: int) -> None:
-        if not args or not isinstance(args[0], str):
-            raise ProtocolError("play without a stream name")
+    def cmd_play(self, cmd: Play) -> None:
+        msid, name = cmd.msid, cmd.name
         if not self.app:
             self.refuse(msid, "NetStream.Play.Failed", "play before connect")
             return
-        name = args[0].split("?", 1)[0]
-        if name.endswith(".flv"):
-            name = name[:-4]
         if not name:
             self.refuse(msid, "NetStream.Play.StreamNotFound", "play needs a stream name")
             return
@@ -527,15 +515,14 @@ class RtmpSession(ViewerSession):
         self.send_status(msid, "status", "NetStream.Play.Stop", f"Stopped playing {self.play_name}.")
         self.node.registry.wait_for(self.play_name, self)
 
-    def cmd_pause(self, txn: float, command: object, args: list, msid: int) -> None:
+    def cmd_pause(self, cmd: Pause) -> None:
         """Pausing a live stream detaches the player; unpausing starts it again from the GOP."""
         if not self.play_name:
             return
-        pausing = bool(args) and args[0] is True
-        if pausing and self.viewer is not None:
+        if cmd.pausing and self.viewer is not None:
             self.playing.remove_viewer(self.viewer)
             self.viewer = None
-        elif not pausing and self.viewer is None:
+        elif not cmd.pausing and self.viewer is None:
             stream = self.node.registry.get(self.play_name)
             if stream is not None:
                 self.stream_started(stream)
@@ -604,3 +591,22 @@ class RtmpSession(ViewerSession):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+
+# The commands a session answers: name -> (decode its arguments, act on them).  Anything else
+# is ignored with a debug line, as nginx-rtmp and SRS do (players send many we need not answer).
+COMMANDS: dict[str, tuple[Callable[..., Invocation], Callable[[RtmpSession, Any], None]]] = {
+    # NetConnection
+    "connect": (Connect.decode, RtmpSession.cmd_connect),
+    "createStream": (Invocation.decode, RtmpSession.cmd_createStream),
+    "releaseStream": (Invocation.decode, RtmpSession.cmd_undefined_result),
+    "FCPublish": (Invocation.decode, RtmpSession.cmd_undefined_result),
+    "FCUnpublish": (Invocation.decode, RtmpSession.cmd_FCUnpublish),
+    "deleteStream": (DeleteStream.decode, RtmpSession.cmd_deleteStream),
+    "getStreamLength": (Invocation.decode, RtmpSession.cmd_getStreamLength),
+    # NetStream
+    "closeStream": (Invocation.decode, RtmpSession.cmd_closeStream),
+    "publish": (Publish.decode, RtmpSession.cmd_publish),
+    "play": (Play.decode, RtmpSession.cmd_play),
+    "pause": (Pause.decode, RtmpSession.cmd_pause),
+}
