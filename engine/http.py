@@ -5,6 +5,7 @@ Routes:
 * ``GET /<app>/<name>.flv`` and ``GET /<node-id>/<app>/<name>.flv`` — the live stream as FLV
   (the second form is what a CDN forwards, so one cache behaviour per node finds its origin);
 * ``GET /api/streams`` and ``GET /api/server`` — stats; ``GET /healthz``;
+* ``GET /metrics`` — Prometheus metrics (engine/metrics.py);
 * ``OPTIONS`` — CORS preflight; every answer carries CORS headers so a browser on the site's
   origin can fetch the stream.
 
@@ -42,6 +43,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from watchbuy.engine import metrics
 from watchbuy.engine.codecs import flvmux
 from watchbuy.engine.httpparse import HttpError, Request, RequestParser
 from watchbuy.engine.relay import LiveStream, Tag, Viewer
@@ -228,6 +230,7 @@ class HttpSession(ViewerSession):
         try:
             for event in self.parser.feed(data, self.node.settings.http_requests_per_turn):
                 if isinstance(event, HttpError):
+                    self.node.stats.protocol_errors["http"] += 1
                     LOG_BUDGET.log(logging.INFO, "http %s: %s", self.peer, event.reason)
                     self.respond(event.status, {"error": event.reason}, keep_alive=False)
                     return
@@ -238,6 +241,7 @@ class HttpSession(ViewerSession):
         except Exception as exc:  # a bug must cost this connection only, and one line
             LOG_BUDGET.log(logging.WARNING, "http %s: internal error: %s: %s", self.peer,
                            type(exc).__name__, exc)
+            self.node.stats.protocol_errors["internal"] += 1
             self._closing = True
             self.transport.abort()
             return
@@ -295,6 +299,7 @@ class HttpSession(ViewerSession):
         if self._lost:
             return
         settings = self.node.settings
+        self.node.stats.timeouts["http_" + kind] += 1
         if kind == "drain":
             LOG_BUDGET.log(logging.INFO, "http %s: peer took no data for %.0f s: aborting",
                            self.peer, settings.drain_timeout)
@@ -326,9 +331,13 @@ class HttpSession(ViewerSession):
     def respond(self, status: int, body: dict | None, keep_alive: bool = True,
                 head_only: bool = False) -> None:
         payload = b"" if body is None else json.dumps(body).encode()
+        self.respond_bytes(status, payload, "application/json", keep_alive, head_only)
+
+    def respond_bytes(self, status: int, payload: bytes, content_type: str,
+                      keep_alive: bool = True, head_only: bool = False) -> None:
         head = (
             f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
-            f"Content-Type: application/json\r\n"
+            f"Content-Type: {content_type}\r\n"
             f"Content-Length: {len(payload)}\r\n"
             f"Cache-Control: no-cache\r\n"
             f"{CORS_HEADERS}"
@@ -364,6 +373,9 @@ class HttpSession(ViewerSession):
             self.respond(200, info, keep, head_only)
         elif path == "/api/server":
             self.respond(200, self.node.server_info(), keep, head_only)
+        elif path == "/metrics":
+            self.respond_bytes(200, metrics.render(self.node.metrics), metrics.CONTENT_TYPE, keep,
+                               head_only)
         elif path == "/healthz":
             self.respond(200, {"ok": True, "node_id": self.node.settings.node_id}, keep, head_only)
         elif path.endswith(".flv"):

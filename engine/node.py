@@ -6,10 +6,12 @@ import asyncio
 import logging
 import resource
 import time
+from collections import Counter
 
 from watchbuy.engine.codecs import implementations
 from watchbuy.engine.hooks import HttpHooks, PublishAuthorizer, StaticKeys
 from watchbuy.engine.http import HttpSession
+from watchbuy.engine.metrics import node_registry
 from watchbuy.engine.rates import RateWindow
 from watchbuy.engine.relay import LogLimiter, RelayLimits, StreamRegistry
 from watchbuy.engine.rtmp import RtmpSession
@@ -19,14 +21,27 @@ log = logging.getLogger("watchbuy.engine")
 
 
 class ServerStats:
-    """Connection counts and byte counters, with per-second rates over a short window."""
+    """Connection counts and byte counters, with per-second rates over a short window, and the
+    event counters ``/metrics`` reports (engine/metrics.py reads them at scrape time).
+
+    Plain ints and Counters that the data path bumps where it already does the work: a scrape
+    costs a walk over these, a message costs nothing extra.
+    """
 
     def __init__(self) -> None:
         self.connections: dict[str, int] = {"rtmp": 0, "http": 0}
         self.connections_total = 0
         self.connections_refused = 0
+        self.refused_by: Counter[str] = Counter()  # "per_ip", "fd"
         self.bytes_in = 0
         self.bytes_out = 0
+        self.viewers_started: Counter[str] = Counter()  # by viewer kind: "flv", "rtmp"
+        self.keyframe_resyncs = 0  # a viewer fell behind, lost tags, waits for a keyframe
+        self.tags_dropped = 0  # tags not sent to viewers that had fallen behind
+        self.viewers_cut_off = 0  # stalled past WATCHBUY_STALL_TIMEOUT: disconnected
+        self.publish_refused: Counter[str] = Counter()  # by reason
+        self.protocol_errors: Counter[str] = Counter()  # "rtmp_handshake", "rtmp", "http"
+        self.timeouts: Counter[str] = Counter()  # by kind: "handshake", "header", ...
         self._window = RateWindow()  # "bytes": (in, out)
 
     def connection_opened(self, kind: str) -> None:
@@ -93,6 +108,7 @@ class MediaNode:
         self._sampler: asyncio.Task | None = None
         self.rtmp_port = settings.rtmp_port
         self.http_port = settings.http_port
+        self.metrics = node_registry(self)  # GET /metrics (engine/metrics.py)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -152,6 +168,7 @@ class MediaNode:
         settings = self.settings
         if self.fd_budget and self.stats.open_connections() > self.fd_budget:
             self.stats.connections_refused += 1
+            self.stats.refused_by["fd"] += 1
             self._fd_refusals.log(logging.WARNING, "refusing %s connection from %s: %d "
                                   "connections open, the most the open-file limit allows "
                                   "(RLIMIT_NOFILE less WATCHBUY_FD_RESERVE=%d)", session.protocol,
@@ -167,6 +184,7 @@ class MediaNode:
                 sessions.difference_update([s for s in sessions if s.transport.is_closing()])
             if len(sessions) >= cap:
                 self.stats.connections_refused += 1
+                self.stats.refused_by["per_ip"] += 1
                 self._ip_refusals.log(logging.WARNING, "refusing %s connection from %s: %d open "
                                       "from that address (WATCHBUY_MAX_CONNECTIONS_PER_IP)",
                                       session.protocol, session.peer, len(sessions))

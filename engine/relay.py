@@ -164,6 +164,8 @@ class Viewer:
         self.transport = transport = session.transport
         self.limits = limits = session.node.limits
         self.on_bytes = session.count_out
+        self.stats = stats = session.node.stats
+        stats.viewers_started[self.kind] += 1
         self.paused_since: float | None = None
         self.waiting_keyframe = False
         self.closed = False
@@ -215,10 +217,14 @@ class Viewer:
             return
         if self.paused_since is not None:
             self.tags_dropped += len(tags)
-            self.waiting_keyframe = True
+            self.stats.tags_dropped += len(tags)
+            if not self.waiting_keyframe:
+                self.waiting_keyframe = True
+                self.stats.keyframe_resyncs += 1
             if time.monotonic() - self.paused_since > self.limits.stall_timeout:
                 log.info("%s %s stalled for %.0f s: disconnecting", self.kind,
                          self.peer(), self.limits.stall_timeout)
+                self.stats.viewers_cut_off += 1
                 self.closed = True
                 self.transport.abort()
             return
@@ -226,11 +232,13 @@ class Viewer:
             for index, tag in enumerate(tags):
                 if tag.keyframe:
                     self.tags_dropped += index
+                    self.stats.tags_dropped += index
                     tags = tags[index:]
                     self.waiting_keyframe = False
                     break
             else:
                 self.tags_dropped += len(tags)
+                self.stats.tags_dropped += len(tags)
                 return
             self.write(self.encode(tags))
         elif shared is None:

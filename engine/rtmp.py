@@ -171,12 +171,19 @@ class RtmpSession(ViewerSession):
                 return
             self.dispatch(messages)
         except PEER_ERRORS as exc:
-            self.drop(str(exc) or type(exc).__name__)
+            self.protocol_error(exc)
         except Exception:  # a bug must cost this connection only, never the node
             log.exception("rtmp %s: internal error", self.peer)
+            self.node.stats.protocol_errors["internal"] += 1
             self.drop("internal error")
 
     # -- plumbing ---------------------------------------------------------------------------
+    def protocol_error(self, exc: Exception) -> None:
+        """The peer broke the protocol: count it (in the handshake or after) and drop."""
+        kind = "rtmp_handshake" if self.handshake is not None else "rtmp"
+        self.node.stats.protocol_errors[kind] += 1
+        self.drop(str(exc) or type(exc).__name__)
+
     def drop(self, reason: str, limiter: LogLimiter | None = None) -> None:
         """Abort this connection with one log line (through ``limiter`` when a peer could
         make many of them at once)."""
@@ -374,13 +381,16 @@ class RtmpSession(ViewerSession):
     def cmd_publish(self, cmd: Publish) -> None:
         msid = cmd.msid
         if not self.app:
-            self.refuse(msid, "NetStream.Publish.BadConnection", "publish before connect")
+            self.refuse_publish("before_connect", msid, "NetStream.Publish.BadConnection",
+                                "publish before connect")
             return
         if not split_key(cmd.name):
             # rtmp://host/live or rtmp://host/live?x: tell the encoder why, then close.
-            self.refuse(msid, "NetStream.Publish.BadName", "publish needs a stream key")
+            self.refuse_publish("no_key", msid, "NetStream.Publish.BadName",
+                                "publish needs a stream key")
             return
         if self.publishing is not None or self.held is not None or self.play_name:
+            self.node.stats.publish_refused["busy_connection"] += 1
             self.send_status(msid, "error", "NetStream.Publish.BadConnection",
                              "this connection is already publishing or playing")
             return
@@ -397,6 +407,7 @@ class RtmpSession(ViewerSession):
         try:
             name = await self.node.authorizer.authorize(self.app, key, self.peer.rsplit(":", 1)[0])
         except PublishRefused as exc:
+            self.node.stats.publish_refused["unauthorized"] += 1
             if not self.closed:
                 log.info("rtmp %s: publish refused: %s", self.peer, exc)
                 self.send_status(msid, "error", "NetStream.Publish.Unauthorized",
@@ -407,6 +418,7 @@ class RtmpSession(ViewerSession):
             return
         except Exception:
             log.exception("rtmp %s: publish hook failed", self.peer)
+            self.node.stats.publish_refused["hook_failed"] += 1
             self.drop("publish hook failed")
             return
         if self.closed:
@@ -417,6 +429,7 @@ class RtmpSession(ViewerSession):
             stream = self.take_over(name, key)
         if stream is None:
             log.info("rtmp %s: refused second publisher on live stream %r", self.peer, name)
+            self.node.stats.publish_refused["already_live"] += 1
             self.send_status(msid, "error", "NetStream.Publish.BadName",
                              f"stream {name!r} is already live")
             self.close_soon()
@@ -430,7 +443,7 @@ class RtmpSession(ViewerSession):
         try:
             self.dispatch(held)
         except PEER_ERRORS as exc:
-            self.drop(str(exc) or type(exc).__name__)
+            self.protocol_error(exc)
             return
         if not self.closed:
             self.transport.resume_reading()
@@ -538,6 +551,11 @@ class RtmpSession(ViewerSession):
         self.playing = None
         self.play_name = ""
 
+    def refuse_publish(self, why: str, msid: int, code: str, reason: str) -> None:
+        """Refuse a publish (counted by ``why`` for /metrics) with an error status, then close."""
+        self.node.stats.publish_refused[why] += 1
+        self.refuse(msid, code, reason)
+
     def refuse(self, msid: int, code: str, reason: str) -> None:
         """Answer a command we cannot follow with an error status and the reason, then close."""
         log.info("rtmp %s: refused: %s", self.peer, reason)
@@ -552,8 +570,10 @@ class RtmpSession(ViewerSession):
             return
         settings = self.node.settings
         limiters = self.node.rtmp_timeout_logs
+        timeouts = self.node.stats.timeouts
         if not self.app:
             if settings.handshake_timeout and now - self.opened_at > settings.handshake_timeout:
+                timeouts["rtmp_handshake"] += 1
                 self.drop(f"handshake and connect not done within {settings.handshake_timeout:g} s"
                           " (WATCHBUY_HANDSHAKE_TIMEOUT)", limiters["handshake"])
                 return
@@ -565,6 +585,7 @@ class RtmpSession(ViewerSession):
             partial = self.unfinished
         timeout = settings.partial_message_timeout
         if partial and timeout and now - self.progress_at > timeout:
+            timeouts["rtmp_partial_message"] += 1
             self.drop(f"an unfinished message made no progress for {timeout:g} s "
                       "(WATCHBUY_PARTIAL_MESSAGE_TIMEOUT)", limiters["partial"])
             return
@@ -573,6 +594,7 @@ class RtmpSession(ViewerSession):
             timeout = settings.publish_idle_timeout
             if timeout and now - stream.last_media_at > timeout:
                 # Ended at once, so the host can publish again under the same name.
+                timeouts["rtmp_publish_idle"] += 1
                 self.drop(f"publisher sent no media for {timeout:g} s, ending {stream.name!r} "
                           "(WATCHBUY_PUBLISH_IDLE_TIMEOUT)")
                 self.stop_publishing()
@@ -583,6 +605,7 @@ class RtmpSession(ViewerSession):
             return
         timeout = settings.idle_connection_timeout
         if timeout and now - self.idle_since > timeout:
+            timeouts["rtmp_idle"] += 1
             self.drop(f"neither publishing nor playing for {timeout:g} s "
                       "(WATCHBUY_IDLE_CONNECTION_TIMEOUT)", limiters["idle"])
 

@@ -211,6 +211,9 @@ async def test_stalled_viewer_is_cut_off_and_others_keep_up(node):
             assert await healthy.tags(timeout=5)
         assert stalled not in stream.viewers, "stalled viewer was never disconnected"
         assert await healthy.tags(timeout=5)
+        # /metrics counts both steps (engine/metrics.py reads these counters at scrape time)
+        assert node.stats.keyframe_resyncs >= 1 and node.stats.viewers_cut_off == 1
+        assert node.stats.tags_dropped >= stalled.tags_dropped > 0
         sock.close()
         await healthy.close()
     finally:
