@@ -328,3 +328,43 @@ def test_cli_bad_configuration_is_one_line(tmp_path, args, env, needle):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+async def test_metrics_are_served_from_the_last_sample_in_prometheus_text(agent_factory):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    agent = await agent_factory(engine_info=lambda: {"publishers": 2, "viewers": 7,
+                                                     "bytes_in": 1, "bytes_out": 2},
+                                agent_interfaces=["lo"])
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{agent.port}/metrics")
+        head = await client.head(f"http://127.0.0.1:{agent.port}/metrics")
+    assert response.status_code == 200 and head.status_code == 200 and head.content == b""
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.text)
+               for s in family.samples}
+    assert samples[("watchbuy_agent_info", (("node_id", "agent-test"),
+                                            ("rx_source", "interfaces")))] == 1
+    assert samples[("watchbuy_agent_receive_bytes_total", (("source", "lo"),))] > 0
+    assert samples[("watchbuy_agent_engine_up", ())] == 1
+    assert samples[("watchbuy_agent_engine_viewers", ())] == 7
+    assert 0 <= samples[("watchbuy_agent_cpu_load", ())] <= 1
+    assert ("process_cpu_seconds_total", ()) in samples
+
+
+async def test_client_reads_response_headers_with_the_request_parsers_rules():
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nno colon here\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(FetchError, match="malformed header line"):
+            await fetch_json("127.0.0.1", port, "/status", 5)
+    finally:
+        server.close()
+        await server.wait_closed()
