@@ -77,7 +77,7 @@ class LogBudget:
         self._used = 0
         self.suppressed = 0
 
-    def log(self, level: int, message: str, *args: object) -> None:
+    def log(self, level: int, message: str, *args: object, extra: dict | None = None) -> None:
         if not log.isEnabledFor(level):
             return
         now = time.monotonic()
@@ -91,7 +91,7 @@ class LogBudget:
             self.suppressed += 1
             return
         self._used += 1
-        log.log(level, message, *args)
+        log.log(level, message, *args, extra=extra)
 
 
 LOG_BUDGET = LogBudget()
@@ -231,7 +231,8 @@ class HttpSession(ViewerSession):
             for event in self.parser.feed(data, self.node.settings.http_requests_per_turn):
                 if isinstance(event, HttpError):
                     self.node.stats.protocol_errors["http"] += 1
-                    LOG_BUDGET.log(logging.INFO, "http %s: %s", self.peer, event.reason)
+                    LOG_BUDGET.log(logging.INFO, "http %s: %s", self.peer, event.reason,
+                                   extra=self.log.extra)
                     self.respond(event.status, {"error": event.reason}, keep_alive=False)
                     return
                 self._cancel_timer()  # a whole head arrived in time
@@ -240,7 +241,7 @@ class HttpSession(ViewerSession):
                     break
         except Exception as exc:  # a bug must cost this connection only, and one line
             LOG_BUDGET.log(logging.WARNING, "http %s: internal error: %s: %s", self.peer,
-                           type(exc).__name__, exc)
+                           type(exc).__name__, exc, extra=self.log.extra)
             self.node.stats.protocol_errors["internal"] += 1
             self._closing = True
             self.transport.abort()
@@ -302,16 +303,16 @@ class HttpSession(ViewerSession):
         self.node.stats.timeouts["http_" + kind] += 1
         if kind == "drain":
             LOG_BUDGET.log(logging.INFO, "http %s: peer took no data for %.0f s: aborting",
-                           self.peer, settings.drain_timeout)
+                           self.peer, settings.drain_timeout, extra=self.log.extra)
             self._closing = True
             self.transport.abort()
         elif kind == "header":
             LOG_BUDGET.log(logging.INFO, "http %s: no complete request head within %.0f s: "
-                           "closing", self.peer, settings.header_timeout)
+                           "closing", self.peer, settings.header_timeout, extra=self.log.extra)
             self.close_after_drain()
         else:
             LOG_BUDGET.log(logging.DEBUG, "http %s: idle for %.0f s: closing", self.peer,
-                           settings.keepalive_timeout)
+                           settings.keepalive_timeout, extra=self.log.extra)
             self.close_after_drain()
 
     def close_after_drain(self) -> None:

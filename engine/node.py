@@ -160,7 +160,7 @@ class MediaNode:
             try:
                 session.check_timeouts(now)
             except Exception:  # a bug in one session must not stop the sampler
-                log.exception("rtmp %s: timeout check failed", session.peer)
+                session.log.exception("rtmp %s: timeout check failed", session.peer)
 
     # -- admission ----------------------------------------------------------------------------
     def admit(self, session) -> bool:
@@ -172,7 +172,8 @@ class MediaNode:
             self._fd_refusals.log(logging.WARNING, "refusing %s connection from %s: %d "
                                   "connections open, the most the open-file limit allows "
                                   "(RLIMIT_NOFILE less WATCHBUY_FD_RESERVE=%d)", session.protocol,
-                                  session.peer, self.fd_budget, settings.fd_reserve)
+                                  session.peer, self.fd_budget, settings.fd_reserve,
+                                  extra=session.log.extra)
             return False
         cap = settings.max_connections_per_ip
         host = session.peer_host
@@ -187,7 +188,8 @@ class MediaNode:
                 self.stats.refused_by["per_ip"] += 1
                 self._ip_refusals.log(logging.WARNING, "refusing %s connection from %s: %d open "
                                       "from that address (WATCHBUY_MAX_CONNECTIONS_PER_IP)",
-                                      session.protocol, session.peer, len(sessions))
+                                      session.protocol, session.peer, len(sessions),
+                                      extra=session.log.extra)
                 return False
             sessions.add(session)
             session.ip_slot = host

@@ -99,8 +99,9 @@ class LogLimiter:
         self.last = -math.inf
         self.held_back = 0
 
-    def log(self, level: int, message: str, *args: object) -> bool:
-        """Log unless a line went out less than ``interval`` ago; True when logged."""
+    def log(self, level: int, message: str, *args: object, extra: dict | None = None) -> bool:
+        """Log unless a line went out less than ``interval`` ago; True when logged.
+        ``extra``: record attributes (a connection's ``conn_id``)."""
         now = time.monotonic()
         if now - self.last < self.interval:
             self.held_back += 1
@@ -110,7 +111,7 @@ class LogLimiter:
             args = (*args, self.held_back)
         self.last = now
         self.held_back = 0
-        self.logger.log(level, message, *args)
+        self.logger.log(level, message, *args, extra=extra)
         return True
 
 
@@ -223,7 +224,7 @@ class Viewer:
                 self.stats.keyframe_resyncs += 1
             if time.monotonic() - self.paused_since > self.limits.stall_timeout:
                 log.info("%s %s stalled for %.0f s: disconnecting", self.kind,
-                         self.peer(), self.limits.stall_timeout)
+                         self.peer(), self.limits.stall_timeout, extra=self.session.log.extra)
                 self.stats.viewers_cut_off += 1
                 self.closed = True
                 self.transport.abort()

@@ -173,7 +173,7 @@ class RtmpSession(ViewerSession):
         except PEER_ERRORS as exc:
             self.protocol_error(exc)
         except Exception:  # a bug must cost this connection only, never the node
-            log.exception("rtmp %s: internal error", self.peer)
+            self.log.exception("rtmp %s: internal error", self.peer)
             self.node.stats.protocol_errors["internal"] += 1
             self.drop("internal error")
 
@@ -190,9 +190,10 @@ class RtmpSession(ViewerSession):
         if not self.closed:
             reason = reason if len(reason) <= 200 else reason[:200] + "..."
             if limiter is None:
-                log.warning("rtmp %s: dropping connection: %s", self.peer, reason)
+                self.log.warning("rtmp %s: dropping connection: %s", self.peer, reason)
             else:
-                limiter.log(logging.WARNING, "rtmp %s: dropping connection: %s", self.peer, reason)
+                limiter.log(logging.WARNING, "rtmp %s: dropping connection: %s", self.peer, reason,
+                            extra=self.log.extra)
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
@@ -317,7 +318,7 @@ class RtmpSession(ViewerSession):
             raise ProtocolError("command message without a command name")
         entry = COMMANDS.get(values[0])
         if entry is None:
-            log.debug("rtmp %s: ignoring command %s", self.peer, short(values[0]))
+            self.log.debug("rtmp %s: ignoring command %s", self.peer, short(values[0]))
             return
         decode, handle = entry
         txn = values[1] if len(values) > 1 and isinstance(values[1], float) else 0.0
@@ -328,7 +329,7 @@ class RtmpSession(ViewerSession):
         app = cmd.app
         if app not in self.node.settings.apps:
             # The app is the peer's: only a short form goes to the log and back to the peer.
-            log.info("rtmp %s: connect to unknown app %s refused", self.peer, short(app))
+            self.log.info("rtmp %s: connect to unknown app %s refused", self.peer, short(app))
             self.send_command("_error", cmd.txn, None, {
                 "level": "error", "code": "NetConnection.Connect.Rejected",
                 "description": f"unknown application {short(app)}"})
@@ -409,7 +410,7 @@ class RtmpSession(ViewerSession):
         except PublishRefused as exc:
             self.node.stats.publish_refused["unauthorized"] += 1
             if not self.closed:
-                log.info("rtmp %s: publish refused: %s", self.peer, exc)
+                self.log.info("rtmp %s: publish refused: %s", self.peer, exc)
                 self.send_status(msid, "error", "NetStream.Publish.Unauthorized",
                                  "publishing with this stream key is not allowed")
                 self.close_soon()
@@ -417,7 +418,7 @@ class RtmpSession(ViewerSession):
         except asyncio.CancelledError:
             return
         except Exception:
-            log.exception("rtmp %s: publish hook failed", self.peer)
+            self.log.exception("rtmp %s: publish hook failed", self.peer)
             self.node.stats.publish_refused["hook_failed"] += 1
             self.drop("publish hook failed")
             return
@@ -428,7 +429,7 @@ class RtmpSession(ViewerSession):
         if stream is None:
             stream = self.take_over(name, key)
         if stream is None:
-            log.info("rtmp %s: refused second publisher on live stream %r", self.peer, name)
+            self.log.info("rtmp %s: refused second publisher on live stream %r", self.peer, name)
             self.node.stats.publish_refused["already_live"] += 1
             self.send_status(msid, "error", "NetStream.Publish.BadName",
                              f"stream {name!r} is already live")
@@ -436,7 +437,7 @@ class RtmpSession(ViewerSession):
             return
         self.publishing = stream
         stream.owner = self
-        log.info("rtmp %s: publishing %r (app %s)", self.peer, name, self.app)
+        self.log.info("rtmp %s: publishing %r (app %s)", self.peer, name, self.app)
         self.send_user_control(UC_STREAM_BEGIN, msid)
         self.send_status(msid, "status", "NetStream.Publish.Start", f"{name} is now published.")
         held, self.held = self.held or [], None
@@ -461,7 +462,7 @@ class RtmpSession(ViewerSession):
         silent = time.monotonic() - stream.last_media_at
         if silent < self.node.settings.publish_takeover_grace:
             return None
-        log.info("rtmp %s: takes over %r from %s, which sent no media for %.1f s",
+        self.log.info("rtmp %s: takes over %r from %s, which sent no media for %.1f s",
                  self.peer, name, old.peer, silent)
         old.publishing = None  # so its end neither stops the stream nor reports publish_done
         old.drop(f"stream {name!r} taken over by {self.peer} (same stream key)")
@@ -472,7 +473,7 @@ class RtmpSession(ViewerSession):
         stream, self.publishing = self.publishing, None
         if stream is None:
             return
-        log.info("rtmp %s: stopped publishing %r", self.peer, stream.name)
+        self.log.info("rtmp %s: stopped publishing %r", self.peer, stream.name)
         self.node.registry.stop(stream)
         asyncio.ensure_future(
             self.node.authorizer.publish_done(self.app, self.publish_key, stream.name)
@@ -558,7 +559,7 @@ class RtmpSession(ViewerSession):
 
     def refuse(self, msid: int, code: str, reason: str) -> None:
         """Answer a command we cannot follow with an error status and the reason, then close."""
-        log.info("rtmp %s: refused: %s", self.peer, reason)
+        self.log.info("rtmp %s: refused: %s", self.peer, reason)
         self.send_status(msid, "error", code, reason)
         self.close_soon()
 

@@ -11,11 +11,22 @@ viewer it may be playing.  The fan-out itself (streams, tags, viewers) is in
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from watchbuy.engine.node import MediaNode
     from watchbuy.engine.relay import LiveStream, Viewer
+
+
+_connection_numbers = itertools.count(1)
+
+
+def new_conn_id(protocol: str) -> str:
+    """A short id for one connection, unique in this process: ``r00002a`` (RTMP), ``h00002b``
+    (HTTP).  Log lines about a connection carry it as ``conn_id``, so one grep finds them all."""
+    return f"{protocol[:1]}{next(_connection_numbers):06x}"
 
 
 class ViewerSession(asyncio.Protocol):
@@ -32,6 +43,11 @@ class ViewerSession(asyncio.Protocol):
         self.refused = False
         self.viewer: Viewer | None = None
         self.playing: LiveStream | None = None  # the stream ``viewer`` is attached to
+        self.conn_id = new_conn_id(self.protocol)
+        # Lines about this connection carry its id (``%(conn_id)s``, a JSON field); an adapter
+        # adds nothing per line until a line is actually emitted.
+        self.log = logging.LoggerAdapter(logging.getLogger(f"watchbuy.engine.{self.protocol}"),
+                                         {"conn_id": self.conn_id})
 
     def connection_made(self, transport) -> None:
         self.transport = transport
