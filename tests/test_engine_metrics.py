@@ -110,3 +110,36 @@ async def test_metrics_count_timeouts_by_kind(node):
         assert value(samples, "watchbuy_node_timeouts_total", kind="http_header") == 1
     finally:
         sock.close()
+
+
+async def test_the_grafana_dashboard_charts_only_metrics_that_exist(node):
+    """deploy/grafana/watchbuy.json must not chart a node or agent metric we do not export (a
+    renamed counter would leave a panel silently empty)."""
+    import json
+    import re
+    from pathlib import Path
+
+    from watchbuy.status_agent import AgentSettings, StatusAgent
+
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "deploy" / "grafana" /
+                            "watchbuy.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    charted = set(re.findall(r"\b(watchbuy_(?:node|agent)_[a-z_]+)", " ".join(exprs)))
+    assert len(charted) >= 15, charted
+
+    agent = StatusAgent(AgentSettings(node_id="dash", agent_host="127.0.0.1", agent_port=0,
+                                      engine_url="", agent_include_loopback=True),
+                        engine_info=node.server_info)
+    await agent.start()
+    try:
+        exported = set()
+        for port in (node.http_port, agent.port):
+            async with httpx.AsyncClient() as client:
+                text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            for family in text_string_to_metric_families(text):
+                exported.add(family.name + ("_total" if family.type == "counter" else ""))
+    finally:
+        await agent.stop()
+    assert charted - exported == set()
+    # the site's row is there for the site's metrics, named as documented
+    assert any("watchbuy_site_requests_total" in e for e in exprs)
