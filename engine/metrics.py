@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 PREFIX = "watchbuy_node_"
 VIEWER_KINDS = ("flv", "rtmp")  # always reported, so a dashboard's series exist at 0
+TIMEOUT_KINDS = ("rtmp_handshake", "rtmp_partial_message", "rtmp_publish_idle", "rtmp_idle",
+                 "http_header", "http_keepalive", "http_drain")
 
 
 def _labelled(family, items, defaults: tuple[str, ...] = ()):
@@ -114,7 +116,7 @@ class NodeCollector:
             stats.protocol_errors, ("rtmp_handshake", "rtmp", "http"))
         yield _labelled(CounterMetricFamily(PREFIX + "timeouts",
                                             "Connections ended by a timeout, by kind",
-                                            labels=["kind"]), stats.timeouts)
+                                            labels=["kind"]), stats.timeouts, TIMEOUT_KINDS)
         yield GaugeMetricFamily(PREFIX + "open_file_budget",
                                 "Connections the open-file limit allows (0: no limit)",
                                 value=node.fd_budget)

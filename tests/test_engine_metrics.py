@@ -108,6 +108,7 @@ async def test_metrics_count_timeouts_by_kind(node):
             await asyncio.sleep(0.05)
         samples = await scrape(node.http_port)
         assert value(samples, "watchbuy_node_timeouts_total", kind="http_header") == 1
+        assert value(samples, "watchbuy_node_timeouts_total", kind="rtmp_idle") == 0
     finally:
         sock.close()
 
