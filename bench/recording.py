@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # a script, or imported as `recording` (bench/con
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import loopback_node_settings  # noqa: E402
+from watchbuy.engine.wire import MSG_AUDIO, MSG_VIDEO  # noqa: E402
 
 WORK_DIR = Path(__file__).resolve().parent / "work"
 SESSION_FILE = WORK_DIR / "ffmpeg_publish.rtmp"
@@ -40,9 +41,6 @@ SECONDS = 10
 # What the recording must contain at least (10 s at 30 fps; AAC at 44.1 kHz is ~43 frames/s).
 MIN_VIDEO_MESSAGES = 250
 MIN_AUDIO_MESSAGES = 350
-
-MSG_AUDIO = 8
-MSG_VIDEO = 9
 
 
 class RecordingError(RuntimeError):

@@ -53,7 +53,7 @@ def print_media_banner(settings: Settings, rtmp_port: int, http_port: int) -> No
         print(f"  play: ffplay -fflags nobuffer http://{host}:{http_port}/{app}/{name}.flv")
         print(f"        or rtmp://{host}:{rtmp_port}/{app}/{name}")
     print(f"\n  stats: http://{host}:{http_port}/api/streams  http://{host}:{http_port}/api/server",
-          flush=True)
+          f"\n  metrics: http://{host}:{http_port}/metrics", flush=True)
 
 
 def run_media(args: argparse.Namespace) -> int:

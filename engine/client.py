@@ -12,10 +12,18 @@ import struct
 from watchbuy.engine.codecs import amf, chunk
 from watchbuy.engine.errors import ProtocolError
 from watchbuy.engine.handshake import ClientHandshake
-
-MSG_SET_CHUNK_SIZE = 1
-MSG_WINDOW_ACK_SIZE = 5
-MSG_COMMAND_AMF0 = 20
+from watchbuy.engine.wire import (
+    CSID_AUDIO,
+    CSID_COMMAND,
+    CSID_CONTROL,
+    CSID_DATA,
+    CSID_VIDEO,
+    MSG_AUDIO,
+    MSG_COMMAND_AMF0,
+    MSG_DATA_AMF0,
+    MSG_SET_CHUNK_SIZE,
+    MSG_VIDEO,
+)
 
 
 class RtmpError(Exception):
@@ -49,7 +57,7 @@ class RtmpClient:
                 writer.write(c2)
         if handshake.leftover:
             client.inbox.extend(client.chunks.feed(handshake.leftover))
-        client.send_raw(client.out.write(2, 0, MSG_SET_CHUNK_SIZE, 0, struct.pack(">I", 4096)))
+        client.send_raw(client.out.write(CSID_CONTROL, 0, MSG_SET_CHUNK_SIZE, 0, struct.pack(">I", 4096)))
         client.out.chunk_size = 4096
         return client
 
@@ -72,7 +80,7 @@ class RtmpClient:
     def command(self, name: str, *args, stream_id: int = 0) -> float:
         self.txn += 1
         payload = amf.encode_amf0(name, float(self.txn), *args)
-        self.send_raw(self.out.write(3, 0, MSG_COMMAND_AMF0, stream_id, payload))
+        self.send_raw(self.out.write(CSID_COMMAND, 0, MSG_COMMAND_AMF0, stream_id, payload))
         return float(self.txn)
 
     async def next_message(self, timeout: float = 10.0) -> tuple:
@@ -130,19 +138,19 @@ class RtmpClient:
         from watchbuy.engine.amf_types import ECMAArray
 
         payload = amf.encode_amf0("@setDataFrame", "onMetaData", ECMAArray(metadata))
-        self.send_raw(self.out.write(5, 0, 18, self.stream_id, payload))
+        self.send_raw(self.out.write(CSID_DATA, 0, MSG_DATA_AMF0, self.stream_id, payload))
 
     def send_media(self, type_id: int, timestamp: int, payload: bytes) -> None:
-        csid = 6 if type_id == 9 else 4
+        csid = CSID_VIDEO if type_id == MSG_VIDEO else CSID_AUDIO
         self.send_raw(self.out.write(csid, timestamp, type_id, self.stream_id, payload))
 
     async def media(self, timeout: float = 10.0) -> tuple:
         """Next audio/video/data message of a played stream: (timestamp, type_id, payload)."""
         while True:
             message = await self.next_message(timeout)
-            if message[2] == 18 and message[4].startswith(b"\x02\x00\x11|RtmpSampleAccess"):
+            if message[2] == MSG_DATA_AMF0 and message[4].startswith(b"\x02\x00\x11|RtmpSampleAccess"):
                 continue  # a permission flag for Flash players, not stream data
-            if message[2] in (8, 9, 18):
+            if message[2] in (MSG_AUDIO, MSG_VIDEO, MSG_DATA_AMF0):
                 return message[1], message[2], message[4]
             if message[2] == MSG_COMMAND_AMF0:
                 values = amf.decode_amf0(message[4])

@@ -5,6 +5,7 @@ Routes:
 * ``GET /<app>/<name>.flv`` and ``GET /<node-id>/<app>/<name>.flv`` — the live stream as FLV
   (the second form is what a CDN forwards, so one cache behaviour per node finds its origin);
 * ``GET /api/streams`` and ``GET /api/server`` — stats; ``GET /healthz``;
+* ``GET /metrics`` — Prometheus metrics (engine/metrics.py);
 * ``OPTIONS`` — CORS preflight; every answer carries CORS headers so a browser on the site's
   origin can fetch the stream.
 
@@ -42,9 +43,12 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from watchbuy.engine import metrics
 from watchbuy.engine.codecs import flvmux
 from watchbuy.engine.httpparse import HttpError, Request, RequestParser
-from watchbuy.engine.relay import MSG_AUDIO, MSG_VIDEO, LiveStream, Tag, Viewer, ViewerSession
+from watchbuy.engine.relay import LiveStream, Tag, Viewer
+from watchbuy.engine.session import ViewerSession
+from watchbuy.engine.wire import MSG_AUDIO, MSG_VIDEO
 
 if TYPE_CHECKING:
     from watchbuy.engine.node import MediaNode
@@ -73,7 +77,7 @@ class LogBudget:
         self._used = 0
         self.suppressed = 0
 
-    def log(self, level: int, message: str, *args: object) -> None:
+    def log(self, level: int, message: str, *args: object, extra: dict | None = None) -> None:
         if not log.isEnabledFor(level):
             return
         now = time.monotonic()
@@ -87,7 +91,7 @@ class LogBudget:
             self.suppressed += 1
             return
         self._used += 1
-        log.log(level, message, *args)
+        log.log(level, message, *args, extra=extra)
 
 
 LOG_BUDGET = LogBudget()
@@ -157,10 +161,6 @@ class FlvViewer(Viewer):
         self.write(self.frame(prefix))
         super().deliver(tags, None)
 
-    def end(self) -> None:
-        self.closed = True
-        self.session.stream_ended(self)
-
 
 class HttpSession(ViewerSession):
     """One HTTP connection: answers pipelined requests a bounded number per turn, under
@@ -170,9 +170,8 @@ class HttpSession(ViewerSession):
 
     def __init__(self, node: MediaNode) -> None:
         super().__init__(node)
-        config = node.config
-        self.parser = RequestParser(config.http_max_head, config.http_max_buffer)
-        self.stream: LiveStream | None = None
+        settings = node.settings
+        self.parser = RequestParser(settings.http_max_head, settings.http_max_buffer)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_kind = ""
@@ -186,16 +185,16 @@ class HttpSession(ViewerSession):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.loop = asyncio.get_running_loop()
-        self._arm("header", self.node.config.header_timeout)
+        self._arm("header", self.node.settings.header_timeout)
 
     def connection_lost(self, exc) -> None:
         self._lost = True
         self._cancel_timer()
         super().connection_lost(exc)  # the per-address count (ViewerSession)
         self.node.stats.connection_closed("http")
-        if self.viewer is not None and self.stream is not None:
+        if self.viewer is not None and self.playing is not None:
             self.viewer.closed = True
-            self.stream.remove_viewer(self.viewer)
+            self.playing.remove_viewer(self.viewer)
             self.viewer = None
 
     def data_received(self, data: bytes) -> None:
@@ -212,7 +211,7 @@ class HttpSession(ViewerSession):
         self._write_paused = True
         if not self._closing:
             self._set_reading(False)
-            self._arm("drain", self.node.config.drain_timeout)
+            self._arm("drain", self.node.settings.drain_timeout)
 
     def resume_writing(self) -> None:
         if self.viewer is not None:
@@ -229,9 +228,11 @@ class HttpSession(ViewerSession):
         if self._lost or self._closing or self.viewer is not None:
             return
         try:
-            for event in self.parser.feed(data, self.node.config.http_requests_per_turn):
+            for event in self.parser.feed(data, self.node.settings.http_requests_per_turn):
                 if isinstance(event, HttpError):
-                    LOG_BUDGET.log(logging.INFO, "http %s: %s", self.peer, event.reason)
+                    self.node.stats.protocol_errors["http"] += 1
+                    LOG_BUDGET.log(logging.INFO, "http %s: %s", self.peer, event.reason,
+                                   extra=self.log.extra)
                     self.respond(event.status, {"error": event.reason}, keep_alive=False)
                     return
                 self._cancel_timer()  # a whole head arrived in time
@@ -240,7 +241,8 @@ class HttpSession(ViewerSession):
                     break
         except Exception as exc:  # a bug must cost this connection only, and one line
             LOG_BUDGET.log(logging.WARNING, "http %s: internal error: %s: %s", self.peer,
-                           type(exc).__name__, exc)
+                           type(exc).__name__, exc, extra=self.log.extra)
+            self.node.stats.protocol_errors["internal"] += 1
             self._closing = True
             self.transport.abort()
             return
@@ -260,17 +262,17 @@ class HttpSession(ViewerSession):
         # Read more only when all that was read is answered and the peer takes the answers:
         # this bounds what one client can queue in the parser and in the write buffer.
         self._set_reading(not backlog and not self._write_paused)
-        config = self.node.config
+        settings = self.node.settings
         if self._write_paused:
             if self._timer_kind != "drain":
-                self._arm("drain", config.drain_timeout)
+                self._arm("drain", settings.drain_timeout)
         elif backlog:
             self._cancel_timer()  # waiting on us, not on the peer
         elif self.parser.buffered:
             if self._timer_kind != "header":  # the clock runs from a head's first byte
-                self._arm("header", config.header_timeout)
+                self._arm("header", settings.header_timeout)
         elif self._timer_kind != "keepalive":
-            self._arm("keepalive", config.keepalive_timeout)
+            self._arm("keepalive", settings.keepalive_timeout)
 
     def _set_reading(self, on: bool) -> None:
         if self._reading_paused is not on or self.transport.is_closing():
@@ -297,19 +299,20 @@ class HttpSession(ViewerSession):
         kind, self._timer, self._timer_kind = self._timer_kind, None, ""
         if self._lost:
             return
-        config = self.node.config
+        settings = self.node.settings
+        self.node.stats.timeouts["http_" + kind] += 1
         if kind == "drain":
             LOG_BUDGET.log(logging.INFO, "http %s: peer took no data for %.0f s: aborting",
-                           self.peer, config.drain_timeout)
+                           self.peer, settings.drain_timeout, extra=self.log.extra)
             self._closing = True
             self.transport.abort()
         elif kind == "header":
             LOG_BUDGET.log(logging.INFO, "http %s: no complete request head within %.0f s: "
-                           "closing", self.peer, config.header_timeout)
+                           "closing", self.peer, settings.header_timeout, extra=self.log.extra)
             self.close_after_drain()
         else:
             LOG_BUDGET.log(logging.DEBUG, "http %s: idle for %.0f s: closing", self.peer,
-                           config.keepalive_timeout)
+                           settings.keepalive_timeout, extra=self.log.extra)
             self.close_after_drain()
 
     def close_after_drain(self) -> None:
@@ -321,7 +324,7 @@ class HttpSession(ViewerSession):
         self._set_reading(False)
         self.transport.close()
         if not self._lost and self.transport.get_write_buffer_size():
-            self._arm("drain", self.node.config.drain_timeout)
+            self._arm("drain", self.node.settings.drain_timeout)
         else:
             self._cancel_timer()
 
@@ -329,9 +332,13 @@ class HttpSession(ViewerSession):
     def respond(self, status: int, body: dict | None, keep_alive: bool = True,
                 head_only: bool = False) -> None:
         payload = b"" if body is None else json.dumps(body).encode()
+        self.respond_bytes(status, payload, "application/json", keep_alive, head_only)
+
+    def respond_bytes(self, status: int, payload: bytes, content_type: str,
+                      keep_alive: bool = True, head_only: bool = False) -> None:
         head = (
             f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
-            f"Content-Type: application/json\r\n"
+            f"Content-Type: {content_type}\r\n"
             f"Content-Length: {len(payload)}\r\n"
             f"Cache-Control: no-cache\r\n"
             f"{CORS_HEADERS}"
@@ -344,7 +351,7 @@ class HttpSession(ViewerSession):
 
     def is_operator(self, request: Request) -> bool:
         """``Authorization: Bearer <hook secret>``; never true without a configured secret."""
-        secret = self.node.config.hook_secret
+        secret = self.node.settings.hook_secret
         if not secret:
             return False
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -367,8 +374,11 @@ class HttpSession(ViewerSession):
             self.respond(200, info, keep, head_only)
         elif path == "/api/server":
             self.respond(200, self.node.server_info(), keep, head_only)
+        elif path == "/metrics":
+            self.respond_bytes(200, metrics.render(self.node.metrics), metrics.CONTENT_TYPE, keep,
+                               head_only)
         elif path == "/healthz":
-            self.respond(200, {"ok": True, "node_id": self.node.config.node_id}, keep, head_only)
+            self.respond(200, {"ok": True, "node_id": self.node.settings.node_id}, keep, head_only)
         elif path.endswith(".flv"):
             self.play(request, path, head_only)
         else:
@@ -376,10 +386,10 @@ class HttpSession(ViewerSession):
 
     def play(self, request: Request, path: str, head_only: bool) -> None:
         parts = path[:-4].strip("/").split("/")
-        if len(parts) == 3 and parts[0] == self.node.config.node_id:
+        if len(parts) == 3 and parts[0] == self.node.settings.node_id:
             parts = parts[1:]
         stream = None
-        if len(parts) == 2 and parts[0] in self.node.config.apps:
+        if len(parts) == 2 and parts[0] in self.node.settings.apps:
             stream = self.node.registry.get(parts[1])
         if stream is None:
             self.respond(404, {"error": "stream is not live"}, request.keep_alive, head_only)
@@ -399,7 +409,7 @@ class HttpSession(ViewerSession):
         if head_only:
             self.close_after_drain()
             return
-        self.stream = stream
+        self.playing = stream
         self.viewer = FlvViewer(self, chunked)
         stream.add_viewer(self.viewer)
 
@@ -408,5 +418,5 @@ class HttpSession(ViewerSession):
         if viewer.chunked:
             self.transport.write(b"0\r\n\r\n")
         self.viewer = None
-        self.stream = None
+        self.playing = None
         self.close_after_drain()

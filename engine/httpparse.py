@@ -33,6 +33,19 @@ class HttpError(ProtocolError):
         self.reason = reason
 
 
+def parse_header_lines(lines: list[str]) -> dict[str, str]:
+    """``{lower-cased name: value}`` from HTTP/1 header lines (requests here, responses in the
+    status agent's client); a line without a colon, or with space around the name, is a 400.
+    A repeated name keeps its last value: nothing we read is a list-valued header."""
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise HttpError(400, "malformed header line")
+        headers[name.lower()] = value.strip()
+    return headers
+
+
 @dataclass
 class Request:
     method: str
@@ -124,12 +137,7 @@ class RequestParser:
         method, target, version = parts
         if not method.isascii() or not method.isalpha() or not target.startswith("/"):
             raise HttpError(400, "malformed request line")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
-                raise HttpError(400, "malformed header line")
-            headers[name.lower()] = value.strip()
+        headers = parse_header_lines(lines[1:])
         if headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers:
             raise HttpError(400, "request bodies are not accepted here")
         return Request(method.upper(), target, version, headers)

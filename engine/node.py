@@ -6,11 +6,14 @@ import asyncio
 import logging
 import resource
 import time
+from collections import Counter
 
 from watchbuy.engine.codecs import implementations
 from watchbuy.engine.hooks import HttpHooks, PublishAuthorizer, StaticKeys
 from watchbuy.engine.http import HttpSession
-from watchbuy.engine.relay import CounterWindow, LogLimiter, RelayLimits, StreamRegistry
+from watchbuy.engine.metrics import node_registry
+from watchbuy.engine.rates import RateWindow
+from watchbuy.engine.relay import LogLimiter, RelayLimits, StreamRegistry
 from watchbuy.engine.rtmp import RtmpSession
 from watchbuy.settings import Settings
 
@@ -18,15 +21,28 @@ log = logging.getLogger("watchbuy.engine")
 
 
 class ServerStats:
-    """Connection counts and byte counters, with per-second rates over a short window."""
+    """Connection counts and byte counters, with per-second rates over a short window, and the
+    event counters ``/metrics`` reports (engine/metrics.py reads them at scrape time).
+
+    Plain ints and Counters that the data path bumps where it already does the work: a scrape
+    costs a walk over these, a message costs nothing extra.
+    """
 
     def __init__(self) -> None:
         self.connections: dict[str, int] = {"rtmp": 0, "http": 0}
         self.connections_total = 0
         self.connections_refused = 0
+        self.refused_by: Counter[str] = Counter()  # "per_ip", "fd"
         self.bytes_in = 0
         self.bytes_out = 0
-        self._window = CounterWindow()  # bytes in, bytes out
+        self.viewers_started: Counter[str] = Counter()  # by viewer kind: "flv", "rtmp"
+        self.keyframe_resyncs = 0  # a viewer fell behind, lost tags, waits for a keyframe
+        self.tags_dropped = 0  # tags not sent to viewers that had fallen behind
+        self.viewers_cut_off = 0  # stalled past WATCHBUY_STALL_TIMEOUT: disconnected
+        self.publish_refused: Counter[str] = Counter()  # by reason
+        self.protocol_errors: Counter[str] = Counter()  # "rtmp_handshake", "rtmp", "http"
+        self.timeouts: Counter[str] = Counter()  # by kind: "handshake", "header", ...
+        self._window = RateWindow()  # "bytes": (in, out)
 
     def connection_opened(self, kind: str) -> None:
         self.connections[kind] = self.connections.get(kind, 0) + 1
@@ -39,11 +55,11 @@ class ServerStats:
         return sum(self.connections.values())
 
     def sample(self, now: float) -> None:
-        self._window.add(now, self.bytes_in, self.bytes_out)
+        self._window.add(now, {"bytes": (self.bytes_in, self.bytes_out)})
 
     def rates(self) -> tuple[float, float]:
         """(bytes per second in, bytes per second out) over the sampling window."""
-        rx, tx = self._window.rates(2)
+        rx, tx = self._window.rate("bytes", 2)
         return rx, tx
 
 
@@ -73,16 +89,8 @@ class MediaNode:
     """Owns the listeners; ``await node.start()``, then ``await node.stop()``."""
 
     def __init__(self, settings: Settings, authorizer: PublishAuthorizer | None = None) -> None:
-        self.config = settings
-        self.limits = RelayLimits(
-            gop_max_frames=settings.gop_max_frames,
-            gop_max_bytes=settings.gop_max_bytes,
-            viewer_queue_bytes=settings.viewer_queue_bytes,
-            stall_timeout=settings.stall_timeout,
-            out_chunk_size=settings.out_chunk_size,
-            metadata_max_fields=settings.metadata_max_fields,
-            metadata_max_bytes=settings.metadata_max_bytes,
-        )
+        self.settings = settings
+        self.limits = RelayLimits.from_settings(settings)
         self.registry = StreamRegistry(self.limits)
         self.authorizer = authorizer or make_authorizer(settings)
         self.stats = ServerStats()
@@ -101,16 +109,17 @@ class MediaNode:
         self._sampler: asyncio.Task | None = None
         self.rtmp_port = settings.rtmp_port
         self.http_port = settings.http_port
+        self.metrics = node_registry(self)  # GET /metrics (engine/metrics.py)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.fd_budget = fd_budget(self.config.fd_reserve)
+        self.fd_budget = fd_budget(self.settings.fd_reserve)
         rtmp = await loop.create_server(
-            lambda: RtmpSession(self), self.config.rtmp_host, self.config.rtmp_port,
+            lambda: RtmpSession(self), self.settings.rtmp_host, self.settings.rtmp_port,
             reuse_address=True, backlog=1024,
         )
         http = await loop.create_server(
-            lambda: HttpSession(self), self.config.http_host, self.config.http_port,
+            lambda: HttpSession(self), self.settings.http_host, self.settings.http_port,
             reuse_address=True, backlog=4096,
         )
         self._servers = [rtmp, http]
@@ -119,8 +128,8 @@ class MediaNode:
         self.http_port = http.sockets[0].getsockname()[1]
         self._sampler = asyncio.ensure_future(self._sample_forever())
         log.info("media node %s: RTMP on %s:%d, HTTP-FLV on %s:%d (codecs: %s)",
-                 self.config.node_id, self.config.rtmp_host, self.rtmp_port,
-                 self.config.http_host, self.http_port, implementations())
+                 self.settings.node_id, self.settings.rtmp_host, self.rtmp_port,
+                 self.settings.http_host, self.http_port, implementations())
 
     async def stop(self) -> None:
         if self._sampler is not None:
@@ -152,22 +161,24 @@ class MediaNode:
             try:
                 session.check_timeouts(now)
             except Exception:  # a bug in one session must not stop the sampler
-                log.exception("rtmp %s: timeout check failed", session.peer)
+                session.log.exception("rtmp %s: timeout check failed", session.peer)
 
     # -- admission ----------------------------------------------------------------------------
     def admit(self, session) -> bool:
         """Whether a new connection (already counted as open) may stay."""
-        config = self.config
+        settings = self.settings
         if self.fd_budget and self.stats.open_connections() > self.fd_budget:
             self.stats.connections_refused += 1
+            self.stats.refused_by["fd"] += 1
             self._fd_refusals.log(logging.WARNING, "refusing %s connection from %s: %d "
                                   "connections open, the most the open-file limit allows "
                                   "(RLIMIT_NOFILE less WATCHBUY_FD_RESERVE=%d)", session.protocol,
-                                  session.peer, self.fd_budget, config.fd_reserve)
+                                  session.peer, self.fd_budget, settings.fd_reserve,
+                                  extra=session.log.extra)
             return False
-        cap = config.max_connections_per_ip
+        cap = settings.max_connections_per_ip
         host = session.peer_host
-        if cap and host and (config.per_ip_limit_loopback or not is_loopback(host)):
+        if cap and host and (settings.per_ip_limit_loopback or not is_loopback(host)):
             sessions = self.per_ip.setdefault(host, set())
             if len(sessions) >= cap:
                 # release() normally keeps this exact; should a close ever miss it, the
@@ -175,9 +186,11 @@ class MediaNode:
                 sessions.difference_update([s for s in sessions if s.transport.is_closing()])
             if len(sessions) >= cap:
                 self.stats.connections_refused += 1
+                self.stats.refused_by["per_ip"] += 1
                 self._ip_refusals.log(logging.WARNING, "refusing %s connection from %s: %d open "
                                       "from that address (WATCHBUY_MAX_CONNECTIONS_PER_IP)",
-                                      session.protocol, session.peer, len(sessions))
+                                      session.protocol, session.peer, len(sessions),
+                                      extra=session.log.extra)
                 return False
             sessions.add(session)
             session.ip_slot = host
@@ -198,12 +211,12 @@ class MediaNode:
         if not operator:  # a publisher's IP:port is a host's home address: operators only
             for info in streams:
                 info.pop("publisher", None)
-        return {"node_id": self.config.node_id, "streams": streams}
+        return {"node_id": self.settings.node_id, "streams": streams}
 
     def server_info(self) -> dict:
         rx, tx = self.stats.rates()
         return {
-            "node_id": self.config.node_id,
+            "node_id": self.settings.node_id,
             "uptime": round(time.monotonic() - self.started_mono, 1),
             "connections": dict(self.stats.connections),
             "connections_total": self.stats.connections_total,

@@ -14,41 +14,59 @@ stalled past ``stall_timeout`` is disconnected.  Neither can delay other viewers
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from watchbuy.engine.amf_types import ECMAArray
 from watchbuy.engine.codecs import amf, chunk, flvmux
+from watchbuy.engine.rates import RateWindow
+from watchbuy.engine.wire import (
+    CSID_AUDIO,
+    CSID_DATA,
+    CSID_VIDEO,
+    MSG_AUDIO,
+    MSG_DATA_AMF0,
+    MSG_VIDEO,
+    PLAY_STREAM_ID,
+)
+from watchbuy.settings import Settings
+
+if TYPE_CHECKING:
+    from watchbuy.engine.session import ViewerSession
 
 log = logging.getLogger("watchbuy.engine.relay")
 
-MSG_AUDIO = 8
-MSG_VIDEO = 9
-MSG_DATA_AMF0 = 18
 
-# Chunk stream ids for media sent to RTMP players (ffmpeg's and nginx-rtmp's choices).
-CSID_AUDIO = 4
-CSID_DATA = 5
-CSID_VIDEO = 6
-PLAY_STREAM_ID = 1  # the first createStream of every connection answers 1
+def _setting_default(name: str):
+    """The default of :class:`~watchbuy.settings.Settings` field ``name``: the one place the
+    relay's bounds are defaulted (``WATCHBUY_<NAME>`` overrides them)."""
+    return Settings.__dataclass_fields__[name].default
 
 
 @dataclass
 class RelayLimits:
-    """Bounds that keep one stream or one viewer from eating the node."""
+    """Bounds that keep one stream or one viewer from eating the node.
 
-    gop_max_frames: int = 1024
-    gop_max_bytes: int = 16 * 1024 * 1024
-    viewer_queue_bytes: int = 1024 * 1024
-    stall_timeout: float = 10.0
-    out_chunk_size: int = 4096
-    metadata_max_fields: int = 64
-    metadata_max_bytes: int = 8192
+    Each field is the node setting of the same name; the defaults are the settings' own.
+    """
+
+    gop_max_frames: int = _setting_default("gop_max_frames")
+    gop_max_bytes: int = _setting_default("gop_max_bytes")
+    viewer_queue_bytes: int = _setting_default("viewer_queue_bytes")
+    stall_timeout: float = _setting_default("stall_timeout")
+    out_chunk_size: int = _setting_default("out_chunk_size")
+    metadata_max_fields: int = _setting_default("metadata_max_fields")
+    metadata_max_bytes: int = _setting_default("metadata_max_bytes")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RelayLimits:
+        """The limits a node with ``settings`` applies."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
 # onMetaData fields that describe a file, not a live stream: a player given them shows a fixed
@@ -81,8 +99,9 @@ class LogLimiter:
         self.last = -math.inf
         self.held_back = 0
 
-    def log(self, level: int, message: str, *args: object) -> bool:
-        """Log unless a line went out less than ``interval`` ago; True when logged."""
+    def log(self, level: int, message: str, *args: object, extra: dict | None = None) -> bool:
+        """Log unless a line went out less than ``interval`` ago; True when logged.
+        ``extra``: record attributes (a connection's ``conn_id``)."""
         now = time.monotonic()
         if now - self.last < self.interval:
             self.held_back += 1
@@ -92,7 +111,7 @@ class LogLimiter:
             args = (*args, self.held_back)
         self.last = now
         self.held_back = 0
-        self.logger.log(level, message, *args)
+        self.logger.log(level, message, *args, extra=extra)
         return True
 
 
@@ -146,6 +165,8 @@ class Viewer:
         self.transport = transport = session.transport
         self.limits = limits = session.node.limits
         self.on_bytes = session.count_out
+        self.stats = stats = session.node.stats
+        stats.viewers_started[self.kind] += 1
         self.paused_since: float | None = None
         self.waiting_keyframe = False
         self.closed = False
@@ -166,8 +187,10 @@ class Viewer:
         raise NotImplementedError
 
     def end(self) -> None:
-        """The publisher stopped."""
-        raise NotImplementedError
+        """The publisher stopped: this viewer gets nothing more, and its session says so to
+        its player in its protocol's way."""
+        self.closed = True
+        self.session.stream_ended(self)
 
     # -- flow control, called by the protocol that owns the transport ------------------------
     def pause_writing(self) -> None:
@@ -195,10 +218,14 @@ class Viewer:
             return
         if self.paused_since is not None:
             self.tags_dropped += len(tags)
-            self.waiting_keyframe = True
+            self.stats.tags_dropped += len(tags)
+            if not self.waiting_keyframe:
+                self.waiting_keyframe = True
+                self.stats.keyframe_resyncs += 1
             if time.monotonic() - self.paused_since > self.limits.stall_timeout:
                 log.info("%s %s stalled for %.0f s: disconnecting", self.kind,
-                         self.peer(), self.limits.stall_timeout)
+                         self.peer(), self.limits.stall_timeout, extra=self.session.log.extra)
+                self.stats.viewers_cut_off += 1
                 self.closed = True
                 self.transport.abort()
             return
@@ -206,11 +233,13 @@ class Viewer:
             for index, tag in enumerate(tags):
                 if tag.keyframe:
                     self.tags_dropped += index
+                    self.stats.tags_dropped += index
                     tags = tags[index:]
                     self.waiting_keyframe = False
                     break
             else:
                 self.tags_dropped += len(tags)
+                self.stats.tags_dropped += len(tags)
                 return
             self.write(self.encode(tags))
         elif shared is None:
@@ -236,69 +265,6 @@ class Viewer:
             return f"{host}:{port}"
         except (TypeError, ValueError):
             return "?"
-
-
-class CounterWindow:
-    """Samples of growing counters over a short window; rates between its oldest and newest
-    sample, so a stats request is answered from memory at once."""
-
-    def __init__(self, size: int = 6) -> None:
-        self.samples: deque[tuple[float, tuple[int, ...]]] = deque(maxlen=size)
-
-    def add(self, now: float, *counters: int) -> None:
-        self.samples.append((now, counters))
-
-    def rates(self, width: int) -> tuple[float, ...]:
-        """Per-second rates of each of the ``width`` counters (zeros until two samples)."""
-        if len(self.samples) < 2:
-            return (0.0,) * width
-        (t0, first), (t1, last) = self.samples[0], self.samples[-1]
-        span = t1 - t0
-        if span <= 0:
-            return (0.0,) * width
-        return tuple((b - a) / span for a, b in zip(first, last, strict=True))
-
-
-class ViewerSession(asyncio.Protocol):
-    """What the node's RTMP and HTTP protocols share: peer name, connection counts, byte
-    accounting, and flow control handed to the viewer this connection may be playing."""
-
-    protocol = "?"
-
-    def __init__(self, node) -> None:
-        self.node = node
-        self.transport = None
-        self.peer = "?"
-        self.peer_host = ""
-        self.ip_slot = ""  # the address this connection counts against, when it counts
-        self.refused = False
-        self.viewer: Viewer | None = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.peer_host = str(peer[0]) if peer else ""
-        self.node.stats.connection_opened(self.protocol)
-        # Per-address cap and open-file headroom, for RTMP and HTTP alike: a refused
-        # connection is aborted before it reads a byte (the node logs it, rate-limited).
-        if not self.node.admit(self):
-            self.refused = True
-            transport.abort()
-
-    def connection_lost(self, exc) -> None:
-        self.node.release(self)
-
-    def pause_writing(self) -> None:
-        if self.viewer is not None:
-            self.viewer.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.viewer is not None:
-            self.viewer.resume_writing()
-
-    def count_out(self, n: int) -> None:
-        self.node.stats.bytes_out += n
 
 
 class LiveStream:
@@ -328,7 +294,7 @@ class LiveStream:
         self.has_video = False
         self.bytes_in = 0
         self.video_frames = 0
-        self._window = CounterWindow()  # bytes in, video frames
+        self._window = RateWindow()  # "in": (bytes in, video frames)
 
     # -- input from the publisher --------------------------------------------------------------
     def on_media(self, type_id: int, timestamp: int, payload: bytes) -> None:
@@ -451,11 +417,11 @@ class LiveStream:
 
     # -- stats -----------------------------------------------------------------------------
     def sample(self, now: float) -> None:
-        self._window.add(now, self.bytes_in, self.video_frames)
+        self._window.add(now, {"in": (self.bytes_in, self.video_frames)})
 
     def rates(self) -> tuple[float, float]:
         """(bits per second in, video frames per second) over the sampling window."""
-        bytes_per_s, fps = self._window.rates(2)
+        bytes_per_s, fps = self._window.rate("in", 2)
         return bytes_per_s * 8, fps
 
     def info(self) -> dict:

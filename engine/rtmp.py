@@ -10,27 +10,49 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import struct
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from watchbuy.engine.amf_types import UNDEFINED
 from watchbuy.engine.codecs import amf, chunk
+from watchbuy.engine.commands import (
+    Connect,
+    DeleteStream,
+    Invocation,
+    Pause,
+    Play,
+    Publish,
+)
 from watchbuy.engine.errors import ProtocolError
 from watchbuy.engine.handshake import ServerHandshake
 from watchbuy.engine.hooks import PublishRefused, split_key
-from watchbuy.engine.relay import (
+from watchbuy.engine.relay import LiveStream, LogLimiter, Tag, Viewer, short
+from watchbuy.engine.session import ViewerSession
+from watchbuy.engine.wire import (
+    AGGREGATE_PARTS,
+    CSID_COMMAND,
+    CSID_CONTROL,
+    CSID_DATA,
+    CSID_STATUS,
+    MSG_ACK,
+    MSG_AGGREGATE,
     MSG_AUDIO,
+    MSG_COMMAND_AMF0,
+    MSG_COMMAND_AMF3,
     MSG_DATA_AMF0,
+    MSG_DATA_AMF3,
+    MSG_SET_CHUNK_SIZE,
+    MSG_SET_PEER_BANDWIDTH,
+    MSG_USER_CONTROL,
     MSG_VIDEO,
+    MSG_WINDOW_ACK_SIZE,
     PLAY_STREAM_ID,
-    LiveStream,
-    LogLimiter,
-    Tag,
-    Viewer,
-    ViewerSession,
-    short,
+    UC_PING_REQUEST,
+    UC_PING_RESPONSE,
+    UC_STREAM_BEGIN,
+    UC_STREAM_EOF,
 )
 
 if TYPE_CHECKING:
@@ -38,45 +60,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("watchbuy.engine.rtmp")
 
-MSG_SET_CHUNK_SIZE = 1
-MSG_ABORT = 2
-MSG_ACK = 3
-MSG_USER_CONTROL = 4
-MSG_WINDOW_ACK_SIZE = 5
-MSG_SET_PEER_BANDWIDTH = 6
-MSG_DATA_AMF3 = 15
-MSG_COMMAND_AMF3 = 17
-MSG_COMMAND_AMF0 = 20
-MSG_AGGREGATE = 22
-
-# What an aggregate message may carry: the publisher's media and data, never another aggregate.
-AGGREGATE_PARTS = frozenset((MSG_AUDIO, MSG_VIDEO, MSG_DATA_AMF0, MSG_DATA_AMF3))
-
 # What decoding peer input may raise besides ProtocolError: bad numbers, depth, text.  Each is
 # the peer's fault and costs its connection one log line, never a traceback.
 PEER_ERRORS = (ProtocolError, ValueError, OverflowError, RecursionError)
-
-UC_STREAM_BEGIN = 0
-UC_STREAM_EOF = 1
-UC_PING_REQUEST = 6
-UC_PING_RESPONSE = 7
-
-CSID_CONTROL = 2
-CSID_COMMAND = 3
-CSID_STATUS = 8  # onStatus on a stream; kept apart from the shared media csids 4/5/6
 
 WINDOW_ACK_SIZE = 2_500_000
 
 # Codecs we relay, stated in the connect reply when the client lists its own (Enhanced RTMP).
 FOURCC_LIST = ["avc1", "hvc1", "av01", "vp09", "mp4a", "Opus", "fLaC", "ac-3", "ec-3", ".mp3"]
-
-
-def stream_id(value: float) -> int:
-    """A message stream id from a peer's AMF number: NaN, infinities and numbers outside the
-    32-bit field are protocol errors (int() would raise or give nonsense)."""
-    if not (math.isfinite(value) and 0 <= value <= 0xFFFFFFFF):
-        raise ProtocolError(f"stream id {short(repr(value), 30)} is not a valid stream id")
-    return int(value)
 
 
 class RtmpViewer(Viewer):
@@ -96,18 +87,16 @@ class RtmpViewer(Viewer):
         if self.msid == PLAY_STREAM_ID:
             size = self.chunk_size
             return [tag.rtmp(size) for tag in tags]
-        # A player that created more than one stream: its own encoding, not the shared bytes.
+        # A player that created more than one stream: its own encoding, not the shared bytes,
+        # all on one csid (what nginx-rtmp does for a non-default stream).
         return [
-            chunk.encode_message(self.chunk_size, 5, t.timestamp, t.type_id, self.msid, t.payload)
+            chunk.encode_message(self.chunk_size, CSID_DATA, t.timestamp, t.type_id, self.msid,
+                                 t.payload)
             for t in tags
         ]
 
     def start(self, stream: LiveStream) -> None:
         self.write(self.encode(stream.startup_tags()))
-
-    def end(self) -> None:
-        self.closed = True
-        self.session.stream_ended(self)
 
 
 class RtmpSession(ViewerSession):
@@ -116,10 +105,10 @@ class RtmpSession(ViewerSession):
     def __init__(self, node: MediaNode) -> None:
         super().__init__(node)
         self.handshake: ServerHandshake | None = ServerHandshake()
-        config = node.config
-        self.reader = chunk.ChunkReader(max_message_size=config.max_message_size,
-                                        max_partial_messages=config.max_partial_messages,
-                                        max_partial_bytes=config.max_partial_bytes)
+        settings = node.settings
+        self.reader = chunk.ChunkReader(max_message_size=settings.max_message_size,
+                                        max_partial_messages=settings.max_partial_messages,
+                                        max_partial_bytes=settings.max_partial_bytes)
         self.partial_held = 0  # this connection's share of node.partial_bytes
         self.writer = chunk.ChunkWriter(128)
         self.closed = False
@@ -128,7 +117,7 @@ class RtmpSession(ViewerSession):
         self.ack_window = 0
         self.last_ack = 0
         # publishing
-        self.stream: LiveStream | None = None
+        self.publishing: LiveStream | None = None
         self.publish_key = ""
         self.publish_msid = 0
         self.held: list | None = None  # messages that arrived while the publish hook decides
@@ -186,9 +175,10 @@ class RtmpSession(ViewerSession):
                 return
             self.dispatch(messages)
         except PEER_ERRORS as exc:
-            self.drop(str(exc) or type(exc).__name__)
+            self.protocol_error(exc)
         except Exception:  # a bug must cost this connection only, never the node
-            log.exception("rtmp %s: internal error", self.peer)
+            self.log.exception("rtmp %s: internal error", self.peer)
+            self.node.stats.protocol_errors["internal"] += 1
             self.drop("internal error")
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -200,15 +190,21 @@ class RtmpSession(ViewerSession):
         node.partial_bytes += held - self.partial_held
         grew = held > self.partial_held
         self.partial_held = held
-        if grew and node.partial_bytes > node.config.node_partial_bytes:
+        if grew and node.partial_bytes > node.settings.node_partial_bytes:
             self.drop(f"the node holds {node.partial_bytes} bytes of unfinished messages "
                       "(WATCHBUY_NODE_PARTIAL_BYTES)", node.rtmp_timeout_logs["partial"])
 
     def decode_amf0(self, payload: bytes) -> list:
         """A command's or data message's values, within the node's AMF budgets."""
-        config = self.node.config
+        config = self.node.settings
         return amf.decode_amf0(payload, max_nodes=config.amf_max_nodes,
                                max_expanded_size=config.amf_max_expanded_bytes)
+
+    def protocol_error(self, exc: Exception) -> None:
+        """The peer broke the protocol: count it (in the handshake or after) and drop."""
+        kind = "rtmp_handshake" if self.handshake is not None else "rtmp"
+        self.node.stats.protocol_errors[kind] += 1
+        self.drop(str(exc) or type(exc).__name__)
 
     def drop(self, reason: str, limiter: LogLimiter | None = None) -> None:
         """Abort this connection with one log line (through ``limiter`` when a peer could
@@ -216,9 +212,10 @@ class RtmpSession(ViewerSession):
         if not self.closed:
             reason = reason if len(reason) <= 200 else reason[:200] + "..."
             if limiter is None:
-                log.warning("rtmp %s: dropping connection: %s", self.peer, reason)
+                self.log.warning("rtmp %s: dropping connection: %s", self.peer, reason)
             else:
-                limiter.log(logging.WARNING, "rtmp %s: dropping connection: %s", self.peer, reason)
+                limiter.log(logging.WARNING, "rtmp %s: dropping connection: %s", self.peer, reason,
+                            extra=self.log.extra)
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
@@ -261,14 +258,14 @@ class RtmpSession(ViewerSession):
             if self.held is not None:  # publish is waiting for the hook: keep the rest
                 self.held.extend(messages[index + 1 :])
                 return
-        if self.stream is not None:
-            self.stream.flush()
+        if self.publishing is not None:
+            self.publishing.flush()
 
     def on_message(self, message: tuple) -> None:
         _csid, timestamp, type_id, msid, payload = message
         if type_id == MSG_VIDEO or type_id == MSG_AUDIO:
-            if self.stream is not None and msid == self.publish_msid:
-                self.stream.on_media(type_id, timestamp, payload)
+            if self.publishing is not None and msid == self.publish_msid:
+                self.publishing.on_media(type_id, timestamp, payload)
         elif type_id == MSG_COMMAND_AMF0:
             self.on_command(self.decode_amf0(payload), msid)
         elif type_id == MSG_COMMAND_AMF3:
@@ -302,7 +299,7 @@ class RtmpSession(ViewerSession):
         bytes.  An aggregate inside an aggregate is a protocol error (it served only to make us
         copy and recurse), as is a sub-message past the end.
         """
-        if self.stream is None or msid != self.publish_msid:
+        if self.publishing is None or msid != self.publish_msid:
             return  # only a publisher's media is of use; the rest is not worth parsing
         view = memoryview(payload)
         end = len(view)
@@ -328,39 +325,34 @@ class RtmpSession(ViewerSession):
             pos = start + size + 4
 
     def on_data(self, timestamp: int, payload: bytes, msid: int) -> None:
-        if self.stream is None or msid != self.publish_msid:
+        if self.publishing is None or msid != self.publish_msid:
             return
         values = self.decode_amf0(payload)
         if not values:
             return
         if values[0] == "@setDataFrame" or values[0] == "onMetaData":
-            self.stream.on_metadata(values)
+            self.publishing.on_metadata(values)
         elif values[0] != "@clearDataFrame":
-            self.stream.on_data(timestamp, payload)
+            self.publishing.on_data(timestamp, payload)
 
     def on_command(self, values: list, msid: int) -> None:
         if not values or not isinstance(values[0], str):
             raise ProtocolError("command message without a command name")
-        name = values[0]
-        txn = values[1] if len(values) > 1 and isinstance(values[1], float) else 0.0
-        args = values[3:]
-        handler = getattr(self, "cmd_" + name, None) if name.isidentifier() else None
-        if handler is None:
-            log.debug("rtmp %s: ignoring command %s", self.peer, short(name))
+        entry = COMMANDS.get(values[0])
+        if entry is None:
+            self.log.debug("rtmp %s: ignoring command %s", self.peer, short(values[0]))
             return
-        handler(txn, values[2] if len(values) > 2 else None, args, msid)
+        decode, handle = entry
+        txn = values[1] if len(values) > 1 and isinstance(values[1], float) else 0.0
+        handle(self, decode(txn, values[2] if len(values) > 2 else None, values[3:], msid))
 
     # -- NetConnection ------------------------------------------------------------------------
-    def cmd_connect(self, txn: float, command: object, args: list, msid: int) -> None:
-        if not isinstance(command, dict):
-            raise ProtocolError("connect without a command object")
-        app = command.get("app", "")
-        if isinstance(app, str):
-            app = app.strip("/").split("?", 1)[0]
-        if app not in self.node.config.apps:
+    def cmd_connect(self, cmd: Connect) -> None:
+        app = cmd.app
+        if app not in self.node.settings.apps:
             # The app is the peer's: only a short form goes to the log and back to the peer.
-            log.info("rtmp %s: connect to unknown app %s refused", self.peer, short(app))
-            self.send_command("_error", txn, None, {
+            self.log.info("rtmp %s: connect to unknown app %s refused", self.peer, short(app))
+            self.send_command("_error", cmd.txn, None, {
                 "level": "error", "code": "NetConnection.Connect.Rejected",
                 "description": f"unknown application {short(app)}"})
             self.close_soon()
@@ -372,60 +364,60 @@ class RtmpSession(ViewerSession):
         self.send_control(MSG_SET_CHUNK_SIZE, struct.pack(">I", out_size))
         self.writer.chunk_size = out_size
         properties = {"fmsVer": "FMS/3,0,1,123", "capabilities": 31.0, "mode": 1.0}
-        if "fourCcList" in command:
+        if cmd.lists_fourccs:
             properties["fourCcList"] = list(FOURCC_LIST)
-        encoding = command.get("objectEncoding", 0.0)
-        self.send_command("_result", txn, properties, {
+        self.send_command("_result", cmd.txn, properties, {
             "level": "status", "code": "NetConnection.Connect.Success",
             "description": "Connection succeeded.",
-            "objectEncoding": encoding if isinstance(encoding, float) else 0.0})
+            "objectEncoding": cmd.object_encoding})
 
-    def cmd_createStream(self, txn: float, command: object, args: list, msid: int) -> None:
+    def cmd_createStream(self, cmd: Invocation) -> None:
         stream_id = self.next_stream_id
         self.next_stream_id += 1
-        self.send_command("_result", txn, None, float(stream_id))
+        self.send_command("_result", cmd.txn, None, float(stream_id))
 
-    def cmd_releaseStream(self, txn: float, command: object, args: list, msid: int) -> None:
-        self.send_command("_result", txn, None, UNDEFINED)
+    def cmd_undefined_result(self, cmd: Invocation) -> None:
+        """releaseStream and FCPublish: OBS waits for an answer; there is nothing to say."""
+        self.send_command("_result", cmd.txn, None, UNDEFINED)
 
-    def cmd_FCPublish(self, txn: float, command: object, args: list, msid: int) -> None:
-        self.send_command("_result", txn, None, UNDEFINED)
-
-    def cmd_FCUnpublish(self, txn: float, command: object, args: list, msid: int) -> None:
+    def cmd_FCUnpublish(self, cmd: Invocation) -> None:
         self.stop_publishing()
 
-    def cmd_deleteStream(self, txn: float, command: object, args: list, msid: int) -> None:
-        target = stream_id(args[0]) if args and isinstance(args[0], float) else msid
-        if self.stream is not None and target == self.publish_msid:
+    def cmd_deleteStream(self, cmd: DeleteStream) -> None:
+        target = cmd.target
+        if self.publishing is not None and target == self.publish_msid:
             self.stop_publishing()
         if self.play_name and target == self.play_msid:
             self.stop_playing()
 
-    def cmd_closeStream(self, txn: float, command: object, args: list, msid: int) -> None:
-        if self.stream is not None and msid == self.publish_msid:
+    def cmd_closeStream(self, cmd: Invocation) -> None:
+        msid = cmd.msid
+        if self.publishing is not None and msid == self.publish_msid:
             self.stop_publishing()
         if self.play_name and msid == self.play_msid:
             self.stop_playing()
 
-    def cmd_getStreamLength(self, txn: float, command: object, args: list, msid: int) -> None:
-        self.send_command("_result", txn, None, 0.0)
+    def cmd_getStreamLength(self, cmd: Invocation) -> None:
+        self.send_command("_result", cmd.txn, None, 0.0)
 
     # -- publishing ---------------------------------------------------------------------------
-    def cmd_publish(self, txn: float, command: object, args: list, msid: int) -> None:
-        if not args or not isinstance(args[0], str):
-            raise ProtocolError("publish without a stream key")
+    def cmd_publish(self, cmd: Publish) -> None:
+        msid = cmd.msid
         if not self.app:
-            self.refuse(msid, "NetStream.Publish.BadConnection", "publish before connect")
+            self.refuse_publish("before_connect", msid, "NetStream.Publish.BadConnection",
+                                "publish before connect")
             return
-        if not split_key(args[0]):
+        if not split_key(cmd.name):
             # rtmp://host/live or rtmp://host/live?x: tell the encoder why, then close.
-            self.refuse(msid, "NetStream.Publish.BadName", "publish needs a stream key")
+            self.refuse_publish("no_key", msid, "NetStream.Publish.BadName",
+                                "publish needs a stream key")
             return
-        if self.stream is not None or self.held is not None or self.play_name:
+        if self.publishing is not None or self.held is not None or self.play_name:
+            self.node.stats.publish_refused["busy_connection"] += 1
             self.send_status(msid, "error", "NetStream.Publish.BadConnection",
                              "this connection is already publishing or playing")
             return
-        self.publish_key = split_key(args[0])
+        self.publish_key = split_key(cmd.name)
         self.publish_msid = msid
         # Hold the rest of this read and stop reading until the hook has decided: media that
         # ffmpeg sends right after publish must neither be lost nor relayed unauthorised.
@@ -438,8 +430,9 @@ class RtmpSession(ViewerSession):
         try:
             name = await self.node.authorizer.authorize(self.app, key, self.peer.rsplit(":", 1)[0])
         except PublishRefused as exc:
+            self.node.stats.publish_refused["unauthorized"] += 1
             if not self.closed:
-                log.info("rtmp %s: publish refused: %s", self.peer, exc)
+                self.log.info("rtmp %s: publish refused: %s", self.peer, exc)
                 self.send_status(msid, "error", "NetStream.Publish.Unauthorized",
                                  "publishing with this stream key is not allowed")
                 self.close_soon()
@@ -447,7 +440,8 @@ class RtmpSession(ViewerSession):
         except asyncio.CancelledError:
             return
         except Exception:
-            log.exception("rtmp %s: publish hook failed", self.peer)
+            self.log.exception("rtmp %s: publish hook failed", self.peer)
+            self.node.stats.publish_refused["hook_failed"] += 1
             self.drop("publish hook failed")
             return
         if self.closed:
@@ -457,21 +451,22 @@ class RtmpSession(ViewerSession):
         if stream is None:
             stream = self.take_over(name, key)
         if stream is None:
-            log.info("rtmp %s: refused second publisher on live stream %r", self.peer, name)
+            self.log.info("rtmp %s: refused second publisher on live stream %r", self.peer, name)
+            self.node.stats.publish_refused["already_live"] += 1
             self.send_status(msid, "error", "NetStream.Publish.BadName",
                              f"stream {name!r} is already live")
             self.close_soon()
             return
-        self.stream = stream
+        self.publishing = stream
         stream.owner = self
-        log.info("rtmp %s: publishing %r (app %s)", self.peer, name, self.app)
+        self.log.info("rtmp %s: publishing %r (app %s)", self.peer, name, self.app)
         self.send_user_control(UC_STREAM_BEGIN, msid)
         self.send_status(msid, "status", "NetStream.Publish.Start", f"{name} is now published.")
         held, self.held = self.held or [], None
         try:
             self.dispatch(held)
         except PEER_ERRORS as exc:
-            self.drop(str(exc) or type(exc).__name__)
+            self.protocol_error(exc)
             return
         if not self.closed:
             self.transport.resume_reading()
@@ -487,39 +482,35 @@ class RtmpSession(ViewerSession):
                 or old.app != self.app:
             return None  # another key (or app) owns this name: refused as before
         silent = time.monotonic() - stream.last_media_at
-        if silent < self.node.config.publish_takeover_grace:
+        if silent < self.node.settings.publish_takeover_grace:
             return None
-        log.info("rtmp %s: takes over %r from %s, which sent no media for %.1f s",
+        self.log.info("rtmp %s: takes over %r from %s, which sent no media for %.1f s",
                  self.peer, name, old.peer, silent)
-        old.stream = None  # so its end neither stops the stream nor reports publish_done
+        old.publishing = None  # so its end neither stops the stream nor reports publish_done
         old.drop(f"stream {name!r} taken over by {self.peer} (same stream key)")
         stream.handover(self, self.peer)
         return stream
 
     def stop_publishing(self) -> None:
-        stream, self.stream = self.stream, None
+        stream, self.publishing = self.publishing, None
         if stream is None:
             return
-        log.info("rtmp %s: stopped publishing %r", self.peer, stream.name)
+        self.log.info("rtmp %s: stopped publishing %r", self.peer, stream.name)
         self.node.registry.stop(stream)
         asyncio.ensure_future(
             self.node.authorizer.publish_done(self.app, self.publish_key, stream.name)
         )
 
     # -- playing ------------------------------------------------------------------------------
-    def cmd_play(self, txn: float, command: object, args: list, msid: int) -> None:
-        if not args or not isinstance(args[0], str):
-            raise ProtocolError("play without a stream name")
+    def cmd_play(self, cmd: Play) -> None:
+        msid, name = cmd.msid, cmd.name
         if not self.app:
             self.refuse(msid, "NetStream.Play.Failed", "play before connect")
             return
-        name = args[0].split("?", 1)[0]
-        if name.endswith(".flv"):
-            name = name[:-4]
         if not name:
             self.refuse(msid, "NetStream.Play.StreamNotFound", "play needs a stream name")
             return
-        if self.stream is not None or self.play_name:
+        if self.publishing is not None or self.play_name:
             self.send_status(msid, "error", "NetStream.Play.Failed",
                              "this connection is already publishing or playing")
             return
@@ -545,7 +536,7 @@ class RtmpSession(ViewerSession):
             return
         self.node.registry.stop_waiting(stream.name, self)
         self.viewer = RtmpViewer(self, self.play_msid)
-        self.viewer_stream = stream
+        self.playing = stream
         stream.add_viewer(self.viewer)
 
     def stream_ended(self, viewer: RtmpViewer) -> None:
@@ -560,15 +551,14 @@ class RtmpSession(ViewerSession):
         self.send_status(msid, "status", "NetStream.Play.Stop", f"Stopped playing {self.play_name}.")
         self.node.registry.wait_for(self.play_name, self)
 
-    def cmd_pause(self, txn: float, command: object, args: list, msid: int) -> None:
+    def cmd_pause(self, cmd: Pause) -> None:
         """Pausing a live stream detaches the player; unpausing starts it again from the GOP."""
         if not self.play_name:
             return
-        pausing = bool(args) and args[0] is True
-        if pausing and self.viewer is not None:
-            self.viewer_stream.remove_viewer(self.viewer)
+        if cmd.pausing and self.viewer is not None:
+            self.playing.remove_viewer(self.viewer)
             self.viewer = None
-        elif not pausing and self.viewer is None:
+        elif not cmd.pausing and self.viewer is None:
             stream = self.node.registry.get(self.play_name)
             if stream is not None:
                 self.stream_started(stream)
@@ -579,13 +569,19 @@ class RtmpSession(ViewerSession):
         self.node.registry.stop_waiting(self.play_name, self)
         if self.viewer is not None:
             self.viewer.closed = True
-            self.viewer_stream.remove_viewer(self.viewer)
+            self.playing.remove_viewer(self.viewer)
             self.viewer = None
+        self.playing = None
         self.play_name = ""
+
+    def refuse_publish(self, why: str, msid: int, code: str, reason: str) -> None:
+        """Refuse a publish (counted by ``why`` for /metrics) with an error status, then close."""
+        self.node.stats.publish_refused[why] += 1
+        self.refuse(msid, code, reason)
 
     def refuse(self, msid: int, code: str, reason: str) -> None:
         """Answer a command we cannot follow with an error status and the reason, then close."""
-        log.info("rtmp %s: refused: %s", self.peer, reason)
+        self.log.info("rtmp %s: refused: %s", self.peer, reason)
         self.send_status(msid, "error", code, reason)
         self.close_soon()
 
@@ -595,26 +591,30 @@ class RtmpSession(ViewerSession):
         overstayed.  Progress is read from counters the data path keeps anyway."""
         if self.closed:
             return
-        config = self.node.config
+        settings = self.node.settings
         limiters = self.node.rtmp_timeout_logs
+        timeouts = self.node.stats.timeouts
         if not self.app:
-            if config.handshake_timeout and now - self.opened_at > config.handshake_timeout:
-                self.drop(f"handshake and connect not done within {config.handshake_timeout:g} s"
+            if settings.handshake_timeout and now - self.opened_at > settings.handshake_timeout:
+                timeouts["rtmp_handshake"] += 1
+                self.drop(f"handshake and connect not done within {settings.handshake_timeout:g} s"
                           " (WATCHBUY_HANDSHAKE_TIMEOUT)", limiters["handshake"])
                 return
         if self.messages_in != self.messages_at_sweep:
             self.messages_at_sweep = self.messages_in
             self.progress_at = now
-        timeout = config.partial_message_timeout
+        timeout = settings.partial_message_timeout
         if self.reader.partial_count and timeout and now - self.progress_at > timeout:
+            timeouts["rtmp_partial_message"] += 1
             self.drop(f"an unfinished message made no progress for {timeout:g} s "
                       "(WATCHBUY_PARTIAL_MESSAGE_TIMEOUT)", limiters["partial"])
             return
-        stream = self.stream
+        stream = self.publishing
         if stream is not None:
-            timeout = config.publish_idle_timeout
+            timeout = settings.publish_idle_timeout
             if timeout and now - stream.last_media_at > timeout:
                 # Ended at once, so the host can publish again under the same name.
+                timeouts["rtmp_publish_idle"] += 1
                 self.drop(f"publisher sent no media for {timeout:g} s, ending {stream.name!r} "
                           "(WATCHBUY_PUBLISH_IDLE_TIMEOUT)")
                 self.stop_publishing()
@@ -623,8 +623,9 @@ class RtmpSession(ViewerSession):
                 self.auth_task is not None and not self.auth_task.done()):
             self.idle_since = now
             return
-        timeout = config.idle_connection_timeout
+        timeout = settings.idle_connection_timeout
         if timeout and now - self.idle_since > timeout:
+            timeouts["rtmp_idle"] += 1
             self.drop(f"neither publishing nor playing for {timeout:g} s "
                       "(WATCHBUY_IDLE_CONNECTION_TIMEOUT)", limiters["idle"])
 
@@ -633,3 +634,22 @@ class RtmpSession(ViewerSession):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+
+# The commands a session answers: name -> (decode its arguments, act on them).  Anything else
+# is ignored with a debug line, as nginx-rtmp and SRS do (players send many we need not answer).
+COMMANDS: dict[str, tuple[Callable[..., Invocation], Callable[[RtmpSession, Any], None]]] = {
+    # NetConnection
+    "connect": (Connect.decode, RtmpSession.cmd_connect),
+    "createStream": (Invocation.decode, RtmpSession.cmd_createStream),
+    "releaseStream": (Invocation.decode, RtmpSession.cmd_undefined_result),
+    "FCPublish": (Invocation.decode, RtmpSession.cmd_undefined_result),
+    "FCUnpublish": (Invocation.decode, RtmpSession.cmd_FCUnpublish),
+    "deleteStream": (DeleteStream.decode, RtmpSession.cmd_deleteStream),
+    "getStreamLength": (Invocation.decode, RtmpSession.cmd_getStreamLength),
+    # NetStream
+    "closeStream": (Invocation.decode, RtmpSession.cmd_closeStream),
+    "publish": (Publish.decode, RtmpSession.cmd_publish),
+    "play": (Play.decode, RtmpSession.cmd_play),
+    "pause": (Pause.decode, RtmpSession.cmd_pause),
+}

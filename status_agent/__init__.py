@@ -5,7 +5,7 @@ In the engine's own process (``watchbuy serve``)::
     from watchbuy.settings import load_config
     from watchbuy.status_agent import AgentSettings, StatusAgent
 
-    agent = StatusAgent(load_config(AgentSettings, node_id=node.config.node_id),
+    agent = StatusAgent(load_config(AgentSettings, node_id=node.settings.node_id),
                         engine_info=node.server_info)   # read in-process, not over HTTP
     await agent.start()   # … await agent.stop()
 """

@@ -1,9 +1,10 @@
 """The status agent: a background sampler and an HTTP endpoint that answers from memory.
 
-The seed's agent read the counters, slept a second and read them again inside every request.
-Here a sampler task reads the kernel's counters once per interval (and polls the engine's
-``/api/server`` on its own schedule), keeps a short window of samples, and after each sample
-renders the complete HTTP response for ``GET /status`` once.  A request is answered by writing
+Measuring inside a request (read the counters, sleep, read again) would make every answer take
+the measuring time.  Instead a sampler task reads the kernel's counters once per interval (and
+polls the engine's ``/api/server`` on its own schedule), keeps a short window of samples, and
+after each sample renders the complete HTTP responses for ``GET /status`` and ``GET /metrics``
+(Prometheus, status_agent/metrics.py) once.  A request is answered by writing
 those bytes: no JSON encoding, no allocation per request beyond the socket write, which is what
 lets one core answer many thousands of requests a second.
 
@@ -26,13 +27,14 @@ import json
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from watchbuy.engine.httpparse import HttpError, Request, RequestParser
+from watchbuy.engine.rates import RateWindow
 from watchbuy.settings import PREFIX, ConfigError
 from watchbuy.status_agent.client import FetchError, fetch_json
 from watchbuy.status_agent.config import AgentSettings
+from watchbuy.status_agent.metrics import METRICS_CONTENT_TYPE, agent_registry, render
 from watchbuy.status_agent.procfs import LOOPBACK, ProcReader
 
 log = logging.getLogger("watchbuy.status_agent")
@@ -41,61 +43,29 @@ MAX_HEAD_BYTES = 8192
 EngineInfo = Callable[[], dict]
 
 
-@dataclass
-class Sample:
-    at: float  # monotonic seconds
-    counters: dict[str, tuple[int, int]]  # source name -> cumulative (rx, tx) bytes
-    cpu: tuple[int, int]  # cumulative (busy, total) jiffies
-
-
-class RateWindow:
-    """Samples over a short window; rates are taken between its oldest and newest sample."""
-
-    def __init__(self, size: int) -> None:
-        self.samples: deque[Sample] = deque(maxlen=max(2, size))
-
-    def add(self, sample: Sample) -> None:
-        self.samples.append(sample)
-
-    def span(self) -> float:
-        return self.samples[-1].at - self.samples[0].at if len(self.samples) >= 2 else 0.0
-
-    def rates(self) -> dict[str, tuple[float, float]]:
-        span = self.span()
-        if span <= 0:
-            return {name: (0.0, 0.0) for name in self.samples[-1].counters} if self.samples else {}
-        first, last = self.samples[0], self.samples[-1]
-        rates = {}
-        for name, (rx, tx) in last.counters.items():
-            old = first.counters.get(name)
-            # A counter that went backwards belongs to a re-created interface (or a restarted
-            # engine): leave it out until its old sample has left the window.
-            if old is None or rx < old[0] or tx < old[1]:
-                continue
-            rates[name] = ((rx - old[0]) / span, (tx - old[1]) / span)
-        return rates
-
-    def cpu_load(self) -> float:
-        if len(self.samples) < 2:
-            return 0.0
-        busy0, total0 = self.samples[0].cpu
-        busy1, total1 = self.samples[-1].cpu
-        total = total1 - total0
-        return round(min(1.0, max(0.0, (busy1 - busy0) / total)), 3) if total > 0 else 0.0
-
-
-def _render(status: int, reason: str, body: bytes, keep_alive: bool) -> bytes:
+def _render(status: int, reason: str, body: bytes, keep_alive: bool,
+            content_type: str = "application/json") -> bytes:
     return (
         f"HTTP/1.1 {status} {reason}\r\n"
-        "Content-Type: application/json\r\n"
+        f"Content-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Cache-Control: no-store\r\n"
         f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
     ).encode() + body
 
 
+class _Document:
+    """One document's answers (GET and HEAD, keep-alive or not), rendered once per sample."""
+
+    __slots__ = ("full", "head")
+
+    def __init__(self, body: bytes, content_type: str) -> None:
+        self.full = {k: _render(200, "OK", body, k, content_type) for k in (True, False)}
+        self.head = {k: v[: len(v) - len(body)] for k, v in self.full.items()}
+
+
 class _Responses:
-    """Every answer the endpoint can give, rendered ahead of time (status ones per sample)."""
+    """Every answer the endpoint can give, rendered ahead of time (documents per sample)."""
 
     NOT_FOUND = {k: _render(404, "Not Found", b'{"error":"not found"}', k) for k in (True, False)}
     NOT_ALLOWED = {
@@ -106,41 +76,42 @@ class _Responses:
     TOO_LARGE = _render(431, "Request Header Fields Too Large", b'{"error":"headers too large"}',
                         False)
 
-    def __init__(self, body: bytes) -> None:
-        self.full = {k: _render(200, "OK", body, k) for k in (True, False)}
-        self.head = {k: v[: len(v) - len(body)] for k, v in self.full.items()}
+    def __init__(self, status: bytes, metrics: bytes = b"") -> None:
+        self.documents = {
+            "/status": _Document(status, "application/json"),
+            "/metrics": _Document(metrics, METRICS_CONTENT_TYPE),
+        }
 
 
 class StatusProtocol(asyncio.Protocol):
-    """HTTP/1.1 with keep-alive and pipelining; GET/HEAD /status, nothing else."""
+    """HTTP/1.1 with keep-alive and pipelining; GET/HEAD /status and /metrics, nothing else.
+
+    Requests are parsed by the engine's incremental parser (engine/httpparse.py: bounded head,
+    bodies refused), the one HTTP/1 request parser of the project.
+    """
 
     def __init__(self, agent: StatusAgent) -> None:
         self.agent = agent
         self.transport: asyncio.Transport | None = None
-        self.buffer = b""
+        self.parser = RequestParser(MAX_HEAD_BYTES, MAX_HEAD_BYTES)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        buffer = self.buffer + data if self.buffer else data
         out = []
         close = False
-        start = 0
-        while True:
-            end = buffer.find(b"\r\n\r\n", start)
-            if end < 0:
+        for event in self.parser.feed(data):
+            if isinstance(event, HttpError):  # always the last event: answer, then close
+                out.append(_Responses.TOO_LARGE if event.status == 431 else
+                           _Responses.BAD_REQUEST)
+                close = True
                 break
-            answer, keep_alive = self._answer(buffer[start:end])
+            answer, keep_alive = self._answer(event)
             out.append(answer)
-            start = end + 4
             if not keep_alive:
                 close = True
                 break
-        self.buffer = b"" if close else buffer[start:]
-        if len(self.buffer) > MAX_HEAD_BYTES:
-            out.append(_Responses.TOO_LARGE)
-            close = True
         if len(out) == 1:
             self.transport.write(out[0])
         elif out:
@@ -148,33 +119,15 @@ class StatusProtocol(asyncio.Protocol):
         if close:
             self.transport.close()
 
-    def _answer(self, head: bytes) -> tuple[bytes, bool]:
-        line_end = head.find(b"\r\n")
-        request_line = head if line_end < 0 else head[:line_end]
-        parts = request_line.split(b" ")
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            return _Responses.BAD_REQUEST, False
-        method, target, version = parts
-        lowered = head[line_end:].lower() if line_end >= 0 else b""
-        # Only bodiless requests are served: a body we don't read would be parsed as the next
-        # request, so refuse and close instead.
-        at = lowered.find(b"\ncontent-length:")
-        if at >= 0 and lowered[at + 16:].split(b"\r", 1)[0].strip() != b"0":
-            return _Responses.BAD_REQUEST, False
-        if b"\ntransfer-encoding:" in lowered:
-            return _Responses.BAD_REQUEST, False
-        if version == b"HTTP/1.1":
-            keep_alive = b"\nconnection: close" not in lowered
-        else:
-            keep_alive = b"\nconnection: keep-alive" in lowered
-        path = target.split(b"?", 1)[0]
-        if path != b"/status":
+    def _answer(self, request: Request) -> tuple[bytes, bool]:
+        keep_alive = request.keep_alive
+        document = self.agent.responses.documents.get(request.path)
+        if document is None:
             return _Responses.NOT_FOUND[keep_alive], keep_alive
-        responses = self.agent.responses
-        if method == b"GET":
-            return responses.full[keep_alive], keep_alive
-        if method == b"HEAD":
-            return responses.head[keep_alive], keep_alive
+        if request.method == "GET":
+            return document.full[keep_alive], keep_alive
+        if request.method == "HEAD":
+            return document.head[keep_alive], keep_alive
         return _Responses.NOT_ALLOWED[keep_alive], keep_alive
 
 
@@ -195,10 +148,14 @@ class StatusAgent:
         self.engine_info = engine_info
         self.proc = proc or ProcReader()
         self.interval = settings.agent_interval
-        self.window = RateWindow(round(settings.agent_window / settings.agent_interval) + 1)
+        size = round(settings.agent_window / settings.agent_interval) + 1
+        self.window = RateWindow(size)  # source name -> cumulative (rx, tx) bytes
+        self.cpu_window = RateWindow(size)  # "cpu" -> cumulative (busy, total) jiffies
         self.port = settings.agent_port
         self.status: dict = {}
+        self.counters: dict[str, tuple[int, int]] = {}  # the last sample's, for /metrics
         self.responses = _Responses(b"{}")
+        self.metrics = agent_registry(self)
         self._server: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task] = []
         # The engine's last good answer and when it came (monotonic), for engine_ok.
@@ -288,14 +245,17 @@ class StatusAgent:
             except Exception as exc:  # the engine's stats must never kill the agent
                 self._engine_error = f"engine stats failed: {exc}"
                 log.warning("%s", self._engine_error)
-        self.window.add(Sample(time.monotonic(), self._counters(), self.proc.cpu()))
+        now = time.monotonic()
+        self.counters = self._counters()
+        self.window.add(now, self.counters)
+        self.cpu_window.add(now, {"cpu": self.proc.cpu()})
         rates = self.window.rates()
         engine_ok = self._engine is not None and self._engine_fresh()
         status = {
             "node_id": self.config.node_id,
             "rx_bytes_per_s": round(sum(r[0] for r in rates.values()), 1),
             "tx_bytes_per_s": round(sum(r[1] for r in rates.values()), 1),
-            "cpu_load": self.window.cpu_load(),
+            "cpu_load": round(self.cpu_window.fraction("cpu"), 3),
             "load_1m": round(os.getloadavg()[0], 2),
             "publishers": int(self._engine.get("publishers", 0)) if engine_ok else None,
             "viewers": int(self._engine.get("viewers", 0)) if engine_ok else None,
@@ -311,7 +271,8 @@ class StatusAgent:
         if not engine_ok:
             status["engine_error"] = self._engine_error
         self.status = status
-        self.responses = _Responses(json.dumps(status, separators=(",", ":")).encode())
+        self.responses = _Responses(json.dumps(status, separators=(",", ":")).encode(),
+                                    render(self.metrics))
 
     async def _sample_forever(self) -> None:
         loop = asyncio.get_running_loop()

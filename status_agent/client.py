@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from watchbuy.engine.httpparse import HttpError, parse_header_lines
+
 MAX_RESPONSE_BYTES = 1024 * 1024
 
 
@@ -24,11 +26,10 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     parts = lines[0].split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
         raise FetchError(f"not an HTTP response: {lines[0][:60]!r}")
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
+    try:
+        headers = parse_header_lines(lines[1:])  # the request parser's, engine/httpparse.py
+    except HttpError:
+        raise FetchError("malformed header line in response") from None
     return int(parts[1]), headers
 
 

@@ -138,7 +138,7 @@ async def closed_by_server(reader: asyncio.StreamReader, timeout: float) -> bool
 def small_timeouts(node, **changes) -> None:
     for name, value in {"header_timeout": 0.5, "keepalive_timeout": 0.5,
                         "drain_timeout": 0.5, **changes}.items():
-        setattr(node.config, name, value)
+        setattr(node.settings, name, value)
 
 
 # -- node tests -------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ async def test_non_reading_viewers_are_aborted_after_the_stream_ends(node, caplo
 
 
 async def test_publisher_address_is_for_the_operator_view_only(node):
-    node.config.hook_secret = "operator-secret"
+    node.settings.hook_secret = "operator-secret"
     publisher = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
     await publisher.publish("key1")
     local_port = publisher.writer.get_extra_info("sockname")[1]
@@ -299,7 +299,7 @@ async def test_publisher_address_is_for_the_operator_view_only(node):
         assert "publisher" not in wrong
         (operator,) = (await streams("Authorization: Bearer operator-secret"))["streams"]
         assert operator["publisher"] == f"127.0.0.1:{local_port}"
-        node.config.hook_secret = ""  # no secret, no operator view
+        node.settings.hook_secret = ""  # no secret, no operator view
         (none,) = (await streams("Authorization: Bearer "))["streams"]
         assert "publisher" not in none
     finally:
@@ -524,7 +524,7 @@ async def test_healthy_viewer_keeps_its_rate_under_every_http_attack(node, caplo
         answered = attacks.result()[:2]
         # Three pipelining connections and one more at a time: each gets at most
         # http_requests_per_turn answers per turn (one 256 kB read used to get ~6500).
-        assert per_turn.most <= 4 * node.config.http_requests_per_turn, per_turn.most
+        assert per_turn.most <= 4 * node.settings.http_requests_per_turn, per_turn.most
         assert rate >= 0.9, f"healthy viewer got {rate:.0%} of real time"
         assert all(answered), answered  # the floods were answered, just not all at once
         assert not meter.task.done()

@@ -211,6 +211,9 @@ async def test_stalled_viewer_is_cut_off_and_others_keep_up(node):
             assert await healthy.tags(timeout=5)
         assert stalled not in stream.viewers, "stalled viewer was never disconnected"
         assert await healthy.tags(timeout=5)
+        # /metrics counts both steps (engine/metrics.py reads these counters at scrape time)
+        assert node.stats.keyframe_resyncs >= 1 and node.stats.viewers_cut_off == 1
+        assert node.stats.tags_dropped >= stalled.tags_dropped > 0
         sock.close()
         await healthy.close()
     finally:
@@ -469,7 +472,7 @@ async def test_connections_per_address_are_capped_for_rtmp_and_http(caplog):
         for writer in kept + refused:
             writer.close()
     # loopback is exempt by default: the tests and benchmarks open thousands from 127.0.0.1
-    assert MediaNode(node_settings()).config.per_ip_limit_loopback is False
+    assert MediaNode(node_settings()).settings.per_ip_limit_loopback is False
 
 
 def free_port() -> int:

@@ -255,3 +255,53 @@ async def test_a_reconnecting_publisher_takes_over_its_silent_session(two_key_no
         await stop_process(first)
         if second is not None:
             await stop_process(second)
+
+
+def test_relay_limits_default_to_the_node_settings_and_follow_them():
+    from watchbuy.engine.relay import RelayLimits
+    from watchbuy.settings import Settings
+
+    assert RelayLimits() == RelayLimits.from_settings(Settings())  # the defaults live once
+    limits = RelayLimits.from_settings(Settings(gop_max_frames=7, stall_timeout=2.5,
+                                                metadata_max_bytes=100))
+    assert (limits.gop_max_frames, limits.stall_timeout, limits.metadata_max_bytes) == \
+        (7, 2.5, 100)
+    node = MediaNode(node_settings(out_chunk_size=8192))
+    assert node.limits.out_chunk_size == 8192 and node.settings.out_chunk_size == 8192
+
+
+# -- the command table ------------------------------------------------------------------------
+def test_command_decoders_check_and_convert_their_arguments_once():
+    from watchbuy.engine.commands import Connect, DeleteStream, Pause, Play, Publish
+    from watchbuy.engine.errors import ProtocolError
+
+    cmd = Connect.decode(1.0, {"app": "/live?token=x", "objectEncoding": "3",
+                               "fourCcList": []}, [], 0)
+    assert (cmd.app, cmd.object_encoding, cmd.lists_fourccs) == ("live", 0.0, True)
+    assert Play.decode(2.0, None, ["show1.flv?t=1"], 1).name == "show1"
+    assert Publish.decode(2.0, None, ["key1?x", "live"], 1).name == "key1?x"
+    assert DeleteStream.decode(3.0, None, [4.0], 1).target == 4
+    assert DeleteStream.decode(3.0, None, [], 7).target == 7
+    assert Pause.decode(4.0, None, [True, 0.0], 1).pausing is True
+    assert Pause.decode(4.0, None, ["yes"], 1).pausing is False
+    for decode, args in [(Connect.decode, "not an object"), (Play.decode, [1.0]),
+                         (Publish.decode, []), (DeleteStream.decode, [float("nan")])]:
+        with pytest.raises(ProtocolError):
+            decode(0.0, args, args if isinstance(args, list) else [], 1)
+
+
+async def test_commands_outside_the_table_are_ignored_even_when_named_like_methods(node):
+    """The table replaced ``getattr(self, "cmd_" + name)``: a peer naming a session method (or
+    a handler by its Python name) reaches nothing; the connection carries on."""
+    from watchbuy.engine.rtmp import COMMANDS
+
+    assert {"connect", "createStream", "publish", "play", "deleteStream"} <= set(COMMANDS)
+    client = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+    for name in ("stop_publishing", "drop", "cmd_connect", "close_soon", "__init__",
+                 "undefined_result", "on_command"):
+        client.command(name, None, "key1")
+    result = await client.call("createStream", None)
+    assert result[0] == "_result" and result[3] == 1.0  # still served, nothing was dropped
+    await client.publish("key1")
+    assert node.registry.get("show1") is not None
+    await client.close()

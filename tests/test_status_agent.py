@@ -13,8 +13,9 @@ import httpx
 import pytest
 from conftest import start_ffmpeg_publisher, stop_process, wait_live
 
+from watchbuy.engine.rates import RateWindow
 from watchbuy.settings import ConfigError
-from watchbuy.status_agent.agent import RateWindow, Sample, StatusAgent
+from watchbuy.status_agent.agent import StatusAgent
 from watchbuy.status_agent.client import FetchError, fetch_json
 from watchbuy.status_agent.config import AgentSettings, parse_engine_url
 from watchbuy.status_agent.procfs import ProcReader, parse_cpu, parse_net_dev
@@ -89,10 +90,25 @@ def test_proc_reader_reads_this_machines_counters():
 
 def test_rate_window_skips_a_counter_that_went_backwards():
     window = RateWindow(5)
-    window.add(Sample(0.0, {"eth0": (1000, 0), "veth1": (5000, 0)}, (0, 100)))
-    window.add(Sample(2.0, {"eth0": (3000, 400), "veth1": (10, 0)}, (50, 200)))
+    window.add(0.0, {"eth0": (1000, 0), "veth1": (5000, 0)})
+    window.add(2.0, {"eth0": (3000, 400), "veth1": (10, 0)})
     assert window.rates() == {"eth0": (1000.0, 200.0)}
-    assert window.cpu_load() == 0.5
+    assert window.rate("veth1", 2) == (0.0, 0.0)
+    cpu = RateWindow(5)
+    cpu.add(0.0, {"cpu": (0, 100)})
+    assert cpu.fraction("cpu") == 0.0  # one sample: no rate yet
+    cpu.add(2.0, {"cpu": (50, 200)})
+    assert cpu.fraction("cpu") == 0.5
+
+
+def test_status_agent_does_not_load_the_engine_codecs():
+    # The agent runs beside the engine, often as its own process: the shared rate window must
+    # not pull in the relay and the compiled codecs.
+    code = ("import sys, watchbuy.status_agent.agent; "
+            "print(any(m.startswith(('watchbuy.engine.codecs', 'watchbuy.engine.relay')) "
+            "for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_settings_refuse_bad_values_with_one_line():
@@ -312,3 +328,43 @@ def test_cli_bad_configuration_is_one_line(tmp_path, args, env, needle):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+async def test_metrics_are_served_from_the_last_sample_in_prometheus_text(agent_factory):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    agent = await agent_factory(engine_info=lambda: {"publishers": 2, "viewers": 7,
+                                                     "bytes_in": 1, "bytes_out": 2},
+                                agent_interfaces=["lo"])
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{agent.port}/metrics")
+        head = await client.head(f"http://127.0.0.1:{agent.port}/metrics")
+    assert response.status_code == 200 and head.status_code == 200 and head.content == b""
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.text)
+               for s in family.samples}
+    assert samples[("watchbuy_agent_info", (("node_id", "agent-test"),
+                                            ("rx_source", "interfaces")))] == 1
+    assert samples[("watchbuy_agent_receive_bytes_total", (("source", "lo"),))] > 0
+    assert samples[("watchbuy_agent_engine_up", ())] == 1
+    assert samples[("watchbuy_agent_engine_viewers", ())] == 7
+    assert 0 <= samples[("watchbuy_agent_cpu_load", ())] <= 1
+    assert ("process_cpu_seconds_total", ()) in samples
+
+
+async def test_client_reads_response_headers_with_the_request_parsers_rules():
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nno colon here\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(FetchError, match="malformed header line"):
+            await fetch_json("127.0.0.1", port, "/status", 5)
+    finally:
+        server.close()
+        await server.wait_closed()

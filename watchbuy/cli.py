@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import importlib
+import json
 import logging
 import signal
 import sys
 
 import watchbuy
-from watchbuy.settings import ConfigError
+from watchbuy.settings import PREFIX, ConfigError, read_environment
 
 COMPONENT_CLIS = (
     "watchbuy.engine.cli",
@@ -36,10 +38,62 @@ def install_uvloop() -> str:
     return "uvloop"
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+LOG_FORMATS = ("text", "json")
+# Record attributes that identify what a line is about: an engine connection (engine/session.py)
+# or a site request.  Both formatters print whichever a record carries.
+CONTEXT_FIELDS = ("conn_id", "request_id")
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: [conn_id=r00002a] message``: the classic line, with the context."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(context)s%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.context = "".join(f"[{name}={getattr(record, name)}] " for name in CONTEXT_FIELDS
+                                 if getattr(record, name, None) is not None)
+        return super().format(record)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (``WATCHBUY_LOG_FORMAT=json``), for log shippers: ``time``
+    (ISO 8601, UTC), ``level``, ``logger``, ``message``, the context fields a record carries,
+    and ``exception`` (the formatted traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in CONTEXT_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def log_format(environ: dict[str, str] | None = None) -> str:
+    """``WATCHBUY_LOG_FORMAT`` (environment, then env file): text (default) or json."""
+    value = read_environment(environ).get(PREFIX + "LOG_FORMAT", "").strip().lower() or "text"
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"{PREFIX}LOG_FORMAT: one of {', '.join(LOG_FORMATS)}, got {value!r}")
+    return value
+
+
+def setup_logging(level: str = "INFO", environ: dict[str, str] | None = None) -> None:
+    """Log to stderr at ``level``, as text lines or JSON lines (``WATCHBUY_LOG_FORMAT``)."""
+    formatter = JsonFormatter() if log_format(environ) == "json" else TextFormatter()
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 async def run_until_signalled(start, stop) -> None:

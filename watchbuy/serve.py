@@ -118,7 +118,7 @@ def print_banner(site_settings, node, demo: dict | None) -> None:
         print(f"    {push_line(rtmp, key)}")
     else:
         print(f"  Hosts find their stream server and key in {url}/studio")
-    print(f"\n  media node {node.config.node_id}: RTMP {rtmp}, HTTP-FLV "
+    print(f"\n  media node {node.settings.node_id}: RTMP {rtmp}, HTTP-FLV "
           f"http://{host}:{node.http_port}/live/<name>.flv", flush=True)
 
 
