@@ -29,7 +29,7 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 PREFIX = "watchbuy_node_"
 VIEWER_KINDS = ("flv", "rtmp")  # always reported, so a dashboard's series exist at 0
 TIMEOUT_KINDS = ("rtmp_handshake", "rtmp_partial_message", "rtmp_publish_idle", "rtmp_idle",
-                 "http_header", "http_keepalive", "http_drain")
+                 "rtmp_drain", "http_header", "http_keepalive", "http_drain")
 
 
 def _labelled(family, items, defaults: tuple[str, ...] = ()):

@@ -103,7 +103,7 @@ class MediaNode:
         # Timeouts a peer can cause by the thousand: at most a line per kind every few seconds.
         rtmp_log = logging.getLogger("watchbuy.engine.rtmp")
         self.rtmp_timeout_logs = {kind: LogLimiter(rtmp_log) for kind in
-                                  ("handshake", "partial", "idle")}
+                                  ("handshake", "partial", "idle", "drain")}
         self.started_mono = time.monotonic()
         self._servers: list[asyncio.base_events.Server] = []
         self._sampler: asyncio.Task | None = None

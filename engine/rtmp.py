@@ -132,6 +132,10 @@ class RtmpSession(ViewerSession):
         self.messages_in = 0
         self.messages_at_sweep = 0
         self.progress_at = 0.0
+        # backpressure: since when the peer has not taken our replies (write buffer above its
+        # high-water mark), and since when a close waits for them
+        self.write_paused_at: float | None = None
+        self.closing_at: float | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -219,6 +223,28 @@ class RtmpSession(ViewerSession):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+    def update_reading(self) -> None:
+        """Read from the peer unless the publish hook is deciding (its messages are held) or
+        the peer is not taking our replies: a peer that sends commands and never reads the
+        answers must not grow our write buffer without bound."""
+        if self.transport is None or self.closed:
+            return
+        if self.held is not None or self.write_paused_at is not None:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # a playing viewer drops media and resyncs on a keyframe
+        if self.write_paused_at is None:
+            self.write_paused_at = time.monotonic()
+        self.update_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.write_paused_at = None
+        self.update_reading()
 
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -422,7 +448,7 @@ class RtmpSession(ViewerSession):
         # Hold the rest of this read and stop reading until the hook has decided: media that
         # ffmpeg sends right after publish must neither be lost nor relayed unauthorised.
         self.held = []
-        self.transport.pause_reading()
+        self.update_reading()
         self.auth_task = asyncio.ensure_future(self.authorize())
 
     async def authorize(self) -> None:
@@ -468,8 +494,7 @@ class RtmpSession(ViewerSession):
         except PEER_ERRORS as exc:
             self.protocol_error(exc)
             return
-        if not self.closed:
-            self.transport.resume_reading()
+        self.update_reading()
 
     def take_over(self, name: str, key: str) -> LiveStream | None:
         """The live stream ``name`` for this session if its publisher is an earlier session of
@@ -589,11 +614,27 @@ class RtmpSession(ViewerSession):
     def check_timeouts(self, now: float) -> None:
         """Called once a second by the node's sweep; drops this connection when it has
         overstayed.  Progress is read from counters the data path keeps anyway."""
-        if self.closed:
-            return
         settings = self.node.settings
         limiters = self.node.rtmp_timeout_logs
         timeouts = self.node.stats.timeouts
+        drain = settings.drain_timeout
+        if self.closed:
+            if self.closing_at is not None and now - self.closing_at > drain and \
+                    self.transport.get_write_buffer_size():
+                timeouts["rtmp_drain"] += 1
+                limiters["drain"].log(logging.INFO, "rtmp %s: peer took nothing for %g s after "
+                                      "the close: aborting (WATCHBUY_DRAIN_TIMEOUT)", self.peer,
+                                      drain, extra=self.log.extra)
+                self.transport.abort()
+            return
+        if self.write_paused_at is not None and self.viewer is None and \
+                now - self.write_paused_at > drain:
+            # Not a playing viewer (its own stall cut-off applies): a peer that stopped reading
+            # our replies.
+            timeouts["rtmp_drain"] += 1
+            self.drop(f"the peer took none of our replies for {drain:g} s "
+                      "(WATCHBUY_DRAIN_TIMEOUT)", limiters["drain"])
+            return
         if not self.app:
             if settings.handshake_timeout and now - self.opened_at > settings.handshake_timeout:
                 timeouts["rtmp_handshake"] += 1
@@ -630,9 +671,11 @@ class RtmpSession(ViewerSession):
                       "(WATCHBUY_IDLE_CONNECTION_TIMEOUT)", limiters["idle"])
 
     def close_soon(self) -> None:
-        """Close after what we wrote (an error status) has gone out."""
+        """Close after what we wrote (an error status) has gone out; the sweep aborts a peer
+        that does not take it within ``drain_timeout`` (``close()`` alone waits forever)."""
         self.closed = True
         if self.transport is not None:
+            self.closing_at = time.monotonic()
             self.transport.close()
 
 

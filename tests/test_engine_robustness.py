@@ -667,3 +667,39 @@ async def test_amf_budgets_come_from_the_settings(caplog):
             await client.close()
         finally:
             await node.stop()
+
+
+# -- replies under backpressure -------------------------------------------------------------------
+
+async def test_a_peer_that_never_reads_its_replies_is_cut_off(caplog):
+    """Commands whose replies the peer never reads (ping requests, createStream) stop being
+    read once our write buffer is full, and the peer is dropped after the drain time; the
+    healthy stream keeps its rate and the node's memory does not follow the flood."""
+    caplog.set_level(logging.INFO, logger="watchbuy")
+    async with running_node(drain_timeout=1.0) as (node, healthy):
+        mark = healthy.mark()
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        flooder = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+        # A small receive buffer on our side, never read: the node's replies pile up there.
+        flooder.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                                           4096)
+        ping = flooder.out.write(2, 0, 4, 0, struct.pack(">HI", 6, 1))  # user control: ping
+        create = b"".join(flooder.out.write(3, 0, 20, 0, amf.encode_amf0(
+            "createStream", float(n), None)) for n in range(100))
+        sent = 0
+        try:
+            for _ in range(400):  # at most ~200 MB of requests, far more than any buffer holds
+                flooder.writer.write(ping * 2000 + create)
+                sent += 1
+                await asyncio.wait_for(flooder.writer.drain(), 0.5)
+        except (TimeoutError, ConnectionError):
+            pass  # the node stopped reading us: our own send buffer filled up
+        assert await closed_by_server(flooder.reader, timeout=15)
+        assert sent < 400, "the node kept reading a peer that takes none of its replies"
+        assert len(drop_lines(caplog, "WATCHBUY_DRAIN_TIMEOUT")) == 1
+        assert not [r for r in caplog.records if r.exc_info]
+        assert node.stats.timeouts["rtmp_drain"] == 1
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+        assert grown_mb < 64, f"the node grew {grown_mb:.0f} MB"
+        await healthy.assert_kept_up(mark)
+        await flooder.close()
