@@ -25,8 +25,8 @@ cdef extern from "Python.h":
     int _PyBytes_Resize(PyObject** bytes, Py_ssize_t newsize) except -1
     void _decref "Py_DECREF" (PyObject* o)
 
-MSG_SET_CHUNK_SIZE = 1
-MSG_ABORT = 2
+from watchbuy.engine.wire import MSG_ABORT, MSG_SET_CHUNK_SIZE  # the one vocabulary
+
 MAX_CHUNK_SIZE = 0x7FFFFFFF
 MAX_MESSAGE_SIZE = 0xFFFFFF
 MAX_CSID = 65599
@@ -34,7 +34,7 @@ MAX_PARTIAL_MESSAGES = 64
 MAX_PARTIAL_BYTES = 32 * 1024 * 1024
 HEADER_SIZES = (11, 7, 3, 0)
 
-# C-level twins of the constants above: comparing against the Python module globals costs a
+# C-level twins of the constants above (checked against wire.py's values at import, below): comparing against the Python module globals costs a
 # dict lookup, an int box and a rich compare per message.
 cdef enum:
     _SET_CHUNK_SIZE = 1
@@ -48,6 +48,9 @@ cdef enum:
     _EXT_UNKNOWN = 0
     _EXT_REPEATED = 1
     _EXT_OMITTED = 2
+
+if _SET_CHUNK_SIZE != MSG_SET_CHUNK_SIZE or _ABORT != MSG_ABORT:  # pragma: no cover
+    raise ImportError("_chunk.pyx: the C-level message types drifted from engine/wire.py")
 
 cdef int[4] _HEADER_SIZES
 _HEADER_SIZES[0] = 11

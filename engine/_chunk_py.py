@@ -34,9 +34,7 @@ Format-3 chunks that *start* a message always carry it, as before.
 from __future__ import annotations
 
 from watchbuy.engine.errors import ChunkError
-
-MSG_SET_CHUNK_SIZE = 1
-MSG_ABORT = 2
+from watchbuy.engine.wire import MSG_ABORT, MSG_SET_CHUNK_SIZE  # the one vocabulary
 
 MAX_CHUNK_SIZE = 0x7FFFFFFF  # the top bit of Set Chunk Size must be zero
 MAX_MESSAGE_SIZE = 0xFFFFFF  # message length is a 24-bit field
