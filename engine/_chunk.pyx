@@ -34,8 +34,9 @@ MAX_PARTIAL_MESSAGES = 64
 MAX_PARTIAL_BYTES = 32 * 1024 * 1024
 HEADER_SIZES = (11, 7, 3, 0)
 
-# C-level twins of the constants above (checked against wire.py's values at import, below): comparing against the Python module globals costs a
-# dict lookup, an int box and a rich compare per message.
+# C-level twins of the constants above (checked against wire.py's values at import, below):
+# comparing against the Python module globals costs a dict lookup, an int box and a rich compare
+# per message.
 cdef enum:
     _SET_CHUNK_SIZE = 1
     _ABORT = 2
