@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchbuy.settings import ConfigError, load_config, persistent_secret
+from watchbuy.settings import ConfigError, check_ranges, load_config, persistent_secret
 
 
 @dataclass
@@ -109,29 +109,22 @@ class SiteSettings:
             raise ConfigError(
                 "WATCHBUY_STRIPE_WEBHOOK_SECRET and WATCHBUY_STRIPE_SECRET_KEY go together"
             )
-        if self.max_image_bytes <= 0:
-            raise ConfigError("WATCHBUY_MAX_IMAGE_BYTES: must be positive")
         if not 0 < self.hook_max_age <= 86400:
             raise ConfigError("WATCHBUY_HOOK_MAX_AGE: seconds, more than 0 and at most 86400")
         if not 0 <= self.hook_max_future <= self.hook_max_age:
             raise ConfigError("WATCHBUY_HOOK_MAX_FUTURE: seconds, from 0 to WATCHBUY_HOOK_MAX_AGE")
         if self.hook_nonce_capacity < 1:
             raise ConfigError("WATCHBUY_HOOK_NONCE_CAPACITY: at least 1")
-        for name in ("password_min_length", "password_hash_concurrency", "signup_per_ip",
-                     "signup_window", "login_attempts", "login_window", "login_per_ip",
-                     "login_account_attempts", "login_backoff_base",
-                     "login_backoff_max", "chat_frame_max_bytes",
-                     "chat_frames", "chat_frame_window", "ws_max_per_ip", "ws_max_per_user",
-                     "prune_interval"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"WATCHBUY_{name.upper()}: must be positive")
-        if self.max_image_pixels <= 0:
-            raise ConfigError("WATCHBUY_MAX_IMAGE_PIXELS: must be positive")
+        check_ranges(self, positive=(
+            "max_image_bytes", "password_min_length", "password_hash_concurrency", "signup_per_ip", "signup_window",
+            "login_attempts", "login_window", "login_per_ip", "login_account_attempts",
+            "login_backoff_base", "login_backoff_max", "chat_frame_max_bytes", "chat_frames",
+            "chat_frame_window", "ws_max_per_ip", "ws_max_per_user", "prune_interval",
+            "max_image_pixels", "test_reservation_minutes", "max_body_bytes", "csrf_scan_bytes",
+            "max_header_bytes", "ws_max_bytes", "header_timeout", "body_timeout"))
         if not 30 <= self.checkout_minutes <= 24 * 60 - 1:
             # Stripe allows 30 minutes to 24 hours; a minute of slack is added (payments.py)
             raise ConfigError("WATCHBUY_CHECKOUT_MINUTES: Stripe allows 30 to 1439 minutes")
-        if self.test_reservation_minutes <= 0:
-            raise ConfigError("WATCHBUY_TEST_RESERVATION_MINUTES: must be positive")
         if self.max_pending_orders < 1:
             raise ConfigError("WATCHBUY_MAX_PENDING_ORDERS: must be at least 1")
         if self.max_units_per_product < 1:
@@ -141,13 +134,7 @@ class SiteSettings:
             raise ConfigError(
                 "WATCHBUY_STRIPE_SECRET_KEY is not set on a public https site: set the Stripe "
                 "keys, or WATCHBUY_TEST_PAYMENTS=1 to run the test-card checkout on purpose")
-        for name in ("max_body_bytes", "csrf_scan_bytes", "max_header_bytes", "ws_max_bytes",
-                     "header_timeout", "body_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"WATCHBUY_{name.upper()}: must be positive")
-        for name in ("ws_ping_interval", "ws_ping_timeout", "hsts_seconds"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"WATCHBUY_{name.upper()}: must not be negative")
+        check_ranges(self, off_or_positive=("ws_ping_interval", "ws_ping_timeout", "hsts_seconds"))
         if self.public_url and not self.public_url.lower().startswith(("http://", "https://")):
             raise ConfigError("WATCHBUY_PUBLIC_URL: must start with http:// or https://")
 

@@ -14,6 +14,8 @@ import os
 import re
 import secrets
 import socket
+import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +89,34 @@ class Settings:
     def play_base(self) -> str:
         return f"http://{self.public_host}:{self.http_port}/{self.apps[0]}"
 
+    def validate(self) -> None:
+        """Raises :class:`ConfigError` (one line naming the variable) for an unusable value."""
+        for name in ("rtmp_port", "http_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{PREFIX}{name.upper()}: port {port} is out of range 0..65535")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.node_id):
+            raise ConfigError(f"{PREFIX}NODE_ID: use letters, digits, '-' and '_' only")
+        if not self.apps:
+            raise ConfigError(f"{PREFIX}APPS: at least one application name is needed")
+        if not 128 <= self.out_chunk_size <= 65536:
+            raise ConfigError(f"{PREFIX}OUT_CHUNK_SIZE: must be between 128 and 65536")
+        if self.publish_hook_url and not self.hook_secret:
+            raise ConfigError(f"{PREFIX}HOOK_SECRET: required when {PREFIX}PUBLISH_HOOK_URL is set")
+        check_ranges(
+            self,
+            positive=("gop_max_frames", "gop_max_bytes", "viewer_queue_bytes", "max_message_size",
+                      "max_partial_messages", "max_partial_bytes", "node_partial_bytes",
+                      "amf_max_nodes", "amf_max_expanded_bytes", "http_max_head", "http_max_buffer",
+                      "http_requests_per_turn", "header_timeout", "keepalive_timeout",
+                      "drain_timeout"),
+            off_or_positive=("handshake_timeout", "partial_message_timeout", "publish_idle_timeout",
+                             "idle_connection_timeout", "publish_takeover_grace",
+                             "max_connections_per_ip", "fd_reserve", "metadata_max_fields",
+                             "metadata_max_bytes"))
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"{PREFIX}LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR")
+
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
 
@@ -131,67 +161,65 @@ def parse_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def _convert(name: str, kind, raw: str):
+def _to_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _to_list(raw: str) -> list[str]:
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _to_mapping(raw: str) -> dict[str, str]:
+    mapping = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError("expected key=value pairs separated by commas")
+        mapping[key.strip()] = value.strip()
+    return mapping
+
+
+# How a variable's text becomes a field's value, by the field's (resolved) type, as
+# starlette.config casts values with callables.  The messages end the one line a bad value gets.
+CASTS: dict[object, tuple[Callable[[str], object], str]] = {
+    int: (int, "expected a whole number"),
+    float: (float, "expected a number"),
+    bool: (_to_bool, "expected true or false"),
+    str: (str, ""),
+    list[str]: (_to_list, ""),
+    dict[str, str]: (_to_mapping, "expected key=value pairs separated by commas"),
+}
+
+
+def _convert(name: str, kind: object, raw: str) -> object:
     variable = PREFIX + name.upper()
-    if kind is int or kind == "int":
-        try:
-            return int(raw)
-        except ValueError:
-            raise ConfigError(f"{variable}: expected a whole number, got {raw!r}") from None
-    if kind is float or kind == "float":
-        try:
-            return float(raw)
-        except ValueError:
-            raise ConfigError(f"{variable}: expected a number, got {raw!r}") from None
-    if kind is bool or kind == "bool":
-        lowered = raw.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off", ""):
-            return False
-        raise ConfigError(f"{variable}: expected true or false, got {raw!r}")
-    if kind == "list[str]":
-        return [item.strip() for item in raw.split(",") if item.strip()]
-    if kind == "dict[str, str]":
-        mapping = {}
-        for item in filter(None, (part.strip() for part in raw.split(","))):
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip() or not value.strip():
-                raise ConfigError(f"{variable}: expected key=value pairs separated by commas")
-            mapping[key.strip()] = value.strip()
-        return mapping
-    return raw
+    try:
+        cast, expected = CASTS[kind]
+    except KeyError:
+        raise TypeError(f"setting {name}: no conversion from text to {kind!r}") from None
+    try:
+        return cast(raw)
+    except ValueError as exc:
+        if kind is bool or kind == dict[str, str]:
+            raise ConfigError(f"{variable}: {exc}") from None
+        raise ConfigError(f"{variable}: {expected}, got {raw!r}") from None
 
 
-def _validate(settings: Settings) -> None:
-    for name in ("rtmp_port", "http_port"):
-        port = getattr(settings, name)
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"{PREFIX}{name.upper()}: port {port} is out of range 0..65535")
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", settings.node_id):
-        raise ConfigError(f"{PREFIX}NODE_ID: use letters, digits, '-' and '_' only")
-    if not settings.apps:
-        raise ConfigError(f"{PREFIX}APPS: at least one application name is needed")
-    if not 128 <= settings.out_chunk_size <= 65536:
-        raise ConfigError(f"{PREFIX}OUT_CHUNK_SIZE: must be between 128 and 65536")
-    if settings.publish_hook_url and not settings.hook_secret:
-        raise ConfigError(f"{PREFIX}HOOK_SECRET: required when {PREFIX}PUBLISH_HOOK_URL is set")
-    for name in ("gop_max_frames", "gop_max_bytes", "viewer_queue_bytes", "max_message_size",
-                 "max_partial_messages", "max_partial_bytes", "node_partial_bytes",
-                 "amf_max_nodes", "amf_max_expanded_bytes"):
-        if getattr(settings, name) <= 0:
+def check_ranges(settings: object, positive: Iterable[str] = (),
+                 off_or_positive: Iterable[str] = ()) -> None:
+    """One clear line for the first number out of range: ``positive`` fields must be above
+    zero, ``off_or_positive`` ones zero (the limit is off) or above.  NaN fails both."""
+    for name in positive:
+        if not getattr(settings, name) > 0:
             raise ConfigError(f"{PREFIX}{name.upper()}: must be positive")
-    for name in ("http_max_head", "http_max_buffer", "http_requests_per_turn",
-                 "header_timeout", "keepalive_timeout", "drain_timeout"):
-        if getattr(settings, name) <= 0:
-            raise ConfigError(f"{PREFIX}{name.upper()}: must be positive")
-    for name in ("handshake_timeout", "partial_message_timeout", "publish_idle_timeout",
-                 "idle_connection_timeout", "publish_takeover_grace", "max_connections_per_ip",
-                 "fd_reserve", "metadata_max_fields", "metadata_max_bytes"):
-        if not getattr(settings, name) >= 0:  # NaN fails this too
+    for name in off_or_positive:
+        if not getattr(settings, name) >= 0:
             raise ConfigError(f"{PREFIX}{name.upper()}: must be zero (off) or positive")
-    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"{PREFIX}LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR")
 
 
 def read_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -212,24 +240,22 @@ def load_config(cls, environ: dict[str, str] | None = None, **overrides):
 
     Components keep their own settings dataclass (the status agent's, the balancer's, …) and
     load it with this one function, so every setting is read, converted and reported alike.
-    ``cls.validate(self)``, when defined, raises :class:`ConfigError` for unusable values.
+    Every settings class has ``validate()``, which raises :class:`ConfigError` (one line naming
+    the variable) for an unusable value.
     """
     merged = read_environment(environ)
+    types = typing.get_type_hints(cls)  # the annotations are strings (postponed evaluation)
     values = {}
     for spec in dataclasses.fields(cls):
         raw = merged.get(PREFIX + spec.name.upper())
         if raw is not None:
-            values[spec.name] = _convert(spec.name, spec.type, raw)
+            values[spec.name] = _convert(spec.name, types[spec.name], raw)
     values.update({k: v for k, v in overrides.items() if v is not None})
     config = cls(**values)
-    validate = getattr(config, "validate", None)
-    if validate is not None:
-        validate()
+    config.validate()
     return config
 
 
 def load_settings(environ: dict[str, str] | None = None, **overrides) -> Settings:
     """The media node's and shared settings (see :func:`load_config`)."""
-    settings = load_config(Settings, environ, **overrides)
-    _validate(settings)
-    return settings
+    return load_config(Settings, environ, **overrides)
