@@ -14,15 +14,8 @@ import sys
 import pymysql.err
 import pytest
 import sqlalchemy as sa
-from site_helpers import (
-    MYSQL_URL,
-    make_product,
-    make_user,
-    mysql_connect,
-    mysql_problem,
-    mysql_url,
-    require_server,
-)
+from app_helpers import make_product, make_user
+from server_helpers import MYSQL_URL, mysql_connect, mysql_problem, mysql_url, require_server
 
 from watchbuy.db import queries
 from watchbuy.db.database import Database, is_duplicate_key

@@ -9,17 +9,9 @@ import re
 import httpx
 import pytest
 import sqlalchemy as sa
-from site_helpers import (
-    STRIPE_WEBHOOK_SECRET,
-    error_texts,
-    make_product,
-    make_user,
-    start_session,
-    stripe_event,
-    stripe_settings,
-    stripe_signature,
-    table_counts,
-)
+from app_helpers import make_product, make_user, start_session, table_counts
+from page_helpers import error_texts
+from stripe_standin import STRIPE_WEBHOOK_SECRET, stripe_event, stripe_settings, stripe_signature
 
 from watchbuy.db import queries
 from watchbuy.db.schema import orders, products, webhook_events
@@ -822,7 +814,7 @@ def test_test_mode_on_https_only_when_asked_for() -> None:
 
 
 async def test_test_orders_are_not_revenue_on_the_dashboard_and_sales(site) -> None:
-    from site_helpers import password_hash
+    from app_helpers import password_hash
 
     host = await site.user("Host", host=True)
     mug = await site.product(host, name="Mug", price_minor=1800, stock=10)
