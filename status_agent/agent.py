@@ -1,6 +1,7 @@
 """The status agent: a background sampler and an HTTP endpoint that answers from memory.
 
-The seed's agent read the counters, slept a second and read them again inside every request.
+Sampling inside a request (read the counters, sleep a second, read them again) would make every
+answer take a second.
 Here a sampler task reads the kernel's counters once per interval (and polls the engine's
 ``/api/server`` on its own schedule), keeps a short window of samples, and after each sample
 renders the complete HTTP response for ``GET /status`` once.  A request is answered by writing

@@ -706,7 +706,7 @@ async def test_one_shopper_cannot_hoard_the_stock(site, caplog) -> None:
         response = await add_to_cart(browser, mug["id"], 11)
         assert response.status_code == 400
         assert error_texts(response.text) == ["At most 10 of Mug per shopper."]
-        # the seed's attack: order after order, all left unpaid
+        # hoarding: order after order, all left unpaid, each holding stock from other shoppers
         statuses = []
         for _ in range(5):
             await queries.set_cart_quantity(site.db, hoarder["id"], mug["id"], 10)  # even direct
