@@ -2,11 +2,11 @@
 
 Viewers play ``https://<cdn>/<node-id>/live/<name>.flv``; the behaviour ``/<instance-id>/*``
 sends that path to the origin ``wb-<instance-id>`` (the instance's public DNS name, HTTP-FLV
-port, HTTP only), and the engine serves the path with the node id in it.  This is the seed's
-scheme (its "future work"), cleaned up:
+port, HTTP only), and the engine serves the path with the node id in it.  The behaviour is set up
+for live content:
 
 * TTL 0 (min, default and max): CloudFront does not keep live content, it revalidates every
-  request with the origin (the seed's note on dynamic content);
+  request with the origin (a live stream is dynamic content: a cached copy is already stale);
 * query strings and the ``Origin`` and ``Range`` headers are forwarded (CORS for mpegts.js in the
   browser, ranges for players that probe), cookies are not; GET, HEAD and OPTIONS are allowed;
   compression is off (FLV is already compressed, and it would buffer the stream).

@@ -6,8 +6,9 @@ for ``cache_ttl`` seconds and shared: callers that arrive while a round is in fl
 same round (single flight), so a burst of host page loads costs one query per node.
 
 A node is a candidate when its agent answered, its engine is up (``engine_ok``) and it has
-fewer publishers than the cap.  Candidates are ordered by rx bytes/s (the seed's rule: ingest is
-what a new host adds), then by publishers, then by id so the order is stable.
+fewer publishers than the cap.  Candidates are ordered by rx bytes/s (ingest is what a new host
+adds, so the node taking in least has most room), then by publishers, then by id so the order
+is stable.
 """
 
 from __future__ import annotations

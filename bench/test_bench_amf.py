@@ -11,53 +11,9 @@ sends it, ``@setDataFrame``/``onMetaData`` as OBS and ffmpeg send it, and the ``
 from __future__ import annotations
 
 import pytest
+from amf_samples import CONNECT_RESULT, OBS_CONNECT, ON_METADATA  # bench/conftest.py: on sys.path
 
 from watchbuy.engine import _amf, _amf_py
-from watchbuy.engine.amf_types import ECMAArray
-
-OBS_CONNECT = [
-    "connect",
-    1.0,
-    {
-        "app": "live",
-        "type": "nonprivate",
-        "flashVer": "FMLE/3.0 (compatible; FMSc/1.0)",
-        "swfUrl": "rtmp://127.0.0.1:1935/live",
-        "tcUrl": "rtmp://127.0.0.1:1935/live",
-    },
-]
-
-ON_METADATA = [
-    "@setDataFrame",
-    "onMetaData",
-    ECMAArray(
-        duration=0.0,
-        width=1920.0,
-        height=1080.0,
-        videodatarate=6000.0,
-        framerate=30.0,
-        videocodecid=7.0,
-        audiodatarate=160.0,
-        audiosamplerate=48000.0,
-        audiosamplesize=16.0,
-        stereo=True,
-        audiocodecid=10.0,
-        encoder="obs-output module (libobs version 30.0.2)",
-        filesize=0.0,
-    ),
-]
-
-CONNECT_RESULT = [
-    "_result",
-    1.0,
-    {"fmsVer": "FMS/3,0,1,123", "capabilities": 31.0},
-    {
-        "level": "status",
-        "code": "NetConnection.Connect.Success",
-        "description": "Connection succeeded.",
-        "objectEncoding": 0.0,
-    },
-]
 
 PAYLOADS = {"connect": OBS_CONNECT, "onMetaData": ON_METADATA, "_result": CONNECT_RESULT}
 

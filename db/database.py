@@ -7,21 +7,44 @@ transaction (``changes()`` / ``ROW_COUNT()``): see :meth:`Database.affected_rows
 SQLite allows one writer at a time and fails a deferred transaction that must upgrade to a write
 lock while another writer holds it; an in-process lock serialises write transactions so the
 embedded default never sees "database is locked" (MySQL gets real concurrent transactions).
+
+MariaDB may still pick a transaction as a deadlock victim (1213) or give up waiting for a row
+lock (1205) when shoppers write at the same moment; InnoDB has then rolled the whole transaction
+back, so :meth:`Database.run_transaction` runs it again from the start, a bounded number of
+times with a short jittered pause.  Every write path in :mod:`watchbuy.db.queries` goes through
+it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import databases
+import pymysql.err
 import sqlalchemy as sa
 
+from watchbuy.engine.relay import LogLimiter
 from watchbuy.settings import ConfigError
+
+log = logging.getLogger("watchbuy.db")
+
+T = TypeVar("T")
+
+# MySQL/MariaDB error numbers after which InnoDB has rolled the transaction back (1213) or the
+# statement gave up on a row lock (1205): the same transaction run again normally succeeds.
+ER_LOCK_DEADLOCK = 1213
+ER_LOCK_WAIT_TIMEOUT = 1205
+ER_DUP_ENTRY = 1062
+TRANSACTION_ATTEMPTS = 3  # one run plus two re-runs: enough for a crowd, bounded for a bug
+RETRY_BACKOFF = 0.02  # seconds before the first re-run; doubles after each, jittered +-50 %
 
 
 def now() -> float:
@@ -47,8 +70,36 @@ class _SQLiteConnection(sqlite3.Connection):
         self.execute("PRAGMA busy_timeout=5000")
 
 
+def is_lock_conflict(exc: BaseException) -> bool:
+    """A deadlock or lock-wait timeout (MySQL), or SQLite's "database is locked" (another
+    process held the write lock past busy_timeout): the transaction may simply be run again."""
+    if isinstance(exc, pymysql.err.MySQLError):
+        return bool(exc.args) and exc.args[0] in (ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT)
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+    return False
+
+
+def is_duplicate_key(exc: BaseException) -> bool:
+    """The driver's unique-constraint refusal: aiomysql raises PyMySQL's IntegrityError 1062,
+    aiosqlite raises sqlite3's IntegrityError with a UNIQUE/PRIMARY KEY constraint code."""
+    if isinstance(exc, pymysql.err.IntegrityError):
+        return bool(exc.args) and exc.args[0] == ER_DUP_ENTRY
+    if isinstance(exc, sqlite3.IntegrityError):
+        return getattr(exc, "sqlite_errorcode", None) in (
+            sqlite3.SQLITE_CONSTRAINT_UNIQUE, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY)
+    return False
+
+
 class Database:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, transaction_attempts: int = TRANSACTION_ATTEMPTS,
+                 retry_backoff: float = RETRY_BACKOFF) -> None:
+        if transaction_attempts < 1:
+            raise ConfigError("transaction_attempts: at least 1")
+        self.transaction_attempts = transaction_attempts
+        self.retry_backoff = retry_backoff
+        self.retries = 0  # transactions run again after a lock conflict (for tests and stats)
+        self._retry_log = LogLimiter(log)
         url = normalise_url(url)
         if url.startswith("sqlite://"):
             self.dialect_name = "sqlite"
@@ -109,7 +160,9 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
-        """A write transaction (every write goes through one: the seed's rule)."""
+        """One transaction, run once (writes use :meth:`run_transaction`, which re-runs it on a
+        lock conflict).  Writes always run in a transaction so that the conditional updates and
+        their affected-row checks see the same state and roll back together."""
         if self._write_lock is None:
             async with self._db.transaction():
                 yield
@@ -117,6 +170,27 @@ class Database:
         async with self._write_lock:
             async with self._db.transaction():
                 yield
+
+    async def run_transaction(self, work: Callable[[], Awaitable[T]]) -> T:
+        """``await work()`` inside a transaction, run again from the start (at most
+        ``transaction_attempts`` runs in all) when it loses a lock conflict; other errors and
+        the last conflict propagate.  ``work`` must do nothing but database statements (no
+        messages sent, nothing kept outside), because a failed run may be repeated."""
+        for attempt in range(1, self.transaction_attempts + 1):
+            try:
+                async with self.transaction():
+                    return await work()
+            except Exception as exc:
+                if attempt == self.transaction_attempts or not is_lock_conflict(exc):
+                    raise
+                self.retries += 1
+                self._retry_log.log(logging.WARNING, "database: lock conflict (%s), running "
+                                    "the transaction again (attempt %d of %d)", exc.args[:1],
+                                    attempt + 1, self.transaction_attempts)
+                # jittered so that the transactions that collided do not collide again
+                await asyncio.sleep(self.retry_backoff * 2 ** (attempt - 1)
+                                    * random.uniform(0.5, 1.5))
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def compile_ddl(self, element) -> str:
         return str(element.compile(dialect=self.dialect))

@@ -3,6 +3,12 @@
 Rows come back as plain dicts.  Writes run in transactions; stock changes only through
 conditional updates (``stock = stock - q WHERE stock >= q``) whose affected-row count decides,
 so concurrent buyers can never oversell, on SQLite and on MySQL alike.
+
+Each write function puts its transaction's statements in an inner ``work()`` and hands it to
+:meth:`Database.run_transaction`, which runs it again from the start when MariaDB picks it as
+a deadlock victim: so ``work()`` only runs statements and returns, with no effect outside the
+database.  Rows that may already exist are written with one upsert (:func:`upsert`), never a
+delete then an insert.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import secrets
 
 import sqlalchemy as sa
 
-from watchbuy.db.database import Database, now
+from watchbuy.db.database import Database, is_duplicate_key, now
 from watchbuy.db.schema import (
     cart_items,
     channels,
@@ -55,15 +61,33 @@ def as_dicts(rows) -> list[dict]:
     return [dict(row._mapping) for row in rows]
 
 
+def upsert(db: Database, table: sa.Table, keys: tuple[str, ...], key_values: dict,
+           changes: dict) -> sa.Insert:
+    """INSERT of ``key_values | changes`` that, when a row with the same unique ``keys``
+    exists, updates that row with ``changes`` instead: one statement, in each dialect's own
+    syntax (ON DUPLICATE KEY UPDATE on MySQL, ON CONFLICT ... DO UPDATE on SQLite)."""
+    values = {**key_values, **changes}
+    if db.dialect_name == "mysql":
+        from sqlalchemy.dialects.mysql import insert as mysql_insert
+
+        return mysql_insert(table).values(**values).on_duplicate_key_update(**changes)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).values(**values).on_conflict_do_update(
+        index_elements=list(keys), set_=changes)
+
+
 # -- users and sessions ---------------------------------------------------------------------
 
 
 async def create_user(db: Database, email: str, display_name: str, password_hash: str,
                       is_host: bool, is_admin: bool = False) -> int:
-    async with db.transaction():
+    async def work():
         return await db.execute(users.insert().values(
             email=email.lower(), display_name=display_name, password_hash=password_hash,
             is_host=is_host, is_admin=is_admin, created_at=now()))
+
+    return await db.run_transaction(work)
 
 
 async def user_by_email(db: Database, email: str) -> dict | None:
@@ -75,23 +99,29 @@ async def user_by_id(db: Database, user_id: int) -> dict | None:
 
 
 async def set_password_hash(db: Database, user_id: int, password_hash: str) -> None:
-    async with db.transaction():
+    async def work():
         await db.execute(users.update().where(users.c.id == user_id)
                          .values(password_hash=password_hash))
 
+    return await db.run_transaction(work)
+
 
 async def make_host(db: Database, user_id: int) -> None:
-    async with db.transaction():
+    async def work():
         await db.execute(users.update().where(users.c.id == user_id).values(is_host=True))
+
+    return await db.run_transaction(work)
 
 
 async def create_session(db: Database, session_hash: str, user_id: int, csrf_token: str,
                          lifetime: float) -> None:
     created = now()
-    async with db.transaction():
+    async def work():
         await db.execute(sessions.insert().values(
             id=session_hash, user_id=user_id, csrf_token=csrf_token, created_at=created,
             expires_at=created + lifetime, revoked=False))
+
+    return await db.run_transaction(work)
 
 
 async def session_user(db: Database, session_hash: str) -> tuple[dict, dict] | None:
@@ -112,23 +142,29 @@ async def session_user(db: Database, session_hash: str) -> tuple[dict, dict] | N
 
 
 async def revoke_session(db: Database, session_hash: str) -> None:
-    async with db.transaction():
+    async def work():
         await db.execute(sessions.update().where(sessions.c.id == session_hash)
                          .values(revoked=True))
+
+    return await db.run_transaction(work)
 
 
 async def prune_sessions(db: Database) -> int:
     """Delete sessions that can never be used again (expired or revoked); returns how many."""
-    async with db.transaction():
+    async def work():
         await db.execute(sessions.delete().where(
             sa.or_(sessions.c.expires_at <= now(), sessions.c.revoked == sa.true())))
         return await db.affected_rows()
 
+    return await db.run_transaction(work)
+
 
 async def record_login_attempt(db: Database, key: str) -> int:
     """Records an attempt (before it is checked, so concurrent ones count each other)."""
-    async with db.transaction():
+    async def work():
         return await db.execute(login_attempts.insert().values(key=key, attempted_at=now()))
+
+    return await db.run_transaction(work)
 
 
 async def login_attempt_window(db: Database, key: str, window: float,
@@ -149,8 +185,10 @@ async def login_attempt_window(db: Database, key: str, window: float,
 
 async def forget_login_attempt(db: Database, *attempt_ids: int) -> None:
     """Undo :func:`record_login_attempt` for attempts that were refused or succeeded."""
-    async with db.transaction():
+    async def work():
         await db.execute(login_attempts.delete().where(login_attempts.c.id.in_(attempt_ids)))
+
+    return await db.run_transaction(work)
 
 
 async def recent_login_attempts(db: Database, key: str, window: float) -> int:
@@ -160,16 +198,20 @@ async def recent_login_attempts(db: Database, key: str, window: float) -> int:
 
 
 async def clear_login_attempts(db: Database, *keys: str) -> None:
-    async with db.transaction():
+    async def work():
         await db.execute(login_attempts.delete().where(login_attempts.c.key.in_(keys)))
+
+    return await db.run_transaction(work)
 
 
 async def prune_login_attempts(db: Database, older_than: float) -> int:
     """Delete attempts made more than ``older_than`` seconds ago; returns how many."""
-    async with db.transaction():
+    async def work():
         await db.execute(login_attempts.delete().where(
             login_attempts.c.attempted_at < now() - older_than))
         return await db.affected_rows()
+
+    return await db.run_transaction(work)
 
 
 # -- channels (a host's live room) ----------------------------------------------------------
@@ -180,10 +222,12 @@ def new_stream_key() -> str:
 
 
 async def create_channel(db: Database, host_id: int, slug: str, title: str) -> int:
-    async with db.transaction():
+    async def work():
         return await db.execute(channels.insert().values(
             host_id=host_id, slug=slug, title=title, stream_key=new_stream_key(),
             is_live=False, created_at=now()))
+
+    return await db.run_transaction(work)
 
 
 async def channel_by_host(db: Database, host_id: int) -> dict | None:
@@ -205,16 +249,20 @@ async def channel_by_id(db: Database, channel_id: int) -> dict | None:
 
 async def regenerate_stream_key(db: Database, host_id: int) -> str:
     key = new_stream_key()
-    async with db.transaction():
+    async def work():
         await db.execute(channels.update().where(channels.c.host_id == host_id)
                          .values(stream_key=key))
+
+    await db.run_transaction(work)
     return key
 
 
 async def update_channel_title(db: Database, host_id: int, title: str) -> None:
-    async with db.transaction():
+    async def work():
         await db.execute(channels.update().where(channels.c.host_id == host_id)
                          .values(title=title))
+
+    return await db.run_transaction(work)
 
 
 async def set_live(db: Database, channel_id: int, live: bool, node_id: str | None) -> None:
@@ -222,14 +270,18 @@ async def set_live(db: Database, channel_id: int, live: bool, node_id: str | Non
     values = {"is_live": live, "live_node_id": node_id if live else None, "last_live_at": stamp}
     if live:
         values["live_since"] = stamp
-    async with db.transaction():
+    async def work():
         await db.execute(channels.update().where(channels.c.id == channel_id).values(**values))
+
+    return await db.run_transaction(work)
 
 
 async def set_pinned(db: Database, channel_id: int, product_id: int | None) -> None:
-    async with db.transaction():
+    async def work():
         await db.execute(channels.update().where(channels.c.id == channel_id)
                          .values(pinned_product_id=product_id))
+
+    return await db.run_transaction(work)
 
 
 async def list_rooms(db: Database, limit: int = 50) -> list[dict]:
@@ -251,11 +303,13 @@ async def create_product(db: Database, host_id: int, name: str, description: str
                          price_minor: int, currency: str, stock: int,
                          image: str | None) -> int:
     stamp = now()
-    async with db.transaction():
+    async def work():
         return await db.execute(products.insert().values(
             host_id=host_id, name=name, description=description, price_minor=price_minor,
             currency=currency, stock=stock, image=image, shown=True, deleted=False,
             created_at=stamp, updated_at=stamp))
+
+    return await db.run_transaction(work)
 
 
 async def product(db: Database, product_id: int) -> dict | None:
@@ -286,9 +340,11 @@ async def update_product(db: Database, host_id: int, product_id: int,
     if stock_delta is not None:
         query = query.where(products.c.stock + stock_delta >= 0)
         values["stock"] = products.c.stock + stock_delta
-    async with db.transaction():
+    async def work():
         await db.execute(query.values(**values))
         return await db.affected_rows() == 1
+
+    return await db.run_transaction(work)
 
 
 async def set_product_shown(db: Database, host_id: int, product_id: int,
@@ -297,7 +353,7 @@ async def set_product_shown(db: Database, host_id: int, product_id: int,
 
     A hidden product is not for sale, so it cannot stay pinned: the same transaction unpins it
     (the caller tells those rooms)."""
-    async with db.transaction():
+    async def work():
         await db.execute(products.update().where(
             products.c.id == product_id, products.c.host_id == host_id,
             products.c.deleted == sa.false()).values(shown=shown, updated_at=now()))
@@ -312,9 +368,11 @@ async def set_product_shown(db: Database, host_id: int, product_id: int,
                                  .values(pinned_product_id=None))
         return True, unpinned
 
+    return await db.run_transaction(work)
+
 
 async def delete_product(db: Database, host_id: int, product_id: int) -> bool:
-    async with db.transaction():
+    async def work():
         await db.execute(products.update().where(
             products.c.id == product_id, products.c.host_id == host_id,
             products.c.deleted == sa.false()).values(deleted=True, shown=False,
@@ -325,6 +383,8 @@ async def delete_product(db: Database, host_id: int, product_id: int) -> bool:
             await db.execute(channels.update().where(
                 channels.c.pinned_product_id == product_id).values(pinned_product_id=None))
         return changed
+
+    return await db.run_transaction(work)
 
 
 # -- cart ---------------------------------------------------------------------------------------
@@ -343,13 +403,21 @@ async def cart(db: Database, user_id: int) -> list[dict]:
 
 
 async def set_cart_quantity(db: Database, user_id: int, product_id: int, quantity: int) -> None:
-    """Sets (or with 0 removes) a cart line; the caller has validated against stock."""
-    async with db.transaction():
-        await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id,
-                                                   cart_items.c.product_id == product_id))
+    """Sets (or with 0 removes) a cart line; the caller has validated against stock.
+
+    One statement either way: an upsert on the (user, product) key, not a delete then an
+    insert, whose gap locks on the cart index deadlocked shoppers adding to their own carts at
+    the same moment on MariaDB."""
+    async def work() -> None:
         if quantity > 0:
-            await db.execute(cart_items.insert().values(
-                user_id=user_id, product_id=product_id, quantity=quantity, added_at=now()))
+            await db.execute(upsert(db, cart_items, ("user_id", "product_id"),
+                                    {"user_id": user_id, "product_id": product_id},
+                                    {"quantity": quantity, "added_at": now()}))
+        else:
+            await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id,
+                                                       cart_items.c.product_id == product_id))
+
+    return await db.run_transaction(work)
 
 
 async def cart_quantity(db: Database, user_id: int, product_id: int) -> int:
@@ -402,7 +470,7 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
     empty cart or mixed currencies.  ``test_mode`` (default: payment_mode "test") marks orders
     that are no real money.
     """
-    async with db.transaction():
+    async def work():
         # One checkout per shopper at a time: the limits below count this shopper's pending
         # orders, and two concurrent checkouts must not both pass the count (MySQL; SQLite
         # serialises write transactions anyway and has no FOR UPDATE).
@@ -443,7 +511,9 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                 name=line["name"], unit_price_minor=line["price_minor"],
                 currency=line["currency"], quantity=line["quantity"]))
         await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id))
-    return await order(db, order_id)
+        return order_id
+
+    return await order(db, await db.run_transaction(work))
 
 
 async def order(db: Database, order_id: int) -> dict | None:
@@ -456,9 +526,11 @@ async def order(db: Database, order_id: int) -> dict | None:
 
 
 async def set_payment_ref(db: Database, order_id: int, payment_ref: str) -> None:
-    async with db.transaction():
+    async def work():
         await db.execute(orders.update().where(orders.c.id == order_id)
                          .values(payment_ref=payment_ref))
+
+    return await db.run_transaction(work)
 
 
 async def order_by_payment_ref(db: Database, payment_ref: str) -> dict | None:
@@ -468,16 +540,18 @@ async def order_by_payment_ref(db: Database, payment_ref: str) -> dict | None:
 
 async def mark_paid(db: Database, order_id: int) -> bool:
     """pending → paid, once: True only for the call that made the change."""
-    async with db.transaction():
+    async def work():
         await db.execute(orders.update().where(orders.c.id == order_id,
                                                orders.c.status == "pending")
                          .values(status="paid", paid_at=now()))
         return await db.affected_rows() == 1
 
+    return await db.run_transaction(work)
+
 
 async def release_order(db: Database, order_id: int, status: str) -> bool:
     """pending → cancelled/expired, once, giving the reserved stock back."""
-    async with db.transaction():
+    async def work():
         await db.execute(orders.update().where(orders.c.id == order_id,
                                                orders.c.status == "pending")
                          .values(status=status, closed_at=now()))
@@ -489,6 +563,8 @@ async def release_order(db: Database, order_id: int, status: str) -> bool:
                              .values(stock=products.c.stock + item["quantity"]))
         return True
 
+    return await db.run_transaction(work)
+
 
 class _CannotReserve(Exception):
     """Rolls back a re-reservation that found too little stock."""
@@ -498,48 +574,71 @@ async def reopen_paid_order(db: Database, order_id: int) -> bool:
     """A payment arrived for a cancelled/expired order: reserve its stock again and make it
     paid, all or nothing.  False (nothing changed) when the stock is gone or the order is not
     cancelled/expired (any more)."""
-    try:
-        async with db.transaction():
-            row = as_dict(await db.fetch_one(orders.select().where(orders.c.id == order_id)))
-            if row is None or row["status"] not in ("cancelled", "expired"):
-                return False
-            items = await db.fetch_all(order_items.select()
-                                       .where(order_items.c.order_id == order_id)
-                                       .order_by(order_items.c.product_id))
-            for item in items:
-                await db.execute(products.update().where(
-                    products.c.id == item["product_id"], products.c.deleted == sa.false(),
-                    products.c.stock >= item["quantity"])
-                    .values(stock=products.c.stock - item["quantity"], updated_at=now()))
-                if await db.affected_rows() != 1:
-                    raise _CannotReserve
-            await db.execute(orders.update().where(orders.c.id == order_id,
-                                                   orders.c.status == row["status"])
-                             .values(status="paid", paid_at=now(), status_note=(
-                                 f"paid after it was {row['status']}; stock reserved again")))
+    async def work() -> bool:
+        row = as_dict(await db.fetch_one(orders.select().where(orders.c.id == order_id)))
+        if row is None or row["status"] not in ("cancelled", "expired"):
+            return False
+        items = await db.fetch_all(order_items.select()
+                                   .where(order_items.c.order_id == order_id)
+                                   .order_by(order_items.c.product_id))
+        for item in items:
+            await db.execute(products.update().where(
+                products.c.id == item["product_id"], products.c.deleted == sa.false(),
+                products.c.stock >= item["quantity"])
+                .values(stock=products.c.stock - item["quantity"], updated_at=now()))
             if await db.affected_rows() != 1:
-                raise _CannotReserve  # changed meanwhile: undo the reservations
-            return True
+                raise _CannotReserve
+        await db.execute(orders.update().where(orders.c.id == order_id,
+                                               orders.c.status == row["status"])
+                         .values(status="paid", paid_at=now(), status_note=(
+                             f"paid after it was {row['status']}; stock reserved again")))
+        if await db.affected_rows() != 1:
+            raise _CannotReserve  # changed meanwhile: undo the reservations
+        return True
+
+    try:
+        return await db.run_transaction(work)
     except _CannotReserve:
         return False
 
 
 async def mark_refunded(db: Database, order_id: int, note: str) -> bool:
     """cancelled/expired → refunded (the payment that came late went back), once."""
-    async with db.transaction():
+    async def work():
         await db.execute(orders.update().where(
             orders.c.id == order_id, orders.c.status.in_(("cancelled", "expired")))
             .values(status="refunded", status_note=note, closed_at=now()))
         return await db.affected_rows() == 1
 
+    return await db.run_transaction(work)
+
 
 async def user_orders(db: Database, user_id: int) -> list[dict]:
+    """This shopper's orders, newest first, each with its items: two queries, however many
+    orders (the items of all of them in one)."""
     rows = as_dicts(await db.fetch_all(
         orders.select().where(orders.c.user_id == user_id).order_by(orders.c.id.desc())))
+    if not rows:
+        return rows
+    by_id = {row["id"]: row for row in rows}
     for row in rows:
-        row["items"] = as_dicts(await db.fetch_all(
-            order_items.select().where(order_items.c.order_id == row["id"])))
+        row["items"] = []
+    items = as_dicts(await db.fetch_all(
+        order_items.select()
+        .select_from(order_items.join(orders, orders.c.id == order_items.c.order_id))
+        .where(orders.c.user_id == user_id).order_by(order_items.c.id)))
+    for item in items:
+        by_id[item["order_id"]]["items"].append(item)
     return rows
+
+
+async def stale_pending_orders(db: Database, created_before: float,
+                               payment_mode: str) -> list[int]:
+    """Ids of orders still pending (stock reserved) that were created before a time."""
+    rows = await db.fetch_all(sa.select(orders.c.id).where(
+        orders.c.status == "pending", orders.c.payment_mode == payment_mode,
+        orders.c.created_at < created_before))
+    return [int(row[0]) for row in rows]
 
 
 async def host_sales(db: Database, host_id: int) -> list[dict]:
@@ -558,21 +657,25 @@ async def host_sales(db: Database, host_id: int) -> list[dict]:
 
 async def record_webhook_event(db: Database, event_id: str, event_type: str) -> bool:
     """True the first time an event id is seen; False for a redelivery."""
+    async def work() -> None:
+        await db.execute(webhook_events.insert().values(
+            id=event_id, type=event_type, received_at=now()))
+
     try:
-        async with db.transaction():
-            await db.execute(webhook_events.insert().values(
-                id=event_id, type=event_type, received_at=now()))
-        return True
-    except Exception as exc:  # the unique key refused a duplicate: seen before
-        if await db.fetch_one(webhook_events.select().where(webhook_events.c.id == event_id)):
+        await db.run_transaction(work)
+    except Exception as exc:
+        if is_duplicate_key(exc):  # the primary key refused the id: delivered before
             return False
-        raise exc
+        raise
+    return True
 
 
 async def forget_webhook_event(db: Database, event_id: str) -> None:
     """Undo :func:`record_webhook_event` for an event that could not be applied."""
-    async with db.transaction():
+    async def work():
         await db.execute(webhook_events.delete().where(webhook_events.c.id == event_id))
+
+    return await db.run_transaction(work)
 
 
 async def order_counts(db: Database, test_mode: bool | None = None) -> dict:
@@ -599,10 +702,12 @@ async def paid_revenue(db: Database) -> dict[str, int]:
 async def add_chat_message(db: Database, channel_id: int, user_id: int, display_name: str,
                            text: str) -> dict:
     stamp = now()
-    async with db.transaction():
-        message_id = await db.execute(chat_messages.insert().values(
+    async def work() -> int:
+        return await db.execute(chat_messages.insert().values(
             channel_id=channel_id, user_id=user_id, display_name=display_name, text=text,
             created_at=stamp, deleted=False))
+
+    message_id = await db.run_transaction(work)
     return {"id": message_id, "channel_id": channel_id, "user_id": user_id,
             "display_name": display_name, "text": text, "created_at": stamp}
 
@@ -616,30 +721,25 @@ async def recent_chat(db: Database, channel_id: int, limit: int = 50) -> list[di
 
 
 async def delete_chat_message(db: Database, channel_id: int, message_id: int) -> bool:
-    async with db.transaction():
+    async def work():
         await db.execute(chat_messages.update().where(
             chat_messages.c.id == message_id, chat_messages.c.channel_id == channel_id)
             .values(deleted=True))
         return await db.affected_rows() == 1
 
+    return await db.run_transaction(work)
+
 
 async def mute(db: Database, channel_id: int, user_id: int) -> None:
-    async with db.transaction():
-        await db.execute(chat_mutes.delete().where(chat_mutes.c.channel_id == channel_id,
-                                                   chat_mutes.c.user_id == user_id))
-        await db.execute(chat_mutes.insert().values(channel_id=channel_id, user_id=user_id,
-                                                    created_at=now()))
+    async def work() -> None:  # an upsert, for the reason given in set_cart_quantity
+        await db.execute(upsert(db, chat_mutes, ("channel_id", "user_id"),
+                                {"channel_id": channel_id, "user_id": user_id},
+                                {"created_at": now()}))
+
+    return await db.run_transaction(work)
 
 
 async def is_muted(db: Database, channel_id: int, user_id: int) -> bool:
     return await db.fetch_one(chat_mutes.select().where(
         chat_mutes.c.channel_id == channel_id, chat_mutes.c.user_id == user_id)) is not None
 
-
-async def stale_pending_orders(db: Database, created_before: float,
-                               payment_mode: str) -> list[int]:
-    """Ids of orders still pending (stock reserved) that were created before a time."""
-    rows = await db.fetch_all(sa.select(orders.c.id).where(
-        orders.c.status == "pending", orders.c.payment_mode == payment_mode,
-        orders.c.created_at < created_before))
-    return [int(row[0]) for row in rows]

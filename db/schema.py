@@ -1,10 +1,11 @@
 """The schema: SQLAlchemy Core tables, the one source for SQLite and MySQL/MariaDB.
 
-Grown from the seed's MySQL tables (hostlist, userlist, products, orderlist, cartlist): hosts and
-shoppers are one ``users`` table (a host can shop too), a host's live room is a ``channels`` row
-holding the secret stream key apart from the public stream name, and login expiry lives in
-``sessions`` as the seed kept it in its user tables.  Money is integer minor units plus an ISO
-currency code, never a float, in 64-bit columns (BIGINT on MySQL, whose INT stops at 2^31).
+Hosts and shoppers are one ``users`` table (a host can shop too).  A host's live room is a
+``channels`` row that keeps the secret stream key apart from the public stream name, so links can
+be shared without letting anyone publish.  Each login is a ``sessions`` row with its own expiry,
+so one device can be logged out or time out without touching the others.  Money is integer minor
+units plus an ISO currency code, never a float, in 64-bit columns (BIGINT on MySQL, whose INT
+stops at 2^31).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,21 +13,25 @@ from watchbuy.engine.codecs import flvmux
 from watchbuy.engine.node import MediaNode
 from watchbuy.settings import Settings
 
+# bench/ is no installed package: it is imported from the checkout.  `python -m pytest` run in
+# the checkout has the root on sys.path already; a bare `pytest` needs it added (at the end: the
+# top-level folders must not shadow installed modules).
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+
+from bench.common import loopback_node_settings  # noqa: E402
+
 FFMPEG = shutil.which("ffmpeg")
 FFPROBE = shutil.which("ffprobe")
 
 
 def node_settings(**changes) -> Settings:
-    base = Settings(
-        node_id="test-node",
-        rtmp_host="127.0.0.1",
-        rtmp_port=0,
-        http_host="127.0.0.1",
-        http_port=0,
-        stream_keys={f"key{i}": f"show{i}" for i in range(1, 6)},
-        data_dir="",
-    )
-    return base.replace(**changes)
+    """A node on loopback (ports 0, no data folder) with stream keys key1..key5 publishing
+    show1..show5, as the benchmarks build theirs; ``changes`` override any field."""
+    changes.setdefault("stream_keys", {f"key{i}": f"show{i}" for i in range(1, 6)})
+    return loopback_node_settings(changes.pop("node_id", "test-node"),
+                                  changes.pop("stream_keys"), **changes)
 
 
 @pytest.fixture

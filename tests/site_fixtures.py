@@ -6,7 +6,7 @@
   skipped loudly, except in CI (``CI=true``) where it fails.  ``fresh_mariadb_url`` is a new,
   empty database of its own.
 * ``make_site`` / ``site``: the app of ``create_app``, its lifespan entered (database connected
-  and migrated, broker started); ``site.browser(user)`` is a visitor (see site_helpers.Browser).
+  and migrated, broker started); ``site.browser(user)`` is a visitor (see page_helpers.Browser).
 * ``sync_site``: the same app under Starlette's TestClient, for websockets.
 * ``stripe_api``: a local stand-in of Stripe's API, a real HTTP server on 127.0.0.1.
 * ``redis_url``: the test Redis (mandatory in CI).
@@ -23,28 +23,24 @@ import time
 from pathlib import Path
 
 import pytest
-from site_helpers import (
+from app_helpers import FakeNode, Site, build_app, run_sync_site, site_settings
+from server_helpers import (
     REDIS_URL,
-    FakeNode,
-    Site,
-    StripeStandIn,
-    _skipped_servers,
-    build_app,
     empty_mysql_database,
     fresh_mysql_database,
     mysql_url,
     redis_problem,
     require_server,
-    run_sync_site,
-    site_settings,
+    skipped_servers,
 )
+from stripe_standin import StripeStandIn
 
 from watchbuy.db.database import Database
 from watchbuy.db.migrations import upgrade
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    for what in sorted(_skipped_servers):
+    for what in sorted(skipped_servers):
         terminalreporter.write_line(
             f"!!! {what} did not answer: its tests were SKIPPED (mandatory in CI)",
             red=True, bold=True)

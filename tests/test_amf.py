@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.amf_samples import CONNECT_RESULT, OBS_CONNECT, ON_METADATA  # see conftest.py
 from watchbuy.engine import _amf, _amf_py
 from watchbuy.engine.amf_types import UNDEFINED, AMFDate, ECMAArray, TypedObject, XMLDocument
 from watchbuy.engine.errors import AMFError, ProtocolError
@@ -124,50 +125,6 @@ def expected(value: object) -> object:
     if isinstance(value, TypedObject):
         return TypedObject(value.class_name, {k: expected(v) for k, v in value.items()})
     return {k: expected(v) for k, v in value.items()}
-
-
-# Shapes as OBS and ffmpeg send them, and as servers answer.
-OBS_CONNECT = [
-    "connect",
-    1.0,
-    {
-        "app": "live",
-        "type": "nonprivate",
-        "flashVer": "FMLE/3.0 (compatible; FMSc/1.0)",
-        "swfUrl": "rtmp://127.0.0.1:1935/live",
-        "tcUrl": "rtmp://127.0.0.1:1935/live",
-    },
-]
-ON_METADATA = [
-    "@setDataFrame",
-    "onMetaData",
-    ECMAArray(
-        duration=0.0,
-        width=1280.0,
-        height=720.0,
-        videodatarate=2500.0,
-        framerate=30.0,
-        videocodecid=7.0,
-        audiodatarate=160.0,
-        audiosamplerate=44100.0,
-        audiosamplesize=16.0,
-        stereo=True,
-        audiocodecid=10.0,
-        encoder="Lavf60.16.100",
-        filesize=0.0,
-    ),
-]
-CONNECT_RESULT = [
-    "_result",
-    1.0,
-    {"fmsVer": "FMS/3,0,1,123", "capabilities": 31.0},
-    {
-        "level": "status",
-        "code": "NetConnection.Connect.Success",
-        "description": "Connection succeeded.",
-        "objectEncoding": 0.0,
-    },
-]
 
 
 def test_compiled_module_is_really_compiled():

@@ -21,7 +21,7 @@ import warnings
 
 import pytest
 import redis.asyncio as aioredis
-from site_helpers import IN_CI, REDIS_URL, redis_problem
+from server_helpers import IN_CI, REDIS_URL, redis_problem
 
 from watchbuy.settings import ConfigError
 from watchbuy.site.broker import (

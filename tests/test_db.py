@@ -5,27 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import subprocess
 import sys
 
+import pymysql.err
 import pytest
 import sqlalchemy as sa
-from site_helpers import (
-    MYSQL_URL,
-    make_product,
-    make_user,
-    mysql_connect,
-    mysql_problem,
-    mysql_url,
-    require_server,
-)
+from app_helpers import make_product, make_user
+from server_helpers import MYSQL_URL, mysql_connect, mysql_problem, mysql_url, require_server
 
 from watchbuy.db import queries
-from watchbuy.db.database import Database
+from watchbuy.db.database import Database, is_duplicate_key
 from watchbuy.db.migrations import MIGRATIONS, upgrade
-from watchbuy.db.schema import metadata, orders, products, sessions
+from watchbuy.db.schema import cart_items, chat_mutes, metadata, orders, products, sessions
 from watchbuy.site import security
 
 pytest_plugins = ["site_fixtures"]
@@ -356,3 +351,134 @@ async def test_a_version_1_database_upgrades_to_bigint_money_and_test_orders(db)
     await queries.update_product(db, host["id"], product["id"], price_minor=BIG_PRICE)
     assert (await queries.product(db, product["id"]))["price_minor"] == BIG_PRICE
     assert await upgrade(db) == []
+
+
+# -- concurrent writers: upserts, and transactions run again after a deadlock -------------------
+
+
+async def test_many_shoppers_fill_their_carts_at_once(db) -> None:
+    # On MariaDB a delete-then-insert cart update deadlocked four shoppers writing at the same
+    # moment (gap locks on the cart index): every write must succeed, and the last one counts.
+    host = await make_user(db, "Host", host=True)
+    goods = [await make_product(db, host, name=f"Thing {i}", stock=1000) for i in range(4)]
+    shoppers = [await make_user(db, f"Shopper {i}") for i in range(40)]
+
+    async def shop(shopper: dict) -> None:
+        for quantity in (1, 3):  # add, then change: both paths of the upsert
+            await asyncio.gather(*(queries.set_cart_quantity(db, shopper["id"], product["id"],
+                                                             quantity + index)
+                                   for index, product in enumerate(goods)))
+        await queries.set_cart_quantity(db, shopper["id"], goods[0]["id"], 0)  # and remove
+
+    await asyncio.gather(*(shop(shopper) for shopper in shoppers))
+    for shopper in shoppers:
+        lines = await queries.cart(db, shopper["id"])
+        assert {line["product_id"]: line["quantity"] for line in lines} == \
+            {product["id"]: 3 + index for index, product in enumerate(goods) if index}
+    count = await db.fetch_val(sa.select(sa.func.count()).select_from(cart_items))
+    assert count == 40 * 3
+
+
+async def test_muting_twice_keeps_one_mute(db) -> None:
+    host = await make_user(db, "Host", host=True)
+    troll = await make_user(db, "Troll")
+    await asyncio.gather(*(queries.mute(db, host["channel"]["id"], troll["id"])
+                           for _ in range(5)))
+    assert await queries.is_muted(db, host["channel"]["id"], troll["id"])
+    assert await db.fetch_val(sa.select(sa.func.count()).select_from(chat_mutes)) == 1
+
+
+async def test_user_orders_come_with_their_own_items(db) -> None:
+    host = await make_user(db, "Host", host=True)
+    mug = await make_product(db, host, name="Mug", stock=9)
+    cup = await make_product(db, host, name="Cup", stock=9)
+    sue, tom = await make_user(db, "Sue"), await make_user(db, "Tom")
+    made = []
+    for shopper, picks in ((sue, [mug]), (tom, [cup]), (sue, [mug, cup])):
+        for product in picks:
+            await queries.set_cart_quantity(db, shopper["id"], product["id"], 2)
+        made.append(await queries.create_order_from_cart(db, shopper["id"], "test"))
+    listed = await queries.user_orders(db, sue["id"])
+    assert [o["id"] for o in listed] == [made[2]["id"], made[0]["id"]]  # newest first
+    assert [[i["name"] for i in o["items"]] for o in listed] == [["Mug", "Cup"], ["Mug"]]
+    assert listed == [await queries.order(db, made[2]["id"]),
+                      await queries.order(db, made[0]["id"])]
+
+
+def test_duplicate_keys_are_told_from_other_errors() -> None:
+    assert is_duplicate_key(pymysql.err.IntegrityError(1062, "Duplicate entry 'evt_1'"))
+    assert not is_duplicate_key(pymysql.err.IntegrityError(1452, "foreign key fails"))
+    assert not is_duplicate_key(RuntimeError("Duplicate entry"))
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        conn.execute("CREATE TABLE t (id TEXT PRIMARY KEY, ref INTEGER CHECK (ref > 0))")
+        conn.execute("INSERT INTO t VALUES ('a', 1)")
+        with pytest.raises(sqlite3.IntegrityError) as duplicate:
+            conn.execute("INSERT INTO t VALUES ('a', 1)")
+        with pytest.raises(sqlite3.IntegrityError) as check:
+            conn.execute("INSERT INTO t VALUES ('b', -1)")
+    assert is_duplicate_key(duplicate.value) and not is_duplicate_key(check.value)
+
+
+async def test_a_failing_webhook_insert_is_not_taken_for_a_redelivery(db) -> None:
+    # Only the unique key's refusal means "seen before": any other error, even another integrity
+    # error (here NOT NULL), reaches the caller, and the event counts as new next time.
+    with pytest.raises(Exception) as failed:  # noqa: B017 - the driver's own error
+        await queries.record_webhook_event(db, "evt_3", None)
+    assert not is_duplicate_key(failed.value)
+    assert await queries.record_webhook_event(db, "evt_3", "checkout.session.completed")
+
+
+async def test_a_deadlock_victim_runs_its_transaction_again(fresh_mariadb_url, caplog) -> None:
+    # Two transactions lock two rows in opposite orders: a real deadlock, MariaDB rolls one back
+    # (1213), and run_transaction runs that one again, so both end up done.
+    db = Database(fresh_mariadb_url)
+    await db.connect()
+    try:
+        await db.execute("CREATE TABLE pair (id INT PRIMARY KEY, n INT NOT NULL) ENGINE=InnoDB")
+        await db.execute("INSERT INTO pair VALUES (1, 0), (2, 0)")
+        both_hold_one = asyncio.Barrier(2)
+        runs = {"forward": 0, "backward": 0}
+
+        def locker(name: str, first: int, second: int):
+            async def work() -> str:
+                runs[name] += 1
+                await db.execute("UPDATE pair SET n = n + 1 WHERE id = :id", {"id": first})
+                if runs[name] == 1:  # only the first run waits for the other to hold its row
+                    await asyncio.wait_for(both_hold_one.wait(), 10)
+                await db.execute("UPDATE pair SET n = n + 1 WHERE id = :id", {"id": second})
+                return name
+            return work
+
+        with caplog.at_level(logging.WARNING, logger="watchbuy.db"):
+            done = await asyncio.gather(db.run_transaction(locker("forward", 1, 2)),
+                                        db.run_transaction(locker("backward", 2, 1)))
+        assert done == ["forward", "backward"]
+        assert db.retries == 1 and sorted(runs.values()) == [1, 2]
+        assert [row[0] for row in await db.fetch_all("SELECT n FROM pair ORDER BY id")] == [2, 2]
+        assert "lock conflict" in caplog.text and "attempt 2 of 3" in caplog.text
+    finally:
+        await db.disconnect()
+
+
+async def test_retries_are_bounded_and_other_errors_are_not_retried(db) -> None:
+    runs = 0
+
+    async def always_deadlocked() -> None:
+        nonlocal runs
+        runs += 1
+        raise pymysql.err.OperationalError(1213, "Deadlock found when trying to get lock")
+
+    with pytest.raises(pymysql.err.OperationalError):
+        await db.run_transaction(always_deadlocked)
+    assert runs == db.transaction_attempts == 3
+
+    runs = 0
+
+    async def broken() -> None:
+        nonlocal runs
+        runs += 1
+        raise pymysql.err.OperationalError(1054, "Unknown column")
+
+    with pytest.raises(pymysql.err.OperationalError):
+        await db.run_transaction(broken)
+    assert runs == 1

@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 from conftest import node_settings
-from site_helpers import signed_hook
+from hook_helpers import signed_hook
 
 from watchbuy.db import queries
 from watchbuy.engine.errors import HandshakeError

@@ -9,7 +9,8 @@ import time
 import httpx
 import pytest
 import sqlalchemy as sa
-from site_helpers import PASSWORD, Browser, error_texts, log_in, sign_up, table_counts
+from app_helpers import table_counts
+from page_helpers import PASSWORD, Browser, error_texts, log_in, sign_up
 
 from watchbuy.db import queries
 from watchbuy.db.schema import login_attempts, sessions, users

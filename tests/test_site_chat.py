@@ -10,14 +10,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from site_helpers import (
-    run_sync_site,
-    signed_hook,
-    ws_quiet,
-    ws_receive,
-    ws_until,
-)
+from app_helpers import run_sync_site
+from hook_helpers import signed_hook
 from starlette.websockets import WebSocketDisconnect
+from ws_helpers import ws_quiet, ws_receive, ws_until
 
 from watchbuy.db import queries
 from watchbuy.site import chat, security

@@ -19,7 +19,8 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from site_helpers import csrf_from_html, log_in, make_user, site_settings, table_counts
+from app_helpers import make_user, site_settings, table_counts
+from page_helpers import csrf_from_html, log_in
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -414,7 +415,7 @@ def live_site(sqlite_template, tmp_path):
 
     @contextlib.contextmanager
     def start(**overrides):
-        from site_helpers import build_app
+        from app_helpers import build_app
 
         settings = site_settings(tmp_path / "data", url, **overrides)
         with serve(build_app(settings), settings) as port:

@@ -8,8 +8,9 @@ import asyncio
 import contextlib
 
 import pytest
+from app_helpers import make_user, site_settings, start_session
 from conftest import start_ffmpeg_publisher, stop_process
-from site_helpers import Browser, make_user, site_settings, start_session
+from page_helpers import Browser
 from test_balancer_nodes import Cluster
 
 from watchbuy.balancer import Balancer, StaticDiscovery

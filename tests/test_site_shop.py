@@ -5,21 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from dataclasses import dataclass
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from site_helpers import (
-    STRIPE_WEBHOOK_SECRET,
-    error_texts,
-    make_product,
-    make_user,
-    start_session,
-    stripe_event,
-    stripe_settings,
-    stripe_signature,
-    table_counts,
-)
+from app_helpers import Site, make_product, make_user, start_session, table_counts
+from page_helpers import Browser, error_texts
+from stripe_standin import STRIPE_WEBHOOK_SECRET, stripe_event, stripe_settings, stripe_signature
 
 from watchbuy.db import queries
 from watchbuy.db.schema import orders, products, webhook_events
@@ -327,13 +320,42 @@ async def stripe_site(make_site, stripe_api):
     return await make_site(**stripe_settings(stripe_api))
 
 
-async def stripe_checkout(site, stripe_api, browser, product, quantity=2):
-    await add_to_cart(browser, product["id"], quantity)
-    response = await browser.post("/checkout")
-    assert response.status_code == 303, response.text
-    session_id = response.headers["location"].rsplit("/", 1)[1]
-    assert response.headers["location"] == f"https://checkout.stripe.test/c/pay/{session_id}"
-    return stripe_api.sessions[session_id]
+@dataclass
+class StripeBuy:
+    """A shopper who checked a Mug out through Stripe: the order is pending, its stock held."""
+
+    site: Site
+    host: dict
+    mug: dict
+    shopper: dict
+    browser: Browser
+    cart_page: str  # the shopper's cart page just before checking out
+    session: dict  # the checkout session, as the Stripe stand-in holds it
+    order: dict
+
+
+@pytest.fixture
+def stripe_buy(stripe_site, stripe_api):
+    """``await stripe_buy(stock=…, quantity=…)``: a host with a Mug and a shopper who bought
+    ``quantity`` of them through Stripe's checkout (not paid yet)."""
+
+    async def buy(stock: int = 5, quantity: int = 2, shopper: str = "Sue") -> StripeBuy:
+        site = stripe_site
+        host = await site.user("Host", host=True)
+        mug = await site.product(host, name="Mug", price_minor=1800, stock=stock)
+        buyer = await site.user(shopper)
+        browser = await site.browser(buyer)
+        await add_to_cart(browser, mug["id"], quantity)
+        cart_page = (await browser.get("/cart")).text
+        response = await browser.post("/checkout")
+        assert response.status_code == 303, response.text
+        session_id = response.headers["location"].rsplit("/", 1)[1]
+        assert response.headers["location"] == f"https://checkout.stripe.test/c/pay/{session_id}"
+        session = stripe_api.sessions[session_id]
+        order = await queries.order_by_payment_ref(site.db, session_id)
+        return StripeBuy(site, host, mug, buyer, browser, cart_page, session, order)
+
+    return buy
 
 
 async def deliver(site, payload: str, signature: str | None = None):
@@ -344,17 +366,12 @@ async def deliver(site, payload: str, signature: str | None = None):
     return await browser.http.post("/webhooks/stripe", content=payload, headers=headers)
 
 
-async def test_stripe_checkout_and_webhook_pay_exactly_once(stripe_site, stripe_api) -> None:
-    site = stripe_site
-    host = await site.user("Host", host=True)
-    mug = await site.product(host, name="Mug", price_minor=1800, stock=10)
-    shopper = await site.user("Sue")
-    browser = await site.browser(shopper)
-    cart = await browser.get("/cart")
-    assert "test mode" not in cart.text
-    session = await stripe_checkout(site, stripe_api, browser, mug)
+async def test_stripe_checkout_and_webhook_pay_exactly_once(stripe_buy, stripe_api) -> None:
+    buy = await stripe_buy(stock=10, quantity=2)
+    site, host, mug, browser, session, order = \
+        buy.site, buy.host, buy.mug, buy.browser, buy.session, buy.order
+    assert 'id="checkout"' in buy.cart_page and "test mode" not in buy.cart_page
     request = stripe_api.requests[-1]
-    order = await queries.order_by_payment_ref(site.db, session["id"])
     assert order["status"] == "pending" and order["payment_mode"] == "stripe"
     assert order["payment_ref"] == session["id"]
     assert request["headers"]["idempotency-key"] == \
@@ -416,13 +433,9 @@ async def test_stripe_checkout_and_webhook_pay_exactly_once(stripe_site, stripe_
     assert "Test orders (no real money, not counted above): $36.00" in sales.text
 
 
-async def test_stripe_unpaid_completion_and_expiry_release_stock(stripe_site, stripe_api) -> None:
-    site = stripe_site
-    host = await site.user("Host", host=True)
-    mug = await site.product(host, name="Mug", stock=5)
-    browser = await site.browser(await site.user("Sue"))
-    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=3)
-    order = await queries.order_by_payment_ref(site.db, session["id"])
+async def test_stripe_unpaid_completion_and_expiry_release_stock(stripe_buy, stripe_api) -> None:
+    buy = await stripe_buy(stock=5, quantity=3)
+    site, mug, session, order = buy.site, buy.mug, buy.session, buy.order
     assert await stock(site.db, mug["id"]) == 2
     # completed but not paid (a delayed payment method): still pending
     pending = stripe_event("checkout.session.completed", session, payment_status="unpaid")
@@ -445,14 +458,10 @@ async def test_stripe_unpaid_completion_and_expiry_release_stock(stripe_site, st
     assert response.status_code == 200 and response.json()["ignored"] is True
 
 
-async def test_a_webhook_that_fails_midway_is_applied_on_stripes_retry(stripe_site, stripe_api,
+async def test_a_webhook_that_fails_midway_is_applied_on_stripes_retry(stripe_buy, stripe_api,
                                                                         monkeypatch) -> None:
-    site = stripe_site
-    host = await site.user("Host", host=True)
-    mug = await site.product(host, name="Mug", stock=5)
-    browser = await site.browser(await site.user("Sue"))
-    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=1)
-    order = await queries.order_by_payment_ref(site.db, session["id"])
+    buy = await stripe_buy(stock=5, quantity=1)
+    site, session, order = buy.site, buy.session, buy.order
     completed = stripe_event("checkout.session.completed", session, payment_status="paid")
 
     async def database_hiccup(app, order_id):
@@ -515,16 +524,12 @@ async def test_sessions_are_per_shopper_even_when_made_at_once(site) -> None:
     assert len(set(tokens)) == 2
 
 
-async def test_webhook_that_beats_the_stored_session_id_still_pays(stripe_site,
+async def test_webhook_that_beats_the_stored_session_id_still_pays(stripe_buy,
                                                                   stripe_api) -> None:
     """Stripe can deliver checkout.session.completed before we stored the session id; the
     order named by client_reference_id is adopted (once) and paid."""
-    site = stripe_site
-    host = await site.user("Host", host=True)
-    mug = await site.product(host, name="Mug", stock=5)
-    browser = await site.browser(await site.user("Early"))
-    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=1)
-    order = await queries.order_by_payment_ref(site.db, session["id"])
+    buy = await stripe_buy(stock=5, quantity=1, shopper="Early")
+    site, session, order = buy.site, buy.session, buy.order
     await queries.set_payment_ref(site.db, order["id"], None)  # as if the webhook came first
     response = await deliver(site, stripe_event(
         "checkout.session.completed", session, payment_status="paid",
@@ -553,26 +558,18 @@ async def cancel(browser, order_id: int):
     return await browser.post(f"/checkout/{order_id}/cancel")
 
 
-async def test_stripe_sessions_expire_after_the_checkout_minutes(stripe_site, stripe_api) -> None:
-    site = stripe_site
-    host = await site.user("Host", host=True)
-    mug = await site.product(host, name="Mug", stock=5)
-    browser = await site.browser(await site.user("Sue"))
-    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=1)
-    order = await queries.order_by_payment_ref(site.db, session["id"])
+async def test_stripe_sessions_expire_after_the_checkout_minutes(stripe_buy, stripe_api) -> None:
+    buy = await stripe_buy(stock=5, quantity=1)
+    site, session, order = buy.site, buy.session, buy.order
     # not Stripe's default of 24 hours: the settings' minutes (30, Stripe's minimum) + slack
     assert site.settings.checkout_minutes == 30
     assert session["expires_at"] == int(order["created_at"] + 30 * 60) + payments.SESSION_SLACK
 
 
-async def test_cancelling_expires_the_stripe_session_before_releasing_stock(stripe_site,
+async def test_cancelling_expires_the_stripe_session_before_releasing_stock(stripe_buy,
                                                                             stripe_api) -> None:
-    site = stripe_site
-    host = await site.user("Host", host=True)
-    mug = await site.product(host, name="Mug", stock=5)
-    browser = await site.browser(await site.user("Sue"))
-    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=2)
-    order = await queries.order_by_payment_ref(site.db, session["id"])
+    buy = await stripe_buy(stock=5, quantity=2)
+    site, mug, browser, session, order = buy.site, buy.mug, buy.browser, buy.session, buy.order
     response = await cancel(browser, order["id"])
     assert response.status_code == 303 and response.headers["location"] == "/orders"
     assert stripe_api.sessions[session["id"]]["status"] == "expired"  # no longer payable
@@ -580,14 +577,10 @@ async def test_cancelling_expires_the_stripe_session_before_releasing_stock(stri
     assert await stock(site.db, mug["id"]) == 5
 
 
-async def test_cancelling_a_session_the_buyer_already_paid_keeps_the_stock(stripe_site,
+async def test_cancelling_a_session_the_buyer_already_paid_keeps_the_stock(stripe_buy,
                                                                            stripe_api) -> None:
-    site = stripe_site
-    host = await site.user("Host", host=True)
-    mug = await site.product(host, name="Mug", stock=5)
-    browser = await site.browser(await site.user("Sue"))
-    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=2)
-    order = await queries.order_by_payment_ref(site.db, session["id"])
+    buy = await stripe_buy(stock=5, quantity=2)
+    site, mug, browser, session, order = buy.site, buy.mug, buy.browser, buy.session, buy.order
     stripe_api.pay(session["id"])  # paid in another tab; the webhook is still on its way
     response = await cancel(browser, order["id"])
     assert response.headers["location"] == "/orders?cancel=paying"
@@ -600,14 +593,10 @@ async def test_cancelling_a_session_the_buyer_already_paid_keeps_the_stock(strip
     assert await stock(site.db, mug["id"]) == 3 and refunds_of(stripe_api, session) == []
 
 
-async def test_cancelling_while_stripe_does_not_answer_changes_nothing(stripe_site,
+async def test_cancelling_while_stripe_does_not_answer_changes_nothing(stripe_buy,
                                                                        stripe_api) -> None:
-    site = stripe_site
-    host = await site.user("Host", host=True)
-    mug = await site.product(host, name="Mug", stock=5)
-    browser = await site.browser(await site.user("Sue"))
-    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=2)
-    order = await queries.order_by_payment_ref(site.db, session["id"])
+    buy = await stripe_buy(stock=5, quantity=2)
+    site, mug, browser, session, order = buy.site, buy.mug, buy.browser, buy.session, buy.order
     stripe_api.expire_fails = True
     try:
         response = await cancel(browser, order["id"])
@@ -622,14 +611,10 @@ async def test_cancelling_while_stripe_does_not_answer_changes_nothing(stripe_si
     assert await stock(site.db, mug["id"]) == 5
 
 
-async def test_a_payment_after_cancelling_reserves_the_stock_again(stripe_site, stripe_api,
+async def test_a_payment_after_cancelling_reserves_the_stock_again(stripe_buy, stripe_api,
                                                                    caplog) -> None:
-    site = stripe_site
-    host = await site.user("Host", host=True)
-    mug = await site.product(host, name="Mug", stock=5)
-    browser = await site.browser(await site.user("Sue"))
-    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=3)
-    order = await queries.order_by_payment_ref(site.db, session["id"])
+    buy = await stripe_buy(stock=5, quantity=3)
+    site, mug, browser, session, order = buy.site, buy.mug, buy.browser, buy.session, buy.order
     # the order expired on our side (e.g. Stripe's expiry event) while the buyer was paying
     assert await payments.release(site.app, order["id"], "expired")
     assert await stock(site.db, mug["id"]) == 5
@@ -645,15 +630,11 @@ async def test_a_payment_after_cancelling_reserves_the_stock_again(stripe_site, 
     assert "stock reserved again" in (await browser.get("/orders")).text
 
 
-async def test_a_payment_after_cancelling_when_sold_out_is_refunded(stripe_site, stripe_api,
+async def test_a_payment_after_cancelling_when_sold_out_is_refunded(stripe_buy, stripe_api,
                                                                     caplog) -> None:
-    site = stripe_site
-    host = await site.user("Host", host=True)
-    mug = await site.product(host, name="Mug", stock=3)
-    sue = await site.user("Sue")
-    browser = await site.browser(sue)
-    session = await stripe_checkout(site, stripe_api, browser, mug, quantity=3)
-    order = await queries.order_by_payment_ref(site.db, session["id"])
+    buy = await stripe_buy(stock=3, quantity=3)
+    site, host, mug, browser, session, order = \
+        buy.site, buy.host, buy.mug, buy.browser, buy.session, buy.order
     assert await payments.release(site.app, order["id"], "expired")
     # the units are sold to someone else ...
     other = await site.user("Olga")
@@ -725,7 +706,7 @@ async def test_one_shopper_cannot_hoard_the_stock(site, caplog) -> None:
         response = await add_to_cart(browser, mug["id"], 11)
         assert response.status_code == 400
         assert error_texts(response.text) == ["At most 10 of Mug per shopper."]
-        # the seed's attack: order after order, all left unpaid
+        # hoarding: order after order, all left unpaid, each holding stock from other shoppers
         statuses = []
         for _ in range(5):
             await queries.set_cart_quantity(site.db, hoarder["id"], mug["id"], 10)  # even direct
@@ -822,7 +803,7 @@ def test_test_mode_on_https_only_when_asked_for() -> None:
 
 
 async def test_test_orders_are_not_revenue_on_the_dashboard_and_sales(site) -> None:
-    from site_helpers import password_hash
+    from app_helpers import password_hash
 
     host = await site.user("Host", host=True)
     mug = await site.product(host, name="Mug", price_minor=1800, stock=10)

@@ -6,8 +6,9 @@ import io
 import os
 
 import pytest
+from app_helpers import table_counts
+from page_helpers import add_product_with_form, error_texts
 from PIL import Image
-from site_helpers import add_product_with_form, error_texts, table_counts
 
 from watchbuy.db import queries
 
@@ -278,7 +279,7 @@ async def test_the_edit_form_shows_the_price_as_it_can_be_saved_again(make_site,
 
 async def test_editing_stock_keeps_units_sold_meanwhile(site) -> None:
     """The host opens the edit form at stock 10, 3 sell, the host saves 15 (adding 5): 12."""
-    from site_helpers import csrf_from_html
+    from page_helpers import csrf_from_html
 
     from watchbuy.db import queries
 
@@ -354,7 +355,7 @@ async def test_an_image_with_too_many_pixels_is_refused_and_nothing_is_stored(si
 
 
 def test_hiding_the_pinned_product_unpins_it_in_every_viewers_room(sync_site) -> None:
-    from site_helpers import ws_receive, ws_until
+    from ws_helpers import ws_receive, ws_until
 
     site = sync_site
     host = site.user("Rae", host=True)

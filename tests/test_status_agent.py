@@ -172,7 +172,7 @@ async def test_automatic_interfaces_leave_loopback_out_unless_asked(agent_factor
 
 
 async def test_answers_come_from_memory_not_from_a_fresh_sample(agent_factory):
-    # Sampling every 5 s: an agent that sampled per request (the seed's waited a second) would
+    # Sampling every 5 s: an agent that sampled per request (a second between two reads) would
     # take seconds and give a new sampled_at every time.
     agent = await agent_factory(agent_interval=5.0, agent_window=10.0)
     loop = asyncio.get_running_loop()
