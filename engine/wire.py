@@ -4,7 +4,8 @@ Every Python module that speaks RTMP (the server sessions, the relay, the test/b
 the benchmarks' recorder) names these numbers from here, as asyncpg's ``consts.pxi`` does for
 its protocol, so a newcomer finds them in one place and they cannot drift apart.  The chunk
 codecs (``_chunk.pyx`` and its twin ``_chunk_py.py``) keep C-level copies of the two they act
-on (Set Chunk Size, Abort); ``tests/test_wire.py`` checks those copies against this module.
+on (Set Chunk Size, Abort): the twin imports them from here, and the compiled codec keeps C-level
+copies (``cdef enum``) that it checks against this module when it is imported.
 
 Numbers are from Adobe's RTMP specification (2012), sections 5.4 and 7.1; the chunk stream ids
 for media are ffmpeg's and nginx-rtmp's choices, which players expect.
