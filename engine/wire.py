@@ -3,9 +3,9 @@
 Every Python module that speaks RTMP (the server sessions, the relay, the test/bench client and
 the benchmarks' recorder) names these numbers from here, as asyncpg's ``consts.pxi`` does for
 its protocol, so a newcomer finds them in one place and they cannot drift apart.  The chunk
-codecs (``_chunk.pyx`` and its twin ``_chunk_py.py``) keep C-level copies of the two they act
-on (Set Chunk Size, Abort): the twin imports them from here, and the compiled codec keeps C-level
-copies (``cdef enum``) that it checks against this module when it is imported.
+codecs act on two of them (Set Chunk Size, Abort): the twin ``_chunk_py.py`` imports them from
+here, and the compiled ``_chunk.pyx`` keeps C-level copies (``cdef enum``, for speed) that it
+checks against this module when it is imported.
 
 Numbers are from Adobe's RTMP specification (2012), sections 5.4 and 7.1; the chunk stream ids
 for media are ffmpeg's and nginx-rtmp's choices, which players expect.
