@@ -2,7 +2,7 @@
 
 ``site`` shadows a standard-library module and ``db``/``engine`` are too generic to claim as
 top-level names in a wheel, so every folder installs as a subpackage of ``watchbuy``
-(see DESIGN.md, "Packaging: one import name"; the mapping is in pyproject.toml).  The Cython
+(docs/architecture.md, "one import name"; the mapping is in pyproject.toml).  The Cython
 codecs are compiled here; each has a pure-Python twin, so an install without a compiler still
 works (slower).
 """
