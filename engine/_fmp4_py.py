@@ -576,6 +576,29 @@ def _samples_end(value: object) -> int:
     return v
 
 
+def _make_init(video: Track | None, audio: Track | None) -> bytes:
+    """``ftyp`` + ``moov`` (with ``mvex``: fragments follow) for the tracks there are."""
+    brands = [b"iso6", b"cmfc", b"mp41"]
+    if video is not None and video.codec == "av01":
+        brands.append(b"av01")
+    ftyp = _box(b"ftyp", b"iso6", bytes(4), *brands)
+    mvhd = _full_box(
+        b"mvhd", 0, 0,
+        struct.pack(">IIIIIH", 0, 0, 1000, 0, 0x10000, 0x0100),
+        bytes(10),
+        _MATRIX,
+        bytes(24),
+        _U32.pack(3),  # next_track_ID
+    )  # fmt: skip
+    traks = []
+    trexs = []
+    for track, track_id in ((video, VIDEO_TRACK_ID), (audio, AUDIO_TRACK_ID)):
+        if track is not None:
+            traks.append(_trak(track, track_id))
+            trexs.append(_full_box(b"trex", 0, 0, struct.pack(">5I", track_id, 1, 0, 0, 0)))
+    return ftyp + _box(b"moov", mvhd, *traks, _box(b"mvex", *trexs))
+
+
 class Muxer:
     """fMP4 writer for one stream: ``init_segment()`` once, then ``fragment()`` per part."""
 
@@ -587,28 +610,8 @@ class Muxer:
         if self.video is None and self.audio is None:
             raise ValueError("a Muxer needs a video or an audio track")
         self._audio_scale = self.audio.timescale if self.audio is not None else 0
-        self._init = self._make_init()
+        self._init = _make_init(self.video, self.audio)
 
-    def _make_init(self) -> bytes:
-        brands = [b"iso6", b"cmfc", b"mp41"]
-        if self.video is not None and self.video.codec == "av01":
-            brands.append(b"av01")
-        ftyp = _box(b"ftyp", b"iso6", bytes(4), *brands)
-        mvhd = _full_box(
-            b"mvhd", 0, 0,
-            struct.pack(">IIIIIH", 0, 0, 1000, 0, 0x10000, 0x0100),
-            bytes(10),
-            _MATRIX,
-            bytes(24),
-            _U32.pack(3),  # next_track_ID
-        )  # fmt: skip
-        traks = []
-        trexs = []
-        for track, track_id in ((self.video, VIDEO_TRACK_ID), (self.audio, AUDIO_TRACK_ID)):
-            if track is not None:
-                traks.append(_trak(track, track_id))
-                trexs.append(_full_box(b"trex", 0, 0, struct.pack(">5I", track_id, 1, 0, 0, 0)))
-        return ftyp + _box(b"moov", mvhd, *traks, _box(b"mvex", *trexs))
 
     def init_segment(self) -> bytes:
         """``ftyp`` + ``moov`` for the tracks; the same bytes every call."""
