@@ -57,7 +57,8 @@ def compiled_in_use() -> list[str]:
         "import json; from watchbuy.engine import codecs;"
         "print(json.dumps({n: getattr(codecs, n).__file__ for n in codecs.CODEC_NAMES}))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "WATCHBUY_PUREPYTHON"}
+    # Asked as a default install would be: the switch that selects the twins is dropped.
+    env = {k: v for k, v in os.environ.items() if k != "WATCHBUY_NO_EXTENSIONS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return [f"importing the codecs failed: {out.stderr.strip()[-500:]}"]

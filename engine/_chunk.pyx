@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """RTMP chunk stream: incremental parser and serialiser (compiled; twin of ``_chunk_py.py``).
 
 Same API, results and error texts as the pure-Python twin, whose docstring explains the format,

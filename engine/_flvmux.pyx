@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """FLV muxing, demuxing and media-tag inspection (compiled; twin of ``_flvmux_py.py``).
 
 Same API, results and error texts as the pure-Python twin, whose docstring explains the format.

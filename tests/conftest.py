@@ -6,9 +6,11 @@ import asyncio
 import shutil
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
+from watchbuy.engine import codecs
 from watchbuy.engine.codecs import flvmux
 from watchbuy.engine.node import MediaNode
 from watchbuy.settings import Settings
@@ -24,6 +26,29 @@ from bench.common import loopback_node_settings  # noqa: E402
 
 FFMPEG = shutil.which("ffmpeg")
 FFPROBE = shutil.which("ffprobe")
+
+
+def codec_implementations(name: str) -> dict[str, ModuleType]:
+    """The implementations of codec ``name`` to run its suite on, by test id: ``"python"`` (the
+    twin, always) and ``"cython"`` (the compiled module, when it imports and
+    ``WATCHBUY_NO_EXTENSIONS`` is off).  A build without extensions thus still collects and runs
+    every codec test; test_codec_selection.py fails if a default build silently lacks one."""
+    found = {"python": codecs.load_pure(name)}
+    if not codecs.extensions_disabled():
+        try:
+            found["cython"] = codecs.load_compiled(name)
+        except ImportError:
+            pass
+    return found
+
+
+def needs_compiled(name: str) -> pytest.MarkDecorator:
+    """Marks a test of codec ``name``'s compiled module, or one comparing it with the twin:
+    skipped, with the reason, when only the twin exists."""
+    return pytest.mark.skipif(
+        "cython" not in codec_implementations(name),
+        reason=f"needs the compiled {name} codec: not built, or WATCHBUY_NO_EXTENSIONS is on",
+    )
 
 
 def node_settings(**changes) -> Settings:

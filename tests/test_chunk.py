@@ -7,16 +7,18 @@ import os
 import random
 
 import pytest
+from conftest import codec_implementations, needs_compiled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from watchbuy.engine import _chunk, _chunk_py
 from watchbuy.engine.errors import ChunkError
 
-IMPLEMENTATIONS = [_chunk_py, _chunk]
+CODECS = codec_implementations("chunk")
+IMPLEMENTATIONS = list(CODECS.values())
+_chunk_py = CODECS["python"]
 
 
-@pytest.fixture(params=IMPLEMENTATIONS, ids=["python", "cython"])
+@pytest.fixture(params=IMPLEMENTATIONS, ids=list(CODECS))
 def codec(request):
     return request.param
 
@@ -214,6 +216,7 @@ DIFF_SETTINGS = settings(
 )
 
 
+@needs_compiled("chunk")
 @DIFF_SETTINGS
 @given(st.lists(st.binary(max_size=300), max_size=8))
 def test_differential_random_bytes(pieces):
@@ -232,6 +235,7 @@ message = st.tuples(
 )
 
 
+@needs_compiled("chunk")
 @DIFF_SETTINGS
 @given(st.lists(message, max_size=12), st.sampled_from([1, 7, 128, 4096]), st.data())
 def test_differential_mutated_streams(msgs, chunk_size, data):
@@ -251,6 +255,7 @@ def test_differential_mutated_streams(msgs, chunk_size, data):
     assert results[0] == results[1]
 
 
+@needs_compiled("chunk")
 @DIFF_SETTINGS
 @given(st.lists(message, min_size=1, max_size=12), st.sampled_from([1, 60, 128, 4096]))
 def test_differential_writers_and_roundtrip(msgs, chunk_size):

@@ -7,16 +7,18 @@ from __future__ import annotations
 import tracemalloc
 
 import pytest
+from conftest import codec_implementations, needs_compiled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from watchbuy.engine import _chunk, _chunk_py
 from watchbuy.engine.errors import ChunkError, ProtocolError
 
-IMPLEMENTATIONS = [_chunk_py, _chunk]
+CODECS = codec_implementations("chunk")
+IMPLEMENTATIONS = list(CODECS.values())
+_chunk_py = CODECS["python"]
 
 
-@pytest.fixture(params=IMPLEMENTATIONS, ids=["python", "cython"])
+@pytest.fixture(params=IMPLEMENTATIONS, ids=list(CODECS))
 def codec(request):
     return request.param
 
@@ -243,7 +245,8 @@ def test_differential_extended_timestamp_styles(msgs, base, chunk_size, repeat_e
         assert feed_all(codec.ChunkReader(), data, step)[1:] == whole
         if not lookalike:
             assert whole == want
-    assert _chunk.ChunkReader().feed(data) == _chunk_py.ChunkReader().feed(data)
+    first, *others = (codec.ChunkReader().feed(data) for codec in IMPLEMENTATIONS)
+    assert all(other == first for other in others)
 
 
 def run(codec, pieces: list[bytes], **limits) -> list:
@@ -259,6 +262,7 @@ def run(codec, pieces: list[bytes], **limits) -> list:
     return out
 
 
+@needs_compiled("chunk")
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     msgs=st.lists(message, max_size=10),
@@ -288,6 +292,7 @@ def test_differential_partial_limits(
     data = data[: len(set_chunk_size(1)) + cut]
     pieces = [data[i : i + step] for i in range(0, len(data), step)]
     limits = {"max_partial_messages": max_partial_messages, "max_partial_bytes": max_partial_bytes}
+    _chunk = CODECS["cython"]
     assert run(_chunk, pieces, **limits) == run(_chunk_py, pieces, **limits)
     roomy = max_partial_messages > len(msgs) and max_partial_bytes >= 700 * len(msgs) + 4
     if roomy and cut >= 10**6:  # Set Chunk Size counts too, while it is unfinished

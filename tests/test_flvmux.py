@@ -7,7 +7,6 @@ texts included.  One test demuxes and re-muxes a real FLV written by Debian's ff
 
 from __future__ import annotations
 
-import importlib
 import shutil
 import struct
 import subprocess
@@ -15,21 +14,24 @@ from collections.abc import Callable
 from types import ModuleType
 
 import pytest
+from conftest import codec_implementations, needs_compiled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from watchbuy.engine.errors import FLVError, ProtocolError
 
-MODULES = ("watchbuy.engine._flvmux_py", "watchbuy.engine._flvmux")
-PY = importlib.import_module(MODULES[0])
-CY = importlib.import_module(MODULES[1])
+CODECS = codec_implementations("flvmux")
+PY = CODECS["python"]
+CY = CODECS.get("cython")  # None without the compiled codec: its tests are skipped
+compiled = needs_compiled("flvmux")
 
 
-@pytest.fixture(params=MODULES, ids=("python", "cython"))
+@pytest.fixture(params=list(CODECS.values()), ids=list(CODECS))
 def flv(request: pytest.FixtureRequest) -> ModuleType:
-    return importlib.import_module(request.param)
+    return request.param
 
 
+@compiled
 def test_compiled_module_is_really_compiled() -> None:
     # Guards against the .so silently missing and the import resolving to something else.
     assert CY.__file__.endswith(".so")
@@ -552,6 +554,7 @@ def flv_streams(draw: st.DrawFn) -> bytes:
 DIFF = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@compiled
 @DIFF
 @given(data=st.data(), raw=st.binary(max_size=600), limit=st.sampled_from([0, 16, 300, 2**24]))
 def test_diff_reader_random_bytes(data: st.DataObject, raw: bytes, limit: int) -> None:
@@ -561,6 +564,7 @@ def test_diff_reader_random_bytes(data: st.DataObject, raw: bytes, limit: int) -
     assert run_reader(PY, pieces, limit) == run_reader(CY, pieces, limit)
 
 
+@compiled
 @DIFF
 @given(data=st.data(), stream=flv_streams(), limit=st.sampled_from([0, 100, 2**24, 2**40]))
 def test_diff_reader_adversarial_streams(data: st.DataObject, stream: bytes, limit: int) -> None:
@@ -576,6 +580,7 @@ def test_diff_reader_adversarial_streams(data: st.DataObject, stream: bytes, lim
     assert run_reader(PY, pieces, limit) == run_reader(CY, pieces, limit)
 
 
+@compiled
 @DIFF
 @given(stream=flv_streams())
 def test_diff_reader_split_does_not_matter(stream: bytes) -> None:
@@ -647,6 +652,7 @@ def media_payloads(draw: st.DrawFn) -> bytes:
     return out + draw(fourccs) + draw(st.binary(max_size=8))
 
 
+@compiled
 @settings(max_examples=400, deadline=None)
 @given(whole=media_payloads())
 def test_diff_inspect(whole: bytes) -> None:
@@ -663,6 +669,7 @@ def test_diff_inspect(whole: bytes) -> None:
     )
 
 
+@compiled
 @settings(max_examples=200, deadline=None)
 @given(
     tag_type=st.integers(-(2**70), 2**70) | st.integers(-2, 300),
@@ -677,6 +684,7 @@ def test_diff_flv_tag(tag_type: int, timestamp: int, payload: bytes) -> None:
         assert expected[1] == tag_bytes(tag_type, timestamp & 0xFFFFFFFF, payload)
 
 
+@compiled
 def test_diff_odd_argument_types() -> None:
     odd = [
         None,

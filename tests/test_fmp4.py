@@ -8,13 +8,13 @@ B-frames, AAC, and HEVC sent as Enhanced RTMP) is read back by ffprobe and decod
 
 from __future__ import annotations
 
-import importlib
 import struct
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import codec_implementations, needs_compiled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from media_helpers import (
@@ -33,21 +33,22 @@ from media_helpers import (
 from watchbuy.engine import codecs
 from watchbuy.engine.errors import FLVError
 
-MODULES = ("watchbuy.engine._fmp4_py", "watchbuy.engine._fmp4")
-PY = importlib.import_module(MODULES[0])
-CY = importlib.import_module(MODULES[1])
+CODECS = codec_implementations("fmp4")
+PY = CODECS["python"]
+CY = CODECS.get("cython")  # None without the compiled codec: its tests are skipped
+compiled = needs_compiled("fmp4")
 
 
-@pytest.fixture(params=MODULES, ids=("python", "cython"))
+@pytest.fixture(params=list(CODECS.values()), ids=list(CODECS))
 def fm(request: pytest.FixtureRequest) -> ModuleType:
-    return importlib.import_module(request.param)
+    return request.param
 
 
+@compiled
 def test_compiled_module_is_really_compiled() -> None:
     assert CY.__file__.endswith(".so")
     assert PY.__file__.endswith(".py")
-    if not codecs.purepython_forced():
-        assert codecs.fmp4 is CY
+    assert codecs.fmp4 is CY  # the selector picks it (the marker: the switch is off)
 
 
 @pytest.fixture(scope="module")
@@ -454,12 +455,14 @@ def tracks(module: ModuleType) -> list[tuple]:
     return [(avc, aac), (hevc, None), (None, aac), (avc, None)]
 
 
+@compiled
 def test_diff_tracks_agree() -> None:
     assert tracks(PY) == tracks(CY)
     for video, audio in tracks(PY):
         assert PY.Muxer(video, audio).init_segment() == CY.Muxer(video, audio).init_segment()
 
 
+@compiled
 @DIFF
 @given(
     which=st.integers(0, 3),
@@ -477,6 +480,7 @@ def test_diff_fragment(which: int, seq: int, video: list, audio: list, ends: tup
         parse_fragment(expected[1])  # and it is well-formed
 
 
+@compiled
 @DIFF
 @given(
     which=st.integers(0, 3),
@@ -501,6 +505,7 @@ def test_diff_fragment_of_valid_frames(which: int, video: list, audio: list) -> 
         )
 
 
+@compiled
 @DIFF
 @given(payload=video_payloads() | st.binary(max_size=64), width=st.integers(-1, 70000))
 def test_diff_video_track(payload: bytes, width: int) -> None:
@@ -509,6 +514,7 @@ def test_diff_video_track(payload: bytes, width: int) -> None:
         assert outcome(PY.video_track, *args) == outcome(CY.video_track, *args)
 
 
+@compiled
 @DIFF
 @given(payload=audio_payloads() | st.binary(max_size=16))
 def test_diff_audio_track(payload: bytes) -> None:
@@ -516,6 +522,7 @@ def test_diff_audio_track(payload: bytes) -> None:
         assert outcome(PY.audio_track, payload[:end]) == outcome(CY.audio_track, payload[:end])
 
 
+@compiled
 @DIFF
 @given(data=st.binary(max_size=48))
 def test_diff_parameter_sets(data: bytes) -> None:
@@ -525,6 +532,7 @@ def test_diff_parameter_sets(data: bytes) -> None:
             assert outcome(getattr(PY, fn), arg) == outcome(getattr(CY, fn), arg), fn
 
 
+@compiled
 def test_diff_odd_arguments() -> None:
     odd = [None, 1.5, "x", [1], (1, 2, 3), memoryview(b"abcd")[::2]]
     for value in odd:
@@ -655,6 +663,7 @@ def test_ffprobe_reads_av1_from_enhanced_rtmp(fm: ModuleType, tmp_path: Path) ->
     assert decode_errors(path) == ""
 
 
+@compiled
 @pytest.mark.ffmpeg
 def test_twins_write_the_same_file(h264_bframes: FlvMedia, hevc: FlvMedia) -> None:
     assert mux_file(PY, h264_bframes) == mux_file(CY, h264_bframes)

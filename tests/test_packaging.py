@@ -101,7 +101,7 @@ def test_wheel_is_binary_and_holds_the_compiled_codecs(release, tmp_path):
          "import watchbuy.engine.codecs as c, json; print(json.dumps(c.implementations()));"
          "print(c.chunk.__file__)"],
         capture_output=True, text=True, cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(target), "WATCHBUY_PUREPYTHON": ""},
+        env={**os.environ, "PYTHONPATH": str(target), "WATCHBUY_NO_EXTENSIONS": ""},
     )
     assert check.returncode == 0, check.stderr
     assert '"chunk": "cython"' in check.stdout and str(target) in check.stdout
@@ -134,7 +134,7 @@ def test_release_wheel_installs_and_runs_its_codecs_in_a_clean_venv(release, tmp
     )
     assert install.returncode == 0, install.stderr
     env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "WATCHBUY_PUREPYTHON", "VIRTUAL_ENV")}
+           if k not in ("PYTHONPATH", "WATCHBUY_NO_EXTENSIONS", "VIRTUAL_ENV")}
     check = subprocess.run(
         [str(python), "-c",
          "import json\n"

@@ -8,10 +8,10 @@ disagrees with wire.py, and the day another module defines its own ``MSG_*``/``C
 from __future__ import annotations
 
 import ast
-import importlib
 from pathlib import Path
 
 import pytest
+from conftest import codec_implementations
 
 from watchbuy.engine import wire
 
@@ -19,17 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCABULARY_PREFIXES = ("MSG_", "CSID_", "UC_")
 
 
-def chunk_codecs() -> list:
-    """The twin always; the compiled codec when it was built."""
-    modules = [importlib.import_module("watchbuy.engine._chunk_py")]
-    try:
-        modules.append(importlib.import_module("watchbuy.engine._chunk"))
-    except ImportError:
-        pass
-    return modules
+CHUNK_CODECS = codec_implementations("chunk")
 
 
-@pytest.mark.parametrize("codec", chunk_codecs(), ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("codec", list(CHUNK_CODECS.values()), ids=list(CHUNK_CODECS))
 def test_chunk_codec_constants_match_wire(codec) -> None:
     shared = [name for name in dir(codec) if name.startswith(VOCABULARY_PREFIXES)]
     assert shared, f"{codec.__name__} exposes no wire constants to compare"
