@@ -1,7 +1,4 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-# cython: annotation_typing=False
-# (annotation_typing off here alone: the cold paths are the twin's annotated Python compiled as
-# it is, and Cython would turn `data: bytes` into an exact type check the twin does not make.)
 """fMP4/CMAF muxing of FLV media for LL-HLS (compiled; twin of ``_fmp4_py.py``).
 
 Same API, bytes and error texts as the pure-Python twin, whose docstring explains the format
