@@ -13,13 +13,19 @@ import json
 import logging
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from watchbuy.db import queries
+from watchbuy.site.state import state
 from watchbuy.site.web import format_money, render, require_admin
+
+if TYPE_CHECKING:
+    from watchbuy.db.database import Database
+    from watchbuy.site.media import MediaDirectory
 
 log = logging.getLogger("watchbuy.site.dashboard")
 
@@ -28,8 +34,9 @@ HISTORY = 300.0
 
 
 class DashboardSampler:
-    def __init__(self, app) -> None:
-        self.app = app
+    def __init__(self, media: MediaDirectory, db: Database) -> None:
+        self.media = media
+        self.db = db
         self.series: dict[str, deque] = {}  # node id → deque of (t, rx B/s, tx B/s)
         self.latest: dict = {}
         self.watchers = 0
@@ -64,11 +71,11 @@ class DashboardSampler:
             await asyncio.sleep(INTERVAL)
 
     async def sample(self) -> dict:
-        media = self.app.state.media
+        media = self.media
         now = time.time()
         nodes = await media.node_stats()
         streams = await media.stream_stats()
-        db = self.app.state.db
+        db = self.db
         # test-mode orders (test card, Stripe test keys) are no money: counted apart
         orders = await queries.order_counts(db, test_mode=False)
         test_orders = await queries.order_counts(db, test_mode=True)
@@ -115,15 +122,9 @@ class DashboardSampler:
             await asyncio.wait_for(self._changed.wait(), timeout)
 
 
-def sampler(app) -> DashboardSampler:
-    if getattr(app.state, "dashboard", None) is None:
-        app.state.dashboard = DashboardSampler(app)
-    return app.state.dashboard
-
-
 async def dashboard_page(request: Request):
     require_admin(request)
-    data = sampler(request.app)
+    data = state(request)["dashboard"]
     snapshot = data.latest or await data.sample()
     data.ensure_running()
     return render(request, "dashboard.html", snapshot=snapshot)
@@ -131,7 +132,7 @@ async def dashboard_page(request: Request):
 
 async def dashboard_json(request: Request):
     require_admin(request)
-    data = sampler(request.app)
+    data = state(request)["dashboard"]
     snapshot = data.latest or await data.sample()
     data.ensure_running()
     return JSONResponse(snapshot)
@@ -140,7 +141,7 @@ async def dashboard_json(request: Request):
 async def dashboard_events(request: Request):
     """Server-Sent Events: one snapshot per sampling round, while the page stays open."""
     require_admin(request)
-    data = sampler(request.app)
+    data = state(request)["dashboard"]
     data.ensure_running()
 
     async def stream():

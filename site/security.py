@@ -26,14 +26,21 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from http.cookies import SimpleCookie
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus, urlsplit
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from starlette.types import ASGIApp
 
 from watchbuy.db import queries
 from watchbuy.db.database import Database
+from watchbuy.site.state import state_of
+
+if TYPE_CHECKING:
+    from watchbuy.site.config import SiteSettings
 
 SESSION_COOKIE = "wb_session"
 CSRF_COOKIE = "wb_csrf"
@@ -231,9 +238,9 @@ class AuthMiddleware:
     and the cookie/cache decisions need the session found on the way in.
     """
 
-    def __init__(self, app, db: Database, settings, media_origins: list[str] = ()) -> None:
+    def __init__(self, app: ASGIApp, settings: SiteSettings,
+                 media_origins: Sequence[str] = ()) -> None:
         self.app = app
-        self.db = db
         self.settings = settings
         self.secret = settings.secret_key
         self.secure = settings.cookie_secure
@@ -276,7 +283,7 @@ class AuthMiddleware:
         cookies = {} if static else _cookies(headers.get(b"cookie", []))
         token = cookies.get(self.session_cookie)
         if token:
-            found = await queries.session_user(self.db, session_hash(token))
+            found = await queries.session_user(state_of(scope)["db"], session_hash(token))
             if found is not None:
                 state["user"] = found[1]
                 state["session_token"] = token

@@ -24,6 +24,7 @@ from site_helpers import (
 from watchbuy.db import queries
 from watchbuy.db.schema import orders, products, webhook_events
 from watchbuy.site import payments
+from watchbuy.site.state import app_state
 
 pytest_plugins = ["site_fixtures"]
 # stripe's HTTPXClient posts its form as data=str, which httpx deprecates (not our code)
@@ -631,7 +632,7 @@ async def test_a_payment_after_cancelling_reserves_the_stock_again(stripe_site, 
     session = await stripe_checkout(site, stripe_api, browser, mug, quantity=3)
     order = await queries.order_by_payment_ref(site.db, session["id"])
     # the order expired on our side (e.g. Stripe's expiry event) while the buyer was paying
-    assert await payments.release(site.app, order["id"], "expired")
+    assert await payments.release(app_state(site.app), order["id"], "expired")
     assert await stock(site.db, mug["id"]) == 5
     paid = stripe_api.pay(session["id"])
     with caplog.at_level("ERROR", logger="watchbuy.site.payments"):
@@ -654,7 +655,7 @@ async def test_a_payment_after_cancelling_when_sold_out_is_refunded(stripe_site,
     browser = await site.browser(sue)
     session = await stripe_checkout(site, stripe_api, browser, mug, quantity=3)
     order = await queries.order_by_payment_ref(site.db, session["id"])
-    assert await payments.release(site.app, order["id"], "expired")
+    assert await payments.release(app_state(site.app), order["id"], "expired")
     # the units are sold to someone else ...
     other = await site.user("Olga")
     await queries.set_cart_quantity(site.db, other["id"], mug["id"], 3)
