@@ -24,6 +24,7 @@ from watchbuy.site.broker import make_broker
 from watchbuy.site.config import SiteSettings
 from watchbuy.site.media import MediaDirectory
 from watchbuy.site.metrics import SiteMetrics
+from watchbuy.site.observe import RequestContextMiddleware, install_request_id_filter
 from watchbuy.site.passwords import PasswordWorkers
 from watchbuy.site.payments import StripeGateway, expire_stale_test_orders
 from watchbuy.site.security import AuthMiddleware, origin_of
@@ -116,6 +117,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             if applied:
                 log.info("database migrated to version %d", applied[-1])
         await broker.start()
+        install_request_id_filter()  # the server has set up logging by now
         # Made here, not in create_app: the broker is configured by now (its prefix is what the
         # hook nonces are kept under), and these belong to the process that serves.
         shared.update(
@@ -172,6 +174,9 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
     app.state = State(shared)
     app.add_middleware(AuthMiddleware, settings=settings,
                        media_origins=media_origins(settings, media))
+    # Added last, so outermost: security refusals get a request id and are counted too.
+    app.add_middleware(RequestContextMiddleware, trusted_proxies=settings.trusted_proxies,
+                       metrics=shared["metrics"])
     return app
 
 

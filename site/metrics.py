@@ -57,14 +57,11 @@ class SiteMetrics:
 
 
 def route_template(scope: dict) -> str:
-    """The path template of the route that served ``scope`` (``/room/{slug}``), or
-    :data:`UNMATCHED`; Starlette's router leaves the matched route in the scope."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if path is None:
-        return UNMATCHED
-    root = scope.get("root_path", "")  # a Mount's sub-app: its prefix plus the inner route
-    return f"{root}{path}" if root and not path.startswith(root) else path
+    """The path template of the route that served ``scope`` (``/room/{slug}``; a Mount's
+    prefix for static files), or :data:`UNMATCHED`: Starlette's router leaves the matched
+    route in the scope."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else UNMATCHED
 
 
 def _loopback(host: str | None) -> bool:
