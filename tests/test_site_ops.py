@@ -155,3 +155,60 @@ async def test_a_requests_log_lines_carry_its_id(site) -> None:
     line = json.loads(formatter().format(refused[0]))
     assert line["request_id"] == response.headers["x-request-id"]
     assert "refused an engine hook call" in line["message"]
+
+
+# -- the ops dashboard ---------------------------------------------------------------------------
+
+
+async def test_dashboard_line_and_chart_show_one_number_and_rooms_show_their_sales(site) -> None:
+    from watchbuy.db import queries
+    from watchbuy.site import security
+
+    media = app_state(site.app)["media"]
+    # the engine moved 575,000 B/s in (4,600 kb/s); the machine's interfaces saw 500 B/s (the
+    # stream came over loopback, which the status agent does not count)
+    media.local_server = lambda: {"node_id": "local", "publishers": 1, "viewers": 2,
+                                  "bytes_in_per_s": 575_000, "bytes_out_per_s": 1_150_000}
+    media.local_agent = lambda: {"rx_bytes_per_s": 500.0, "tx_bytes_per_s": 250.0,
+                                 "cpu_load": 0.5}
+    host = await site.user("Hana", host=True)
+    other = await site.user("Olga", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=50)
+    vase = await site.product(other, name="Vase", price_minor=5000, stock=50)
+    shopper = await site.user("Sue")
+
+    async def order(product: dict, test_mode: bool = False, paid: bool = True) -> None:
+        await queries.set_cart_quantity(site.db, shopper["id"], product["id"], 1)
+        made = await queries.create_order_from_cart(site.db, shopper["id"], "stripe",
+                                                    test_mode=test_mode)
+        if paid:
+            assert await queries.mark_paid(site.db, made["id"])
+
+    await order(mug)  # before the show: not the show's
+    await asyncio.sleep(0.02)
+    await queries.set_live(site.db, host["channel"]["id"], True, "local")
+    await order(mug)
+    await order(mug)
+    await order(mug, test_mode=True)  # no money
+    await order(mug, paid=False)  # not paid
+    await order(vase)  # another host's product
+    site.node.streams.append({"name": host["channel"]["slug"], "viewers": 2,
+                              "bitrate_in": 2_500_000, "uptime": 12.0})
+
+    admin_id = await queries.create_user(site.db, "ops@example.test", "Ops",
+                                         security.hash_password("a long password"), False,
+                                         is_admin=True)
+    ops = await site.browser({"id": admin_id})
+    data = (await ops.get("/dashboard/data")).json()
+    node = data["nodes"][0]
+    assert node["in_kbps"] == node["series"][-1][1] == 4600
+    assert node["out_kbps"] == node["series"][-1][2] == 9200
+    assert node["nic_in_kbps"] == 4 and data["units"]["rates"] == "kb/s"
+    [stream] = data["streams"]
+    assert stream["bitrate_kbps"] == 2500
+    assert stream["orders"] == 2 and stream["revenue"] == ["$36.00"]
+    page = (await ops.get("/dashboard")).text
+    # the node's line says what the chart's last point says, in the same unit
+    assert "in 4600 kb/s · out 9200 kb/s" in page
+    assert "machine interfaces in 4 / out 2 kb/s" in page
+    assert "<td>2500 kb/s</td>" in page and "<td>2</td><td>$36.00</td>" in page
