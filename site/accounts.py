@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from watchbuy.site.config import SiteSettings
 
 log = logging.getLogger("watchbuy.site.accounts")
-throttled = chat.LogThrottle(log)
+throttled = security.LimitedLog(log)
 
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}\.[^@\s]{2,}$")
 SLUG_RE = re.compile(r"[^a-z0-9]+")

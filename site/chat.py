@@ -25,6 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from watchbuy.db import queries
 from watchbuy.site import security
 from watchbuy.site.broker import Broker, BrokerUnavailable
+from watchbuy.site.security import LimitedLog
 from watchbuy.site.state import SiteState, state
 
 if TYPE_CHECKING:
@@ -38,33 +39,7 @@ CLOSE_SESSION_ENDED = 4401
 CLOSE_TOO_MANY = 4429
 SESSIONS_TOPIC = "sessions"  # logout tells every site process which session ended
 
-
-class LogThrottle:
-    """At most one log line per ``interval`` seconds per kind of event: an attack that trips a
-    limit thousands of times a second must not flood the log (the next line says how many were
-    left out)."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._skipped: Counter[str] = Counter()
-
-    def warning(self, kind: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        last = self._last.get(kind)
-        if last is not None and now - last < self.interval:
-            self._skipped[kind] += 1
-            return
-        self._last[kind] = now
-        skipped = self._skipped.pop(kind, 0)
-        if skipped:
-            message += " (%d more like it in the last %.0f s not logged)"
-            args = (*args, skipped, self.interval)
-        self.logger.warning(message, *args)
-
-
-throttled = LogThrottle(log)
+throttled = LimitedLog(log)  # limits any visitor can trip: a line per kind per 10 s at most
 
 
 # -- text and names ---------------------------------------------------------------------------

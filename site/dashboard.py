@@ -168,20 +168,21 @@ class DashboardSampler:
             await asyncio.wait_for(self._changed.wait(), timeout)
 
 
-async def dashboard_page(request: Request):
+async def current_snapshot(request: Request) -> dict:
+    """The latest snapshot (sampled now if there is none yet); sampling goes on meanwhile."""
     require_admin(request)
     data = state(request)["dashboard"]
     snapshot = data.latest or await data.sample()
     data.ensure_running()
-    return render(request, "dashboard.html", snapshot=snapshot)
+    return snapshot
+
+
+async def dashboard_page(request: Request):
+    return render(request, "dashboard.html", snapshot=await current_snapshot(request))
 
 
 async def dashboard_json(request: Request):
-    require_admin(request)
-    data = state(request)["dashboard"]
-    snapshot = data.latest or await data.sample()
-    data.ensure_running()
-    return JSONResponse(snapshot)
+    return JSONResponse(await current_snapshot(request))
 
 
 async def dashboard_events(request: Request):

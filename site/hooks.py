@@ -36,6 +36,7 @@ from watchbuy.engine.hooks import (
 )
 from watchbuy.site.broker import RedisBroker
 from watchbuy.site.chat import publish_room_event
+from watchbuy.site.security import LimitedLog
 from watchbuy.site.state import state
 from watchbuy.site.web import require_host
 
@@ -110,26 +111,6 @@ class RedisNonces:
             raise NonceStoreError(f"Redis: {str(exc) or type(exc).__name__}") from None
 
 
-class RateLimitedLog:
-    """``warning()`` that writes at most one line per ``interval`` seconds."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._next = 0.0
-        self._held = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._held += 1
-            return
-        if self._held:
-            message += f" ({self._held} more refused calls not logged)"
-            self._held = 0
-        self._next = now + self.interval
-        log.warning(message, *args)
-
-
 class HookGuard:
     """This process's replay check and refusal log (made when the app starts)."""
 
@@ -140,11 +121,11 @@ class HookGuard:
                 settings.broker_url, broker.prefix, ttl)
         else:
             self.nonces = MemoryNonces(ttl, settings.hook_nonce_capacity)
-        self.refusals = RateLimitedLog(REFUSAL_LOG_INTERVAL)
+        self.refusals = LimitedLog(log, REFUSAL_LOG_INTERVAL)
 
 
 def _refuse(guard: HookGuard, request: Request, status: int, error: str) -> JSONResponse:
-    guard.refusals.warning("refused an engine hook call from %s: %s",
+    guard.refusals.warning("refused", "refused an engine hook call from %s: %s",
                            request.client.host if request.client else "?", error)
     return JSONResponse({"error": error}, status_code=status)
 
@@ -172,7 +153,8 @@ async def rtmp_hook(request: Request):
     try:
         fresh = await guard.nonces.claim(nonce)
     except NonceStoreError as exc:
-        guard.refusals.warning("cannot check engine hook calls for replays, refusing them: %s",
+        guard.refusals.warning("refused",
+                               "cannot check engine hook calls for replays, refusing them: %s",
                                exc)
         return JSONResponse({"error": "replay check unavailable"}, status_code=503)
     if not fresh:
