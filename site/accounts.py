@@ -6,6 +6,7 @@ import logging
 import math
 import re
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from starlette.requests import Request
@@ -13,11 +14,16 @@ from starlette.routing import Route
 
 from watchbuy.db import queries
 from watchbuy.site import chat, security
-from watchbuy.site.passwords import password_problem, workers_for
+from watchbuy.site.passwords import password_problem
+from watchbuy.site.state import state
 from watchbuy.site.web import read_form, redirect, render, safe_next
 
+if TYPE_CHECKING:
+    from watchbuy.db.database import Database
+    from watchbuy.site.config import SiteSettings
+
 log = logging.getLogger("watchbuy.site.accounts")
-throttled = chat.LogThrottle(log)
+throttled = security.LimitedLog(log)
 
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}\.[^@\s]{2,}$")
 SLUG_RE = re.compile(r"[^a-z0-9]+")
@@ -113,13 +119,13 @@ SIGNED_UP_NOTICE = ("If this email was new here, your account is ready: log in b
 
 
 async def signup_page(request: Request):
-    settings = request.app.state.settings
+    settings = state(request)["settings"]
     if request.method != "POST":
         return render(request, "signup.html", values={"account_type": "shopper"}, errors=[],
                       min_password=settings.password_min_length)
     form = await read_form(request)
     values, errors = validate_signup(form, settings.password_min_length)
-    db = request.app.state.db
+    db = state(request)["db"]
     shown = {**values, "account_type": "host" if values["is_host"] else "shopper"}
     shown.pop("password")
     if errors:
@@ -136,7 +142,7 @@ async def signup_page(request: Request):
                       errors=[f"Too many sign-ups from your network. Try again in "
                               f"{wait_text(wait)}."])
     # Hash first, whether or not the email is taken: both answers cost the same time.
-    password_hash = await workers_for(request.app).hash(values["password"])
+    password_hash = await state(request)["password_workers"].hash(values["password"])
     if await queries.user_by_email(db, values["email"]) is None:
         try:
             await create_account(db, values["email"], values["display_name"], "",
@@ -153,8 +159,9 @@ async def signup_page(request: Request):
 
 
 async def login_response(request: Request, user_id: int, next_url: str):
-    settings = request.app.state.settings
-    token = await security.start_session(request.app.state.db, user_id, settings.session_days)
+    site = state(request)
+    settings = site["settings"]
+    token = await security.start_session(site["db"], user_id, settings.session_days)
     response = redirect(next_url)
     response.raw_headers.append((b"set-cookie", security.cookie_header(
         security.SESSION_COOKIE, token, int(settings.session_days * 86400),
@@ -182,8 +189,8 @@ async def login_page(request: Request):
     email = (form.get("email") or "").strip().lower()[:254]
     password = (form.get("password") or "")[:1024]
     next_url = safe_next(form.get("next"))
-    db = request.app.state.db
-    settings = request.app.state.settings
+    db = state(request)["db"]
+    settings = state(request)["settings"]
     address = client_address(request)
 
     def refuse(message: str):
@@ -216,7 +223,7 @@ async def login_page(request: Request):
                           "from %s, %d in all)", pair[0] - 1, address, account[0] - 1)
         return refuse(f"Too many failed attempts for this account. Wait {wait_text(wait)}, "
                       "then try again.")
-    workers = workers_for(request.app)
+    workers = state(request)["password_workers"]
     user = await queries.user_by_email(db, email)
     if user is None:
         await workers.verify_nobody(password)  # the same time as a wrong password
@@ -236,12 +243,12 @@ async def login_page(request: Request):
 async def logout(request: Request):
     token = request.state.session_token
     if token:
-        await queries.revoke_session(request.app.state.db, security.session_hash(token))
+        await queries.revoke_session(state(request)["db"], security.session_hash(token))
         # the room sockets opened with this session end too, in every site process
-        await chat.publish_session_ended(request.app, security.session_hash(token))
+        await chat.publish_session_ended(state(request)["broker"], security.session_hash(token))
     response = redirect("/")
     response.raw_headers.append((b"set-cookie", security.cookie_header(
-        security.SESSION_COOKIE, "", 0, request.app.state.settings.cookie_secure)))
+        security.SESSION_COOKIE, "", 0, state(request)["settings"].cookie_secure)))
     return response
 
 
@@ -255,9 +262,9 @@ async def prune(db, settings) -> tuple[int, int]:
     return sessions, attempts
 
 
-async def prune_and_log(app) -> None:
+async def prune_and_log(db: Database, settings: SiteSettings) -> None:
     """One round of :func:`prune` (the app's upkeep runs it every ``prune_interval``)."""
-    sessions, attempts = await prune(app.state.db, app.state.settings)
+    sessions, attempts = await prune(db, settings)
     if sessions or attempts:
         log.info("pruned %d ended sessions, %d old login attempts", sessions, attempts)
 

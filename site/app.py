@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 from starlette.applications import Starlette
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -16,12 +19,16 @@ from starlette.staticfiles import StaticFiles
 
 from watchbuy.db.database import Database
 from watchbuy.db.migrations import upgrade
-from watchbuy.site import accounts, chat, dashboard, hooks, rooms, shop, studio
+from watchbuy.site import accounts, chat, dashboard, hooks, metrics, rooms, shop, studio
 from watchbuy.site.broker import make_broker
 from watchbuy.site.config import SiteSettings
 from watchbuy.site.media import MediaDirectory
+from watchbuy.site.metrics import SiteMetrics
+from watchbuy.site.observe import RequestContextMiddleware, install_request_id_filter
+from watchbuy.site.passwords import PasswordWorkers
 from watchbuy.site.payments import StripeGateway, expire_stale_test_orders
 from watchbuy.site.security import AuthMiddleware, origin_of
+from watchbuy.site.state import SiteState
 from watchbuy.site.storage import LocalStorage, make_storage
 from watchbuy.site.upkeep import repeat_until
 from watchbuy.site.web import build_templates, render
@@ -84,34 +91,64 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
     db = db or Database(settings.database_url)
     broker = make_broker(settings.broker_url, settings.broker_prefix)
     storage = make_storage(settings)
+    media = media or MediaDirectory(settings, balancer=make_balancer())
+    # What every request shares.  The lifespan completes it and yields it: Starlette then hands
+    # each request and websocket a shallow copy (see site/state.py).
+    shared: dict = {
+        "settings": settings,
+        "db": db,
+        "broker": broker,
+        "storage": storage,
+        "media": media,
+        "templates": build_templates(),
+        "metrics": SiteMetrics(),
+        "payments": (
+            StripeGateway(settings.stripe_secret_key, settings.stripe_webhook_secret,
+                          settings.stripe_api_base)
+            if settings.stripe_enabled else None
+        ),
+    }
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
+    async def lifespan(app: Starlette) -> AsyncIterator[SiteState]:
         await db.connect()
         if run_migrations:
             applied = await upgrade(db)
             if applied:
                 log.info("database migrated to version %d", applied[-1])
         await broker.start()
+        install_request_id_filter()  # the server has set up logging by now
+        # Made here, not in create_app: the broker is configured by now (its prefix is what the
+        # hook nonces are kept under), and these belong to the process that serves.
+        shared.update(
+            chat_limiter=chat.RateLimiter(settings.chat_rate, 10.0),
+            shop_limit_log=chat.RateLimiter(1, 60.0),
+            room_connections=chat.Connections(),
+            session_watch=chat.SessionWatch(broker),
+            dashboard=dashboard.DashboardSampler(media, db),
+            password_workers=PasswordWorkers(settings.password_hash_concurrency),
+            hook_guard=hooks.HookGuard(settings, broker),
+        )
+        site = cast(SiteState, shared)
         # Upkeep: unpaid test-mode orders give their stock back; ended sessions and old login
         # attempts are pruned.  Stopped between rounds (see repeat_until).
         stopping = asyncio.Event()
         upkeep = [
             asyncio.ensure_future(repeat_until(
-                stopping, 60.0, lambda: expire_stale_test_orders(app),
+                stopping, 60.0, lambda: expire_stale_test_orders(site),
                 "expiring stale test-mode orders")),
             asyncio.ensure_future(repeat_until(
-                stopping, settings.prune_interval, lambda: accounts.prune_and_log(app),
+                stopping, settings.prune_interval,
+                lambda: accounts.prune_and_log(db, settings),
                 "pruning sessions and login attempts")),
         ]
         try:
-            yield
+            yield site
         finally:
             stopping.set()
             await asyncio.gather(*upkeep)
-            await app.state.media.close()
-            if getattr(app.state, "dashboard", None) is not None:
-                await app.state.dashboard.stop()
+            await media.close()
+            await site["dashboard"].stop()
             await broker.close()
             await db.disconnect()
 
@@ -123,6 +160,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
         *hooks.routes,
         *chat.routes,
         *dashboard.routes,
+        *metrics.routes,
         *vendor_mounts(),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
@@ -131,21 +169,14 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
         routes.append(Mount("/uploads", StaticFiles(directory=settings.uploads_dir)))
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error})
-    app.state.settings = settings
-    app.state.db = db
-    app.state.broker = broker
-    app.state.storage = storage
-    app.state.templates = build_templates()
-    app.state.media = media or MediaDirectory(settings, balancer=make_balancer())
-    app.state.chat_limiter = chat.RateLimiter(settings.chat_rate, 10.0)
-    app.state.dashboard = None
-    app.state.payments = (
-        StripeGateway(settings.stripe_secret_key, settings.stripe_webhook_secret,
-                      settings.stripe_api_base)
-        if settings.stripe_enabled else None
-    )
-    app.add_middleware(AuthMiddleware, db=db, settings=settings,
-                       media_origins=media_origins(settings, app.state.media))
+    # Not read by the site's code (that reads the request's state): tests and servers that run
+    # no lifespan state see the same objects through it (state.app_state).
+    app.state = State(shared)
+    app.add_middleware(AuthMiddleware, settings=settings,
+                       media_origins=media_origins(settings, media))
+    # Added last, so outermost: security refusals get a request id and are counted too.
+    app.add_middleware(RequestContextMiddleware, trusted_proxies=settings.trusted_proxies,
+                       metrics=shared["metrics"])
     return app
 
 

@@ -16,6 +16,7 @@ import re
 import time
 import unicodedata
 from collections import Counter, defaultdict, deque
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from starlette.routing import WebSocketRoute
@@ -23,7 +24,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from watchbuy.db import queries
 from watchbuy.site import security
-from watchbuy.site.broker import BrokerUnavailable
+from watchbuy.site.broker import Broker, BrokerUnavailable
+from watchbuy.site.security import LimitedLog
+from watchbuy.site.state import SiteState, state
+
+if TYPE_CHECKING:
+    from watchbuy.db.database import Database
 
 log = logging.getLogger("watchbuy.site.chat")
 
@@ -33,33 +39,7 @@ CLOSE_SESSION_ENDED = 4401
 CLOSE_TOO_MANY = 4429
 SESSIONS_TOPIC = "sessions"  # logout tells every site process which session ended
 
-
-class LogThrottle:
-    """At most one log line per ``interval`` seconds per kind of event: an attack that trips a
-    limit thousands of times a second must not flood the log (the next line says how many were
-    left out)."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._skipped: Counter[str] = Counter()
-
-    def warning(self, kind: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        last = self._last.get(kind)
-        if last is not None and now - last < self.interval:
-            self._skipped[kind] += 1
-            return
-        self._last[kind] = now
-        skipped = self._skipped.pop(kind, 0)
-        if skipped:
-            message += " (%d more like it in the last %.0f s not logged)"
-            args = (*args, skipped, self.interval)
-        self.logger.warning(message, *args)
-
-
-throttled = LogThrottle(log)
+throttled = LimitedLog(log)  # limits any visitor can trip: a line per kind per 10 s at most
 
 
 # -- text and names ---------------------------------------------------------------------------
@@ -144,10 +124,10 @@ def room_topic(channel_id: int) -> str:
     return f"room:{channel_id}"
 
 
-async def publish_room_event(app, channel_id: int, event: dict) -> bool:
+async def publish_room_event(broker: Broker, channel_id: int, event: dict) -> bool:
     """Send an event to everyone in the room; False (logged) when the broker is down."""
     try:
-        await app.state.broker.publish(room_topic(channel_id), event)
+        await broker.publish(room_topic(channel_id), event)
         return True
     except BrokerUnavailable as exc:
         log.warning("room %s: event %s not delivered: %s", channel_id, event.get("type"), exc)
@@ -201,7 +181,7 @@ def same_origin(websocket: WebSocket) -> bool:
         return True
     origin_host = urlsplit(origin).netloc.lower()
     allowed = {websocket.headers.get("host", "").lower(),
-               urlsplit(websocket.app.state.settings.public_url).netloc.lower()}
+               urlsplit(state(websocket)["settings"].public_url).netloc.lower()}
     return origin_host in allowed
 
 
@@ -241,8 +221,8 @@ class SessionWatch:
     database before it acts on anything a socket sends.
     """
 
-    def __init__(self, app) -> None:
-        self.app = app
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
         self.sockets: dict[str, set[WebSocket]] = defaultdict(set)
         self._task: asyncio.Task | None = None
         self._starting: asyncio.Lock | None = None
@@ -266,7 +246,7 @@ class SessionWatch:
         async with self._starting:
             if self._task is not None and not self._task.done():
                 return
-            subscription = self.app.state.broker.subscribe(SESSIONS_TOPIC)
+            subscription = self.broker.subscribe(SESSIONS_TOPIC)
             try:
                 await subscription.ready(5.0)
             except (TimeoutError, BrokerUnavailable) as exc:
@@ -287,24 +267,10 @@ class SessionWatch:
                 await subscription.close()
 
 
-def session_watch(app) -> SessionWatch:
-    watch = getattr(app.state, "session_watch", None)
-    if watch is None:
-        watch = app.state.session_watch = SessionWatch(app)
-    return watch
-
-
-def connections(app) -> Connections:
-    found = getattr(app.state, "room_connections", None)
-    if found is None:
-        found = app.state.room_connections = Connections()
-    return found
-
-
-async def publish_session_ended(app, session_hash: str) -> None:
+async def publish_session_ended(broker: Broker, session_hash: str) -> None:
     """Tell every site process that a session ended (logout), so its sockets close."""
     try:
-        await app.state.broker.publish(SESSIONS_TOPIC, {"type": "session_revoked",
+        await broker.publish(SESSIONS_TOPIC, {"type": "session_revoked",
                                                         "session": session_hash})
     except BrokerUnavailable as exc:
         log.warning("logout not announced to open sockets (they end on their next message): %s",
@@ -312,25 +278,28 @@ async def publish_session_ended(app, session_hash: str) -> None:
 
 
 async def room_socket(websocket: WebSocket) -> None:
-    app = websocket.app
-    db = app.state.db
-    settings = app.state.settings
+    site = state(websocket)
+    settings = site["settings"]
     user = websocket.scope["state"].get("user")
     address = websocket.client.host if websocket.client else "?"
     user_id = user["id"] if user else None
-    counted = connections(app)
+    counted = site["room_connections"]
     refused = counted.admit(settings, address, user_id)
     if refused is not None:
         throttled.warning("ws-limit", "room socket refused: %s", refused)
         await websocket.close(code=CLOSE_TOO_MANY)
         return
+    gauge = site["metrics"].websockets
+    gauge.inc()
     try:
-        await _room(websocket, app, db, settings, user)
+        await _room(websocket, site, user)
     finally:
+        gauge.dec()
         counted.release(address, user_id)
 
 
-async def _room(websocket: WebSocket, app, db, settings, user: dict | None) -> None:
+async def _room(websocket: WebSocket, site: SiteState, user: dict | None) -> None:
+    db, settings = site["db"], site["settings"]
     channel = await queries.channel_by_slug(db, websocket.path_params["slug"])
     if channel is None:
         await websocket.close(code=4404)
@@ -347,7 +316,7 @@ async def _room(websocket: WebSocket, app, db, settings, user: dict | None) -> N
     await websocket.accept()
     # Subscribe (and let Redis confirm) before reading the history, so nothing posted in
     # between is lost.
-    subscription = app.state.broker.subscribe(room_topic(channel["id"]))
+    subscription = site["broker"].subscribe(room_topic(channel["id"]))
     try:
         await subscription.ready()
     except (TimeoutError, BrokerUnavailable) as exc:
@@ -355,7 +324,7 @@ async def _room(websocket: WebSocket, app, db, settings, user: dict | None) -> N
         await subscription.close()
         await websocket.close(code=1013)  # try again later; the page reconnects
         return
-    watch = session_watch(app)
+    watch = site["session_watch"]
     if session is not None:
         await watch.watch(session, websocket)
     history = await queries.recent_chat(db, channel["id"], 50)
@@ -402,7 +371,7 @@ async def _room(websocket: WebSocket, app, db, settings, user: dict | None) -> N
                 data = json.loads(raw)
             except ValueError:
                 continue
-            if isinstance(data, dict) and not await _handle(app, websocket, room, data):
+            if isinstance(data, dict) and not await _handle(site, websocket, room, data):
                 break
     finally:
         forward.cancel()
@@ -441,21 +410,20 @@ async def _forward(subscription, websocket: WebSocket) -> None:
             await websocket.close(code=4408)
 
 
-async def _session_ended(app, websocket: WebSocket, room: dict) -> bool:
+async def _session_ended(db: Database, websocket: WebSocket, room: dict) -> bool:
     """True (and the socket closed) when the socket's session was logged out or expired: the
     logout event may have been lost, the database has the last word before anything is done."""
     if room["session"] is None:
         return False
-    if await queries.session_user(app.state.db, room["session"]) is not None:
+    if await queries.session_user(db, room["session"]) is not None:
         return False
     await _close(websocket, CLOSE_SESSION_ENDED)
     return True
 
 
-async def _handle(app, websocket: WebSocket, room: dict, data: dict) -> bool:
+async def _handle(site: SiteState, websocket: WebSocket, room: dict, data: dict) -> bool:
     """Acts on one event from the socket; False when the socket was closed."""
-    db = app.state.db
-    settings = app.state.settings
+    db, settings, broker = site["db"], site["settings"], site["broker"]
     channel, user, is_host = room["channel"], room["user"], room["is_host"]
     kind = data.get("type")
     if kind == "chat":
@@ -468,12 +436,12 @@ async def _handle(app, websocket: WebSocket, room: dict, data: dict) -> bool:
             await websocket.send_json({"type": "error", "error":
                                        f"Messages are 1 to {settings.chat_max_length} characters."})
             return True
-        if await _session_ended(app, websocket, room):
+        if await _session_ended(db, websocket, room):
             return False
         if await queries.is_muted(db, channel["id"], user["id"]):
             await websocket.send_json({"type": "error", "error": "The host has muted you."})
             return True
-        if not app.state.chat_limiter.allow(user["id"]):
+        if not site["chat_limiter"].allow(user["id"]):
             await websocket.send_json({"type": "error", "error": "Slow down a little."})
             return True
         text = clean_text(text, settings.chat_max_length)
@@ -483,23 +451,23 @@ async def _handle(app, websocket: WebSocket, room: dict, data: dict) -> bool:
             return True
         message = await queries.add_chat_message(db, channel["id"], user["id"],
                                                  user["display_name"], text)
-        await publish_room_event(app, channel["id"], {
+        await publish_room_event(broker, channel["id"], {
             "type": "chat", **public_message(message, channel, room["host_skeleton"])})
     elif kind == "delete" and is_host:
         message_id = data.get("id")
         if isinstance(message_id, int):
-            if await _session_ended(app, websocket, room):
+            if await _session_ended(db, websocket, room):
                 return False
             if await queries.delete_chat_message(db, channel["id"], message_id):
-                await publish_room_event(app, channel["id"], {"type": "deleted",
+                await publish_room_event(broker, channel["id"], {"type": "deleted",
                                                               "id": message_id})
     elif kind == "mute" and is_host:
         target = data.get("user_id")
         if isinstance(target, int) and target != user["id"]:
-            if await _session_ended(app, websocket, room):
+            if await _session_ended(db, websocket, room):
                 return False
             await queries.mute(db, channel["id"], target)
-            await publish_room_event(app, channel["id"], {"type": "muted", "user_id": target})
+            await publish_room_event(broker, channel["id"], {"type": "muted", "user_id": target})
     return True
 
 

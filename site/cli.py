@@ -12,7 +12,10 @@ import argparse
 import asyncio
 import logging
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from watchbuy.site.config import SiteSettings, load_site_settings
+from watchbuy.site.observe import PEER_KEY, install_request_id_filter
 from watchbuy.site.security import LimitedLog
 
 log = logging.getLogger("watchbuy.site.http")
@@ -101,13 +104,33 @@ def guarded_http_protocol(max_header_bytes: int, header_timeout: float) -> type:
     return GuardedHttpToolsProtocol
 
 
+class KeepPeer:
+    """Records the connection's own peer (``scope["watchbuy.peer"]``) before proxy headers
+    replace ``scope["client"]`` with the address the proxy reports."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope[PEER_KEY] = scope.get("client")
+        await self.app(scope, receive, send)
+
+
 def uvicorn_server(app, settings: SiteSettings):
     """The site's uvicorn server, with every connection-level limit from ``settings``."""
     import uvicorn
 
     proxies = [item.strip() for item in settings.trusted_proxies.split(",") if item.strip()]
+    served = app
+    if proxies:
+        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+        # uvicorn's own proxy-header handling, applied here rather than by uvicorn so that the
+        # peer it replaces is kept: the request id trusts X-Request-Id only from a proxy.
+        served = KeepPeer(ProxyHeadersMiddleware(app, trusted_hosts=proxies))
     config = uvicorn.Config(
-        app, host=settings.site_host, port=settings.site_port,
+        served, host=settings.site_host, port=settings.site_port,
         log_level=settings.log_level.lower(), lifespan="on", access_log=False,
         http=guarded_http_protocol(settings.max_header_bytes, settings.header_timeout),
         ws="websockets-sansio", ws_max_size=settings.ws_max_bytes,
@@ -116,7 +139,7 @@ def uvicorn_server(app, settings: SiteSettings):
         # X-Forwarded-For/-Proto only from the named proxies (the load balancer): uvicorn
         # would otherwise trust 127.0.0.1, and request.client.host is what login throttling
         # counts by.
-        proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)
+        proxy_headers=False)
     return uvicorn.Server(config)
 
 
@@ -126,6 +149,7 @@ def run_site(args: argparse.Namespace) -> int:
 
     settings = load_site_settings(site_port=args.port)
     setup_logging(settings.log_level)
+    install_request_id_filter()
     install_uvloop()
     app = create_app(settings)
     server = uvicorn_server(app, settings)

@@ -91,6 +91,9 @@ class SiteSettings:
     # local node and the balancer's CDN, which are always allowed
     media_origins: str = ""
     hsts_seconds: int = 365 * 86400  # sent only when public_url is https
+    # /metrics answers loopback clients, and others only with "Authorization: Bearer <token>";
+    # "" = loopback only
+    metrics_token: str = ""
     log_level: str = "INFO"
     # engine hooks (/hooks/rtmp): a signed call is accepted for hook_max_age seconds after its
     # timestamp, and with a timestamp at most hook_max_future seconds ahead (clock skew); its

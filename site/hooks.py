@@ -36,6 +36,8 @@ from watchbuy.engine.hooks import (
 )
 from watchbuy.site.broker import RedisBroker
 from watchbuy.site.chat import publish_room_event
+from watchbuy.site.security import LimitedLog
+from watchbuy.site.state import state
 from watchbuy.site.web import require_host
 
 log = logging.getLogger("watchbuy.site.hooks")
@@ -109,28 +111,8 @@ class RedisNonces:
             raise NonceStoreError(f"Redis: {str(exc) or type(exc).__name__}") from None
 
 
-class RateLimitedLog:
-    """``warning()`` that writes at most one line per ``interval`` seconds."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._next = 0.0
-        self._held = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._held += 1
-            return
-        if self._held:
-            message += f" ({self._held} more refused calls not logged)"
-            self._held = 0
-        self._next = now + self.interval
-        log.warning(message, *args)
-
-
 class HookGuard:
-    """This app's replay check and refusal log, made on the first hook call."""
+    """This process's replay check and refusal log (made when the app starts)."""
 
     def __init__(self, settings, broker) -> None:
         ttl = settings.hook_max_age + settings.hook_max_future
@@ -139,27 +121,20 @@ class HookGuard:
                 settings.broker_url, broker.prefix, ttl)
         else:
             self.nonces = MemoryNonces(ttl, settings.hook_nonce_capacity)
-        self.refusals = RateLimitedLog(REFUSAL_LOG_INTERVAL)
-
-
-def hook_guard(app) -> HookGuard:
-    guard = getattr(app.state, "hook_guard", None)
-    if guard is None:
-        guard = app.state.hook_guard = HookGuard(app.state.settings, app.state.broker)
-    return guard
+        self.refusals = LimitedLog(log, REFUSAL_LOG_INTERVAL)
 
 
 def _refuse(guard: HookGuard, request: Request, status: int, error: str) -> JSONResponse:
-    guard.refusals.warning("refused an engine hook call from %s: %s",
+    guard.refusals.warning("refused", "refused an engine hook call from %s: %s",
                            request.client.host if request.client else "?", error)
     return JSONResponse({"error": error}, status_code=status)
 
 
 async def rtmp_hook(request: Request):
     """on_publish / on_publish_done from a media node (HMAC-signed, see engine/hooks.py)."""
-    app = request.app
-    settings = app.state.settings
-    guard = hook_guard(app)
+    site = state(request)
+    settings = site["settings"]
+    guard = site["hook_guard"]
     body = await request.body()
     problem = check_signature(
         settings.hook_secret, request.headers.get(TIMESTAMP_HEADER, ""), body,
@@ -178,12 +153,13 @@ async def rtmp_hook(request: Request):
     try:
         fresh = await guard.nonces.claim(nonce)
     except NonceStoreError as exc:
-        guard.refusals.warning("cannot check engine hook calls for replays, refusing them: %s",
+        guard.refusals.warning("refused",
+                               "cannot check engine hook calls for replays, refusing them: %s",
                                exc)
         return JSONResponse({"error": "replay check unavailable"}, status_code=503)
     if not fresh:
         return _refuse(guard, request, 409, "replayed hook call")
-    db = app.state.db
+    db = site["db"]
     channel = await queries.channel_by_key(db, key)
     if channel is None and kind == "publish_done" and call.get("name"):
         # The host may have regenerated the key while live: the stream that ends still carries
@@ -194,13 +170,13 @@ async def rtmp_hook(request: Request):
         return JSONResponse({"error": "unknown stream key"}, status_code=403)
     if kind == "publish":
         await queries.set_live(db, channel["id"], True, node_id)
-        play_url = await app.state.media.play_url(node_id, channel["slug"])
-        await publish_room_event(app, channel["id"], {"type": "live", "play_url": play_url})
+        play_url = await site["media"].play_url(node_id, channel["slug"])
+        await publish_room_event(site["broker"], channel["id"], {"type": "live", "play_url": play_url})
         log.info("room %s is live on node %s", channel["slug"], node_id)
         return JSONResponse({"name": channel["slug"]})
     if kind == "publish_done":
         await queries.set_live(db, channel["id"], False, None)
-        await publish_room_event(app, channel["id"], {"type": "offline"})
+        await publish_room_event(site["broker"], channel["id"], {"type": "offline"})
         log.info("room %s went offline", channel["slug"])
         return JSONResponse({"ok": True})
     return JSONResponse({"error": f"unknown call {kind!r}"}, status_code=400)
@@ -210,7 +186,7 @@ async def ingest(request: Request):
     """``{node_id, rtmp_url, play_base}``: where this host should point OBS now."""
     require_host(request)
     try:
-        return JSONResponse(await request.app.state.media.ingest())
+        return JSONResponse(await state(request)["media"].ingest())
     except Exception as exc:
         return JSONResponse({"error": f"no media node can take a stream now: {exc}"},
                             status_code=503)

@@ -82,12 +82,3 @@ class PasswordWorkers:
         if self._dummy_hash is None:
             self._dummy_hash = await self.hash(secrets.token_urlsafe(16))
         await self.verify(self._dummy_hash, password)
-
-
-def workers_for(app) -> PasswordWorkers:
-    """The app's workers, made on first use from its settings."""
-    workers = getattr(app.state, "password_workers", None)
-    if workers is None:
-        workers = PasswordWorkers(app.state.settings.password_hash_concurrency)
-        app.state.password_workers = workers
-    return workers

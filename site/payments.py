@@ -17,10 +17,15 @@ from __future__ import annotations
 import logging
 import time
 from datetime import date
+from typing import TYPE_CHECKING
 
 import stripe
 
 from watchbuy.db import queries
+
+if TYPE_CHECKING:
+    from watchbuy.db.database import Database
+    from watchbuy.site.state import SiteState
 
 log = logging.getLogger("watchbuy.site.payments")
 
@@ -123,68 +128,70 @@ class StripeGateway:
         return event.to_dict()
 
 
-async def fulfil(app, order_id: int) -> bool:
-    """Mark a pending order paid (once) and tell the rooms whose stock changed."""
-    paid = await queries.mark_paid(app.state.db, order_id)
+async def fulfil(db: Database, order_id: int) -> bool:
+    """Mark a pending order paid (once)."""
+    paid = await queries.mark_paid(db, order_id)
     if paid:
         log.info("order %s paid", order_id)
     return paid
 
 
-async def release(app, order_id: int, status: str) -> bool:
-    """Cancel or expire a pending order and give its stock back."""
-    released = await queries.release_order(app.state.db, order_id, status)
+async def release(site: SiteState, order_id: int, status: str) -> bool:
+    """Cancel or expire a pending order and give its stock back (the rooms are told)."""
+    released = await queries.release_order(site["db"], order_id, status)
     if released:
         log.info("order %s %s; stock released", order_id, status)
-        await announce_stock(app, await queries.order(app.state.db, order_id))
+        await announce_stock(site, await queries.order(site["db"], order_id))
     return released
 
 
-async def cancel(app, order: dict) -> str:
+async def cancel(site: SiteState, order: dict) -> str:
     """The shopper cancels a pending order: "cancelled", or "paying" when Stripe says the buyer
     has already paid (the webhook will fulfil it; the stock stays reserved).  PaymentError when
     Stripe cannot be asked: nothing changes, the shopper can try again."""
     if order["status"] != "pending":
         return order["status"]
     if order["payment_mode"] == "stripe" and order["payment_ref"] and \
-            app.state.payments is not None:
+            site["payments"] is not None:
         # First make the session unpayable, only then give the stock back: the other order
         # would let the buyer pay for units that are being sold again.
-        state = await app.state.payments.expire_checkout(order["payment_ref"])
+        state = await site["payments"].expire_checkout(order["payment_ref"])
         if state == "complete":
             log.info("order %s: cancel refused, its checkout session is complete", order["id"])
             return "paying"
-    await release(app, order["id"], "cancelled")
+    await release(site, order["id"], "cancelled")
     return "cancelled"
 
 
-async def late_payment(app, order: dict, payment_intent: str | None) -> str:
+async def late_payment(site: SiteState, order: dict, payment_intent: str | None) -> str:
     """A payment arrived for an order that is no longer pending.  Returns what became of it:
     "paid" (already, or the stock was reserved again), "refunded", or "unresolved"."""
     if order["status"] in ("paid", "refunded"):
         return order["status"]  # another event for the same payment: already handled
     log.error("order %s was %s when its payment arrived", order["id"], order["status"])
-    if await queries.reopen_paid_order(app.state.db, order["id"]):
+    if await queries.reopen_paid_order(site["db"], order["id"]):
         log.error("order %s: stock reserved again, the order is paid", order["id"])
-        await announce_stock(app, order)
+        await announce_stock(site, order)
         return "paid"
     if not payment_intent:
         log.error("order %s: sold out and no payment intent to refund: refund it by hand",
                   order["id"])
         return "unresolved"
-    refund_id = await app.state.payments.refund(payment_intent, order["id"])
-    await queries.mark_refunded(app.state.db, order["id"],
+    gateway = site["payments"]
+    assert gateway is not None  # only Stripe's webhook reports payments
+    refund_id = await gateway.refund(payment_intent, order["id"])
+    await queries.mark_refunded(site["db"], order["id"],
                                 "refunded: sold out while you paid")
     log.error("order %s: sold out meanwhile, payment %s refunded (%s)", order["id"],
               payment_intent, refund_id)
     return "refunded"
 
 
-async def announce_stock(app, order: dict) -> None:
+async def announce_stock(site: SiteState, order: dict) -> None:
     from watchbuy.site.studio import announce_products
 
     for host_id in {item["host_id"] for item in order["items"]}:
-        await announce_products(app, host_id)
+        await announce_products(site, host_id)
 
 
 def check_test_card(number: str, expiry: str, cvc: str, today: date | None = None) -> str | None:
@@ -207,11 +214,10 @@ def check_test_card(number: str, expiry: str, cvc: str, today: date | None = Non
     return None
 
 
-async def expire_stale_test_orders(app) -> int:
+async def expire_stale_test_orders(site: SiteState) -> int:
     """Release test-mode orders nobody paid within the reservation time; returns how many."""
-    settings = app.state.settings
-    cutoff = time.time() - settings.test_reservation_minutes * 60
+    cutoff = time.time() - site["settings"].test_reservation_minutes * 60
     released = 0
-    for order_id in await queries.stale_pending_orders(app.state.db, cutoff, "test"):
-        released += await release(app, order_id, "expired")
+    for order_id in await queries.stale_pending_orders(site["db"], cutoff, "test"):
+        released += await release(site, order_id, "expired")
     return released

@@ -8,6 +8,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from watchbuy.db import queries
+from watchbuy.site.state import SiteState, state
 from watchbuy.site.web import format_money, render
 
 
@@ -22,17 +23,17 @@ def product_card(product: dict, storage) -> dict:
     }
 
 
-async def room_state(app, channel: dict) -> dict:
+async def room_state(site: SiteState, channel: dict) -> dict:
     """What a room shows live; also the body of the state API the page polls as a fallback."""
-    db = app.state.db
-    media = app.state.media
+    db = site["db"]
+    media = site["media"]
     stats = (await media.stream_stats()).get(channel["slug"], {})
     shown = await queries.host_products(db, channel["host_id"], shown_only=True)
     pinned = None
     if channel["pinned_product_id"]:
         found = await queries.product(db, channel["pinned_product_id"])
         # a hidden product is not for sale, even if it was pinned before hiding unpinned it
-        pinned = product_card(found, app.state.storage) if found and found["shown"] else None
+        pinned = product_card(found, site["storage"]) if found and found["shown"] else None
     play_url = await media.play_url(channel["live_node_id"], channel["slug"])
     return {
         "slug": channel["slug"],
@@ -41,14 +42,14 @@ async def room_state(app, channel: dict) -> dict:
         "play_url": play_url,
         "viewers": stats.get("viewers", 0),
         "pinned": pinned,
-        "products": [product_card(p, app.state.storage) for p in shown],
+        "products": [product_card(p, site["storage"]) for p in shown],
     }
 
 
 async def home(request: Request):
-    db = request.app.state.db
-    rooms = await queries.list_rooms(db)
-    stats = await request.app.state.media.stream_stats()
+    site = state(request)
+    rooms = await queries.list_rooms(site["db"])
+    stats = await site["media"].stream_stats()
     for room in rooms:
         room["viewers"] = stats.get(room["slug"], {}).get("viewers", 0)
     live = [r for r in rooms if r["is_live"]]
@@ -57,7 +58,7 @@ async def home(request: Request):
 
 
 async def load_channel(request: Request) -> dict:
-    channel = await queries.channel_by_slug(request.app.state.db, request.path_params["slug"])
+    channel = await queries.channel_by_slug(state(request)["db"], request.path_params["slug"])
     if channel is None:
         raise HTTPException(404, "There is no room at this address.")
     return channel
@@ -65,16 +66,17 @@ async def load_channel(request: Request) -> dict:
 
 async def room_page(request: Request):
     channel = await load_channel(request)
-    host = await queries.user_by_id(request.app.state.db, channel["host_id"])
-    state = await room_state(request.app, channel)
+    site = state(request)
+    host = await queries.user_by_id(site["db"], channel["host_id"])
+    shown = await room_state(site, channel)
     user = request.state.user
-    return render(request, "room.html", channel=channel, host=host, state=state,
+    return render(request, "room.html", channel=channel, host=host, state=shown,
                   is_host=user is not None and user["id"] == channel["host_id"])
 
 
 async def room_state_api(request: Request):
     channel = await load_channel(request)
-    return JSONResponse(await room_state(request.app, channel),
+    return JSONResponse(await room_state(state(request), channel),
                         headers={"Cache-Control": "no-store"})
 
 

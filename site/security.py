@@ -26,14 +26,23 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from http.cookies import SimpleCookie
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus, urlsplit
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import HTMLResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from watchbuy.db import queries
 from watchbuy.db.database import Database
+from watchbuy.site.state import state_of
+
+if TYPE_CHECKING:
+    from watchbuy.site.config import SiteSettings
 
 SESSION_COOKIE = "wb_session"
 CSRF_COOKIE = "wb_csrf"
@@ -228,12 +237,15 @@ class AuthMiddleware:
     csrf cookie to responses.
 
     One middleware on purpose: the body limits must hold before the CSRF check reads the body,
-    and the cookie/cache decisions need the session found on the way in.
+    and the cookie/cache decisions need the session found on the way in.  It reads headers with
+    Starlette's ``Headers`` and answers refusals with a ``Response``, as Starlette's own
+    middleware do; only the body is handled at the ASGI level, because it must be checked as
+    it arrives, not after it was buffered.
     """
 
-    def __init__(self, app, db: Database, settings, media_origins: list[str] = ()) -> None:
+    def __init__(self, app: ASGIApp, settings: SiteSettings,
+                 media_origins: Sequence[str] = ()) -> None:
         self.app = app
-        self.db = db
         self.settings = settings
         self.secret = settings.secret_key
         self.secure = settings.cookie_secure
@@ -244,39 +256,38 @@ class AuthMiddleware:
             if settings.s3_bucket else []
         self.image_origins = image_origins
         self.csp = content_security_policy(settings.public_url, self.media_origins,
-                                           image_origins).encode()
+                                           image_origins)
         self.static_headers = [
-            (b"x-content-type-options", b"nosniff"),
-            (b"referrer-policy", b"strict-origin-when-cross-origin"),
+            ("x-content-type-options", "nosniff"),
+            ("referrer-policy", "strict-origin-when-cross-origin"),
         ]
         self.page_headers = [
-            (b"content-security-policy", self.csp),
-            (b"x-frame-options", b"DENY"),
-            (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
+            ("content-security-policy", self.csp),
+            ("x-frame-options", "DENY"),
+            ("permissions-policy", "camera=(), microphone=(), geolocation=()"),
             *self.static_headers,
         ]
         if settings.https and settings.hsts_seconds:
             # Not includeSubDomains: media nodes may serve HTTP-FLV over plain http from a
             # subdomain, which browsers would then refuse to reach.
-            hsts = (b"strict-transport-security",
-                    f"max-age={settings.hsts_seconds}".encode())
+            hsts = ("strict-transport-security", f"max-age={settings.hsts_seconds}")
             self.static_headers.append(hsts)
             self.page_headers.append(hsts)
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        headers = _headers(scope)
+        headers = Headers(scope=scope)
         path = scope["path"]
         static = _is_static(path)
         state = scope.setdefault("state", {})
         state["user"] = None
         state["session_token"] = None
-        cookies = {} if static else _cookies(headers.get(b"cookie", []))
+        cookies = {} if static else _cookies(headers.getlist("cookie"))
         token = cookies.get(self.session_cookie)
         if token:
-            found = await queries.session_user(self.db, session_hash(token))
+            found = await queries.session_user(state_of(scope)["db"], session_hash(token))
             if found is not None:
                 state["user"] = found[1]
                 state["session_token"] = token
@@ -292,13 +303,12 @@ class AuthMiddleware:
 
         started = False
 
-        async def send_wrapped(message) -> None:
+        async def send_wrapped(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message = {**message, "headers": self._response_headers(
-                    scope, list(message.get("headers", [])), static,
-                    csrf_cookie if cookie_missing else None)}
+                self._response_headers(scope, MutableHeaders(scope=message), static,
+                                       csrf_cookie if cookie_missing else None)
             await send(message)
 
         try:
@@ -311,24 +321,24 @@ class AuthMiddleware:
             limited_log.warning(f"body-{refused.status}", "refused %s %s from %s: %s",
                                 scope["method"], path, _client(scope), refused.text)
             if not started:
-                await _refuse(send_wrapped, refused.status, refused.text.encode())
+                await refusal(refused.status, refused.text)(scope, receive, send_wrapped)
 
-    async def _check_request(self, scope, headers, receive, send, expected: str,
-                             cookie_missing: bool):
+    async def _check_request(self, scope: Scope, headers: Headers, receive: Receive,
+                             send: Send, expected: str, cookie_missing: bool) -> Receive | None:
         """A ``receive`` fit for the app, or None after refusing the request."""
         method = scope["method"]
-        length = headers.get(b"content-length", [b""])[-1]
-        chunked = b"transfer-encoding" in headers
+        length = _last(headers, "content-length")
+        chunked = "transfer-encoding" in headers
         if method in SAFE_METHODS:
             # Starlette answers HEAD with the GET route, and handlers that branch on
             # ``method == "GET"`` would parse a HEAD body as a POST form, past the CSRF check.
-            if chunked or length.strip() not in (b"", b"0"):
+            if chunked or length.strip() not in ("", "0"):
                 limited_log.warning("body-on-safe", "refused %s %s from %s: a body on %s",
                                     method, scope["path"], _client(scope), method)
-                await _refuse(send, 400, f"{method} requests carry no body.".encode())
+                await refusal(400, f"{method} requests carry no body.")(scope, receive, send)
                 return None
             return _no_body(receive)
-        content_type = headers.get(b"content-type", [b""])[-1].decode("latin-1").lower()
+        content_type = _last(headers, "content-type").lower()
         multipart = content_type.startswith("multipart/form-data")
         limit = self.settings.max_upload_bytes if multipart else self.settings.max_body_bytes
         too_large = "That upload is too large." if multipart else "That request is too large."
@@ -337,18 +347,18 @@ class AuthMiddleware:
         receive = _guarded(receive, limit, self.settings.body_timeout, too_large)
         if _exempt(scope["path"]):
             return receive
-        sent = headers.get(CSRF_HEADER.encode(), [b""])[-1].decode("latin-1")
+        sent = _last(headers, CSRF_HEADER)
         if sent:
             # The token travels in the header: check it and stream the body through untouched.
             if cookie_missing or not hmac.compare_digest(sent, expected):
-                await _refuse(send)
+                await refusal()(scope, receive, send)
                 return None
             return receive
         if not (multipart or content_type.startswith("application/x-www-form-urlencoded")):
-            await _refuse(send)
+            await refusal()(scope, receive, send)
             return None
         scanner = CsrfFieldScanner(content_type, CSRF_FIELD, self.settings.csrf_scan_bytes)
-        prefix: list[dict] = []
+        prefix: list[Message] = []
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -361,65 +371,59 @@ class AuthMiddleware:
                 break
         del scanner  # the prefix lives on only in the messages replayed below
         if cookie_missing or not found or not hmac.compare_digest(found, expected):
-            await _refuse(send)
+            await refusal()(scope, receive, send)
             return None
 
-        async def replay():
+        async def replay() -> Message:
             if prefix:
                 return prefix.pop(0)
             return await receive()
 
         return replay
 
-    def _response_headers(self, scope, headers: list, static: bool,
-                          new_csrf_cookie: str | None) -> list:
+    def _response_headers(self, scope: Scope, headers: MutableHeaders, static: bool,
+                          new_csrf_cookie: str | None) -> None:
         if not static:
-            session_prefix = self.session_cookie.encode() + b"="
-            if any(name == b"set-cookie" and value.startswith(session_prefix)
-                   for name, value in headers):
+            session_prefix = self.session_cookie + "="
+            if any(value.startswith(session_prefix) for value in headers.getlist("set-cookie")):
                 # Log-in and log-out change the session: a new csrf cookie too, so a token
                 # seen before (by anyone) is worthless after.
                 new_csrf_cookie = secrets.token_urlsafe(24)
             if new_csrf_cookie is not None:
-                headers.append((b"set-cookie", cookie_header(
-                    CSRF_COOKIE, new_csrf_cookie, None, self.secure)))
-            personal = scope["state"].get("user") is not None or \
-                any(name == b"set-cookie" for name, _ in headers)
-            cache = b",".join(v for n, v in headers if n == b"cache-control")
-            if personal and b"no-store" not in cache:
+                headers.append("set-cookie", cookie_header(
+                    CSRF_COOKIE, new_csrf_cookie, None, self.secure).decode("latin-1"))
+            personal = scope["state"].get("user") is not None or "set-cookie" in headers
+            if personal and "no-store" not in ",".join(headers.getlist("cache-control")):
                 # Pages for a logged-in user (the studio shows the stream key) and anything
                 # that sets a cookie must never be kept by a shared cache or the back button.
-                headers = [(n, v) for n, v in headers if n != b"cache-control"]
-                headers.append((b"cache-control", b"private, no-store"))
-        present = {name for name, _ in headers}
-        extra = self.static_headers if static else self._page_headers(scope)
-        headers.extend(item for item in extra if item[0] not in present)
-        return headers
+                del headers["cache-control"]
+                headers["cache-control"] = "private, no-store"
+        for name, value in self.static_headers if static else self._page_headers(scope):
+            headers.setdefault(name, value)  # a header the response set itself wins
 
-    def _page_headers(self, scope) -> list:
+    def _page_headers(self, scope: Scope) -> list[tuple[str, str]]:
         origin = scope["state"].get("csp_media_origin")
         if not origin or origin in self.media_origins:
             return self.page_headers
         # A room playing from a node outside the configured list (a balancer node): allow
         # exactly that node's origin on this page.
         csp = content_security_policy(self.settings.public_url, [*self.media_origins, origin],
-                                      self.image_origins).encode()
-        return [(b"content-security-policy", csp), *self.page_headers[1:]]
+                                      self.image_origins)
+        return [("content-security-policy", csp), *self.page_headers[1:]]
 
 
-def _headers(scope) -> dict[bytes, list[bytes]]:
-    found: dict[bytes, list[bytes]] = {}
-    for name, value in scope.get("headers", ()):
-        found.setdefault(name, []).append(value)
-    return found
+def _last(headers: Headers, name: str) -> str:
+    # The last of repeated headers, as before; "" when absent.
+    values = headers.getlist(name)
+    return values[-1] if values else ""
 
 
-def _cookies(values: list[bytes]) -> dict[str, str]:
+def _cookies(values: list[str]) -> dict[str, str]:
     cookies: dict[str, str] = {}
     for value in values:
         jar = SimpleCookie()
         try:
-            jar.load(value.decode("latin-1"))
+            jar.load(value)
         except Exception:  # a malformed cookie header is as good as none
             continue
         cookies.update({key: morsel.value for key, morsel in jar.items()})
@@ -482,12 +486,9 @@ def _guarded(receive, limit: int, timeout: float, too_large: str):
     return guarded
 
 
-async def _refuse(send, status: int = 403, text: bytes = b"") -> None:
-    text = text or (b"This form has expired or did not come from this site. "
-                    b"Go back, reload the page and try again.")
-    body = b"<!doctype html><title>Refused</title><p>" + text + b"</p>"
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/html; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+def refusal(status: int = 403, text: str = "") -> Response:
+    """The page a refused request gets (the connection then closes)."""
+    text = text or ("This form has expired or did not come from this site. "
+                    "Go back, reload the page and try again.")
+    return HTMLResponse(f"<!doctype html><title>Refused</title><p>{text}</p>",
+                        status_code=status, headers={"connection": "close"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import stripe
 from starlette.exceptions import HTTPException
@@ -12,10 +13,11 @@ from starlette.routing import Route
 
 from watchbuy.db import queries
 from watchbuy.site import payments
-from watchbuy.site.chat import RateLimiter
+from watchbuy.site.state import SiteState, state
 from watchbuy.site.studio import announce_products
 from watchbuy.site.web import (
     format_money,
+    money_totals,
     parse_int,
     read_form,
     redirect,
@@ -23,6 +25,9 @@ from watchbuy.site.web import (
     require_user,
     safe_next,
 )
+
+if TYPE_CHECKING:
+    from watchbuy.db.database import Database
 
 log = logging.getLogger("watchbuy.site.shop")
 
@@ -32,11 +37,7 @@ MAX_QUANTITY = 99
 def log_limit(request: Request, user: dict, message: str) -> None:
     """Log a shop limit that refused this shopper: one line a minute per shopper at most, not
     one per request (a script hitting the limit must not flood the log)."""
-    state = request.app.state
-    limiter = getattr(state, "shop_limit_log", None)
-    if limiter is None:
-        limiter = state.shop_limit_log = RateLimiter(1, 60.0)
-    if limiter.allow(user["id"]):
+    if state(request)["shop_limit_log"].allow(user["id"]):
         log.info("shop limit for user %s: %s", user["id"], message)
 
 
@@ -46,17 +47,15 @@ def wants_json(request: Request) -> bool:
 
 async def cart_view(request: Request, error: str | None = None, status_code: int = 200):
     user = require_user(request)
-    lines = await queries.cart(request.app.state.db, user["id"])
-    totals: dict[str, int] = {}
+    site = state(request)
+    lines = await queries.cart(site["db"], user["id"])
     for line in lines:
         line["line_total"] = format_money(line["price_minor"] * line["quantity"],
                                           line["currency"])
         line["price"] = format_money(line["price_minor"], line["currency"])
-        totals[line["currency"]] = totals.get(line["currency"], 0) + \
-            line["price_minor"] * line["quantity"]
     return render(request, "cart.html", status_code=status_code, lines=lines,
-                  totals=[format_money(v, c) for c, v in totals.items()], error=error,
-                  test_mode=not request.app.state.settings.stripe_enabled)
+                  totals=money_totals(lines, "price_minor"), error=error,
+                  test_mode=not site["settings"].stripe_enabled)
 
 
 async def cart_page(request: Request):
@@ -67,7 +66,7 @@ async def cart_set(request: Request, add: bool):
     """Add to or set a cart line; quantities are checked against stock here, on the server."""
     user = require_user(request)
     form = await read_form(request)
-    db = request.app.state.db
+    db = state(request)["db"]
     try:
         product_id = parse_int(form.get("product_id"), "Product", 1, 2**31 - 1)
         quantity = parse_int(form.get("quantity", "1"), "Quantity", 0 if not add else 1,
@@ -86,7 +85,7 @@ async def cart_set(request: Request, add: bool):
             request, f"Only {product['stock']} of {product['name']} left in stock.")
     if quantity > MAX_QUANTITY:
         return await cart_error(request, f"At most {MAX_QUANTITY} of one product per order.")
-    max_units = request.app.state.settings.max_units_per_product
+    max_units = state(request)["settings"].max_units_per_product
     if quantity > max_units:
         message = f"At most {max_units} of {product['name']} per shopper."
         log_limit(request, user, message)
@@ -114,41 +113,50 @@ async def cart_update(request: Request):
 async def checkout(request: Request):
     """Cart → order (stock reserved, one transaction) → Stripe Checkout or the test card form."""
     user = require_user(request)
-    app = request.app
-    settings = app.state.settings
+    site = state(request)
+    settings = site["settings"]
+    checkouts = site["metrics"].checkouts
     mode = "stripe" if settings.stripe_enabled else "test"
     try:
         # hidden products, stock and the per-shopper limits are all checked here, on the
         # server, in the transaction that reserves the stock
         order = await queries.create_order_from_cart(
-            app.state.db, user["id"], mode, test_mode=settings.test_orders,
+            site["db"], user["id"], mode, test_mode=settings.test_orders,
             max_pending=settings.max_pending_orders,
             max_units=settings.max_units_per_product)
     except (queries.OutOfStock, queries.NotForSale) as exc:
+        checkouts.labels("unavailable").inc()
         return await cart_view(request, error=f"Sorry: {exc}. Adjust your cart and try again.",
                                status_code=409)
     except queries.OrderLimit as exc:
+        checkouts.labels("limit").inc()
         log_limit(request, user, str(exc))
         return await cart_view(request, error=f"Sorry: {exc}.", status_code=409)
     except ValueError as exc:
+        checkouts.labels("invalid").inc()
         return await cart_view(request, error=str(exc), status_code=400)
     for host_id in {item["host_id"] for item in order["items"]}:
-        await announce_products(app, host_id)  # stock shown in the rooms went down
+        await announce_products(site, host_id)  # stock shown in the rooms went down
     if mode == "test":
+        checkouts.labels("test").inc()
         return redirect(f"/checkout/{order['id']}/pay")
+    gateway = site["payments"]
+    assert gateway is not None  # stripe mode means a gateway
     try:
-        session_id, url = await app.state.payments.create_checkout(
+        session_id, url = await gateway.create_checkout(
             order, settings.public_url, settings.checkout_minutes)
     except payments.PaymentError as exc:
-        await payments.release(app, order["id"], "cancelled")
+        checkouts.labels("payment_error").inc()
+        await payments.release(site, order["id"], "cancelled")
         return await cart_view(request, error=str(exc), status_code=502)
-    await queries.set_payment_ref(app.state.db, order["id"], session_id)
+    await queries.set_payment_ref(site["db"], order["id"], session_id)
+    checkouts.labels("stripe").inc()
     return redirect(url)
 
 
 async def own_order(request: Request, order_id: int) -> dict:
     user = require_user(request)
-    order = await queries.order(request.app.state.db, order_id)
+    order = await queries.order(state(request)["db"], order_id)
     if order is None or order["user_id"] != user["id"]:
         raise HTTPException(404, "No such order.")
     return order
@@ -177,7 +185,7 @@ async def test_pay(request: Request):
     if error:
         return render(request, "pay_test.html", status_code=400, order=decorate(order),
                       error=error)
-    await payments.fulfil(request.app, order["id"])
+    await payments.fulfil(state(request)["db"], order["id"])
     return redirect(f"/orders?paid={order['id']}")
 
 
@@ -203,7 +211,7 @@ async def checkout_cancel(request: Request):
     order = await own_order(request, order_id)
     if request.method == "POST":
         try:
-            outcome = await payments.cancel(request.app, order)
+            outcome = await payments.cancel(state(request), order)
         except payments.PaymentError:
             return redirect("/orders?cancel=failed")
         if outcome == "paying":
@@ -214,7 +222,7 @@ async def checkout_cancel(request: Request):
 
 async def orders_page(request: Request):
     user = require_user(request)
-    orders = [decorate(o) for o in await queries.user_orders(request.app.state.db, user["id"])]
+    orders = [decorate(o) for o in await queries.user_orders(state(request)["db"], user["id"])]
     notices = {
         "paying": "That order was not cancelled: its payment had already gone through.",
         "failed": "The payment service did not answer, so the order is not cancelled yet. "
@@ -225,67 +233,78 @@ async def orders_page(request: Request):
                   notice=notices.get(request.query_params.get("cancel", "")))
 
 
-async def order_from_reference(app, session: dict) -> dict | None:
+async def order_from_reference(db: Database, session: dict) -> dict | None:
     """The order a session names in client_reference_id, when the webhook came before we stored
     the session id (Stripe can be that fast); adopted only if no other session claimed it."""
     try:
         order_id = int(session.get("client_reference_id") or "")
     except ValueError:
         return None
-    order = await queries.order(app.state.db, order_id)
+    order = await queries.order(db, order_id)
     if order is None or order["payment_mode"] != "stripe" or \
             order["payment_ref"] not in (None, session["id"]):
         return None
-    await queries.set_payment_ref(app.state.db, order_id, session["id"])
-    return await queries.order(app.state.db, order_id)
+    await queries.set_payment_ref(db, order_id, session["id"])
+    return await queries.order(db, order_id)
 
 
 async def stripe_webhook(request: Request):
-    app = request.app
-    gateway = app.state.payments
+    site = state(request)
+    webhooks = site["metrics"].webhooks
+    gateway = site["payments"]
     if gateway is None:
+        webhooks.labels("not_configured").inc()
         return JSONResponse({"error": "stripe is not configured"}, status_code=404)
     payload = await request.body()
     try:
         event = gateway.parse_event(payload, request.headers.get("stripe-signature"))
     except (ValueError, stripe.SignatureVerificationError) as exc:
+        webhooks.labels("invalid_signature").inc()
         log.warning("refused a webhook: %s", exc)
         return JSONResponse({"error": "invalid signature"}, status_code=400)
-    if not await queries.record_webhook_event(app.state.db, event["id"], event["type"]):
+    if not await queries.record_webhook_event(site["db"], event["id"], event["type"]):
+        webhooks.labels("duplicate").inc()
         return JSONResponse({"ok": True, "duplicate": True})
     try:
-        return await apply_stripe_event(app, event)
+        outcome, response = await apply_stripe_event(site, event)
     except Exception:
+        webhooks.labels("failed").inc()
         # Not applied: forget the event, or Stripe's retry (it retries after a 5xx) would be
         # taken for a duplicate and the payment lost.
-        await queries.forget_webhook_event(app.state.db, event["id"])
+        await queries.forget_webhook_event(site["db"], event["id"])
         raise
+    webhooks.labels(outcome).inc()
+    return response
 
 
-async def apply_stripe_event(app, event: dict):
+async def apply_stripe_event(site: SiteState, event: dict) -> tuple[str, JSONResponse]:
+    """The event applied: its outcome (a metrics label) and the answer for Stripe."""
+    db = site["db"]
     session = event["data"]["object"]
     order = None
     if session.get("id"):
-        order = await queries.order_by_payment_ref(app.state.db, session["id"])
+        order = await queries.order_by_payment_ref(db, session["id"])
     if order is None and session.get("id"):
-        order = await order_from_reference(app, session)
+        order = await order_from_reference(db, session)
     if order is None:
         log.warning("webhook %s for an unknown checkout session", event["id"])
-        return JSONResponse({"ok": True, "ignored": True})
+        return "ignored", JSONResponse({"ok": True, "ignored": True})
     if event["type"] in ("checkout.session.completed",
                          "checkout.session.async_payment_succeeded"):
         if session.get("payment_status") in ("paid", "no_payment_required"):
-            if not await payments.fulfil(app, order["id"]):
+            if not await payments.fulfil(db, order["id"]):
                 # not pending: cancelled or expired while the buyer paid (or paid already);
                 # the payment must not be dropped
                 outcome = await payments.late_payment(
-                    app, await queries.order(app.state.db, order["id"]),
+                    site, await queries.order(db, order["id"]),
                     session.get("payment_intent"))
-                return JSONResponse({"ok": True, "late_payment": outcome})
+                return "late_payment", JSONResponse({"ok": True, "late_payment": outcome})
+            return "paid", JSONResponse({"ok": True})
     elif event["type"] in ("checkout.session.expired",
                            "checkout.session.async_payment_failed"):
-        await payments.release(app, order["id"], "expired")
-    return JSONResponse({"ok": True})
+        await payments.release(site, order["id"], "expired")
+        return "expired", JSONResponse({"ok": True})
+    return "applied", JSONResponse({"ok": True})
 
 
 routes = [

@@ -13,10 +13,12 @@ from watchbuy.db import queries
 from watchbuy.site.accounts import ensure_channel
 from watchbuy.site.chat import publish_room_event
 from watchbuy.site.rooms import product_card
+from watchbuy.site.state import SiteState, state
 from watchbuy.site.storage import ImageRejected, prepare_image
 from watchbuy.site.web import (
     format_money,
     money_input,
+    money_totals,
     parse_int,
     parse_money,
     read_form,
@@ -30,19 +32,20 @@ MAX_STOCK = 1_000_000
 
 async def studio(request: Request):
     host = require_host(request)
-    db = request.app.state.db
+    site = state(request)
+    db = site["db"]
     channel = await ensure_channel(db, host["id"], host["display_name"])
     try:
-        ingest = await request.app.state.media.ingest()
+        ingest = await site["media"].ingest()
         ingest_error = None
     except Exception as exc:  # no healthy media node: tell the host, not a stack trace
         ingest, ingest_error = None, str(exc)
     products = await queries.host_products(db, host["id"])
     for product in products:
         product["price"] = format_money(product["price_minor"], product["currency"])
-        product["image_url"] = (request.app.state.storage.url(product["image"])
+        product["image_url"] = (site["storage"].url(product["image"])
                                 if product["image"] else None)
-    room_url = f"{request.app.state.settings.public_url}/room/{channel['slug']}"
+    room_url = f"{site['settings'].public_url}/room/{channel['slug']}"
     return render(request, "studio.html", channel=channel, ingest=ingest,
                   ingest_error=ingest_error, products=products, room_url=room_url,
                   notice=request.query_params.get("notice"))
@@ -50,7 +53,7 @@ async def studio(request: Request):
 
 async def regenerate_key(request: Request):
     host = require_host(request)
-    await queries.regenerate_stream_key(request.app.state.db, host["id"])
+    await queries.regenerate_stream_key(state(request)["db"], host["id"])
     return redirect("/studio?notice=key")
 
 
@@ -59,7 +62,7 @@ async def update_title(request: Request):
     form = await read_form(request)
     title = (form.get("title") or "").strip()
     if 2 <= len(title) <= 100:
-        await queries.update_channel_title(request.app.state.db, host["id"], title)
+        await queries.update_channel_title(state(request)["db"], host["id"], title)
         return redirect("/studio?notice=title")
     return redirect("/studio?notice=title-invalid")
 
@@ -93,7 +96,7 @@ async def read_image(request: Request, form) -> tuple[tuple[bytes, str, str] | N
     upload = form.get("image")
     if not isinstance(upload, UploadFile) or not upload.filename:
         return None, None
-    settings = request.app.state.settings
+    settings = state(request)["settings"]
     data = await upload.read(settings.max_image_bytes + 1)
     try:
         # decoding and encoding take CPU time: off the event loop
@@ -110,7 +113,7 @@ async def own_product(request: Request, host: dict) -> dict:
         product_id = int(request.path_params["product_id"])
     except ValueError:
         raise HTTPException(404, "No such product.") from None
-    product = await queries.product(request.app.state.db, product_id)
+    product = await queries.product(state(request)["db"], product_id)
     if product is None or product["host_id"] != host["id"]:
         # Another host's product is as invisible as a missing one.
         raise HTTPException(404, "No such product.")
@@ -135,7 +138,7 @@ async def product_form(request: Request):
 
 
 async def save_product(request: Request, host: dict, product: dict | None):
-    settings = request.app.state.settings
+    settings = state(request)["settings"]
     form = await read_form(request)
     currency = product["currency"] if product else settings.currency
     values, errors = product_values(form, currency)
@@ -145,10 +148,10 @@ async def save_product(request: Request, host: dict, product: dict | None):
     if errors:
         return render(request, "product_form.html", status_code=400, product=product,
                       values=values, errors=errors)
-    db = request.app.state.db
+    db = state(request)["db"]
     image_name = product["image"] if product else None
     if image is not None:
-        image_name = await request.app.state.storage.save(*image)
+        image_name = await state(request)["storage"].save(*image)
     if product is None:
         product_id = await queries.create_product(
             db, host["id"], values["name"], values["description"], values["price_minor"],
@@ -171,39 +174,41 @@ async def save_product(request: Request, host: dict, product: dict | None):
                           values=values, errors=[
                               "Some units sold while you were editing: the stock cannot go "
                               "that low. Check the stock and save again."])
-    await announce_products(request.app, host["id"])
+    await announce_products(state(request), host["id"])
     return redirect(f"/studio?notice=saved-{product_id}")
 
 
 async def delete_product(request: Request):
     host = require_host(request)
     product = await own_product(request, host)
-    db = request.app.state.db
+    db = state(request)["db"]
     channel = await queries.channel_by_host(db, host["id"])
     await queries.delete_product(db, host["id"], product["id"])
     if channel is not None and channel["pinned_product_id"] == product["id"]:
         # the query unpinned it; the viewers' pages must drop the card too
-        await publish_room_event(request.app, channel["id"], {"type": "pinned", "product": None})
-    await announce_products(request.app, host["id"])
+        await publish_room_event(state(request)["broker"], channel["id"],
+                                 {"type": "pinned", "product": None})
+    await announce_products(state(request), host["id"])
     return redirect("/studio?notice=deleted")
 
 
 async def toggle_shown(request: Request):
     host = require_host(request)
     product = await own_product(request, host)
-    _, unpinned = await queries.set_product_shown(request.app.state.db, host["id"],
+    _, unpinned = await queries.set_product_shown(state(request)["db"], host["id"],
                                                   product["id"], not product["shown"])
     for channel_id in unpinned:
         # a hidden product is not for sale: the viewers' pages drop its pinned card too
-        await publish_room_event(request.app, channel_id, {"type": "pinned", "product": None})
-    await announce_products(request.app, host["id"])
+        await publish_room_event(state(request)["broker"], channel_id,
+                                 {"type": "pinned", "product": None})
+    await announce_products(state(request), host["id"])
     return redirect("/studio")
 
 
 async def pin(request: Request):
     """Pin one product (or none): every viewer's page shows the card at once."""
     host = require_host(request)
-    db = request.app.state.db
+    db = state(request)["db"]
     channel = await ensure_channel(db, host["id"], host["display_name"])
     form = await read_form(request)
     raw = (form.get("product_id") or "").strip()
@@ -221,8 +226,9 @@ async def pin(request: Request):
     await queries.set_pinned(db, channel["id"], product_id)
     card = None
     if product_id is not None:
-        card = product_card(product, request.app.state.storage)
-    await publish_room_event(request.app, channel["id"], {"type": "pinned", "product": card})
+        card = product_card(product, state(request)["storage"])
+    await publish_room_event(state(request)["broker"], channel["id"],
+                             {"type": "pinned", "product": card})
     if request.headers.get("accept", "").startswith("application/json"):
         from starlette.responses import JSONResponse
 
@@ -230,32 +236,30 @@ async def pin(request: Request):
     return redirect("/studio?notice=pinned")
 
 
-async def announce_products(app, host_id: int) -> None:
+async def announce_products(site: SiteState, host_id: int) -> None:
     """Tell the host's room that its product list changed (names, prices, stock)."""
-    db = app.state.db
+    db = site["db"]
     channel = await queries.channel_by_host(db, host_id)
     if channel is None:
         return
     shown = await queries.host_products(db, host_id, shown_only=True)
-    await publish_room_event(app, channel["id"], {
-        "type": "products", "products": [product_card(p, app.state.storage) for p in shown]})
+    await publish_room_event(site["broker"], channel["id"], {
+        "type": "products", "products": [product_card(p, site["storage"]) for p in shown]})
 
 
 async def sales(request: Request):
     host = require_host(request)
-    lines = await queries.host_sales(request.app.state.db, host["id"])
-    paid_total: dict[str, int] = {}
-    test_total: dict[str, int] = {}  # test-mode orders: shown apart, never as money earned
+    lines = await queries.host_sales(state(request)["db"], host["id"])
     for line in lines:
         line["line_total"] = format_money(line["unit_price_minor"] * line["quantity"],
                                           line["currency"])
-        if line["status"] == "paid":
-            into = test_total if line["test_mode"] else paid_total
-            into[line["currency"]] = into.get(line["currency"], 0) + \
-                line["unit_price_minor"] * line["quantity"]
+    paid = [line for line in lines if line["status"] == "paid"]
+    # test-mode orders: shown apart, never as money earned
     return render(request, "sales.html", lines=lines,
-                  totals=[format_money(v, c) for c, v in paid_total.items()],
-                  test_totals=[format_money(v, c) for c, v in test_total.items()])
+                  totals=money_totals((p for p in paid if not p["test_mode"]),
+                                      "unit_price_minor"),
+                  test_totals=money_totals((p for p in paid if p["test_mode"]),
+                                           "unit_price_minor"))
 
 
 routes = [

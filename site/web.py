@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -11,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse
 
 from watchbuy.site.security import origin_of
+from watchbuy.site.state import state
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -28,6 +30,16 @@ def format_money(amount_minor: int, currency: str) -> str:
     if digits == 0:
         return f"{symbol}{amount_minor:,}"
     return f"{symbol}{amount_minor / 10**digits:,.{digits}f}"
+
+
+def money_totals(lines: Iterable[dict], price: str) -> list[str]:
+    """The lines' sum per currency (``lines[price]`` × ``quantity``), formatted: a cart or a
+    sales list can mix currencies, and amounts of different currencies never add up."""
+    totals: dict[str, int] = {}
+    for line in lines:
+        totals[line["currency"]] = totals.get(line["currency"], 0) + \
+            line[price] * line["quantity"]
+    return [format_money(amount, currency) for currency, amount in totals.items()]
 
 
 def money_input(amount_minor: int, currency: str) -> str:
@@ -100,24 +112,25 @@ def build_templates() -> Environment:
 
 
 def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
-    env: Environment = request.app.state.templates
+    site = state(request)
+    env = site["templates"]
     context.setdefault("user", request.state.user)
     context.setdefault("csrf_token", request.state.csrf_token)
     context.setdefault("request", request)
-    context.setdefault("settings", request.app.state.settings)
+    context.setdefault("settings", site["settings"])
     html = env.get_template(template).render(**context)
-    state = context.get("state")
-    if isinstance(state, dict) and state.get("play_url"):
+    room = context.get("state")  # the room page's live state
+    if isinstance(room, dict) and room.get("play_url"):
         # The room's player fetches from this node: the CSP of this page must allow it even
         # when the balancer picked a node outside the configured origins.
-        request.state.csp_media_origin = origin_of(state["play_url"])
+        request.state.csp_media_origin = origin_of(room["play_url"])
     return HTMLResponse(html, status_code=status_code)
 
 
 async def read_form(request: Request):
     """The request's form with tight limits on its parts (the body as a whole is bounded by
     the security middleware): at most one file, a few dozen fields, small text fields."""
-    settings = request.app.state.settings
+    settings = state(request)["settings"]
     return await request.form(max_files=1, max_fields=50,
                               max_part_size=settings.max_body_bytes)
 

@@ -366,7 +366,7 @@ async def test_pruning_runs_by_itself(make_site) -> None:
     await queries.revoke_session(site.db, security.session_hash(token))
     stopping = asyncio.Event()
     pruner = asyncio.ensure_future(repeat_until(
-        stopping, site.settings.prune_interval, lambda: accounts.prune_and_log(site.app),
+        stopping, site.settings.prune_interval, lambda: accounts.prune_and_log(site.db, site.settings),
         "pruning"))
     try:
         for _ in range(200):  # bounded: gives up after 200 looks

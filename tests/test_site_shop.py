@@ -17,6 +17,7 @@ from stripe_standin import STRIPE_WEBHOOK_SECRET, stripe_event, stripe_settings,
 from watchbuy.db import queries
 from watchbuy.db.schema import orders, products, webhook_events
 from watchbuy.site import payments
+from watchbuy.site.state import app_state
 
 pytest_plugins = ["site_fixtures"]
 # stripe's HTTPXClient posts its form as data=str, which httpx deprecates (not our code)
@@ -616,7 +617,7 @@ async def test_a_payment_after_cancelling_reserves_the_stock_again(stripe_buy, s
     buy = await stripe_buy(stock=5, quantity=3)
     site, mug, browser, session, order = buy.site, buy.mug, buy.browser, buy.session, buy.order
     # the order expired on our side (e.g. Stripe's expiry event) while the buyer was paying
-    assert await payments.release(site.app, order["id"], "expired")
+    assert await payments.release(app_state(site.app), order["id"], "expired")
     assert await stock(site.db, mug["id"]) == 5
     paid = stripe_api.pay(session["id"])
     with caplog.at_level("ERROR", logger="watchbuy.site.payments"):
@@ -635,7 +636,7 @@ async def test_a_payment_after_cancelling_when_sold_out_is_refunded(stripe_buy, 
     buy = await stripe_buy(stock=3, quantity=3)
     site, host, mug, browser, session, order = \
         buy.site, buy.host, buy.mug, buy.browser, buy.session, buy.order
-    assert await payments.release(site.app, order["id"], "expired")
+    assert await payments.release(app_state(site.app), order["id"], "expired")
     # the units are sold to someone else ...
     other = await site.user("Olga")
     await queries.set_cart_quantity(site.db, other["id"], mug["id"], 3)

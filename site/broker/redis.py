@@ -121,6 +121,11 @@ class RedisBroker(_FanoutBroker):
         self._channels: dict[bytes, str] = {}  # channel -> topic, for the reader
         self._ready_waiters: dict[str, list[asyncio.Future[None]]] = {}
 
+    @property
+    def connected(self) -> bool:
+        """True while the pub/sub connection to Redis is up (the site's broker_up gauge)."""
+        return self._connection is not None
+
     # lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -1,10 +1,10 @@
 // Ops dashboard: network in/out per media node as live line charts (Chart.js), fed by SSE.
+// Every rate arrives in kb/s (site/dashboard.py converts once): shown as it is, so a node's
+// line and its chart always show the same numbers.
 (function () {
   "use strict";
   const charts = {};
   const nodesBox = document.getElementById("nodes");
-
-  function kbps(bytesPerSecond) { return Math.round(bytesPerSecond * 8 / 1000); }
 
   function nodeCard(node) {
     let card = nodesBox.querySelector('[data-node="' + CSS.escape(node.node_id) + '"]');
@@ -15,8 +15,10 @@
       const h = document.createElement("h3"); h.textContent = node.node_id; card.appendChild(h);
       const p = document.createElement("p"); p.className = "muted";
       p.innerHTML = '<span data-field="publishers"></span> publishing · <span data-field="viewers"></span> watching' +
-        ' · <span data-field="net"></span>';
+        ' · <span data-field="traffic"></span>';
       card.appendChild(p);
+      const nic = document.createElement("p"); nic.className = "muted small"; nic.dataset.field = "nic";
+      card.appendChild(nic);
       const box = document.createElement("div"); box.className = "chart-box";
       box.appendChild(document.createElement("canvas"));
       card.appendChild(box);
@@ -60,17 +62,20 @@
       const card = nodeCard(node);
       card.querySelector('[data-field="publishers"]').textContent = node.publishers;
       card.querySelector('[data-field="viewers"]').textContent = node.viewers;
-      const net = card.querySelector('[data-field="net"]');
-      if (net) {
+      // the engine's traffic: the same numbers as the chart's last point
+      card.querySelector('[data-field="traffic"]').textContent =
+        "in " + node.in_kbps + " kb/s · out " + node.out_kbps + " kb/s";
+      const nic = card.querySelector('[data-field="nic"]');
+      if (nic) {
         // the status agent's view of the machine's interfaces (what the balancer compares)
-        net.textContent = node.net_rx == null ? "no status agent" :
-          "interfaces in " + kbps(node.net_rx) + " / out " + kbps(node.net_tx) + " kb/s" +
+        nic.textContent = node.nic_in_kbps == null ? "no status agent" :
+          "machine interfaces in " + node.nic_in_kbps + " / out " + node.nic_out_kbps + " kb/s" +
           (node.cpu_load == null ? "" : " · CPU " + Math.round(node.cpu_load * 100) + "%");
       }
       const chart = chartFor(card);
       chart.data.labels = node.series.map(function (p) { return new Date(p[0] * 1000).toLocaleTimeString(); });
-      chart.data.datasets[0].data = node.series.map(function (p) { return kbps(p[1]); });
-      chart.data.datasets[1].data = node.series.map(function (p) { return kbps(p[2]); });
+      chart.data.datasets[0].data = node.series.map(function (p) { return p[1]; });
+      chart.data.datasets[1].data = node.series.map(function (p) { return p[2]; });
       chart.update();
     });
     const body = document.querySelector("#streams tbody");
@@ -78,7 +83,8 @@
     snapshot.streams.forEach(function (s) {
       const tr = document.createElement("tr");
       [s.name, s.node_id, (s.video_codec || "") + " " + (s.width || "") + "×" + (s.height || ""),
-       kbps(s.bitrate_in / 8) + " kb/s", s.viewers, Math.round(s.uptime || 0) + " s"].forEach(function (v) {
+       s.bitrate_kbps + " kb/s", s.viewers, Math.round(s.uptime || 0) + " s",
+       s.orders, (s.revenue || []).join(", ") || "0"].forEach(function (v) {
         const td = document.createElement("td"); td.textContent = v; tr.appendChild(td);
       });
       body.appendChild(tr);

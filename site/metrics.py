@@ -1,0 +1,88 @@
+"""Prometheus metrics of the site, served at ``/metrics`` (deploy/grafana/watchbuy.json charts
+them).
+
+Each app has its own :class:`CollectorRegistry`, not prometheus-client's global one: several
+apps in one process (the tests, two "site processes" side by side) must not collide.
+
+``/metrics`` is not public: it answers loopback clients, and anyone else only with
+``Authorization: Bearer <WATCHBUY_METRICS_TOKEN>`` (when that token is set).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from watchbuy.site.security import LimitedLog
+from watchbuy.site.state import state
+
+log = logging.getLogger("watchbuy.site.metrics")
+refusals = LimitedLog(log, interval=60.0)
+
+#: The ``route`` label of requests that matched no route: raw paths would make the label's
+#: values unbounded (every scanner's probe a new series).
+UNMATCHED = "<unmatched>"
+
+
+class SiteMetrics:
+    """The site's counters and gauges, in this app's own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        # prometheus-client appends "_total" to counters on exposition
+        self.requests = Counter("watchbuy_site_requests", "HTTP requests answered, by route "
+                                "template and status", ["route", "status"],
+                                registry=self.registry)
+        self.websockets = Gauge("watchbuy_site_websocket_connections",
+                                "Room websockets open now", registry=self.registry)
+        self.broker_up = Gauge("watchbuy_site_broker_up", "1 while the chat broker's backend "
+                               "is reachable", ["backend"], registry=self.registry)
+        self.checkouts = Counter("watchbuy_site_checkouts", "Checkouts, by result",
+                                 ["result"], registry=self.registry)
+        self.webhooks = Counter("watchbuy_site_webhooks", "Stripe webhook deliveries, by "
+                                "outcome", ["outcome"], registry=self.registry)
+
+    def render(self, broker: object) -> bytes:
+        backend = "redis" if type(broker).__name__ == "RedisBroker" else "memory"
+        # Read at scrape time: the broker knows whether its connection is up right now.
+        self.broker_up.labels(backend).set(1 if getattr(broker, "connected", True) else 0)
+        return generate_latest(self.registry)
+
+
+def route_template(scope: dict) -> str:
+    """The path template of the route that served ``scope`` (``/room/{slug}``; a Mount's
+    prefix for static files), or :data:`UNMATCHED`: Starlette's router leaves the matched
+    route in the scope."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else UNMATCHED
+
+
+def _loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def metrics_page(request: Request) -> Response:
+    site = state(request)
+    token = site["settings"].metrics_token
+    sent = request.headers.get("authorization", "")
+    allowed = _loopback(request.client.host if request.client else None) or bool(
+        token and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()))
+    if not allowed:
+        refusals.warning("metrics", "refused /metrics to %s: not loopback and no valid token",
+                         request.client.host if request.client else "?")
+        return PlainTextResponse("Not found", status_code=404)
+    return Response(site["metrics"].render(site["broker"]), media_type=CONTENT_TYPE_LATEST,
+                    headers={"Cache-Control": "no-store"})
+
+
+routes = [Route("/metrics", metrics_page)]
