@@ -471,6 +471,33 @@ async def test_republished_name_starts_at_a_new_media_sequence(node, h264):
         await second.client.close()
 
 
+async def test_a_reconnecting_publisher_continues_the_same_playlist(h264):
+    # OBS after a network blip: the same key takes the stream over, its clock starting at 0.
+    media = MediaNode(node_settings(publish_takeover_grace=0.2))
+    await media.start()
+    first = await Publisher.start(media, h264)
+    second = None
+    try:
+        await first.until(media, lambda hls: sum(s.complete for s in hls.segments) >= 1)
+        hls = media.hls.get("show1")
+        before = sum(s.complete for s in hls.segments)
+        await asyncio.sleep(0.4)  # silent past the grace
+        second = await Publisher.start(media, h264)
+        await second.until(media, lambda h: sum(s.complete for s in h.segments) >= before + 2)
+        assert media.hls.get("show1") is hls and not hls.ended
+        assert hls.dropped_samples == 0  # nothing lost to the restarted clock
+        http = await Http.open(media.http_port)
+        status, _h, text = await http.get(BASE + "index.m3u8")
+        pl = hls_validator.parse(text.decode())
+        hls_validator.validate(pl, (await fetch_all(http, BASE, pl)).get)
+        await http.close()
+    finally:
+        await first.client.close()
+        if second is not None:
+            await second.client.close()
+        await media.stop()
+
+
 # -- HEVC over Enhanced RTMP -------------------------------------------------------------------
 async def test_hevc_from_enhanced_rtmp_comes_out_as_hvc1_that_ffprobe_reads(node, tmp_path):
     media = hevc_ertmp_media(tmp_path / "hevc.h265", seconds=3, size="320x240", rate=25, gop=25)
