@@ -224,8 +224,12 @@ class HlsStream:
         name: str = "",
         config: HlsConfig | None = None,
         clock: Callable[[], float] = time.time,
+        first_msn: int = 0,
     ) -> None:
         self.name = name
+        # A node starts each publish of a name at a new MSN, so a CDN never serves a part or
+        # a blocking playlist cached from an earlier publish of the same name.
+        self.first_msn = first_msn
         self.config = config or HlsConfig()
         self.config.check()
         self._clock = clock
@@ -261,6 +265,11 @@ class HlsStream:
         self._last_audio_ts = -1
         self._stall_logged = False
         self._fragment_seq = 0
+        # A publisher that reconnects (relay handover) starts its clock again: its timestamps
+        # are shifted by this much so the stream's media time keeps going forward.
+        self._ts_offset = 0
+        self._latest_ts = 0
+        self._clock_restarted = False
 
         # Blocking requests: (msn, part, id, callback) heaps for parts and whole segments.
         self._part_waiters: list[tuple[int, int, int, Callable[[], None]]] = []
@@ -284,6 +293,14 @@ class HlsStream:
         """One media message from the publisher (sequence headers included)."""
         if self.ended:
             return
+        if self._clock_restarted:
+            # The first message of a new publisher session: continue one frame after the
+            # latest timestamp so far, whatever its clock says.
+            self._clock_restarted = False
+            self._ts_offset = self._latest_ts + NOMINAL_FRAME_MS - timestamp
+        timestamp += self._ts_offset
+        if timestamp > self._latest_ts:
+            self._latest_ts = timestamp
         if type_id == TAG_VIDEO:
             self._saw_video = True
             _codec, _frame_type, key, seq = flvmux.inspect_video(payload)
@@ -297,6 +314,12 @@ class HlsStream:
                 self._header(False, payload)
             elif codec == "aac":
                 self._audio_sample(timestamp, payload)
+
+    def restart_clock(self) -> None:
+        """A new publisher session continues this stream (its timestamps may start over):
+        its media follows on from what was fed so far, in the same playlist."""
+        if self._started:
+            self._clock_restarted = True
 
     def _header(self, video: bool, payload: bytes) -> None:
         if video:
@@ -436,7 +459,7 @@ class HlsStream:
         self._publish()
 
     def _open_segment(self, ts: int, discontinuity: bool) -> None:
-        msn = self.segments[-1].msn + 1 if self.segments else 0
+        msn = self.segments[-1].msn + 1 if self.segments else self.first_msn
         pdt = self._wall0 + (ts - self._t0) / 1000
         self.segments.append(Segment(msn, ts, pdt, self._init_id, discontinuity))
 
@@ -596,7 +619,7 @@ class HlsStream:
         """The spec's 400 rule: ``_HLS_msn`` more than two past the last segment, or
         ``_HLS_part`` more than the Advance Part Limit past the last part."""
         # The last segment the playlist lists: a segment just opened has no line in it yet.
-        last_msn = max(self._last_part()[0], self._last_complete_msn(), 0)
+        last_msn = max(self._last_part()[0], self._last_complete_msn(), self.first_msn)
         if msn > last_msn + 2:
             return True
         if part is None:

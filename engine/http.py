@@ -4,6 +4,11 @@ Routes:
 
 * ``GET /<app>/<name>.flv`` and ``GET /<node-id>/<app>/<name>.flv`` — the live stream as FLV
   (the second form is what a CDN forwards, so one cache behaviour per node finds its origin);
+* ``GET /<app>/<name>/index.m3u8`` (and ``init.mp4``, ``part<msn>.<i>.m4s``, ``seg<msn>.m4s``
+  beside it), with or without the ``/<node-id>`` prefix — LL-HLS, answered by
+  engine/hls_http.py; a blocking request *holds* the connection (``self.hold``) until its part
+  exists, with no head or keep-alive timeout meanwhile, and the requests pipelined behind it
+  are answered after it, in order;
 * ``GET /api/streams`` and ``GET /api/server`` — stats; ``GET /healthz``;
 * ``GET /metrics`` — Prometheus metrics (engine/metrics.py);
 * ``OPTIONS`` — CORS preflight; every answer carries CORS headers so a browser on the site's
@@ -180,6 +185,12 @@ class HttpSession(ViewerSession):
         self._turn_scheduled = False
         self._closing = False  # the last answer is queued; the transport closes after it
         self._lost = False
+        # A blocking LL-HLS request waiting for its part (engine/hls_http.py Hold): while set,
+        # nothing is read, answered or timed out but the hold's own timer.
+        self.hold = None
+        # Requests parsed in a turn that stopped early (a hold, a paused writer): answered
+        # first, in order, next turn.  At most ``http_requests_per_turn`` of them.
+        self._queued: list = []
 
     # -- connection life ----------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -190,6 +201,8 @@ class HttpSession(ViewerSession):
     def connection_lost(self, exc) -> None:
         self._lost = True
         self._cancel_timer()
+        if self.hold is not None:
+            self.hold.cancel()
         super().connection_lost(exc)  # the per-address count (ViewerSession)
         self.node.stats.connection_closed("http")
         if self.viewer is not None and self.playing is not None:
@@ -227,8 +240,16 @@ class HttpSession(ViewerSession):
         self._turn_scheduled = False
         if self._lost or self._closing or self.viewer is not None:
             return
+        if self.hold is not None:
+            # Reading is paused while a request waits; bytes already on their way are kept,
+            # in order and within the parser's bound, for after its answer.
+            self._queued.extend(self.parser.feed(data, 0))  # an error, past the bound
+            return
         try:
-            for event in self.parser.feed(data, self.node.settings.http_requests_per_turn):
+            queued, self._queued = self._queued, []
+            limit = self.node.settings.http_requests_per_turn
+            events = queued + self.parser.feed(data, max(limit - len(queued), 0))
+            for index, event in enumerate(events):
                 if isinstance(event, HttpError):
                     self.node.stats.protocol_errors["http"] += 1
                     LOG_BUDGET.log(logging.INFO, "http %s: %s", self.peer, event.reason,
@@ -237,7 +258,10 @@ class HttpSession(ViewerSession):
                     return
                 self._cancel_timer()  # a whole head arrived in time
                 self.handle(event)
-                if self.viewer is not None or self._closing or self._write_paused:
+                if self.viewer is not None or self._closing:
+                    break
+                if self._write_paused or self.hold is not None:
+                    self._queued = events[index + 1 :]  # theirs to answer, after this one
                     break
         except Exception as exc:  # a bug must cost this connection only, and one line
             LOG_BUDGET.log(logging.WARNING, "http %s: internal error: %s: %s", self.peer,
@@ -255,7 +279,13 @@ class HttpSession(ViewerSession):
 
     def _schedule(self) -> None:
         """After a turn or a drained write buffer: plan the next turn, reading and timer."""
-        backlog = self.parser.has_complete()
+        if self.hold is not None:
+            # Waiting on a stream, not on the peer: no head or keep-alive timeout meanwhile.
+            self._set_reading(False)
+            if not self._write_paused:
+                self._cancel_timer()
+            return
+        backlog = bool(self._queued) or self.parser.has_complete()
         if backlog and not self._write_paused and not self._turn_scheduled:
             self._turn_scheduled = True
             self.loop.call_soon(self._turn)
@@ -381,6 +411,8 @@ class HttpSession(ViewerSession):
             self.respond(200, {"ok": True, "node_id": self.node.settings.node_id}, keep, head_only)
         elif path.endswith(".flv"):
             self.play(request, path, head_only)
+        elif self.node.hls is not None and self.node.hls.is_hls_path(path):
+            self.node.hls.handle(self, request, head_only)  # engine/hls_http.py
         else:
             self.respond(404, {"error": "not found"}, keep, head_only)
 
@@ -412,6 +444,11 @@ class HttpSession(ViewerSession):
         self.playing = stream
         self.viewer = FlvViewer(self, chunked)
         stream.add_viewer(self.viewer)
+
+    def hold_released(self) -> None:
+        """A blocking LL-HLS request was answered: go on with the pipeline."""
+        if not self._closing and not self._lost:
+            self._schedule()
 
     def stream_ended(self, viewer: FlvViewer) -> None:
         """The publisher stopped: finish the body so the player sees the end at once."""
