@@ -31,7 +31,7 @@ import databases
 import pymysql.err
 import sqlalchemy as sa
 
-from watchbuy.engine.relay import LogLimiter
+from watchbuy.logs import LogLimiter
 from watchbuy.settings import ConfigError
 
 log = logging.getLogger("watchbuy.db")

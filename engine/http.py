@@ -45,7 +45,6 @@ import asyncio
 import hmac
 import json
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from watchbuy.engine import metrics
@@ -54,6 +53,7 @@ from watchbuy.engine.httpparse import HttpError, Request, RequestParser
 from watchbuy.engine.relay import LiveStream, Tag, Viewer
 from watchbuy.engine.session import ViewerSession
 from watchbuy.engine.wire import MSG_AUDIO, MSG_VIDEO
+from watchbuy.logs import LogLimiter
 
 if TYPE_CHECKING:
     from watchbuy.engine.node import MediaNode
@@ -70,36 +70,9 @@ REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
            405: "Method Not Allowed", 431: "Request Header Fields Too Large"}
 
 
-class LogBudget:
-    """At most ``lines`` log lines per ``interval`` seconds; the next line allowed after a quiet
-    spell says how many were held back.  Lines a crowd of peers can trigger at once (timeouts,
-    aborted drains, refused requests) go through one, so a flood cannot flood the log."""
-
-    def __init__(self, lines: int = 20, interval: float = 10.0) -> None:
-        self.lines = lines
-        self.interval = interval
-        self._window_start = 0.0
-        self._used = 0
-        self.suppressed = 0
-
-    def log(self, level: int, message: str, *args: object, extra: dict | None = None) -> None:
-        if not log.isEnabledFor(level):
-            return
-        now = time.monotonic()
-        if now - self._window_start >= self.interval:
-            if self.suppressed:
-                log.log(level, "(%d similar lines suppressed)", self.suppressed)
-            self._window_start = now
-            self._used = 0
-            self.suppressed = 0
-        if self._used >= self.lines:
-            self.suppressed += 1
-            return
-        self._used += 1
-        log.log(level, message, *args, extra=extra)
-
-
-LOG_BUDGET = LogBudget()
+# Lines a crowd of peers can trigger at once (timeouts, aborted drains, refused requests)
+# share one budget, so a flood cannot flood the log.
+LOG_BUDGET = LogLimiter(log, interval=10.0, lines=20)
 
 
 def stream_tracks(stream: LiveStream) -> tuple[bool, bool]:

@@ -14,8 +14,9 @@ from watchbuy.engine.hooks import HttpHooks, PublishAuthorizer, StaticKeys
 from watchbuy.engine.http import HttpSession
 from watchbuy.engine.metrics import node_registry
 from watchbuy.engine.rates import RateWindow
-from watchbuy.engine.relay import LogLimiter, RelayLimits, StreamRegistry
+from watchbuy.engine.relay import RelayLimits, StreamRegistry
 from watchbuy.engine.rtmp import RtmpSession
+from watchbuy.logs import LogLimiter
 from watchbuy.settings import Settings
 
 log = logging.getLogger("watchbuy.engine")

@@ -90,32 +90,6 @@ def short(value: object, limit: int = 80) -> str:
     return repr(value)
 
 
-class LogLimiter:
-    """At most one line per ``interval`` seconds for one kind of event that a peer can cause
-    at will (refused connections, say); the lines held back are counted in the next one."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 5.0) -> None:
-        self.logger = logger
-        self.interval = interval
-        self.last = -math.inf
-        self.held_back = 0
-
-    def log(self, level: int, message: str, *args: object, extra: dict | None = None) -> bool:
-        """Log unless a line went out less than ``interval`` ago; True when logged.
-        ``extra``: record attributes (a connection's ``conn_id``)."""
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            self.held_back += 1
-            return False
-        if self.held_back:
-            message += " (and %d more like it since the last line)"
-            args = (*args, self.held_back)
-        self.last = now
-        self.held_back = 0
-        self.logger.log(level, message, *args, extra=extra)
-        return True
-
-
 class Tag:
     """One media message, encoded lazily and at most once per output format."""
 

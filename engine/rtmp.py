@@ -28,7 +28,7 @@ from watchbuy.engine.commands import (
 from watchbuy.engine.errors import ProtocolError
 from watchbuy.engine.handshake import ServerHandshake
 from watchbuy.engine.hooks import PublishRefused, split_key
-from watchbuy.engine.relay import LiveStream, LogLimiter, Tag, Viewer, short
+from watchbuy.engine.relay import LiveStream, Tag, Viewer, short
 from watchbuy.engine.session import ViewerSession
 from watchbuy.engine.wire import (
     AGGREGATE_PARTS,
@@ -54,6 +54,7 @@ from watchbuy.engine.wire import (
     UC_STREAM_BEGIN,
     UC_STREAM_EOF,
 )
+from watchbuy.logs import LogLimiter
 
 if TYPE_CHECKING:
     from watchbuy.engine.node import MediaNode

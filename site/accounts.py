@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from watchbuy.db import queries
+from watchbuy.logs import LogLimiter
 from watchbuy.site import chat, security
 from watchbuy.site.passwords import password_problem
 from watchbuy.site.state import state
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from watchbuy.site.config import SiteSettings
 
 log = logging.getLogger("watchbuy.site.accounts")
-throttled = security.LimitedLog(log)
+throttled = LogLimiter(log, interval=10.0)
 
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}\.[^@\s]{2,}$")
 SLUG_RE = re.compile(r"[^a-z0-9]+")

@@ -23,9 +23,9 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from watchbuy.db import queries
+from watchbuy.logs import LogLimiter
 from watchbuy.site import security
 from watchbuy.site.broker import Broker, BrokerUnavailable
-from watchbuy.site.security import LimitedLog
 from watchbuy.site.state import SiteState, state
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ CLOSE_SESSION_ENDED = 4401
 CLOSE_TOO_MANY = 4429
 SESSIONS_TOPIC = "sessions"  # logout tells every site process which session ended
 
-throttled = LimitedLog(log)  # limits any visitor can trip: a line per kind per 10 s at most
+throttled = LogLimiter(log, interval=10.0)  # limits any visitor can trip: a line per kind per 10 s at most
 
 
 # -- text and names ---------------------------------------------------------------------------

@@ -14,12 +14,12 @@ import logging
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from watchbuy.logs import LogLimiter
 from watchbuy.site.config import SiteSettings, load_site_settings
 from watchbuy.site.observe import PEER_KEY, install_request_id_filter
-from watchbuy.site.security import LimitedLog
 
 log = logging.getLogger("watchbuy.site.http")
-limited_log = LimitedLog(log)
+limited_log = LogLimiter(log, interval=10.0)
 
 
 def guarded_http_protocol(max_header_bytes: int, header_timeout: float) -> type:

@@ -34,9 +34,9 @@ from watchbuy.engine.hooks import (
     TIMESTAMP_HEADER,
     check_signature,
 )
+from watchbuy.logs import LogLimiter
 from watchbuy.site.broker import RedisBroker
 from watchbuy.site.chat import publish_room_event
-from watchbuy.site.security import LimitedLog
 from watchbuy.site.state import state
 from watchbuy.site.web import require_host
 
@@ -121,7 +121,7 @@ class HookGuard:
                 settings.broker_url, broker.prefix, ttl)
         else:
             self.nonces = MemoryNonces(ttl, settings.hook_nonce_capacity)
-        self.refusals = LimitedLog(log, REFUSAL_LOG_INTERVAL)
+        self.refusals = LogLimiter(log, REFUSAL_LOG_INTERVAL)
 
 
 def _refuse(guard: HookGuard, request: Request, status: int, error: str) -> JSONResponse:

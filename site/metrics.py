@@ -20,11 +20,11 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from watchbuy.site.security import LimitedLog
+from watchbuy.logs import LogLimiter
 from watchbuy.site.state import state
 
 log = logging.getLogger("watchbuy.site.metrics")
-refusals = LimitedLog(log, interval=60.0)
+refusals = LogLimiter(log, interval=60.0)
 
 #: The ``route`` label of requests that matched no route: raw paths would make the label's
 #: values unbounded (every scanner's probe a new series).

@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from watchbuy.db import queries
 from watchbuy.db.database import Database
+from watchbuy.logs import LogLimiter
 from watchbuy.site.state import state_of
 
 if TYPE_CHECKING:
@@ -109,29 +110,7 @@ async def start_session(db: Database, user_id: int, days: float) -> str:
 
 
 
-class LimitedLog:
-    """One log line per ``key`` per ``interval`` seconds at most, with how many were left out:
-    refusals an attacker can trigger at will must not flood the log."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
-
-    def warning(self, key: str, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -self.interval) < self.interval:
-            self._skipped[key] = self._skipped.get(key, 0) + 1
-            return
-        skipped = self._skipped.pop(key, 0)
-        self._last[key] = now
-        if skipped:
-            message += f" ({skipped} more like this in the last {self.interval:g} s)"
-        self.logger.warning(message, *args)
-
-
-limited_log = LimitedLog(log)
+limited_log = LogLimiter(log, interval=10.0)
 
 
 class BodyRefused(Exception):

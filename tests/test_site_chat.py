@@ -314,8 +314,7 @@ def test_websocket_from_another_origin_is_refused(sync_site) -> None:
 @pytest.fixture
 def chat_log(caplog):
     """The chat's warnings; the throttle forgets earlier tests' lines first."""
-    chat.throttled._last.clear()
-    chat.throttled._skipped.clear()
+    chat.throttled.reset()
     caplog.set_level("WARNING", logger="watchbuy.site.chat")
     return caplog
 

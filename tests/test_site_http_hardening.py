@@ -27,6 +27,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from watchbuy.db.database import Database
+from watchbuy.logs import LogLimiter
 from watchbuy.settings import ConfigError
 from watchbuy.site import security
 from watchbuy.site.cli import uvicorn_server
@@ -238,7 +239,7 @@ async def test_read_form_limits_files_and_fields(tmp_path):
 
 
 def test_refusals_are_logged_without_flooding(caplog):
-    log = security.LimitedLog(security.log, interval=60.0)
+    log = LogLimiter(security.log, interval=60.0)
     with caplog.at_level("WARNING", logger=security.log.name):
         for _ in range(1000):
             log.warning("k", "refused %s", "x")
