@@ -696,6 +696,25 @@ async def paid_revenue(db: Database) -> dict[str, int]:
     return {row[0]: int(row[1]) for row in rows}
 
 
+# -- dashboard --------------------------------------------------------------------------------
+
+async def live_show_sales(db: Database) -> list[tuple[str, str, int, int]]:
+    """``(room slug, currency, paid orders, revenue in minor units)`` of each live room's show
+    so far: orders placed since the stream started (``live_since``, set by the publish hook)
+    that hold the host's products.  Test-mode orders are left out."""
+    query = (
+        sa.select(channels.c.slug, order_items.c.currency,
+                  sa.func.count(sa.distinct(orders.c.id)),
+                  sa.func.sum(order_items.c.unit_price_minor * order_items.c.quantity))
+        .select_from(channels
+                     .join(order_items, order_items.c.host_id == channels.c.host_id)
+                     .join(orders, orders.c.id == order_items.c.order_id))
+        .where(channels.c.is_live == sa.true(), orders.c.status == "paid",
+               orders.c.test_mode == sa.false(), orders.c.created_at >= channels.c.live_since)
+        .group_by(channels.c.slug, order_items.c.currency))
+    return [(row[0], row[1], int(row[2]), int(row[3])) for row in await db.fetch_all(query)]
+
+
 # -- chat ---------------------------------------------------------------------------------------
 
 

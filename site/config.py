@@ -25,7 +25,7 @@ class SiteSettings:
     http_port: int = 8000
     node_id: str = "local"
     node_stats_url: str = ""  # the node's stats API; default http://127.0.0.1:<http_port>
-    # payments: without keys, checkout runs in test mode with the seed's test card
+    # payments: without keys, checkout runs a labelled test mode with Stripe's test card number
     stripe_secret_key: str = ""
     stripe_webhook_secret: str = ""
     stripe_api_base: str = ""  # a stand-in of Stripe's API (tests); default: Stripe's own

@@ -18,13 +18,11 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from watchbuy.db import queries
-from watchbuy.db.schema import channels, order_items, orders
 from watchbuy.site.state import state
 from watchbuy.site.web import format_money, render, require_admin
 
@@ -44,29 +42,13 @@ def kbps(bytes_per_s: float | None) -> int | None:
 
 
 async def live_room_sales(db: Database) -> dict[str, dict]:
-    """Per live room (by slug): the paid orders of its show so far -- orders placed since the
-    stream started (``live_since``, set by the publish hook) that hold the host's products --
-    and their revenue per currency, formatted.  Test-mode orders are no money: left out, as in
-    the site-wide totals.
-
-    Kept here rather than in db/queries.py only while that module is being reworked on
-    another branch; it belongs there.
-    """
-    show_orders = (
-        sa.select(channels.c.slug, order_items.c.currency,
-                  sa.func.count(sa.distinct(orders.c.id)),
-                  sa.func.sum(order_items.c.unit_price_minor * order_items.c.quantity))
-        .select_from(channels
-                     .join(order_items, order_items.c.host_id == channels.c.host_id)
-                     .join(orders, orders.c.id == order_items.c.order_id))
-        .where(channels.c.is_live == sa.true(), orders.c.status == "paid",
-               orders.c.test_mode == sa.false(), orders.c.created_at >= channels.c.live_since)
-        .group_by(channels.c.slug, order_items.c.currency))
+    """Per live room (by slug): the paid orders of its show so far and their revenue per
+    currency, formatted (test-mode orders are no money: left out, as in the site-wide totals)."""
     sales: dict[str, dict] = {}
-    for row in await db.fetch_all(show_orders):
-        room = sales.setdefault(row[0], {"orders": 0, "revenue": []})
-        room["orders"] += int(row[2])  # an order has one currency: no order counted twice
-        room["revenue"].append(format_money(int(row[3]), row[1]))
+    for slug, currency, count, revenue in await queries.live_show_sales(db):
+        room = sales.setdefault(slug, {"orders": 0, "revenue": []})
+        room["orders"] += count  # an order has one currency: no order counted twice
+        room["revenue"].append(format_money(revenue, currency))
     return sales
 
 

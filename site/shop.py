@@ -171,7 +171,8 @@ def decorate(order: dict) -> dict:
 
 
 async def test_pay(request: Request):
-    """Test mode (no Stripe keys): a clearly labelled card form for the seed's test card."""
+    """Test mode (no Stripe keys): a clearly labelled card form that takes Stripe's
+    test card number (4242 4242 4242 4242) and moves no money."""
     order = await own_order(request, parse_path_id(request, "order_id"))
     if order["payment_mode"] != "test":
         raise HTTPException(404, "No such order.")
