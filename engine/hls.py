@@ -167,7 +167,8 @@ def part_name(msn: int, index: int) -> str:
 
 _RESOURCE = re.compile(
     r"(?:init([1-9]\d{0,8})?\.mp4|seg(0|[1-9]\d{0,17})\.m4s"
-    r"|part(0|[1-9]\d{0,17})\.(0|[1-9]\d{0,5})\.m4s)"
+    r"|part(0|[1-9]\d{0,17})\.(0|[1-9]\d{0,5})\.m4s)",
+    re.ASCII,  # \d: ASCII digits only, so one resource has one name (and one CDN cache key)
 )
 
 

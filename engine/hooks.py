@@ -62,9 +62,12 @@ def check_signature(
     """
     if not secret or not timestamp or not signature:
         return "bad signature"
-    if not timestamp.isdigit() or len(timestamp) > 12:
+    # isascii: str.isdigit() also accepts digits of other scripts, which int() then refuses;
+    # bytes: compare_digest raises on a str with non-ASCII characters.
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
         return "bad signature"
-    if not hmac.compare_digest(sign(secret, timestamp, body), signature):
+    if not hmac.compare_digest(sign(secret, timestamp, body).encode(),
+                               signature.encode("utf-8", "replace")):
         return "bad signature"
     age = (time.time() if now is None else now) - int(timestamp)
     if age > max_age:

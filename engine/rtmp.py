@@ -174,6 +174,8 @@ class RtmpSession(ViewerSession):
             messages = self.reader.feed(data)
             self.messages_in += len(messages)
             self.hold_partial(self.reader.partial_bytes)
+            if self.closed:  # over the node's budget for unfinished messages: dropped
+                return
             self.acknowledge()
             if self.held is not None:
                 self.held.extend(messages)
@@ -494,6 +496,11 @@ class RtmpSession(ViewerSession):
             self.dispatch(held)
         except PEER_ERRORS as exc:
             self.protocol_error(exc)
+            return
+        except Exception:  # as in data_received: a bug costs this connection only
+            self.log.exception("rtmp %s: internal error", self.peer)
+            self.node.stats.protocol_errors["internal"] += 1
+            self.drop("internal error")
             return
         self.update_reading()
 

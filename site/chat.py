@@ -369,7 +369,7 @@ async def _room(websocket: WebSocket, site: SiteState, user: dict | None) -> Non
                 break
             try:
                 data = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # "[[[[…" nests past the parser's stack
                 continue
             if isinstance(data, dict) and not await _handle(site, websocket, room, data):
                 break
@@ -455,7 +455,7 @@ async def _handle(site: SiteState, websocket: WebSocket, room: dict, data: dict)
             "type": "chat", **public_message(message, channel, room["host_skeleton"])})
     elif kind == "delete" and is_host:
         message_id = data.get("id")
-        if isinstance(message_id, int):
+        if type(message_id) is int and 0 < message_id < 2**63:  # not True, not a bigint
             if await _session_ended(db, websocket, room):
                 return False
             if await queries.delete_chat_message(db, channel["id"], message_id):
@@ -463,7 +463,7 @@ async def _handle(site: SiteState, websocket: WebSocket, room: dict, data: dict)
                                                               "id": message_id})
     elif kind == "mute" and is_host:
         target = data.get("user_id")
-        if isinstance(target, int) and target != user["id"]:
+        if type(target) is int and 0 < target < 2**63 and target != user["id"]:
             if await _session_ended(db, websocket, room):
                 return False
             await queries.mute(db, channel["id"], target)

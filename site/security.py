@@ -75,6 +75,12 @@ def session_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def same_secret(sent: str, expected: str) -> bool:
+    """Constant-time comparison of a token a peer sent with ours.  As bytes: compare_digest
+    raises TypeError on a str with non-ASCII characters, which any peer can send."""
+    return hmac.compare_digest(sent.encode("utf-8", "replace"), expected.encode())
+
+
 def csrf_token_for(secret: str, csrf_cookie: str, session_token: str = "") -> str:
     """The token forms and fetches send back.  With a session it is bound to that session too
     (through the session's hash, never the cookie itself), so a token leaked from one session
@@ -329,7 +335,7 @@ class AuthMiddleware:
         sent = _last(headers, CSRF_HEADER)
         if sent:
             # The token travels in the header: check it and stream the body through untouched.
-            if cookie_missing or not hmac.compare_digest(sent, expected):
+            if cookie_missing or not same_secret(sent, expected):
                 await refusal()(scope, receive, send)
                 return None
             return receive
@@ -349,7 +355,7 @@ class AuthMiddleware:
             if found is not None:
                 break
         del scanner  # the prefix lives on only in the messages replayed below
-        if cookie_missing or not found or not hmac.compare_digest(found, expected):
+        if cookie_missing or not found or not same_secret(found, expected):
             await refusal()(scope, receive, send)
             return None
 

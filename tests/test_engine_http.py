@@ -22,7 +22,6 @@ from watchbuy.engine import http
 from watchbuy.engine.client import RtmpClient
 from watchbuy.engine.codecs import flvmux
 from watchbuy.engine.httpparse import HttpError, Request, RequestParser
-from watchbuy.logs import LogLimiter
 from watchbuy.settings import ConfigError, load_settings
 
 GET = b"GET /api/streams HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -31,7 +30,7 @@ GET = b"GET /api/streams HTTP/1.1\r\nHost: x\r\n\r\n"
 @pytest.fixture(autouse=True)
 def fresh_log_budget(monkeypatch):
     """Each test sees its own log lines, not a budget spent by the tests before it."""
-    monkeypatch.setattr(http, "LOG_BUDGET", LogLimiter(http.log, interval=10.0, lines=20))
+    http.LOG_BUDGET.reset()
 
 
 # -- the parser, socket-free ------------------------------------------------------------------

@@ -75,6 +75,10 @@ def test_signatures():
     assert not verify("other", ts, b"{}", signature, now=now)
     assert not verify("s3cret", ts, b"{}", signature, now=now + 3600)  # replayed later
     assert not verify("", ts, b"{}", signature, now=now)
+    # what any caller can send: never an exception (compare_digest raises on non-ASCII str,
+    # int() on other scripts' digits)
+    assert check_signature("s3cret", ts, b"{}", "é" * 64, now=now) == "bad signature"
+    assert check_signature("s3cret", "²" * 3, b"{}", signature, now=now) == "bad signature"
     # the window: 300 s back, 30 s ahead (clocks of two machines differ a little, not more)
     assert verify("s3cret", ts, b"{}", signature, now=now + 299)
     assert verify("s3cret", ts, b"{}", signature, now=now - 29)

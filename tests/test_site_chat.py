@@ -359,6 +359,21 @@ def test_a_huge_frame_closes_only_that_socket_cheaply(sync_site, chat_log, monke
     assert not any(r.exc_info for r in chat_log.records)
 
 
+def test_a_frame_nested_past_the_json_parser_is_ignored(sync_site, chat_log) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    sam = site.user("Sam")
+    with site.websocket(host["channel"]["slug"], sam) as ws:
+        ws_receive(ws)
+        ws.send_text("[" * 4000)  # within the frame limit; json.loads raises RecursionError
+        say(ws, "still here")  # the socket lives on and the next message goes through
+        events = [ws_receive(ws) for _ in range(1)]
+        while events[-1].get("type") != "chat" and len(events) < 10:
+            events.append(ws_receive(ws))
+        assert events[-1]["text"] == "still here"
+    assert not any(r.exc_info for r in chat_log.records)
+
+
 def test_a_binary_frame_is_refused_cleanly(sync_site, chat_log) -> None:
     site = sync_site
     host = site.user("Hana", host=True)

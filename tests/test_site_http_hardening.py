@@ -153,6 +153,16 @@ async def test_a_header_token_is_checked_before_any_body_is_read(site):
     assert status == 403 and upload.pulled == 0
 
 
+async def test_tokens_with_non_ascii_characters_are_refused_not_a_server_error(site):
+    # compare_digest raises TypeError on a str with non-ASCII characters: a 500 for anyone
+    for headers, body in (({"x-csrf-token": "é" * 64}, b""),
+                          ({"content-type": "application/x-www-form-urlencoded"},
+                           b"csrf_token=%C3%A9%C3%A9&quantity=1")):
+        status, _, _ = await call_app(site.app, "POST", "/cart/add",
+                                      {**headers, "cookie": "wb_csrf=" + "c" * 32}, Upload(body))
+        assert status == 403
+
+
 async def test_a_token_first_in_a_large_upload_lets_it_through(site):
     host = await site.user("Hana", host=True)
     browser = await site.browser(host)
