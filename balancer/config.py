@@ -7,10 +7,10 @@ configured from one env file, the balancer then assumes what the nodes actually 
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from watchbuy.net import is_loopback
 from watchbuy.settings import PREFIX, ConfigError
 
 NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -41,18 +41,9 @@ class Node:
         return self.node_id or self.host
 
 
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost`` and loopback address literals (127.0.0.0/8, ::1).
-
-    Any other name is False without resolving it: a made-up DNS name may resolve to somebody's
-    real machine, which is exactly what the stand-in guard keeps the balancer away from.
-    """
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+# Names are never resolved (watchbuy.net): a made-up DNS name may resolve to somebody's real
+# machine, which is exactly what the stand-in guard keeps the balancer away from.
+is_loopback_host = is_loopback
 
 
 def _port(entry: str, text: str) -> int:

@@ -16,8 +16,8 @@ Routes:
 
 ``/api/streams`` is public and leaves out each stream's ``publisher`` (the host's IP:port, often
 a home address).  The operator view adds it: the same request with
-``Authorization: Bearer <WATCHBUY_HOOK_SECRET>``.  Without a configured hook secret there is no
-operator view.
+``Authorization: Bearer <WATCHBUY_OPERATOR_TOKEN>``.  ``/metrics`` answers loopback, and others
+with that token.  Without a configured operator token there is neither.
 
 Live responses are never cacheable (``Cache-Control: no-cache``) and use chunked encoding on
 HTTP/1.1, which proxies and CDNs handle, and close-delimited bodies on HTTP/1.0.
@@ -54,6 +54,7 @@ from watchbuy.engine.relay import LiveStream, Tag, Viewer
 from watchbuy.engine.session import ViewerSession
 from watchbuy.engine.wire import MSG_AUDIO, MSG_VIDEO
 from watchbuy.logs import LogLimiter
+from watchbuy.net import is_loopback
 
 if TYPE_CHECKING:
     from watchbuy.engine.node import MediaNode
@@ -353,8 +354,9 @@ class HttpSession(ViewerSession):
             self.close_after_drain()
 
     def is_operator(self, request: Request) -> bool:
-        """``Authorization: Bearer <hook secret>``; never true without a configured secret."""
-        secret = self.node.settings.hook_secret
+        """``Authorization: Bearer <WATCHBUY_OPERATOR_TOKEN>``; never without a configured
+        token."""
+        secret = self.node.settings.operator_token
         if not secret:
             return False
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -378,6 +380,9 @@ class HttpSession(ViewerSession):
         elif path == "/api/server":
             self.respond(200, self.node.server_info(), keep, head_only)
         elif path == "/metrics":
+            if not (is_loopback(self.peer_host) or self.is_operator(request)):
+                self.respond(404, {"error": "not found"}, keep, head_only)
+                return
             self.respond_bytes(200, metrics.render(self.node.metrics), metrics.CONTENT_TYPE, keep,
                                head_only)
         elif path == "/healthz":

@@ -17,6 +17,7 @@ from watchbuy.engine.rates import RateWindow
 from watchbuy.engine.relay import RelayLimits, StreamRegistry
 from watchbuy.engine.rtmp import RtmpSession
 from watchbuy.logs import LogLimiter
+from watchbuy.net import in_networks, is_loopback, parse_networks
 from watchbuy.settings import Settings
 
 log = logging.getLogger("watchbuy.engine")
@@ -77,10 +78,6 @@ def fd_budget(reserve: int) -> int:
     return max(soft - max(reserve, soft // 20), soft // 2)
 
 
-def is_loopback(host: str) -> bool:
-    return host.startswith("127.") or host == "::1" or host.startswith("::ffff:127.")
-
-
 def make_authorizer(settings: Settings) -> PublishAuthorizer:
     if settings.publish_hook_url:
         return HttpHooks(settings.publish_hook_url, settings.hook_secret, settings.node_id)
@@ -96,6 +93,7 @@ class MediaNode:
         self.registry = StreamRegistry(self.limits)
         self.authorizer = authorizer or make_authorizer(settings)
         self.stats = ServerStats()
+        self.per_ip_exempt = parse_networks(settings.per_ip_exempt, "WATCHBUY_PER_IP_EXEMPT")
         self.rtmp_sessions: set[RtmpSession] = set()  # swept once a second for timeouts
         self.partial_bytes = 0  # unfinished RTMP messages, all connections (node_partial_bytes)
         self.per_ip: dict[str, set] = {}  # open sessions by peer address, where capped
@@ -184,7 +182,8 @@ class MediaNode:
             return False
         cap = settings.max_connections_per_ip
         host = session.peer_host
-        if cap and host and (settings.per_ip_limit_loopback or not is_loopback(host)):
+        if cap and host and (settings.per_ip_limit_loopback or not is_loopback(host)) and \
+                not in_networks(host, self.per_ip_exempt):
             sessions = self.per_ip.setdefault(host, set())
             if len(sessions) >= cap:
                 # release() normally keeps this exact; should a close ever miss it, the

@@ -11,7 +11,6 @@ apps in one process (the tests, two "site processes" side by side) must not coll
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -21,6 +20,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from watchbuy.logs import LogLimiter
+from watchbuy.net import is_loopback
 from watchbuy.site.state import state
 
 log = logging.getLogger("watchbuy.site.metrics")
@@ -64,18 +64,15 @@ def route_template(scope: dict) -> str:
     return path if isinstance(path, str) else UNMATCHED
 
 
-def _loopback(host: str | None) -> bool:
-    try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 async def metrics_page(request: Request) -> Response:
     site = state(request)
     token = site["settings"].metrics_token
     sent = request.headers.get("authorization", "")
-    allowed = _loopback(request.client.host if request.client else None) or bool(
+    # Loopback only when nothing forwarded the request: a proxy on this machine makes every
+    # visitor look like loopback.
+    forwarded = "x-forwarded-for" in request.headers or "forwarded" in request.headers
+    local = not forwarded and is_loopback(request.client.host if request.client else None)
+    allowed = local or bool(
         token and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()))
     if not allowed:
         refusals.warning("metrics", "refused /metrics to %s: not loopback and no valid token",

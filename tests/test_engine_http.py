@@ -279,7 +279,8 @@ async def test_non_reading_viewers_are_aborted_after_the_stream_ends(node, caplo
 
 
 async def test_publisher_address_is_for_the_operator_view_only(node):
-    node.settings.hook_secret = "operator-secret"
+    node.settings.operator_token = "operator-secret"
+    node.settings.hook_secret = "hook-secret"  # never an operator credential
     publisher = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
     await publisher.publish("key1")
     local_port = publisher.writer.get_extra_info("sockname")[1]
@@ -297,13 +298,32 @@ async def test_publisher_address_is_for_the_operator_view_only(node):
         assert public["name"] == "show1" and "publisher" not in public
         (wrong,) = (await streams("Authorization: Bearer nope"))["streams"]
         assert "publisher" not in wrong
+        (hook,) = (await streams("Authorization: Bearer hook-secret"))["streams"]
+        assert "publisher" not in hook
         (operator,) = (await streams("Authorization: Bearer operator-secret"))["streams"]
         assert operator["publisher"] == f"127.0.0.1:{local_port}"
-        node.settings.hook_secret = ""  # no secret, no operator view
+        node.settings.operator_token = ""  # no token, no operator view
         (none,) = (await streams("Authorization: Bearer "))["streams"]
         assert "publisher" not in none
     finally:
         await publisher.close()
+
+
+async def test_metrics_answer_loopback_and_the_operator_only(node, monkeypatch):
+    async def metrics(*headers: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.http_port)
+        writer.write(("GET /metrics HTTP/1.1\r\nConnection: close\r\n"
+                      + "".join(h + "\r\n" for h in headers) + "\r\n").encode())
+        raw = await read_all(reader)
+        writer.close()
+        return raw.split(b"\r\n", 1)[0]
+
+    assert b" 200 " in await metrics()  # loopback: Prometheus beside the node
+    monkeypatch.setattr(http, "is_loopback", lambda host: False)  # as if from elsewhere
+    node.settings.operator_token = "operator-secret"
+    assert b" 404 " in await metrics()
+    assert b" 404 " in await metrics("Authorization: Bearer nope")
+    assert b" 200 " in await metrics("Authorization: Bearer operator-secret")
 
 
 AAC_CONFIG = b"\xaf\x00\x12\x10"  # AAC, sequence header: AAC-LC 44.1 kHz stereo

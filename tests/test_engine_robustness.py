@@ -475,6 +475,26 @@ async def test_connections_per_address_are_capped_for_rtmp_and_http(caplog):
     assert MediaNode(node_settings()).settings.per_ip_limit_loopback is False
 
 
+async def test_exempt_networks_are_not_capped():
+    """A CDN's edges bring thousands of viewers from a few addresses: ops exempt its ranges."""
+    node = MediaNode(node_settings(max_connections_per_ip=2, per_ip_limit_loopback=True,
+                                   per_ip_exempt=["10.0.0.0/8", "127.0.0.0/8"]))
+    await node.start()
+    try:
+        kept = []
+        for _ in range(6):
+            ok, writer = await accepted(node.http_port, "http")
+            assert ok
+            kept.append(writer)
+        assert node.stats.connections_refused == 0
+        for writer in kept:
+            writer.close()
+    finally:
+        await node.stop()
+    with pytest.raises(ConfigError, match="WATCHBUY_PER_IP_EXEMPT"):
+        load_settings({"WATCHBUY_PER_IP_EXEMPT": "10.0.0.0/8,not-a-network"})
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from watchbuy.net import parse_networks
+
 PREFIX = "WATCHBUY_"
 
 
@@ -66,6 +68,13 @@ class Settings:
     publish_takeover_grace: float = 1.0  # the same key replaces a publisher silent this long
     max_connections_per_ip: int = 200
     per_ip_limit_loopback: bool = False  # loopback is exempt unless this is set (tests, bench)
+    # networks exempt from the per-address cap: the CDN's and load balancers' origin-facing
+    # ranges, from which thousands of viewers arrive (CIDR entries, comma-separated)
+    per_ip_exempt: list[str] = field(default_factory=list)
+    # the operator's token (Authorization: Bearer …): /api/streams with publisher addresses,
+    # and /metrics from other than loopback; "" = neither (a separate secret from the hook's,
+    # which must never travel in a request header)
+    operator_token: str = ""
     fd_reserve: int = 64  # refuse connections this close (or 5 %) to the soft RLIMIT_NOFILE
     metadata_max_fields: int = 64  # publisher onMetaData: scalar fields kept
     metadata_max_bytes: int = 8192  # publisher onMetaData: key + string bytes kept
@@ -137,6 +146,10 @@ class Settings:
         for name in ("hls_block_timeout", "hls_ended_keep"):
             if not 0 <= getattr(self, name) <= 3600:  # NaN fails this too
                 raise ConfigError(f"{PREFIX}{name.upper()}: must be 0..3600 seconds")
+        try:
+            parse_networks(self.per_ip_exempt, f"{PREFIX}PER_IP_EXEMPT")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"{PREFIX}LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR")
 
