@@ -177,17 +177,23 @@ async def test_pay(request: Request):
     if order["payment_mode"] != "test":
         raise HTTPException(404, "No such order.")
     # Only a POST pays; GET and HEAD (which Starlette routes here too) just show the form.
-    paying = request.method == "POST" and order["status"] == "pending"
-    if not paying:
+    if request.method != "POST":
         return render(request, "pay_test.html", order=decorate(order), error=None)
-    form = await read_form(request)
-    error = payments.check_test_card(form.get("card", ""), form.get("expiry", ""),
-                                     (form.get("cvc") or "").strip())
-    if error:
-        return render(request, "pay_test.html", status_code=400, order=decorate(order),
-                      error=error)
-    await payments.fulfil(state(request)["db"], order["id"])
-    return redirect(f"/orders?paid={order['id']}")
+    if order["status"] == "pending":
+        form = await read_form(request)
+        error = payments.check_test_card(form.get("card", ""), form.get("expiry", ""),
+                                         (form.get("cvc") or "").strip())
+        if error:
+            return render(request, "pay_test.html", status_code=400, order=decorate(order),
+                          error=error)
+        if await payments.fulfil(state(request)["db"], order["id"]):
+            return redirect(f"/orders?paid={order['id']}")
+        # It stopped being payable between the read above and now (its reservation expired,
+        # or it was cancelled in another tab).
+        order = await own_order(request, order["id"])
+    return render(request, "pay_test.html", status_code=409, order=decorate(order),
+                  error=f"This order is no longer waiting for payment ({order['status']}): "
+                        "nothing was charged.")
 
 
 def parse_path_id(request: Request, name: str) -> int:

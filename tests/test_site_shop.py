@@ -179,10 +179,12 @@ async def test_test_mode_checkout_pays_with_the_test_card(site) -> None:
     assert response.status_code == 303 and response.headers["location"] == f"/orders?paid={order_id}"
     order = await queries.order(site.db, order_id)
     assert order["status"] == "paid" and order["paid_at"]
-    # paying again changes nothing
+    # paying again changes nothing, and says so
     response = await browser.post(pay_url, {"card": "4242424242424242", "expiry": "12/99",
                                             "cvc": "123"})
-    assert response.status_code == 200 and "This order is" in response.text
+    assert response.status_code == 409
+    assert error_texts(response.text) == [
+        "This order is no longer waiting for payment (paid): nothing was charged."]
     assert await queries.order(site.db, order_id) == order
     assert await stock(site.db, mug["id"]) == 8
 
@@ -195,6 +197,25 @@ async def test_test_mode_checkout_pays_with_the_test_card(site) -> None:
     # a test-card order is no money earned: shown apart, never in "Paid so far"
     assert "Paid so far" not in sales.text
     assert "Test orders (no real money, not counted above): $36.00" in sales.text
+
+
+async def test_a_test_payment_after_the_reservation_expired_is_refused(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=3)
+    browser = await site.browser(await site.user("Sue"))
+    await add_to_cart(browser, mug["id"], 1)
+    pay_url = (await browser.post("/checkout")).headers["location"]
+    order_id = int(re.fullmatch(r"/checkout/(\d+)/pay", pay_url).group(1))
+    await browser.get(pay_url)
+    # the sweep gives the stock back while the shopper types the card number
+    assert await payments.release(app_state(site.app), order_id, "expired")
+    response = await browser.post(pay_url, {"card": "4242 4242 4242 4242", "expiry": "12/99",
+                                            "cvc": "123"})
+    assert response.status_code == 409
+    assert error_texts(response.text) == [
+        "This order is no longer waiting for payment (expired): nothing was charged."]
+    assert (await queries.order(site.db, order_id))["status"] == "expired"
+    assert await stock(site.db, mug["id"]) == 3
 
 
 async def test_checkout_of_an_empty_cart_or_more_than_is_left(site) -> None:
