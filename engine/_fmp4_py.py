@@ -37,6 +37,7 @@ from collections import namedtuple
 from collections.abc import Sequence
 from operator import index
 
+from watchbuy.engine._flvmux_py import _skip_modex  # one walk of the E-RTMP ModEx chain
 from watchbuy.engine.errors import FLVError
 
 VIDEO_TIMESCALE = 90000
@@ -294,28 +295,6 @@ def _payload_bytes(obj: object, what: str) -> bytes:
     except TypeError:
         raise TypeError(f"{what} must be a bytes-like object, not {type(obj).__name__}") from None
     return mv.tobytes()
-
-
-def _skip_modex(data: bytes, packet_type: int) -> tuple[int, int]:
-    """Position after an E-RTMP ModEx chain and the real packet type; (-1, 0) if truncated."""
-    n = len(data)
-    pos = 1
-    while packet_type == 7:
-        if pos >= n:
-            return -1, 0
-        size = data[pos] + 1
-        pos += 1
-        if size == 256:
-            if pos + 2 > n:
-                return -1, 0
-            size = ((data[pos] << 8) | data[pos + 1]) + 1
-            pos += 2
-        pos += size
-        if pos >= n:
-            return -1, 0
-        packet_type = data[pos] & 0x0F
-        pos += 1
-    return pos, packet_type
 
 
 _LEGACY_VIDEO_FOURCC = {7: b"avc1", 12: b"hvc1", 13: b"av01"}
