@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from watchbuy.net import is_loopback
-from watchbuy.settings import PREFIX, ConfigError
+from watchbuy.settings import PREFIX, ConfigError, check_ranges
 
 NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -132,10 +132,8 @@ class BalancerSettings:
             raise ConfigError(f"{PREFIX}BALANCER_AGENT_ADDRESS: private or public")
         if not 0 < self.balancer_timeout <= 30:
             raise ConfigError(f"{PREFIX}BALANCER_TIMEOUT: between 0 and 30 seconds")
-        if self.balancer_cache_ttl < 0 or self.balancer_discovery_ttl < 0:
-            raise ConfigError(f"{PREFIX}BALANCER_CACHE_TTL/DISCOVERY_TTL: must not be negative")
-        if self.publisher_cap < 0:
-            raise ConfigError(f"{PREFIX}PUBLISHER_CAP: 0 (no cap) or more")
+        check_ranges(self, off_or_positive=("balancer_cache_ttl", "balancer_discovery_ttl",
+                                            "publisher_cap"))
         if not self.apps:
             raise ConfigError(f"{PREFIX}APPS: at least one application name is needed")
         # Accept "https://d123.cloudfront.net/" as well as the bare domain.
