@@ -144,7 +144,7 @@ class StatusAgent:
         engine_info: EngineInfo | None = None,
         proc: ProcReader | None = None,
     ) -> None:
-        self.config = settings
+        self.settings = settings
         self.engine_info = engine_info
         self.proc = proc or ProcReader()
         self.interval = settings.agent_interval
@@ -166,21 +166,21 @@ class StatusAgent:
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         self._check_interfaces()
-        if self.engine_info is None and self.config.engine is not None:
+        if self.engine_info is None and self.settings.engine is not None:
             # Poll once before the first sample so the first answer already has the counts.
             await self._poll_engine_once()
             self._tasks.append(asyncio.ensure_future(self._poll_engine_forever()))
         self.sample()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: StatusProtocol(self), self.config.agent_host, self.config.agent_port,
+            lambda: StatusProtocol(self), self.settings.agent_host, self.settings.agent_port,
             reuse_address=True, backlog=4096,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._tasks.append(asyncio.ensure_future(self._sample_forever()))
         log.info("status agent for node %s on %s:%d (rx source: %s, interfaces: %s)",
-                 self.config.node_id, self.config.agent_host, self.port,
-                 self.config.agent_rx_source, ", ".join(self._interface_names()) or "-")
+                 self.settings.node_id, self.settings.agent_host, self.port,
+                 self.settings.agent_rx_source, ", ".join(self._interface_names()) or "-")
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -201,27 +201,27 @@ class StatusAgent:
 
     # -- sampling -----------------------------------------------------------------------------
     def _interface_names(self, available: dict | None = None) -> list[str]:
-        if self.config.agent_rx_source == "engine":
+        if self.settings.agent_rx_source == "engine":
             return []
-        if self.config.agent_interfaces:
-            return list(self.config.agent_interfaces)
+        if self.settings.agent_interfaces:
+            return list(self.settings.agent_interfaces)
         names = available if available is not None else self.proc.interfaces()
-        return [n for n in names if n != LOOPBACK or self.config.agent_include_loopback]
+        return [n for n in names if n != LOOPBACK or self.settings.agent_include_loopback]
 
     def _check_interfaces(self) -> None:
         try:
             available = self.proc.interfaces()
         except OSError as exc:
             raise ConfigError(f"cannot read {self.proc.net_dev}: {exc.strerror}") from None
-        missing = [n for n in self.config.agent_interfaces if n not in available]
-        if missing and self.config.agent_rx_source == "interfaces":
+        missing = [n for n in self.settings.agent_interfaces if n not in available]
+        if missing and self.settings.agent_rx_source == "interfaces":
             raise ConfigError(
                 f"{PREFIX}AGENT_INTERFACES: no interface {', '.join(missing)} here "
                 f"(have: {', '.join(available)})"
             )
 
     def _counters(self) -> dict[str, tuple[int, int]]:
-        if self.config.agent_rx_source == "engine":
+        if self.settings.agent_rx_source == "engine":
             engine = self._engine if self._engine_fresh() else None
             if engine is None or "bytes_in" not in engine:
                 return {}
@@ -252,7 +252,7 @@ class StatusAgent:
         rates = self.window.rates()
         engine_ok = self._engine is not None and self._engine_fresh()
         status = {
-            "node_id": self.config.node_id,
+            "node_id": self.settings.node_id,
             "rx_bytes_per_s": round(sum(r[0] for r in rates.values()), 1),
             "tx_bytes_per_s": round(sum(r[1] for r in rates.values()), 1),
             "cpu_load": round(self.cpu_window.fraction("cpu"), 3),
@@ -262,7 +262,7 @@ class StatusAgent:
             "engine_ok": engine_ok,
             "sampled_at": round(time.time(), 3),
             "window_s": round(self.window.span(), 3),
-            "rx_source": self.config.agent_rx_source,
+            "rx_source": self.settings.agent_rx_source,
             "interfaces": {
                 name: {"rx_bytes_per_s": round(rx, 1), "tx_bytes_per_s": round(tx, 1)}
                 for name, (rx, tx) in sorted(rates.items())
@@ -289,13 +289,13 @@ class StatusAgent:
                 log.exception("status sample failed")
 
     async def _poll_engine_once(self) -> None:
-        engine = self.config.engine
+        engine = self.settings.engine
         timeout = max(0.5, min(2.0, self.interval))
         try:
             self._engine = await fetch_json(engine.host, engine.port, engine.path, timeout)
             self._engine_at = time.monotonic()
         except FetchError as exc:
-            self._engine_error = f"engine {self.config.engine_url}: {exc}"
+            self._engine_error = f"engine {self.settings.engine_url}: {exc}"
             log.debug("%s", self._engine_error)
 
     async def _poll_engine_forever(self) -> None:

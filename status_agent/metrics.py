@@ -32,7 +32,7 @@ class AgentCollector:
         status = agent.status
         info = GaugeMetricFamily(PREFIX + "info", "This status agent: node id and rx source "
                                  "(always 1)", labels=["node_id", "rx_source"])
-        info.add_metric([agent.config.node_id, agent.config.agent_rx_source], 1)
+        info.add_metric([agent.settings.node_id, agent.settings.agent_rx_source], 1)
         yield info
         if not status:
             return
