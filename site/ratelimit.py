@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Hashable
 from typing import Protocol
 
+from watchbuy.site.config import is_redis_url
 from watchbuy.site.security import LimitedLog
 
 log = logging.getLogger("watchbuy.site.ratelimit")
@@ -154,7 +155,6 @@ def make_rate_limiter(count: int, window: float, broker_url: str, prefix: str,
                       name: str) -> RateLimiter | RedisRateLimiter:
     """A limit shared by every site process when the broker is Redis (several processes may
     serve), else kept in this process."""
-    scheme = broker_url.strip().partition("://")[0].lower() if "://" in broker_url else ""
-    if scheme in ("redis", "rediss"):
+    if is_redis_url(broker_url):
         return RedisRateLimiter(count, window, broker_url.strip(), prefix, name)
     return RateLimiter(count, window)
