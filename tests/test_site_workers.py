@@ -338,3 +338,30 @@ async def test_a_killed_worker_is_restarted_and_sigterm_stops_all(workers_site) 
             Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     with pytest.raises(OSError):
         await site.get()
+
+
+async def test_serve_stays_one_process(tmp_path) -> None:
+    # WATCHBUY_SITE_WORKERS in the environment (and no Redis) does not change `watchbuy serve`:
+    # it starts, as one process with no children.
+    from browser_helpers import free_port
+
+    env = site_environment(tmp_path, WATCHBUY_SITE_WORKERS="3", PYTHONUNBUFFERED="1")
+    del env["WATCHBUY_DATABASE_URL"]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "watchbuy", "serve", "--rtmp-port", str(free_port()),
+        "--http-port", str(free_port()), "--site-port", str(free_port()), "--agent-port",
+        str(free_port()), env=env, cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        lines = []
+        while not any("WatchBuy is up" in line for line in lines):
+            line = (await asyncio.wait_for(process.stdout.readline(), 60.0)).decode()
+            assert line, f"serve ended: {lines}"
+            lines.append(line)
+        children = set()
+        for task in Path(f"/proc/{process.pid}/task").iterdir():
+            children |= set((task / "children").read_text().split())
+        assert children == set()
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 30.0) == 0
