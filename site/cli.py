@@ -291,7 +291,7 @@ class Supervisor:
                    for index in range(1, self.settings.site_workers + 1)]
         await self.stopping.wait()
         workers_log.info("stopping %d site workers (at most %g s for requests in flight)",
-                 len(self.processes), self.settings.site_drain_seconds)
+                         len(self.processes), self.settings.site_drain_seconds)
         for process in self.processes.values():
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
@@ -300,7 +300,8 @@ class Supervisor:
         await asyncio.wait(keepers, timeout=self.settings.site_drain_seconds + 10.0)
         for process in self.processes.values():
             if process.returncode is None:
-                workers_log.warning("site worker pid %d did not stop in time: killed", process.pid)
+                workers_log.warning("site worker pid %d did not stop in time: killed",
+                                    process.pid)
                 process.kill()
         await asyncio.gather(*keepers, return_exceptions=True)
         return 0
@@ -314,6 +315,8 @@ class Supervisor:
             self.processes[index] = process
             started = loop.time()
             workers_log.info("site worker %d started (pid %d)", index, process.pid)
+            if self.stopping.is_set():  # stopped while it was being started: missed the signal
+                process.send_signal(signal.SIGTERM)
             code = await process.wait()
             if self.stopping.is_set():
                 break
@@ -322,8 +325,8 @@ class Supervisor:
                 # crash loop, so it comes back quickly.
                 delay = self.settings.site_restart_delay
             how = f"signal {-code}" if code < 0 else f"exit status {code}"
-            workers_log.warning("site worker %d (pid %d) ended with %s: restarting in %.1f s", index,
-                        process.pid, how, delay)
+            workers_log.warning("site worker %d (pid %d) ended with %s: restarting in %.1f s",
+                                index, process.pid, how, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
             delay = min(delay * 2, self.settings.site_restart_delay_max)
