@@ -185,12 +185,13 @@ def run_site(args: argparse.Namespace) -> int:
 # configuration) bound with SO_REUSEPORT; the supervisor only starts, restarts and stops them.
 
 
-def listening_socket(host: str, port: int, listen: bool = True) -> socket.socket:
-    """A TCP socket on ``host:port`` with SO_REUSEPORT, so that every worker binds the port.
-
-    The supervisor keeps one such socket bound but not listening: Linux hands connections only
-    to listening sockets of the group, so it receives none, yet it holds the port (and tells
-    a ``--port 0`` run which port it got) while workers come and go."""
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with SO_REUSEPORT, so that every worker binds the
+    port, and not listening yet: Linux hands a connection only to a listening socket of the
+    group, so a worker's socket receives none until uvicorn listens on it, which it does once
+    the app's startup is done (a worker being restarted queues nobody meanwhile).  The
+    supervisor keeps one such socket that never listens: it holds the port while workers come
+    and go, and tells a ``--port 0`` run which port it got."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
@@ -198,9 +199,6 @@ def listening_socket(host: str, port: int, listen: bool = True) -> socket.socket
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
-        if listen:
-            sock.listen(2048)
-        sock.set_inheritable(False)
     except BaseException:
         sock.close()
         raise
@@ -215,7 +213,7 @@ async def serve_worker(settings: SiteSettings, index: int, supervisor: int | Non
 
     app = create_app(settings, run_migrations=False)
     server = uvicorn_server(app, settings)
-    sock = listening_socket(settings.site_host, settings.site_port)
+    sock = reuse_port_socket(settings.site_host, settings.site_port)
 
     async def orphaned() -> None:
         while os.getppid() == supervisor:
@@ -255,7 +253,7 @@ def supervise(settings: SiteSettings) -> int:
     """``watchbuy site --workers N``: N worker processes on one port, restarted when they die,
     drained on SIGTERM/SIGINT."""
     asyncio.run(prepare_shared(settings))
-    holder = listening_socket(settings.site_host, settings.site_port, listen=False)
+    holder = reuse_port_socket(settings.site_host, settings.site_port)
     port = holder.getsockname()[1]
     try:
         if port != settings.site_port:  # --port 0: the public URL names the port we got
