@@ -123,9 +123,24 @@ class KeepPeer:
         await self.app(scope, receive, send)
 
 
+class DrainCutFilter(logging.Filter):
+    """Drops uvicorn's traceback for each request cut off at the end of a drain: uvicorn has
+    already said so in one line ("Cancel N running task(s), timeout graceful shutdown
+    exceeded"), and a traceback per request would flood the log of a busy process."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, asyncio.CancelledError)
+                    and "graceful shutdown" in str(exc))
+
+
 def uvicorn_server(app, settings: SiteSettings):
     """The site's uvicorn server, with every connection-level limit from ``settings``."""
     import uvicorn
+
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(item, DrainCutFilter) for item in uvicorn_log.filters):
+        uvicorn_log.addFilter(DrainCutFilter())
 
     proxies = [item.strip() for item in settings.trusted_proxies.split(",") if item.strip()]
     served = app

@@ -333,12 +333,32 @@ async def test_a_killed_worker_is_restarted_and_sigterm_stops_all(workers_site) 
     assert victim not in after and len(after & before) == 1
     assert re.search(rf"site worker \d \(pid {victim}\) ended with signal 9: restarting",
                      site.log())
-    # SIGTERM: every process ends, the supervisor with status 0, within the drain bound.
+    # SIGTERM: requests in flight are answered, a request that never completes is cut at the
+    # drain bound (5 s here), and every process ends, the supervisor with status 0.
     slug, _ = await room_with_user(site)
     viewer = await site.socket_on(min(after), slug)
+    form = b"email=sam%40example.test&password=not-the-one"
+    head = (f"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/"
+            f"x-www-form-urlencoded\r\nContent-Length: {len(form)}\r\n\r\n").encode()
+    in_flight = await asyncio.open_connection("127.0.0.1", site.port)
+    stuck = await asyncio.open_connection("127.0.0.1", site.port)
+    for _, writer in (in_flight, stuck):
+        writer.write(head + form[:10])  # the body is still coming: the request is in flight
+        await writer.drain()
+    await asyncio.sleep(0.5)
     site.process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(1.0)
+    in_flight[1].write(form[10:])
+    answer = await asyncio.wait_for(in_flight[0].read(), 10.0)
+    assert answer.startswith(b"HTTP/1.1 ") and b"connection: close" in answer.lower()
     code = await asyncio.get_running_loop().run_in_executor(None, site.process.wait, 30)
     assert code == 0
+    cut = await asyncio.wait_for(stuck[0].read(), 10.0)
+    assert cut == b"" or cut.startswith(b"HTTP/1.1 500 ")  # cut at the bound, no hanging
+    assert "timeout graceful shutdown exceeded" in site.log()
+    assert "Traceback" not in site.log()  # one line for the cut, not a traceback
+    for _, writer in (in_flight, stuck):
+        writer.close()
     with pytest.raises(websockets.ConnectionClosed):
         await asyncio.wait_for(viewer.recv(), 10.0)  # closed by the draining worker
     for pid in after:
