@@ -27,6 +27,7 @@ from watchbuy.site.metrics import SiteMetrics
 from watchbuy.site.observe import RequestContextMiddleware, install_request_id_filter
 from watchbuy.site.passwords import PasswordWorkers
 from watchbuy.site.payments import StripeGateway, expire_stale_test_orders
+from watchbuy.site.ratelimit import make_rate_limiter
 from watchbuy.site.security import AuthMiddleware, origin_of
 from watchbuy.site.state import SiteState
 from watchbuy.site.storage import LocalStorage, make_storage
@@ -121,7 +122,9 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
         # Made here, not in create_app: the broker is configured by now (its prefix is what the
         # hook nonces are kept under), and these belong to the process that serves.
         shared.update(
-            chat_limiter=chat.RateLimiter(settings.chat_rate, 10.0),
+            # per user across every site process (kept in Redis with a Redis broker)
+            chat_limiter=make_rate_limiter(settings.chat_rate, 10.0, settings.broker_url,
+                                           settings.broker_prefix, "chat"),
             shop_limit_log=chat.RateLimiter(1, 60.0),
             room_connections=chat.Connections(),
             session_watch=chat.SessionWatch(broker),
@@ -149,6 +152,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             await asyncio.gather(*upkeep)
             await media.close()
             await site["dashboard"].stop()
+            await site["chat_limiter"].close()
             await broker.close()
             await db.disconnect()
 

@@ -13,9 +13,8 @@ import contextlib
 import json
 import logging
 import re
-import time
 import unicodedata
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -26,6 +25,7 @@ from watchbuy.db import queries
 from watchbuy.logs import LogLimiter
 from watchbuy.site import security
 from watchbuy.site.broker import Broker, BrokerUnavailable
+from watchbuy.site.ratelimit import RateLimiter
 from watchbuy.site.state import SiteState, state
 
 if TYPE_CHECKING:
@@ -142,25 +142,6 @@ def public_message(message: dict, channel: dict | None = None,
     return {"id": message["id"], "user_id": message["user_id"],
             "name": shown_name(message["display_name"], is_host, host_skeleton),
             "is_host": is_host, "text": message["text"], "at": message["created_at"]}
-
-
-class RateLimiter:
-    """At most ``count`` events per ``window`` seconds per key (per site process)."""
-
-    def __init__(self, count: int, window: float) -> None:
-        self.count = count
-        self.window = window
-        self._events: dict[int, deque[float]] = defaultdict(deque)
-
-    def allow(self, key: int) -> bool:
-        now = time.monotonic()
-        events = self._events[key]
-        while events and now - events[0] > self.window:
-            events.popleft()
-        if len(events) >= self.count:
-            return False
-        events.append(now)
-        return True
 
 
 def clean_text(text: object, limit: int) -> str | None:
@@ -441,7 +422,12 @@ async def _handle(site: SiteState, websocket: WebSocket, room: dict, data: dict)
         if await queries.is_muted(db, channel["id"], user["id"]):
             await websocket.send_json({"type": "error", "error": "The host has muted you."})
             return True
-        if not site["chat_limiter"].allow(user["id"]):
+        # Counted in Redis when several site processes serve (site/ratelimit.py): a user
+        # whose sockets land on different processes gets the same limit as on one.
+        if not await site["chat_limiter"].claim(user["id"]):
+            throttled.warning("chat-rate", "room %s: user %s over %d chat messages in %g s",
+                              channel["slug"], user["id"], settings.chat_rate,
+                              site["chat_limiter"].window)
             await websocket.send_json({"type": "error", "error": "Slow down a little."})
             return True
         text = clean_text(text, settings.chat_max_length)

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
+import signal
+import socket
+import sys
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -19,6 +24,7 @@ from watchbuy.site.config import SiteSettings, load_site_settings
 from watchbuy.site.observe import PEER_KEY, install_request_id_filter
 
 log = logging.getLogger("watchbuy.site.http")
+workers_log = logging.getLogger("watchbuy.site.workers")
 limited_log = LogLimiter(log, interval=10.0)
 
 
@@ -117,9 +123,24 @@ class KeepPeer:
         await self.app(scope, receive, send)
 
 
+class DrainCutFilter(logging.Filter):
+    """Drops uvicorn's traceback for each request cut off at the end of a drain: uvicorn has
+    already said so in one line ("Cancel N running task(s), timeout graceful shutdown
+    exceeded"), and a traceback per request would flood the log of a busy process."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, asyncio.CancelledError)
+                    and "graceful shutdown" in str(exc))
+
+
 def uvicorn_server(app, settings: SiteSettings):
     """The site's uvicorn server, with every connection-level limit from ``settings``."""
     import uvicorn
+
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(item, DrainCutFilter) for item in uvicorn_log.filters):
+        uvicorn_log.addFilter(DrainCutFilter())
 
     proxies = [item.strip() for item in settings.trusted_proxies.split(",") if item.strip()]
     served = app
@@ -136,6 +157,8 @@ def uvicorn_server(app, settings: SiteSettings):
         ws="websockets-sansio", ws_max_size=settings.ws_max_bytes,
         ws_ping_interval=settings.ws_ping_interval or None,
         ws_ping_timeout=settings.ws_ping_timeout or None,
+        # SIGTERM: stop accepting, let in-flight requests finish within the bound, then cut
+        timeout_graceful_shutdown=settings.site_drain_seconds,
         # X-Forwarded-For/-Proto only from the named proxies (the load balancer): uvicorn
         # would otherwise trust 127.0.0.1, and request.client.host is what login throttling
         # counts by.
@@ -145,12 +168,19 @@ def uvicorn_server(app, settings: SiteSettings):
 
 def run_site(args: argparse.Namespace) -> int:
     from watchbuy.cli import install_uvloop, setup_logging
-    from watchbuy.site.app import create_app
 
-    settings = load_site_settings(site_port=args.port)
+    settings = load_site_settings(site_port=args.port, site_workers=args.workers)
     setup_logging(settings.log_level)
     install_request_id_filter()
+    if args.worker is not None:
+        install_uvloop()
+        asyncio.run(serve_worker(settings, args.worker, args.supervisor))
+        return 0
+    if settings.site_workers > 1:
+        return supervise(settings)
     install_uvloop()
+    from watchbuy.site.app import create_app
+
     app = create_app(settings)
     server = uvicorn_server(app, settings)
     print(f"WatchBuy site on {settings.public_url}", flush=True)
@@ -158,7 +188,169 @@ def run_site(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- several processes on one port ---------------------------------------------------------------
+#
+# Why not uvicorn's own ``workers=N``: its supervisor (uvicorn.supervisors.Multiprocess) starts
+# workers with multiprocessing's spawn and pickles the Config into them, so the app must be an
+# import string or factory (ours is built from settings by create_app) and the protocol class
+# must be importable (ours is made per settings by guarded_http_protocol); and its workers share
+# one listening socket instead of SO_REUSEPORT, which spreads connections over the processes
+# by the kernel rather than by whichever process wakes first.  Each worker here is an ordinary
+# ``watchbuy site`` process (its own uvicorn server and event loop, the same uvicorn_server
+# configuration) bound with SO_REUSEPORT; the supervisor only starts, restarts and stops them.
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with SO_REUSEPORT, so that every worker binds the
+    port, and not listening yet: Linux hands a connection only to a listening socket of the
+    group, so a worker's socket receives none until uvicorn listens on it, which it does once
+    the app's startup is done (a worker being restarted queues nobody meanwhile).  The
+    supervisor keeps one such socket that never listens: it holds the port while workers come
+    and go, and tells a ``--port 0`` run which port it got."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_worker(settings: SiteSettings, index: int, supervisor: int | None) -> None:
+    """One worker of ``watchbuy site --workers N``: the site on a SO_REUSEPORT socket.  The
+    supervisor has migrated the database already; the worker ends itself when its supervisor
+    is gone (killed, not stopped), rather than serving on unsupervised."""
+    from watchbuy.site.app import create_app
+
+    app = create_app(settings, run_migrations=False)
+    server = uvicorn_server(app, settings)
+    sock = reuse_port_socket(settings.site_host, settings.site_port)
+
+    async def orphaned() -> None:
+        while os.getppid() == supervisor:
+            await asyncio.sleep(1.0)
+        workers_log.warning("site worker %d: supervisor %s gone, stopping", index, supervisor)
+        server.should_exit = True
+
+    watch = asyncio.ensure_future(orphaned()) if supervisor is not None else None
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        if watch is not None:
+            watch.cancel()
+
+
+async def prepare_shared(settings: SiteSettings) -> None:
+    """What the workers share, checked once before any starts: the database, migrated here
+    (not by N workers racing), and Redis, reachable (raises BrokerUnavailable, an OSError)."""
+    from watchbuy.db.database import Database
+    from watchbuy.db.migrations import upgrade
+    from watchbuy.site.broker import make_broker
+
+    db = Database(settings.database_url)
+    await db.connect()
+    try:
+        applied = await upgrade(db)
+        if applied:
+            workers_log.info("database migrated to version %d", applied[-1])
+    finally:
+        await db.disconnect()
+    broker = make_broker(settings.broker_url, settings.broker_prefix)
+    await broker.start()
+    await broker.close()
+
+
+def supervise(settings: SiteSettings) -> int:
+    """``watchbuy site --workers N``: N worker processes on one port, restarted when they die,
+    drained on SIGTERM/SIGINT."""
+    asyncio.run(prepare_shared(settings))
+    holder = reuse_port_socket(settings.site_host, settings.site_port)
+    port = holder.getsockname()[1]
+    try:
+        if port != settings.site_port:  # --port 0: the public URL names the port we got
+            settings = load_site_settings(site_port=port, site_workers=settings.site_workers)
+        print(f"WatchBuy site on {settings.public_url} ({settings.site_workers} processes)",
+              flush=True)
+        return asyncio.run(Supervisor(settings, port).run())
+    finally:
+        holder.close()
+
+
+class Supervisor:
+    """Keeps ``settings.site_workers`` worker processes running on ``port``."""
+
+    def __init__(self, settings: SiteSettings, port: int) -> None:
+        self.settings = settings
+        self.port = port
+        self.processes: dict[int, asyncio.subprocess.Process] = {}
+        self.stopping = asyncio.Event()
+
+    def command(self, index: int) -> list[str]:
+        # The same settings reach the worker as reached us: the environment (inherited) and
+        # the port, now resolved; the generated secrets are files in the data folder, written
+        # before any worker starts (load_site_settings), so every worker reads the same ones.
+        return [sys.executable, "-m", "watchbuy", "site", "--port", str(self.port),
+                "--worker", str(index), "--supervisor", str(os.getpid())]
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopping.set)
+        keepers = [asyncio.ensure_future(self.keep(index))
+                   for index in range(1, self.settings.site_workers + 1)]
+        await self.stopping.wait()
+        workers_log.info("stopping %d site workers (at most %g s for requests in flight)",
+                         len(self.processes), self.settings.site_drain_seconds)
+        for process in self.processes.values():
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        # The workers' own bound (uvicorn's graceful-shutdown timeout), and a few seconds for
+        # their lifespan shutdown; a worker still running after that is killed.
+        await asyncio.wait(keepers, timeout=self.settings.site_drain_seconds + 10.0)
+        for process in self.processes.values():
+            if process.returncode is None:
+                workers_log.warning("site worker pid %d did not stop in time: killed",
+                                    process.pid)
+                process.kill()
+        await asyncio.gather(*keepers, return_exceptions=True)
+        return 0
+
+    async def keep(self, index: int) -> None:
+        """Run worker ``index``; restart it with backoff whenever it ends, until stopping."""
+        loop = asyncio.get_running_loop()
+        delay = self.settings.site_restart_delay
+        while not self.stopping.is_set():
+            process = await asyncio.create_subprocess_exec(*self.command(index))
+            self.processes[index] = process
+            started = loop.time()
+            workers_log.info("site worker %d started (pid %d)", index, process.pid)
+            if self.stopping.is_set():  # stopped while it was being started: missed the signal
+                process.send_signal(signal.SIGTERM)
+            code = await process.wait()
+            if self.stopping.is_set():
+                break
+            if loop.time() - started > self.settings.site_restart_delay_max:
+                # It had been running for longer than the longest wait: a fresh failure, not a
+                # crash loop, so it comes back quickly.
+                delay = self.settings.site_restart_delay
+            how = f"signal {-code}" if code < 0 else f"exit status {code}"
+            workers_log.warning("site worker %d (pid %d) ended with %s: restarting in %.1f s",
+                                index, process.pid, how, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            delay = min(delay * 2, self.settings.site_restart_delay_max)
+
+
 def register(subparsers) -> None:
     site = subparsers.add_parser("site", help="run the shop site (Starlette)")
     site.add_argument("--port", type=int, help="site port (default 8080)")
+    site.add_argument("--workers", type=int, help="site processes on the port (default 1; "
+                      "more need a Redis broker: WATCHBUY_BROKER_URL)")
+    # Set by the supervisor on the processes it starts, not by people.
+    site.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    site.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
     site.set_defaults(run=run_site)

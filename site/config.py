@@ -7,6 +7,13 @@ from pathlib import Path
 
 from watchbuy.settings import ConfigError, check_ranges, load_config, persistent_secret
 
+MAX_SITE_WORKERS = 256
+
+
+def is_redis_url(url: str) -> bool:
+    """A Redis broker URL (``redis://`` or ``rediss://``): what several processes share."""
+    return url.strip().lower().startswith(("redis://", "rediss://"))
+
 
 @dataclass
 class SiteSettings:
@@ -102,6 +109,13 @@ class SiteSettings:
     hook_max_age: float = 300.0
     hook_max_future: float = 30.0
     hook_nonce_capacity: int = 10000
+    # processes (``watchbuy site --workers N``): N processes on one port (SO_REUSEPORT), which
+    # share rooms, chat limits and hook nonces through Redis, so N > 1 needs a Redis broker.
+    # Websocket caps per address and per user (ws_max_per_*) stay per process.
+    site_workers: int = 1
+    site_drain_seconds: float = 20.0  # SIGTERM: in-flight requests get this long, then cut
+    site_restart_delay: float = 0.5  # a worker that died is restarted after this; doubles
+    site_restart_delay_max: float = 30.0  # ... up to this while it keeps dying
 
     def validate(self) -> None:
         if not 0 <= self.site_port <= 65535:
@@ -137,6 +151,17 @@ class SiteSettings:
             raise ConfigError(
                 "WATCHBUY_STRIPE_SECRET_KEY is not set on a public https site: set the Stripe "
                 "keys, or WATCHBUY_TEST_PAYMENTS=1 to run the test-card checkout on purpose")
+        if not 1 <= self.site_workers <= MAX_SITE_WORKERS:
+            raise ConfigError(f"WATCHBUY_SITE_WORKERS: from 1 to {MAX_SITE_WORKERS}")
+        if self.site_workers > 1 and not is_redis_url(self.broker_url):
+            # Without a shared broker each process would have rooms of its own: a viewer on one
+            # would not hear chat posted on another, and limits would be per process.
+            raise ConfigError(
+                f"WATCHBUY_SITE_WORKERS={self.site_workers} needs Redis: set "
+                "WATCHBUY_BROKER_URL=redis://host:6379/0 (the processes share rooms, chat "
+                "limits and hook nonces through it)")
+        check_ranges(self, positive=("site_drain_seconds", "site_restart_delay",
+                                     "site_restart_delay_max"))
         check_ranges(self, off_or_positive=("ws_ping_interval", "ws_ping_timeout", "hsts_seconds"))
         if self.public_url and not self.public_url.lower().startswith(("http://", "https://")):
             raise ConfigError("WATCHBUY_PUBLIC_URL: must start with http:// or https://")

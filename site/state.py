@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from watchbuy.site.metrics import SiteMetrics
     from watchbuy.site.passwords import PasswordWorkers
     from watchbuy.site.payments import StripeGateway
+    from watchbuy.site.ratelimit import RedisRateLimiter
     from watchbuy.site.storage import LocalStorage, S3Storage
 
 
@@ -42,7 +43,7 @@ class SiteState(TypedDict):
     payments: StripeGateway | None  # None: test-mode payments only
     templates: Environment
     metrics: SiteMetrics
-    chat_limiter: RateLimiter
+    chat_limiter: RateLimiter | RedisRateLimiter  # per user, shared by every site process
     shop_limit_log: RateLimiter  # one log line a minute per shopper hitting a shop limit
     room_connections: Connections
     session_watch: SessionWatch

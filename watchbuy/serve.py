@@ -59,7 +59,8 @@ def run_serve(args: argparse.Namespace) -> int:
     site_settings = load_site_settings(
         site_port=args.site_port, rtmp_port=media_settings.rtmp_port,
         http_port=media_settings.http_port, node_id=media_settings.node_id,
-        public_host=media_settings.public_host, data_dir=media_settings.data_dir)
+        public_host=media_settings.public_host, data_dir=media_settings.data_dir,
+        site_workers=1)  # one process: the node and the site share its event loop
     media_settings = media_settings.replace(
         publish_hook_url=f"http://127.0.0.1:{site_settings.site_port}/hooks/rtmp",
         hook_secret=site_settings.hook_secret, stream_keys={})
