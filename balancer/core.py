@@ -18,10 +18,12 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
+from watchbuy import urls
 from watchbuy.balancer.aws import BalancerError
 from watchbuy.balancer.config import BalancerSettings, Node, is_loopback_host
 from watchbuy.balancer.discovery import Discovery, discovery_from_settings
 from watchbuy.status_agent.client import FetchError, fetch_json
+from watchbuy.urls import url_host
 
 log = logging.getLogger("watchbuy.balancer")
 
@@ -84,10 +86,6 @@ class Round:
     statuses: list[NodeStatus]
     at: float  # monotonic time the round finished
     source: str  # discovery description, for messages
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 class Balancer:
@@ -194,18 +192,17 @@ class Balancer:
     def choice_for(self, node: Node, node_id: str | None = None,
                    status: NodeStatus | None = None) -> NodeChoice:
         node_id = node_id or node.label
-        host = _url_host(node.host)
         if self.cdn_domain:
-            play_base = f"https://{self.cdn_domain}/{node_id}/{self.app}"
+            play_base = urls.cdn_play_base(self.cdn_domain, node_id, self.app)
         else:
-            play_base = f"http://{host}:{node.http_port}/{self.app}"
+            play_base = urls.node_play_base(node.host, node.http_port, self.app)
         return NodeChoice(
             node_id=node_id,
             host=node.host,
-            rtmp_url=f"rtmp://{host}:{node.rtmp_port}/{self.app}",
+            rtmp_url=urls.rtmp_url(node.host, node.rtmp_port, self.app),
             play_base=play_base,
-            agent_url=f"http://{_url_host(node.status_host)}:{node.agent_port}/status",
-            stats_url=f"http://{_url_host(node.status_host)}:{node.http_port}",
+            agent_url=f"http://{url_host(node.status_host)}:{node.agent_port}/status",
+            stats_url=f"http://{url_host(node.status_host)}:{node.http_port}",
             rx_bytes_per_s=status.rx_bytes_per_s if status else None,
             publishers=status.publishers if status else None,
         )

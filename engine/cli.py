@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import secrets
 
+from watchbuy import urls
 from watchbuy.settings import Settings, load_settings, persistent_secret
 
 
@@ -43,15 +44,15 @@ def push_line(rtmp_base: str, key: str) -> str:
 
 def print_media_banner(settings: Settings, rtmp_port: int, http_port: int) -> None:
     host = settings.public_host
-    app = settings.apps[0]
-    rtmp = f"rtmp://{host}:{rtmp_port}/{app}"
+    rtmp = urls.rtmp_url(host, rtmp_port, settings.apps[0])
+    play_base = urls.node_play_base(host, http_port, settings.apps[0])
     print(f"WatchBuy media node {settings.node_id} is up.", flush=True)
     for key, name in settings.stream_keys.items():
         print(f"\n  OBS: Settings > Stream > Custom: Server {rtmp}  Stream key {key}")
         print("  or publish a test pattern with ffmpeg:")
         print(f"    {push_line(rtmp, key)}")
-        print(f"  play: ffplay -fflags nobuffer http://{host}:{http_port}/{app}/{name}.flv")
-        print(f"        or rtmp://{host}:{rtmp_port}/{app}/{name}")
+        print(f"  play: ffplay -fflags nobuffer {urls.flv_url(play_base, name)}")
+        print(f"        or {rtmp}/{name}, or LL-HLS {urls.hls_url(play_base, name)}")
     print(f"\n  stats: http://{host}:{http_port}/api/streams  http://{host}:{http_port}/api/server",
           f"\n  metrics: http://{host}:{http_port}/metrics", flush=True)
 

@@ -250,7 +250,7 @@ async def test_urls_for_the_node_and_behind_a_cdn(agents):
     node = Node("media1.example.com", 1935, 8000, agent.port, "i-0abc", agent_host="127.0.0.1")
     plain = balancer_for([node])
     choice = await plain.choose()
-    assert choice.rtmp_url == "rtmp://media1.example.com:1935/live"
+    assert choice.rtmp_url == "rtmp://media1.example.com/live"  # RTMP's own port left out
     assert choice.play_base == "http://media1.example.com:8000/live"
     assert choice.agent_url == f"http://127.0.0.1:{agent.port}/status"
     assert choice.stats_url == "http://127.0.0.1:8000"  # the engine, where the agent is asked
@@ -305,7 +305,7 @@ async def test_cli_pick_prints_the_choice_as_json(agents):
     code, out, err = await run_cli("balancer", "pick", "--nodes", nodes)
     assert code == 0, err
     choice = json.loads(out)
-    assert choice["node_id"] == "light" and choice["rtmp_url"] == "rtmp://127.0.0.1:1935/live"
+    assert choice["node_id"] == "light" and choice["rtmp_url"] == "rtmp://127.0.0.1/live"
     code, out, err = await run_cli("balancer", "status", WATCHBUY_BALANCER_NODES=nodes)
     assert code == 0, err
     assert [json.loads(line)["node_id"] for line in out.splitlines()] == ["light", "heavy"]

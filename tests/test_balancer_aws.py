@@ -196,7 +196,7 @@ async def test_balancer_from_settings_builds_urls_for_instances(aws):
     choice = await balancer.node_for(ids[1])
     public_dns = describe(ids[1])["PublicDnsName"]
     assert choice.node_id == ids[1] and choice.host == public_dns
-    assert choice.rtmp_url == f"rtmp://{public_dns}:1935/live"
+    assert choice.rtmp_url == f"rtmp://{public_dns}/live"
     assert choice.play_base == f"https://d111111abcdef8.cloudfront.net/{ids[1]}/live"
     assert await balancer.node_for("i-00000000000000000") is None
 

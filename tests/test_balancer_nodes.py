@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import start_ffmpeg_publisher, stop_process
 
+from watchbuy import urls
 from watchbuy.balancer import Balancer, Node, StaticDiscovery
 from watchbuy.status_agent.client import FetchError, fetch_json
 
@@ -259,7 +260,7 @@ async def test_least_ingest_node_wins_killed_and_hung_agents_are_skipped(cluster
         # The node with the least ingest wins, although it has the most publishers.
         choice = await balancer.choose()
         assert choice.node_id == "light", rx
-        assert choice.rtmp_url == f"rtmp://{light.host}:{light.rtmp_port}/live"
+        assert choice.rtmp_url == urls.rtmp_url(light.host, light.rtmp_port, "live")
 
         # Its agent dies: the next round skips it within the timeout.
         light.procs["agent"].kill()

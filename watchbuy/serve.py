@@ -13,6 +13,7 @@ import asyncio
 import logging
 import secrets
 
+from watchbuy import urls
 from watchbuy.engine.cli import add_node_options, push_line, settings_from
 
 log = logging.getLogger("watchbuy.serve")
@@ -107,7 +108,9 @@ def run_serve(args: argparse.Namespace) -> int:
 def print_banner(site_settings, node, demo: dict | None) -> None:
     url = site_settings.public_url
     host = site_settings.public_host
-    rtmp = f"rtmp://{host}:{node.rtmp_port}/live"
+    app = node.settings.apps[0]
+    rtmp = urls.rtmp_url(host, node.rtmp_port, app)
+    play_base = urls.node_play_base(host, node.http_port, app)
     print(f"\nWatchBuy is up: open {url}", flush=True)
     if demo is not None:
         key = demo["channel"]["stream_key"]
@@ -120,7 +123,8 @@ def print_banner(site_settings, node, demo: dict | None) -> None:
     else:
         print(f"  Hosts find their stream server and key in {url}/studio")
     print(f"\n  media node {node.settings.node_id}: RTMP {rtmp}, HTTP-FLV "
-          f"http://{host}:{node.http_port}/live/<name>.flv", flush=True)
+          f"{urls.flv_url(play_base, '<name>')}, LL-HLS {urls.hls_url(play_base, '<name>')}",
+          flush=True)
 
 
 def register(subparsers) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from watchbuy import urls
 from watchbuy.net import parse_networks
 
 PREFIX = "WATCHBUY_"
@@ -101,12 +102,11 @@ class Settings:
 
     @property
     def rtmp_url(self) -> str:
-        port = "" if self.rtmp_port == 1935 else f":{self.rtmp_port}"
-        return f"rtmp://{self.public_host}{port}/{self.apps[0]}"
+        return urls.rtmp_url(self.public_host, self.rtmp_port, self.apps[0])
 
     @property
     def play_base(self) -> str:
-        return f"http://{self.public_host}:{self.http_port}/{self.apps[0]}"
+        return urls.node_play_base(self.public_host, self.http_port, self.apps[0])
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` (one line naming the variable) for an unusable value."""
