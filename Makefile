@@ -46,7 +46,7 @@ system-deps:
 	  fi; \
 	fi
 
-$(STAMP): pyproject.toml setup.py engine/*.pyx
+$(STAMP): pyproject.toml setup.py engine/*.pyx engine/*.pxi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel Cython
 	$(BIN)/python -m pip install -q -e ".[test]"

@@ -421,28 +421,7 @@ cdef inline int _fourcc_index(const unsigned char* p, bint video) noexcept:
     return -1
 
 
-cdef inline Py_ssize_t _skip_modex(
-    const unsigned char* p, Py_ssize_t n, int* packet_type
-) noexcept:
-    """Position after the ModEx chain (updating ``packet_type``), or -1 when truncated."""
-    cdef Py_ssize_t pos = 1
-    cdef Py_ssize_t size
-    while packet_type[0] == PKT_MODEX:
-        if pos >= n:
-            return -1
-        size = <Py_ssize_t>p[pos] + 1
-        pos += 1
-        if size == 256:
-            if pos + 2 > n:
-                return -1
-            size = ((<Py_ssize_t>p[pos] << 8) | p[pos + 1]) + 1
-            pos += 2
-        pos += size
-        if pos >= n:
-            return -1
-        packet_type[0] = p[pos] & 0x0F
-        pos += 1
-    return pos
+include "_modex.pxi"
 
 
 cdef tuple _video_fourcc(const unsigned char* p, int frame_type, bint key, bint seq):

@@ -88,26 +88,7 @@ cdef inline unsigned char* _put_tag(unsigned char* p, uint32_t size, const char*
     return p + 4
 
 
-cdef inline Py_ssize_t _modex(const unsigned char* p, Py_ssize_t n, int* packet_type) noexcept:
-    """Position after an E-RTMP ModEx chain (updating ``packet_type``); -1 when truncated."""
-    cdef Py_ssize_t pos = 1
-    cdef Py_ssize_t size
-    while packet_type[0] == 7:
-        if pos >= n:
-            return -1
-        size = <Py_ssize_t>p[pos] + 1
-        pos += 1
-        if size == 256:
-            if pos + 2 > n:
-                return -1
-            size = ((<Py_ssize_t>p[pos] << 8) | p[pos + 1]) + 1
-            pos += 2
-        pos += size
-        if pos >= n:
-            return -1
-        packet_type[0] = p[pos] & 0x0F
-        pos += 1
-    return pos
+include "_modex.pxi"
 
 
 cdef int _parse_video(
@@ -135,7 +116,7 @@ cdef int _parse_video(
         s.size = n - 5
         return 0
     packet_type = b0 & 0x0F
-    pos = _modex(p, n, &packet_type)
+    pos = _skip_modex(p, n, &packet_type)
     if pos < 0 or pos + 4 > n:
         raise FLVError("truncated video payload")
     if _be32(p + pos) != codec:
@@ -172,7 +153,7 @@ cdef int _parse_audio(const unsigned char* p, Py_ssize_t n, Sample* s) except -1
         return 0
     if b0 >> 4 == 9:
         packet_type = b0 & 0x0F
-        pos = _modex(p, n, &packet_type)
+        pos = _skip_modex(p, n, &packet_type)
         if pos < 0 or pos + 4 > n:
             raise FLVError("truncated audio payload")
         if _be32(p + pos) != FOURCC_MP4A or packet_type != 1:
