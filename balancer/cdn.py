@@ -104,9 +104,10 @@ def desired_origin(target: CdnTarget, http_port: int) -> dict:
     }
 
 
-def desired_behaviour(target: CdnTarget) -> dict:
+def _behaviour(target: CdnTarget, pattern: str, caching: dict) -> dict:
+    """A cache behaviour routing ``pattern`` to the node's origin; ``caching`` says how."""
     return {
-        "PathPattern": target.path_pattern,
+        "PathPattern": pattern,
         "TargetOriginId": target.origin_id,
         "ViewerProtocolPolicy": "redirect-to-https",
         "AllowedMethods": {
@@ -119,6 +120,13 @@ def desired_behaviour(target: CdnTarget) -> dict:
         "TrustedSigners": {"Enabled": False, "Quantity": 0},
         "LambdaFunctionAssociations": {"Quantity": 0},
         "FieldLevelEncryptionId": "",
+        **caching,
+    }
+
+
+def desired_behaviour(target: CdnTarget) -> dict:
+    """HTTP-FLV: nothing kept (TTL 0), query and the CORS/Range headers forwarded."""
+    return _behaviour(target, target.path_pattern, {
         "ForwardedValues": {
             "QueryString": True,
             "Cookies": {"Forward": "none"},
@@ -128,7 +136,7 @@ def desired_behaviour(target: CdnTarget) -> dict:
         "MinTTL": 0,
         "DefaultTTL": 0,
         "MaxTTL": 0,
-    }
+    })
 
 
 def desired_cache_policy() -> dict:
@@ -153,25 +161,9 @@ def desired_cache_policy() -> dict:
 
 
 def desired_hls_behaviours(target: CdnTarget, cache_policy_id: str) -> list[dict]:
-    behaviours = []
-    for pattern in target.hls_patterns:
-        behaviours.append({
-            "PathPattern": pattern,
-            "TargetOriginId": target.origin_id,
-            "ViewerProtocolPolicy": "redirect-to-https",
-            "AllowedMethods": {
-                "Quantity": 3,
-                "Items": ["GET", "HEAD", "OPTIONS"],
-                "CachedMethods": {"Quantity": 2, "Items": ["GET", "HEAD"]},
-            },
-            "SmoothStreaming": False,
-            "Compress": False,
-            "TrustedSigners": {"Enabled": False, "Quantity": 0},
-            "LambdaFunctionAssociations": {"Quantity": 0},
-            "FieldLevelEncryptionId": "",
-            "CachePolicyId": cache_policy_id,
-        })
-    return behaviours
+    """LL-HLS: cached as the origin's Cache-Control says, by the LL-HLS cache policy."""
+    return [_behaviour(target, pattern, {"CachePolicyId": cache_policy_id})
+            for pattern in target.hls_patterns]
 
 
 def _same_policy(actual: dict, desired: dict) -> bool:
