@@ -34,7 +34,6 @@ class ServerStats:
     def __init__(self) -> None:
         self.connections: dict[str, int] = {"rtmp": 0, "http": 0}
         self.connections_total = 0
-        self.connections_refused = 0
         self.refused_by: Counter[str] = Counter()  # "per_ip", "fd"
         self.bytes_in = 0
         self.bytes_out = 0
@@ -44,8 +43,12 @@ class ServerStats:
         self.viewers_cut_off = 0  # stalled past WATCHBUY_STALL_TIMEOUT: disconnected
         self.publish_refused: Counter[str] = Counter()  # by reason
         self.protocol_errors: Counter[str] = Counter()  # "rtmp_handshake", "rtmp", "http"
-        self.timeouts: Counter[str] = Counter()  # by kind: "handshake", "header", ...
+        self.timeouts: Counter[str] = Counter()  # by kind: "rtmp_handshake", "http_header", ...
         self._window = RateWindow()  # "bytes": (in, out)
+
+    @property
+    def connections_refused(self) -> int:
+        return sum(self.refused_by.values())
 
     def connection_opened(self, kind: str) -> None:
         self.connections[kind] = self.connections.get(kind, 0) + 1
@@ -172,7 +175,6 @@ class MediaNode:
         """Whether a new connection (already counted as open) may stay."""
         settings = self.settings
         if self.fd_budget and self.stats.open_connections() > self.fd_budget:
-            self.stats.connections_refused += 1
             self.stats.refused_by["fd"] += 1
             self._fd_refusals.log(logging.WARNING, "refusing %s connection from %s: %d "
                                   "connections open, the most the open-file limit allows "
@@ -190,7 +192,6 @@ class MediaNode:
                 # sessions whose transports are closed must not count against the address.
                 sessions.difference_update([s for s in sessions if s.transport.is_closing()])
             if len(sessions) >= cap:
-                self.stats.connections_refused += 1
                 self.stats.refused_by["per_ip"] += 1
                 self._ip_refusals.log(logging.WARNING, "refusing %s connection from %s: %d open "
                                       "from that address (WATCHBUY_MAX_CONNECTIONS_PER_IP)",
