@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from watchbuy.db import queries
+from watchbuy.site.security import session_hash
 from watchbuy.site.state import state
 from watchbuy.site.web import format_money, render, require_admin
 
@@ -170,8 +171,16 @@ async def dashboard_json(request: Request):
 async def dashboard_events(request: Request):
     """Server-Sent Events: one snapshot per sampling round, while the page stays open."""
     require_admin(request)
-    data = state(request)["dashboard"]
+    site = state(request)
+    data = site["dashboard"]
     data.ensure_running()
+    token = request.state.session_token
+
+    async def still_operator() -> bool:
+        # The stream outlives the request that opened it: a log-out, an expired session or a
+        # lost operator flag ends it at the next round.
+        found = await queries.session_user(site["db"], session_hash(token)) if token else None
+        return found is not None and bool(found[1]["is_admin"])
 
     async def stream():
         data.watchers += 1
@@ -180,6 +189,8 @@ async def dashboard_events(request: Request):
                 yield f"data: {json.dumps(data.latest)}\n\n"
             while not await request.is_disconnected():
                 await data.wait(INTERVAL * 2)
+                if not await still_operator():
+                    return
                 if data.latest:
                     yield f"data: {json.dumps(data.latest)}\n\n"
         finally:

@@ -208,3 +208,27 @@ async def test_dashboard_line_and_chart_show_one_number_and_rooms_show_their_sal
     assert "in 4600 kb/s · out 9200 kb/s" in page
     assert "machine interfaces in 4 / out 2 kb/s" in page
     assert "<td>2500 kb/s</td>" in page and "<td>2</td><td>$36.00</td>" in page
+
+
+async def test_the_dashboard_stream_ends_when_the_operator_logs_out(site, monkeypatch) -> None:
+    """The event stream outlives the request that opened it: a log-out ends it."""
+    from watchbuy.db import queries
+    from watchbuy.site import dashboard, security
+
+    monkeypatch.setattr(dashboard, "INTERVAL", 0.05)
+    admin_id = await queries.create_user(site.db, "ops@example.test", "Ops",
+                                         security.hash_password("a long password"), False,
+                                         is_admin=True)
+    ops = await site.browser({"id": admin_id})
+    token = ops.http.cookies.get(security.SESSION_COOKIE)
+
+    async def log_out_soon() -> None:
+        await asyncio.sleep(0.3)
+        await queries.revoke_session(site.db, security.session_hash(token))
+
+    revoke = asyncio.ensure_future(log_out_soon())
+    # The ASGI test transport returns once the stream ends; without the check it never would.
+    response = await asyncio.wait_for(ops.get("/dashboard/events"), 15)
+    await revoke
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
