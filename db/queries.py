@@ -36,9 +36,12 @@ from watchbuy.db.schema import (
 class OutOfStock(Exception):
     """A product in the cart does not have the quantity asked for."""
 
-    def __init__(self, product_name: str) -> None:
+    def __init__(self, product_name: str, product_id: int | None = None,
+                 stock_seen: int | None = None) -> None:
         super().__init__(f"not enough {product_name} in stock")
         self.product_name = product_name
+        self.product_id = product_id
+        self.stock_seen = stock_seen  # the stock the refusal read, when it read one
 
 
 class NotForSale(ValueError):
@@ -317,6 +320,17 @@ async def product(db: Database, product_id: int) -> dict | None:
         products.select().where(products.c.id == product_id, products.c.deleted == sa.false())))
 
 
+async def product_stock_room(db: Database, product_id: int) -> tuple[int, int | None] | None:
+    """(stock, the id of its host's room or None) of a product on sale; None when it is hidden
+    or gone.  One query: what a stock event needs."""
+    row = await db.fetch_one(
+        sa.select(products.c.stock, channels.c.id)
+        .select_from(products.outerjoin(channels, channels.c.host_id == products.c.host_id))
+        .where(products.c.id == product_id, products.c.deleted == sa.false(),
+               products.c.shown == sa.true()))
+    return None if row is None else (int(row[0]), None if row[1] is None else int(row[1]))
+
+
 async def host_products(db: Database, host_id: int, shown_only: bool = False) -> list[dict]:
     query = products.select().where(products.c.host_id == host_id,
                                     products.c.deleted == sa.false())
@@ -429,34 +443,59 @@ async def cart_quantity(db: Database, user_id: int, product_id: int) -> int:
 # -- orders -------------------------------------------------------------------------------------
 
 
+async def pending_holdings(db: Database, user_id: int) -> tuple[int, dict[int, int]]:
+    """(unpaid orders, units per product they hold) of this shopper: one query for both
+    per-shopper limits (they are checked inside the checkout transaction, so every statement
+    there counts)."""
+    rows = await db.fetch_all(
+        sa.select(orders.c.id, order_items.c.product_id, order_items.c.quantity)
+        .select_from(orders.outerjoin(order_items, order_items.c.order_id == orders.c.id))
+        .where(orders.c.user_id == user_id, orders.c.status == "pending"))
+    order_ids: set[int] = set()
+    units: dict[int, int] = {}
+    for row in rows:  # by index: a databases Record iterates over its keys
+        order_id, product_id, quantity = row[0], row[1], row[2]
+        order_ids.add(int(order_id))
+        if product_id is not None:
+            units[int(product_id)] = units.get(int(product_id), 0) + int(quantity)
+    return len(order_ids), units
+
+
 async def pending_units(db: Database, user_id: int) -> dict[int, int]:
     """Units per product that this shopper's unpaid orders hold."""
-    rows = await db.fetch_all(
-        sa.select(order_items.c.product_id, sa.func.sum(order_items.c.quantity))
-        .select_from(order_items.join(orders, orders.c.id == order_items.c.order_id))
-        .where(orders.c.user_id == user_id, orders.c.status == "pending")
-        .group_by(order_items.c.product_id))
-    return {int(row[0]): int(row[1]) for row in rows}
+    return (await pending_holdings(db, user_id))[1]
 
 
 async def check_order_limits(db: Database, user_id: int, lines: list[dict],
                              max_pending: int | None, max_units: int | None) -> None:
     """Raises :class:`OrderLimit` when this cart would make the shopper hold more unpaid
     orders, or more units of one product, than one shopper may."""
-    if max_pending is not None:
-        pending = int(await db.fetch_val(
-            sa.select(sa.func.count()).select_from(orders)
-            .where(orders.c.user_id == user_id, orders.c.status == "pending")))
-        if pending >= max_pending:
-            raise OrderLimit(f"you already have {pending} unpaid orders: pay or cancel one "
-                             "before checking out again")
+    if max_pending is None and max_units is None:
+        return
+    pending, held = await pending_holdings(db, user_id)
+    if max_pending is not None and pending >= max_pending:
+        raise OrderLimit(f"you already have {pending} unpaid orders: pay or cancel one "
+                         "before checking out again")
     if max_units is not None:
-        held = await pending_units(db, user_id)
         for line in lines:
             have = held.get(line["product_id"], 0)
             if have + line["quantity"] > max_units:
                 raise OrderLimit(f"at most {max_units} of {line['name']} per shopper"
                                  + (f" (your unpaid orders hold {have})" if have else ""))
+
+
+def _check_cart(lines: list[dict]) -> str:
+    """The cart's one currency; ValueError / NotForSale / OutOfStock for a cart that cannot
+    become an order as read."""
+    if not lines:
+        raise ValueError("your cart is empty")
+    currencies = {line["currency"] for line in lines}
+    if len(currencies) != 1:
+        raise ValueError("items in different currencies must be bought separately")
+    for line in lines:
+        if not line["shown"]:
+            raise NotForSale(line["name"])
+    return currencies.pop()
 
 
 async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
@@ -469,51 +508,79 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
     orders or ``max_units`` units of one product held by this shopper, and ValueError for an
     empty cart or mixed currencies.  ``test_mode`` (default: payment_mode "test") marks orders
     that are no real money.
+
+    The hot-row design (a rush: thousands of shoppers, one product; figures in
+    site/shop.py's docstring):
+
+    * Sold out is answered from a plain read, without a write: the cart is read (with each
+      product's stock) before any transaction, and a line asking for more than is left is
+      refused there.  After the last unit goes, the rest of the crowd never takes SQLite's
+      write lock nor a MariaDB row lock.  The read may be stale the other way only (stock
+      shown, sold meanwhile): the conditional UPDATE below still decides.
+    * The product row is locked as briefly as possible: every other statement (limits, the
+      order and its items, emptying the cart) comes first, and the conditional
+      ``stock = stock - q WHERE stock >= q`` runs last, just before COMMIT.  On MariaDB the
+      hot row's lock is then held for one statement and the commit, not the whole
+      transaction.
+    * The order is returned as built here, not read back (two queries fewer a checkout).
     """
-    async def work():
-        # One checkout per shopper at a time: the limits below count this shopper's pending
-        # orders, and two concurrent checkouts must not both pass the count (MySQL; SQLite
-        # serialises write transactions anyway and has no FOR UPDATE).
-        await db.fetch_val(sa.select(users.c.id).where(users.c.id == user_id).with_for_update())
-        lines = await cart(db, user_id)
-        if not lines:
-            raise ValueError("your cart is empty")
-        currencies = {line["currency"] for line in lines}
-        if len(currencies) != 1:
-            raise ValueError("items in different currencies must be bought separately")
-        for line in lines:
-            if not line["shown"]:
-                raise NotForSale(line["name"])
-        await check_order_limits(db, user_id, lines, max_pending, max_units)
-        # Lock rows in one global order (product id) so concurrent checkouts never deadlock.
-        for line in sorted(lines, key=lambda line: line["product_id"]):
+    lines = await cart(db, user_id)
+    currency = _check_cart(lines)
+    for line in lines:
+        if line["stock"] < line["quantity"]:
+            # the cheap answer the sold-out crowd gets
+            raise OutOfStock(line["name"], line["product_id"], line["stock"])
+    stamp = now()
+    is_test = payment_mode == "test" if test_mode is None else test_mode
+
+    async def work() -> tuple[int, list[dict]]:
+        if db.dialect_name == "mysql":
+            # One checkout per shopper at a time: the limits below count this shopper's
+            # pending orders, and two concurrent checkouts must not both pass the count.  Only
+            # the shopper's own row (no contention between shoppers); SQLite serialises write
+            # transactions anyway and has no FOR UPDATE.
+            await db.fetch_val(sa.select(users.c.id).where(users.c.id == user_id)
+                               .with_for_update())
+        # read again inside the transaction: the cart may have changed since the first read
+        current = await cart(db, user_id)
+        if _check_cart(current) != currency:
+            raise ValueError("your cart changed during checkout: check it and try again")
+        await check_order_limits(db, user_id, current, max_pending, max_units)
+        total = sum(line["price_minor"] * line["quantity"] for line in current)
+        order_id = await db.execute(orders.insert().values(
+            user_id=user_id, status="pending", total_minor=total, currency=currency,
+            payment_mode=payment_mode, created_at=stamp, test_mode=is_test))
+        items = [{"order_id": order_id, "product_id": line["product_id"],
+                  "host_id": line["host_id"], "name": line["name"],
+                  "unit_price_minor": line["price_minor"], "currency": line["currency"],
+                  "quantity": line["quantity"]} for line in current]
+        await db.execute(order_items.insert().values(items))
+        await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id))
+        # The hot rows last (see above), in one global order (product id) so that concurrent
+        # checkouts of several products never deadlock.
+        for line in sorted(current, key=lambda line: line["product_id"]):
             await db.execute(
                 products.update()
                 .where(products.c.id == line["product_id"],
                        products.c.stock >= line["quantity"],
                        # hidden since the cart was read: refused in the same statement
                        products.c.shown == sa.true(), products.c.deleted == sa.false())
-                .values(stock=products.c.stock - line["quantity"], updated_at=now()))
+                .values(stock=products.c.stock - line["quantity"], updated_at=stamp))
             if await db.affected_rows() != 1:
                 now_shown = await db.fetch_val(sa.select(products.c.shown).where(
                     products.c.id == line["product_id"], products.c.deleted == sa.false()))
                 if not now_shown:
                     raise NotForSale(line["name"])
-                raise OutOfStock(line["name"])  # rolls back the reservations made so far
-        total = sum(line["price_minor"] * line["quantity"] for line in lines)
-        order_id = await db.execute(orders.insert().values(
-            user_id=user_id, status="pending", total_minor=total, currency=currencies.pop(),
-            payment_mode=payment_mode, created_at=now(),
-            test_mode=payment_mode == "test" if test_mode is None else test_mode))
-        for line in lines:
-            await db.execute(order_items.insert().values(
-                order_id=order_id, product_id=line["product_id"], host_id=line["host_id"],
-                name=line["name"], unit_price_minor=line["price_minor"],
-                currency=line["currency"], quantity=line["quantity"]))
-        await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id))
-        return order_id
+                # rolls back the order and the reservations
+                raise OutOfStock(line["name"], line["product_id"])
+        return order_id, items
 
-    return await order(db, await db.run_transaction(work))
+    order_id, items = await db.run_transaction(work)
+    return {"id": order_id, "user_id": user_id, "status": "pending",
+            "total_minor": sum(i["unit_price_minor"] * i["quantity"] for i in items),
+            "currency": currency, "payment_mode": payment_mode, "payment_ref": None,
+            "created_at": stamp, "paid_at": None, "closed_at": None, "status_note": None,
+            "test_mode": is_test, "items": items}
 
 
 async def order(db: Database, order_id: int) -> dict | None:
