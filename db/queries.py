@@ -537,10 +537,18 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
         if db.dialect_name == "mysql":
             # One checkout per shopper at a time: the limits below count this shopper's
             # pending orders, and two concurrent checkouts must not both pass the count.  Only
-            # the shopper's own row (no contention between shoppers); SQLite serialises write
-            # transactions anyway and has no FOR UPDATE.
+            # the shopper's own row (no contention between shoppers).
             await db.fetch_val(sa.select(users.c.id).where(users.c.id == user_id)
                                .with_for_update())
+        else:
+            # SQLite has no FOR UPDATE; its transactions are serialised (one writer), but a
+            # transaction that reads first and writes later cannot wait for the write lock
+            # when another process wrote meanwhile: it fails at once with "database is locked"
+            # (SQLITE_BUSY_SNAPSHOT, no busy timeout).  So write first: this no-op update takes
+            # the write lock (waiting up to busy_timeout) before anything is read, and several
+            # site processes on one SQLite file then queue instead of failing.
+            await db.execute(users.update().where(users.c.id == user_id)
+                             .values(id=users.c.id))
         # read again inside the transaction: the cart may have changed since the first read
         current = await cart(db, user_id)
         if _check_cart(current) != currency:
