@@ -67,6 +67,7 @@ log = logging.getLogger("watchbuy.site.shop")
 notifier_log = LimitedLog(log)  # a broken broker must not log a line per sale
 
 MAX_QUANTITY = 99
+COALESCE_LOG_INTERVAL = 10.0  # seconds between two "stock events coalesced" lines a product
 
 
 class StockNotifier:
@@ -91,6 +92,7 @@ class StockNotifier:
         self._last: dict[int, float] = {}  # product -> when its last event went (monotonic)
         self._told: dict[int, int] = {}  # product -> the stock its room was last told
         self._tasks: set[asyncio.Task] = set()
+        self._logged: dict[int, float] = {}  # product -> when coalescing was last logged
 
     def changed(self, product_id: int, sold_out: bool = False) -> None:
         """The stock of ``product_id`` changed (``sold_out``: a shopper was refused for it)."""
@@ -102,12 +104,22 @@ class StockNotifier:
         if timer is not None:
             if not urgent:
                 self.coalesced += 1
+                self._log_coalesced(product_id)
                 return
             timer.cancel()  # still waiting (no query under way): safe to bring forward
         loop = asyncio.get_running_loop()
         delay = 0.0 if urgent else max(
             0.0, self._last.get(product_id, -1e9) + self.interval - time.monotonic())
         self._timers[product_id] = loop.call_later(delay, self._fire, product_id)
+
+    def _log_coalesced(self, product_id: int) -> None:
+        # The limit at work (a rush): one line per product per COALESCE_LOG_INTERVAL at most.
+        now = time.monotonic()
+        if now - self._logged.get(product_id, -COALESCE_LOG_INTERVAL) >= COALESCE_LOG_INTERVAL:
+            self._logged[product_id] = now
+            log.info("product %s: stock changes coalesced into one event per %g s "
+                     "(WATCHBUY_STOCK_EVENT_INTERVAL); %d coalesced so far", product_id,
+                     self.interval, self.coalesced)
 
     def _fire(self, product_id: int) -> None:
         self._timers.pop(product_id, None)
