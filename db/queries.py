@@ -512,16 +512,18 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
     The hot-row design (a rush: thousands of shoppers, one product; figures in
     site/shop.py's docstring):
 
-    * Sold out is answered from a plain read, without a write: the cart is read (with each
-      product's stock) before any transaction, and a line asking for more than is left is
-      refused there.  After the last unit goes, the rest of the crowd never takes SQLite's
-      write lock nor a MariaDB row lock.  The read may be stale the other way only (stock
-      shown, sold meanwhile): the conditional UPDATE below still decides.
-    * The product row is locked as briefly as possible: every other statement (limits, the
-      order and its items, emptying the cart) comes first, and the conditional
-      ``stock = stock - q WHERE stock >= q`` runs last, just before COMMIT.  On MariaDB the
-      hot row's lock is then held for one statement and the commit, not the whole
-      transaction.
+    * Sold out is answered without a write.  The cart is read (with each product's stock)
+      before any transaction, and a line asking for more than is left is refused there.  The
+      shoppers who read "in stock" just before the last unit went (in a rush: nearly all of
+      them, they all read at once) are refused by the transaction's first statements: on
+      MariaDB a plain read of the stock right after the shopper's own row lock, on SQLite the
+      conditional UPDATE itself (see ``work``).  No order row is written and rolled back.
+    * On MariaDB the product row is locked as briefly as possible: every other statement
+      (limits, the order and its items, emptying the cart) comes first, and the conditional
+      ``stock = stock - q WHERE stock >= q`` runs last, just before COMMIT, so the hot row's
+      lock is held for one statement and the commit, not the whole transaction.  (SQLite
+      locks the whole database per write transaction: there the UPDATE goes first.)
+    * Each limit query is one statement, the items one multi-row INSERT.
     * The order is returned as built here, not read back (two queries fewer a checkout).
     """
     lines = await cart(db, user_id)
@@ -533,25 +535,58 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
     stamp = now()
     is_test = payment_mode == "test" if test_mode is None else test_mode
 
+    wanted = sorted((line["product_id"], line["quantity"]) for line in lines)
+    by_product = {line["product_id"]: line for line in lines}
+
+    async def reserve() -> None:
+        # In one global order (product id) so that concurrent checkouts of several products
+        # never deadlock.
+        for product_id, quantity in wanted:
+            await db.execute(
+                products.update()
+                .where(products.c.id == product_id, products.c.stock >= quantity,
+                       # hidden since the cart was read: refused in the same statement
+                       products.c.shown == sa.true(), products.c.deleted == sa.false())
+                .values(stock=products.c.stock - quantity, updated_at=stamp))
+            if await db.affected_rows() != 1:
+                name = by_product[product_id]["name"]
+                now_shown = await db.fetch_val(sa.select(products.c.shown).where(
+                    products.c.id == product_id, products.c.deleted == sa.false()))
+                if not now_shown:
+                    raise NotForSale(name)
+                raise OutOfStock(name, product_id)  # rolls everything back
+
     async def work() -> tuple[int, list[dict]]:
         if db.dialect_name == "mysql":
             # One checkout per shopper at a time: the limits below count this shopper's
             # pending orders, and two concurrent checkouts must not both pass the count.  Only
-            # the shopper's own row (no contention between shoppers).
+            # the shopper's own row (no contention between shoppers).  Before any plain read:
+            # InnoDB takes the transaction's snapshot at the first one, which must come after
+            # this lock for the count to see the shopper's other checkouts.
             await db.fetch_val(sa.select(users.c.id).where(users.c.id == user_id)
                                .with_for_update())
+            # The crowd that read "in stock" before the last unit went leaves here, with no
+            # write and no lock on the product row.
+            left = {int(row[0]): int(row[1]) for row in await db.fetch_all(
+                sa.select(products.c.id, products.c.stock)
+                .where(products.c.id.in_([pid for pid, _ in wanted])))}
+            for product_id, quantity in wanted:
+                if left.get(product_id, 0) < quantity:
+                    raise OutOfStock(by_product[product_id]["name"], product_id,
+                                     left.get(product_id, 0))
         else:
-            # SQLite has no FOR UPDATE; its transactions are serialised (one writer), but a
-            # transaction that reads first and writes later cannot wait for the write lock
-            # when another process wrote meanwhile: it fails at once with "database is locked"
-            # (SQLITE_BUSY_SNAPSHOT, no busy timeout).  So write first: this no-op update takes
-            # the write lock (waiting up to busy_timeout) before anything is read, and several
-            # site processes on one SQLite file then queue instead of failing.
-            await db.execute(users.update().where(users.c.id == user_id)
-                             .values(id=users.c.id))
+            # SQLite: one writer at a time, so the order of the statements does not change how
+            # long anything is locked: the conditional UPDATE comes first, and the crowd that
+            # read "in stock" before the last unit went leaves after this one statement.  Being
+            # a write, it also takes the write lock before anything is read: a transaction
+            # that reads first and writes later cannot wait for the lock when another process
+            # wrote meanwhile (it fails at once, SQLITE_BUSY_SNAPSHOT), so several site
+            # processes on one SQLite file queue (busy_timeout) instead of failing.
+            await reserve()
         # read again inside the transaction: the cart may have changed since the first read
         current = await cart(db, user_id)
-        if _check_cart(current) != currency:
+        if _check_cart(current) != currency or wanted != sorted(
+                (line["product_id"], line["quantity"]) for line in current):
             raise ValueError("your cart changed during checkout: check it and try again")
         await check_order_limits(db, user_id, current, max_pending, max_units)
         total = sum(line["price_minor"] * line["quantity"] for line in current)
@@ -564,23 +599,8 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                   "quantity": line["quantity"]} for line in current]
         await db.execute(order_items.insert().values(items))
         await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id))
-        # The hot rows last (see above), in one global order (product id) so that concurrent
-        # checkouts of several products never deadlock.
-        for line in sorted(current, key=lambda line: line["product_id"]):
-            await db.execute(
-                products.update()
-                .where(products.c.id == line["product_id"],
-                       products.c.stock >= line["quantity"],
-                       # hidden since the cart was read: refused in the same statement
-                       products.c.shown == sa.true(), products.c.deleted == sa.false())
-                .values(stock=products.c.stock - line["quantity"], updated_at=stamp))
-            if await db.affected_rows() != 1:
-                now_shown = await db.fetch_val(sa.select(products.c.shown).where(
-                    products.c.id == line["product_id"], products.c.deleted == sa.false()))
-                if not now_shown:
-                    raise NotForSale(line["name"])
-                # rolls back the order and the reservations
-                raise OutOfStock(line["name"], line["product_id"])
+        if db.dialect_name == "mysql":
+            await reserve()  # the hot rows last, locked until the commit that follows
         return order_id, items
 
     order_id, items = await db.run_transaction(work)
