@@ -64,6 +64,26 @@ def as_dicts(rows) -> list[dict]:
     return [dict(row._mapping) for row in rows]
 
 
+_compiled: dict[tuple[str, str], str] = {}
+
+
+def compiled(db: Database, name: str, build) -> str:
+    """The SQL text of the statement ``build()`` makes (named ``:parameters`` from its
+    ``sa.bindparam``s), compiled once per dialect and kept: ``databases`` compiles every
+    SQLAlchemy statement it runs, every time, and on the checkout path that compiling was
+    the largest single cost (bench/site/rush.py --profile); a text statement costs it next to
+    nothing.  Only for statements whose shape never changes."""
+    key = (db.dialect_name, name)
+    sql = _compiled.get(key)
+    if sql is None:
+        if db.dialect_name == "mysql":
+            from sqlalchemy.dialects.mysql import dialect
+        else:
+            from sqlalchemy.dialects.sqlite import dialect
+        sql = _compiled[key] = str(build().compile(dialect=dialect(paramstyle="named")))
+    return sql
+
+
 def upsert(db: Database, table: sa.Table, keys: tuple[str, ...], key_values: dict,
            changes: dict) -> sa.Insert:
     """INSERT of ``key_values | changes`` that, when a row with the same unique ``keys``
@@ -404,16 +424,22 @@ async def delete_product(db: Database, host_id: int, product_id: int) -> bool:
 # -- cart ---------------------------------------------------------------------------------------
 
 
-async def cart(db: Database, user_id: int) -> list[dict]:
-    query = (
+def _cart_query() -> sa.Select:
+    return (
         sa.select(cart_items.c.product_id, cart_items.c.quantity, products.c.name,
                   products.c.price_minor, products.c.currency, products.c.stock,
                   products.c.image, products.c.host_id, products.c.shown)
         .select_from(cart_items.join(products, products.c.id == cart_items.c.product_id))
-        .where(cart_items.c.user_id == user_id, products.c.deleted == sa.false())
+        .where(cart_items.c.user_id == sa.bindparam("user_id"),
+               products.c.deleted == sa.false())
         .order_by(cart_items.c.id)
     )
-    return as_dicts(await db.fetch_all(query))
+
+
+async def cart(db: Database, user_id: int) -> list[dict]:
+    # read two or three times a checkout: compiled once (see compiled())
+    return as_dicts(await db.fetch_all(compiled(db, "cart", _cart_query),
+                                       {"user_id": user_id}))
 
 
 async def set_cart_quantity(db: Database, user_id: int, product_id: int, quantity: int) -> None:
@@ -498,6 +524,21 @@ def _check_cart(lines: list[dict]) -> str:
     return currencies.pop()
 
 
+def _reserve_query() -> sa.Update:
+    """The hot-row statement: ``stock = stock - q`` only where ``stock >= q``."""
+    return (products.update()
+            .where(products.c.id == sa.bindparam("product_id"),
+                   products.c.stock >= sa.bindparam("quantity"),
+                   # hidden since the cart was read: refused in the same statement
+                   products.c.shown == sa.true(), products.c.deleted == sa.false())
+            .values(stock=products.c.stock - sa.bindparam("quantity"),
+                    updated_at=sa.bindparam("stamp")))
+
+
+def _stock_query() -> sa.Select:
+    return sa.select(products.c.stock).where(products.c.id == sa.bindparam("product_id"))
+
+
 async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                                  test_mode: bool | None = None, max_pending: int | None = None,
                                  max_units: int | None = None) -> dict:
@@ -542,12 +583,8 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
         # In one global order (product id) so that concurrent checkouts of several products
         # never deadlock.
         for product_id, quantity in wanted:
-            await db.execute(
-                products.update()
-                .where(products.c.id == product_id, products.c.stock >= quantity,
-                       # hidden since the cart was read: refused in the same statement
-                       products.c.shown == sa.true(), products.c.deleted == sa.false())
-                .values(stock=products.c.stock - quantity, updated_at=stamp))
+            await db.execute(compiled(db, "reserve", _reserve_query), {
+                "product_id": product_id, "quantity": quantity, "stamp": stamp})
             if await db.affected_rows() != 1:
                 name = by_product[product_id]["name"]
                 now_shown = await db.fetch_val(sa.select(products.c.shown).where(
@@ -567,13 +604,12 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                                .with_for_update())
             # The crowd that read "in stock" before the last unit went leaves here, with no
             # write and no lock on the product row.
-            left = {int(row[0]): int(row[1]) for row in await db.fetch_all(
-                sa.select(products.c.id, products.c.stock)
-                .where(products.c.id.in_([pid for pid, _ in wanted])))}
             for product_id, quantity in wanted:
-                if left.get(product_id, 0) < quantity:
+                left = await db.fetch_val(compiled(db, "stock", _stock_query),
+                                          {"product_id": product_id})
+                if left is None or int(left) < quantity:
                     raise OutOfStock(by_product[product_id]["name"], product_id,
-                                     left.get(product_id, 0))
+                                     int(left or 0))
         else:
             # SQLite: one writer at a time, so the order of the statements does not change how
             # long anything is locked: the conditional UPDATE comes first, and the crowd that
