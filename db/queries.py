@@ -36,9 +36,12 @@ from watchbuy.db.schema import (
 class OutOfStock(Exception):
     """A product in the cart does not have the quantity asked for."""
 
-    def __init__(self, product_name: str) -> None:
+    def __init__(self, product_name: str, product_id: int | None = None,
+                 stock_seen: int | None = None) -> None:
         super().__init__(f"not enough {product_name} in stock")
         self.product_name = product_name
+        self.product_id = product_id
+        self.stock_seen = stock_seen  # the stock the refusal read, when it read one
 
 
 class NotForSale(ValueError):
@@ -59,6 +62,26 @@ def as_dict(row) -> dict | None:
 
 def as_dicts(rows) -> list[dict]:
     return [dict(row._mapping) for row in rows]
+
+
+_compiled: dict[tuple[str, str], str] = {}
+
+
+def compiled(db: Database, name: str, build) -> str:
+    """The SQL text of the statement ``build()`` makes (named ``:parameters`` from its
+    ``sa.bindparam``s), compiled once per dialect and kept: ``databases`` compiles every
+    SQLAlchemy statement it runs, every time, and on the checkout path that compiling was
+    the largest single cost (bench/site/rush.py --profile); a text statement costs it next to
+    nothing.  Only for statements whose shape never changes."""
+    key = (db.dialect_name, name)
+    sql = _compiled.get(key)
+    if sql is None:
+        if db.dialect_name == "mysql":
+            from sqlalchemy.dialects.mysql import dialect
+        else:
+            from sqlalchemy.dialects.sqlite import dialect
+        sql = _compiled[key] = str(build().compile(dialect=dialect(paramstyle="named")))
+    return sql
 
 
 def upsert(db: Database, table: sa.Table, keys: tuple[str, ...], key_values: dict,
@@ -317,6 +340,17 @@ async def product(db: Database, product_id: int) -> dict | None:
         products.select().where(products.c.id == product_id, products.c.deleted == sa.false())))
 
 
+async def product_stock_room(db: Database, product_id: int) -> tuple[int, int | None] | None:
+    """(stock, the id of its host's room or None) of a product on sale; None when it is hidden
+    or gone.  One query: what a stock event needs."""
+    row = await db.fetch_one(
+        sa.select(products.c.stock, channels.c.id)
+        .select_from(products.outerjoin(channels, channels.c.host_id == products.c.host_id))
+        .where(products.c.id == product_id, products.c.deleted == sa.false(),
+               products.c.shown == sa.true()))
+    return None if row is None else (int(row[0]), None if row[1] is None else int(row[1]))
+
+
 async def host_products(db: Database, host_id: int, shown_only: bool = False) -> list[dict]:
     query = products.select().where(products.c.host_id == host_id,
                                     products.c.deleted == sa.false())
@@ -390,16 +424,22 @@ async def delete_product(db: Database, host_id: int, product_id: int) -> bool:
 # -- cart ---------------------------------------------------------------------------------------
 
 
-async def cart(db: Database, user_id: int) -> list[dict]:
-    query = (
+def _cart_query() -> sa.Select:
+    return (
         sa.select(cart_items.c.product_id, cart_items.c.quantity, products.c.name,
                   products.c.price_minor, products.c.currency, products.c.stock,
                   products.c.image, products.c.host_id, products.c.shown)
         .select_from(cart_items.join(products, products.c.id == cart_items.c.product_id))
-        .where(cart_items.c.user_id == user_id, products.c.deleted == sa.false())
+        .where(cart_items.c.user_id == sa.bindparam("user_id"),
+               products.c.deleted == sa.false())
         .order_by(cart_items.c.id)
     )
-    return as_dicts(await db.fetch_all(query))
+
+
+async def cart(db: Database, user_id: int) -> list[dict]:
+    # read two or three times a checkout: compiled once (see compiled())
+    return as_dicts(await db.fetch_all(compiled(db, "cart", _cart_query),
+                                       {"user_id": user_id}))
 
 
 async def set_cart_quantity(db: Database, user_id: int, product_id: int, quantity: int) -> None:
@@ -429,34 +469,74 @@ async def cart_quantity(db: Database, user_id: int, product_id: int) -> int:
 # -- orders -------------------------------------------------------------------------------------
 
 
+async def pending_holdings(db: Database, user_id: int) -> tuple[int, dict[int, int]]:
+    """(unpaid orders, units per product they hold) of this shopper: one query for both
+    per-shopper limits (they are checked inside the checkout transaction, so every statement
+    there counts)."""
+    rows = await db.fetch_all(
+        sa.select(orders.c.id, order_items.c.product_id, order_items.c.quantity)
+        .select_from(orders.outerjoin(order_items, order_items.c.order_id == orders.c.id))
+        .where(orders.c.user_id == user_id, orders.c.status == "pending"))
+    order_ids: set[int] = set()
+    units: dict[int, int] = {}
+    for row in rows:  # by index: a databases Record iterates over its keys
+        order_id, product_id, quantity = row[0], row[1], row[2]
+        order_ids.add(int(order_id))
+        if product_id is not None:
+            units[int(product_id)] = units.get(int(product_id), 0) + int(quantity)
+    return len(order_ids), units
+
+
 async def pending_units(db: Database, user_id: int) -> dict[int, int]:
     """Units per product that this shopper's unpaid orders hold."""
-    rows = await db.fetch_all(
-        sa.select(order_items.c.product_id, sa.func.sum(order_items.c.quantity))
-        .select_from(order_items.join(orders, orders.c.id == order_items.c.order_id))
-        .where(orders.c.user_id == user_id, orders.c.status == "pending")
-        .group_by(order_items.c.product_id))
-    return {int(row[0]): int(row[1]) for row in rows}
+    return (await pending_holdings(db, user_id))[1]
 
 
 async def check_order_limits(db: Database, user_id: int, lines: list[dict],
                              max_pending: int | None, max_units: int | None) -> None:
     """Raises :class:`OrderLimit` when this cart would make the shopper hold more unpaid
     orders, or more units of one product, than one shopper may."""
-    if max_pending is not None:
-        pending = int(await db.fetch_val(
-            sa.select(sa.func.count()).select_from(orders)
-            .where(orders.c.user_id == user_id, orders.c.status == "pending")))
-        if pending >= max_pending:
-            raise OrderLimit(f"you already have {pending} unpaid orders: pay or cancel one "
-                             "before checking out again")
+    if max_pending is None and max_units is None:
+        return
+    pending, held = await pending_holdings(db, user_id)
+    if max_pending is not None and pending >= max_pending:
+        raise OrderLimit(f"you already have {pending} unpaid orders: pay or cancel one "
+                         "before checking out again")
     if max_units is not None:
-        held = await pending_units(db, user_id)
         for line in lines:
             have = held.get(line["product_id"], 0)
             if have + line["quantity"] > max_units:
                 raise OrderLimit(f"at most {max_units} of {line['name']} per shopper"
                                  + (f" (your unpaid orders hold {have})" if have else ""))
+
+
+def _check_cart(lines: list[dict]) -> str:
+    """The cart's one currency; ValueError / NotForSale / OutOfStock for a cart that cannot
+    become an order as read."""
+    if not lines:
+        raise ValueError("your cart is empty")
+    currencies = {line["currency"] for line in lines}
+    if len(currencies) != 1:
+        raise ValueError("items in different currencies must be bought separately")
+    for line in lines:
+        if not line["shown"]:
+            raise NotForSale(line["name"])
+    return currencies.pop()
+
+
+def _reserve_query() -> sa.Update:
+    """The hot-row statement: ``stock = stock - q`` only where ``stock >= q``."""
+    return (products.update()
+            .where(products.c.id == sa.bindparam("product_id"),
+                   products.c.stock >= sa.bindparam("quantity"),
+                   # hidden since the cart was read: refused in the same statement
+                   products.c.shown == sa.true(), products.c.deleted == sa.false())
+            .values(stock=products.c.stock - sa.bindparam("quantity"),
+                    updated_at=sa.bindparam("stamp")))
+
+
+def _stock_query() -> sa.Select:
+    return sa.select(products.c.stock).where(products.c.id == sa.bindparam("product_id"))
 
 
 async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
@@ -469,51 +549,102 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
     orders or ``max_units`` units of one product held by this shopper, and ValueError for an
     empty cart or mixed currencies.  ``test_mode`` (default: payment_mode "test") marks orders
     that are no real money.
-    """
-    async def work():
-        # One checkout per shopper at a time: the limits below count this shopper's pending
-        # orders, and two concurrent checkouts must not both pass the count (MySQL; SQLite
-        # serialises write transactions anyway and has no FOR UPDATE).
-        await db.fetch_val(sa.select(users.c.id).where(users.c.id == user_id).with_for_update())
-        lines = await cart(db, user_id)
-        if not lines:
-            raise ValueError("your cart is empty")
-        currencies = {line["currency"] for line in lines}
-        if len(currencies) != 1:
-            raise ValueError("items in different currencies must be bought separately")
-        for line in lines:
-            if not line["shown"]:
-                raise NotForSale(line["name"])
-        await check_order_limits(db, user_id, lines, max_pending, max_units)
-        # Lock rows in one global order (product id) so concurrent checkouts never deadlock.
-        for line in sorted(lines, key=lambda line: line["product_id"]):
-            await db.execute(
-                products.update()
-                .where(products.c.id == line["product_id"],
-                       products.c.stock >= line["quantity"],
-                       # hidden since the cart was read: refused in the same statement
-                       products.c.shown == sa.true(), products.c.deleted == sa.false())
-                .values(stock=products.c.stock - line["quantity"], updated_at=now()))
-            if await db.affected_rows() != 1:
-                now_shown = await db.fetch_val(sa.select(products.c.shown).where(
-                    products.c.id == line["product_id"], products.c.deleted == sa.false()))
-                if not now_shown:
-                    raise NotForSale(line["name"])
-                raise OutOfStock(line["name"])  # rolls back the reservations made so far
-        total = sum(line["price_minor"] * line["quantity"] for line in lines)
-        order_id = await db.execute(orders.insert().values(
-            user_id=user_id, status="pending", total_minor=total, currency=currencies.pop(),
-            payment_mode=payment_mode, created_at=now(),
-            test_mode=payment_mode == "test" if test_mode is None else test_mode))
-        for line in lines:
-            await db.execute(order_items.insert().values(
-                order_id=order_id, product_id=line["product_id"], host_id=line["host_id"],
-                name=line["name"], unit_price_minor=line["price_minor"],
-                currency=line["currency"], quantity=line["quantity"]))
-        await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id))
-        return order_id
 
-    return await order(db, await db.run_transaction(work))
+    The hot-row design (a rush: thousands of shoppers, one product; figures in
+    site/shop.py's docstring):
+
+    * Sold out is answered without a write.  The cart is read (with each product's stock)
+      before any transaction, and a line asking for more than is left is refused there.  The
+      shoppers who read "in stock" just before the last unit went (in a rush: nearly all of
+      them, they all read at once) are refused by the transaction's first statements: on
+      MariaDB a plain read of the stock right after the shopper's own row lock, on SQLite the
+      conditional UPDATE itself (see ``work``).  No order row is written and rolled back.
+    * On MariaDB the product row is locked as briefly as possible: every other statement
+      (limits, the order and its items, emptying the cart) comes first, and the conditional
+      ``stock = stock - q WHERE stock >= q`` runs last, just before COMMIT, so the hot row's
+      lock is held for one statement and the commit, not the whole transaction.  (SQLite
+      locks the whole database per write transaction: there the UPDATE goes first.)
+    * Each limit query is one statement, the items one multi-row INSERT.
+    * The order is returned as built here, not read back (two queries fewer a checkout).
+    """
+    lines = await cart(db, user_id)
+    currency = _check_cart(lines)
+    for line in lines:
+        if line["stock"] < line["quantity"]:
+            # the cheap answer the sold-out crowd gets
+            raise OutOfStock(line["name"], line["product_id"], line["stock"])
+    stamp = now()
+    is_test = payment_mode == "test" if test_mode is None else test_mode
+
+    wanted = sorted((line["product_id"], line["quantity"]) for line in lines)
+    by_product = {line["product_id"]: line for line in lines}
+
+    async def reserve() -> None:
+        # In one global order (product id) so that concurrent checkouts of several products
+        # never deadlock.
+        for product_id, quantity in wanted:
+            await db.execute(compiled(db, "reserve", _reserve_query), {
+                "product_id": product_id, "quantity": quantity, "stamp": stamp})
+            if await db.affected_rows() != 1:
+                name = by_product[product_id]["name"]
+                now_shown = await db.fetch_val(sa.select(products.c.shown).where(
+                    products.c.id == product_id, products.c.deleted == sa.false()))
+                if not now_shown:
+                    raise NotForSale(name)
+                raise OutOfStock(name, product_id)  # rolls everything back
+
+    async def work() -> tuple[int, list[dict]]:
+        if db.dialect_name == "mysql":
+            # One checkout per shopper at a time: the limits below count this shopper's
+            # pending orders, and two concurrent checkouts must not both pass the count.  Only
+            # the shopper's own row (no contention between shoppers).  Before any plain read:
+            # InnoDB takes the transaction's snapshot at the first one, which must come after
+            # this lock for the count to see the shopper's other checkouts.
+            await db.fetch_val(sa.select(users.c.id).where(users.c.id == user_id)
+                               .with_for_update())
+            # The crowd that read "in stock" before the last unit went leaves here, with no
+            # write and no lock on the product row.
+            for product_id, quantity in wanted:
+                left = await db.fetch_val(compiled(db, "stock", _stock_query),
+                                          {"product_id": product_id})
+                if left is None or int(left) < quantity:
+                    raise OutOfStock(by_product[product_id]["name"], product_id,
+                                     int(left or 0))
+        else:
+            # SQLite: one writer at a time, so the order of the statements does not change how
+            # long anything is locked: the conditional UPDATE comes first, and the crowd that
+            # read "in stock" before the last unit went leaves after this one statement.  Being
+            # a write, it also takes the write lock before anything is read: a transaction
+            # that reads first and writes later cannot wait for the lock when another process
+            # wrote meanwhile (it fails at once, SQLITE_BUSY_SNAPSHOT), so several site
+            # processes on one SQLite file queue (busy_timeout) instead of failing.
+            await reserve()
+        # read again inside the transaction: the cart may have changed since the first read
+        current = await cart(db, user_id)
+        if _check_cart(current) != currency or wanted != sorted(
+                (line["product_id"], line["quantity"]) for line in current):
+            raise ValueError("your cart changed during checkout: check it and try again")
+        await check_order_limits(db, user_id, current, max_pending, max_units)
+        total = sum(line["price_minor"] * line["quantity"] for line in current)
+        order_id = await db.execute(orders.insert().values(
+            user_id=user_id, status="pending", total_minor=total, currency=currency,
+            payment_mode=payment_mode, created_at=stamp, test_mode=is_test))
+        items = [{"order_id": order_id, "product_id": line["product_id"],
+                  "host_id": line["host_id"], "name": line["name"],
+                  "unit_price_minor": line["price_minor"], "currency": line["currency"],
+                  "quantity": line["quantity"]} for line in current]
+        await db.execute(order_items.insert().values(items))
+        await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id))
+        if db.dialect_name == "mysql":
+            await reserve()  # the hot rows last, locked until the commit that follows
+        return order_id, items
+
+    order_id, items = await db.run_transaction(work)
+    return {"id": order_id, "user_id": user_id, "status": "pending",
+            "total_minor": sum(i["unit_price_minor"] * i["quantity"] for i in items),
+            "currency": currency, "payment_mode": payment_mode, "payment_ref": None,
+            "created_at": stamp, "paid_at": None, "closed_at": None, "status_note": None,
+            "test_mode": is_test, "items": items}
 
 
 async def order(db: Database, order_id: int) -> dict | None:

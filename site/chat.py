@@ -297,7 +297,12 @@ async def _room(websocket: WebSocket, site: SiteState, user: dict | None) -> Non
     await websocket.accept()
     # Subscribe (and let Redis confirm) before reading the history, so nothing posted in
     # between is lost.
-    subscription = site["broker"].subscribe(room_topic(channel["id"]))
+    # Each viewer's own bounded queue (ws_send_queue): the fan-out only appends to it, and
+    # only this viewer's _forward task awaits its socket, so a viewer that stops reading never
+    # delays the others; stock events replace each other in it (coalesced), and a full queue
+    # (chat it cannot keep up with) ends the subscription: the socket is closed with 4408.
+    subscription = site["broker"].subscribe(room_topic(channel["id"]),
+                                            queue_size=settings.ws_send_queue)
     try:
         await subscription.ready()
     except (TimeoutError, BrokerUnavailable) as exc:

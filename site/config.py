@@ -52,6 +52,12 @@ class SiteSettings:
     # product one shopper may hold (cart line, and all their pending orders together)
     max_pending_orders: int = 2
     max_units_per_product: int = 10
+    # the checkout rush: a product's stock reaches its room as one event per this many seconds
+    # at most per site process (the latest value wins; sold out goes at once), and each room
+    # websocket queues at most ws_send_queue events that cannot be coalesced (chat) before a
+    # viewer that does not read is closed with 4408 (stock events replace each other instead)
+    stock_event_interval: float = 0.25
+    ws_send_queue: int = 256
     # uploads with more pixels are refused before they are decoded (decompression bombs)
     max_image_pixels: int = 25_000_000
     # uploads: local files by default, S3 when a bucket is named
@@ -146,6 +152,11 @@ class SiteSettings:
             raise ConfigError("WATCHBUY_MAX_PENDING_ORDERS: must be at least 1")
         if self.max_units_per_product < 1:
             raise ConfigError("WATCHBUY_MAX_UNITS_PER_PRODUCT: must be at least 1")
+        if not 0 < self.stock_event_interval <= 1:
+            # stock must reach the viewers within a second of a sale
+            raise ConfigError("WATCHBUY_STOCK_EVENT_INTERVAL: seconds, more than 0, at most 1")
+        if self.ws_send_queue < 1:
+            raise ConfigError("WATCHBUY_WS_SEND_QUEUE: at least 1")
         if not self.stripe_secret_key and not self.test_payments and self.https:
             # fail closed: a public site without keys would take test-card "payments"
             raise ConfigError(

@@ -14,6 +14,7 @@ import hmac
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -29,6 +30,24 @@ refusals = LogLimiter(log, interval=60.0)
 #: The ``route`` label of requests that matched no route: raw paths would make the label's
 #: values unbounded (every scanner's probe a new series).
 UNMATCHED = "<unmatched>"
+
+
+class _BrokerDrops:
+    """``watchbuy_site_ws_dropped_total{reason}``: room events a viewer did not get, as the
+    broker's fan-out counts them (``drops``), read at scrape time (the fan-out's hot loop
+    adds to plain ints, not to a prometheus Counter per message)."""
+
+    def __init__(self) -> None:
+        self.broker: object = None
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "watchbuy_site_ws_dropped", "Room events not sent to a viewer: coalesced (a newer "
+            "stock replaced it in the viewer's queue) or overflow (the viewer's queue was full: "
+            "closed with 4408)", labels=["reason"])
+        for reason, count in sorted(getattr(self.broker, "drops", {}).items()):
+            family.add_metric([reason], count)
+        yield family
 
 
 class SiteMetrics:
@@ -48,11 +67,14 @@ class SiteMetrics:
                                  ["result"], registry=self.registry)
         self.webhooks = Counter("watchbuy_site_webhooks", "Stripe webhook deliveries, by "
                                 "outcome", ["outcome"], registry=self.registry)
+        self.ws_dropped = _BrokerDrops()
+        self.registry.register(self.ws_dropped)
 
     def render(self, broker: object) -> bytes:
         backend = "redis" if type(broker).__name__ == "RedisBroker" else "memory"
         # Read at scrape time: the broker knows whether its connection is up right now.
         self.broker_up.labels(backend).set(1 if getattr(broker, "connected", True) else 0)
+        self.ws_dropped.broker = broker
         return generate_latest(self.registry)
 
 

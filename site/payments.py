@@ -188,10 +188,13 @@ async def late_payment(site: SiteState, order: dict, payment_intent: str | None)
 
 
 async def announce_stock(site: SiteState, order: dict) -> None:
-    from watchbuy.site.studio import announce_products
+    """The rooms of the order's products hear their new stock (coalesced, never awaited: a
+    burst of expiries or cancels is one event per product, as a burst of sales is)."""
+    from watchbuy.site.shop import stock_notifier  # shop imports this module
 
-    for host_id in {item["host_id"] for item in order["items"]}:
-        await announce_products(site, host_id)
+    notifier = stock_notifier(site)
+    for item in order["items"]:
+        notifier.changed(item["product_id"])
 
 
 def check_test_card(number: str, expiry: str, cvc: str, today: date | None = None) -> str | None:

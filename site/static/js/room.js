@@ -120,6 +120,15 @@
     if (none) none.hidden = products.length > 0;
   }
 
+  // One product's stock (the checkout rush sends these, coalesced, instead of whole lists).
+  function showStock(id, stock) {
+    [shown.pinned].concat(shown.products).forEach(function (p) { if (p && p.id === id) p.stock = stock; });
+    document.querySelectorAll('[data-product-id="' + id + '"]').forEach(function (el) {
+      const text = el.querySelector(".stock"); if (text) text.textContent = stock + " in stock";
+      const button = el.querySelector(".add-to-cart"); if (button) button.disabled = stock < 1;
+    });
+  }
+
   function showPinned(p) {
     shown.pinned = p || null;
     const box = document.getElementById("pinned");
@@ -203,6 +212,7 @@
         case "offline": setLive(false); break;
         case "pinned": showPinned(data.product); break;
         case "products": showProducts(data.products); break;
+        case "stock": showStock(data.product_id, data.stock); break;
       }
     };
     socket.onclose = function (event) {

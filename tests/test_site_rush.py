@@ -1,0 +1,436 @@
+"""The checkout rush (issue 15), functional: the speed lives in ``python -m bench.site.rush``.
+
+* 300 shoppers with one unit each in the cart press checkout at once on a product with 30
+  units, on SQLite and on MariaDB, through one app and through two apps sharing the database
+  and a Redis broker (two "site processes" in this test process): exactly 30 orders, the stock
+  at 0 and never below, every shopper answered "bought" (303 to the payment form) or "sold
+  out" (409), no 5xx.
+* The same against a real ``watchbuy site`` subprocess SIGKILLed in the middle of the rush and
+  started again: no unit sold twice, the killed process's pending orders expire by the normal
+  reservation expiry and give their stock back, the shoppers it never answered are answered
+  by the restarted process.
+* Stock reaches the room as coalesced ``stock`` events, sold out at once.
+* A viewer whose websocket stops reading (a real TCP client with a tiny receive buffer that
+  never reads, against a real uvicorn): stock events for it are coalesced and it stays
+  subscribed; chat it cannot take closes it (its queue is bounded, then freed) while a reading
+  viewer gets every message; the drops show in /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import sys
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from app_helpers import make_user
+from server_helpers import REDIS_URL, redis_problem, require_server
+
+from watchbuy.db import queries
+from watchbuy.db.schema import order_items, orders
+from watchbuy.site import security
+from watchbuy.site.broker.memory import InMemoryBroker
+from watchbuy.site.chat import publish_room_event, room_topic
+from watchbuy.site.shop import StockNotifier
+
+pytest_plugins = ["site_fixtures"]
+
+SHOPPERS = 300
+UNITS = 30
+
+
+# -- the rush ---------------------------------------------------------------------------------
+
+
+async def prepare_rush(db, shoppers: int = SHOPPERS, units: int = UNITS):
+    """A host with a room, a product of ``units``, and ``shoppers`` (session token, csrf
+    cookie) pairs with one unit of it in the cart (made directly: argon2 per shopper would
+    dominate the test)."""
+    host = await make_user(db, "Rush host", host=True)
+    product_id = await queries.create_product(db, host["id"], "Rush mug", "", 1800, "usd",
+                                              units, None)
+    people, ids = [], []
+    for i in range(shoppers):
+        user_id = await queries.create_user(db, f"rush-{i}-{os.urandom(3).hex()}@example.test",
+                                            f"Shopper {i}", "x", False)
+        await queries.set_cart_quantity(db, user_id, product_id, 1)
+        people.append((await security.start_session(db, user_id, 1.0),
+                       base64.urlsafe_b64encode(os.urandom(18)).decode()))
+        ids.append(user_id)
+    return host, product_id, people, ids
+
+
+def shopper_client(base: httpx.AsyncBaseTransport | str, token: str,
+                   csrf_cookie: str) -> httpx.AsyncClient:
+    cookies = {security.SESSION_COOKIE: token, security.CSRF_COOKIE: csrf_cookie}
+    if isinstance(base, str):
+        return httpx.AsyncClient(base_url=base, cookies=cookies, timeout=60)
+    return httpx.AsyncClient(transport=base, base_url="http://testserver", cookies=cookies,
+                             timeout=60)
+
+
+async def press_checkout(client: httpx.AsyncClient, secret: str, token: str,
+                         csrf_cookie: str) -> httpx.Response:
+    return await client.post("/checkout", data={
+        "csrf_token": security.csrf_token_for(secret, csrf_cookie, token)})
+
+
+def answer(response: httpx.Response) -> str:
+    """What the shopper was told: "bought" (sent to pay) or "sold out"; anything else fails."""
+    if response.status_code == 303 and re.fullmatch(r"/checkout/\d+/pay",
+                                                     response.headers["location"]):
+        return "bought"
+    if response.status_code == 409 and "not enough Rush mug in stock" in response.text:
+        return "sold out"
+    if response.status_code == 400 and "your cart is empty" in response.text:
+        return "empty cart"  # only right for a shopper whose order was made (checked)
+    raise AssertionError(f"shopper got {response.status_code}: {response.text[:200]}")
+
+
+async def reserved_units(db, product_id: int) -> dict[str, int]:
+    rows = await db.fetch_all(
+        sa.select(orders.c.status, sa.func.sum(order_items.c.quantity), sa.func.count())
+        .select_from(order_items.join(orders, orders.c.id == order_items.c.order_id))
+        .where(order_items.c.product_id == product_id).group_by(orders.c.status))
+    return {row[0]: int(row[1]) for row in rows}
+
+
+async def orders_per_shopper(db) -> int:
+    """The most orders any one shopper has (a shopper with one unit in the cart buys once)."""
+    return int(await db.fetch_val(sa.select(sa.func.max(sa.literal_column("n"))).select_from(
+        sa.select(sa.func.count().label("n")).select_from(orders)
+        .group_by(orders.c.user_id).subquery())) or 0)
+
+
+async def stock(db, product_id: int) -> int:
+    return (await queries.product(db, product_id))["stock"]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+async def test_the_rush_sells_exactly_the_stock(make_site, processes) -> None:
+    overrides = {"broker_url": REDIS_URL} if processes == 2 else {}
+    if processes == 2:
+        require_server(redis_problem(), f"Redis at {REDIS_URL}")
+    sites = [await make_site(**overrides)]
+    # processes of one site share its secret key (the csrf tokens they check)
+    sites += [await make_site(secret_key=sites[0].settings.secret_key, **overrides)
+              for _ in range(processes - 1)]
+    db = sites[0].db
+    host, product_id, people, _ = await prepare_rush(db)
+    # a viewer of the room on each "process": stock events reach every one of them
+    viewers = [s.app.state.broker.subscribe(room_topic(host["channel"]["id"])) for s in sites]
+    for viewer in viewers:
+        await viewer.ready()
+    transports = [httpx.ASGITransport(app=s.app) for s in sites]
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(
+            shopper_client(transports[i % processes], token, csrf))
+            for i, (token, csrf) in enumerate(people)]
+        responses = await asyncio.gather(*(
+            press_checkout(client, sites[0].settings.secret_key, token, csrf)
+            for client, (token, csrf) in zip(clients, people, strict=True)))
+    told = [answer(response) for response in responses]  # no 5xx, no other answer
+    assert told.count("bought") == UNITS and told.count("sold out") == SHOPPERS - UNITS
+    assert await stock(db, product_id) == 0
+    assert await reserved_units(db, product_id) == {"pending": UNITS}
+    assert await orders_per_shopper(db) == 1
+    # every viewer, on every process, hears that the product sold out
+    for viewer in viewers:
+        async with asyncio.timeout(10):
+            async for event in viewer:
+                if event["type"] == "stock" and event["product_id"] == product_id and \
+                        event["stock"] == 0:
+                    break
+        await viewer.close()
+
+
+# -- a process killed mid-rush --------------------------------------------------------------
+
+
+def site_env(db_url: str, data_dir, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WATCHBUY_")}
+    env.update({"WATCHBUY_ENV_FILE": os.devnull, "WATCHBUY_DATABASE_URL": db_url,
+                "WATCHBUY_DATA_DIR": str(data_dir), "WATCHBUY_SITE_HOST": "127.0.0.1",
+                "WATCHBUY_LOG_LEVEL": "INFO", **extra})
+    return env
+
+
+async def start_site_process(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
+    """``watchbuy site --port 0``; its URL once uvicorn says which port it got."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "watchbuy", "site", "--port", "0", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                line = (await process.stderr.readline()).decode()
+                if not line:
+                    raise AssertionError("watchbuy site exited before it listened")
+                found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
+                if found:
+                    break
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    # keep reading its log, or a full pipe would stall it
+    asyncio.ensure_future(_drain(process.stderr))
+    return process, f"http://127.0.0.1:{found.group(1)}"
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    with contextlib.suppress(Exception):
+        while await stream.read(65536):
+            pass
+
+
+async def test_a_site_process_killed_mid_rush_reconciles(make_site, tmp_path) -> None:
+    # The app in this test process is only the database's owner (migrated, shared with the
+    # subprocess) and the expiry's caller at the end; the shoppers talk to the subprocess.
+    site = await make_site()
+    db, secret = site.db, site.settings.secret_key
+    host, product_id, people, user_ids = await prepare_rush(db)
+    reservation_minutes = 0.02  # 1.2 s: the normal expiry, short for the test
+    env = site_env(site.settings.database_url, site.settings.data_dir,
+                   WATCHBUY_SECRET_KEY=secret,
+                   WATCHBUY_TEST_RESERVATION_MINUTES=str(reservation_minutes))
+    process, url = await start_site_process(env)
+    answered: dict[int, str] = {}  # shopper index -> what the killed process told them
+    enough = asyncio.Event()
+
+    async def shop(index: int, token: str, csrf: str) -> None:
+        async with shopper_client(url, token, csrf) as client:
+            try:
+                response = await press_checkout(client, secret, token, csrf)
+            except httpx.TransportError:
+                return  # the process died under this request: not answered
+            answered[index] = answer(response)
+            if len(answered) >= 5:
+                enough.set()
+
+    try:
+        rush = asyncio.gather(*(shop(i, token, csrf) for i, (token, csrf)
+                                in enumerate(people)))
+        async with asyncio.timeout(60):
+            await enough.wait()
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        async with asyncio.timeout(60):
+            await rush
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert SHOPPERS > len(answered) >= 5, "the kill came in the middle of the rush"
+    # Killed: no unit sold twice (what the orders hold plus what is left is the stock), every
+    # answered buyer has an order, the database rolled back whatever was in flight.
+    held = await reserved_units(db, product_id)
+    left = await stock(db, product_id)
+    assert left >= 0 and left + held.get("pending", 0) == UNITS and set(held) <= {"pending"}
+    assert held.get("pending", 0) >= list(answered.values()).count("bought")
+    assert await orders_per_shopper(db) == 1
+    # Restarted after the reservations' expiry: its start-up upkeep round expires the killed
+    # process's pending orders (the normal expiry) and their stock comes back.
+    await asyncio.sleep(reservation_minutes * 60 + 0.2)
+    process, url = await start_site_process(env)
+    try:
+        async with asyncio.timeout(30):
+            while await reserved_units(db, product_id) != (
+                    {"expired": UNITS - left} if left < UNITS else {}):
+                await asyncio.sleep(0.1)
+        assert await stock(db, product_id) == UNITS
+        # The shoppers the killed process never answered press again and are all answered:
+        # their carts are intact (an order rolled back left the cart as it was).
+        again = [i for i in range(SHOPPERS) if i not in answered]
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(shopper_client(url, *people[i]))
+                       for i in again]
+            responses = await asyncio.gather(*(
+                press_checkout(client, secret, *people[i])
+                for client, i in zip(clients, again, strict=True)))
+        told = [answer(response) for response in responses]
+        # Pressed again: a shopper whose order the killed process committed without answering
+        # finds an empty cart (the order is in their history); every other one is answered.
+        empty = {user_ids[i] for i, said in zip(again, told, strict=True) if said == "empty cart"}
+        ordered_before = {int(row[0]) for row in await db.fetch_all(
+            sa.select(orders.c.user_id).where(orders.c.status == "expired"))}
+        assert empty <= ordered_before
+        retried = len(again) - len(empty)
+        assert told.count("bought") == min(UNITS, retried)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(20):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+    held = await reserved_units(db, product_id)
+    assert held["pending"] == min(UNITS, retried) == UNITS - await stock(db, product_id)
+
+
+# -- stock events ---------------------------------------------------------------------------
+
+
+async def test_stock_events_are_coalesced_and_sold_out_goes_at_once(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    broker = site.app.state.broker
+    viewer = broker.subscribe(room_topic(host["channel"]["id"]))
+    notifier = StockNotifier(site.db, broker, interval=1.0)
+    for _ in range(100):  # a burst of sales in one tick: one event, read when it goes
+        notifier.changed(mug["id"])
+    assert notifier.coalesced == 99
+    async with asyncio.timeout(10):
+        event = await anext(viewer)
+    assert (event["type"], event["product_id"], event["stock"]) == ("stock", mug["id"], 5)
+    assert event["coalesce"] == f"stock:{mug['id']}"
+    # sold out: a refused shopper brings the event forward, within the interval of the last
+    await queries.update_product(site.db, host["id"], mug["id"], stock_delta=-5)
+    notifier.changed(mug["id"], sold_out=True)
+    async with asyncio.timeout(0.9):  # well inside the 1 s interval: it did not wait for it
+        event = await anext(viewer)
+    assert event["stock"] == 0
+    await viewer.close()
+
+
+async def test_a_viewer_queue_keeps_the_latest_stock_and_drops_a_chat_backlog() -> None:
+    async with InMemoryBroker() as broker:
+        stuck = broker.subscribe("room:1", queue_size=8)
+        for stock_left in range(1000, -1, -1):
+            await broker.publish("room:1", {"type": "stock", "product_id": 7,
+                                            "stock": stock_left, "coalesce": "stock:7"})
+        await broker.publish("room:1", {"type": "chat", "text": "hi"})
+        # one queued entry per coalesce key, holding the latest value, in its place
+        assert len(stuck._sink.buf) == 2 and not stuck.overflowed
+        assert broker.drops == {"coalesced": 1000, "overflow": 0}
+        assert (await anext(stuck))["stock"] == 0
+        assert (await anext(stuck))["text"] == "hi"
+        for n in range(9):  # chat cannot be coalesced: a full queue drops the viewer
+            await broker.publish("room:1", {"type": "chat", "text": str(n)})
+        assert stuck.overflowed and len(stuck._sink.buf) == 0
+        assert broker.drops["overflow"] == 9 and broker.local_subscribers("room:1") == 0
+
+
+# -- a viewer that stops reading ------------------------------------------------------------
+
+
+class NonReadingViewer:
+    """A websocket client over a raw TCP socket with a tiny receive buffer that, once the
+    handshake is read, never reads again (the test's loop runs the server too: all async)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.setblocking(False)
+
+    async def open(self, port: int, path: str) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(self.sock, ("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        await loop.sock_sendall(self.sock, (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        async with asyncio.timeout(10):
+            while b"\r\n\r\n" not in head:
+                head += await loop.sock_recv(self.sock, 1)  # nothing after the headers
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_a_viewer_that_stops_reading_does_not_hold_up_the_room(make_site) -> None:
+    import uvicorn
+    import websockets
+
+    queue_size = 32
+    site = await make_site(ws_send_queue=queue_size)
+    host = await site.user("Host", host=True)
+    channel = host["channel"]
+    broker = site.app.state.broker
+    topic = room_topic(channel["id"])
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(site.app, lifespan="off", log_level="warning",
+                                           ws="websockets-sansio", access_log=False))
+    serving = asyncio.ensure_future(server.serve(sockets=[listener]))
+    stuck = None
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                await asyncio.sleep(0.02)
+        path = f"/ws/room/{channel['slug']}"
+        stuck = NonReadingViewer()
+        await stuck.open(port, path)
+        async with websockets.connect(f"ws://127.0.0.1:{port}{path}",
+                                      max_size=2**20) as reader:
+            assert json.loads(await reader.recv())["type"] == "hello"
+            async with asyncio.timeout(10):
+                while broker.local_subscribers(topic) < 2:
+                    await asyncio.sleep(0.02)
+            got: list[dict] = []
+            deepest = 0
+
+            async def flood(events, keep_going) -> None:
+                """Publish in batches, waiting after each until the reading viewer has the
+                batch's last event (so only the stuck one falls behind), until
+                ``keep_going()`` says stop."""
+                nonlocal deepest
+                sent = 0
+                for event in events:
+                    await publish_room_event(broker, channel["id"], event)
+                    sent += 1
+                    sinks = broker._topics.get(topic, ())
+                    deepest = max([deepest, *(len(sink.buf) for sink in sinks)])
+                    if sent % 16 == 0:
+                        await caught_up(event)
+                        if not keep_going():
+                            return
+                await caught_up(event)
+
+            async def caught_up(last: dict) -> None:
+                async with asyncio.timeout(10):
+                    while not got or {k: got[-1].get(k) for k in last} != last:
+                        got.append(json.loads(await reader.recv()))
+
+            pad = "x" * 3000  # big events fill the stuck viewer's socket buffers sooner
+            # 1. Stock for a viewer that does not read: coalesced, it is not dropped.
+            await flood(({"type": "stock", "product_id": 1, "stock": n,
+                          "coalesce": "stock:1", "pad": pad} for n in range(3000, -1, -1)),
+                        lambda: broker.drops["coalesced"] < 200)
+            assert broker.drops["coalesced"] >= 200 and broker.drops["overflow"] == 0
+            assert broker.local_subscribers(topic) == 2  # still there, still bounded
+            got.clear()
+            # 2. Chat it cannot take: its queue fills, it is dropped (its backlog freed)
+            #    while the reading viewer gets every message, in order.
+            await flood(({"type": "chat", "n": n, "text": pad} for n in range(5000)),
+                        lambda: broker.local_subscribers(topic) == 2)
+            assert broker.local_subscribers(topic) == 1
+            assert [event["n"] for event in got] == list(range(len(got)))
+            assert broker.drops["overflow"] > 0
+            assert deepest <= queue_size  # the server never held more for it than this
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                metrics = (await client.get("/metrics")).text
+            assert re.search(r'watchbuy_site_ws_dropped_total\{reason="overflow"\} [1-9]',
+                             metrics)
+            assert re.search(r'watchbuy_site_ws_dropped_total\{reason="coalesced"\} [1-9]',
+                             metrics)
+    finally:
+        if stuck is not None:
+            stuck.close()
+        server.should_exit = True
+        async with asyncio.timeout(20):
+            await serving
+        listener.close()
