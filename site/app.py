@@ -125,7 +125,6 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             # per user across every site process (kept in Redis with a Redis broker)
             chat_limiter=make_rate_limiter(settings.chat_rate, 10.0, settings.broker_url,
                                            settings.broker_prefix, "chat"),
-            shop_limit_log=chat.RateLimiter(1, 60.0),
             room_connections=chat.Connections(),
             session_watch=chat.SessionWatch(broker),
             dashboard=dashboard.DashboardSampler(media, db),

@@ -52,9 +52,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from watchbuy.db import queries
+from watchbuy.logs import LogLimiter
 from watchbuy.site import payments
 from watchbuy.site.chat import publish_room_event
-from watchbuy.site.security import LimitedLog
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.web import (
     format_money,
@@ -71,7 +71,9 @@ if TYPE_CHECKING:
     from watchbuy.db.database import Database
 
 log = logging.getLogger("watchbuy.site.shop")
-notifier_log = LimitedLog(log)  # a broken broker must not log a line per sale
+notifier_log = LogLimiter(log, interval=10.0)  # a broken broker must not log a line per sale
+# a shopper pressing against a shop limit: one line a minute each
+limit_log = LogLimiter(log, interval=60.0)
 
 MAX_QUANTITY = 99
 COALESCE_LOG_INTERVAL = 10.0  # seconds between two "stock events coalesced" lines a product
@@ -174,8 +176,8 @@ def stock_notifier(site: SiteState) -> StockNotifier:
 def log_limit(request: Request, user: dict, message: str) -> None:
     """Log a shop limit that refused this shopper: one line a minute per shopper at most, not
     one per request (a script hitting the limit must not flood the log)."""
-    if state(request)["shop_limit_log"].allow(user["id"]):
-        log.info("shop limit for user %s: %s", user["id"], message)
+    limit_log.log(logging.INFO, "shop limit for user %s: %s", user["id"], message,
+                  key=str(user["id"]))
 
 
 def wants_json(request: Request) -> bool:

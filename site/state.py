@@ -44,7 +44,6 @@ class SiteState(TypedDict):
     templates: Environment
     metrics: SiteMetrics
     chat_limiter: RateLimiter | RedisRateLimiter  # per user, shared by every site process
-    shop_limit_log: RateLimiter  # one log line a minute per shopper hitting a shop limit
     room_connections: Connections
     session_watch: SessionWatch
     dashboard: DashboardSampler
