@@ -36,6 +36,7 @@ from watchbuy.engine.hooks import (
 )
 from watchbuy.site.broker import RedisBroker
 from watchbuy.site.chat import publish_room_event
+from watchbuy.site.media import hls_url
 from watchbuy.site.web import require_host
 
 log = logging.getLogger("watchbuy.site.hooks")
@@ -195,7 +196,8 @@ async def rtmp_hook(request: Request):
     if kind == "publish":
         await queries.set_live(db, channel["id"], True, node_id)
         play_url = await app.state.media.play_url(node_id, channel["slug"])
-        await publish_room_event(app, channel["id"], {"type": "live", "play_url": play_url})
+        await publish_room_event(app, channel["id"], {"type": "live", "play_url": play_url,
+                                                     "hls_url": hls_url(play_url)})
         log.info("room %s is live on node %s", channel["slug"], node_id)
         return JSONResponse({"name": channel["slug"]})
     if kind == "publish_done":

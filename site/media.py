@@ -48,6 +48,7 @@ class MediaDirectory:
                 "play_base": choice.play_base}
 
     async def play_url(self, node_id: str | None, slug: str) -> str:
+        """The room's HTTP-FLV URL; ``hls_url(play_url)`` is its LL-HLS playlist."""
         if self.balancer is not None and node_id:
             node = await self.balancer.node_for(node_id)
             if node is not None:
@@ -132,3 +133,16 @@ def _node_row(engine: dict | None, agent: dict | None, node_id: str | None = Non
         "net_tx_per_s": agent.get("tx_bytes_per_s"),
         "cpu_load": agent.get("cpu_load"),
     }
+
+
+def hls_url(play_url: str) -> str:
+    """The LL-HLS playlist of the stream an HTTP-FLV URL plays.
+
+    The node serves both from one play base (direct, or the CDN's ``/<node-id>/live``):
+    ``<base>/<name>.flv`` and ``<base>/<name>/index.m3u8``.  Deriving one from the other here,
+    and only here, keeps the two on the same origin, which the room's CSP already allows.
+    """
+    base, dot, ext = play_url.rpartition(".")
+    if not dot or ext != "flv":
+        raise ValueError(f"not an HTTP-FLV play URL: {play_url!r}")
+    return f"{base}/index.m3u8"

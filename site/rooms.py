@@ -8,6 +8,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from watchbuy.db import queries
+from watchbuy.site.media import hls_url
 from watchbuy.site.web import format_money, render
 
 
@@ -39,6 +40,7 @@ async def room_state(app, channel: dict) -> dict:
         "title": channel["title"],
         "live": bool(channel["is_live"]),
         "play_url": play_url,
+        "hls_url": hls_url(play_url),
         "viewers": stats.get("viewers", 0),
         "pinned": pinned,
         "products": [product_card(p, app.state.storage) for p in shown],
