@@ -224,8 +224,12 @@ class HlsStream:
         name: str = "",
         config: HlsConfig | None = None,
         clock: Callable[[], float] = time.time,
+        first_msn: int = 0,
     ) -> None:
         self.name = name
+        # A node starts each publish of a name at a new MSN, so a CDN never serves a part or
+        # a blocking playlist cached from an earlier publish of the same name.
+        self.first_msn = first_msn
         self.config = config or HlsConfig()
         self.config.check()
         self._clock = clock
@@ -436,7 +440,7 @@ class HlsStream:
         self._publish()
 
     def _open_segment(self, ts: int, discontinuity: bool) -> None:
-        msn = self.segments[-1].msn + 1 if self.segments else 0
+        msn = self.segments[-1].msn + 1 if self.segments else self.first_msn
         pdt = self._wall0 + (ts - self._t0) / 1000
         self.segments.append(Segment(msn, ts, pdt, self._init_id, discontinuity))
 
@@ -596,7 +600,7 @@ class HlsStream:
         """The spec's 400 rule: ``_HLS_msn`` more than two past the last segment, or
         ``_HLS_part`` more than the Advance Part Limit past the last part."""
         # The last segment the playlist lists: a segment just opened has no line in it yet.
-        last_msn = max(self._last_part()[0], self._last_complete_msn(), 0)
+        last_msn = max(self._last_part()[0], self._last_complete_msn(), self.first_msn)
         if msn > last_msn + 2:
             return True
         if part is None:

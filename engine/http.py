@@ -180,6 +180,9 @@ class HttpSession(ViewerSession):
         self._turn_scheduled = False
         self._closing = False  # the last answer is queued; the transport closes after it
         self._lost = False
+        # A blocking LL-HLS request waiting for its part (engine/hls_http.py Hold): while set,
+        # nothing is read, answered or timed out but the hold's own timer.
+        self.hold = None
 
     # -- connection life ----------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -190,6 +193,8 @@ class HttpSession(ViewerSession):
     def connection_lost(self, exc) -> None:
         self._lost = True
         self._cancel_timer()
+        if self.hold is not None:
+            self.hold.cancel()
         super().connection_lost(exc)  # the per-address count (ViewerSession)
         self.node.stats.connection_closed("http")
         if self.viewer is not None and self.playing is not None:
@@ -227,6 +232,13 @@ class HttpSession(ViewerSession):
         self._turn_scheduled = False
         if self._lost or self._closing or self.viewer is not None:
             return
+        if self.hold is not None:
+            # Reading is paused while a request waits; bytes already on their way are kept,
+            # in order and within the parser's bound, for after its answer.
+            if self.parser.feed(data, 0):
+                self._closing = True  # past the pipelining bound: no answer can be in order
+                self.transport.abort()
+            return
         try:
             for event in self.parser.feed(data, self.node.settings.http_requests_per_turn):
                 if isinstance(event, HttpError):
@@ -237,7 +249,8 @@ class HttpSession(ViewerSession):
                     return
                 self._cancel_timer()  # a whole head arrived in time
                 self.handle(event)
-                if self.viewer is not None or self._closing or self._write_paused:
+                if self.viewer is not None or self._closing or self._write_paused \
+                        or self.hold is not None:
                     break
         except Exception as exc:  # a bug must cost this connection only, and one line
             LOG_BUDGET.log(logging.WARNING, "http %s: internal error: %s: %s", self.peer,
@@ -255,6 +268,12 @@ class HttpSession(ViewerSession):
 
     def _schedule(self) -> None:
         """After a turn or a drained write buffer: plan the next turn, reading and timer."""
+        if self.hold is not None:
+            # Waiting on a stream, not on the peer: no head or keep-alive timeout meanwhile.
+            self._set_reading(False)
+            if not self._write_paused:
+                self._cancel_timer()
+            return
         backlog = self.parser.has_complete()
         if backlog and not self._write_paused and not self._turn_scheduled:
             self._turn_scheduled = True
@@ -381,6 +400,8 @@ class HttpSession(ViewerSession):
             self.respond(200, {"ok": True, "node_id": self.node.settings.node_id}, keep, head_only)
         elif path.endswith(".flv"):
             self.play(request, path, head_only)
+        elif self.node.hls is not None and self.node.hls.is_hls_path(path):
+            self.node.hls.handle(self, request, head_only)  # engine/hls_http.py
         else:
             self.respond(404, {"error": "not found"}, keep, head_only)
 
@@ -412,6 +433,11 @@ class HttpSession(ViewerSession):
         self.playing = stream
         self.viewer = FlvViewer(self, chunked)
         stream.add_viewer(self.viewer)
+
+    def hold_released(self) -> None:
+        """A blocking LL-HLS request was answered: go on with the pipeline."""
+        if not self._closing and not self._lost:
+            self._schedule()
 
     def stream_ended(self, viewer: FlvViewer) -> None:
         """The publisher stopped: finish the body so the player sees the end at once."""

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 
 from watchbuy.engine.codecs import implementations
+from watchbuy.engine.hls_http import HlsService
 from watchbuy.engine.hooks import HttpHooks, PublishAuthorizer, StaticKeys
 from watchbuy.engine.http import HttpSession
 from watchbuy.engine.metrics import node_registry
@@ -110,6 +111,8 @@ class MediaNode:
         self.rtmp_port = settings.rtmp_port
         self.http_port = settings.http_port
         self.metrics = node_registry(self)  # GET /metrics (engine/metrics.py)
+        # LL-HLS of every live stream (engine/hls_http.py), muxed from publish on.
+        self.hls = HlsService(self) if settings.hls else None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -138,6 +141,8 @@ class MediaNode:
             server.close()
         for stream in list(self.registry.streams.values()):
             self.registry.stop(stream)
+        if self.hls is not None:
+            self.hls.close()
         for server in self._servers:
             try:
                 await asyncio.wait_for(server.wait_closed(), 2)

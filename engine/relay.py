@@ -37,6 +37,7 @@ from watchbuy.engine.wire import (
 from watchbuy.settings import Settings
 
 if TYPE_CHECKING:
+    from watchbuy.engine.hls import HlsStream
     from watchbuy.engine.session import ViewerSession
 
 log = logging.getLogger("watchbuy.engine.relay")
@@ -295,6 +296,9 @@ class LiveStream:
         self.bytes_in = 0
         self.video_frames = 0
         self._window = RateWindow()  # "in": (bytes in, video frames)
+        # The stream's LL-HLS muxer (engine/hls_http.py sets it at publish when HLS is on):
+        # fed here, once per message, whatever the number of viewers.
+        self.hls: HlsStream | None = None
 
     # -- input from the publisher --------------------------------------------------------------
     def on_media(self, type_id: int, timestamp: int, payload: bytes) -> None:
@@ -323,6 +327,14 @@ class LiveStream:
         else:
             return
         self.pending.append(tag)
+        if self.hls is not None:
+            try:
+                self.hls.feed(type_id, timestamp, payload)
+            except Exception as exc:  # a muxer bug must not cost the publisher or FLV viewers
+                log.warning("stream %s: LL-HLS muxing failed, HLS off for this stream: %s: %s",
+                            self.name, type(exc).__name__, exc)
+                self.hls.end()
+                self.hls = None
 
     def on_metadata(self, values: list) -> None:
         """``@setDataFrame onMetaData {...}`` from the publisher: keep it for late joiners."""
@@ -336,6 +348,8 @@ class LiveStream:
             self._metadata_trim_logged = True  # publishers may resend metadata at any rate
             log.info("stream %s: publisher metadata trimmed: %d fields not kept (nested, too "
                      "long or past WATCHBUY_METADATA_MAX_FIELDS/_BYTES)", self.name, skipped)
+        if self.hls is not None:
+            self.hls.on_metadata(self.metadata)
         self.metadata["server"] = "WatchBuy"
         payload = amf.encode_amf0("onMetaData", ECMAArray(self.metadata))
         self.metadata_tag = Tag(MSG_DATA_AMF0, 0, payload, False)

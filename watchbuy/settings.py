@@ -10,6 +10,7 @@ prints it and exits 1.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import secrets
@@ -74,6 +75,15 @@ class Settings:
     # as many times as they are used)
     amf_max_nodes: int = 65536
     amf_max_expanded_bytes: int = 16 * 1024 * 1024
+    # LL-HLS (engine/hls.py, engine/hls_http.py): every live stream as CMAF parts and segments
+    hls: bool = True  # mux every live stream for LL-HLS at publish (off: no HLS routes)
+    hls_part_target: float = 0.334  # seconds per part (EXT-X-PART-INF PART-TARGET)
+    hls_segment_target: float = 2.0  # seconds per segment; segments follow the GOP from here
+    hls_window_segments: int = 10  # complete segments kept in memory and in the playlist
+    hls_max_segment_seconds: float = 10.0  # a segment is cut without a keyframe this long
+    hls_max_pending_audio: int = 512  # audio frames held while video stalls
+    hls_block_timeout: float = 0.0  # a blocking request waits this long, then 503; 0: 3 x TD
+    hls_ended_keep: float = 30.0  # an ended stream's playlist (with ENDLIST) is kept this long
     # everything
     data_dir: str = "data"
     log_level: str = "INFO"
@@ -190,8 +200,34 @@ def _validate(settings: Settings) -> None:
                  "fd_reserve", "metadata_max_fields", "metadata_max_bytes"):
         if not getattr(settings, name) >= 0:  # NaN fails this too
             raise ConfigError(f"{PREFIX}{name.upper()}: must be zero (off) or positive")
+    if settings.hls:
+        for name in ("hls_part_target", "hls_segment_target", "hls_max_segment_seconds"):
+            if not math.isfinite(getattr(settings, name)):
+                raise ConfigError(f"{PREFIX}{name.upper()}: must be a finite number")
+        try:
+            hls_config(settings).check()  # the HLS module's own bounds, one place
+        except ValueError as exc:
+            # Its messages start with the field's name: name the variable to fix.
+            field_name = str(exc).split()[0]
+            raise ConfigError(f"{PREFIX}HLS_{field_name.upper()}: {exc}") from None
+    for name in ("hls_block_timeout", "hls_ended_keep"):
+        if not 0 <= getattr(settings, name) <= 3600:  # NaN fails this too
+            raise ConfigError(f"{PREFIX}{name.upper()}: must be 0..3600 seconds")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{PREFIX}LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR")
+
+
+def hls_config(settings: Settings):
+    """The :class:`~watchbuy.engine.hls.HlsConfig` of a node with ``settings``."""
+    from watchbuy.engine.hls import HlsConfig
+
+    return HlsConfig(
+        part_target=settings.hls_part_target,
+        segment_target=settings.hls_segment_target,
+        window_segments=settings.hls_window_segments,
+        max_segment_seconds=settings.hls_max_segment_seconds,
+        max_pending_audio=settings.hls_max_pending_audio,
+    )
 
 
 def read_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
