@@ -120,6 +120,18 @@ def fanout_run(server_name: str, n: int, args, flv: Path, media: dict) -> dict:
                 late_at=late_at if late else [],
             )
 
+        if args.protocol == "llhls":
+            # LL-HLS viewers (bench/fanout/llhls.py): hls.js's requests, many per process
+            path = f"/live/{server.stream_name(0)}/index.m3u8"
+            jobs = [
+                ("bench.fanout.llhls", dict(plan(count, False), paths=[path]))
+                for count in split(n, max(1, min(load_procs, n)))
+            ]
+            row["protocol"] = "llhls"
+            results, marks = run_loads(server, jobs, load_cpus, meter, t_start, t_end)
+            note_server(row, server)
+            row.update(summarise(results, marks, n, t_end - t_start, fps, baseline_rate, media))
+            return
         # --load bulk: a few parsing probes (every tag timed: the latency figures) and the rest
         # as byte-counting viewers on one epoll loop, so the load costs far less than the
         # server; --load parse: every viewer parses (the older harness, load-bound sooner).
@@ -167,6 +179,8 @@ def summarise(
     media_bytes_s = (media or {}).get("media_kbit_per_s", 0) * 1000 / 8
 
     def received(v: dict) -> float:
+        if "media_s" in v:  # an LL-HLS viewer: the media seconds of the parts it fetched
+            return v["media_s"] / window
         if "bytes_window" in v:
             return v["bytes_window"] / (media_bytes_s * window) if media_bytes_s else 0.0
         return media_received(v, fps, window)
@@ -319,6 +333,13 @@ def parse_args(argv):
         help="the stream: 2.7M (720p30, the default) or 600k (360p30)",
     )
     p.add_argument(
+        "--protocol",
+        choices=("flv", "llhls"),
+        default="flv",
+        help="flv (default): HTTP-FLV viewers; llhls: LL-HLS viewers as hls.js in low-latency "
+        "mode (blocking playlist reloads and part fetches; WatchBuy only)",
+    )
+    p.add_argument(
         "--load",
         choices=("bulk", "parse"),
         default="bulk",
@@ -407,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
         return install_nms()
     if args.full:
         return full(args)
+    if args.protocol == "llhls":
+        if args.servers and args.servers != "watchbuy":
+            print("LL-HLS: node-media-server 4.4.3 serves no LL-HLS; WatchBuy only",
+                  file=sys.stderr)
+        args.servers = "watchbuy"
     chosen = dataclasses.replace(HARNESS, flv=MEDIA[args.media])
     if args.ladder:
         chosen = dataclasses.replace(
