@@ -355,8 +355,8 @@ def parse_args(argv):
     p.add_argument(
         "--batch-ms",
         type=float,
-        default=50.0,
-        help="the bulk loop's turn: bytes gathered per recv (default 50)",
+        default=100.0,
+        help="the bulk loop's turn in ms: bytes gathered per recv (default 100)",
     )
     p.add_argument(
         "--max-p99-ms",
