@@ -39,7 +39,7 @@ def run_plan(plan: dict) -> dict:
     count: int = plan["viewers"]
     t_start, t_end = plan["t_start"], plan["t_end"]
     connect_at, spread = plan["connect_at"], plan["connect_spread"]
-    batch = plan.get("batch_ms", 100) / 1000
+    batch = plan.get("batch_ms", 250) / 1000
     requests = [
         (f"GET {p} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: watchbuy-bench-bulk\r\n"
          "Accept: */*\r\n\r\n").encode()

@@ -361,8 +361,8 @@ def parse_args(argv):
     p.add_argument(
         "--batch-ms",
         type=float,
-        default=100.0,
-        help="the bulk loop's turn in ms: bytes gathered per recv (default 100)",
+        default=250.0,
+        help="the bulk loop's turn in ms: bytes gathered per recv (default 250)",
     )
     p.add_argument(
         "--connect-rate",
