@@ -4,11 +4,13 @@ Run by the harness as ``python -m bench.fanout.llhls '<plan json>'`` (``bench.fa
 llhls``); writes one JSON object to the plan's ``out`` file.
 
 Each viewer is what hls.js in ``lowLatencyMode`` asks of a node, on one keep-alive HTTP/1.1
-connection: the plain playlist once, the init segment, then for ever a *blocking playlist
-reload* for the part named by ``EXT-X-PRELOAD-HINT`` (``index.m3u8?_HLS_msn=M&_HLS_part=P``,
-answered when that part exists) followed by a fetch of every part it lists that this viewer has
-not fetched yet.  It starts, as hls.js does, at the last independent part of the playlist.  Two
-requests per part and viewer: the node's real LL-HLS work (holding, waking, answering).
+connection: the plain playlist once, the init segment, the parts from the playlist's last
+independent part on, then for ever a *blocking playlist reload* for the part named by
+``EXT-X-PRELOAD-HINT`` (``index.m3u8?_HLS_msn=M&_HLS_part=P``) together with that part itself
+(hls.js fetches the hinted part in parallel; here both go pipelined in one write), both held by
+the node until the part exists, and a fetch of any other part the playlist lists that this
+viewer has not fetched.  Two requests per part and viewer: the node's real LL-HLS work
+(holding, waking, answering).
 
 Per viewer: the media seconds (summed part durations) fetched inside the window, the bytes, and
 for every part fetched in the window its *delivery delay*: the wall clock when its last byte
@@ -26,7 +28,7 @@ import os
 import sys
 import time
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from datetime import datetime
 
 from bench.fanout.load import BIN, _sleep_until, raise_fd_limit
@@ -35,7 +37,8 @@ HEAD_LIMIT = 16384
 
 
 class HttpConnection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection, one request at a time (Content-Length bodies)."""
+    """One keep-alive HTTP/1.1 connection; requests may be pipelined, answered in order
+    (Content-Length bodies)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host_header = f"Host: {host}:{port}\r\n".encode()
@@ -44,33 +47,45 @@ class HttpConnection(asyncio.Protocol):
         self.need = -1  # body bytes still to come; -1 while the head is awaited
         self.status = 0
         self.body: bytearray | None = None
-        self.keep = True  # keep the body (playlists) or only count it (media)
         self.received = 0
-        self.waiter: asyncio.Future | None = None
+        self.waiting: deque[tuple[asyncio.Future, bool]] = deque()  # (answer, keep the body)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def connection_lost(self, exc) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionError(str(exc) if exc else "closed by server"))
+        while self.waiting:
+            waiter, _ = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(ConnectionError(str(exc) if exc else "closed by server"))
 
-    def get(self, path: str, keep: bool) -> asyncio.Future:
-        """Send ``GET path``; the future gives ``(status, body or None, body length)``."""
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.keep = keep
-        self.transport.write(b"GET " + path.encode() + b" HTTP/1.1\r\n" + self.host_header
-                             + b"User-Agent: watchbuy-bench-llhls\r\n\r\n")
-        return self.waiter
+    def get(self, *requests: tuple[str, bool]) -> list[asyncio.Future]:
+        """Send ``GET path`` for each ``(path, keep the body)`` in one write (pipelined); a
+        future for each gives ``(status, body or None, body length)``."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        out = b""
+        for path, keep in requests:
+            futures.append(loop.create_future())
+            self.waiting.append((futures[-1], keep))
+            out += (b"GET " + path.encode() + b" HTTP/1.1\r\n" + self.host_header
+                    + b"User-Agent: watchbuy-bench-llhls\r\n\r\n")
+        self.transport.write(out)
+        return futures
+
+    async def get1(self, path: str, keep: bool) -> tuple:
+        return await self.get((path, keep))[0]
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        while self.buf and self.waiter is not None and not self.waiter.done():
+        while self.buf and self.waiting:
+            waiter, keep = self.waiting[0]
             if self.need < 0:
                 end = self.buf.find(b"\r\n\r\n")
                 if end < 0:
                     if len(self.buf) > HEAD_LIMIT:
-                        self.waiter.set_exception(ValueError("response head too long"))
+                        self.waiting.popleft()
+                        waiter.set_exception(ValueError("response head too long"))
                     return
                 head = bytes(self.buf[:end]).lower()
                 del self.buf[: end + 4]
@@ -81,7 +96,7 @@ class HttpConnection(asyncio.Protocol):
                     self.need = int(head[at + 15 : end if end >= 0 else len(head)])
                 else:
                     self.need = 0
-                self.body = bytearray() if self.keep else None
+                self.body = bytearray() if keep else None
                 self.received = 0
             take = min(self.need, len(self.buf))
             if self.body is not None:
@@ -92,7 +107,9 @@ class HttpConnection(asyncio.Protocol):
             if self.need:
                 return
             self.need = -1
-            self.waiter.set_result((self.status, self.body, self.received))
+            self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result((self.status, self.body, self.received))
 
 
 _PDT_CACHE: dict[str, float] = {}
@@ -107,9 +124,9 @@ def _pdt(text: str) -> float:
     return at
 
 
-def parse_playlist(text: str) -> tuple[list[tuple], tuple[int, int] | None]:
+def parse_playlist(text: str) -> tuple[list[tuple], tuple[int, int, str] | None]:
     """The parts of a media playlist, ``(msn, index, uri, media end (wall clock), duration,
-    independent)`` in order, and the preload hint's ``(msn, index)``."""
+    independent)`` in order, and the preload hint's ``(msn, index, uri)``."""
     parts: list[tuple] = []
     msn = 0
     index = 0
@@ -131,7 +148,8 @@ def parse_playlist(text: str) -> tuple[list[tuple], tuple[int, int] | None]:
         elif line.startswith("#EXT-X-SKIP:"):
             msn += int(line.split("SKIPPED-SEGMENTS=")[1].split(",")[0])
         elif line.startswith("#EXT-X-PRELOAD-HINT:"):
-            hint = (msn, index)
+            at = line.find('URI="') + 5
+            hint = (msn, index, line[at : line.find('"', at)])
         elif line and not line.startswith("#"):  # a segment's URI closes it
             msn += 1
             index = 0
@@ -168,7 +186,7 @@ class Viewer:
             conn.transport.close()
 
     async def _play(self, conn: HttpConnection) -> None:
-        status, body, _ = await conn.get(self.base + "index.m3u8", True)
+        status, body, _ = await conn.get1(self.base + "index.m3u8", True)
         self.status = status
         if status != 200:
             self.error = f"HTTP {status} for the playlist"
@@ -176,38 +194,57 @@ class Viewer:
         parts, hint = parse_playlist(body.decode())
         starts = [i for i, p in enumerate(parts) if p[5]]
         todo = parts[starts[-1] if starts else max(0, len(parts) - 3) :]
-        status, _, size = await conn.get(self.base + "init.mp4", False)
+        status, _, size = await conn.get1(self.base + "init.mp4", False)
         if status != 200:
             self.error = f"HTTP {status} for init.mp4"
             return
         self.bytes += size
         last = (-1, -1)
-        while time.monotonic() < self.t_end:
-            for msn, index, uri, end, duration, _ in todo:
+        while True:
+            for msn, index, uri, end, duration, _ in todo:  # the parts not fetched yet
                 if (msn, index) <= last:
                     continue
-                status, _, size = await conn.get(self.base + uri, False)
+                status, _, size = await conn.get1(self.base + uri, False)
                 if status != 200:
                     self.error = f"HTTP {status} for {uri}"
                     return
-                arrived = time.time()
-                self.bytes += size
                 last = (msn, index)
-                now = time.monotonic()
-                if self.t_start <= now < self.t_end:
-                    self.parts += 1
-                    self.media_s += duration
-                    self.delay.append(arrived - end)
+                self._got(size, end, duration)
+            if time.monotonic() >= self.t_end:
+                return
             if hint is None:
                 self.error = "the playlist ended"  # EXT-X-ENDLIST: the stream stopped
                 return
-            status, body, _ = await conn.get(
-                f"{self.base}index.m3u8?_HLS_msn={hint[0]}&_HLS_part={hint[1]}", True)
+            # As hls.js: the blocking reload for the hinted part and the hinted part itself at
+            # once (here pipelined on the one connection); both are held until the part exists.
+            reload, part = conn.get(
+                (f"{self.base}index.m3u8?_HLS_msn={hint[0]}&_HLS_part={hint[1]}", True),
+                (self.base + hint[2], False))
+            status, body, _ = await reload
             self.reloads += 1
             if status != 200:
                 self.error = f"HTTP {status} for a blocking reload"
                 return
-            todo, hint = parse_playlist(body.decode())
+            part_status, _, size = await part
+            if part_status != 200:
+                self.error = f"HTTP {part_status} for the hinted part {hint[2]}"
+                return
+            todo, next_hint = parse_playlist(body.decode())
+            for msn, index, _, end, duration, _ in todo:
+                if (msn, index) == hint[:2]:
+                    last = hint[:2]
+                    self._got(size, end, duration)
+                    break
+            hint = next_hint
+
+    def _got(self, size: int, end: float, duration: float) -> None:
+        """A part arrived: its bytes, and inside the window its media time and delivery delay."""
+        arrived = time.time()
+        self.bytes += size
+        if self.t_start <= time.monotonic() < self.t_end:
+            self.parts += 1
+            self.media_s += duration
+            self.delay.append(arrived - end)
 
     def summary(self, hist: Counter) -> dict:
         for x in self.delay:
