@@ -242,7 +242,7 @@ class HlsService:
         self.holds += 1
         hold = Hold(self, session, hls, keep, answer)
         session.hold = hold
-        if not hls.add_waiter(msn, part, hold.fire):
+        if not hls.add_waiter(msn, part, hold.callback):
             session.hold = None
             answer()  # ready after all
             return
@@ -252,7 +252,7 @@ class HlsService:
 class Hold:
     """One blocked request: answered by its stream's waiter, or 503 at its timeout."""
 
-    __slots__ = ("service", "session", "hls", "keep", "answer", "timer", "done")
+    __slots__ = ("service", "session", "hls", "keep", "answer", "timer", "done", "callback")
 
     def __init__(self, service: HlsService, session: HttpSession, hls: HlsStream, keep: bool,
                  answer: Callable[[], None]) -> None:  # fmt: skip
@@ -263,6 +263,8 @@ class Hold:
         self.answer = answer
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
+        # One bound method, kept: the stream forgets a waiter by identity.
+        self.callback = self.fire
 
     def fire(self) -> None:
         """The awaited part exists (or the stream ended): answer now, in the publisher's call,
@@ -285,7 +287,7 @@ class Hold:
             return
         self.timer = None
         self._finish()
-        self.hls.remove_waiter(self.fire)
+        self.hls.remove_waiter(self.callback)
         self.service.hold_timeouts += 1
         LOG_BUDGET.log(logging.INFO, "http %s: hls %s: blocking request not satisfied within "
                        "%.1f s (WATCHBUY_HLS_BLOCK_TIMEOUT): 503", self.session.peer,
@@ -300,7 +302,7 @@ class Hold:
         if self.done:
             return
         self._finish()
-        self.hls.remove_waiter(self.fire)
+        self.hls.remove_waiter(self.callback)
 
     def _finish(self) -> None:
         self.done = True

@@ -183,6 +183,9 @@ class HttpSession(ViewerSession):
         # A blocking LL-HLS request waiting for its part (engine/hls_http.py Hold): while set,
         # nothing is read, answered or timed out but the hold's own timer.
         self.hold = None
+        # Requests parsed in a turn that stopped early (a hold, a paused writer): answered
+        # first, in order, next turn.  At most ``http_requests_per_turn`` of them.
+        self._queued: list = []
 
     # -- connection life ----------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -235,12 +238,13 @@ class HttpSession(ViewerSession):
         if self.hold is not None:
             # Reading is paused while a request waits; bytes already on their way are kept,
             # in order and within the parser's bound, for after its answer.
-            if self.parser.feed(data, 0):
-                self._closing = True  # past the pipelining bound: no answer can be in order
-                self.transport.abort()
+            self._queued.extend(self.parser.feed(data, 0))  # an error, past the bound
             return
         try:
-            for event in self.parser.feed(data, self.node.settings.http_requests_per_turn):
+            queued, self._queued = self._queued, []
+            limit = self.node.settings.http_requests_per_turn
+            events = queued + self.parser.feed(data, max(limit - len(queued), 0))
+            for index, event in enumerate(events):
                 if isinstance(event, HttpError):
                     self.node.stats.protocol_errors["http"] += 1
                     LOG_BUDGET.log(logging.INFO, "http %s: %s", self.peer, event.reason,
@@ -249,8 +253,10 @@ class HttpSession(ViewerSession):
                     return
                 self._cancel_timer()  # a whole head arrived in time
                 self.handle(event)
-                if self.viewer is not None or self._closing or self._write_paused \
-                        or self.hold is not None:
+                if self.viewer is not None or self._closing:
+                    break
+                if self._write_paused or self.hold is not None:
+                    self._queued = events[index + 1 :]  # theirs to answer, after this one
                     break
         except Exception as exc:  # a bug must cost this connection only, and one line
             LOG_BUDGET.log(logging.WARNING, "http %s: internal error: %s: %s", self.peer,
@@ -274,7 +280,7 @@ class HttpSession(ViewerSession):
             if not self._write_paused:
                 self._cancel_timer()
             return
-        backlog = self.parser.has_complete()
+        backlog = bool(self._queued) or self.parser.has_complete()
         if backlog and not self._write_paused and not self._turn_scheduled:
             self._turn_scheduled = True
             self.loop.call_soon(self._turn)

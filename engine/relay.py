@@ -420,6 +420,8 @@ class LiveStream:
         self.gop_bytes = 0
         self.pending = []
         self.last_media_at = time.monotonic()
+        if self.hls is not None:
+            self.hls.restart_clock()  # the LL-HLS playlist goes on, on the new clock
 
     def end(self) -> None:
         for viewer in tuple(self.viewers):

@@ -13,11 +13,15 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime
 
 import boto3
 import pytest
 from moto.cloudfront import models as cloudfront_models
+from moto.cloudfront import responses as cloudfront_responses
+from moto.cloudfront import urls as cloudfront_urls
 from moto.cloudfront.exceptions import CloudFrontException
+from moto.core.responses import ActionResult
 from test_balancer_aws import (
     REGION,
     aws,
@@ -29,7 +33,14 @@ from test_balancer_aws import (
 )
 
 from watchbuy.balancer import AwsConfigError, AwsError
-from watchbuy.balancer.cdn import CdnTarget, plan_sync, sync_distribution
+from watchbuy.balancer.cdn import (
+    HLS_CACHE_POLICY,
+    CdnTarget,
+    desired_cache_policy,
+    ensure_cache_policy,
+    plan_sync,
+    sync_distribution,
+)
 from watchbuy.cli import main
 
 # The fixtures, shared with test_balancer_aws.py: moto, and (autouse) the guard that fails a
@@ -79,6 +90,71 @@ def strict_etags(monkeypatch):
                         update_distribution)
 
 
+class NoSuchCachePolicy(CloudFrontException):
+    code = "NoSuchCachePolicy"
+    message = "The cache policy does not exist."
+
+
+class CachePolicyAlreadyExists(CloudFrontException):
+    code = "CachePolicyAlreadyExists"
+    message = "A cache policy with this name already exists."
+
+
+@pytest.fixture(autouse=True)
+def moto_cache_policies(monkeypatch):
+    """moto 5.2.5's CloudFront has no cache policy API (ListCachePolicies answers 404 there).
+    This gives it one for the test: the four calls cdn-sync makes, routed, parsed and answered
+    by moto's own machinery from botocore's CloudFront model (so requests and answers have the
+    real API's shape), with CloudFront's ETag rule on update.  ``{id: [config, etag]}``."""
+    policies: dict[str, list] = {}
+    base = "{0}/2020-05-31/cache-policy"
+    for path in (base + "$", base + "/(?P<Id>[^/]+)$", base + "/(?P<Id>[^/]+)/config$"):
+        monkeypatch.setitem(cloudfront_urls.url_paths, path,
+                            cloudfront_responses.CloudFrontResponse.dispatch)
+
+    def summary(policy_id: str) -> dict:
+        return {"Id": policy_id, "LastModifiedTime": datetime.now(UTC),
+                "CachePolicyConfig": policies[policy_id][0]}
+
+    def create_cache_policy(self):
+        config = self._get_param("CachePolicyConfig")
+        if any(c["Name"] == config["Name"] for c, _etag in policies.values()):
+            raise CachePolicyAlreadyExists()
+        policy_id = str(uuid.uuid4())
+        policies[policy_id] = [config, cloudfront_models.random_id()]
+        return ActionResult({"CachePolicy": summary(policy_id), "ETag": policies[policy_id][1],
+                             "Location": f"https://cloudfront.amazonaws.com/{policy_id}"})
+
+    def list_cache_policies(self):
+        kind = self._get_param("Type")
+        items = [] if kind == "managed" else \
+            [{"Type": "custom", "CachePolicy": summary(i)} for i in policies]
+        return ActionResult({"CachePolicyList": {"MaxItems": 100, "Quantity": len(items),
+                                                 "Items": items}})
+
+    def get_cache_policy(self):
+        policy_id = self._get_param("Id")
+        if policy_id not in policies:
+            raise NoSuchCachePolicy()
+        return ActionResult({"CachePolicy": summary(policy_id), "ETag": policies[policy_id][1]})
+
+    def update_cache_policy(self):
+        policy_id = self._get_param("Id")
+        if policy_id not in policies:
+            raise NoSuchCachePolicy()
+        if self._get_param("IfMatch") != policies[policy_id][1]:
+            raise PreconditionFailed()
+        policies[policy_id] = [self._get_param("CachePolicyConfig"),
+                               cloudfront_models.random_id()]
+        return ActionResult({"CachePolicy": summary(policy_id), "ETag": policies[policy_id][1]})
+
+    for function in (create_cache_policy, list_cache_policies, get_cache_policy,
+                     update_cache_policy):
+        monkeypatch.setattr(cloudfront_responses.CloudFrontResponse, function.__name__,
+                            function, raising=False)
+    return policies
+
+
 @pytest.fixture
 def cloudfront(aws, strict_etags):
     client = boto3.client("cloudfront", region_name=REGION)
@@ -107,6 +183,11 @@ def managed(config: dict) -> tuple[list[str], list[str]]:
     origins = [o["Id"] for o in config["Origins"]["Items"] if o["Id"].startswith("wb-")]
     patterns = [b["PathPattern"] for b in config["CacheBehaviors"].get("Items") or []]
     return origins, patterns
+
+
+def node_patterns(node_id: str) -> list[str]:
+    """A node's behaviours with LL-HLS, in CloudFront's order: most specific first."""
+    return [f"/{node_id}/*.m3u8", f"/{node_id}/*.m??", f"/{node_id}/*"]
 
 
 def public_dns(instance_id: str) -> str:
@@ -178,7 +259,8 @@ def test_sync_adds_removes_and_is_idempotent(cloudfront, distribution):
     result = sync_distribution(cloudfront, distribution, targets)
     assert result.updated and result.plan.added == ids
     config, etag = read(cloudfront, distribution)
-    assert managed(config) == ([f"wb-{i}" for i in ids], [f"/{i}/*" for i in ids] + ["/static/*"])
+    assert managed(config) == ([f"wb-{i}" for i in ids],
+                               [p for i in ids for p in node_patterns(i)] + ["/static/*"])
     assert config["Origins"]["Items"][0]["Id"] == "site"  # the user's origin, untouched
     assert config["Comment"] == "shop" and etag == result.etag
 
@@ -197,7 +279,8 @@ def test_sync_adds_removes_and_is_idempotent(cloudfront, distribution):
     result = sync_distribution(cloudfront, distribution, [CdnTarget(i, public_dns(i)) for i in now])
     assert result.plan.removed == [ids[0]] and result.plan.added == [i for i in now if i != ids[1]]
     config, _ = read(cloudfront, distribution)
-    assert managed(config) == ([f"wb-{i}" for i in now], [f"/{i}/*" for i in now] + ["/static/*"])
+    assert managed(config) == ([f"wb-{i}" for i in now],
+                               [p for i in now for p in node_patterns(i)] + ["/static/*"])
 
 
 def test_stale_etag_is_reread_and_retried_not_overwritten(cloudfront, distribution):
@@ -330,3 +413,88 @@ def test_cli_missing_credentials_is_one_line(tmp_path):
         "watchbuy: configuration error: no AWS region: set WATCHBUY_AWS_REGION "
         "(or AWS_DEFAULT_REGION), or pass --region"
     ]
+
+
+# -- LL-HLS: a cache policy and two behaviours per node ----------------------------------------
+def test_plan_with_hls_puts_the_hls_behaviours_before_the_nodes_flv_one():
+    targets = [CdnTarget("i-a", "a.example.com")]
+    plan = plan_sync(base_config(), targets, hls_cache_policy_id="policy-1")
+    assert managed(plan.config)[1] == [*node_patterns("i-a"), "/static/*"]
+    playlist, media, flv = plan.config["CacheBehaviors"]["Items"][:3]
+    for behaviour in (playlist, media):
+        assert behaviour["CachePolicyId"] == "policy-1"
+        assert "ForwardedValues" not in behaviour and "MinTTL" not in behaviour
+        assert behaviour["TargetOriginId"] == "wb-i-a"
+        assert behaviour["AllowedMethods"]["CachedMethods"]["Items"] == ["GET", "HEAD"]
+    # HTTP-FLV stays uncached.
+    assert (flv["MinTTL"], flv["DefaultTTL"], flv["MaxTTL"]) == (0, 0, 0)
+    assert "CachePolicyId" not in flv
+    assert not plan_sync(plan.config, targets, hls_cache_policy_id="policy-1").has_changes
+    # Another policy id, or HLS turned off, is a change for the node, and only its behaviours.
+    assert plan_sync(plan.config, targets, hls_cache_policy_id="policy-2").changed == ["i-a"]
+    off = plan_sync(plan.config, targets)
+    assert off.changed == ["i-a"] and managed(off.config)[1] == ["/i-a/*", "/static/*"]
+
+
+def test_path_patterns_route_hls_and_flv_as_cloudfront_would():
+    # CloudFront path patterns: '*' any run of characters (slashes too), '?' one character;
+    # the first behaviour in order whose pattern matches the whole path wins.
+    import fnmatch
+
+    behaviours = plan_sync(base_config(), [CdnTarget("i-a", "a.example.com")],
+                           hls_cache_policy_id="p").config["CacheBehaviors"]["Items"]
+
+    def behaviour(path: str) -> str:
+        return next(b["PathPattern"] for b in behaviours
+                    if fnmatch.fnmatchcase(path, b["PathPattern"]))
+
+    assert behaviour("/i-a/live/show1/index.m3u8") == "/i-a/*.m3u8"
+    for name in ("part17960036657.3.m4s", "seg17960036657.m4s", "init.mp4", "init2.mp4"):
+        assert behaviour(f"/i-a/live/show1/{name}") == "/i-a/*.m??"
+    for path in ("/i-a/live/show1.flv", "/i-a/live/my.mp4.show.flv", "/i-a/api/streams"):
+        assert behaviour(path) == "/i-a/*"
+
+
+def test_sync_creates_the_cache_policy_once_and_stays_idempotent(cloudfront, distribution,
+                                                                 moto_cache_policies):
+    targets = [CdnTarget("i-a", "a.example.com"), CdnTarget("i-b", "b.example.com")]
+    dry = sync_distribution(cloudfront, distribution, targets, dry_run=True)
+    assert dry.plan.cache_policy == "would create" and moto_cache_policies == {}
+    result = sync_distribution(cloudfront, distribution, targets)
+    assert result.updated and result.plan.cache_policy == "created"
+    [(policy_id, (config, _etag))] = moto_cache_policies.items()
+    assert config["Name"] == HLS_CACHE_POLICY
+    assert (config["MinTTL"], config["DefaultTTL"]) == (0, 0) and config["MaxTTL"] >= 300
+    keys = config["ParametersInCacheKeyAndForwardedToOrigin"]["QueryStringsConfig"]
+    assert keys["QueryStringBehavior"] == "whitelist"
+    assert sorted(keys["QueryStrings"]["Items"]) == ["_HLS_msn", "_HLS_part", "_HLS_skip"]
+    distribution_config, etag = read(cloudfront, distribution)
+    hls = [b for b in distribution_config["CacheBehaviors"]["Items"] if b.get("CachePolicyId")]
+    assert [b["PathPattern"] for b in hls] == ["/i-a/*.m3u8", "/i-a/*.m??",
+                                               "/i-b/*.m3u8", "/i-b/*.m??"]  # fmt: skip
+    assert {b["CachePolicyId"] for b in hls} == {policy_id}
+
+    # Again: nothing written, neither the distribution nor the policy.
+    calls = dict(cloudfront.calls)
+    again = sync_distribution(cloudfront, distribution, targets)
+    assert not again.updated and again.plan.cache_policy == "kept"
+    assert read(cloudfront, distribution)[1] == etag
+    for call in ("UpdateDistribution", "CreateCachePolicy", "UpdateCachePolicy"):
+        assert cloudfront.calls.get(call, 0) == calls.get(call, 0), call
+    assert len(moto_cache_policies) == 1
+
+
+def test_a_cache_policy_edited_by_hand_is_brought_back(cloudfront, moto_cache_policies):
+    policy_id, action = ensure_cache_policy(cloudfront)
+    assert action == "created"
+    edited = desired_cache_policy()
+    edited["ParametersInCacheKeyAndForwardedToOrigin"]["QueryStringsConfig"] = {
+        "QueryStringBehavior": "none"}
+    etag = cloudfront.get_cache_policy(Id=policy_id)["ETag"]
+    cloudfront.update_cache_policy(Id=policy_id, IfMatch=etag, CachePolicyConfig=edited)
+    assert ensure_cache_policy(cloudfront, dry_run=True) == (policy_id, "would update")
+    assert ensure_cache_policy(cloudfront) == (policy_id, "updated")
+    assert ensure_cache_policy(cloudfront) == (policy_id, "kept")
+    config = moto_cache_policies[policy_id][0]
+    keys = config["ParametersInCacheKeyAndForwardedToOrigin"]["QueryStringsConfig"]
+    assert sorted(keys["QueryStrings"]["Items"]) == ["_HLS_msn", "_HLS_part", "_HLS_skip"]
