@@ -226,15 +226,18 @@ class Viewer:
                 self.error = f"HTTP {status} for a blocking reload"
                 return
             part_status, _, size = await part
-            if part_status != 200:
+            todo, next_hint = parse_playlist(body.decode())
+            if part_status == 200:
+                for msn, index, _, end, duration, _ in todo:
+                    if (msn, index) == hint[:2]:
+                        last = hint[:2]
+                        self._got(size, end, duration)
+                        break
+            elif part_status != 404:
+                # 404: a keyframe closed the segment first, so the hinted part never came
+                # (the spec's clients ignore that); the loop above fetches the one that did.
                 self.error = f"HTTP {part_status} for the hinted part {hint[2]}"
                 return
-            todo, next_hint = parse_playlist(body.decode())
-            for msn, index, _, end, duration, _ in todo:
-                if (msn, index) == hint[:2]:
-                    last = hint[:2]
-                    self._got(size, end, duration)
-                    break
             hint = next_hint
 
     def _got(self, size: int, end: float, duration: float) -> None:
