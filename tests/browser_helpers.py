@@ -74,6 +74,7 @@ class Server:
         self.rtmp_port = free_port()
         self.http_port = free_port()
         self.site_port = free_port()
+        self.agent_port = free_port()  # the status agent's 8090 would collide with other runs
         self.url = f"http://127.0.0.1:{self.site_port}"
         self.lines: list[str] = []
         self.password = ""
@@ -98,7 +99,8 @@ class Server:
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "watchbuy", "serve", "--rtmp-port", str(self.rtmp_port),
-             "--http-port", str(self.http_port), "--site-port", str(self.site_port)],
+             "--http-port", str(self.http_port), "--site-port", str(self.site_port),
+             "--agent-port", str(self.agent_port)],
             cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, bufsize=1)
         threading.Thread(target=self._read, daemon=True).start()

@@ -374,7 +374,9 @@ LATENCY_PAGE = """<!doctype html><meta charset="utf-8"><title>LL-HLS and HTTP-FL
   const params = new URLSearchParams(location.search);
   window.fatal = [];
   const hlsVideo = document.getElementById("hls");
-  const hls = new Hls({ lowLatencyMode: true });
+  // maxLiveSyncPlaybackRate: hls.js may play up to 1.2x to reach its target latency
+  // (PART-HOLD-BACK) after a start or a stall; at its default (1) it never catches up.
+  const hls = new Hls({ lowLatencyMode: true, maxLiveSyncPlaybackRate: 1.2 });
   window.hls = hls;
   hls.on(Hls.Events.ERROR, function (event, data) {
     if (data.fatal) window.fatal.push(data.type + ": " + data.details);
