@@ -4,6 +4,11 @@ Routes:
 
 * ``GET /<app>/<name>.flv`` and ``GET /<node-id>/<app>/<name>.flv`` — the live stream as FLV
   (the second form is what a CDN forwards, so one cache behaviour per node finds its origin);
+* ``GET /<app>/<name>/index.m3u8`` (and ``init.mp4``, ``part<msn>.<i>.m4s``, ``seg<msn>.m4s``
+  beside it), with or without the ``/<node-id>`` prefix — LL-HLS, answered by
+  engine/hls_http.py; a blocking request *holds* the connection (``self.hold``) until its part
+  exists, with no head or keep-alive timeout meanwhile, and the requests pipelined behind it
+  are answered after it, in order;
 * ``GET /api/streams`` and ``GET /api/server`` — stats; ``GET /healthz``;
 * ``GET /metrics`` — Prometheus metrics (engine/metrics.py);
 * ``OPTIONS`` — CORS preflight; every answer carries CORS headers so a browser on the site's

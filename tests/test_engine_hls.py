@@ -559,3 +559,10 @@ def test_hls_settings_map_onto_the_muxer_config():
     config = hls_config(settings)
     assert (config.part_target, config.segment_target, config.window_segments) == (0.25, 4, 6)
     assert settings.hls is True  # on by default
+
+
+def test_hls_setting_defaults_are_the_muxers_defaults():
+    from watchbuy.engine.hls import HlsConfig
+    from watchbuy.settings import Settings, hls_config
+
+    assert hls_config(Settings()) == HlsConfig()
