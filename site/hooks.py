@@ -37,6 +37,7 @@ from watchbuy.engine.hooks import (
 from watchbuy.logs import LogLimiter
 from watchbuy.site.broker import RedisBroker
 from watchbuy.site.chat import publish_room_event
+from watchbuy.site.media import hls_url
 from watchbuy.site.state import state
 from watchbuy.site.web import require_host
 
@@ -171,7 +172,8 @@ async def rtmp_hook(request: Request):
     if kind == "publish":
         await queries.set_live(db, channel["id"], True, node_id)
         play_url = await site["media"].play_url(node_id, channel["slug"])
-        await publish_room_event(site["broker"], channel["id"], {"type": "live", "play_url": play_url})
+        await publish_room_event(site["broker"], channel["id"], {
+            "type": "live", "play_url": play_url, "hls_url": hls_url(play_url)})
         log.info("room %s is live on node %s", channel["slug"], node_id)
         return JSONResponse({"name": channel["slug"]})
     if kind == "publish_done":

@@ -13,7 +13,12 @@ import time
 
 import httpx
 
+from watchbuy import urls
+
 log = logging.getLogger("watchbuy.site.media")
+
+# The media application rooms play from: the node's first (WATCHBUY_APPS), as the balancer's.
+MEDIA_APP = "live"
 
 
 class MediaDirectory:
@@ -32,11 +37,10 @@ class MediaDirectory:
 
     def local_ingest(self) -> dict:
         s = self.settings
-        port = "" if s.rtmp_port == 1935 else f":{s.rtmp_port}"
         return {
             "node_id": s.node_id,
-            "rtmp_url": f"rtmp://{s.public_host}{port}/live",
-            "play_base": f"http://{s.public_host}:{s.http_port}/live",
+            "rtmp_url": urls.rtmp_url(s.public_host, s.rtmp_port, MEDIA_APP),
+            "play_base": urls.node_play_base(s.public_host, s.http_port, MEDIA_APP),
         }
 
     async def ingest(self) -> dict:
@@ -48,11 +52,12 @@ class MediaDirectory:
                 "play_base": choice.play_base}
 
     async def play_url(self, node_id: str | None, slug: str) -> str:
+        """The room's HTTP-FLV URL; ``hls_url(play_url)`` is its LL-HLS playlist."""
         if self.balancer is not None and node_id:
             node = await self.balancer.node_for(node_id)
             if node is not None:
-                return f"{node.play_base}/{slug}.flv"
-        return f"{self.local_ingest()['play_base']}/{slug}.flv"
+                return urls.flv_url(node.play_base, slug)
+        return urls.flv_url(self.local_ingest()["play_base"], slug)
 
     async def stream_stats(self) -> dict[str, dict]:
         """Live streams by name with their stats (viewers, bitrate…), cached briefly."""
@@ -132,3 +137,14 @@ def _node_row(engine: dict | None, agent: dict | None, node_id: str | None = Non
         "net_tx_per_s": agent.get("tx_bytes_per_s"),
         "cpu_load": agent.get("cpu_load"),
     }
+
+
+def hls_url(play_url: str) -> str:
+    """The LL-HLS playlist of the stream an HTTP-FLV URL plays: the node serves both from one
+    play base (watchbuy/urls.py), so one is derived from the other and both keep one origin,
+    which the room's CSP already allows."""
+    base, dot, ext = play_url.rpartition(".")
+    if not dot or ext != "flv":
+        raise ValueError(f"not an HTTP-FLV play URL: {play_url!r}")
+    play_base, _, name = base.rpartition("/")
+    return urls.hls_url(play_base, name)

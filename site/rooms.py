@@ -8,6 +8,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from watchbuy.db import queries
+from watchbuy.site.media import hls_url
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.web import format_money, render
 
@@ -40,6 +41,7 @@ async def room_state(site: SiteState, channel: dict) -> dict:
         "title": channel["title"],
         "live": bool(channel["is_live"]),
         "play_url": play_url,
+        "hls_url": hls_url(play_url),
         "viewers": stats.get("viewers", 0),
         "pinned": pinned,
         "products": [product_card(p, site["storage"]) for p in shown],

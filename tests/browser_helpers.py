@@ -27,6 +27,11 @@ CHROMIUM_ARGS = [
     "--mute-audio",
 ]
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+# hls.js is a test-only npm devDependency (site/frontend/package.json): the room never loads
+# it, the tests serve it to their own page.
+NODE_MODULES = Path(__file__).resolve().parent.parent / "site" / "frontend" / "node_modules"
+HLSJS = NODE_MODULES / "hls.js" / "dist" / "hls.min.js"
+MPEGTS = NODE_MODULES / "mpegts.js" / "dist" / "mpegts.js"  # what the room page loads
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
@@ -69,6 +74,7 @@ class Server:
         self.rtmp_port = free_port()
         self.http_port = free_port()
         self.site_port = free_port()
+        self.agent_port = free_port()  # the status agent's 8090 would collide with other runs
         self.url = f"http://127.0.0.1:{self.site_port}"
         self.lines: list[str] = []
         self.password = ""
@@ -93,7 +99,8 @@ class Server:
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "watchbuy", "serve", "--rtmp-port", str(self.rtmp_port),
-             "--http-port", str(self.http_port), "--site-port", str(self.site_port)],
+             "--http-port", str(self.http_port), "--site-port", str(self.site_port),
+             "--agent-port", str(self.agent_port)],
             cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, bufsize=1)
         threading.Thread(target=self._read, daemon=True).start()
@@ -235,3 +242,57 @@ def sign_up(page, base_url: str, email: str, name: str, password: str) -> None:
         raise AssertionError(f"signing up {email} failed: {page.inner_text('main')[:300]}")
     # Sign-up answers new and taken emails alike (the login page): the new user logs in once.
     log_in(page, base_url, email, password)
+
+
+def require_hlsjs() -> Path:
+    """hls.js from npm (``make setup`` installs it with the site's packages): a must in CI."""
+    if not HLSJS.is_file():
+        message = f"{HLSJS} is missing (make setup, or npm ci in site/frontend)"
+        if in_ci():
+            pytest.fail(message + " — in CI these tests must run, not skip", pytrace=False)
+        pytest.skip(message)
+    return HLSJS
+
+
+class LocalPages:
+    """A tiny HTTP server on loopback (port 0) for a test's own page and scripts.
+
+    Chromium lets a page fetch from loopback (the media node) only when the page itself came
+    from loopback, so the test page is served for real rather than fulfilled by Playwright.
+    ``files``: path -> (content type, body).  Used as a context manager; ``url(path)``.
+    """
+
+    def __init__(self, files: dict[str, tuple[str, bytes]]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+                found = files.get(self.path.split("?")[0])
+                if found is None:
+                    self.send_error(404)
+                    return
+                content_type, body = found
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # quiet: the test reports what matters
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def __enter__(self) -> LocalPages:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

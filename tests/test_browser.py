@@ -12,25 +12,32 @@ from __future__ import annotations
 
 import itertools
 import json
+import statistics
 import time
 import urllib.request
 import uuid
+from urllib.parse import urlencode
 
 import pytest
 from browser_helpers import (
     CHROMIUM,
     CHROMIUM_ARGS,
     DESKTOP,
+    MPEGTS,
     PHONE,
+    LocalPages,
     Publisher,
     Server,
     log_in,
     require_browser,
+    require_hlsjs,
     screenshot,
     sign_up,
     video_state,
     wait_until,
 )
+
+from watchbuy.site.media import hls_url
 
 pytestmark = [pytest.mark.ffmpeg, pytest.mark.timeout(120)]
 
@@ -350,3 +357,191 @@ def test_dashboard_charts_update_while_a_stream_runs(server, publisher, new_cont
     assert "1280" in streams, streams
     page.wait_for_function(f"() => window.dashboardUpdates >= {updates + 4}", timeout=20_000)
     screenshot(page, "dashboard.png")
+
+
+# -- LL-HLS: hls.js, the room's native-HLS path, the FLV-to-HLS fallback (issue 9) ---------------
+HLS_TYPE = "application/vnd.apple.mpegurl"
+HLSJS_LATENCY_BOUND = 5.0  # s: a generous functional bound; the loopback target is 1.5 s
+
+# The test's own page (served by Playwright, never by the site): hls.js in low-latency mode on
+# one <video>, and mpegts.js over HTTP-FLV with the room's settings on another, side by side.
+LATENCY_PAGE = """<!doctype html><meta charset="utf-8"><title>LL-HLS and HTTP-FLV</title>
+<video id="hls" muted autoplay playsinline width="480"></video>
+<video id="flv" muted autoplay playsinline width="480"></video>
+<script src="/hls.min.js"></script>
+<script src="/mpegts.js"></script>
+<script>
+  const params = new URLSearchParams(location.search);
+  window.fatal = [];
+  const hlsVideo = document.getElementById("hls");
+  // maxLiveSyncPlaybackRate: hls.js may play up to 1.2x to reach its target latency
+  // (PART-HOLD-BACK) after a start or a stall; at its default (1) it never catches up.
+  const hls = new Hls({ lowLatencyMode: true, maxLiveSyncPlaybackRate: 1.2 });
+  window.hls = hls;
+  hls.on(Hls.Events.ERROR, function (event, data) {
+    if (data.fatal) window.fatal.push(data.type + ": " + data.details);
+  });
+  hls.on(Hls.Events.MANIFEST_PARSED, function () { hlsVideo.play().catch(function () {}); });
+  hls.loadSource(params.get("hls"));
+  hls.attachMedia(hlsVideo);
+  const flvVideo = document.getElementById("flv");
+  const flv = mpegts.createPlayer(
+    { type: "flv", isLive: true, url: params.get("flv"), hasAudio: true, hasVideo: true, cors: true },
+    { enableStashBuffer: false, liveSync: true, liveSyncMaxLatency: 0.9,
+      liveSyncTargetLatency: 0.5, liveSyncPlaybackRate: 1.15, liveBufferLatencyChasing: true,
+      liveBufferLatencyMaxLatency: 1.3, liveBufferLatencyMinRemain: 0.5, lazyLoad: false,
+      autoCleanupSourceBuffer: true });
+  flv.attachMediaElement(flvVideo);
+  flv.load();
+  flvVideo.play().catch(function () {});
+  function state(v) {
+    const q = v.getVideoPlaybackQuality();
+    const b = v.buffered;
+    return { width: v.videoWidth, time: v.currentTime, paused: v.paused,
+             frames: q.totalVideoFrames,
+             ahead: b.length ? b.end(b.length - 1) - v.currentTime : null };
+  }
+  window.sample = function () {
+    const playing = hls.playingDate;
+    return {
+      hls: Object.assign(state(hlsVideo), {
+        // program-date-time: the wall clock of the frame on screen, against the clock now
+        pdtLatency: playing ? (Date.now() - playing.getTime()) / 1000 : null,
+        latency: hls.latency, targetLatency: hls.targetLatency }),
+      flv: state(flvVideo),
+    };
+  };
+</script>
+"""
+
+
+def test_play_urls_are_derived_in_one_place():
+    assert hls_url("http://127.0.0.1:8000/live/show.flv") == \
+        "http://127.0.0.1:8000/live/show/index.m3u8"
+    assert hls_url("https://d111.cloudfront.net/i-0abc/live/show.flv") == \
+        "https://d111.cloudfront.net/i-0abc/live/show/index.m3u8"
+    with pytest.raises(ValueError):
+        hls_url("http://127.0.0.1:8000/live/show")
+
+
+def measure_latency_page(page) -> list[dict]:
+    """Until both players play, then ~8 s of samples once hls.js has settled."""
+    def both_playing():
+        now = page.evaluate("window.sample()")
+        ok = all(now[k]["width"] == 1280 and not now[k]["paused"] and now[k]["time"] > 1.0
+                 for k in ("hls", "flv"))
+        return now if ok and now["hls"]["pdtLatency"] is not None else None
+
+    wait_until(both_playing, PLAY_TIMEOUT,
+               lambda: f"hls.js and mpegts.js should both play within {PLAY_TIMEOUT:.0f} s: "
+                       f"{page.evaluate('window.sample()')}, hls.js fatal errors: "
+                       f"{page.evaluate('window.fatal')}", interval=0.25)
+    time.sleep(4.0)  # hls.js settles on its target latency (PART-HOLD-BACK) after the start
+    samples = []
+    for _ in range(17):
+        samples.append(page.evaluate("window.sample()"))
+        time.sleep(0.5)
+    assert page.evaluate("window.fatal") == [], "hls.js reported fatal errors"
+    return samples
+
+
+def test_hlsjs_plays_ll_hls_live_and_flv_beside_it(server, publisher, new_context,
+                                                    record_property):
+    """hls.js (npm, test-only) in low-latency mode plays the node's LL-HLS; its latency through
+    program-date-time, and HTTP-FLV's buffer in the same page, go to bench/RESULTS.md."""
+    hlsjs = require_hlsjs()
+    go_live(server, publisher)
+    state = room_state(server)
+    assert state["hls_url"] == hls_url(state["play_url"])
+    page = new_context().new_page()
+    pages = LocalPages({
+        "/latency.html": ("text/html; charset=utf-8", LATENCY_PAGE.encode()),
+        "/hls.min.js": ("text/javascript", hlsjs.read_bytes()),
+        "/mpegts.js": ("text/javascript", MPEGTS.read_bytes()),
+    })
+    with pages:
+        page.goto(pages.url("/latency.html?")
+                  + urlencode({"hls": state["hls_url"], "flv": state["play_url"]}))
+        samples = measure_latency_page(page)
+    page.close()
+    hls_times = [s["hls"]["time"] for s in samples]
+    assert hls_times[-1] - hls_times[0] > 5.0, f"hls.js playback did not advance: {hls_times}"
+    assert samples[-1]["hls"]["frames"] > samples[0]["hls"]["frames"] + 100, samples
+    pdt = [round(s["hls"]["pdtLatency"], 3) for s in samples]
+    hls_latency = [round(s["hls"]["latency"], 3) for s in samples]
+    flv_ahead = [round(s["flv"]["ahead"], 3) for s in samples if s["flv"]["ahead"] is not None]
+    figures = {
+        "hlsjs_pdt_latency_median_s": round(statistics.median(pdt), 3),
+        "hlsjs_pdt_latency_max_s": max(pdt),
+        "hlsjs_latency_median_s": round(statistics.median(hls_latency), 3),
+        "hlsjs_target_latency_s": samples[-1]["hls"]["targetLatency"],
+        "flv_buffered_ahead_median_s": round(statistics.median(flv_ahead), 3),
+        "flv_buffered_ahead_max_s": max(flv_ahead),
+    }
+    for key, value in figures.items():
+        record_property(key, value)
+    print(f"\nLL-HLS latency: {json.dumps(figures)}")
+    assert statistics.median(pdt) < HLSJS_LATENCY_BOUND, f"hls.js plays {pdt} s behind"
+    assert max(flv_ahead) < MAX_AHEAD, f"HTTP-FLV buffered ahead in the same page: {flv_ahead}"
+
+
+def without_media_source(context) -> None:
+    """The browser as an older iPhone's Safari: no MediaSource, no ManagedMediaSource."""
+    context.add_init_script(
+        "delete window.MediaSource; delete window.ManagedMediaSource;"
+        "delete window.WebKitMediaSource;")
+
+
+def test_room_without_media_source_plays_native_hls(server, publisher, new_context,
+                                                     record_property):
+    go_live(server, publisher)
+    context = new_context()
+    without_media_source(context)
+    page = context.new_page()
+    page.goto(server.room_url)
+    assert page.evaluate("() => typeof window.MediaSource") == "undefined"
+    answer = page.evaluate(f"() => document.createElement('video').canPlayType('{HLS_TYPE}')")
+    record_property("canPlayType_hls", answer)
+    assert answer in ("maybe", "probably"), \
+        f"this Chromium does not play HLS itself (canPlayType says {answer!r})"
+    wait_playing(page, "room without MediaSource")
+    assert page.evaluate("document.querySelector('.room').dataset.player") == "hls"
+    src = page.evaluate("document.getElementById('video').currentSrc")
+    assert src == room_state(server)["hls_url"], src
+    samples = sample_playback(page, seconds=4.0)
+    assert {s["width"] for s in samples} == {1280}, samples
+    assert samples[-1]["time"] - samples[0]["time"] > 2.5, samples
+    assert page.is_hidden("#offline")
+    assert "cannot play" not in page.inner_text(".room")
+    screenshot(page, "room-hls.png")
+
+
+def test_room_falls_back_to_hls_when_flv_fails_to_start(server, publisher, new_context):
+    """A proxy that blocks HTTP-FLV (here: every .flv request fails): the room, in a browser
+    with MediaSource that also plays HLS, switches to HLS and plays."""
+    go_live(server, publisher)
+    page = new_context().new_page()
+    refused = []
+
+    def refuse(route) -> None:
+        refused.append(route.request.url)
+        route.abort()
+
+    page.route("**/*.flv", refuse)
+    page.goto(server.room_url)
+    wait_playing(page, "room whose HTTP-FLV fails")
+    assert refused, "the room never tried HTTP-FLV first"
+    assert page.evaluate("document.querySelector('.room').dataset.player") == "hls"
+    assert page.is_hidden("#offline")
+
+
+def test_room_says_cannot_play_only_without_either_path(server, publisher, new_context):
+    go_live(server, publisher)
+    context = new_context()
+    without_media_source(context)
+    context.add_init_script(
+        "HTMLMediaElement.prototype.canPlayType = function () { return ''; };")
+    page = context.new_page()
+    page.goto(server.room_url)
+    page.wait_for_selector("#offline >> text=cannot play", timeout=10_000)
+    assert page.evaluate("document.querySelector('.room').dataset.player") is None

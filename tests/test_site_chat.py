@@ -201,7 +201,8 @@ def test_engine_hooks_drive_live_and_offline(sync_site) -> None:
         response = hook(site, publish)
         assert response.status_code == 200 and response.json() == {"name": slug}
         assert ws_until(ws, "live") == {"type": "live",
-                                        "play_url": f"http://127.0.0.1:8000/live/{slug}.flv"}
+                                        "play_url": f"http://127.0.0.1:8000/live/{slug}.flv",
+                                        "hls_url": f"http://127.0.0.1:8000/live/{slug}/index.m3u8"}
         assert site.call(queries.channel_by_slug, site.db, slug)["is_live"]
         site.node.streams = [{"name": slug, "viewers": 7}]
         home = site.client.get("/")

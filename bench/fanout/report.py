@@ -191,12 +191,86 @@ def codec_table(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def capacity_runs_table(report: dict) -> str:
+    """A capacity sweep with the bulk load: each run's delivery, p99, and the server's CPU beside
+    the load's, then the largest N at p99 <= 100 and <= 200 ms."""
+    media = report.get("media", {})
+    out = [
+        f"Stream: `{media.get('file')}`, {media.get('media_kbit_per_s')} kb/s of media.\n",
+        "| server | N | at full rate % | p50 / p99 added ms (20 probes) | server CPU % | "
+        "server µs per viewer-s | load CPU % (bulk µs per viewer-s) | peak RSS MiB | "
+        "others on server / load CPU % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(report.get("runs", []), key=lambda r: (r["server"], r["viewers"])):
+        label = "WatchBuy" if r["server"] == "watchbuy" else "node-media-server"
+        if r.get("error"):
+            out.append(f"| {label} | {r['viewers']} | error: {r['error'][:60]} |||||||")
+            continue
+        out.append(
+            f"| {label} | {r['viewers']} | {fmt(r.get('keeping_up_pct'))} | "
+            f"{fmt(r.get('latency_p50_ms'))} / {fmt(r.get('latency_p99_ms'))} | "
+            f"{fmt(r.get('cpu_pct'), '{:.0f}')} | {fmt(r.get('cpu_us_per_viewer_s'), '{:.0f}')} | "
+            f"{fmt(r.get('load_cpu_pct'), '{:.0f}')} "
+            f"({fmt(r.get('bulk_cpu_us_per_viewer_s'), '{:.0f}')}) | "
+            f"{fmt(r.get('peak_rss_mib'))} | {contention(r)} |"
+        )
+    text = "\n".join(out) + "\n"
+    caps = report.get("capacity_at_p99") or {}
+    if caps:
+        text += "\n| largest N, ≥ 99 % at full rate | " + " | ".join(
+            "WatchBuy" if s == "watchbuy" else "node-media-server"
+            for s in next(iter(caps.values()))
+        ) + " |\n|---|" + "---|" * len(next(iter(caps.values()))) + "\n"
+        for limit, by_server in caps.items():
+            text += f"| p99 ≤ {limit} ms | " + " | ".join(
+                str(v) if v else "–" for v in by_server.values()) + " |\n"
+    return text
+
+
+def llhls_table(report: dict) -> str:
+    """LL-HLS viewers: delivery, the part delivery delay, the server's CPU beside the load's."""
+    out = [
+        "| N | keeping up % | part delivery p50 / p99 ms | server CPU % | "
+        "server µs per viewer-s | viewers per core (1 s ÷ µs per viewer-s) | load CPU % | "
+        "peak RSS MiB | others on server / load CPU % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(report.get("runs", []), key=lambda r: r["viewers"]):
+        if r.get("error"):
+            out.append(f"| {r['viewers']} | error: {r['error'][:60]} |||||||")
+            continue
+        per = r.get("cpu_us_per_viewer_s")
+        out.append(
+            f"| {r['viewers']} | {fmt(r.get('keeping_up_pct'))} | "
+            f"{fmt(r.get('latency_p50_ms'))} / {fmt(r.get('latency_p99_ms'))} | "
+            f"{fmt(r.get('cpu_pct'), '{:.0f}')} | {fmt(per, '{:.0f}')} | "
+            f"{fmt(1e6 / per if per else None, '{:.0f}')} | "
+            f"{fmt(r.get('load_cpu_pct'), '{:.0f}')}"
+            f"{' (load-bound)' if r.get('load_saturated') else ''} | "
+            f"{fmt(r.get('peak_rss_mib'))} | {contention(r)} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fanout.report")
     p.add_argument("--fanout")
     p.add_argument("--ingest")
     p.add_argument("--codecs")
+    p.add_argument("--capacity", nargs="*", default=[],
+                   help="capacity sweeps with the bulk load (bench.fanout --sweep): their tables")
+    p.add_argument("--llhls", nargs="*", default=[],
+                   help="LL-HLS runs (bench.fanout --protocol llhls): their tables")
     args = p.parse_args(argv)
+    if args.capacity or args.llhls:
+        for path in args.capacity:
+            print(f"<!-- capacity: {Path(path).name} -->")
+            print(capacity_runs_table(json.loads(Path(path).read_text())))
+        for path in args.llhls:
+            print(f"<!-- llhls: {Path(path).name} -->")
+            print(llhls_table(json.loads(Path(path).read_text())))
+        return 0
     paths = {
         "fanout": Path(args.fanout) if args.fanout else newest("fanout-full-*.json"),
         "ingest": Path(args.ingest) if args.ingest else newest("ingest-full-*.json"),

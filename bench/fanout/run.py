@@ -19,6 +19,7 @@ CPU time (/proc/<pid>/stat utime+stime) at the window's edges and samples its RS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: python bench/fanout/run.py
 from bench import common, harness  # noqa: E402
 from bench.common import (  # noqa: E402
     FANOUT_FLV,
+    INGEST_FLV,
     WORK,
     ffmpeg_path,
     install_nms,
@@ -38,7 +40,7 @@ from bench.common import (  # noqa: E402
     spawn,
 )
 from bench.fanout.load import viewer_plan  # noqa: E402
-from bench.fanout.servers import wait_stream_live  # noqa: E402
+from bench.fanout.servers import LABELS, wait_stream_live  # noqa: E402
 from bench.harness import (  # noqa: E402
     KEEP_UP,
     count_errors,
@@ -54,9 +56,12 @@ from bench.harness import (  # noqa: E402
     side_by_side,
 )
 
-LADDER = (100, 200, 400, 800, 1200, 1600, 2400, 3200, 4800, 6400)
+LADDER = (100, 200, 400, 800, 1200, 1600, 2400, 3200, 4000, 4800, 6400, 8000, 9600, 12800)
 CAPACITY = 0.99  # a server sustains N: >= 99 % of viewers keep up
 LATE_JOINERS = 5
+# --media: the 720p30 stream (~2.7 Mb/s on the wire) or the 360p30 one (~600 kb/s)
+MEDIA = {"2.7M": FANOUT_FLV, "600k": INGEST_FLV}
+P99_LIMITS_MS = (100, 200)  # capacity is reported at each of these p99 added latencies
 
 
 # -- one run -------------------------------------------------------------------------------------
@@ -102,27 +107,59 @@ def fanout_run(server_name: str, n: int, args, flv: Path, media: dict) -> dict:
         row["baseline_cpu_pct"] = round(baseline_rate * 100, 2)
 
         load_procs = args.load_procs or (len(load_cpus.split(",")) if load_cpus else 2)
-        procs = max(1, min(load_procs, n))
         connect_at = time.monotonic() + 1.0  # the load processes start and import first
-        spread = min(3.0, max(0.5, n / 400))
+        # Thousands of joins at once are a connection storm (each join gets the cached GOP at
+        # once), not the steady state measured here: with the bulk load, joins come at
+        # --connect-rate per second (the parsing load keeps its older 3 s at most).
+        if args.load == "bulk" or args.protocol == "llhls":
+            spread = max(0.5, n / args.connect_rate)
+        else:
+            spread = min(3.0, max(0.5, n / 400))
         t_start = connect_at + spread + args.warmup
         t_end = t_start + args.seconds
         late_at = [t_start + args.seconds * (i + 0.5) / LATE_JOINERS for i in range(LATE_JOINERS)]
-        jobs = [
-            (
-                "bench.fanout.load",
-                viewer_plan(
-                    server, [server.play_path(0)], count, connect_at=connect_at,
-                    connect_spread=spread, t_start=t_start, t_end=t_end,
-                    late_at=late_at if i == 0 else [],
-                ),
+
+        def plan(count: int, late: bool) -> dict:
+            return viewer_plan(
+                server, [server.play_path(0)], count, connect_at=connect_at,
+                connect_spread=spread, t_start=t_start, t_end=t_end,
+                late_at=late_at if late else [],
             )
-            for i, count in enumerate(split(n, procs))
+
+        if args.protocol == "llhls":
+            # LL-HLS viewers (bench/fanout/llhls.py): hls.js's requests, many per process
+            path = f"/live/{server.stream_name(0)}/index.m3u8"
+            jobs = [
+                ("bench.fanout.llhls", dict(plan(count, False), paths=[path]))
+                for count in split(n, max(1, min(load_procs, n)))
+            ]
+            row["protocol"] = "llhls"
+            results, marks = run_loads(server, jobs, load_cpus, meter, t_start, t_end)
+            note_server(row, server)
+            row.update(summarise(results, marks, n, t_end - t_start, fps, baseline_rate, media))
+            return
+        # --load bulk: a few parsing probes (every tag timed: the latency figures) and the rest
+        # as byte-counting viewers on one epoll loop, so the load costs far less than the
+        # server; --load parse: every viewer parses (the older harness, load-bound sooner).
+        probes = n if args.load == "parse" else min(n, args.probes)
+        bulk = n - probes
+        procs = max(1, min(load_procs, probes))
+        jobs = [
+            ("bench.fanout.load", plan(count, i == 0))
+            for i, count in enumerate(split(probes, procs))
         ]
+        if bulk:
+            jobs += [
+                ("bench.fanout.bulk", dict(plan(count, False), batch_ms=args.batch_ms))
+                for count in split(bulk, max(1, args.bulk_procs))
+            ]
+        row["probes"] = probes
+        row["bulk_viewers"] = bulk
+        row["p99_limit_ms"] = args.max_p99_ms
         results, marks = run_loads(server, jobs, load_cpus, meter, t_start, t_end)
         note_server(row, server)
         window = t_end - t_start
-        row.update(summarise(results, marks, n, window, fps, baseline_rate))
+        row.update(summarise(results, marks, n, window, fps, baseline_rate, media))
         if args.raw:
             row["raw"] = results
         api = marks.get("server_api")
@@ -134,10 +171,27 @@ def fanout_run(server_name: str, n: int, args, flv: Path, media: dict) -> dict:
 
 
 def summarise(
-    results: list[dict], marks: dict, n: int, window: float, fps: float, baseline_rate: float
+    results: list[dict],
+    marks: dict,
+    n: int,
+    window: float,
+    fps: float,
+    baseline_rate: float,
+    media: dict | None = None,
 ) -> dict:
     rows = [v for r in results for v in r["viewers"]]
-    ratios = [media_received(v, fps, window) for v in rows]
+    # a bulk viewer only counts bytes: it kept up when the window brought >= 90 % of the
+    # stream's media bytes (the FLV framing on top makes a full-rate viewer a little over 100 %)
+    media_bytes_s = (media or {}).get("media_kbit_per_s", 0) * 1000 / 8
+
+    def received(v: dict) -> float:
+        if "media_s" in v:  # an LL-HLS viewer: the media seconds of the parts it fetched
+            return v["media_s"] / window
+        if "bytes_window" in v:
+            return v["bytes_window"] / (media_bytes_s * window) if media_bytes_s else 0.0
+        return media_received(v, fps, window)
+
+    ratios = [received(v) for v in rows]
     kept = sum(
         1
         for v, media in zip(rows, ratios, strict=True)
@@ -168,6 +222,12 @@ def summarise(
         "late_errors": [x["error"] for x in late if x["error"]],
     }
     out.update(cpu_figures(marks, window))
+    bulk_cpu = sum(r["load_cpu_s"] for r in results if r.get("bulk"))
+    if any(r.get("bulk") for r in results):
+        # the bulk process's own CPU (the probes' is in load_cpu_pct too), per viewer-second
+        bulk_n = sum(len(r["viewers"]) for r in results if r.get("bulk"))
+        out["bulk_cpu_pct"] = round(100 * bulk_cpu / window, 1)
+        out["bulk_cpu_us_per_viewer_s"] = round(bulk_cpu / (bulk_n * window) * 1e6, 2)
     return out
 
 
@@ -227,6 +287,28 @@ def print_ratios(ratios: dict) -> None:
 def report_ratios(runs: list[dict], report: dict) -> None:
     report["ratios"] = compare(runs)
     print_ratios(report["ratios"])
+    report["capacity_at_p99"] = capacity_at_p99(runs)
+    if len({r["viewers"] for r in runs}) > 1:
+        print("\nlargest N with >= 99 % of viewers at full rate and p99 added latency <= limit:")
+        for limit, by_server in report["capacity_at_p99"].items():
+            text = ", ".join(f"{LABELS[s]} {n}" for s, n in by_server.items())
+            print(f"  p99 <= {limit} ms: {text}")
+
+
+def capacity_at_p99(runs: list[dict]) -> dict:
+    """For each p99 limit, each server's largest N with >= 99 % keeping up within it."""
+    out: dict = {}
+    for limit in P99_LIMITS_MS:
+        out[str(limit)] = {}
+        for server in dict.fromkeys(r["server"] for r in runs):
+            good = [
+                r["viewers"] for r in runs
+                if r["server"] == server and not r.get("error")
+                and r.get("keeping_up_pct", 0) >= CAPACITY * 100
+                and r.get("latency_p99_ms") is not None and r["latency_p99_ms"] <= limit
+            ]
+            out[str(limit)][server] = max(good) if good else None
+    return out
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -251,6 +333,54 @@ def parse_args(argv):
         raw_help="keep every viewer's figures in the JSON",
     )
     p.add_argument(
+        "--media",
+        choices=sorted(MEDIA),
+        default="2.7M",
+        help="the stream: 2.7M (720p30, the default) or 600k (360p30)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("flv", "llhls"),
+        default="flv",
+        help="flv (default): HTTP-FLV viewers; llhls: LL-HLS viewers as hls.js in low-latency "
+        "mode (blocking playlist reloads and part fetches; WatchBuy only)",
+    )
+    p.add_argument(
+        "--load",
+        choices=("bulk", "parse"),
+        default="bulk",
+        help="bulk (default): --probes parsing viewers time every tag, the rest only count "
+        "bytes on one epoll loop; parse: every viewer parses",
+    )
+    p.add_argument(
+        "--probes", type=int, default=20, help="parsing viewers with --load bulk (default 20)"
+    )
+    p.add_argument(
+        "--bulk-procs", type=int, default=1, help="byte-counting processes (default 1)"
+    )
+    p.add_argument(
+        "--batch-ms",
+        type=float,
+        default=250.0,
+        help="the bulk loop's turn in ms: bytes gathered per recv (default 250)",
+    )
+    p.add_argument(
+        "--connect-rate",
+        type=float,
+        default=600.0,
+        help="viewers joining per second with --load bulk or --protocol llhls (default 600)",
+    )
+    p.add_argument(
+        "--max-p99-ms",
+        type=float,
+        default=200.0,
+        help="the sweep climbs while >= 99 %% keep up and the p99 added latency stays "
+        "within this (default 200)",
+    )
+    p.add_argument(
+        "--ladder", help="comma list of N for --sweep (default: 100, 200, 400, ... 12800)"
+    )
+    p.add_argument(
         "--install-nms",
         action="store_true",
         help="npm install node-media-server 4.4.3 into bench/work/nms and exit",
@@ -265,7 +395,11 @@ def parse_args(argv):
 
 
 def sustained(row: dict) -> bool:
-    return not row.get("error") and row.get("keeping_up_pct", 0) >= CAPACITY * 100
+    """>= 99 % of viewers kept up and, under --max-p99-ms, the p99 added latency stayed within."""
+    if row.get("error") or row.get("keeping_up_pct", 0) < CAPACITY * 100:
+        return False
+    limit, p99 = row.get("p99_limit_ms"), row.get("latency_p99_ms")
+    return not limit or (p99 is not None and p99 <= limit)
 
 
 def describe_media(media: dict) -> str:
@@ -306,7 +440,17 @@ def main(argv: list[str] | None = None) -> int:
         return install_nms()
     if args.full:
         return full(args)
-    return harness.main(HARNESS, args, sys.argv[1:] if argv is None else argv)
+    if args.protocol == "llhls":
+        if args.servers and args.servers != "watchbuy":
+            print("LL-HLS: node-media-server 4.4.3 serves no LL-HLS; WatchBuy only",
+                  file=sys.stderr)
+        args.servers = "watchbuy"
+    chosen = dataclasses.replace(HARNESS, flv=MEDIA[args.media])
+    if args.ladder:
+        chosen = dataclasses.replace(
+            chosen, ladder=tuple(int(x) for x in args.ladder.split(",") if x.strip())
+        )
+    return harness.main(chosen, args, sys.argv[1:] if argv is None else argv)
 
 
 def full(args) -> int:

@@ -1,5 +1,6 @@
-// The live room: low-latency HTTP-FLV playback (mpegts.js), live/offline without reloads,
-// chat, the pinned product, stock and add-to-cart.  One websocket brings every room event.
+// The live room: low-latency HTTP-FLV (mpegts.js) or the browser's own LL-HLS player, live and
+// offline without reloads, chat, the pinned product, stock and add-to-cart.  One websocket
+// brings every room event.
 (function () {
   "use strict";
   const room = document.querySelector(".room");
@@ -10,20 +11,43 @@
   const offline = document.getElementById("offline");
   const badge = document.getElementById("live-badge");
   const unmute = document.getElementById("unmute");
-  let playUrl = room.dataset.playUrl;
+  let playUrl = room.dataset.playUrl;  // HTTP-FLV (mpegts.js)
+  let hlsUrl = room.dataset.hlsUrl;  // LL-HLS playlist, for browsers that play HLS themselves
   let live = room.dataset.live === "true";
-  let player = null;
+  let player = null;  // the mpegts.js player while HTTP-FLV plays
+  let mode = null;  // "flv" | "hls" | null: what the <video> is playing now
+  let flvFailed = false;  // HTTP-FLV failed to start in this show: use HLS where it can
   let retryTimer = null;
   let retryDelay = 1000;
   let me = null;
   let isHost = false;
 
   // ---- player ---------------------------------------------------------------------------
+  // HTTP-FLV through mpegts.js wherever Media Source Extensions exist: about half a second
+  // behind the host.  mpegts.js 1.8 uses ManagedMediaSource where MediaSource is missing
+  // (iOS 17.1+), so that counts.  Elsewhere (older iPhones, browsers without MSE) the
+  // browser's own HLS player reads the node's LL-HLS playlist.
+  function canPlayFlv() {
+    return !!(window.mpegts && mpegts.getFeatureList().mseLivePlayback);
+  }
+
+  function canPlayHls() {
+    const answer = video.canPlayType("application/vnd.apple.mpegurl");
+    return !!hlsUrl && (answer === "probably" || answer === "maybe");
+  }
+
   function destroyPlayer() {
     if (player) {
       try { player.pause(); player.unload(); player.detachMediaElement(); player.destroy(); } catch (e) { /* already gone */ }
       player = null;
     }
+    if (mode === "hls") {
+      video.pause();
+      video.removeAttribute("src");
+      video.load();  // drops the playlist's connection; no source, so no error event
+    }
+    mode = null;
+    delete room.dataset.player;
   }
 
   function scheduleRetry() {
@@ -33,17 +57,37 @@
     retryDelay = Math.min(retryDelay * 2, 8000);
   }
 
+  function cannotPlay() {
+    offline.hidden = false;
+    offline.replaceChildren();
+    const strong = document.createElement("strong"); strong.textContent = "This browser cannot play the live show";
+    const hint = document.createElement("span"); hint.textContent = "Open this page in a recent Chrome, Edge, Firefox or Safari.";
+    offline.append(strong, hint);
+  }
+
+  function play() {
+    const started = video.play();
+    if (started && started.catch) started.catch(function () { /* autoplay rules: muted video plays anyway */ });
+  }
+
   function startPlayer() {
     destroyPlayer();
     if (!live) return;
-    if (!window.mpegts || !mpegts.getFeatureList().mseLivePlayback) {
-      offline.hidden = false;
-      offline.replaceChildren();
-      const strong = document.createElement("strong"); strong.textContent = "This browser cannot play the live show";
-      const hint = document.createElement("span"); hint.textContent = "Open this page in Chrome, Edge, Firefox or Safari on a computer.";
-      offline.append(strong, hint);
-      return;
+    if (canPlayFlv() && !(flvFailed && canPlayHls())) startFlv();
+    else if (canPlayHls()) startHls();
+    else cannotPlay();
+  }
+
+  function startFlv() {
+    if (!window.MediaSource && window.ManagedMediaSource) {
+      // A ManagedMediaSource does not open while AirPlay could take the video over, and
+      // iPhones play inline only when asked to.
+      video.disableRemotePlayback = true;
+      video.playsInline = true;
     }
+    mode = "flv";
+    room.dataset.player = "flv";
+    let playing = false;
     player = mpegts.createPlayer(
       { type: "flv", isLive: true, url: playUrl, hasAudio: true, hasVideo: true, cors: true },
       {
@@ -63,16 +107,42 @@
       }
     );
     player.attachMediaElement(video);
-    player.on(mpegts.Events.ERROR, function () { destroyPlayer(); scheduleRetry(); });
+    player.on(mpegts.Events.ERROR, function () {
+      destroyPlayer();
+      // Never started (a proxy that buffers or blocks FLV, an MSE that refuses the codec):
+      // a browser that plays HLS itself switches to it for this show.  After a start, an
+      // error is the stream going away: try FLV again.
+      if (!playing && canPlayHls()) { flvFailed = true; startPlayer(); } else scheduleRetry();
+    });
     player.on(mpegts.Events.LOADING_COMPLETE, function () { destroyPlayer(); scheduleRetry(); });
     player.load();
-    const started = player.play();
-    if (started && started.catch) started.catch(function () { /* autoplay rules: muted video plays anyway */ });
+    play();
+    video.addEventListener("playing", function () { playing = true; retryDelay = 1000; }, { once: true });
+  }
+
+  function startHls() {
+    mode = "hls";
+    room.dataset.player = "hls";
+    video.playsInline = true;
+    video.src = hlsUrl;  // the browser follows the live playlist, parts and all, by itself
+    play();
     video.addEventListener("playing", function () { retryDelay = 1000; }, { once: true });
   }
 
-  function setLive(isLive, url) {
+  // The native HLS player reports through the element: a playlist that fails (the node
+  // restarted the stream) or ends (EXT-X-ENDLIST while the room is still live) starts over.
+  function onNativeEnd() {
+    if (mode !== "hls") return;
+    destroyPlayer();
+    scheduleRetry();
+  }
+  video.addEventListener("error", onNativeEnd);
+  video.addEventListener("ended", onNativeEnd);
+
+  function setLive(isLive, url, hls) {
     if (url) playUrl = url;
+    if (hls) hlsUrl = hls;
+    if (isLive && !live) flvFailed = false;  // a new show: HTTP-FLV gets another chance
     live = isLive;
     room.dataset.live = String(isLive);
     offline.hidden = isLive;
@@ -208,7 +278,7 @@
         }
         case "muted": if (data.user_id === me) { chatError.hidden = false; chatError.textContent = "The host has muted you."; } break;
         case "error": chatError.hidden = false; chatError.textContent = data.error; break;
-        case "live": setLive(true, data.play_url); break;
+        case "live": setLive(true, data.play_url, data.hls_url); break;
         case "offline": setLive(false); break;
         case "pinned": showPinned(data.product); break;
         case "products": showProducts(data.products); break;
@@ -245,7 +315,7 @@
       if (!response.ok) return;
       const state = await response.json();
       document.getElementById("viewer-count").textContent = state.viewers;
-      if (state.live !== live) setLive(state.live, state.play_url);
+      if (state.live !== live) setLive(state.live, state.play_url, state.hls_url);
       if (canon(state.pinned) !== canon(shown.pinned)) showPinned(state.pinned);
       if (canon(state.products) !== canon(shown.products)) showProducts(state.products);
     } catch (e) { /* try again on the next tick */ }
@@ -254,7 +324,7 @@
 
   // Keep latency low after tab switches: jump to the live edge when far behind.
   setInterval(function () {
-    if (!player || video.paused || !video.buffered.length) return;
+    if (mode !== "flv" || video.paused || !video.buffered.length) return;
     const end = video.buffered.end(video.buffered.length - 1);
     if (end - video.currentTime > 2.5) video.currentTime = end - 0.3;
   }, 1000);
