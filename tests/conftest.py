@@ -24,6 +24,10 @@ if str(REPO) not in sys.path:
 
 from bench.common import loopback_node_settings  # noqa: E402
 
+# Fixtures of the balancer tests (moto's `aws`, the `off_loopback` guard), shared by the
+# modules that need them.
+pytest_plugins = ["balancer_helpers"]
+
 FFMPEG = shutil.which("ffmpeg")
 FFPROBE = shutil.which("ffprobe")
 

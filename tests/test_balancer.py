@@ -14,6 +14,7 @@ import socket
 import sys
 
 import pytest
+from balancer_helpers import FakeAgent
 
 from watchbuy.balancer import (
     Balancer,
@@ -24,49 +25,6 @@ from watchbuy.balancer import (
     parse_node_entry,
 )
 from watchbuy.settings import ConfigError, load_config
-
-
-class FakeAgent:
-    """A real HTTP server on loopback answering GET /status with ``self.status``."""
-
-    def __init__(self, hang: bool = False, **status) -> None:
-        self.hang = hang
-        self.status = {"node_id": "fake", "rx_bytes_per_s": 0.0, "tx_bytes_per_s": 0.0,
-                       "publishers": 0, "viewers": 0, "engine_ok": True, **status}
-        self.requests = 0
-        self.server: asyncio.base_events.Server | None = None
-        self.port = 0
-        self._held: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> FakeAgent:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _serve(self, reader, writer) -> None:
-        self.requests += 1
-        if self.hang:
-            self._held.append(writer)  # accept, read nothing, answer nothing
-            return
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-            return
-        body = self.status if isinstance(self.status, bytes) else json.dumps(self.status).encode()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-        writer.close()
-
-    def node(self, node_id: str | None = None) -> Node:
-        return Node(host="127.0.0.1", rtmp_port=1935, http_port=8000, agent_port=self.port,
-                    node_id=node_id)
-
-    async def stop(self) -> None:
-        for writer in self._held:
-            writer.close()
-        self.server.close()
 
 
 @pytest.fixture

@@ -9,18 +9,17 @@ balancer to query moto-discovered nodes, it points them at loopback agents first
 
 from __future__ import annotations
 
-import errno
-import functools
-import itertools
 import logging
-import os
-import socket
 from dataclasses import replace
 
-import boto3
 import pytest
-from moto import mock_aws
-from test_balancer import FakeAgent
+from balancer_helpers import (
+    REGION,
+    FakeAgent,
+    aws_client,
+    make_media_asg,
+    terminate,
+)
 
 from watchbuy.balancer import (
     AsgDiscovery,
@@ -30,106 +29,10 @@ from watchbuy.balancer import (
     NoHealthyNode,
 )
 from watchbuy.balancer.aws import IN_SERVICE, Aws, asg_instances
-from watchbuy.balancer.config import is_loopback_host
 from watchbuy.balancer.discovery import discovery_from_settings
 
-REGION = "eu-west-1"
-
-
-@pytest.fixture(scope="module")
-def aws():
-    """Fake credentials and a region, nothing from ~/.aws, no instance metadata service.
-
-    One mock per module: starting and resetting moto's EC2 costs seconds, so tests share it and
-    keep apart by naming their own groups and distributions.
-    """
-    with pytest.MonkeyPatch.context() as patch:
-        for name in list(os.environ):
-            if name.startswith("AWS_"):
-                patch.delenv(name)
-        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        patch.setenv("AWS_DEFAULT_REGION", REGION)
-        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        patch.setenv("AWS_CONFIG_FILE", os.devnull)
-        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-        with mock_aws():
-            yield
-
-
-@pytest.fixture(autouse=True)
-def off_loopback(monkeypatch):
-    """Every connect or name lookup to a host that is not loopback: recorded, refused before it
-    reaches the network, and a failure of the test at teardown.  The list is the fixture's value
-    (a test that provokes an attempt on purpose empties it)."""
-    attempts: list[tuple[str, object]] = []
-    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
-    real_getaddrinfo = socket.getaddrinfo
-
-    def refuse(what: str, host: object) -> None:
-        if not isinstance(host, str) or not is_loopback_host(host):
-            attempts.append((what, host))
-            raise ConnectionRefusedError(errno.ECONNREFUSED, f"test guard: {host} is off loopback")
-
-    def connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            refuse("connect", address[0])
-        return real_connect(sock, address)
-
-    def connect_ex(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            refuse("connect", address[0])
-        return real_connect_ex(sock, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host is not None:
-            refuse("getaddrinfo", host.decode() if isinstance(host, bytes) else host)
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    yield attempts
-    assert attempts == [], f"tried to reach hosts off loopback: {attempts}"
-
-
-_groups = itertools.count(1)
-
-
-@functools.cache
-def aws_client(service: str):
-    # Clients are slow to make (botocore loads the service model); the tests share them.
-    return boto3.client(service, region_name=REGION)
-
-
-def make_media_asg(count: int = 3) -> tuple[str, list[str]]:
-    """A new Auto Scaling group of ``count`` instances: its name and their ids."""
-    from moto.ec2.models.amis import AMIS
-
-    name = f"wb-media-{next(_groups)}"
-    ec2 = aws_client("ec2")
-    ec2.create_launch_template(
-        LaunchTemplateName=f"{name}-lt",
-        LaunchTemplateData={"ImageId": AMIS[0]["ami_id"], "InstanceType": "c7g.large"},
-    )
-    autoscaling = aws_client("autoscaling")
-    autoscaling.create_auto_scaling_group(
-        AutoScalingGroupName=name, MinSize=0, MaxSize=10, DesiredCapacity=count,
-        LaunchTemplate={"LaunchTemplateName": f"{name}-lt", "Version": "$Latest"},
-        AvailabilityZones=[f"{REGION}a"],
-    )
-    return name, group_instance_ids(name)
-
-
-def group_instance_ids(name: str) -> list[str]:
-    autoscaling = aws_client("autoscaling")
-    group = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])
-    return sorted(i["InstanceId"] for i in group["AutoScalingGroups"][0]["Instances"])
-
-
-def terminate(instance_id: str) -> None:
-    aws_client("autoscaling").terminate_instance_in_auto_scaling_group(
-        InstanceId=instance_id, ShouldDecrementDesiredCapacity=True)
+# No test here may reach an address off this machine (see balancer_helpers.off_loopback).
+pytestmark = pytest.mark.usefixtures("off_loopback")
 
 
 def describe(instance_id: str) -> dict:

@@ -17,20 +17,18 @@ from datetime import UTC, datetime
 
 import boto3
 import pytest
+from balancer_helpers import (
+    REGION,
+    aws_client,
+    group_instance_ids,
+    make_media_asg,
+    terminate,
+)
 from moto.cloudfront import models as cloudfront_models
 from moto.cloudfront import responses as cloudfront_responses
 from moto.cloudfront import urls as cloudfront_urls
 from moto.cloudfront.exceptions import CloudFrontException
 from moto.core.responses import ActionResult
-from test_balancer_aws import (
-    REGION,
-    aws,
-    aws_client,
-    group_instance_ids,
-    make_media_asg,
-    off_loopback,
-    terminate,
-)
 
 from watchbuy.balancer import AwsConfigError, AwsError
 from watchbuy.balancer.cdn import (
@@ -43,9 +41,8 @@ from watchbuy.balancer.cdn import (
 )
 from watchbuy.cli import main
 
-# The fixtures, shared with test_balancer_aws.py: moto, and (autouse) the guard that fails a
-# test which connects to or looks up any host off loopback.
-__all__ = ["aws", "off_loopback"]
+# No test here may reach an address off this machine (see balancer_helpers.off_loopback).
+pytestmark = pytest.mark.usefixtures("off_loopback")
 
 USER_BEHAVIOUR = {
     "PathPattern": "/static/*", "TargetOriginId": "site", "ViewerProtocolPolicy": "allow-all",

@@ -10,8 +10,8 @@ import contextlib
 import pytest
 from app_helpers import make_user, site_settings, start_session
 from conftest import start_ffmpeg_publisher, stop_process
+from node_cluster import Cluster
 from page_helpers import Browser
-from test_balancer_nodes import Cluster
 
 from watchbuy.balancer import Balancer, StaticDiscovery
 from watchbuy.db import queries
