@@ -28,7 +28,7 @@ import sys
 import time
 from array import array
 
-from bench.fanout.load import raise_fd_limit
+from bench.fanout.load import raise_fd_limit, write_result
 
 RECV_BUFFER = 1 << 20  # one buffer for every recv: the bytes are counted, never kept
 
@@ -172,11 +172,7 @@ def main(argv: list[str]) -> int:
 
     plan = json.loads(argv[0])
     raise_fd_limit()
-    result = run_plan(plan)
-    out = plan["out"]
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(out + ".tmp", out)
+    write_result(plan, run_plan(plan))  # one epoll loop of its own: no asyncio here
     return 0
 
 

@@ -23,7 +23,6 @@ back pooled, as the HTTP-FLV load process does.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from array import array
 from collections import Counter, deque
 from datetime import datetime
 
-from bench.fanout.load import BIN, _sleep_until, raise_fd_limit
+from bench.fanout.load import BIN, _sleep_until, run_load_process
 
 HEAD_LIMIT = 16384
 
@@ -301,20 +300,7 @@ async def run_plan(plan: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    plan = json.loads(argv[0])
-    raise_fd_limit()
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
-    result = asyncio.run(run_plan(plan))
-    out = plan["out"]
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(out + ".tmp", out)
-    return 0
+    return run_load_process(argv, run_plan)
 
 
 if __name__ == "__main__":

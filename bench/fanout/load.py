@@ -397,14 +397,17 @@ def run_load_process(argv: list[str], run_plan) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    result = asyncio.run(run_plan(plan))
-    # a file, not stdout: the event loop may leave stdout non-blocking, and a big result then
-    # stops at the pipe's 64 KiB
+    write_result(plan, asyncio.run(run_plan(plan)))
+    return 0
+
+
+def write_result(plan: dict, result: dict) -> None:
+    """A load process's result, to the plan's ``out`` file: a file, not stdout, because the event
+    loop may leave stdout non-blocking, and a big result then stops at the pipe's 64 KiB."""
     out = plan["out"]
     with open(out + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(out + ".tmp", out)
-    return 0
 
 
 def main(argv: list[str]) -> int:
