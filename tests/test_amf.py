@@ -15,6 +15,7 @@ import tracemalloc
 import types
 
 import pytest
+from amf_wire import END, key, num, s0, u29
 from conftest import codec_implementations, needs_compiled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,37 +33,6 @@ _amf = CODECS.get("cython")  # None without the compiled codec: its tests are sk
 @pytest.fixture(params=IMPLEMENTATIONS, ids=list(CODECS))
 def amf(request):
     return request.param
-
-
-def num(value: float) -> bytes:
-    return b"\x00" + struct.pack(">d", value)
-
-
-def s0(text: str) -> bytes:
-    raw = text.encode()
-    return b"\x02" + struct.pack(">H", len(raw)) + raw
-
-
-def key(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack(">H", len(raw)) + raw
-
-
-END = b"\x00\x00\x09"
-
-
-def u29(value: int) -> bytes:
-    """AMF3 U29 encoding (test-side, written from the specification)."""
-    assert 0 <= value < 1 << 29
-    if value < 0x80:
-        return bytes([value])
-    if value < 0x4000:
-        return bytes([0x80 | value >> 7, value & 0x7F])
-    if value < 0x200000:
-        return bytes([0x80 | value >> 14, 0x80 | (value >> 7) & 0x7F, value & 0x7F])
-    return bytes(
-        [0x80 | value >> 22, 0x80 | (value >> 15) & 0x7F, 0x80 | (value >> 8) & 0x7F, value & 0xFF]
-    )
 
 
 def s3(text: str) -> bytes:

@@ -13,6 +13,7 @@ import sys
 import tracemalloc
 
 import pytest
+from amf_wire import END, key, num, s0, u29
 from conftest import codec_implementations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -38,27 +39,12 @@ def amf(request):
     return request.param
 
 
-def num(value: float) -> bytes:
-    return b"\x00" + struct.pack(">d", value)
-
-
-def key(text: str) -> bytes:
-    return struct.pack(">H", len(text.encode())) + text.encode()
-
-
-def s0(text: str) -> bytes:
-    return b"\x02" + key(text)
-
-
 def ref0(index: int) -> bytes:
     return b"\x07" + struct.pack(">H", index)
 
 
 def array0(*items: bytes) -> bytes:
     return b"\x0a" + struct.pack(">I", len(items)) + b"".join(items)
-
-
-END = b"\x00\x00\x09"
 
 
 def amf0_array_bomb(levels: int) -> bytes:
@@ -80,18 +66,6 @@ def amf0_connect_bomb(levels: int) -> bytes:
         s0("connect") + num(1.0) + b"\x0a" + struct.pack(">I", levels + 1) + objects
         + b"\x03" + key("app") + s0("live") + key("x") + ref0(levels + 1) + END
     )  # fmt: skip
-
-
-def u29(value: int) -> bytes:
-    if value < 0x80:
-        return bytes([value])
-    if value < 0x4000:
-        return bytes([0x80 | value >> 7, value & 0x7F])
-    if value < 0x200000:
-        return bytes([0x80 | value >> 14, 0x80 | (value >> 7) & 0x7F, value & 0x7F])
-    return bytes(
-        [0x80 | value >> 22, 0x80 | (value >> 15) & 0x7F, 0x80 | (value >> 8) & 0x7F, value & 0xFF]
-    )
 
 
 def amf3_array_bomb(levels: int) -> bytes:
