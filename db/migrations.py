@@ -82,11 +82,29 @@ async def money_bigint_and_test_orders(db: Database) -> None:
     await add_missing_column(db, schema.orders.c.status_note)
 
 
+async def shows_shipping_and_replays(db: Database) -> None:
+    # the columns older tables lack, then the new tables and every index (CREATE … IF NOT
+    # EXISTS; an index may be on a column just added)
+    for column in (
+        schema.users.c.announce_purchases, schema.users.c.avatar,
+        schema.users.c.stripe_customer_id, schema.users.c.saved_payment_method,
+        schema.users.c.saved_card_brand, schema.users.c.saved_card_last4,
+        schema.products.c.physical, schema.products.c.sold,
+        *(c for c in schema.orders.c if c.name.startswith("ship_")),
+        schema.orders.c.shipped_at, schema.orders.c.carrier, schema.orders.c.tracking_number,
+        schema.order_items.c.flash_sale_id,
+    ):
+        await add_missing_column(db, column)
+    await create_tables(db, schema.metadata)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema: users, sessions, channels, products, cart, orders, chat",
               initial_schema),
     Migration(2, "money columns BIGINT; orders.test_mode and orders.status_note",
               money_bigint_and_test_orders),
+    Migration(3, "addresses, shipping, flash sales, shows, follows, reminders, notifications, "
+              "recordings, pins; one-tap payment and sold counts", shows_shipping_and_replays),
 ]
 
 

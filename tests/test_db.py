@@ -17,9 +17,9 @@ import sqlalchemy as sa
 from app_helpers import make_product, make_user
 from server_helpers import MYSQL_URL, mysql_connect, mysql_problem, mysql_url, require_server
 
-from watchbuy.db import queries
+from watchbuy.db import queries, schema
 from watchbuy.db.database import Database, is_duplicate_key
-from watchbuy.db.migrations import MIGRATIONS, upgrade
+from watchbuy.db.migrations import MIGRATIONS, column_names, upgrade
 from watchbuy.db.schema import cart_items, chat_mutes, metadata, orders, products, sessions
 from watchbuy.site import security
 
@@ -350,6 +350,40 @@ async def test_a_version_1_database_upgrades_to_bigint_money_and_test_orders(db)
     assert test_order["status_note"] is None
     await queries.update_product(db, host["id"], product["id"], price_minor=BIG_PRICE)
     assert (await queries.product(db, product["id"]))["price_minor"] == BIG_PRICE
+    assert await upgrade(db) == []
+
+
+# -- migration 3: shows, shipping, flash sales, replays ------------------------------------------
+
+NEW_IN_3 = ("addresses", "flash_sales", "shows", "show_products", "follows", "reminders",
+            "notifications", "recordings", "pins")
+
+
+async def test_a_version_2_database_gains_the_tables_and_columns_of_version_3(db) -> None:
+    host = await make_user(db, "Host", host=True)
+    mug = await make_product(db, host, name="Mug", stock=4)
+    # Back to version 2's shape: none of the new tables, none of the new columns.
+    for name in reversed([t.name for t in schema.metadata.sorted_tables]):
+        if name in NEW_IN_3:
+            await db.execute(f"DROP TABLE {name}")
+    await db.execute("DROP INDEX ix_order_items_flash_sale_id"
+                     + (" ON order_items" if db.dialect_name == "mysql" else ""))
+    for table, column in (("users", "announce_purchases"), ("users", "saved_card_last4"),
+                          ("products", "physical"), ("products", "sold"),
+                          ("orders", "ship_line1"), ("orders", "shipped_at"),
+                          ("order_items", "flash_sale_id")):
+        await db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    await db.execute("DELETE FROM schema_version WHERE version > 2")
+
+    assert await upgrade(db) == [3]
+    for name in NEW_IN_3:
+        assert await db.fetch_val(f"SELECT COUNT(*) FROM {name}") == 0
+    assert {"physical", "sold"} <= await column_names(db, "products")
+    # existing rows take the defaults: physical goods, nothing sold yet, purchases announced
+    row = await queries.product(db, mug["id"])
+    assert bool(row["physical"]) is True and row["sold"] == 0
+    assert bool((await queries.user_by_id(db, host["id"]))["announce_purchases"]) is True
+    assert {"ship_line1", "shipped_at", "carrier"} <= await column_names(db, "orders")
     assert await upgrade(db) == []
 
 
