@@ -324,7 +324,7 @@ def test_publish_with_three_pins_then_the_replay_plays_and_seeks_to_each_card(tm
             assert names[1] in replay.locator("#pinned").inner_text()
             replay.wait_for_function(
                 "() => !document.getElementById('replay-video').seeking")
-            screenshot(replay, "replay-timeline")
+            screenshot(replay, "replay-timeline.png")
             assert not violations, violations
             chromium.close()
     finally:
