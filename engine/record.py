@@ -198,6 +198,7 @@ class Recorder:
         self.max_buffer = settings.record_max_buffer
         self.bucket = settings.record_s3_bucket
         self.prefix = settings.record_s3_prefix
+        self.region = settings.aws_region or None
         self.recordings: dict[str, Recording] = {}
         self.finishing: set[asyncio.Task] = set()
         self.failures = 0
@@ -238,7 +239,7 @@ class Recorder:
             url = ""
             if self.bucket:
                 key = f"{self.prefix}{mp4.name}"
-                await asyncio.to_thread(upload, self.bucket, key, mp4)
+                await asyncio.to_thread(upload, self.bucket, key, mp4, self.region)
                 url = f"https://{self.bucket}.s3.amazonaws.com/{key}"
                 await asyncio.to_thread(_remove, mp4)
         except Exception as exc:  # ffmpeg, the disk or S3 (botocore's errors are their own)
@@ -311,10 +312,10 @@ async def probe_duration(path: Path) -> float:
         raise RuntimeError(f"ffprobe gave no duration for {path.name}") from None
 
 
-def upload(bucket: str, key: str, path: Path) -> None:
+def upload(bucket: str, key: str, path: Path, region: str | None = None) -> None:
     """Put the MP4 in S3 (in a worker thread); boto3's upload_file does multipart for big
-    files.  Region and credentials come from boto3's usual chain (AWS_* variables, a role)."""
+    files.  Credentials come from boto3's usual chain (AWS_* variables, the instance role)."""
     import boto3
 
-    boto3.client("s3").upload_file(str(path), bucket, key,
+    boto3.client("s3", region_name=region).upload_file(str(path), bucket, key,
                                    ExtraArgs={"ContentType": "video/mp4"})

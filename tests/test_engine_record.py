@@ -223,3 +223,37 @@ async def test_the_mp4_goes_to_s3_and_the_report_has_its_url(tmp_path, monkeypat
         local.write_bytes(body)
         assert decode_errors(local) == ""
         assert list((tmp_path / "rec").glob("*")) == []  # uploaded: nothing kept locally
+
+
+async def test_a_disk_that_falls_behind_stops_the_recording_at_the_buffer_cap(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="watchbuy.engine.record")
+    node, keys = await recording_node(tmp_path, record_max_buffer=4096)
+    pub = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
+                                       seconds=30, size="160x120")
+    try:
+        await wait_live(node, "show1")
+        # more than 4 KiB arrives between two of the writer's half-second turns
+        await asyncio.wait_for(keys.reported.wait(), 20)
+        stream = node.registry.get("show1")
+        assert stream is not None and "WATCHBUY_RECORD_MAX_BUFFER" in stream.recording.failed
+        assert stream.recording.chunks == [] and stream.recording.buffered == 0
+        await wait_live(node, "show1", frames=stream.video_frames + 10)  # live goes on
+    finally:
+        await stop_process(pub)
+        await node.stop()
+    assert keys.reports[0][0] == "recording_failed"
+    assert len([r for r in caplog.records if "recording stopped" in r.getMessage()]) == 1
+
+
+def test_recording_settings_are_checked_and_a_node_without_a_data_folder_records_nothing():
+    from watchbuy.settings import ConfigError, load_settings
+    from watchbuy.site.config import load_site_settings
+
+    with pytest.raises(ConfigError, match="WATCHBUY_RECORD_MAX_BUFFER"):
+        load_settings({"WATCHBUY_RECORD_MAX_BUFFER": "0", "WATCHBUY_ENV_FILE": "/dev/null"})
+    with pytest.raises(ConfigError, match="WATCHBUY_RECORD_RETENTION_DAYS"):
+        load_site_settings({"WATCHBUY_RECORD_RETENTION_DAYS": "-1",
+                            "WATCHBUY_ENV_FILE": "/dev/null"})
+    assert load_settings({"WATCHBUY_RECORD": "0", "WATCHBUY_ENV_FILE": "/dev/null"}).record is False
+    assert MediaNode(node_settings()).recorder is None  # data_dir "": tests and benchmarks
+    assert MediaNode(node_settings(data_dir="/nonexistent", record=False)).recorder is None

@@ -102,6 +102,7 @@ class Settings:
     record_max_buffer: int = 32 * 1024 * 1024  # bytes waiting for the disk; past it: stopped
     record_s3_bucket: str = ""  # upload the MP4 here (boto3's credentials and region)
     record_s3_prefix: str = "recordings/"
+    aws_region: str = ""  # the bucket's region (WATCHBUY_AWS_REGION, as the site's); "": boto3's
     # everything
     data_dir: str = "data"
     log_level: str = "INFO"
