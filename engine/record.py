@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from watchbuy.engine.codecs import flvmux
+from watchbuy.engine.http import stream_tracks
 from watchbuy.engine.wire import MSG_AUDIO, MSG_VIDEO
 from watchbuy.logs import LogLimiter
 
@@ -86,9 +88,6 @@ class Recording:
             media = [t for t in tags if t.type_id == MSG_VIDEO or t.type_id == MSG_AUDIO]
             if not media:
                 return  # script data before any track: nothing a player could start from
-            from watchbuy.engine.codecs import flvmux
-            from watchbuy.engine.http import stream_tracks
-
             self.header_written = True
             has_audio, has_video = stream_tracks(self.stream)
             chunks.append(flvmux.flv_header(has_audio or not has_video, has_video))
@@ -105,8 +104,8 @@ class Recording:
             self.buffered += len(data)
         self.last_ms = tags[-1].timestamp
         if self.buffered > self.recorder.max_buffer:
-            self.fail(f"the disk fell behind by more than {self.buffered} bytes "
-                      "(WATCHBUY_RECORD_MAX_BUFFER)")
+            self.fail(f"the disk fell behind: more than {self.recorder.max_buffer} bytes "
+                      "waited to be written (WATCHBUY_RECORD_MAX_BUFFER)")
         elif self.buffered >= WRITE_BATCH_BYTES:
             self._wake.set()
 

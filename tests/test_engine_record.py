@@ -13,7 +13,7 @@ from conftest import FlvHttpReader, node_settings, start_ffmpeg_publisher, stop_
 from media_helpers import decode_errors, ffprobe_json
 from moto import mock_aws
 
-from watchbuy.engine import record
+from watchbuy.engine import metrics, record
 from watchbuy.engine.codecs import amf, flvmux
 from watchbuy.engine.cues import cue_target, signed_headers
 from watchbuy.engine.hooks import StaticKeys
@@ -107,6 +107,9 @@ async def test_cue_points_reach_flv_viewers_in_order_and_the_recording_becomes_a
     call, info = keys.reports[0]
     assert call == "recording_ready", info
     assert info["key"] == "key1" and info["name"] == "show1" and info["url"] == ""
+    scrape = metrics.render(node.metrics).decode()
+    assert 'watchbuy_node_recordings_total{result="ready"} 1.0' in scrape
+    assert "watchbuy_node_cue_points_total 3.0" in scrape
     mp4 = tmp_path / "rec" / info["file"]
     assert mp4.suffix == ".mp4" and mp4.stat().st_size == info["size"]
     assert not mp4.with_suffix(".flv").exists()  # the MP4 has everything
@@ -186,6 +189,9 @@ async def test_a_full_disk_stops_the_recording_with_one_line_and_viewers_keep_pl
         await node.stop()
     lines = [r.getMessage() for r in caplog.records if "recording stopped" in r.getMessage()]
     assert len(lines) == 1, lines
+    scrape = metrics.render(node.metrics).decode()
+    assert 'watchbuy_node_recordings_total{result="failed"} 1.0' in scrape
+    assert 'watchbuy_node_recordings_total{result="ready"} 0.0' in scrape
     assert "No space left on device" in lines[0] and "the live stream goes on" in lines[0]
     call, info = keys.reports[0]
     assert call == "recording_failed" and "No space left on device" in info["error"]
