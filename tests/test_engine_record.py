@@ -263,3 +263,40 @@ def test_recording_settings_are_checked_and_a_node_without_a_data_folder_records
     assert load_settings({"WATCHBUY_RECORD": "0", "WATCHBUY_ENV_FILE": "/dev/null"}).record is False
     assert MediaNode(node_settings()).recorder is None  # data_dir "": tests and benchmarks
     assert MediaNode(node_settings(data_dir="/nonexistent", record=False)).recorder is None
+
+
+async def test_an_rtmp_player_gets_the_cue_point_in_order_with_the_media(tmp_path):
+    from watchbuy.engine.client import RtmpClient
+    from watchbuy.engine.wire import MSG_DATA_AMF0
+
+    node, _keys = await recording_node(tmp_path, record=False)
+    pub = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
+                                       seconds=10, size="160x120")
+    player = None
+    try:
+        await wait_live(node, "show1", frames=5)
+        player = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+        await player.play("show1")
+        last_media = None
+        for _ in range(20):  # the start-up tags and some live ones
+            timestamp, type_id, _payload = await player.media()
+            if type_id != MSG_DATA_AMF0:
+                last_media = timestamp
+        response = await post_cue(node, 42)
+        assert response.status_code == 200
+        media_ms = response.json()["media_ms"]
+        while True:
+            timestamp, type_id, payload = await player.media()
+            if type_id == MSG_DATA_AMF0:
+                values = amf.decode_amf0(payload)
+                if values[0] == "onCuePoint":
+                    break
+            else:
+                last_media = timestamp
+        assert timestamp == media_ms == last_media  # right after the media it was stamped with
+        assert values[1]["product_id"] == 42 and values[1]["name"] == "pin"
+    finally:
+        if player is not None:
+            await player.close()
+        await stop_process(pub)
+        await node.stop()
