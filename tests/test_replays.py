@@ -145,6 +145,16 @@ async def test_recording_hook_files_the_replay_with_its_pins_and_retention_expir
     timeline = json.loads(page.text.split('id="replay-timeline">')[1].split("</script>")[0])
     assert [(i["offset"], i["product"] and i["product"]["name"]) for i in timeline] == [
         (0.0, "Blue mug"), (5.0, "Canvas tote"), (10.0, "Blue mug"), (15.0, None)]
+    # each product pinned in the show is for sale on the page, through the cart at its price
+    for product in (mug, tote):
+        assert f'data-add="{product["id"]}"' in page.text
+    shopper = await site.browser(await site.user("Sue Shopper"))
+    await shopper.get(f"/replay/{recording_id}")
+    added = await shopper.fetch("/cart/add", {"product_id": str(tote["id"]), "quantity": "1",
+                                              "source": "replay"})
+    assert added.status_code == 200 and added.json()["ok"], added.text
+    cart = await shopper.get("/cart")
+    assert "Canvas tote" in cart.text and "$18.00" in cart.text
     media = await (await site.browser()).get("/replays/media/show-1.mp4",
                                              headers={"Range": "bytes=10-19"})
     assert media.status_code == 206 and media.content == b"\0" * 10
