@@ -96,6 +96,8 @@ async def shows_shipping_and_replays(db: Database) -> None:
     ):
         await add_missing_column(db, column)
     await create_tables(db, schema.metadata)
+    # added to recordings after migration 3 first ran on some databases (the table exists by now)
+    await add_missing_column(db, schema.recordings.c.media_start_ms)
 
 
 MIGRATIONS: list[Migration] = [

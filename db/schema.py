@@ -325,6 +325,9 @@ recordings = sa.Table(
     sa.Column("url", sa.String(PATH), nullable=True),  # where the replay plays from
     sa.Column("size_bytes", sa.BigInteger, nullable=True),
     sa.Column("error", sa.String(255), nullable=True),
+    # the stream's media timestamp (ms) at the file's start: a pin's offset in the replay is
+    # its media_ms less this
+    sa.Column("media_start_ms", sa.BigInteger, nullable=True),
 )
 
 pins = sa.Table(

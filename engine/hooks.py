@@ -179,5 +179,17 @@ class HttpHooks:
         except PublishRefused as exc:
             log.warning("publish_done hook for %s failed: %s", name, exc)
 
+    async def recording(self, call: str, app: str, key: str, info: dict) -> None:
+        """``recording_ready`` / ``recording_failed`` (engine/record.py): the site files the
+        replay.  Logged, never raised: the file stays in the folder either way."""
+        try:
+            response = await self._call({"call": call, "app": app, "key": key,
+                                         "node_id": self.node_id, "addr": "", **info})
+            if response.status_code // 100 != 2:
+                log.warning("%s hook for %s answered %s", call, info.get("name"),
+                            response.status_code)
+        except PublishRefused as exc:
+            log.warning("%s hook for %s failed: %s", call, info.get("name"), exc)
+
     async def close(self) -> None:
         await self._client.aclose()

@@ -369,6 +369,9 @@ class HttpSession(ViewerSession):
         if request.method == "OPTIONS":
             self.respond(204, None, keep)
             return
+        if request.method == "POST" and self.node.cues.is_cue_path(request.path):
+            self.node.cues.handle(self, request)  # engine/cues.py: a pin in band
+            return
         if request.method not in ("GET", "HEAD"):
             self.respond(405, {"error": "method not allowed"}, keep)
             return

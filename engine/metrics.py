@@ -120,6 +120,14 @@ class NodeCollector:
         yield GaugeMetricFamily(PREFIX + "open_file_budget",
                                 "Connections the open-file limit allows (0: no limit)",
                                 value=node.fd_budget)
+        recorder = node.recorder  # engine/record.py; None without a data folder
+        if recorder is not None:
+            yield _labelled(CounterMetricFamily(
+                PREFIX + "recordings", "Recordings finished: ready (MP4 made, uploaded when "
+                "S3 is set) or failed (a write error, WATCHBUY_RECORD_MAX_BUFFER, the remux)",
+                labels=["result"]), {"ready": recorder.ready, "failed": recorder.failures})
+        yield CounterMetricFamily(PREFIX + "cue_points", "Cue points (pins) put into live streams",
+                                  value=node.cues.inserted)
 
 
 def node_registry(node: MediaNode) -> CollectorRegistry:

@@ -9,11 +9,13 @@ import time
 from collections import Counter
 
 from watchbuy.engine.codecs import implementations
+from watchbuy.engine.cues import CueService
 from watchbuy.engine.hls_http import HlsService
 from watchbuy.engine.hooks import HttpHooks, PublishAuthorizer, StaticKeys
 from watchbuy.engine.http import HttpSession
 from watchbuy.engine.metrics import node_registry
 from watchbuy.engine.rates import RateWindow
+from watchbuy.engine.record import Recorder
 from watchbuy.engine.relay import RelayLimits, StreamRegistry
 from watchbuy.engine.rtmp import RtmpSession
 from watchbuy.logs import LogLimiter
@@ -115,6 +117,11 @@ class MediaNode:
         self.metrics = node_registry(self)  # GET /metrics (engine/metrics.py)
         # LL-HLS of every live stream (engine/hls_http.py), muxed from publish on.
         self.hls = HlsService(self) if settings.hls else None
+        self.cues = CueService(self)  # POST /api/streams/<name>/cue (engine/cues.py)
+        # every publish recorded to the data folder, then a faststart MP4 (engine/record.py);
+        # a node without a data folder (tests, benchmarks: data_dir "") records nothing
+        self.recorder = Recorder(self) if settings.record and \
+            (settings.record_dir or settings.data_dir) else None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -145,6 +152,8 @@ class MediaNode:
             self.registry.stop(stream)
         if self.hls is not None:
             self.hls.close()
+        if self.recorder is not None:
+            await self.recorder.close()
         for server in self._servers:
             try:
                 await asyncio.wait_for(server.wait_closed(), 2)

@@ -38,6 +38,7 @@ from watchbuy.settings import Settings
 
 if TYPE_CHECKING:
     from watchbuy.engine.hls import HlsStream
+    from watchbuy.engine.record import Recording
     from watchbuy.engine.session import ViewerSession
 
 log = logging.getLogger("watchbuy.engine.relay")
@@ -273,10 +274,15 @@ class LiveStream:
         # The stream's LL-HLS muxer (engine/hls_http.py sets it at publish when HLS is on):
         # fed here, once per message, whatever the number of viewers.
         self.hls: HlsStream | None = None
+        # The recording of this publish (engine/record.py sets it when recording is on): given
+        # each flushed batch after the viewers, written off the event loop.
+        self.recording: Recording | None = None
+        self.media_ms = 0  # the newest audio/video timestamp: where a cue point goes
 
     # -- input from the publisher --------------------------------------------------------------
     def on_media(self, type_id: int, timestamp: int, payload: bytes) -> None:
         self.bytes_in += len(payload)
+        self.media_ms = timestamp
         if type_id == MSG_VIDEO:
             codec, _frame_type, keyframe, sequence_header = flvmux.inspect_video(payload)
             if codec:
@@ -365,6 +371,16 @@ class LiveStream:
             viewer.deliver(tags, shared)
             if viewer.closed:
                 self.viewers.discard(viewer)
+        if self.recording is not None:
+            self.recording.add(tags)
+
+    def insert_cue(self, payload_at: Callable[[int], bytes]) -> int:
+        """Put a script-data message (``payload_at(timestamp)``, a cue point) into the stream
+        at the newest media timestamp, to every viewer and the recording; that timestamp."""
+        timestamp = self.media_ms
+        self.pending.append(Tag(MSG_DATA_AMF0, timestamp, payload_at(timestamp), False))
+        self.flush()
+        return timestamp
 
     # -- viewers ---------------------------------------------------------------------------
     def startup_tags(self) -> list[Tag]:

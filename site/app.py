@@ -28,6 +28,8 @@ from watchbuy.site.observe import RequestContextMiddleware, install_request_id_f
 from watchbuy.site.passwords import PasswordWorkers
 from watchbuy.site.payments import StripeGateway, expire_stale_test_orders
 from watchbuy.site.ratelimit import make_rate_limiter
+from watchbuy.site.replays import expire_recordings
+from watchbuy.site.replays import routes as replay_routes
 from watchbuy.site.security import AuthMiddleware, origin_of
 from watchbuy.site.state import SiteState
 from watchbuy.site.storage import LocalStorage, make_storage
@@ -143,6 +145,9 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
                 stopping, settings.prune_interval,
                 lambda: accounts.prune_and_log(db, settings),
                 "pruning sessions and login attempts")),
+            asyncio.ensure_future(repeat_until(
+                stopping, 3600.0, lambda: expire_recordings(site),
+                "expiring replays past WATCHBUY_RECORD_RETENTION_DAYS")),
         ]
         try:
             yield site
@@ -161,6 +166,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
         *studio.routes,
         *shop.routes,
         *hooks.routes,
+        *replay_routes,
         *chat.routes,
         *dashboard.routes,
         *metrics.routes,

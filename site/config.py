@@ -64,6 +64,10 @@ class SiteSettings:
     max_image_bytes: int = 5 * 1024 * 1024
     s3_bucket: str = ""
     s3_prefix: str = "products/"
+    # replays (site/replays.py): the nodes' recordings folder when they share this machine
+    # (watchbuy serve), and how long replays are kept (0 = for ever)
+    record_dir: str = ""  # default: <data_dir>/recordings, as the node's
+    record_retention_days: float = 30.0
     aws_region: str = ""
     # accounts
     session_days: float = 14.0
@@ -173,7 +177,8 @@ class SiteSettings:
                 "limits and hook nonces through it)")
         check_ranges(self, positive=("site_drain_seconds", "site_restart_delay",
                                      "site_restart_delay_max"))
-        check_ranges(self, off_or_positive=("ws_ping_interval", "ws_ping_timeout", "hsts_seconds"))
+        check_ranges(self, off_or_positive=("ws_ping_interval", "ws_ping_timeout", "hsts_seconds",
+                                            "record_retention_days"))
         if self.public_url and not self.public_url.lower().startswith(("http://", "https://")):
             raise ConfigError("WATCHBUY_PUBLIC_URL: must start with http:// or https://")
 
@@ -200,6 +205,11 @@ class SiteSettings:
     @property
     def uploads_dir(self) -> Path:
         return Path(self.data_dir) / "uploads"
+
+    @property
+    def recordings_dir(self) -> Path:
+        """Where the local node writes its replays (WATCHBUY_RECORD_DIR, as the node reads it)."""
+        return Path(self.record_dir or Path(self.data_dir) / "recordings")
 
 
 def load_site_settings(environ: dict[str, str] | None = None, **overrides) -> SiteSettings:

@@ -35,6 +35,7 @@ from watchbuy.engine.hooks import (
     check_signature,
 )
 from watchbuy.logs import LogLimiter
+from watchbuy.site import replays
 from watchbuy.site.broker import RedisBroker
 from watchbuy.site.chat import publish_room_event
 from watchbuy.site.media import hls_url
@@ -162,7 +163,8 @@ async def rtmp_hook(request: Request):
         return _refuse(guard, request, 409, "replayed hook call")
     db = site["db"]
     channel = await queries.channel_by_key(db, key)
-    if channel is None and kind == "publish_done" and call.get("name"):
+    if channel is None and kind in ("publish_done", "recording_ready", "recording_failed") \
+            and call.get("name"):
         # The host may have regenerated the key while live: the stream that ends still carries
         # the old key, and its room must not stay "live" forever.  The call is signed, and the
         # engine reports only names that publish granted.
@@ -181,6 +183,8 @@ async def rtmp_hook(request: Request):
         await publish_room_event(site["broker"], channel["id"], {"type": "offline"})
         log.info("room %s went offline", channel["slug"])
         return JSONResponse({"ok": True})
+    if kind in ("recording_ready", "recording_failed"):
+        return await replays.recording_hook(site, channel, call)  # a replay (site/replays.py)
     return JSONResponse({"error": f"unknown call {kind!r}"}, status_code=400)
 
 

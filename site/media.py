@@ -59,6 +59,38 @@ class MediaDirectory:
                 return urls.flv_url(node.play_base, slug)
         return urls.flv_url(self.local_ingest()["play_base"], slug)
 
+    async def node_api(self, node_id: str | None) -> str:
+        """The HTTP base (``http://host:port``) of the node a stream is live on, as the site
+        reaches it: the balancer's record of it, or the local node."""
+        if self.balancer is not None and node_id:
+            node = await self.balancer.node_for(node_id)
+            if node is not None:
+                return node.stats_url
+        return self.settings.node_stats_url
+
+    async def cue(self, node_id: str | None, name: str, product_id: int | None) -> int | None:
+        """Put a pin into the live stream ``name`` as a cue point (engine/cues.py), signed
+        with the hook secret; the stream's media timestamp of it, or None when the node could
+        not be asked (the pin still goes out over the websocket)."""
+        from watchbuy.engine.cues import cue_target, signed_headers
+
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=1.0)
+        target = cue_target(name, product_id)
+        base = await self.node_api(node_id)
+        try:
+            response = await self._client.post(
+                f"{base}{target}", headers=signed_headers(self.settings.hook_secret, target))
+            if response.status_code == 200:
+                media_ms = response.json().get("media_ms")
+                if isinstance(media_ms, int) and not isinstance(media_ms, bool):
+                    return media_ms
+            log.warning("cue point for %s: node at %s answered %s", name, base,
+                        response.status_code)
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("cue point for %s: node at %s unreachable: %s", name, base, exc)
+        return None
+
     async def stream_stats(self) -> dict[str, dict]:
         """Live streams by name with their stats (viewers, bitrate…), cached briefly."""
         if time.monotonic() - self._stats_at < self.cache_seconds:

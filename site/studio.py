@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from watchbuy.db import queries
+from watchbuy.site import replays
 from watchbuy.site.accounts import ensure_channel
 from watchbuy.site.chat import publish_room_event
 from watchbuy.site.rooms import product_card
@@ -227,12 +228,13 @@ async def pin(request: Request):
     card = None
     if product_id is not None:
         card = product_card(product, state(request)["storage"])
-    await publish_room_event(state(request)["broker"], channel["id"],
-                             {"type": "pinned", "product": card})
+    # while live: a cue point in the stream and a pin on the media clock (site/replays.py)
+    event = await replays.pinned_event(state(request), channel, product_id, card)
+    await publish_room_event(state(request)["broker"], channel["id"], event)
     if request.headers.get("accept", "").startswith("application/json"):
         from starlette.responses import JSONResponse
 
-        return JSONResponse({"pinned": card})
+        return JSONResponse({"pinned": card, "media_ms": event.get("media_ms")})
     return redirect("/studio?notice=pinned")
 
 

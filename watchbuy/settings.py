@@ -96,6 +96,13 @@ class Settings:
     hls_max_pending_audio: int = 512  # audio frames held while video stalls
     hls_block_timeout: float = 0.0  # a blocking request waits this long, then 503; 0: 3 x TD
     hls_ended_keep: float = 30.0  # an ended stream's playlist (with ENDLIST) is kept this long
+    # recordings (engine/record.py): every publish as FLV, then a faststart MP4 for replays
+    record: bool = True
+    record_dir: str = ""  # default: <data_dir>/recordings
+    record_max_buffer: int = 32 * 1024 * 1024  # bytes waiting for the disk; past it: stopped
+    record_s3_bucket: str = ""  # upload the MP4 here (boto3's credentials and region)
+    record_s3_prefix: str = "recordings/"
+    aws_region: str = ""  # the bucket's region (WATCHBUY_AWS_REGION, as the site's); "": boto3's
     # everything
     data_dir: str = "data"
     log_level: str = "INFO"
@@ -128,7 +135,7 @@ class Settings:
                       "max_partial_messages", "max_partial_bytes", "node_partial_bytes",
                       "amf_max_nodes", "amf_max_expanded_bytes", "http_max_head", "http_max_buffer",
                       "http_requests_per_turn", "header_timeout", "keepalive_timeout",
-                      "drain_timeout"),
+                      "drain_timeout", "record_max_buffer"),
             off_or_positive=("handshake_timeout", "partial_message_timeout", "publish_idle_timeout",
                              "idle_connection_timeout", "publish_takeover_grace",
                              "max_connections_per_ip", "fd_reserve", "metadata_max_fields",

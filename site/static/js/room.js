@@ -107,6 +107,7 @@
       }
     );
     player.attachMediaElement(video);
+    document.dispatchEvent(new CustomEvent("watchbuy:player", { detail: { player: player, video: video } }));
     player.on(mpegts.Events.ERROR, function () {
       destroyPlayer();
       // Never started (a proxy that buffers or blocks FLV, an MSE that refuses the codec):
@@ -207,6 +208,9 @@
     box.hidden = !p;
   }
 
+  // Another script (cues.js: the pin at its moment in the video) says which card to show.
+  document.addEventListener("watchbuy:show-pin", function (event) { showPinned(event.detail); });
+
   const cartStatus = document.getElementById("cart-status");
   document.addEventListener("click", async function (event) {
     const button = event.target.closest("[data-add]");
@@ -262,6 +266,7 @@
     socket = new WebSocket(scheme + location.host + "/ws/room/" + encodeURIComponent(slug));
     socket.onmessage = function (event) {
       const data = JSON.parse(event.data);
+      document.dispatchEvent(new CustomEvent("watchbuy:room-event", { detail: data }));
       switch (data.type) {
         case "hello":
           me = data.user_id; isHost = data.is_host;

@@ -1,0 +1,302 @@
+"""Recording and cue points on a real node: ffmpeg publishes, ffprobe reads what we wrote."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import FlvHttpReader, node_settings, start_ffmpeg_publisher, stop_process, wait_live
+from media_helpers import decode_errors, ffprobe_json
+from moto import mock_aws
+
+from watchbuy.engine import metrics, record
+from watchbuy.engine.codecs import amf, flvmux
+from watchbuy.engine.cues import cue_target, signed_headers
+from watchbuy.engine.hooks import StaticKeys
+from watchbuy.engine.node import MediaNode
+
+pytestmark = pytest.mark.usefixtures("ffmpeg")
+
+SECRET = "cue-test-secret"
+
+
+class ReportingKeys(StaticKeys):
+    """Static keys that keep the recording reports a site would get through its hook."""
+
+    def __init__(self) -> None:
+        super().__init__({"key1": "show1"})
+        self.reports: list[tuple[str, dict]] = []
+        self.reported = asyncio.Event()
+
+    async def recording(self, call: str, app: str, key: str, info: dict) -> None:
+        self.reports.append((call, {"key": key, **info}))
+        self.reported.set()
+
+
+async def recording_node(tmp_path: Path, **changes) -> tuple[MediaNode, ReportingKeys]:
+    keys = ReportingKeys()
+    node = MediaNode(node_settings(record_dir=str(tmp_path / "rec"), hook_secret=SECRET,
+                                   operator_token="op-token", **changes), authorizer=keys)
+    await node.start()
+    return node, keys
+
+
+async def post_cue(node: MediaNode, product_id: int | None, headers: dict | None = None,
+                   target: str | None = None) -> httpx.Response:
+    target = target or cue_target("show1", product_id)
+    if headers is None:
+        headers = signed_headers(SECRET, target)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.http_port}") as client:
+        return await client.post(target, headers=headers)
+
+
+def cue_points(tags) -> list[tuple[int, dict]]:
+    found = []
+    for tag_type, timestamp, payload in tags:
+        if tag_type == flvmux.TAG_SCRIPT:
+            values = amf.decode_amf0(bytes(payload))
+            if values and values[0] == "onCuePoint":
+                found.append((timestamp, dict(values[1])))
+    return found
+
+
+async def test_cue_points_reach_flv_viewers_in_order_and_the_recording_becomes_a_clean_mp4(
+        tmp_path):
+    node, keys = await recording_node(tmp_path)
+    pub = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
+                                       seconds=6, size="160x120")
+    try:
+        await wait_live(node, "show1", frames=10)
+        viewer = await FlvHttpReader.open(node.http_port, "/live/show1.flv")
+        tags = await viewer.tags()
+        answers = []
+        for product_id in (7, 8, None):
+            await asyncio.sleep(1.0)
+            response = await post_cue(node, product_id)
+            assert response.status_code == 200, response.text
+            answers.append(response.json()["media_ms"])
+            tags += await viewer.tags()
+        while len(cue_points(tags)) < 3:
+            tags += await viewer.tags()
+        cues = cue_points(tags)
+        assert [c[0] for c in cues] == answers  # at the media timestamp the node answered
+        assert [c[1].get("product_id") for c in cues] == [7, 8, None]
+        assert [c[1]["name"] for c in cues] == ["pin", "pin", "unpin"]
+        assert [c[1]["time"] for c in cues] == [ms / 1000 for ms in answers]
+        assert answers[0] < answers[1] < answers[2]
+        # in order: each cue comes right after the media it was stamped with
+        for index, (tag_type, timestamp, _payload) in enumerate(tags):
+            if tag_type == flvmux.TAG_SCRIPT and timestamp in answers:
+                media_before = [t[1] for t in tags[:index] if t[0] != flvmux.TAG_SCRIPT]
+                assert media_before[-1] == timestamp
+        # the recording on disk (still being written) carries the cues too
+        recording = node.recorder.recordings["show1"]
+        await asyncio.sleep(record.WRITE_INTERVAL * 3)
+        on_disk = flvmux.FlvReader().feed(recording.path.read_bytes())
+        assert [c[0] for c in cue_points(on_disk)] == answers
+        await viewer.close()
+        await asyncio.wait_for(pub.wait(), 30)
+        await asyncio.wait_for(keys.reported.wait(), 60)
+    finally:
+        await stop_process(pub)
+        await node.stop()
+    call, info = keys.reports[0]
+    assert call == "recording_ready", info
+    assert info["key"] == "key1" and info["name"] == "show1" and info["url"] == ""
+    scrape = metrics.render(node.metrics).decode()
+    assert 'watchbuy_node_recordings_total{result="ready"} 1.0' in scrape
+    assert "watchbuy_node_cue_points_total 3.0" in scrape
+    mp4 = tmp_path / "rec" / info["file"]
+    assert mp4.suffix == ".mp4" and mp4.stat().st_size == info["size"]
+    assert not mp4.with_suffix(".flv").exists()  # the MP4 has everything
+    assert decode_errors(mp4) == ""
+    probe = ffprobe_json(mp4, "-show_format", "-show_streams")
+    assert {s["codec_type"] for s in probe["streams"]} == {"video", "audio"}
+    assert 5.0 <= info["duration"] <= 7.0
+    assert abs(float(probe["format"]["duration"]) - info["duration"]) < 0.01
+    # faststart: the index (moov) comes before the media (mdat)
+    head = mp4.read_bytes()[:4096]
+    assert head.find(b"moov") != -1 and (head.find(b"mdat") == -1 or
+                                        head.find(b"moov") < head.find(b"mdat"))
+    assert info["start_ms"] == 0 and info["ended_at"] > info["started_at"]
+
+
+async def test_cue_calls_need_the_hook_signature_or_the_operator_token(tmp_path):
+    node, _keys = await recording_node(tmp_path)
+    pub = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
+                                       seconds=10, size="160x120")
+    try:
+        await wait_live(node, "show1")
+        target = cue_target("show1", 3)
+        assert (await post_cue(node, 3, headers={}, target=target)).status_code == 401
+        forged = signed_headers("not-the-secret", target)
+        assert (await post_cue(node, 3, headers=forged, target=target)).status_code == 401
+        good = signed_headers(SECRET, target)
+        assert (await post_cue(node, 3, headers=good, target=target)).status_code == 200
+        replayed = await post_cue(node, 3, headers=good, target=target)
+        assert replayed.status_code == 401 and replayed.json()["error"] == "replayed call"
+        operator = {"Authorization": "Bearer op-token"}
+        answer = await post_cue(node, 4, headers=operator, target="/api/streams/show1/cue?product_id=4")
+        assert answer.status_code == 200 and answer.json()["stream"] == "show1"
+        bad = await post_cue(node, None, headers=operator,
+                             target="/api/streams/show1/cue?product_id=x1")
+        assert bad.status_code == 400
+        missing = await post_cue(node, None, headers=operator, target="/api/streams/nope/cue")
+        assert missing.status_code == 404
+    finally:
+        await stop_process(pub)
+        await node.stop()
+
+
+async def test_a_full_disk_stops_the_recording_with_one_line_and_viewers_keep_playing(
+        tmp_path, monkeypatch, caplog):
+    writes = 0
+    real_write = record.write_all
+
+    def full_disk(handle, chunks):
+        # the first batch fits, then the disk is full, as a filling tmpfs answers
+        nonlocal writes
+        writes += 1
+        if writes > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(handle, chunks)
+
+    monkeypatch.setattr(record, "write_all", full_disk)
+    caplog.set_level(logging.INFO, logger="watchbuy.engine.record")
+    node, keys = await recording_node(tmp_path)
+    pub = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
+                                       seconds=30, size="160x120")
+    try:
+        await wait_live(node, "show1")
+        viewer = await FlvHttpReader.open(node.http_port, "/live/show1.flv")
+        await asyncio.wait_for(keys.reported.wait(), 20)  # the failure is reported at once
+        stream = node.registry.get("show1")
+        assert stream is not None and stream.recording.failed
+        # the viewer keeps getting video after the recording stopped
+        frames_then, media_then = stream.video_frames, stream.media_ms
+        got = []
+        while len([t for t in got if t[0] == flvmux.TAG_VIDEO and t[1] > media_then]) < 25:
+            got += await viewer.tags()
+        assert stream.video_frames >= frames_then + 25
+        assert not viewer.eof
+        await viewer.close()
+    finally:
+        await stop_process(pub)
+        await node.stop()
+    lines = [r.getMessage() for r in caplog.records if "recording stopped" in r.getMessage()]
+    assert len(lines) == 1, lines
+    scrape = metrics.render(node.metrics).decode()
+    assert 'watchbuy_node_recordings_total{result="failed"} 1.0' in scrape
+    assert 'watchbuy_node_recordings_total{result="ready"} 0.0' in scrape
+    assert "No space left on device" in lines[0] and "the live stream goes on" in lines[0]
+    call, info = keys.reports[0]
+    assert call == "recording_failed" and "No space left on device" in info["error"]
+    assert len(keys.reports) == 1
+    assert list((tmp_path / "rec").glob("*")) == []  # the partial file is removed
+
+
+async def test_the_mp4_goes_to_s3_and_the_report_has_its_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        import boto3
+
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="wb-replays")
+        node, keys = await recording_node(tmp_path, record_s3_bucket="wb-replays")
+        pub = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
+                                           seconds=3, size="160x120")
+        try:
+            await asyncio.wait_for(pub.wait(), 30)
+            await asyncio.wait_for(keys.reported.wait(), 60)
+        finally:
+            await stop_process(pub)
+            await node.stop()
+        call, info = keys.reports[0]
+        assert call == "recording_ready", info
+        key = f"recordings/{info['file']}"
+        assert info["url"] == f"https://wb-replays.s3.amazonaws.com/{key}"
+        stored = s3.get_object(Bucket="wb-replays", Key=key)
+        assert stored["ContentType"] == "video/mp4"
+        body = stored["Body"].read()
+        assert len(body) == info["size"]
+        local = tmp_path / "copy.mp4"
+        local.write_bytes(body)
+        assert decode_errors(local) == ""
+        assert list((tmp_path / "rec").glob("*")) == []  # uploaded: nothing kept locally
+
+
+async def test_a_disk_that_falls_behind_stops_the_recording_at_the_buffer_cap(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="watchbuy.engine.record")
+    node, keys = await recording_node(tmp_path, record_max_buffer=4096)
+    pub = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
+                                       seconds=30, size="160x120")
+    try:
+        await wait_live(node, "show1")
+        # more than 4 KiB arrives between two of the writer's half-second turns
+        await asyncio.wait_for(keys.reported.wait(), 20)
+        stream = node.registry.get("show1")
+        assert stream is not None and "WATCHBUY_RECORD_MAX_BUFFER" in stream.recording.failed
+        assert stream.recording.chunks == [] and stream.recording.buffered == 0
+        await wait_live(node, "show1", frames=stream.video_frames + 10)  # live goes on
+    finally:
+        await stop_process(pub)
+        await node.stop()
+    assert keys.reports[0][0] == "recording_failed"
+    assert len([r for r in caplog.records if "recording stopped" in r.getMessage()]) == 1
+
+
+def test_recording_settings_are_checked_and_a_node_without_a_data_folder_records_nothing():
+    from watchbuy.settings import ConfigError, load_settings
+    from watchbuy.site.config import load_site_settings
+
+    with pytest.raises(ConfigError, match="WATCHBUY_RECORD_MAX_BUFFER"):
+        load_settings({"WATCHBUY_RECORD_MAX_BUFFER": "0", "WATCHBUY_ENV_FILE": "/dev/null"})
+    with pytest.raises(ConfigError, match="WATCHBUY_RECORD_RETENTION_DAYS"):
+        load_site_settings({"WATCHBUY_RECORD_RETENTION_DAYS": "-1",
+                            "WATCHBUY_ENV_FILE": "/dev/null"})
+    assert load_settings({"WATCHBUY_RECORD": "0", "WATCHBUY_ENV_FILE": "/dev/null"}).record is False
+    assert MediaNode(node_settings()).recorder is None  # data_dir "": tests and benchmarks
+    assert MediaNode(node_settings(data_dir="/nonexistent", record=False)).recorder is None
+
+
+async def test_an_rtmp_player_gets_the_cue_point_in_order_with_the_media(tmp_path):
+    from watchbuy.engine.client import RtmpClient
+    from watchbuy.engine.wire import MSG_DATA_AMF0
+
+    node, _keys = await recording_node(tmp_path, record=False)
+    pub = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
+                                       seconds=10, size="160x120")
+    player = None
+    try:
+        await wait_live(node, "show1", frames=5)
+        player = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+        await player.play("show1")
+        last_media = None
+        for _ in range(20):  # the start-up tags and some live ones
+            timestamp, type_id, _payload = await player.media()
+            if type_id != MSG_DATA_AMF0:
+                last_media = timestamp
+        response = await post_cue(node, 42)
+        assert response.status_code == 200
+        media_ms = response.json()["media_ms"]
+        while True:
+            timestamp, type_id, payload = await player.media()
+            if type_id == MSG_DATA_AMF0:
+                values = amf.decode_amf0(payload)
+                if values[0] == "onCuePoint":
+                    break
+            else:
+                last_media = timestamp
+        assert timestamp == media_ms == last_media  # right after the media it was stamped with
+        assert values[1]["product_id"] == 42 and values[1]["name"] == "pin"
+    finally:
+        if player is not None:
+            await player.close()
+        await stop_process(pub)
+        await node.stop()
