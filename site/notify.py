@@ -28,6 +28,7 @@ from watchbuy.db import shows as show_queries
 from watchbuy.logs import LogLimiter
 from watchbuy.site.broker import BrokerUnavailable
 from watchbuy.site.chat import Connections
+from watchbuy.site.rooms import iso_utc
 from watchbuy.site.security import session_hash
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.web import read_form, redirect, render, require_user
@@ -120,6 +121,8 @@ def make_mailer(settings) -> Mailer | None:
 async def notifications_page(request: Request):
     user = require_user(request)
     notes = await show_queries.user_notifications(state(request)["db"], user["id"])
+    for note in notes:
+        note["created_iso"] = iso_utc(note["created_at"])
     return render(request, "notifications.html", notes=notes)
 
 

@@ -27,6 +27,7 @@ from watchbuy.db import shows as show_queries
 from watchbuy.site.accounts import ensure_channel
 from watchbuy.site.chat import publish_room_event
 from watchbuy.site.notify import deliver
+from watchbuy.site.rooms import iso_utc
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.studio import read_image
 from watchbuy.site.web import read_form, redirect, render, require_host, require_user, safe_next
@@ -112,13 +113,6 @@ class ShowTimers:
 
 
 # -- scheduling (the host) ------------------------------------------------------------------------
-
-
-def iso_utc(stamp: float | None) -> str:
-    """A timestamp as the pages carry it (``<time datetime>``; the browser shows local time)."""
-    if stamp is None:
-        return ""
-    return dt.datetime.fromtimestamp(stamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_start(text: str, offset_minutes: str, now: float) -> float:

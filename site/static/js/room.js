@@ -262,6 +262,7 @@
     socket = new WebSocket(scheme + location.host + "/ws/room/" + encodeURIComponent(slug));
     socket.onmessage = function (event) {
       const data = JSON.parse(event.data);
+      document.dispatchEvent(new CustomEvent("watchbuy:room-event", { detail: data }));
       switch (data.type) {
         case "hello":
           me = data.user_id; isHost = data.is_host;
