@@ -12,10 +12,23 @@ import asyncio
 import datetime as dt
 import io
 import json
+import sqlite3
 import time
+import uuid
 
 import httpx
 import pytest
+from browser_helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    PHONE,
+    Publisher,
+    Server,
+    log_in,
+    require_browser,
+    screenshot,
+    sign_up,
+)
 from hook_helpers import signed_hook
 from PIL import Image
 from show_helpers import SmtpSink, served
@@ -381,3 +394,161 @@ def test_show_settings_are_checked() -> None:
         with pytest.raises(ConfigError) as caught:
             load_site_settings({**base, name: value})
         assert name in str(caught.value) and "\n" not in str(caught.value)
+
+
+# -- in Chromium, against a real ``watchbuy serve`` and ffmpeg --------------------------------------
+
+HOST_EMAIL = "host@watchbuy.local"
+GRACE = 3.0  # the served site's WATCHBUY_SHOW_END_GRACE: short, so the test sees the end
+
+
+@pytest.fixture(scope="module")
+def shows_server(tmp_path_factory):
+    require_browser()
+    srv = Server(tmp_path_factory.mktemp("watchbuy-shows"),
+                 env={"WATCHBUY_SHOW_END_GRACE": str(GRACE)}).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def chromium(shows_server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, timeout=60_000)
+        yield browser
+        browser.close()
+
+
+def local_time_in(page, seconds_ahead: float) -> str:
+    """What the datetime-local field takes for now + ``seconds_ahead``, in the page's zone."""
+    return page.evaluate("""(ahead) => {
+      const d = new Date(Date.now() + ahead * 1000), p = (n) => String(n).padStart(2, "0");
+      return d.getFullYear() + "-" + p(d.getMonth() + 1) + "-" + p(d.getDate()) + "T" +
+             p(d.getHours()) + ":" + p(d.getMinutes());
+    }""", seconds_ahead)
+
+
+def schedule_in_page(page, base: str, title: str, seconds_ahead: float,
+                     cover: bytes | None = None) -> None:
+    page.goto(f"{base}/studio/shows")
+    page.fill("#show-form input[name=title]", title)
+    page.fill("#show-form input[name=starts]", local_time_in(page, seconds_ahead))
+    for box in page.locator("#show-form input[name=products]").all()[:2]:
+        box.check()
+    if cover is not None:
+        page.set_input_files("#show-form input[name=image]", files=[
+            {"name": "cover.png", "mimeType": "image/png", "buffer": cover}])
+    with page.expect_navigation():
+        page.click("#show-form button[type=submit]")
+    assert "Show scheduled" in page.inner_text("main"), page.inner_text("main")[:400]
+
+
+def sqlite_of(server) -> sqlite3.Connection:
+    [path] = server.workdir.glob("data/watchbuy.db")
+    return sqlite3.connect(path, timeout=10)
+
+
+def no_sideways_scroll(page) -> None:
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], \
+        f"{page.url} scrolls sideways on a phone"
+
+
+@pytest.mark.ffmpeg
+@pytest.mark.timeout(180)
+def test_in_chromium_schedule_remind_follow_live_badge_and_ended_card(
+        shows_server, chromium, tmp_path) -> None:
+    server = shows_server
+    violations: list[str] = []
+
+    def context(**options):
+        made = chromium.new_context(**options)
+        made.on("console", lambda m: violations.append(m.text)
+                if "Content Security Policy" in m.text else None)
+        made.set_default_timeout(20_000)
+        return made
+
+    phone = {"viewport": PHONE, "is_mobile": True, "has_touch": True, "device_scale_factor": 1}
+    host = context(**phone).new_page()
+    log_in(host, server.url, HOST_EMAIL, server.password, "/studio")
+    assert host.locator("#shows a[href='/studio/shows']").count() >= 1
+    out = io.BytesIO()
+    Image.new("RGB", (640, 360), (40, 60, 160)).save(out, "PNG")
+    schedule_in_page(host, server.url, "Spring mugs launch", 600, cover=out.getvalue())
+    schedule_in_page(host, server.url, "Scarves for winter", 86400 + 3600)
+    no_sideways_scroll(host)
+    host.locator(".show-list").scroll_into_view_if_needed()
+    screenshot(host, "studio-shows-phone.png")
+
+    shopper = context(**phone).new_page()
+    sign_up(shopper, server.url, f"fay-{uuid.uuid4().hex[:6]}@example.test", "Fay",
+            "correct horse battery")
+    shopper.goto(server.url + "/")
+    launch = shopper.locator(".show-card", has_text="Spring mugs launch")
+    assert "in 9 min" in launch.inner_text() or "in 10 min" in launch.inner_text()
+    with shopper.expect_navigation():
+        launch.locator("button", has_text="Remind me").click()
+    assert "Reminder set" in shopper.locator(
+        ".show-card", has_text="Spring mugs launch").inner_text()
+    shopper.goto(server.room_url)
+    assert "Spring mugs launch" in shopper.inner_text("#next-show")
+    with shopper.expect_navigation():
+        shopper.locator("#next-show .follow-form button").click()
+    assert "Following" in shopper.inner_text("#next-show")
+
+    # The shopper waits on the home page; the host starts streaming (ffmpeg, the real hook).
+    shopper.goto(server.url + "/")
+    shopper.evaluate("window.__sameDocument = true")
+    assert shopper.locator("#notify-badge").is_hidden()
+    publisher = Publisher(server.rtmp_url, tmp_path / "ffmpeg.log").start()
+    try:
+        shopper.wait_for_selector("#notify-badge", state="visible", timeout=30_000)
+        assert shopper.inner_text("#notify-badge") == "1"  # reminded and following: one
+        assert shopper.evaluate("window.__sameDocument === true"), "the page reloaded"
+        assert "Hana" in shopper.inner_text(".notify-toast") or \
+            "is live now: Spring mugs launch" in shopper.inner_text(".notify-toast")
+
+        with sqlite_of(server) as db:
+            show_id, channel_id = db.execute(
+                "SELECT id, channel_id FROM shows WHERE status = 'live'").fetchone()
+            # a finished recording (the replays engineer's node writes these): on the home
+            # page, and linked from the ended card
+            db.execute(
+                "INSERT INTO recordings (channel_id, show_id, stream_name, started_at, "
+                "duration, status, url) VALUES (?, ?, 'demo', ?, 754, 'ready', '/r.mp4')",
+                (channel_id, show_id, time.time()))
+        shopper.goto(server.url + "/")
+        assert "Spring mugs launch" in shopper.inner_text(".room-card.live")
+        assert "Scarves for winter" in shopper.inner_text(".upcoming")
+        assert shopper.locator(".replay-card").count() == 1
+        no_sideways_scroll(shopper)
+        screenshot(shopper, "home-shows-phone.png")
+        wide = context(viewport={"width": 1280, "height": 1000}).new_page()
+        wide.goto(server.url + "/")
+        screenshot(wide, "home-shows.png")
+
+        shopper.goto(server.url + "/notifications")
+        assert "Spring mugs launch" in shopper.inner_text(".notify-list")
+        no_sideways_scroll(shopper)
+        screenshot(shopper, "notifications-phone.png")
+
+        shopper.goto(server.room_url)
+        shopper.wait_for_selector("#live-badge.live")
+        shopper.evaluate("window.__sameDocument = true")
+    finally:
+        publisher.stop()
+    # offline at once, ended after the grace period: the card, the next show, the replay
+    shopper.wait_for_selector("#show-ended", state="visible", timeout=(GRACE + 20) * 1000)
+    card = shopper.inner_text("#show-ended")
+    assert "The show has ended" in card and "Scarves for winter" in card, card
+    assert shopper.get_attribute("#show-ended-replay", "href").startswith("/replay/")
+    assert shopper.inner_text("#viewer-count") == "0"
+    assert shopper.evaluate("window.__sameDocument === true"), "the room reloaded"
+    no_sideways_scroll(shopper)
+    screenshot(shopper, "show-ended-phone.png")
+    with sqlite_of(server) as db:
+        assert db.execute("SELECT status FROM shows WHERE id = ?", (show_id,)).fetchone() == \
+            ("ended",)
+    assert not violations, f"CSP violations: {violations}"
