@@ -181,6 +181,13 @@ async def replay_of_show(db: Database, show_id: int) -> int | None:
         .order_by(recordings.c.id.desc()).limit(1))
 
 
+async def set_avatar(db: Database, user_id: int, avatar: str) -> None:
+    async def work():
+        await db.execute(users.update().where(users.c.id == user_id).values(avatar=avatar))
+
+    await db.run_transaction(work)
+
+
 # -- reminders and follows ----------------------------------------------------------------------
 
 

@@ -165,9 +165,11 @@ async def _show_page(request: Request, channel: dict, listed: list[dict] | None,
         row["starts_iso"] = iso_utc(row["scheduled_at"])
         row["cover_url"] = storage.url(row["cover"]) if row["cover"] else None
     cover_url = storage.url(show["cover"]) if show and show["cover"] else None
+    host = await queries.user_by_id(site["db"], channel["host_id"])
+    avatar_url = storage.url(host["avatar"]) if host and host["avatar"] else None
     return render(request, "studio_shows.html", status_code=status_code, channel=channel,
                   shows=listed, show=show, values=values, errors=errors, products=products,
-                  cover_url=cover_url, followers=await show_queries.follower_count(
+                  cover_url=cover_url, avatar_url=avatar_url, followers=await show_queries.follower_count(
                       site["db"], channel["host_id"]),
                   notice=request.query_params.get("notice"))
 
@@ -241,6 +243,23 @@ async def cancel_show(request: Request):
     return redirect("/studio/shows?notice=cancelled")
 
 
+async def save_avatar(request: Request):
+    """The host's avatar on the home page's cards (checked and re-encoded as product images)."""
+    host = require_host(request)
+    site = state(request)
+    form = await read_form(request)
+    image, error = await read_image(request, form)
+    if image is None:
+        channel = await ensure_channel(site["db"], host["id"], host["display_name"])
+        listed = await show_queries.channel_shows(site["db"], channel["id"])
+        return await _show_page(request, channel, listed=listed, show=None,
+                                values={"title": "", "starts": "", "products": []},
+                                errors={"avatar": error or "Choose an image."},
+                                status_code=400)
+    await show_queries.set_avatar(site["db"], host["id"], await site["storage"].save(*image))
+    return redirect("/studio/shows?notice=avatar")
+
+
 # -- reminders and follows (shoppers) -------------------------------------------------------------
 
 
@@ -280,6 +299,7 @@ routes = [
     Route("/studio/shows/new", save_show, methods=["POST"]),
     Route("/studio/shows/{show_id:int}", edit_show, methods=["GET", "POST"]),
     Route("/studio/shows/{show_id:int}/cancel", cancel_show, methods=["POST"]),
+    Route("/studio/avatar", save_avatar, methods=["POST"]),
     Route("/shows/{show_id:int}/remind", remind, methods=["POST"]),
     Route("/room/{slug}/follow", follow, methods=["POST"]),
 ]

@@ -33,6 +33,7 @@ from hook_helpers import signed_hook
 from PIL import Image
 from show_helpers import SmtpSink, served
 
+from watchbuy.db import queries
 from watchbuy.db import shows as show_queries
 from watchbuy.db.database import now
 from watchbuy.db.schema import recordings
@@ -143,6 +144,27 @@ async def test_bad_show_input_is_explained_beside_the_field_and_nothing_is_store
     assert response.status_code == 400
     assert 'id="title-error"' in response.text and 'id="starts-error"' in response.text
     assert await show_queries.channel_shows(site.db, host["channel"]["id"]) == []
+
+
+async def test_host_picture_is_checked_and_shown_beside_their_shows(site) -> None:
+    host = await site.user("Hana", host=True)
+    await schedule(site, host, "Evening show", time.time() + 7200)
+    browser = await site.browser(host)
+    await browser.get("/studio/shows")
+    response = await browser.post("/studio/avatar", files={
+        "image": ("me.png", b"GIF89a but not really", "image/png")})
+    assert response.status_code == 400 and 'id="avatar-error">' in response.text
+    assert (await queries.user_by_id(site.db, host["id"]))["avatar"] is None
+    response = await browser.post("/studio/avatar", files={"image": ("me.png", png(), "image/png")})
+    assert response.status_code == 303
+    avatar = (await queries.user_by_id(site.db, host["id"]))["avatar"]
+    assert avatar and avatar.endswith(".png")
+    home = (await (await site.browser()).get("/")).text
+    assert f'<span class="avatar"><img src="{site.app.state.storage.url(avatar)}"' in home
+    shopper = await site.browser(await site.user("Sam"))
+    await shopper.get("/")
+    assert (await shopper.post("/studio/avatar", files={
+        "image": ("me.png", png(), "image/png")})).status_code == 403
 
 
 async def test_shoppers_remind_and_follow(site) -> None:
@@ -474,6 +496,14 @@ def test_in_chromium_schedule_remind_follow_live_badge_and_ended_card(
     host = context(**phone).new_page()
     log_in(host, server.url, HOST_EMAIL, server.password, "/studio")
     assert host.locator("#shows a[href='/studio/shows']").count() >= 1
+    host.goto(f"{server.url}/studio/shows")
+    picture = io.BytesIO()
+    Image.new("RGB", (128, 128), (232, 56, 79)).save(picture, "PNG")
+    host.set_input_files("#avatar-form input[name=image]", files=[
+        {"name": "me.png", "mimeType": "image/png", "buffer": picture.getvalue()}])
+    with host.expect_navigation():
+        host.click("#avatar-form button[type=submit]")
+    assert "Your picture is saved" in host.inner_text("main")
     out = io.BytesIO()
     Image.new("RGB", (640, 360), (40, 60, 160)).save(out, "PNG")
     schedule_in_page(host, server.url, "Spring mugs launch", 600, cover=out.getvalue())
@@ -523,6 +553,7 @@ def test_in_chromium_schedule_remind_follow_live_badge_and_ended_card(
         assert "Spring mugs launch" in shopper.inner_text(".room-card.live")
         assert "Scarves for winter" in shopper.inner_text(".upcoming")
         assert shopper.locator(".replay-card").count() == 1
+        assert shopper.locator(".room-card.live .avatar img").count() == 1
         no_sideways_scroll(shopper)
         screenshot(shopper, "home-shows-phone.png")
         wide = context(viewport={"width": 1280, "height": 1000}).new_page()
