@@ -267,6 +267,8 @@ async def go_live(db: Database, channel: dict, node_id: str | None, start_window
             await db.execute(shows.update().where(shows.c.id == scheduled["id"],
                                                   shows.c.status == SCHEDULED)
                              .values(status=LIVE, started_at=stamp))
+            if await db.affected_rows() != 1:
+                return None, False, []  # another call started it: it notifies, not this one
             current = {**scheduled, "status": LIVE, "started_at": stamp}
         else:  # an unscheduled show: followers hear of it all the same
             show_id = await db.execute(shows.insert().values(
