@@ -283,30 +283,29 @@ async def go_live(db: Database, channel: dict, node_id: str | None, start_window
 
 async def _notify_start(db: Database, show_row: dict, channel: dict, host_name: str,
                         stamp: float) -> list[dict]:
-    reminded = [row[0] for row in await db.fetch_all(
-        sa.select(reminders.c.user_id).where(reminders.c.show_id == show_row["id"],
-                                             reminders.c.notified_at.is_(None)))]
-    if reminded:
-        await db.execute(reminders.update().where(reminders.c.show_id == show_row["id"],
-                                                  reminders.c.notified_at.is_(None))
-                         .values(notified_at=stamp))
-    followers = [row[0] for row in await db.fetch_all(
-        sa.select(follows.c.user_id).where(follows.c.host_id == channel["host_id"]))]
-    url = f"/room/{channel['slug']}"
-    notes: list[dict] = []
-    told: set[int] = {channel["host_id"]}
-    # one notification per user: a follower who also asked to be reminded gets the reminder
-    for kind, user_ids in (("reminder", reminded), ("live", followers)):
-        for user_id in user_ids:
-            if user_id in told:
-                continue
-            told.add(user_id)
-            text = (f"{host_name} is live now: {show_row['title']}"[:255])
-            note = {"user_id": user_id, "kind": kind, "text": text, "url": url,
-                    "show_id": show_row["id"], "created_at": stamp, "read_at": None}
-            note["id"] = await db.execute(notifications.insert().values(**note))
-            notes.append(note)
-    return notes
+    """One notification per user (a follower who also asked to be reminded gets the reminder),
+    made by INSERT ... SELECT in the database: this transaction holds the channel's row lock,
+    and 2000 followers inserted one by one held it ~3.5 s on MariaDB."""
+    show_id, host_id = show_row["id"], channel["host_id"]
+    fixed = {"text": sa.literal(f"{host_name} is live now: {show_row['title']}"[:255]),
+             "url": sa.literal(f"/room/{channel['slug']}"), "show_id": sa.literal(show_id),
+             "created_at": sa.literal(stamp)}
+    columns = ["user_id", "kind", *fixed]
+    await db.execute(notifications.insert().from_select(columns, sa.select(
+        reminders.c.user_id, sa.literal("reminder"), *fixed.values()).where(
+        reminders.c.show_id == show_id, reminders.c.notified_at.is_(None),
+        reminders.c.user_id != host_id)))
+    await db.execute(reminders.update().where(reminders.c.show_id == show_id,
+                                              reminders.c.notified_at.is_(None))
+                     .values(notified_at=stamp))
+    told = sa.select(notifications.c.id).where(notifications.c.show_id == show_id,
+                                               notifications.c.user_id == follows.c.user_id)
+    await db.execute(notifications.insert().from_select(columns, sa.select(
+        follows.c.user_id, sa.literal("live"), *fixed.values()).where(
+        follows.c.host_id == host_id, follows.c.user_id != host_id, ~told.exists())))
+    # a show starts once (scheduled → live happens once), so its notifications are these
+    return as_dicts(await db.fetch_all(notifications.select().where(
+        notifications.c.show_id == show_id).order_by(notifications.c.id)))
 
 
 async def stream_left(db: Database, channel_id: int) -> dict | None:
