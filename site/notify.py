@@ -150,6 +150,10 @@ async def notification_events(request: Request):
     try:
         subscription = site["broker"].subscribe(user_topic(user["id"]), queue_size=64)
         await subscription.ready()
+    except BrokerUnavailable as exc:
+        connections.release(address, user["id"])
+        limited.warning("broker", "notification stream unavailable: %s", exc)
+        raise HTTPException(503, "Notifications are unavailable for a moment.") from None
     except BaseException:
         connections.release(address, user["id"])
         raise

@@ -54,7 +54,10 @@ async def on_publish(site: SiteState, channel: dict, node_id: str | None) -> Non
     if started:
         log.info("show %s of room %s started (%d notified)", show["id"], channel["slug"],
                  len(notes))
-        await deliver(site, notes, f"{host_name} is live: {show['title']}")
+        # after the answer: the node holds the publisher until the hook answers, and telling
+        # thousands of followers is no reason to delay the stream
+        site["show_timers"].start(0, lambda: deliver(
+            site, notes, f"{host_name} is live: {show['title']}"))
     else:
         log.info("show %s of room %s resumed", show["id"], channel["slug"])
 
@@ -85,7 +88,7 @@ async def end_overdue(site: SiteState) -> int:
 
 
 class ShowTimers:
-    """The grace-period timers of this process.  Stopped between rounds, never mid-query (as
+    """The grace-period timers of this process (and deliveries run after a hook answered).  Stopped between rounds, never mid-query (as
     upkeep.repeat_until: a cancelled MariaDB query leaks its pooled connection)."""
 
     def __init__(self) -> None:
@@ -98,14 +101,15 @@ class ShowTimers:
         task.add_done_callback(self.tasks.discard)
 
     async def _after(self, delay: float, job) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), delay)
-        if self.stopping.is_set():
-            return  # the upkeep round of whichever process runs next ends the show
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            if self.stopping.is_set():
+                return  # the upkeep round of whichever process runs next ends the show
         try:
             await job()
         except Exception:
-            log.exception("ending a show failed")
+            log.exception("a show's background job failed")
 
     async def stop(self) -> None:
         self.stopping.set()

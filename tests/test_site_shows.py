@@ -384,6 +384,7 @@ async def test_without_smtp_no_mail_is_tried_and_an_unreachable_server_costs_a_l
     follower = await broken.user("Fay")
     await show_queries.set_follow(broken.db, follower["id"], host["id"], True)
     assert (await hook(broken, "publish", host)).status_code == 200
+    await asyncio.gather(*broken.app.state.show_timers.tasks)  # delivery runs after the answer
     await broken.app.state.mailer.drain()
     assert any("not sent" in r.getMessage() for r in caplog.records)
     assert len(await user_notes(broken, follower)) == 1  # the in-site notification stays
