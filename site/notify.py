@@ -28,6 +28,7 @@ from watchbuy.db import shows as show_queries
 from watchbuy.logs import LogLimiter
 from watchbuy.site.broker import BrokerUnavailable
 from watchbuy.site.chat import Connections
+from watchbuy.site.config import SiteSettings
 from watchbuy.site.rooms import iso_utc
 from watchbuy.site.security import session_hash
 from watchbuy.site.state import SiteState, state
@@ -114,7 +115,7 @@ class Mailer:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
-def make_mailer(settings) -> Mailer | None:
+def make_mailer(settings: SiteSettings) -> Mailer | None:
     return Mailer(settings.smtp_url, settings.smtp_from) if settings.smtp_url else None
 
 

@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -95,12 +96,12 @@ class ShowTimers:
         self.stopping = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
 
-    def start(self, delay: float, job) -> None:
+    def start(self, delay: float, job: Callable[[], Awaitable[object]]) -> None:
         task = asyncio.ensure_future(self._after(delay, job))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _after(self, delay: float, job) -> None:
+    async def _after(self, delay: float, job: Callable[[], Awaitable[object]]) -> None:
         if delay > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
