@@ -670,6 +670,7 @@ def test_in_chromium_schedule_remind_follow_live_badge_and_ended_card(
 
         shopper.goto(server.room_url)
         shopper.wait_for_selector("#live-badge.live")
+        assert shopper.inner_text("#follow-live") == "Following ✓"  # over the live player
         shopper.evaluate("window.__sameDocument = true")
     finally:
         publisher.stop()
@@ -679,6 +680,7 @@ def test_in_chromium_schedule_remind_follow_live_badge_and_ended_card(
     assert "The show has ended" in card and "Scarves for winter" in card, card
     assert shopper.get_attribute("#show-ended-replay", "href").startswith("/replay/")
     assert shopper.inner_text("#viewer-count") == "0"
+    assert shopper.locator("#follow-live").is_hidden()
     assert shopper.evaluate("window.__sameDocument === true"), "the room reloaded"
     no_sideways_scroll(shopper)
     screenshot(shopper, "show-ended-phone.png")

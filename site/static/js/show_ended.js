@@ -9,6 +9,8 @@
   const next = document.getElementById("show-ended-next");
   const replay = document.getElementById("show-ended-replay");
   const remind = document.getElementById("show-ended-remind");
+  const followLive = document.getElementById("follow-live");
+  function showFollow(on) { if (followLive) followLive.hidden = !on; }
 
   function when(seconds) {
     return new Date(seconds * 1000).toLocaleString([], {
@@ -35,9 +37,14 @@
 
   document.addEventListener("watchbuy:room-event", function (event) {
     const data = event.detail || {};
-    if (data.type === "ended") ended(data);
-    else if (data.type === "live") { card.hidden = true; if (nextBar) nextBar.hidden = true; }
-    else if (data.type === "offline" && nextBar && card.hidden &&
-             nextBar.children.length) nextBar.hidden = false;
+    if (data.type === "ended") { showFollow(false); ended(data); }
+    else if (data.type === "live") {
+      card.hidden = true;
+      if (nextBar) nextBar.hidden = true;
+      showFollow(true);
+    } else if (data.type === "offline") {
+      showFollow(false);  // the next-show bar carries it while offline
+      if (nextBar && card.hidden && nextBar.children.length) nextBar.hidden = false;
+    }
   });
 })();
