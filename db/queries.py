@@ -310,7 +310,8 @@ async def set_pinned(db: Database, channel_id: int, product_id: int | None) -> N
 async def list_rooms(db: Database, limit: int = 50) -> list[dict]:
     """Live rooms first (newest live first), then recently live, then the rest."""
     query = (
-        sa.select(channels, users.c.display_name.label("host_name"))
+        sa.select(channels, users.c.display_name.label("host_name"),
+                  users.c.avatar.label("host_avatar"))
         .select_from(channels.join(users, users.c.id == channels.c.host_id))
         .order_by(channels.c.is_live.desc(), sa.func.coalesce(channels.c.last_live_at, 0).desc(),
                   channels.c.id.desc())

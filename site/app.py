@@ -19,7 +19,18 @@ from starlette.staticfiles import StaticFiles
 
 from watchbuy.db.database import Database
 from watchbuy.db.migrations import upgrade
-from watchbuy.site import accounts, chat, dashboard, hooks, metrics, rooms, shop, studio
+from watchbuy.site import (
+    accounts,
+    chat,
+    dashboard,
+    hooks,
+    metrics,
+    notify,
+    rooms,
+    shop,
+    shows,
+    studio,
+)
 from watchbuy.site.broker import make_broker
 from watchbuy.site.config import SiteSettings
 from watchbuy.site.media import MediaDirectory
@@ -132,6 +143,9 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             dashboard=dashboard.DashboardSampler(media, db),
             password_workers=PasswordWorkers(settings.password_hash_concurrency),
             hook_guard=hooks.HookGuard(settings, broker),
+            notify_connections=chat.Connections(),
+            mailer=notify.make_mailer(settings),
+            show_timers=shows.ShowTimers(),
         )
         site = cast(SiteState, shared)
         # Upkeep: unpaid test-mode orders give their stock back; ended sessions and old login
@@ -148,12 +162,19 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             asyncio.ensure_future(repeat_until(
                 stopping, 3600.0, lambda: expire_recordings(site),
                 "expiring replays past WATCHBUY_RECORD_RETENTION_DAYS")),
+            # shows whose grace period ran out while the process that got the hook stopped
+            asyncio.ensure_future(repeat_until(
+                stopping, max(1.0, settings.show_end_grace / 2),
+                lambda: shows.end_overdue(site), "ending shows")),
         ]
         try:
             yield site
         finally:
             stopping.set()
             await asyncio.gather(*upkeep)
+            await site["show_timers"].stop()
+            if site["mailer"] is not None:
+                await site["mailer"].drain()
             await media.close()
             await site["dashboard"].stop()
             await site["chat_limiter"].close()
@@ -164,6 +185,8 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
         *rooms.routes,
         *accounts.routes,
         *studio.routes,
+        *shows.routes,
+        *notify.routes,
         *shop.routes,
         *hooks.routes,
         *replay_routes,

@@ -126,6 +126,14 @@ class SiteSettings:
     site_drain_seconds: float = 20.0  # SIGTERM: in-flight requests get this long, then cut
     site_restart_delay: float = 0.5  # a worker that died is restarted after this; doubles
     site_restart_delay_max: float = 30.0  # ... up to this while it keeps dying
+    # shows: a stream that stops ends its show after show_end_grace seconds unless the host
+    # comes back (an OBS hiccup resumes the same show); a stream that starts runs the host's
+    # scheduled show whose start is within show_start_window seconds of now (else a new one)
+    show_end_grace: float = 30.0
+    show_start_window: float = 3600.0
+    # notification email: smtp://[user:password@]host:port (or smtps://); "" = in-site only
+    smtp_url: str = ""
+    smtp_from: str = "WatchBuy <noreply@localhost>"
 
     def validate(self) -> None:
         if not 0 <= self.site_port <= 65535:
@@ -177,6 +185,9 @@ class SiteSettings:
                 "limits and hook nonces through it)")
         check_ranges(self, positive=("site_drain_seconds", "site_restart_delay",
                                      "site_restart_delay_max"))
+        check_ranges(self, positive=("show_end_grace", "show_start_window"))
+        if self.smtp_url and not self.smtp_url.lower().startswith(("smtp://", "smtps://")):
+            raise ConfigError("WATCHBUY_SMTP_URL: expected smtp://host:port or smtps://host:port")
         check_ranges(self, off_or_positive=("ws_ping_interval", "ws_ping_timeout", "hsts_seconds",
                                             "record_retention_days"))
         if self.public_url and not self.public_url.lower().startswith(("http://", "https://")):

@@ -39,6 +39,7 @@ from watchbuy.site import replays
 from watchbuy.site.broker import RedisBroker
 from watchbuy.site.chat import publish_room_event
 from watchbuy.site.media import hls_url
+from watchbuy.site.shows import on_publish, on_publish_done
 from watchbuy.site.state import state
 from watchbuy.site.web import require_host
 
@@ -172,14 +173,14 @@ async def rtmp_hook(request: Request):
     if channel is None:
         return JSONResponse({"error": "unknown stream key"}, status_code=403)
     if kind == "publish":
-        await queries.set_live(db, channel["id"], True, node_id)
+        await on_publish(site, channel, node_id)  # the channel goes live and its show starts
         play_url = await site["media"].play_url(node_id, channel["slug"])
         await publish_room_event(site["broker"], channel["id"], {
             "type": "live", "play_url": play_url, "hls_url": hls_url(play_url)})
         log.info("room %s is live on node %s", channel["slug"], node_id)
         return JSONResponse({"name": channel["slug"]})
     if kind == "publish_done":
-        await queries.set_live(db, channel["id"], False, None)
+        await on_publish_done(site, channel)  # offline now; the show ends after the grace
         await publish_room_event(site["broker"], channel["id"], {"type": "offline"})
         log.info("room %s went offline", channel["slug"])
         return JSONResponse({"ok": True})

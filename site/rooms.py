@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from watchbuy.db import queries
+from watchbuy.db import shows as show_queries
 from watchbuy.site.media import hls_url
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.web import format_money, render
+
+
+def iso_utc(stamp: float | None) -> str:
+    """A timestamp as pages carry it (``<time datetime>``; the browser shows local time)."""
+    if stamp is None:
+        return ""
+    return dt.datetime.fromtimestamp(stamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def product_card(product: dict, storage) -> dict:
@@ -49,14 +59,51 @@ async def room_state(site: SiteState, channel: dict) -> dict:
 
 
 async def home(request: Request):
+    """Live now (with the show's cover, the host's avatar and the viewer count), then upcoming
+    shows with countdowns and reminders, then replays, then rooms that were live before."""
     site = state(request)
-    rooms = await queries.list_rooms(site["db"])
+    db = site["db"]
+    storage = site["storage"]
+    user = request.state.user
+    rooms = await queries.list_rooms(db)
     stats = await site["media"].stream_stats()
+    live_shows = await show_queries.live_shows(db)
     for room in rooms:
         room["viewers"] = stats.get(room["slug"], {}).get("viewers", 0)
+        show = live_shows.get(room["id"])
+        room["show_title"] = show["title"] if show else None
+        room["cover_url"] = storage.url(show["cover"]) if show and show["cover"] else None
+        room["avatar_url"] = storage.url(room["host_avatar"]) if room["host_avatar"] else None
+    upcoming = await show_queries.upcoming_shows(db, user_id=user["id"] if user else None)
+    featured = await show_queries.featured_products(db, [s["id"] for s in upcoming])
+    for show in upcoming:
+        show["starts_iso"] = iso_utc(show["scheduled_at"])
+        show["cover_url"] = storage.url(show["cover"]) if show["cover"] else None
+        show["avatar_url"] = storage.url(show["host_avatar"]) if show["host_avatar"] else None
+        show["featured"] = featured.get(show["id"], [])
+    replays = await show_queries.ready_replays(db)
+    for replay in replays:
+        replay["cover_url"] = storage.url(replay["cover"]) if replay["cover"] else None
+        replay["avatar_url"] = storage.url(replay["host_avatar"]) if replay["host_avatar"] \
+            else None
     live = [r for r in rooms if r["is_live"]]
     recent = [r for r in rooms if not r["is_live"]]
-    return render(request, "home.html", live=live, recent=recent)
+    return render(request, "home.html", live=live, upcoming=upcoming, replays=replays,
+                  recent=recent)
+
+
+async def show_info(site: SiteState, channel: dict, user: dict | None) -> dict:
+    """What the room shows of its shows: the next scheduled one (with whether this shopper
+    asked to be reminded) and whether they follow the host (site/templates/_show_ended.html)."""
+    db = site["db"]
+    found = await show_queries.upcoming_shows(db, 1, channel_id=channel["id"],
+                                              user_id=user["id"] if user else None)
+    next_show = found[0] if found else None
+    if next_show is not None:
+        next_show["starts_iso"] = iso_utc(next_show["scheduled_at"])
+    following = user is not None and await show_queries.follows_host(db, user["id"],
+                                                                     channel["host_id"])
+    return {"next_show": next_show, "following": following}
 
 
 async def load_channel(request: Request) -> dict:
@@ -73,7 +120,8 @@ async def room_page(request: Request):
     shown = await room_state(site, channel)
     user = request.state.user
     return render(request, "room.html", channel=channel, host=host, state=shown,
-                  is_host=user is not None and user["id"] == channel["host_id"])
+                  is_host=user is not None and user["id"] == channel["host_id"],
+                  **await show_info(site, channel, user))
 
 
 async def room_state_api(request: Request):

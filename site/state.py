@@ -28,9 +28,11 @@ if TYPE_CHECKING:
     from watchbuy.site.hooks import HookGuard
     from watchbuy.site.media import MediaDirectory
     from watchbuy.site.metrics import SiteMetrics
+    from watchbuy.site.notify import Mailer
     from watchbuy.site.passwords import PasswordWorkers
     from watchbuy.site.payments import StripeGateway
     from watchbuy.site.ratelimit import RedisRateLimiter
+    from watchbuy.site.shows import ShowTimers
     from watchbuy.site.storage import LocalStorage, S3Storage
 
 
@@ -49,6 +51,9 @@ class SiteState(TypedDict):
     dashboard: DashboardSampler
     password_workers: PasswordWorkers
     hook_guard: HookGuard
+    notify_connections: Connections  # notification streams open in this process
+    mailer: Mailer | None  # None: no WATCHBUY_SMTP_URL
+    show_timers: ShowTimers  # ending shows after their grace period
 
 
 def state(conn: HTTPConnection) -> SiteState:

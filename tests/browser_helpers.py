@@ -69,8 +69,9 @@ class Server:
 
     BANNER_TIMEOUT = 60.0
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.extra_env = env or {}  # WATCHBUY_* settings of this server
         self.rtmp_port = free_port()
         self.http_port = free_port()
         self.site_port = free_port()
@@ -97,6 +98,7 @@ class Server:
     def start(self) -> Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHBUY_")}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "watchbuy", "serve", "--rtmp-port", str(self.rtmp_port),
              "--http-port", str(self.http_port), "--site-port", str(self.site_port),
