@@ -309,6 +309,66 @@ async def test_publisher_address_is_for_the_operator_view_only(node):
         await publisher.close()
 
 
+async def api_streams(port: int) -> list[dict]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /api/streams HTTP/1.1\r\nConnection: close\r\n\r\n")
+    raw = await read_all(reader)
+    writer.close()
+    return json.loads(raw.split(b"\r\n\r\n", 1)[1])["streams"]
+
+
+async def wait_stream_info(port: int, check, timeout: float = 20.0) -> dict:
+    """Poll /api/streams until the one stream's info passes ``check``; fail with what it said."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    info: dict = {}
+    while loop.time() < deadline:
+        streams = await api_streams(port)
+        if streams:
+            info = streams[0]
+            if check(info):
+                return info
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"stream health never matched within {timeout} s: {info}")
+
+
+@pytest.mark.usefixtures("ffmpeg")
+async def test_stream_health_shows_what_ffmpeg_publishes(node):
+    """Resolution, frame rate, both bitrates, codecs, audio and the keyframe interval measured
+    from keyframe timestamps (ffmpeg -g 25 at 25 fps: one a second)."""
+    url = f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1"
+    pub = await start_ffmpeg_publisher(url, seconds=60, size="640x360", rate=25, gop=25)
+    try:
+        info = await wait_stream_info(
+            node.http_port, lambda i: i["keyframe_interval"] is not None
+            and i["video_bitrate"] > 0 and i["audio_bitrate"] > 0 and i["fps"] >= 20)
+        assert (info["width"], info["height"]) == (640, 360)
+        assert (info["video_codec"], info["audio_codec"], info["has_audio"]) == ("avc", "aac", True)
+        assert info["keyframe_interval"] == pytest.approx(1.0, abs=0.1)
+        # AAC at -b:a 64k: the audio rate is measured apart from the video's
+        assert 30_000 < info["audio_bitrate"] < 130_000, info
+        assert info["video_bitrate"] + info["audio_bitrate"] == pytest.approx(
+            info["bitrate_in"], abs=16)
+    finally:
+        await stop_process(pub)
+
+
+@pytest.mark.usefixtures("ffmpeg")
+async def test_long_keyframe_interval_shows_before_the_second_keyframe(node):
+    """-g 300 at 25 fps is a keyframe every 12 s: the interval reads over 4 s well before the
+    second keyframe, and never less than the time since the first."""
+    url = f"rtmp://127.0.0.1:{node.rtmp_port}/live/key2"
+    pub = await start_ffmpeg_publisher(url, seconds=60, size="320x240", rate=25, gop=300)
+    try:
+        info = await wait_stream_info(
+            node.http_port, lambda i: (i["keyframe_interval"] or 0) > 4.0)
+        stream = node.registry.get("show2")
+        assert stream.keyframe_interval_ms is None  # no second keyframe yet: a lower bound
+        assert info["keyframe_interval"] <= 12.1
+    finally:
+        await stop_process(pub)
+
+
 async def test_metrics_answer_loopback_and_the_operator_only(node, monkeypatch):
     async def metrics(*headers: str) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", node.http_port)
