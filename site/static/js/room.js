@@ -256,12 +256,14 @@
 
   let socket = null;
   function send(data) { if (socket && socket.readyState === 1) socket.send(JSON.stringify(data)); }
+  window.WatchBuyRoom = { slug: slug, csrf: csrf, send: send };
 
   function connect() {
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
     socket = new WebSocket(scheme + location.host + "/ws/room/" + encodeURIComponent(slug));
     socket.onmessage = function (event) {
       const data = JSON.parse(event.data);
+      document.dispatchEvent(new CustomEvent("watchbuy:room-event", { detail: data }));
       switch (data.type) {
         case "hello":
           me = data.user_id; isHost = data.is_host;
