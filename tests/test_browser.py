@@ -215,10 +215,12 @@ def test_chat_pin_and_checkout_between_two_people(server, new_context, record_pr
     shopper_page.evaluate("window.__sameDocument = true")
     studio = host.new_page()
     studio.goto(server.url + "/studio")
-    row = studio.locator("#products tr", has_text="Ceramic mug")
-    with studio.expect_navigation():
-        row.locator("button[data-pin]").click()
-    assert "Unpin" in studio.locator("#products tr", has_text="Ceramic mug").inner_text()
+    card = studio.locator(".studio-product", has_text="Ceramic mug")
+    card.locator("button[data-pin]").click()  # a fetch: the studio stays where it is
+    studio.wait_for_function(
+        """() => [...document.querySelectorAll('.studio-product')].some(
+             c => c.textContent.includes('Ceramic mug') && c.querySelector('[data-pin]').textContent === 'Unpin')""",
+        timeout=5_000)
     shopper_page.wait_for_selector("#pinned", state="visible", timeout=5_000)
     pinned = shopper_page.locator("#pinned")
     assert "Ceramic mug" in pinned.inner_text(), pinned.inner_text()
