@@ -36,7 +36,7 @@ async def test_anonymous_goes_to_login_and_shoppers_are_refused(site) -> None:
     shopper = await site.browser(await site.user("Sam"))
     before = await table_counts(site.db)
     for path in ("/studio", "/studio/products/new", f"/studio/products/{product['id']}",
-                 "/studio/sales"):
+                 "/studio/sales", "/studio/health", "/studio/state"):
         response = await shopper.get(path)
         assert response.status_code == 403, path
         assert "Only hosts can open the studio." in response.text
@@ -45,7 +45,8 @@ async def test_anonymous_goes_to_login_and_shoppers_are_refused(site) -> None:
                        ("/studio/products/new", product_form()),
                        (f"/studio/products/{product['id']}", product_form(name="Taken")),
                        (f"/studio/products/{product['id']}/delete", {}),
-                       (f"/studio/products/{product['id']}/shown", {})]:
+                       (f"/studio/products/{product['id']}/shown", {}),
+                       (f"/studio/products/{product['id']}/stock", {"stock": "0"})]:
         response = await shopper.post(path, data)
         assert response.status_code == 403, path
     assert await table_counts(site.db) == before
@@ -69,6 +70,7 @@ async def test_host_cannot_touch_another_hosts_products_or_sales(site) -> None:
     for path, data in [(f"/studio/products/{bobs['id']}", product_form(name="Mine")),
                        (f"/studio/products/{bobs['id']}/delete", {}),
                        (f"/studio/products/{bobs['id']}/shown", {}),
+                       (f"/studio/products/{bobs['id']}/stock", {"stock": "0"}),
                        ("/studio/pin", {"product_id": str(bobs["id"])})]:
         response = await browser.post(path, data)
         assert response.status_code == 404, path
@@ -555,3 +557,29 @@ def test_a_bad_health_bitrate_setting_is_one_clear_line() -> None:
     with pytest.raises(ConfigError, match="WATCHBUY_HEALTH_BITRATE_WARN_KBPS"):
         load_site_settings({"WATCHBUY_HEALTH_BITRATE_WARN_KBPS": "0",
                             "WATCHBUY_DATA_DIR": "/nonexistent-never-created"})
+
+
+async def test_concurrent_stock_changes_and_sales_all_count(site) -> None:
+    """The studio and the room's panel each add units while shoppers buy: every change is a
+    difference applied in one conditional update, so none is lost and none oversells."""
+    import asyncio
+
+    host = await site.user("Dana", host=True)
+    mug = await site.product(host, name="Mug", stock=10)
+    pages = [await site.browser(host) for _ in range(2)]
+    for page in pages:
+        await page.get("/studio")
+    buyers = [await site.user(f"Buyer {i}") for i in range(4)]
+    for buyer in buyers:
+        await queries.set_cart_quantity(site.db, buyer["id"], mug["id"], 1)
+
+    async def add_one(page) -> int:
+        response = await page.fetch(f"/studio/products/{mug['id']}/stock",
+                                    {"stock": "11", "stock_was": "10"})
+        return response.status_code
+
+    results = await asyncio.gather(
+        *(add_one(pages[i % 2]) for i in range(6)),
+        *(queries.create_order_from_cart(site.db, b["id"], "test") for b in buyers))
+    assert results[:6] == [200] * 6
+    assert (await queries.product(site.db, mug["id"]))["stock"] == 10 + 6 - 4
