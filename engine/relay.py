@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from watchbuy.engine.amf_types import ECMAArray
-from watchbuy.engine.codecs import amf, chunk, flvmux
+from watchbuy.engine.codecs import amf, chunk, flvmux, fmp4
 from watchbuy.engine.rates import RateWindow
 from watchbuy.engine.wire import (
     CSID_AUDIO,
@@ -275,6 +275,7 @@ class LiveStream:
         self.last_keyframe_ts: int | None = None
         self.keyframe_interval_ms: int | None = None  # between the last two keyframes
         self.last_video_ts = 0
+        self.video_size: tuple[int, int] | None = None  # from the SPS: what the encoder sends
         self._window = RateWindow()  # "in": (bytes in, video frames, audio bytes)
         # The stream's LL-HLS muxer (engine/hls_http.py sets it at publish when HLS is on):
         # fed here, once per message, whatever the number of viewers.
@@ -291,6 +292,7 @@ class LiveStream:
             tag = Tag(MSG_VIDEO, timestamp, payload, keyframe)
             if sequence_header:
                 self.video_header = tag
+                self.video_size = _picture_size(payload)
             else:
                 self.video_frames += 1
                 self.last_video_ts = timestamp
@@ -447,8 +449,8 @@ class LiveStream:
             "app": self.app,
             "video_codec": self.video_codec,
             "audio_codec": self.audio_codec,
-            "width": _int(meta.get("width")),
-            "height": _int(meta.get("height")),
+            "width": self.video_size[0] if self.video_size else _int(meta.get("width")),
+            "height": self.video_size[1] if self.video_size else _int(meta.get("height")),
             "fps": round(fps, 2) if fps else _float(meta.get("framerate")),
             "bitrate_in": int(bitrate),
             "video_bitrate": int((bytes_per_s - audio_per_s) * 8),
@@ -489,6 +491,16 @@ def live_metadata(source: dict, max_fields: int, max_bytes: int) -> tuple[dict, 
         kept[key] = value
         size += cost
     return kept, skipped
+
+
+def _picture_size(sequence_header: bytes) -> tuple[int, int] | None:
+    """The picture size in a video sequence header's parameter sets (once per header, not per
+    frame); None when it cannot be read, and the publisher's metadata is shown instead."""
+    try:
+        track = fmp4.video_track(sequence_header)
+    except Exception:  # noqa: BLE001 - shown to the host only: never cost the publisher
+        return None
+    return (track.width, track.height) if track.width and track.height else None
 
 
 def _float(value) -> float | None:

@@ -353,6 +353,38 @@ async def test_stream_health_shows_what_ffmpeg_publishes(node):
         await stop_process(pub)
 
 
+def test_stream_health_reads_the_picture_size_from_the_sps_not_the_metadata(tmp_path):
+    """A publisher's onMetaData may say anything; the health figures come from the stream:
+    the SPS's picture size, keyframe timestamps (-g 15 at 30 fps: 0.5 s), audio bytes apart."""
+    from media_helpers import ffmpeg_flv, split_flv
+
+    from watchbuy.engine.relay import LiveStream, RelayLimits
+    from watchbuy.engine.wire import MSG_AUDIO, MSG_VIDEO
+
+    media = split_flv(ffmpeg_flv(tmp_path / "a.flv", seconds=2, size="426x240", gop=15))
+    stream = LiveStream("show", "live", RelayLimits())
+    stream.on_metadata(["onMetaData", {"width": 1920, "height": 1080}])
+    stream.on_media(MSG_VIDEO, 0, media.video_header)
+    stream.on_media(MSG_AUDIO, 0, media.audio_header)
+    for type_id, ts, payload, _key in media.tags:
+        stream.on_media(type_id, ts, payload)
+    info = stream.info()
+    assert (info["width"], info["height"]) == (426, 240)
+    assert info["keyframe_interval"] == 0.5 and stream.keyframe_interval_ms == 500
+    assert info["has_audio"] is True
+    assert stream.audio_bytes == sum(len(p) for t, _, p, _ in media.tags if t == 8) + \
+        len(media.audio_header)
+
+    silent = LiveStream("silent", "live", RelayLimits())
+    silent.on_media(MSG_VIDEO, 0, b"\x17\x00\x00\x00\x00garbage")  # an unreadable header
+    for type_id, ts, payload, _key in media.tags:
+        if type_id == MSG_VIDEO:
+            silent.on_media(type_id, ts, payload)
+    info = silent.info()
+    assert info["has_audio"] is False and info["audio_bitrate"] == 0
+    assert info["width"] is None  # neither SPS nor metadata: unknown, not made up
+
+
 @pytest.mark.usefixtures("ffmpeg")
 async def test_long_keyframe_interval_shows_before_the_second_keyframe(node):
     """-g 300 at 25 fps is a keyframe every 12 s: the interval reads over 4 s well before the
