@@ -264,7 +264,7 @@ def test_host_panel_in_the_room_reaches_a_shopper_without_reload(server, phone):
     assert host.locator("#host-chat li", has_text="Thanks for watching").locator(
         "button").count() == 0  # no moderation buttons on the host's own lines
 
-    host.locator("#host-panel").evaluate("el => el.scrollIntoView({block: 'start'})")
+    host.evaluate("window.scrollTo(0, 0)")  # the room as the host sees it: video, then panel
     assert host.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     screenshot(host, "room-host-panel-phone.png")
     assert same_document(host) and same_document(shopper), "a page reloaded"
@@ -302,7 +302,11 @@ def test_stream_health_shows_what_ffmpeg_publishes_and_warns_on_g300(server, pho
         node_kbps = stream["bitrate_in"] / 1000
         print(f"the node measures {node_kbps:.0f} kbps at the same time")
         assert abs(kbps - node_kbps) < 0.3 * node_kbps and 30 < audio < 130, health
-        assert "H.264 + AAC" in health and "30 fps" in health, health
+        assert "H.264 + AAC" in health, health
+        # frames per second as they arrive (measured over a few seconds): ffmpeg's 30, give or
+        # take a catch-up burst on a busy machine
+        fps = int(re.search(r"Frame rate\s+(\d+) fps", health).group(1))
+        assert 24 <= fps <= 38, health
         # ffmpeg -preset ultrafast without a rate cap: the test pattern may come out above
         # the 6000 kbps a phone viewer plays well; then, and only then, the studio says so
         warnings = page.locator(".health-warnings li").all_inner_texts()

@@ -162,9 +162,23 @@
       case "hello": me = data.user_id; chat.replaceChildren(); (data.messages || []).forEach(addMessage); break;
       case "chat": addMessage(data); break;
       case "deleted": { const li = chat.querySelector('[data-message-id="' + data.id + '"]'); if (li) li.remove(); break; }
-      case "pinned": case "products": case "stock":
-        // another page of the host (the studio) or a sale changed something: catch up, once
-        clearTimeout(reload); reload = setTimeout(load, 300); break;
+      case "stock": {
+        // sales during the show: this product's figure only, never a re-render that would
+        // take the host's half-typed stock away (a rush sends a few of these a second)
+        const p = state && state.products.find(function (x) { return x.id === data.product_id; });
+        if (!p) break;
+        p.stock = data.stock;
+        const input = list.querySelector('[data-product-id="' + p.id + '"] input[name="stock"]');
+        if (input && document.activeElement !== input) input.value = data.stock;
+        break;
+      }
+      case "pinned":
+        if (state) { state.pinned_product_id = data.product ? data.product.id : null; render(); }
+        break;
+      case "products":
+        // the host's other page (the studio) changed the list: catch up once, not per event
+        if (!reload) reload = setTimeout(function () { reload = null; load(); }, 300);
+        break;
     }
   });
 
