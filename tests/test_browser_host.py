@@ -273,7 +273,8 @@ def test_host_panel_in_the_room_reaches_a_shopper_without_reload(server, phone):
 
 
 def test_stream_health_shows_what_ffmpeg_publishes_and_warns_on_g300(server, phone, tmp_path):
-    page = phone().new_page()
+    context = phone()
+    page = context.new_page()
     log_in(page, server.url, HOST_EMAIL, server.password, "/studio")
     if not page.url.endswith("/studio"):
         page.goto(server.url + "/studio")
@@ -314,6 +315,14 @@ def test_stream_health_shows_what_ffmpeg_publishes_and_warns_on_g300(server, pho
                             if kbps > 6000 else []), health
         assert len(warnings) == (1 if kbps > 6000 else 0), health
         assert same_document(page)
+        # the same health in the room's host panel
+        room = context.new_page()
+        room.goto(server.room_url)
+        room.wait_for_function(
+            """() => document.getElementById('host-health').textContent.includes('1280×720')
+                 && document.getElementById('host-live').textContent === 'LIVE'""",
+            timeout=20_000)
+        room.close()
 
         publisher.stop()
         page.wait_for_function("() => document.getElementById('stream-line').textContent === "
