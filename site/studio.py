@@ -36,6 +36,9 @@ from watchbuy.site.web import (
 MAX_STOCK = 1_000_000
 # A keyframe interval above this makes late joiners wait and LL-HLS segments long.
 MAX_KEYFRAME_INTERVAL = 4.0
+# Seconds after a publish before "no sound" and bitrate warnings: the first audio message and a
+# rate over a few samples need a moment, and a warning that flashes on every start is noise.
+HEALTH_SETTLE_SECONDS = 3.0
 
 
 def answer(request: Request, payload: dict, url: str, status_code: int = 200) -> Response:
@@ -81,16 +84,17 @@ def stream_health(stats: dict | None, live: bool, bitrate_warn_kbps: int) -> dic
         "has_audio": bool(stats.get("has_audio")),
         "viewers": stats.get("viewers", 0),
     }
+    settled = (stats.get("uptime") or 0) >= HEALTH_SETTLE_SECONDS
     warnings = []
     if keyframes is not None and keyframes > MAX_KEYFRAME_INTERVAL:
         warnings.append(
             f"A keyframe comes only every {keyframes:g} s: new viewers wait that long for a "
             "picture. Set the keyframe interval to 2 s (OBS: Settings → Output → Keyframe "
             "Interval).")
-    if not health["has_audio"]:
+    if settled and not health["has_audio"]:
         warnings.append("No sound is arriving. Check the microphone or audio source in your "
                         "streaming app.")
-    if kbps > bitrate_warn_kbps:
+    if settled and kbps > bitrate_warn_kbps:
         warnings.append(
             f"Your bitrate is {kbps:,} kbps, far above what a typical viewer's connection "
             f"plays smoothly ({bitrate_warn_kbps:,} kbps). Lower it to about "

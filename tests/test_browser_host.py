@@ -323,6 +323,19 @@ def test_stream_health_shows_what_ffmpeg_publishes_and_warns_on_g300(server, pho
                  && document.getElementById('host-live').textContent === 'LIVE'""",
             timeout=20_000)
         room.close()
+        # a phone without Media Source (older iPhones): the preview plays the LL-HLS playlist
+        old_phone = phone()
+        old_phone.add_init_script("delete window.MediaSource; delete window.ManagedMediaSource;"
+                                  "delete window.WebKitMediaSource;")
+        studio = old_phone.new_page()
+        log_in(studio, server.url, HOST_EMAIL, server.password, "/studio")
+        if not studio.url.endswith("/studio"):
+            studio.goto(server.url + "/studio")
+        studio.wait_for_function(
+            "() => document.getElementById('preview').videoWidth === 1280", timeout=30_000)
+        assert studio.evaluate("document.getElementById('preview').currentSrc").endswith(
+            "/index.m3u8")
+        studio.close()
 
         publisher.stop()
         page.wait_for_function("() => document.getElementById('stream-line').textContent === "

@@ -522,7 +522,7 @@ async def test_stream_health_for_the_host_only(site) -> None:
         "name": host["channel"]["slug"], "width": 1280, "height": 720, "fps": 30.0,
         "bitrate_in": 2_564_000, "video_bitrate": 2_500_000, "audio_bitrate": 64_000,
         "keyframe_interval": 1.0, "video_codec": "avc", "audio_codec": "aac",
-        "has_audio": True, "viewers": 3}]
+        "has_audio": True, "viewers": 3, "uptime": 30.0}]
     report = (await browser.get("/studio/health")).json()
     assert report["receiving"] is True and report["warnings"] == []
     assert (report["width"], report["height"], report["bitrate_kbps"], report["video_kbps"],
@@ -534,7 +534,7 @@ def test_stream_health_warns_in_plain_words() -> None:
 
     healthy = {"width": 1080, "height": 1920, "fps": 30, "bitrate_in": 4_000_000,
                "video_bitrate": 3_872_000, "audio_bitrate": 128_000, "keyframe_interval": 2.0,
-               "video_codec": "avc", "audio_codec": "aac", "has_audio": True}
+               "video_codec": "avc", "audio_codec": "aac", "has_audio": True, "uptime": 10.0}
     assert stream_health(healthy, True, 6000)["warnings"] == []
     bad = {**healthy, "keyframe_interval": 10.0, "has_audio": False, "audio_codec": "",
            "bitrate_in": 12_000_000}
@@ -548,6 +548,9 @@ def test_stream_health_warns_in_plain_words() -> None:
     assert stream_health({**healthy, "keyframe_interval": 4.0}, True, 6000)["warnings"] == []
     assert len(stream_health(healthy, True, 3000)["warnings"]) == 1
     assert stream_health(None, True, 6000) == {"live": True, "receiving": False, "warnings": []}
+    # the first seconds of a publish: sound and rate are still arriving, keyframes are not
+    starting = stream_health({**bad, "uptime": 1.0}, True, 6000)["warnings"]
+    assert len(starting) == 1 and starting[0].startswith("A keyframe comes only every")
 
 
 def test_a_bad_health_bitrate_setting_is_one_clear_line() -> None:

@@ -125,7 +125,15 @@
   let player = null;
 
   function startPreview() {
-    if (player || !window.mpegts || !mpegts.getFeatureList().mseLivePlayback) return;
+    if (player || preview.getAttribute("src")) return;
+    if (!window.mpegts || !mpegts.getFeatureList().mseLivePlayback) {
+      // no Media Source (older iPhones): the browser's own player reads the LL-HLS playlist
+      const hls = settings.dataset.hlsUrl;
+      if (hls && preview.canPlayType("application/vnd.apple.mpegurl")) {
+        preview.src = hls; preview.hidden = false; preview.play().catch(function () { /* muted */ });
+      }
+      return;
+    }
     player = mpegts.createPlayer(
       { type: "flv", isLive: true, url: settings.dataset.playUrl, hasAudio: true, hasVideo: true, cors: true },
       { enableStashBuffer: false, liveBufferLatencyChasing: true, lazyLoad: false, autoCleanupSourceBuffer: true });
@@ -142,6 +150,7 @@
       try { player.pause(); player.unload(); player.detachMediaElement(); player.destroy(); } catch (e) { /* gone */ }
       player = null;
     }
+    if (preview.getAttribute("src")) { preview.removeAttribute("src"); preview.load(); }
     preview.hidden = true;
   }
 
