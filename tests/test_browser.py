@@ -326,7 +326,7 @@ def test_dashboard_charts_update_while_a_stream_runs(server, publisher, new_cont
     operator = new_context()
     page = operator.new_page()
     log_in(page, server.url, HOST_EMAIL, server.password, "/studio")
-    page.wait_for_selector("#stream-settings .badge.live", timeout=10_000)
+    page.wait_for_selector("#studio-live.live", timeout=10_000)
     page.set_viewport_size({"width": 1280, "height": 960})
     screenshot(page, "studio.png")
     page.set_viewport_size(DESKTOP)
