@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from watchbuy.engine.amf_types import ECMAArray
-from watchbuy.engine.codecs import amf, chunk, flvmux
+from watchbuy.engine.codecs import amf, chunk, flvmux, fmp4
 from watchbuy.engine.rates import RateWindow
 from watchbuy.engine.wire import (
     CSID_AUDIO,
@@ -269,8 +269,15 @@ class LiveStream:
         self.audio_codec = ""
         self.has_video = False
         self.bytes_in = 0
+        self.audio_bytes = 0  # of bytes_in: the rest is video (health shows both bitrates)
         self.video_frames = 0
-        self._window = RateWindow()  # "in": (bytes in, video frames)
+        # Stream health (the studio's "keyframe every N s"): measured from the timestamps of
+        # the keyframes themselves, not from what the encoder's metadata claims.
+        self.last_keyframe_ts: int | None = None
+        self.keyframe_interval_ms: int | None = None  # between the last two keyframes
+        self.last_video_ts = 0
+        self.video_size: tuple[int, int] | None = None  # from the SPS: what the encoder sends
+        self._window = RateWindow()  # "in": (bytes in, video frames, audio bytes)
         # The stream's LL-HLS muxer (engine/hls_http.py sets it at publish when HLS is on):
         # fed here, once per message, whatever the number of viewers.
         self.hls: HlsStream | None = None
@@ -291,10 +298,18 @@ class LiveStream:
             tag = Tag(MSG_VIDEO, timestamp, payload, keyframe)
             if sequence_header:
                 self.video_header = tag
+                self.video_size = _picture_size(payload)
             else:
                 self.video_frames += 1
+                self.last_video_ts = timestamp
+                if keyframe:
+                    last = self.last_keyframe_ts
+                    if last is not None and timestamp > last:
+                        self.keyframe_interval_ms = timestamp - last
+                    self.last_keyframe_ts = timestamp
                 self._cache(tag, keyframe)
         elif type_id == MSG_AUDIO:
+            self.audio_bytes += len(payload)
             codec, sequence_header = flvmux.inspect_audio(payload)
             if codec:
                 self.audio_codec = codec
@@ -410,6 +425,8 @@ class LiveStream:
         self.gop_bytes = 0
         self.pending = []
         self.last_media_at = time.monotonic()
+        self.last_keyframe_ts = None  # the new session's clock: intervals start over
+        self.keyframe_interval_ms = None
         if self.hls is not None:
             self.hls.restart_clock()  # the LL-HLS playlist goes on, on the new clock
 
@@ -423,25 +440,39 @@ class LiveStream:
 
     # -- stats -----------------------------------------------------------------------------
     def sample(self, now: float) -> None:
-        self._window.add(now, {"in": (self.bytes_in, self.video_frames)})
+        self._window.add(now, {"in": (self.bytes_in, self.video_frames, self.audio_bytes)})
 
     def rates(self) -> tuple[float, float]:
         """(bits per second in, video frames per second) over the sampling window."""
-        bytes_per_s, fps = self._window.rate("in", 2)
+        bytes_per_s, fps, _ = self._window.rate("in", 3)
         return bytes_per_s * 8, fps
 
+    def keyframe_interval(self) -> float | None:
+        """Seconds between keyframes: the last measured interval, or the time since the last
+        keyframe when that is longer already (a 10 s GOP shows before its second keyframe)."""
+        if self.last_keyframe_ts is None:
+            return None
+        since = self.last_video_ts - self.last_keyframe_ts
+        interval = max(self.keyframe_interval_ms or 0, since)
+        return round(interval / 1000, 2) if interval > 0 else None
+
     def info(self) -> dict:
-        bitrate, fps = self.rates()
+        bytes_per_s, fps, audio_per_s = self._window.rate("in", 3)
+        bitrate = bytes_per_s * 8
         meta = self.metadata
         return {
             "name": self.name,
             "app": self.app,
             "video_codec": self.video_codec,
             "audio_codec": self.audio_codec,
-            "width": _int(meta.get("width")),
-            "height": _int(meta.get("height")),
+            "width": self.video_size[0] if self.video_size else _int(meta.get("width")),
+            "height": self.video_size[1] if self.video_size else _int(meta.get("height")),
             "fps": round(fps, 2) if fps else _float(meta.get("framerate")),
             "bitrate_in": int(bitrate),
+            "video_bitrate": int((bytes_per_s - audio_per_s) * 8),
+            "audio_bitrate": int(audio_per_s * 8),
+            "keyframe_interval": self.keyframe_interval(),
+            "has_audio": bool(self.audio_codec or self.audio_header),
             "viewers": len(self.viewers),
             "viewers_by_kind": _count_kinds(self.viewers),
             "uptime": round(time.monotonic() - self.started_mono, 1),
@@ -476,6 +507,16 @@ def live_metadata(source: dict, max_fields: int, max_bytes: int) -> tuple[dict, 
         kept[key] = value
         size += cost
     return kept, skipped
+
+
+def _picture_size(sequence_header: bytes) -> tuple[int, int] | None:
+    """The picture size in a video sequence header's parameter sets (once per header, not per
+    frame); None when it cannot be read, and the publisher's metadata is shown instead."""
+    try:
+        track = fmp4.video_track(sequence_header)
+    except Exception:  # noqa: BLE001 - shown to the host only: never cost the publisher
+        return None
+    return (track.width, track.height) if track.width and track.height else None
 
 
 def _float(value) -> float | None:

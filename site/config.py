@@ -112,6 +112,9 @@ class SiteSettings:
     # "" = loopback only
     metrics_token: str = ""
     log_level: str = "INFO"
+    # stream health (studio, host panel): a stream above this many kbit/s is far more than a
+    # typical phone viewer's connection plays smoothly; the host is told to lower it
+    health_bitrate_warn_kbps: int = 6000
     # engine hooks (/hooks/rtmp): a signed call is accepted for hook_max_age seconds after its
     # timestamp, and with a timestamp at most hook_max_future seconds ahead (clock skew); its
     # nonce is remembered as long, in Redis with a Redis broker, else in this process, which
@@ -156,7 +159,8 @@ class SiteSettings:
             "login_backoff_base", "login_backoff_max", "chat_frame_max_bytes", "chat_frames",
             "chat_frame_window", "ws_max_per_ip", "ws_max_per_user", "prune_interval",
             "max_image_pixels", "test_reservation_minutes", "max_body_bytes", "csrf_scan_bytes",
-            "max_header_bytes", "ws_max_bytes", "header_timeout", "body_timeout"))
+            "max_header_bytes", "ws_max_bytes", "header_timeout", "body_timeout",
+            "health_bitrate_warn_kbps"))
         if not 30 <= self.checkout_minutes <= 24 * 60 - 1:
             # Stripe allows 30 minutes to 24 hours; a minute of slack is added (payments.py)
             raise ConfigError("WATCHBUY_CHECKOUT_MINUTES: Stripe allows 30 to 1439 minutes")

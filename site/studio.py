@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from watchbuy.db import queries
 from watchbuy.site import replays
 from watchbuy.site.accounts import ensure_channel
 from watchbuy.site.chat import publish_room_event
+from watchbuy.site.media import hls_url
 from watchbuy.site.rooms import product_card
+from watchbuy.site.security import origin_of, same_secret
+from watchbuy.site.shop import stock_notifier, wants_json
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.storage import ImageRejected, prepare_image
 from watchbuy.site.web import (
@@ -29,6 +35,91 @@ from watchbuy.site.web import (
 )
 
 MAX_STOCK = 1_000_000
+# A keyframe interval above this makes late joiners wait and LL-HLS segments long.
+MAX_KEYFRAME_INTERVAL = 4.0
+# Seconds after a publish before "no sound" and bitrate warnings: the first audio message and a
+# rate over a few samples need a moment, and a warning that flashes on every start is noise.
+HEALTH_SETTLE_SECONDS = 3.0
+
+
+def answer(request: Request, payload: dict, url: str, status_code: int = 200) -> Response:
+    """A studio action's answer: JSON for the page's fetch (no reload, no jump), a redirect
+    for a plain form post (the page works without scripts)."""
+    if wants_json(request):
+        return JSONResponse(payload, status_code=status_code)
+    return redirect(url)
+
+
+async def host_state(site: SiteState, host_id: int) -> dict:
+    """Every product of the host (hidden ones too) and what is pinned: what the studio's cards
+    and the room's host panel show, and what every action answers with."""
+    db = site["db"]
+    channel = await queries.channel_by_host(db, host_id)
+    products = await queries.host_products(db, host_id)
+    return {
+        "pinned_product_id": channel["pinned_product_id"] if channel else None,
+        "live": bool(channel["is_live"]) if channel else False,
+        "products": [{**product_card(p, site["storage"]), "shown": bool(p["shown"])}
+                     for p in products],
+    }
+
+
+def stream_health(stats: dict | None, live: bool, bitrate_warn_kbps: int) -> dict:
+    """The host's stream as the node measures it, and what to fix in plain words."""
+    if not stats:
+        return {"live": live, "receiving": False, "warnings": []}
+    kbps = round(stats.get("bitrate_in", 0) / 1000)
+    keyframes = stats.get("keyframe_interval")
+    health = {
+        "live": live,
+        "receiving": True,
+        "width": stats.get("width"),
+        "height": stats.get("height"),
+        "fps": stats.get("fps"),
+        "bitrate_kbps": kbps,
+        "video_kbps": round(stats.get("video_bitrate", 0) / 1000),
+        "audio_kbps": round(stats.get("audio_bitrate", 0) / 1000),
+        "keyframe_interval": keyframes,
+        "video_codec": stats.get("video_codec") or None,
+        "audio_codec": stats.get("audio_codec") or None,
+        "has_audio": bool(stats.get("has_audio")),
+        "viewers": stats.get("viewers", 0),
+    }
+    settled = (stats.get("uptime") or 0) >= HEALTH_SETTLE_SECONDS
+    warnings = []
+    if keyframes is not None and keyframes > MAX_KEYFRAME_INTERVAL:
+        warnings.append(
+            f"A keyframe comes only every {keyframes:g} s: new viewers wait that long for a "
+            "picture. Set the keyframe interval to 2 s (OBS: Settings → Output → Keyframe "
+            "Interval).")
+    if settled and not health["has_audio"]:
+        warnings.append("No sound is arriving. Check the microphone or audio source in your "
+                        "streaming app.")
+    if settled and kbps > bitrate_warn_kbps:
+        warnings.append(
+            f"Your bitrate is {kbps:,} kbps, far above what a typical viewer's connection "
+            f"plays smoothly ({bitrate_warn_kbps:,} kbps). Lower it to about "
+            f"{bitrate_warn_kbps * 2 // 3:,} kbps.")
+    health["warnings"] = warnings
+    return health
+
+
+async def health(request: Request):
+    """GET /studio/health: the host's stream health, polled by the studio and the room's
+    host panel (the node's stats are cached briefly, so polls cost no extra node requests)."""
+    host = require_host(request)
+    site = state(request)
+    channel = await ensure_channel(site["db"], host["id"], host["display_name"])
+    stats = (await site["media"].stream_stats()).get(channel["slug"])
+    report = stream_health(stats, bool(channel["is_live"]),
+                           site["settings"].health_bitrate_warn_kbps)
+    return JSONResponse(report, headers={"Cache-Control": "no-store"})
+
+
+async def host_state_api(request: Request):
+    host = require_host(request)
+    return JSONResponse(await host_state(state(request), host["id"]),
+                        headers={"Cache-Control": "no-store"})
 
 
 async def studio(request: Request):
@@ -47,8 +138,13 @@ async def studio(request: Request):
         product["image_url"] = (site["storage"].url(product["image"])
                                 if product["image"] else None)
     room_url = f"{site['settings'].public_url}/room/{channel['slug']}"
+    play_url = await site["media"].play_url(channel["live_node_id"], channel["slug"])
+    if play_url:
+        # the preview player fetches from the node: this page's CSP must allow it (web.render)
+        request.state.csp_media_origin = origin_of(play_url)
     return render(request, "studio.html", channel=channel, ingest=ingest,
                   ingest_error=ingest_error, products=products, room_url=room_url,
+                  play_url=play_url, hls_url=hls_url(play_url),
                   notice=request.query_params.get("notice"))
 
 
@@ -109,6 +205,22 @@ async def read_image(request: Request, form) -> tuple[tuple[bytes, str, str] | N
     return (image.data, image.ext, image.content_type), None
 
 
+def pending_image_token(secret: str, host_id: int, name: str) -> str:
+    """A form's hold on an image uploaded with a submission that failed validation: the stored
+    name, signed for this host, so the re-rendered form keeps the image without the host
+    choosing it again, and no one can attach a name they did not upload."""
+    digest = hmac.new(secret.encode(), f"pending-image:{host_id}:{name}".encode(),
+                      hashlib.sha256).hexdigest()
+    return f"{name}:{digest}"
+
+
+def pending_image_name(secret: str, host_id: int, token: object) -> str | None:
+    if not isinstance(token, str) or ":" not in token:
+        return None
+    name = token.rpartition(":")[0]
+    return name if same_secret(token, pending_image_token(secret, host_id, name)) else None
+
+
 async def own_product(request: Request, host: dict) -> dict:
     try:
         product_id = int(request.path_params["product_id"])
@@ -144,15 +256,28 @@ async def save_product(request: Request, host: dict, product: dict | None):
     currency = product["currency"] if product else settings.currency
     values, errors = product_values(form, currency)
     image, image_error = await read_image(request, form)
+    storage = state(request)["storage"]
+    pending = None
     if image_error:
         errors.append(image_error)
+    elif image is None:  # no new file: the image held from the last failed submission
+        pending = pending_image_name(settings.secret_key, host["id"], form.get("pending_image"))
+    if image is not None:
+        # stored now (re-encoded, never the upload) so that a failed submission keeps it
+        pending = await storage.save(*image)
+    held = None
+    if pending:
+        held = {"token": pending_image_token(settings.secret_key, host["id"], pending),
+                "url": storage.url(pending)}
+    if form.get("stock_was"):  # the stock the form first showed: the change stays relative
+        values["stock_was"] = str(form.get("stock_was"))
     if errors:
         return render(request, "product_form.html", status_code=400, product=product,
-                      values=values, errors=errors)
+                      values=values, errors=errors, pending_image=held)
     db = state(request)["db"]
     image_name = product["image"] if product else None
-    if image is not None:
-        image_name = await state(request)["storage"].save(*image)
+    if pending:
+        image_name = pending
     if product is None:
         product_id = await queries.create_product(
             db, host["id"], values["name"], values["description"], values["price_minor"],
@@ -171,8 +296,9 @@ async def save_product(request: Request, host: dict, product: dict | None):
             stock_delta=values["stock_count"] - shown_stock)
         if not changed:
             values["stock"] = str((await queries.product(db, product_id))["stock"])
+            values.pop("stock_was", None)  # the form shows the stock as it is now
             return render(request, "product_form.html", status_code=409, product=product,
-                          values=values, errors=[
+                          values=values, pending_image=held, errors=[
                               "Some units sold while you were editing: the stock cannot go "
                               "that low. Check the stock and save again."])
     await announce_products(state(request), host["id"])
@@ -190,20 +316,55 @@ async def delete_product(request: Request):
         await publish_room_event(state(request)["broker"], channel["id"],
                                  {"type": "pinned", "product": None})
     await announce_products(state(request), host["id"])
-    return redirect("/studio?notice=deleted")
+    return answer(request, await host_state(state(request), host["id"]), "/studio?notice=deleted")
 
 
 async def toggle_shown(request: Request):
     host = require_host(request)
     product = await own_product(request, host)
+    form = await read_form(request)
+    # The page says which state it wants ("1"/"0"): two open pages (the studio and the room's
+    # panel) that each toggled would undo each other.  Without it (older pages): a toggle.
+    wanted = form.get("shown")
+    shown = wanted == "1" if wanted in ("0", "1") else not product["shown"]
     _, unpinned = await queries.set_product_shown(state(request)["db"], host["id"],
-                                                  product["id"], not product["shown"])
+                                                  product["id"], shown)
     for channel_id in unpinned:
         # a hidden product is not for sale: the viewers' pages drop its pinned card too
         await publish_room_event(state(request)["broker"], channel_id,
                                  {"type": "pinned", "product": None})
     await announce_products(state(request), host["id"])
-    return redirect("/studio")
+    return answer(request, await host_state(state(request), host["id"]), "/studio")
+
+
+async def change_stock(request: Request):
+    """POST /studio/products/{id}/stock {stock, stock_was}: the host sets the stock during the
+    show.  Applied as the difference from what their page showed, in the conditional update
+    checkouts use, so units sold meanwhile are not handed out again."""
+    host = require_host(request)
+    product = await own_product(request, host)
+    site = state(request)
+    form = await read_form(request)
+    try:
+        wanted = parse_int(form.get("stock"), "Stock", 0, MAX_STOCK)
+    except ValueError as exc:
+        return answer(request, {"error": str(exc), "field": "stock"},
+                      f"/studio/products/{product['id']}", status_code=400)
+    try:
+        shown_stock = parse_int(form.get("stock_was"), "Stock", 0, MAX_STOCK)
+    except ValueError:
+        shown_stock = product["stock"]
+    changed = await queries.update_product(site["db"], host["id"], product["id"],
+                                           stock_delta=wanted - shown_stock)
+    if not changed:
+        now = await queries.product(site["db"], product["id"])
+        return answer(request, {
+            "error": "Some units sold meanwhile: the stock cannot go that low. It is "
+                     f"{now['stock'] if now else 0} now.", "field": "stock",
+            "state": await host_state(site, host["id"])},
+            "/studio", status_code=409)
+    stock_notifier(site).changed(product["id"])  # the room's cards, as after a sale
+    return answer(request, await host_state(site, host["id"]), "/studio")
 
 
 async def pin(request: Request):
@@ -231,11 +392,9 @@ async def pin(request: Request):
     # while live: a cue point in the stream and a pin on the media clock (site/replays.py)
     event = await replays.pinned_event(state(request), channel, product_id, card)
     await publish_room_event(state(request)["broker"], channel["id"], event)
-    if request.headers.get("accept", "").startswith("application/json"):
-        from starlette.responses import JSONResponse
-
-        return JSONResponse({"pinned": card, "media_ms": event.get("media_ms")})
-    return redirect("/studio?notice=pinned")
+    return answer(request, {"pinned": card, "media_ms": event.get("media_ms"),
+                            **await host_state(state(request), host["id"])},
+                  "/studio?notice=pinned")
 
 
 async def announce_products(site: SiteState, host_id: int) -> None:
@@ -273,5 +432,8 @@ routes = [
     Route("/studio/products/{product_id}", product_form, methods=["GET", "POST"]),
     Route("/studio/products/{product_id}/delete", delete_product, methods=["POST"]),
     Route("/studio/products/{product_id}/shown", toggle_shown, methods=["POST"]),
+    Route("/studio/products/{product_id}/stock", change_stock, methods=["POST"]),
+    Route("/studio/health", health),
+    Route("/studio/state", host_state_api),
     Route("/studio/sales", sales),
 ]

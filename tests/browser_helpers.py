@@ -143,9 +143,10 @@ class Server:
 class Publisher:
     """ffmpeg pushing a 1280×720 test pattern with sound over RTMP, in real time, as OBS does."""
 
-    def __init__(self, rtmp_url: str, log: Path) -> None:
+    def __init__(self, rtmp_url: str, log: Path, gop: int = 30) -> None:
         self.rtmp_url = rtmp_url
         self.log = log
+        self.gop = gop  # frames between keyframes: 30 (1 s), or 300 to see the health warning
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Publisher:
@@ -156,7 +157,7 @@ class Publisher:
                  "-re", "-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=30",
                  "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100",
                  "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency",
-                 "-g", "30", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "64k",
+                 "-g", str(self.gop), "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "64k",
                  "-f", "flv", self.rtmp_url],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         return self

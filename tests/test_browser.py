@@ -215,10 +215,12 @@ def test_chat_pin_and_checkout_between_two_people(server, new_context, record_pr
     shopper_page.evaluate("window.__sameDocument = true")
     studio = host.new_page()
     studio.goto(server.url + "/studio")
-    row = studio.locator("#products tr", has_text="Ceramic mug")
-    with studio.expect_navigation():
-        row.locator("button[data-pin]").click()
-    assert "Unpin" in studio.locator("#products tr", has_text="Ceramic mug").inner_text()
+    card = studio.locator(".studio-product", has_text="Ceramic mug")
+    card.locator("button[data-pin]").click()  # a fetch: the studio stays where it is
+    studio.wait_for_function(
+        """() => [...document.querySelectorAll('.studio-product')].some(
+             c => c.textContent.includes('Ceramic mug') && c.querySelector('[data-pin]').textContent === 'Unpin')""",
+        timeout=5_000)
     shopper_page.wait_for_selector("#pinned", state="visible", timeout=5_000)
     pinned = shopper_page.locator("#pinned")
     assert "Ceramic mug" in pinned.inner_text(), pinned.inner_text()
@@ -324,7 +326,7 @@ def test_dashboard_charts_update_while_a_stream_runs(server, publisher, new_cont
     operator = new_context()
     page = operator.new_page()
     log_in(page, server.url, HOST_EMAIL, server.password, "/studio")
-    page.wait_for_selector("#stream-settings .badge.live", timeout=10_000)
+    page.wait_for_selector("#studio-live.live", timeout=10_000)
     page.set_viewport_size({"width": 1280, "height": 960})
     screenshot(page, "studio.png")
     page.set_viewport_size(DESKTOP)

@@ -309,6 +309,98 @@ async def test_publisher_address_is_for_the_operator_view_only(node):
         await publisher.close()
 
 
+async def api_streams(port: int) -> list[dict]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /api/streams HTTP/1.1\r\nConnection: close\r\n\r\n")
+    raw = await read_all(reader)
+    writer.close()
+    return json.loads(raw.split(b"\r\n\r\n", 1)[1])["streams"]
+
+
+async def wait_stream_info(port: int, check, timeout: float = 20.0) -> dict:
+    """Poll /api/streams until the one stream's info passes ``check``; fail with what it said."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    info: dict = {}
+    while loop.time() < deadline:
+        streams = await api_streams(port)
+        if streams:
+            info = streams[0]
+            if check(info):
+                return info
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"stream health never matched within {timeout} s: {info}")
+
+
+@pytest.mark.usefixtures("ffmpeg")
+async def test_stream_health_shows_what_ffmpeg_publishes(node):
+    """Resolution, frame rate, both bitrates, codecs, audio and the keyframe interval measured
+    from keyframe timestamps (ffmpeg -g 25 at 25 fps: one a second)."""
+    url = f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1"
+    pub = await start_ffmpeg_publisher(url, seconds=60, size="640x360", rate=25, gop=25)
+    try:
+        info = await wait_stream_info(
+            node.http_port, lambda i: i["keyframe_interval"] is not None
+            and i["video_bitrate"] > 0 and i["audio_bitrate"] > 0 and i["fps"] >= 20)
+        assert (info["width"], info["height"]) == (640, 360)
+        assert (info["video_codec"], info["audio_codec"], info["has_audio"]) == ("avc", "aac", True)
+        assert info["keyframe_interval"] == pytest.approx(1.0, abs=0.1)
+        # AAC at -b:a 64k: the audio rate is measured apart from the video's
+        assert 30_000 < info["audio_bitrate"] < 130_000, info
+        assert info["video_bitrate"] + info["audio_bitrate"] == pytest.approx(
+            info["bitrate_in"], abs=16)
+    finally:
+        await stop_process(pub)
+
+
+def test_stream_health_reads_the_picture_size_from_the_sps_not_the_metadata(tmp_path):
+    """A publisher's onMetaData may say anything; the health figures come from the stream:
+    the SPS's picture size, keyframe timestamps (-g 15 at 30 fps: 0.5 s), audio bytes apart."""
+    from media_helpers import ffmpeg_flv, split_flv
+
+    from watchbuy.engine.relay import LiveStream, RelayLimits
+    from watchbuy.engine.wire import MSG_AUDIO, MSG_VIDEO
+
+    media = split_flv(ffmpeg_flv(tmp_path / "a.flv", seconds=2, size="426x240", gop=15))
+    stream = LiveStream("show", "live", RelayLimits())
+    stream.on_metadata(["onMetaData", {"width": 1920, "height": 1080}])
+    stream.on_media(MSG_VIDEO, 0, media.video_header)
+    stream.on_media(MSG_AUDIO, 0, media.audio_header)
+    for type_id, ts, payload, _key in media.tags:
+        stream.on_media(type_id, ts, payload)
+    info = stream.info()
+    assert (info["width"], info["height"]) == (426, 240)
+    assert info["keyframe_interval"] == 0.5 and stream.keyframe_interval_ms == 500
+    assert info["has_audio"] is True
+    assert stream.audio_bytes == sum(len(p) for t, _, p, _ in media.tags if t == 8) + \
+        len(media.audio_header)
+
+    silent = LiveStream("silent", "live", RelayLimits())
+    silent.on_media(MSG_VIDEO, 0, b"\x17\x00\x00\x00\x00garbage")  # an unreadable header
+    for type_id, ts, payload, _key in media.tags:
+        if type_id == MSG_VIDEO:
+            silent.on_media(type_id, ts, payload)
+    info = silent.info()
+    assert info["has_audio"] is False and info["audio_bitrate"] == 0
+    assert info["width"] is None  # neither SPS nor metadata: unknown, not made up
+
+
+@pytest.mark.usefixtures("ffmpeg")
+async def test_long_keyframe_interval_shows_before_the_second_keyframe(node):
+    """-g 300 at 25 fps is a keyframe every 12 s: the interval reads over 4 s well before the
+    second keyframe, and never less than the time since the first."""
+    url = f"rtmp://127.0.0.1:{node.rtmp_port}/live/key2"
+    pub = await start_ffmpeg_publisher(url, seconds=60, size="320x240", rate=25, gop=300)
+    try:
+        info = await wait_stream_info(
+            node.http_port, lambda i: (i["keyframe_interval"] or 0) > 4.0)
+        stream = node.registry.get("show2")
+        assert stream.keyframe_interval_ms is None  # no second keyframe yet: a lower bound
+        assert info["keyframe_interval"] <= 12.1
+    finally:
+        await stop_process(pub)
+
+
 async def test_metrics_answer_loopback_and_the_operator_only(node, monkeypatch):
     async def metrics(*headers: str) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", node.http_port)

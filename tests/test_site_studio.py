@@ -36,7 +36,7 @@ async def test_anonymous_goes_to_login_and_shoppers_are_refused(site) -> None:
     shopper = await site.browser(await site.user("Sam"))
     before = await table_counts(site.db)
     for path in ("/studio", "/studio/products/new", f"/studio/products/{product['id']}",
-                 "/studio/sales"):
+                 "/studio/sales", "/studio/health", "/studio/state"):
         response = await shopper.get(path)
         assert response.status_code == 403, path
         assert "Only hosts can open the studio." in response.text
@@ -45,7 +45,8 @@ async def test_anonymous_goes_to_login_and_shoppers_are_refused(site) -> None:
                        ("/studio/products/new", product_form()),
                        (f"/studio/products/{product['id']}", product_form(name="Taken")),
                        (f"/studio/products/{product['id']}/delete", {}),
-                       (f"/studio/products/{product['id']}/shown", {})]:
+                       (f"/studio/products/{product['id']}/shown", {}),
+                       (f"/studio/products/{product['id']}/stock", {"stock": "0"})]:
         response = await shopper.post(path, data)
         assert response.status_code == 403, path
     assert await table_counts(site.db) == before
@@ -69,6 +70,7 @@ async def test_host_cannot_touch_another_hosts_products_or_sales(site) -> None:
     for path, data in [(f"/studio/products/{bobs['id']}", product_form(name="Mine")),
                        (f"/studio/products/{bobs['id']}/delete", {}),
                        (f"/studio/products/{bobs['id']}/shown", {}),
+                       (f"/studio/products/{bobs['id']}/stock", {"stock": "0"}),
                        ("/studio/pin", {"product_id": str(bobs["id"])})]:
         response = await browser.post(path, data)
         assert response.status_code == 404, path
@@ -393,3 +395,194 @@ async def test_a_price_above_two_to_the_31_minor_units_is_saved_and_sold(site) -
     assert order["total_minor"] == 3_000_000_001
     page = await browser.get(f"/studio/products/{yacht['id']}")
     assert 'name="price" value="30000000.01"' in page.text
+
+
+# -- running the show: card actions as fetches, stock, held images, stream health (issue 14) ----
+async def test_a_failed_product_form_keeps_the_chosen_image_and_every_field(site) -> None:
+    import re
+
+    host = await site.user("Holly", host=True)
+    browser = await site.browser(host)
+    await browser.get("/studio/products/new")
+    response = await browser.post(
+        "/studio/products/new", product_form(name="Red mug", price="abc", stock="4",
+                                             description="Glazed twice"),
+        files={"image": ("mug.png", png_bytes(), "image/png")})
+    assert response.status_code == 400
+    assert error_texts(response.text) == ["The price must be a positive number, like 12.50."]
+    for kept in ('value="Red mug"', 'value="abc"', 'value="4"', ">Glazed twice</textarea>"):
+        assert kept in response.text, kept
+    token = re.search(r'name="pending_image" value="([^"]+)"', response.text).group(1)
+    name = token.rpartition(":")[0]
+    assert f'src="/uploads/{name}"' in response.text  # the host sees the image is kept
+    assert await queries.host_products(site.db, host["id"]) == []
+
+    # a forged hold (a name with a made-up signature) attaches nothing
+    response = await browser.post("/studio/products/new", {
+        **product_form(name="Forged", price="5"), "pending_image": f"{name}:{'0' * 64}"})
+    assert response.status_code == 303
+    # the real one: saved with the image, no file chosen again
+    response = await browser.post("/studio/products/new", {
+        **product_form(name="Red mug", price="18"), "pending_image": token})
+    assert response.status_code == 303
+    by_name = {p["name"]: p for p in await queries.host_products(site.db, host["id"])}
+    assert by_name["Forged"]["image"] is None
+    assert by_name["Red mug"]["image"] == name
+    assert (site.settings.uploads_dir / name).is_file()
+
+    # another host cannot use this host's hold
+    otto = await site.user("Otto", host=True)
+    other = await site.browser(otto)
+    await other.get("/studio/products/new")
+    assert (await other.post("/studio/products/new", {
+        **product_form(name="Borrowed", price="5"), "pending_image": token})).status_code == 303
+    [borrowed] = await queries.host_products(site.db, otto["id"])
+    assert borrowed["image"] is None
+
+
+async def test_card_actions_answer_json_for_the_page_and_redirect_forms(site) -> None:
+    host = await site.user("Cara", host=True)
+    mug = await site.product(host, name="Mug", stock=10)
+    lamp = await site.product(host, name="Lamp", stock=2)
+    browser = await site.browser(host)
+    await browser.get("/studio")
+
+    response = await browser.fetch("/studio/pin", {"product_id": str(mug["id"])})
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["pinned"]["name"] == "Mug" and answer["pinned_product_id"] == mug["id"]
+    assert [(p["name"], p["shown"], p["stock"]) for p in answer["products"]] == \
+        [("Mug", True, 10), ("Lamp", True, 2)]
+
+    # show/hide says which state it wants: the same request twice leaves it hidden
+    for _ in range(2):
+        response = await browser.fetch(f"/studio/products/{lamp['id']}/shown", {"shown": "0"})
+        assert response.status_code == 200
+        assert [p["shown"] for p in response.json()["products"]] == [True, False]
+
+    response = await browser.fetch(f"/studio/products/{mug['id']}/stock",
+                                   {"stock": "25", "stock_was": "10"})
+    assert response.status_code == 200 and response.json()["products"][0]["stock"] == 25
+    response = await browser.fetch(f"/studio/products/{mug['id']}/stock",
+                                   {"stock": "many", "stock_was": "25"})
+    assert response.status_code == 400
+    assert response.json() == {"error": "Stock must be a whole number.", "field": "stock"}
+
+    # 3 sell while the host's page still shows 25: setting 0 would undercut them
+    shopper = await site.user("Quick")
+    await queries.set_cart_quantity(site.db, shopper["id"], mug["id"], 3)
+    await queries.create_order_from_cart(site.db, shopper["id"], "test")
+    response = await browser.fetch(f"/studio/products/{mug['id']}/stock",
+                                   {"stock": "0", "stock_was": "25"})
+    assert response.status_code == 409
+    assert "It is 22 now." in response.json()["error"]
+    assert response.json()["state"]["products"][0]["stock"] == 22
+    response = await browser.fetch(f"/studio/products/{mug['id']}/stock",
+                                   {"stock": "20", "stock_was": "22"})
+    assert response.status_code == 200
+    assert (await queries.product(site.db, mug["id"]))["stock"] == 20
+
+    # the same routes from a plain form (no script): redirects back to the studio
+    response = await browser.post(f"/studio/products/{mug['id']}/stock",
+                                  {"stock": "21", "stock_was": "20"})
+    assert response.status_code == 303 and response.headers["location"] == "/studio"
+    response = await browser.fetch(f"/studio/products/{lamp['id']}/delete", {})
+    assert [p["name"] for p in response.json()["products"]] == ["Mug"]
+
+    state = (await browser.get("/studio/state")).json()
+    assert state["pinned_product_id"] == mug["id"] and len(state["products"]) == 1
+    studio = await browser.get("/studio")
+    assert 'class="studio-products"' in studio.text and "<table" not in studio.text
+    assert "Waiting for your stream" in studio.text and "1080×1920" in studio.text
+
+
+def test_a_stock_change_reaches_the_room_as_a_stock_event(sync_site) -> None:
+    from ws_helpers import ws_receive, ws_until
+
+    site = sync_site
+    host = site.user("Sid", host=True)
+    mug = site.product(host, name="Mug", stock=5)
+    with site.websocket(host["channel"]["slug"]) as viewer:
+        ws_receive(viewer)  # hello
+        response = site.post(f"/studio/products/{mug['id']}/stock", host,
+                             {"stock": "9", "stock_was": "5"})
+        assert response.status_code == 303
+        event = ws_until(viewer, "stock")
+        assert (event["product_id"], event["stock"]) == (mug["id"], 9)
+
+
+async def test_stream_health_for_the_host_only(site) -> None:
+    host = await site.user("Hal", host=True)
+    shopper = await site.browser(await site.user("Sue"))
+    assert (await shopper.get("/studio/health")).status_code == 403
+    browser = await site.browser(host)
+    assert (await browser.get("/studio/health")).json() == \
+        {"live": False, "receiving": False, "warnings": []}
+    site.node.streams = [{
+        "name": host["channel"]["slug"], "width": 1280, "height": 720, "fps": 30.0,
+        "bitrate_in": 2_564_000, "video_bitrate": 2_500_000, "audio_bitrate": 64_000,
+        "keyframe_interval": 1.0, "video_codec": "avc", "audio_codec": "aac",
+        "has_audio": True, "viewers": 3, "uptime": 30.0}]
+    report = (await browser.get("/studio/health")).json()
+    assert report["receiving"] is True and report["warnings"] == []
+    assert (report["width"], report["height"], report["bitrate_kbps"], report["video_kbps"],
+            report["audio_kbps"], report["viewers"]) == (1280, 720, 2564, 2500, 64, 3)
+
+
+def test_stream_health_warns_in_plain_words() -> None:
+    from watchbuy.site.studio import stream_health
+
+    healthy = {"width": 1080, "height": 1920, "fps": 30, "bitrate_in": 4_000_000,
+               "video_bitrate": 3_872_000, "audio_bitrate": 128_000, "keyframe_interval": 2.0,
+               "video_codec": "avc", "audio_codec": "aac", "has_audio": True, "uptime": 10.0}
+    assert stream_health(healthy, True, 6000)["warnings"] == []
+    bad = {**healthy, "keyframe_interval": 10.0, "has_audio": False, "audio_codec": "",
+           "bitrate_in": 12_000_000}
+    warnings = stream_health(bad, True, 6000)["warnings"]
+    assert len(warnings) == 3
+    assert warnings[0].startswith("A keyframe comes only every 10 s")
+    assert "keyframe interval to 2 s" in warnings[0]
+    assert warnings[1].startswith("No sound is arriving.")
+    assert warnings[2].startswith("Your bitrate is 12,000 kbps, far above")
+    # exactly 4 s is still fine; the bitrate limit is the setting's
+    assert stream_health({**healthy, "keyframe_interval": 4.0}, True, 6000)["warnings"] == []
+    assert len(stream_health(healthy, True, 3000)["warnings"]) == 1
+    assert stream_health(None, True, 6000) == {"live": True, "receiving": False, "warnings": []}
+    # the first seconds of a publish: sound and rate are still arriving, keyframes are not
+    starting = stream_health({**bad, "uptime": 1.0}, True, 6000)["warnings"]
+    assert len(starting) == 1 and starting[0].startswith("A keyframe comes only every")
+
+
+def test_a_bad_health_bitrate_setting_is_one_clear_line() -> None:
+    from watchbuy.settings import ConfigError
+    from watchbuy.site.config import load_site_settings
+
+    with pytest.raises(ConfigError, match="WATCHBUY_HEALTH_BITRATE_WARN_KBPS"):
+        load_site_settings({"WATCHBUY_HEALTH_BITRATE_WARN_KBPS": "0",
+                            "WATCHBUY_DATA_DIR": "/nonexistent-never-created"})
+
+
+async def test_concurrent_stock_changes_and_sales_all_count(site) -> None:
+    """The studio and the room's panel each add units while shoppers buy: every change is a
+    difference applied in one conditional update, so none is lost and none oversells."""
+    import asyncio
+
+    host = await site.user("Dana", host=True)
+    mug = await site.product(host, name="Mug", stock=10)
+    pages = [await site.browser(host) for _ in range(2)]
+    for page in pages:
+        await page.get("/studio")
+    buyers = [await site.user(f"Buyer {i}") for i in range(4)]
+    for buyer in buyers:
+        await queries.set_cart_quantity(site.db, buyer["id"], mug["id"], 1)
+
+    async def add_one(page) -> int:
+        response = await page.fetch(f"/studio/products/{mug['id']}/stock",
+                                    {"stock": "11", "stock_was": "10"})
+        return response.status_code
+
+    results = await asyncio.gather(
+        *(add_one(pages[i % 2]) for i in range(6)),
+        *(queries.create_order_from_cart(site.db, b["id"], "test") for b in buyers))
+    assert results[:6] == [200] * 6
+    assert (await queries.product(site.db, mug["id"]))["stock"] == 10 + 6 - 4

@@ -260,6 +260,7 @@
 
   let socket = null;
   function send(data) { if (socket && socket.readyState === 1) socket.send(JSON.stringify(data)); }
+  window.WatchBuyRoom = { slug: slug, csrf: csrf, send: send };
 
   function connect() {
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
