@@ -110,6 +110,9 @@ MIGRATIONS: list[Migration] = [
 ]
 
 
+MIGRATION_ATTEMPTS = 3
+
+
 async def current_version(db: Database) -> int:
     await create_tables(db, schema_version.metadata)
     version = await db.fetch_val(sa.select(sa.func.max(schema_version.c.version)))
@@ -124,10 +127,26 @@ async def upgrade(db: Database) -> list[int]:
         if migration.version <= version:
             continue
         log.info("applying migration %d: %s", migration.version, migration.description)
-        await migration.apply(db)
-        await db.execute(schema_version.insert().values(
-            version=migration.version, description=migration.description, applied_at=now()))
-        applied.append(migration.version)
+        # Two site processes started together (two instances of a deploy) may both apply it:
+        # every step is idempotent (IF NOT EXISTS, columns added only when missing), so the one
+        # that loses a race on a step runs the steps again, and the one that loses the race on
+        # the version row finds the migration recorded.
+        for attempt in range(1, MIGRATION_ATTEMPTS + 1):
+            try:
+                await migration.apply(db)
+                await db.execute(schema_version.insert().values(
+                    version=migration.version, description=migration.description,
+                    applied_at=now()))
+            except Exception:
+                if await current_version(db) >= migration.version:
+                    break  # another process applied it
+                if attempt == MIGRATION_ATTEMPTS:
+                    raise
+                log.info("migration %d: a step failed while another process migrates; running "
+                         "it again", migration.version)
+                continue
+            applied.append(migration.version)
+            break
     return applied
 
 

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from app_helpers import make_product, make_user
 from server_helpers import MYSQL_URL, mysql_connect, mysql_problem, mysql_url, require_server
 
-from watchbuy.db import queries, schema
+from watchbuy.db import migrations, queries, schema
 from watchbuy.db.database import Database, is_duplicate_key
 from watchbuy.db.migrations import MIGRATIONS, column_names, upgrade
 from watchbuy.db.schema import cart_items, chat_mutes, metadata, orders, products, sessions
@@ -384,6 +384,25 @@ async def test_a_version_2_database_gains_the_tables_and_columns_of_version_3(db
     assert bool(row["physical"]) is True and row["sold"] == 0
     assert bool((await queries.user_by_id(db, host["id"]))["announce_purchases"]) is True
     assert {"ship_line1", "shipped_at", "carrier"} <= await column_names(db, "orders")
+    assert await upgrade(db) == []
+
+
+async def test_two_processes_migrating_a_fresh_database_at_once_both_start(db) -> None:
+    # Two site instances of one deploy start together on an empty database: both run every
+    # migration's steps; each migration ends recorded once, and neither start fails.
+    await migrations.drop_all(db)
+    others = [Database(db.url) for _ in range(3)]
+    for other in others:
+        await other.connect()
+    try:
+        results = await asyncio.gather(*(upgrade(other) for other in others))
+    finally:
+        for other in others:
+            await other.disconnect()
+    every = [m.version for m in MIGRATIONS]
+    assert sorted(v for applied in results for v in applied) == every  # each applied once
+    versions = await db.fetch_all("SELECT version FROM schema_version ORDER BY version")
+    assert [row[0] for row in versions] == every
     assert await upgrade(db) == []
 
 
