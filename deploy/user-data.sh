@@ -98,9 +98,10 @@ if python_is python3 "$PYTHON_VERSION"; then
   python3 -m venv $VENV
 else
   echo "python3 is not CPython $PYTHON_VERSION (the wheel's $WHEEL): installing it with uv"
-  UV_PYTHON_INSTALL_DIR=$PREFIX/python $PREFIX/bootstrap/bin/uv python install "$PYTHON_VERSION"
-  UV_PYTHON_INSTALL_DIR=$PREFIX/python $PREFIX/bootstrap/bin/uv venv --seed --managed-python \
-    --python "$PYTHON_VERSION" $VENV
+  # explicit folders: user data may run without HOME, where uv keeps its cache by default
+  export UV_PYTHON_INSTALL_DIR=$PREFIX/python UV_CACHE_DIR=$WORK/uv-cache
+  $PREFIX/bootstrap/bin/uv python install "$PYTHON_VERSION"
+  $PREFIX/bootstrap/bin/uv venv --seed --managed-python --python "$PYTHON_VERSION" $VENV
 fi
 python_is $VENV/bin/python "$PYTHON_VERSION" || {   # pip would refuse the wheel: say why
   echo "user-data: $VENV/bin/python is not CPython $PYTHON_VERSION, which $WHEEL needs"; exit 1; }
