@@ -68,11 +68,14 @@ bench: setup
 # patchelf and drop the option, so auditwheel can graft it).
 MANYLINUX ?= manylinux_2_34
 RAW_WHEELS := build/raw-wheel
+# dist/WHEEL names the wheel for deploy/user-data.sh, which installs the CPython of its tag
+# (cp311: the venv's 3.11) when the AMI's python3 is another one.
 wheel: $(STAMP)
-	rm -rf $(RAW_WHEELS) dist/watchbuy-*.whl
+	rm -rf $(RAW_WHEELS) dist/watchbuy-*.whl dist/WHEEL
 	$(BIN)/python -m build --wheel --no-isolation --outdir $(RAW_WHEELS) .
 	$(BIN)/python -m auditwheel repair --patcher none --plat $(MANYLINUX)_$$(uname -m) \
 	  --wheel-dir dist $(RAW_WHEELS)/watchbuy-*.whl
+	cd dist && ls watchbuy-*.whl > WHEEL
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info engine/*.so engine/*.c

@@ -373,3 +373,71 @@ async def emails(db: Database, user_ids: list[int]) -> dict[int, str]:
     rows = await db.fetch_all(sa.select(users.c.id, users.c.email)
                               .where(users.c.id.in_(user_ids)))
     return {row[0]: row[1] for row in rows}
+
+
+# -- retention ----------------------------------------------------------------------------------
+
+# Rows deleted per transaction: short enough that a prune never holds locks a page waits on,
+# and one round's statements stay small (the ids go in an IN list).
+PRUNE_BATCH = 500
+
+
+async def prune_notifications(db: Database, created_before: float,
+                              batch: int = PRUNE_BATCH) -> int:
+    """Delete notifications created before ``created_before``, read or not, ``batch`` rows per
+    short transaction; how many this call deleted.
+
+    The batch's ids are picked outside the transaction (lowest ids first: the oldest rows, so
+    the scan stops early) and deleted by id with the age condition again, so two site processes
+    pruning at once delete each row once and never a newer one.  A portable bounded delete:
+    SQLite has no DELETE … LIMIT in its default build.
+    """
+    deleted = 0
+    while True:
+        ids = [row[0] for row in await db.fetch_all(
+            sa.select(notifications.c.id).where(notifications.c.created_at < created_before)
+            .order_by(notifications.c.id).limit(batch))]
+        if not ids:
+            return deleted
+
+        async def work(ids=ids):
+            await db.execute(notifications.delete().where(
+                notifications.c.id.in_(ids), notifications.c.created_at < created_before))
+            return await db.affected_rows()
+
+        deleted += await db.run_transaction(work)
+        if len(ids) < batch:
+            return deleted
+
+
+async def prune_reminders(db: Database, ended_before: float, batch: int = PRUNE_BATCH) -> int:
+    """Delete reminders of shows that ended (or were cancelled) before ``ended_before``,
+    ``batch`` rows per short transaction; how many this call deleted.
+
+    A cancelled show never started, so its end is its scheduled time (its creation when it
+    had none).  Reminders of shows still scheduled or live stay, however old.
+    """
+    ended = sa.or_(
+        sa.and_(shows.c.status == ENDED, shows.c.ended_at < ended_before),
+        sa.and_(shows.c.status == CANCELLED,
+                sa.func.coalesce(shows.c.scheduled_at, shows.c.created_at) < ended_before))
+    old_shows = sa.select(shows.c.id).where(ended)
+    deleted = 0
+    while True:
+        keys = [(row[0], row[1]) for row in await db.fetch_all(
+            sa.select(reminders.c.user_id, reminders.c.show_id)
+            .where(reminders.c.show_id.in_(old_shows))
+            .order_by(reminders.c.show_id, reminders.c.user_id).limit(batch))]
+        if not keys:
+            return deleted
+
+        async def work(keys=keys):
+            # the show condition again: nothing but these shows' reminders, whatever changed
+            await db.execute(reminders.delete().where(
+                sa.tuple_(reminders.c.user_id, reminders.c.show_id).in_(keys),
+                reminders.c.show_id.in_(old_shows)))
+            return await db.affected_rows()
+
+        deleted += await db.run_transaction(work)
+        if len(keys) < batch:
+            return deleted

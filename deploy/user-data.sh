@@ -7,7 +7,8 @@
 # comes from SSM Parameter Store through the instance role (deploy/aws/media-node-policy.json).
 #
 # Release layout under ARTIFACTS (see deploy/README.md, "Releasing"):
-#   watchbuy-<version>-<python tag>-linux_<arch>.whl   python -m build --wheel
+#   watchbuy-<version>-<python tag>-<abi>-manylinux_<glibc>_<arch>.whl   make wheel
+#   WHEEL                                               the wheel's file name (make wheel)
 #   watchbuy-deploy.tar.gz                              tar czf ... deploy
 #   watchbuy.env                                        your copy of deploy/watchbuy.env.example
 set -euo pipefail
@@ -16,6 +17,7 @@ exec > >(tee -a /var/log/watchbuy-user-data.log) 2>&1
 # --- edit these in the launch template ---------------------------------------------------------
 ARTIFACTS="s3://watchbuy-artifacts/releases/0.1.0"     # or https://… (a plain HTTPS folder)
 HOOK_SECRET_PARAMETER="/watchbuy/hook-secret"          # SSM SecureString; empty: no site hook
+UV_VERSION="0.13.8"    # installs the wheel's CPython when the AMI's python3 is another one
 # ------------------------------------------------------------------------------------------------
 
 PREFIX=/opt/watchbuy
@@ -43,14 +45,34 @@ id watchbuy >/dev/null 2>&1 || useradd --system --home-dir /var/lib/watchbuy \
 install -d -o watchbuy -g watchbuy -m 0750 /var/lib/watchbuy
 install -d -m 0755 $PREFIX /etc/watchbuy
 
-python3 -m venv $VENV
-$VENV/bin/pip install -q --upgrade pip
-$VENV/bin/pip install -q boto3   # fetches the release from S3; the wheel needs it anyway
+# The wheel's CPython comes from its tag (cp311 → 3.11): the wheel's compiled codecs load in that
+# interpreter only.  python3 is 3.11 on Debian 12 but 3.12 on Ubuntu 24.04, so when the AMI's
+# python3 is not the wheel's, uv (pinned above, from PyPI) installs that CPython under
+# $PREFIX/python (python-build-standalone, the same build on every distribution).
+# --- wheel choice (tests/test_packaging.py runs this block against `make wheel`'s output) ---
+wheel_python() {  # wheel_python FILE: "3.11" for watchbuy-0.1.0-cp311-cp311-manylinux….whl
+  local tag
+  tag=$(basename "$1" .whl | cut -d- -f3)
+  case "$tag" in
+    cp3[0-9]*) echo "3.${tag#cp3}" ;;
+    *) echo "user-data: $1 is not a CPython wheel (tag $tag)" >&2; return 1 ;;
+  esac
+}
+python_is() {  # python_is PYTHON VERSION: PYTHON is that CPython (its cache tag cpython-311)
+  [ "$("$1" -c 'import sys; print(sys.implementation.cache_tag)' 2>/dev/null)" = \
+    "cpython-${2/./}" ]
+}
+# --- end of wheel choice ---
+
+# A bootstrap venv on the AMI's python3: boto3 fetches the release from S3, uv installs a CPython.
+python3 -m venv $PREFIX/bootstrap
+$PREFIX/bootstrap/bin/pip install -q --upgrade pip
+$PREFIX/bootstrap/bin/pip install -q boto3 "uv==$UV_VERSION"
 
 fetch() {  # fetch NAME: one file of the release into $WORK
   case "$ARTIFACTS" in
     s3://*)
-      AWS_DEFAULT_REGION=$REGION $VENV/bin/python - "$ARTIFACTS/$1" "$WORK/$1" <<'PY'
+      AWS_DEFAULT_REGION=$REGION $PREFIX/bootstrap/bin/python - "$ARTIFACTS/$1" "$WORK/$1" <<'PY'
 import sys
 from urllib.parse import urlsplit
 
@@ -71,7 +93,20 @@ WHEEL=$(tr -d '[:space:]' < "$WORK/WHEEL")
 fetch "$WHEEL"
 fetch watchbuy-deploy.tar.gz
 fetch watchbuy.env
-$VENV/bin/pip install -q "$WORK/$WHEEL"
+PYTHON_VERSION=$(wheel_python "$WHEEL")
+if python_is python3 "$PYTHON_VERSION"; then
+  python3 -m venv $VENV
+else
+  echo "python3 is not CPython $PYTHON_VERSION (the wheel's $WHEEL): installing it with uv"
+  # explicit folders: user data may run without HOME, where uv keeps its cache by default
+  export UV_PYTHON_INSTALL_DIR=$PREFIX/python UV_CACHE_DIR=$WORK/uv-cache
+  $PREFIX/bootstrap/bin/uv python install "$PYTHON_VERSION"
+  $PREFIX/bootstrap/bin/uv venv --seed --managed-python --python "$PYTHON_VERSION" $VENV
+fi
+python_is $VENV/bin/python "$PYTHON_VERSION" || {   # pip would refuse the wheel: say why
+  echo "user-data: $VENV/bin/python is not CPython $PYTHON_VERSION, which $WHEEL needs"; exit 1; }
+$VENV/bin/python -m pip install -q --upgrade pip
+$VENV/bin/python -m pip install -q "$WORK/$WHEEL"
 tar -xzf "$WORK/watchbuy-deploy.tar.gz" -C $PREFIX    # → /opt/watchbuy/deploy/…
 
 # Settings: the release's env file, with this instance's id, address and region.

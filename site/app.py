@@ -162,6 +162,9 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             asyncio.ensure_future(repeat_until(
                 stopping, 3600.0, lambda: expire_recordings(site),
                 "expiring replays past WATCHBUY_RECORD_RETENTION_DAYS")),
+            asyncio.ensure_future(repeat_until(
+                stopping, 3600.0, lambda: notify.prune(site),
+                "pruning notifications past WATCHBUY_NOTIFICATION_RETENTION_DAYS")),
             # shows whose grace period ran out while the process that got the hook stopped
             asyncio.ensure_future(repeat_until(
                 stopping, max(1.0, settings.show_end_grace / 2),

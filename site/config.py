@@ -68,6 +68,9 @@ class SiteSettings:
     # (watchbuy serve), and how long replays are kept (0 = for ever)
     record_dir: str = ""  # default: <data_dir>/recordings, as the node's
     record_retention_days: float = 30.0
+    # notifications (read or not) and reminders of long-ended shows are deleted after this
+    # many days (site/notify.py prune; 0 = kept for ever)
+    notification_retention_days: float = 30.0
     aws_region: str = ""
     # accounts
     session_days: float = 14.0
@@ -193,7 +196,8 @@ class SiteSettings:
         if self.smtp_url and not self.smtp_url.lower().startswith(("smtp://", "smtps://")):
             raise ConfigError("WATCHBUY_SMTP_URL: expected smtp://host:port or smtps://host:port")
         check_ranges(self, off_or_positive=("ws_ping_interval", "ws_ping_timeout", "hsts_seconds",
-                                            "record_retention_days"))
+                                            "record_retention_days",
+                                            "notification_retention_days"))
         if self.public_url and not self.public_url.lower().startswith(("http://", "https://")):
             raise ConfigError("WATCHBUY_PUBLIC_URL: must start with http:// or https://")
 

@@ -1,5 +1,6 @@
 """In-site notifications: a badge and a list in the header, delivered live, and email when
-``WATCHBUY_SMTP_URL`` is set.
+``WATCHBUY_SMTP_URL`` is set.  An upkeep job (:func:`prune`) deletes them after
+``WATCHBUY_NOTIFICATION_RETENTION_DAYS``, with the reminders of shows that ended that long ago.
 
 Notifications are rows of the ``notifications`` table (written in the transaction that decided
 to send them: db/shows.py).  Once committed, each goes out on the broker's ``user:<id>`` topic,
@@ -15,6 +16,7 @@ import asyncio
 import json
 import logging
 import smtplib
+import time
 from email.message import EmailMessage
 from urllib.parse import unquote, urlsplit
 
@@ -117,6 +119,22 @@ class Mailer:
 
 def make_mailer(settings: SiteSettings) -> Mailer | None:
     return Mailer(settings.smtp_url, settings.smtp_from) if settings.smtp_url else None
+
+
+async def prune(site: SiteState) -> tuple[int, int]:
+    """Delete notifications older than WATCHBUY_NOTIFICATION_RETENTION_DAYS, read or not, and
+    the reminders of shows that ended that long ago (an upkeep job, site/app.py); how many of
+    each.  Nothing is deleted when the retention is 0."""
+    days = site["settings"].notification_retention_days
+    if not days:
+        return 0, 0
+    cutoff = time.time() - days * 86400
+    notes = await show_queries.prune_notifications(site["db"], cutoff)
+    reminders = await show_queries.prune_reminders(site["db"], cutoff)
+    if notes or reminders:
+        log.info("pruned %d notifications and %d reminders older than %g days", notes,
+                 reminders, days)
+    return notes, reminders
 
 
 async def notifications_page(request: Request):

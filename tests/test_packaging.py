@@ -1,6 +1,8 @@
 """The release build: `make wheel` makes one binary wheel that holds the compiled codecs under one
 name, repaired into a manylinux tag that Amazon Linux 2023 and Ubuntu 22.04 install, and
-`watchbuy --version` tells which version is installed.
+`watchbuy --version` tells which version is installed; deploy/user-data.sh installs that wheel
+into the CPython its tag names, and the IAM policies in deploy/aws allow the AWS calls the code
+makes.
 
 One session-scoped build serves every test here: compiling the codecs is the slow part.
 """
@@ -74,11 +76,11 @@ def release(tmp_path_factory) -> dict[str, Path]:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     (raw,) = (source / "build" / "raw-wheel").glob("watchbuy-*.whl")
     (repaired,) = (source / "dist").glob("watchbuy-*.whl")
-    return {"raw": raw, "repaired": repaired}
+    return {"raw": raw, "repaired": repaired, "listing": source / "dist" / "WHEEL"}
 
 
 def test_wheel_is_binary_and_holds_the_compiled_codecs(release, tmp_path):
-    for wheel in release.values():
+    for wheel in (release["raw"], release["repaired"]):
         assert "-cp3" in wheel.name and "linux" in wheel.name  # a binary wheel, not py3-none-any
         names = zipfile.ZipFile(wheel).namelist()
         for codec in CODECS:
@@ -189,3 +191,108 @@ def test_version_of_an_uninstalled_checkout_is_pyproject_s(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "9.8.7"
+
+
+USER_DATA = ROOT / "deploy" / "user-data.sh"
+
+
+def user_data_wheel_choice() -> str:
+    """The block of user-data.sh that reads a wheel's CPython and checks an interpreter."""
+    text = USER_DATA.read_text()
+    start = text.index("# --- wheel choice")
+    return text[start:text.index("# --- end of wheel choice ---", start)]
+
+
+def run_user_data(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", user_data_wheel_choice() + script],
+                          capture_output=True, text=True, cwd=cwd, timeout=60)
+
+
+def test_user_data_installs_the_wheel_into_the_python_make_wheel_built_it_for(release, tmp_path):
+    """`make wheel` lists its wheel in dist/WHEEL; user-data reads the CPython version from that
+    name, and only the interpreter that built it passes its check (cache tag cpython-311)."""
+    assert release["listing"].read_text().split() == [release["repaired"].name]
+    built_for = f"{sys.version_info.major}.{sys.version_info.minor}"
+    proc = run_user_data(f'wheel_python "$(tr -d "[:space:]" < {release["listing"]})"', tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == built_for
+    # the interpreter that built the wheel passes; the same answer for the same version
+    assert run_user_data(f"python_is {sys.executable} {built_for}", tmp_path).returncode == 0
+    # another CPython (Ubuntu 24.04's 3.12), or a missing one, does not: user-data then installs
+    # the wheel's CPython with uv instead of making a venv pip would refuse the wheel in
+    other = tmp_path / "python3.12"
+    other.write_text("#!/bin/sh\necho cpython-312\n")
+    other.chmod(0o755)
+    assert run_user_data(f"python_is {other} {built_for}", tmp_path).returncode == 1
+    assert run_user_data(f"python_is {other} 3.12", tmp_path).returncode == 0
+    assert run_user_data(f"python_is {tmp_path}/absent {built_for}", tmp_path).returncode == 1
+    # a pure-Python or other-implementation wheel is refused with a line naming it
+    refused = run_user_data("wheel_python watchbuy-0.1.0-py3-none-any.whl", tmp_path)
+    assert refused.returncode == 1 and "not a CPython wheel (tag py3)" in refused.stderr
+
+
+def test_user_data_makes_the_venv_with_the_checked_python_and_installs_with_it():
+    """The steps after the check use what it checked: the venv comes from python3 only when
+    python3 is the wheel's CPython, else from uv with that version, and pip runs as the venv's."""
+    text = USER_DATA.read_text()
+    assert 'PYTHON_VERSION=$(wheel_python "$WHEEL")' in text
+    assert 'if python_is python3 "$PYTHON_VERSION"; then\n  python3 -m venv $VENV\n' in text
+    assert 'uv python install "$PYTHON_VERSION"' in text
+    assert '--python "$PYTHON_VERSION" $VENV' in text
+    assert 'python_is $VENV/bin/python "$PYTHON_VERSION" ||' in text
+    install = text.index('$VENV/bin/python -m pip install -q "$WORK/$WHEEL"')
+    assert text.index("PYTHON_VERSION=$(wheel_python") < install
+    assert re.search(r'^UV_VERSION="\d+\.\d+\.\d+"', text, re.M)  # pinned: reproducible
+
+
+# What each boto3 call the code makes needs in IAM (upload_file may go multipart: a failed one
+# aborts its parts, which is its own action).
+S3_CALL_ACTIONS = {
+    "upload_file": {"s3:PutObject", "s3:AbortMultipartUpload"},
+    "put_object": {"s3:PutObject"},
+    "delete_object": {"s3:DeleteObject"},
+    "download_file": {"s3:GetObject"},
+    "get_object": {"s3:GetObject"},
+    "get_parameter": {"ssm:GetParameter"},
+}
+# Which instance role runs which code.
+ROLE_CODE = {
+    "media-node-policy.json": ["engine/record.py", "deploy/user-data.sh"],
+    "site-policy.json": ["site/replays.py", "site/storage.py"],
+}
+
+
+def policy_actions(name: str) -> dict[str, set[str]]:
+    """{action: the resources it is allowed on} in deploy/aws/<name>."""
+    allowed: dict[str, set[str]] = {}
+    for statement in json.loads((ROOT / "deploy" / "aws" / name).read_text())["Statement"]:
+        assert statement["Effect"] == "Allow"
+        resources = statement["Resource"]
+        for action in statement["Action"]:
+            allowed.setdefault(action, set()).update(
+                [resources] if isinstance(resources, str) else resources)
+    return allowed
+
+
+@pytest.mark.parametrize("policy", sorted(ROLE_CODE))
+def test_iam_policies_allow_every_aws_call_the_code_makes(policy):
+    allowed = policy_actions(policy)
+    calls = set()
+    for path in ROLE_CODE[policy]:
+        # called, or handed to asyncio.to_thread (storage.py: to_thread(client.put_object, …))
+        calls |= set(re.findall(r"\.(" + "|".join(S3_CALL_ACTIONS) + r")\b(?=\s*[(,])",
+                                (ROOT / path).read_text()))
+    assert calls, ROLE_CODE[policy]  # the grep still finds the calls it is meant to check
+    needed = set().union(*(S3_CALL_ACTIONS[call] for call in calls))
+    assert needed <= set(allowed), sorted(needed - set(allowed))
+    # and nothing of S3 beyond them: least privilege
+    assert {a for a in allowed if a.startswith("s3:")} <= needed
+
+
+def test_replay_bucket_in_the_env_template_is_the_one_the_policies_name():
+    env = dict(line.split("=", 1) for line in
+               (ROOT / "deploy" / "watchbuy.env.example").read_text().splitlines()
+               if line.startswith("WATCHBUY_RECORD_S3_"))
+    replays = f"arn:aws:s3:::{env['WATCHBUY_RECORD_S3_BUCKET']}/{env['WATCHBUY_RECORD_S3_PREFIX']}*"
+    assert policy_actions("media-node-policy.json")["s3:PutObject"] == {replays}
+    assert policy_actions("site-policy.json")["s3:DeleteObject"] == {replays}
