@@ -8,6 +8,13 @@ SQLite allows one writer at a time and fails a deferred transaction that must up
 lock while another writer holds it; an in-process lock serialises write transactions so the
 embedded default never sees "database is locked" (MySQL gets real concurrent transactions).
 
+Reads outside a transaction on SQLite go to one long-lived read connection on its own thread
+(:class:`_SQLiteReader`) instead of ``databases``' connection per statement: that opened an
+aiosqlite connection and an OS thread, and ran its pragmas, for every read, and was most of a
+page's cost.  Each read is one job on that thread (execute, fetch, close), never interleaved
+with another, so it starts a fresh WAL snapshot and sees every write committed before it.
+Reads inside a transaction stay on the transaction's connection (they must see its writes).
+
 MariaDB may still pick a transaction as a deadlock victim (1213) or give up waiting for a row
 lock (1205) when shoppers write at the same moment; InnoDB has then rolled the whole transaction
 back, so :meth:`Database.run_transaction` runs it again from the start, a bounded number of
@@ -19,17 +26,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import random
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
 import databases
 import pymysql.err
 import sqlalchemy as sa
+from databases.backends.common.records import Record, Row, create_column_maps
+from databases.backends.sqlite import CompilationContext, SQLiteConnection
+from sqlalchemy.engine.cursor import CursorResultMetaData
 
 from watchbuy.logs import LogLimiter
 from watchbuy.settings import ConfigError
@@ -44,6 +56,7 @@ ER_LOCK_DEADLOCK = 1213
 ER_LOCK_WAIT_TIMEOUT = 1205
 ER_DUP_ENTRY = 1062
 TRANSACTION_ATTEMPTS = 3  # one run plus two re-runs: enough for a crowd, bounded for a bug
+COMPILED_CACHE_SIZE = 500  # statement shapes kept compiled by the SQLite reader (the site has ~100)
 RETRY_BACKOFF = 0.02  # seconds before the first re-run; doubles after each, jittered +-50 %
 
 
@@ -68,6 +81,95 @@ class _SQLiteConnection(sqlite3.Connection):
         super().__init__(*args, **kwargs)
         self.execute("PRAGMA foreign_keys=ON")
         self.execute("PRAGMA busy_timeout=5000")
+
+
+# True inside Database.transaction() in this task: its reads must use the transaction's own
+# connection (``databases`` keeps one per task), not the shared read connection.
+_in_transaction: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "watchbuy_db_in_transaction", default=False)
+
+
+class _SQLiteReader:
+    """One read-only SQLite connection, opened and used on one dedicated thread.
+
+    Statements are compiled and their rows made into ``databases`` records exactly as
+    ``databases``' own SQLite backend does (its compiler and record classes are reused), so a
+    read returns the same values either way; only the connection handling differs."""
+
+    def __init__(self, path: str, dialect: sa.engine.Dialect) -> None:
+        self._path = path
+        self._conn: sqlite3.Connection | None = None
+        # compiles like databases' backend: its _compile needs no open connection
+        self._compiler = SQLiteConnection(None, dialect)  # type: ignore[arg-type]
+        self._dialect = dialect
+        self._compiled: dict[object, tuple] = {}
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="watchbuy-sqlite-read")
+
+    def _open(self) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None, factory=_SQLiteConnection)
+        conn.execute("PRAGMA query_only=ON")  # a write sent here by mistake fails loudly
+        self._conn = conn
+
+    def _run(self, sql: str, args: list, one: bool) -> tuple:
+        if self._conn is None:
+            self._open()
+        cursor = self._conn.execute(sql, args)
+        try:
+            rows = cursor.fetchmany(1) if one else cursor.fetchall()
+            return cursor.description, rows
+        finally:
+            cursor.close()  # ends the statement: the next read takes a fresh snapshot
+
+    def _compile(self, statement) -> tuple[str, list, list | None, CompilationContext]:
+        """``databases``' SQLite compile, kept per statement shape (SQLAlchemy's cache key):
+        compiling was the largest cost of a read once the connection stayed open.  The values
+        of this statement are taken from its cache key, as SQLAlchemy's own cache does."""
+        cache_key = statement._generate_cache_key()
+        if cache_key is None or any(p.expanding for p in cache_key.bindparams):
+            # uncacheable, or IN lists rendered per length: compiled every time
+            return self._compiler._compile(statement)
+        found = self._compiled.get(cache_key.key)
+        if found is None:
+            compiled = statement.compile(dialect=self._dialect, cache_key=cache_key,
+                                         compile_kwargs={"render_postcompile": True})
+            context = self._dialect.execution_ctx_cls()
+            context.dialect = self._dialect
+            context.result_column_struct = (
+                compiled._result_columns, compiled._ordered_columns,
+                compiled._textual_ordered_columns, compiled._ad_hoc_textual,
+                compiled._loose_column_name_matching)
+            if len(self._compiled) >= COMPILED_CACHE_SIZE:
+                self._compiled.pop(next(iter(self._compiled)))  # the oldest shape
+            found = self._compiled[cache_key.key] = (compiled, CompilationContext(context))
+        compiled, context = found
+        params = compiled.construct_params(extracted_parameters=cache_key.bindparams)
+        processors = compiled._bind_processors
+        args = [processors[key](params[key]) if key in processors else params[key]
+                for key in compiled.positiontup]
+        return compiled.string, args, compiled._result_columns, context
+
+    async def fetch(self, query, values: dict | None, one: bool) -> list[Record]:
+        built = databases.core.Connection._build_query(query, values)
+        sql, args, result_columns, context = self._compile(built)
+        loop = asyncio.get_running_loop()
+        description, rows = await loop.run_in_executor(self._executor, self._run, sql, args,
+                                                       one)
+        if not rows:
+            return []
+        column_maps = create_column_maps(result_columns)
+        metadata = CursorResultMetaData(context, description)
+        return [Record(Row(metadata, metadata._processors, metadata._keymap, row),
+                       result_columns, self._dialect, column_maps) for row in rows]
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._close)
+        self._executor.shutdown(wait=True)
 
 
 def is_lock_conflict(exc: BaseException) -> bool:
@@ -114,6 +216,7 @@ class Database:
             {"factory": _SQLiteConnection}
         self._db = databases.Database(url, **options)
         self._write_lock = asyncio.Lock() if self.dialect_name == "sqlite" else None
+        self._reader: _SQLiteReader | None = None
 
     @property
     def dialect(self) -> sa.engine.Dialect:
@@ -135,18 +238,33 @@ class Database:
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA foreign_keys=ON")
             await self._db.execute("PRAGMA busy_timeout=5000")
+            database = self._db.url.database
+            # an in-memory database exists per connection: a separate reader would see another
+            if database and database != ":memory:" and not self._db.url.options:
+                self._reader = _SQLiteReader(database, self._db._backend._dialect)
 
     async def disconnect(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
         await self._db.disconnect()
 
     # -- queries ----------------------------------------------------------------------------
     async def fetch_one(self, query, values: dict | None = None):
+        if self._reader is not None and not _in_transaction.get():
+            rows = await self._reader.fetch(query, values, one=True)
+            return rows[0] if rows else None
         return await self._db.fetch_one(query, values)
 
     async def fetch_all(self, query, values: dict | None = None) -> list:
+        if self._reader is not None and not _in_transaction.get():
+            return await self._reader.fetch(query, values, one=False)
         return await self._db.fetch_all(query, values)
 
     async def fetch_val(self, query, values: dict | None = None):
+        if self._reader is not None and not _in_transaction.get():
+            rows = await self._reader.fetch(query, values, one=True)
+            return rows[0][0] if rows else None
         return await self._db.fetch_val(query, values)
 
     async def execute(self, query, values: dict | None = None):
@@ -163,13 +281,17 @@ class Database:
         """One transaction, run once (writes use :meth:`run_transaction`, which re-runs it on a
         lock conflict).  Writes always run in a transaction so that the conditional updates and
         their affected-row checks see the same state and roll back together."""
-        if self._write_lock is None:
-            async with self._db.transaction():
-                yield
-            return
-        async with self._write_lock:
-            async with self._db.transaction():
-                yield
+        marked = _in_transaction.set(True)
+        try:
+            if self._write_lock is None:
+                async with self._db.transaction():
+                    yield
+                return
+            async with self._write_lock:
+                async with self._db.transaction():
+                    yield
+        finally:
+            _in_transaction.reset(marked)
 
     async def run_transaction(self, work: Callable[[], Awaitable[T]]) -> T:
         """``await work()`` inside a transaction, run again from the start (at most
