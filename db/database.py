@@ -8,12 +8,12 @@ SQLite allows one writer at a time and fails a deferred transaction that must up
 lock while another writer holds it; an in-process lock serialises write transactions so the
 embedded default never sees "database is locked" (MySQL gets real concurrent transactions).
 
-Reads outside a transaction on SQLite go to one long-lived read connection on its own thread
+Reads outside a transaction on SQLite go to a long-lived read-only connection
 (:class:`_SQLiteReader`) instead of ``databases``' connection per statement: that opened an
 aiosqlite connection and an OS thread, and ran its pragmas, for every read, and was most of a
-page's cost.  Each read is one job on that thread (execute, fetch, close), never interleaved
-with another, so it starts a fresh WAL snapshot and sees every write committed before it.
-Reads inside a transaction stay on the transaction's connection (they must see its writes).
+page's cost.  Each read runs whole (execute, fetch, close) before the next starts, so it takes
+a fresh WAL snapshot and sees every write committed before it.  Reads inside a transaction
+stay on the transaction's connection (they must see its writes).
 
 MariaDB may still pick a transaction as a deadlock victim (1213) or give up waiting for a row
 lock (1205) when shoppers write at the same moment; InnoDB has then rolled the whole transaction
@@ -56,6 +56,7 @@ ER_LOCK_DEADLOCK = 1213
 ER_LOCK_WAIT_TIMEOUT = 1205
 ER_DUP_ENTRY = 1062
 TRANSACTION_ATTEMPTS = 3  # one run plus two re-runs: enough for a crowd, bounded for a bug
+BUSY_TIMEOUT_MS = 5000  # how long an SQLite statement waits for another process's lock
 COMPILED_CACHE_SIZE = 500  # statement shapes kept compiled by the SQLite reader (the site has ~100)
 RETRY_BACKOFF = 0.02  # seconds before the first re-run; doubles after each, jittered +-50 %
 
@@ -80,7 +81,7 @@ class _SQLiteConnection(sqlite3.Connection):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.execute("PRAGMA foreign_keys=ON")
-        self.execute("PRAGMA busy_timeout=5000")
+        self.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
 # True inside Database.transaction() in this task: its reads must use the transaction's own
@@ -90,7 +91,15 @@ _in_transaction: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 
 class _SQLiteReader:
-    """One read-only SQLite connection, opened and used on one dedicated thread.
+    """Reads on long-lived read-only SQLite connections, one statement at a time.
+
+    A read runs on the event loop's own thread, on a connection that never waits for a lock
+    (``busy_timeout`` 0): in WAL mode a reader does not wait for writers, and an indexed read
+    of a page's rows takes tens of microseconds, less than handing it to a thread and back
+    (measured: about a third of the CPU of the same read through a worker thread).  In the rare
+    case SQLite answers "busy" (another process checkpointing, recovering the WAL index), the
+    read is run again on a second connection on a worker thread that waits as long as writes
+    do, so the loop itself never waits for a lock.
 
     Statements are compiled and their rows made into ``databases`` records exactly as
     ``databases``' own SQLite backend does (its compiler and record classes are reused), so a
@@ -98,27 +107,34 @@ class _SQLiteReader:
 
     def __init__(self, path: str, dialect: sa.engine.Dialect) -> None:
         self._path = path
-        self._conn: sqlite3.Connection | None = None
+        self._fast: sqlite3.Connection | None = None  # the loop's; never waits
+        self._waiting: sqlite3.Connection | None = None  # the worker thread's; waits
         # compiles like databases' backend: its _compile needs no open connection
         self._compiler = SQLiteConnection(None, dialect)  # type: ignore[arg-type]
         self._dialect = dialect
         self._compiled: dict[object, tuple] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="watchbuy-sqlite-read")
+        self.waited = 0  # reads that found the database busy and ran on the worker thread
 
-    def _open(self) -> None:
+    def _open(self, busy_timeout_ms: int) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, factory=_SQLiteConnection)
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         conn.execute("PRAGMA query_only=ON")  # a write sent here by mistake fails loudly
-        self._conn = conn
+        return conn
 
-    def _run(self, sql: str, args: list, one: bool) -> tuple:
-        if self._conn is None:
-            self._open()
-        cursor = self._conn.execute(sql, args)
+    @staticmethod
+    def _run(conn: sqlite3.Connection, sql: str, args: list, one: bool) -> tuple:
+        cursor = conn.execute(sql, args)
         try:
             rows = cursor.fetchmany(1) if one else cursor.fetchall()
             return cursor.description, rows
         finally:
             cursor.close()  # ends the statement: the next read takes a fresh snapshot
+
+    def _run_waiting(self, sql: str, args: list, one: bool) -> tuple:
+        if self._waiting is None:  # opened on the worker thread, which alone uses it
+            self._waiting = self._open(BUSY_TIMEOUT_MS)
+        return self._run(self._waiting, sql, args, one)
 
     def _compile(self, statement) -> tuple[str, list, list | None, CompilationContext]:
         """``databases``' SQLite compile, kept per statement shape (SQLAlchemy's cache key):
@@ -151,9 +167,16 @@ class _SQLiteReader:
     async def fetch(self, query, values: dict | None, one: bool) -> list[Record]:
         built = databases.core.Connection._build_query(query, values)
         sql, args, result_columns, context = self._compile(built)
-        loop = asyncio.get_running_loop()
-        description, rows = await loop.run_in_executor(self._executor, self._run, sql, args,
-                                                       one)
+        if self._fast is None:
+            self._fast = self._open(0)
+        try:
+            description, rows = self._run(self._fast, sql, args, one)
+        except sqlite3.OperationalError as exc:
+            if not is_lock_conflict(exc):
+                raise
+            self.waited += 1
+            description, rows = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_waiting, sql, args, one)
         if not rows:
             return []
         column_maps = create_column_maps(result_columns)
@@ -161,14 +184,16 @@ class _SQLiteReader:
         return [Record(Row(metadata, metadata._processors, metadata._keymap, row),
                        result_columns, self._dialect, column_maps) for row in rows]
 
-    def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+    def _close_waiting(self) -> None:
+        if self._waiting is not None:
+            self._waiting.close()
+            self._waiting = None
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._close)
+        if self._fast is not None:
+            self._fast.close()
+            self._fast = None
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_waiting)
         self._executor.shutdown(wait=True)
 
 
@@ -237,7 +262,7 @@ class Database:
         if self.dialect_name == "sqlite":
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA foreign_keys=ON")
-            await self._db.execute("PRAGMA busy_timeout=5000")
+            await self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             database = self._db.url.database
             # an in-memory database exists per connection: a separate reader would see another
             if database and database != ":memory:" and not self._db.url.options:

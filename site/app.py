@@ -25,6 +25,7 @@ from watchbuy.site.config import SiteSettings
 from watchbuy.site.media import MediaDirectory
 from watchbuy.site.metrics import SiteMetrics
 from watchbuy.site.observe import RequestContextMiddleware, install_request_id_filter
+from watchbuy.site.pagecache import PageCache
 from watchbuy.site.passwords import PasswordWorkers
 from watchbuy.site.payments import StripeGateway, expire_stale_test_orders
 from watchbuy.site.ratelimit import make_rate_limiter
@@ -130,6 +131,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             dashboard=dashboard.DashboardSampler(media, db),
             password_workers=PasswordWorkers(settings.password_hash_concurrency),
             hook_guard=hooks.HookGuard(settings, broker),
+            pages=PageCache(broker, settings.page_cache_seconds, settings.page_cache_entries),
         )
         site = cast(SiteState, shared)
         # Upkeep: unpaid test-mode orders give their stock back; ended sessions and old login
@@ -149,6 +151,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
         finally:
             stopping.set()
             await asyncio.gather(*upkeep)
+            await site["pages"].close()
             await media.close()
             await site["dashboard"].stop()
             await site["chat_limiter"].close()

@@ -50,12 +50,22 @@ async def room_state(site: SiteState, channel: dict) -> dict:
 
 async def home(request: Request):
     site = state(request)
+    pages = site["pages"]
+    anonymous = request.state.user is None
+    if anonymous and (kept := pages.get(("home",))) is not None:
+        return kept.respond(request)
     rooms = await queries.list_rooms(site["db"])
     stats = await site["media"].stream_stats()
     for room in rooms:
         room["viewers"] = stats.get(room["slug"], {}).get("viewers", 0)
     live = [r for r in rooms if r["is_live"]]
     recent = [r for r in rooms if not r["is_live"]]
+    if anonymous:
+        # no one room's events change the list: kept until it expires, as the viewer counts
+        # it shows are (MediaDirectory keeps those for a moment too)
+        page = pages.render(request, "home.html", live=live, recent=recent)
+        pages.put(("home",), None, page, pages.mark())
+        return page.respond(request)
     return render(request, "home.html", live=live, recent=recent)
 
 
@@ -67,13 +77,28 @@ async def load_channel(request: Request) -> dict:
 
 
 async def room_page(request: Request):
-    channel = await load_channel(request)
     site = state(request)
-    host = await queries.user_by_id(site["db"], channel["host_id"])
-    shown = await room_state(site, channel)
+    pages = site["pages"]
     user = request.state.user
-    return render(request, "room.html", channel=channel, host=host, state=shown,
-                  is_host=user is not None and user["id"] == channel["host_id"])
+    slug = request.path_params["slug"]
+    if user is None and (kept := pages.get(("room", slug))) is not None:
+        return kept.respond(request)
+    mark = pages.mark()  # before reading the room: a change from now on is not missed
+    room = pages.get(("room-data", slug))  # what the page shows, kept for logged-in visitors
+    if room is None:
+        channel = await load_channel(request)
+        room = {"channel": channel,
+                "host": await queries.user_by_id(site["db"], channel["host_id"]),
+                "state": await room_state(site, channel)}
+        pages.put(("room-data", slug), channel["id"], room, mark)
+    channel = room["channel"]
+    if user is None:
+        page = pages.render(request, "room.html", channel=channel, host=room["host"],
+                            state=room["state"], is_host=False)
+        pages.put(("room", slug), channel["id"], page, mark)
+        return page.respond(request)
+    return render(request, "room.html", channel=channel, host=room["host"], state=room["state"],
+                  is_host=user["id"] == channel["host_id"])
 
 
 async def room_state_api(request: Request):

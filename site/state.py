@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from watchbuy.site.hooks import HookGuard
     from watchbuy.site.media import MediaDirectory
     from watchbuy.site.metrics import SiteMetrics
+    from watchbuy.site.pagecache import PageCache
     from watchbuy.site.passwords import PasswordWorkers
     from watchbuy.site.payments import StripeGateway
     from watchbuy.site.ratelimit import RedisRateLimiter
@@ -49,6 +50,7 @@ class SiteState(TypedDict):
     dashboard: DashboardSampler
     password_workers: PasswordWorkers
     hook_guard: HookGuard
+    pages: PageCache  # public pages kept rendered (site/pagecache.py)
 
 
 def state(conn: HTTPConnection) -> SiteState:
