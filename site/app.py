@@ -133,6 +133,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             hook_guard=hooks.HookGuard(settings, broker),
             pages=PageCache(broker, settings.page_cache_seconds, settings.page_cache_entries),
         )
+        await shared["pages"].start()
         site = cast(SiteState, shared)
         # Upkeep: unpaid test-mode orders give their stock back; ended sessions and old login
         # attempts are pruned.  Stopped between rounds (see repeat_until).

@@ -1,18 +1,20 @@
 """Public pages kept rendered in process, dropped by the room events that change them.
 
 A page anyone gets alike (the room page and the home page for a visitor who is not logged in)
-is rendered once and served from memory until it expires (``WATCHBUY_PAGE_CACHE_SECONDS``) or,
-for a room, until the room hears an event that changes what the page shows (a pin, products,
-stock, live/offline, a sale, the end of a show, a new title).  The only per-visitor part of such a page
-is its CSRF token: the page is rendered with a marker in its place and each answer puts the
-visitor's own token in.
+is rendered once and served from memory until it expires (``WATCHBUY_PAGE_CACHE_SECONDS``) or
+until an event changes what it shows: a room's pin, products, stock, live/offline, a sale, the
+end of a show or a new title drop that room's pages (and the home page, for the events that
+change the list of rooms).  The only per-visitor part of such a page is its CSRF token: the
+page is rendered with a marker in its place and each answer puts the visitor's own token in.
+What a room page is made of is kept the same way, for visitors who are logged in (their page
+is rendered for them, without reading the room again).
 
-How a room's events are heard: the first time a room's page is kept, this process subscribes
-to the room's broker topic (the same one its websockets use, so with Redis every process hears
-what any process publishes); the subscription ends when the room's page has not been asked for
-in a while.  A page is kept only when the subscription was live before the page was built and no
-changing event arrived while it was being built, so an event can never be lost in between.
-Without a live subscription (Redis down, too many rooms) pages are simply not kept.
+How every process hears the events: :func:`chat.publish_room_event` also publishes each
+changing event's room id on one broker topic, ``PAGES_TOPIC``, which every site process's
+cache follows (with Redis, whichever process published it).  A page is kept only when that
+subscription was live before the page was built and no changing event for its room arrived
+while it was being built, so an event can never be lost in between.  While the subscription is
+down (Redis unreachable) nothing is kept.
 
 Stock and prices on a kept page are at most one event behind, and the event interval
 (``WATCHBUY_STOCK_EVENT_INTERVAL``) bounds that; nobody pays what a page shows: checkout prices
@@ -35,17 +37,27 @@ from starlette.responses import HTMLResponse
 
 from watchbuy.logs import LogLimiter
 from watchbuy.site.broker import Broker
-from watchbuy.site.chat import room_topic
 from watchbuy.site.web import render
 
 log = logging.getLogger("watchbuy.site.pagecache")
 limited_log = LogLimiter(log, interval=60.0)
 
-# Room events after which a kept room page no longer shows the room as it is.
+# Room events after which a kept room page no longer shows the room as it is; the second set
+# also changes the home page's list of rooms.
 CHANGING_EVENTS = frozenset({"pinned", "products", "stock", "live", "offline", "ended",
                              "sale", "sale_ended", "title"})
-# A room's subscription ends after this many cache lifetimes without its page being asked for.
-IDLE_LIFETIMES = 30
+HOME_CHANGING_EVENTS = frozenset({"live", "offline", "ended", "title"})
+PAGES_TOPIC = "pages"  # {"type": "changed", "room": <channel id>, "event": <its type>}
+HOME = 0  # the room id under which the home page is kept (channel ids start at 1)
+RESUBSCRIBE_DELAY = 1.0  # seconds before following PAGES_TOPIC again after it broke
+
+
+def page_change(channel_id: int, event: dict) -> dict | None:
+    """What ``PAGES_TOPIC`` carries for a room event, or None when no kept page shows it."""
+    kind = event.get("type")
+    if kind not in CHANGING_EVENTS:
+        return None
+    return {"type": "changed", "room": channel_id, "event": kind}
 
 
 @dataclass(slots=True)
@@ -81,19 +93,24 @@ class PageCache:
         self.marker = f"csrf-{secrets.token_hex(16)}"
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         # A counter of everything that decides whether a page may be kept: each changing
-        # event, each subscription going live.  A build notes it first (mark()); put() then
+        # event, the subscription going live.  A build notes it first (mark()); put() then
         # knows whether anything happened to the page's room since.
         self._seq = 0
-        self._changed_at: dict[int, int] = {}  # room → seq of its last changing event
-        self._live_at: dict[int, int] = {}  # room → seq when its subscription went live
-        self._used: dict[int, float] = {}  # room → when its page was last asked for
-        self._listeners: dict[int, asyncio.Task] = {}
+        self._changed_at: dict[int, int] = {}  # room (HOME: the list) → seq of its last change
+        self._live_at: int | None = None  # seq when the subscription went live; None: down
+        self._follower: asyncio.Task | None = None
         self.hits = 0
         self.misses = 0
 
     @property
     def enabled(self) -> bool:
         return self.seconds > 0
+
+    async def start(self) -> None:
+        """Follows ``PAGES_TOPIC`` (in the background) when pages are kept at all."""
+        if self.enabled and self._follower is None:
+            self._follower = asyncio.get_running_loop().create_task(
+                self._follow(), name="pagecache-follow")
 
     def get(self, key: Hashable) -> Any:
         """The kept value (a :class:`PublicPage`, or what was put), or None."""
@@ -102,8 +119,6 @@ class PageCache:
             self.misses += 1
             return None
         self.hits += 1
-        if entry.room_id is not None:
-            self._used[entry.room_id] = time.monotonic()
         return entry.value
 
     def mark(self) -> int:
@@ -116,74 +131,63 @@ class PageCache:
         return PublicPage(response.body.decode(), self.marker,
                           getattr(request.state, "csp_media_origin", None))
 
-    def put(self, key: Hashable, room_id: int | None, value: Any, mark: int) -> bool:
-        """Keeps ``value`` unless something changed the room since ``mark``; True when kept.
-        ``room_id`` None: a page no single room's events change (kept until it expires)."""
-        if not self.enabled:
+    def put(self, key: Hashable, room_id: int, value: Any, mark: int) -> bool:
+        """Keeps ``value`` unless something changed the room (``HOME``: the list of rooms)
+        since ``mark``; True when kept."""
+        if (self._live_at is None or self._live_at > mark
+                or self._changed_at.get(room_id, -1) > mark):
             return False
-        if room_id is not None:
-            live_at = self._live_at.get(room_id)
-            if live_at is None:
-                if self._listen(room_id):
-                    self._used[room_id] = time.monotonic()
-                return False
-            self._used[room_id] = time.monotonic()
-            if live_at > mark or self._changed_at.get(room_id, -1) > mark:
-                return False
         self._entries[key] = _Entry(room_id, value, time.monotonic() + self.seconds)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return True
 
-    def changed(self, room_id: int) -> None:
-        """The room's pages no longer show it as it is."""
+    def changed(self, room_id: int, home: bool) -> None:
+        """The room's pages (and with ``home`` the home page) no longer show it as it is."""
         self._seq += 1
-        self._changed_at[room_id] = self._seq
-        for key in [k for k, e in self._entries.items() if e.room_id == room_id]:
+        if len(self._changed_at) >= 10 * self.max_entries:
+            # bounded: forget old changes, and refuse every build that started before now
+            self._changed_at.clear()
+            self._live_at = self._seq if self._live_at is not None else None
+        rooms = {room_id, HOME} if home else {room_id}
+        for room in rooms:
+            self._changed_at[room] = self._seq
+        for key in [k for k, e in self._entries.items() if e.room_id in rooms]:
             del self._entries[key]
 
-    def _listen(self, room_id: int) -> bool:
-        """Starts following the room (once); False when too many rooms are followed."""
-        if room_id in self._listeners:
-            return True
-        if len(self._listeners) >= self.max_entries:
-            return False
-        self._listeners[room_id] = asyncio.get_running_loop().create_task(
-            self._follow(room_id), name=f"pagecache-room-{room_id}")
-        return True
+    def _forget_all(self) -> None:
+        self._seq += 1
+        self._live_at = None
+        self._changed_at.clear()
+        self._entries.clear()
 
-    async def _follow(self, room_id: int) -> None:
-        idle = max(30.0, IDLE_LIFETIMES * self.seconds)
-        try:
-            async with self.broker.subscribe(room_topic(room_id)) as sub:
-                self._seq += 1
-                self._live_at[room_id] = self._seq
-                while time.monotonic() - self._used.get(room_id, 0.0) < idle:
-                    try:
-                        message = await asyncio.wait_for(sub.__anext__(), idle)
-                    except TimeoutError:
-                        continue
-                    except StopAsyncIteration:  # dropped as too slow, or the broker closed
-                        break
-                    if message.get("type") in CHANGING_EVENTS:
-                        self.changed(room_id)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # Redis down: pages of this room are not kept meanwhile
-            limited_log.warning("listen", "page cache: room %s not followed: %s", room_id,
-                                exc)
-        finally:
-            # Whatever ended the subscription, this room's pages can no longer be trusted.
-            self._live_at.pop(room_id, None)
-            self._used.pop(room_id, None)
-            self._listeners.pop(room_id, None)
-            self.changed(room_id)
-            self._changed_at.pop(room_id, None)  # a new subscription's live_at supersedes it
+    async def _follow(self) -> None:
+        while True:
+            try:
+                async with self.broker.subscribe(PAGES_TOPIC) as sub:
+                    self._seq += 1
+                    self._live_at = self._seq
+                    async for message in sub:
+                        room = message.get("room")
+                        if message.get("type") == "changed" and isinstance(room, int):
+                            self.changed(room, message.get("event") in HOME_CHANGING_EVENTS)
+                    if sub.overflowed:
+                        limited_log.warning("overflow", "page cache: fell behind the page "
+                                            "events; every kept page dropped")
+            except asyncio.CancelledError:
+                self._forget_all()
+                raise
+            except Exception as exc:  # Redis down: nothing is kept until it is back
+                limited_log.warning("follow", "page cache: not following page events, "
+                                    "nothing kept meanwhile: %s", exc)
+            # Whatever ended the subscription, events may have been missed meanwhile.
+            self._forget_all()
+            await asyncio.sleep(RESUBSCRIBE_DELAY)
 
     async def close(self) -> None:
-        tasks = list(self._listeners.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._entries.clear()
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+        self._forget_all()

@@ -9,6 +9,7 @@ from starlette.routing import Route
 
 from watchbuy.db import queries
 from watchbuy.site.media import hls_url
+from watchbuy.site.pagecache import HOME
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.web import format_money, render
 
@@ -54,6 +55,7 @@ async def home(request: Request):
     anonymous = request.state.user is None
     if anonymous and (kept := pages.get(("home",))) is not None:
         return kept.respond(request)
+    mark = pages.mark()
     rooms = await queries.list_rooms(site["db"])
     stats = await site["media"].stream_stats()
     for room in rooms:
@@ -61,10 +63,10 @@ async def home(request: Request):
     live = [r for r in rooms if r["is_live"]]
     recent = [r for r in rooms if not r["is_live"]]
     if anonymous:
-        # no one room's events change the list: kept until it expires, as the viewer counts
-        # it shows are (MediaDirectory keeps those for a moment too)
+        # dropped when a room goes live or offline or gets a new title; a new room shows once
+        # it expires (its viewer counts are kept as long by MediaDirectory)
         page = pages.render(request, "home.html", live=live, recent=recent)
-        pages.put(("home",), None, page, pages.mark())
+        pages.put(("home",), HOME, page, mark)
         return page.respond(request)
     return render(request, "home.html", live=live, recent=recent)
 
