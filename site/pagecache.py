@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from watchbuy.logs import LogLimiter
-from watchbuy.site.broker import Broker
+from watchbuy.site.broker import Broker, Subscription
 from watchbuy.site.web import render
 
 log = logging.getLogger("watchbuy.site.pagecache")
@@ -99,6 +99,7 @@ class PageCache:
         self._changed_at: dict[int, int] = {}  # room (HOME: the list) → seq of its last change
         self._live_at: int | None = None  # seq when the subscription went live; None: down
         self._follower: asyncio.Task | None = None
+        self._sub: Subscription | None = None  # PAGES_TOPIC while it is live
         self.hits = 0
         self.misses = 0
 
@@ -114,6 +115,11 @@ class PageCache:
 
     def get(self, key: Hashable) -> Any:
         """The kept value (a :class:`PublicPage`, or what was put), or None."""
+        if self._sub is not None:
+            # What arrived but the follower has not read yet: a change published by this very
+            # process a moment ago (the pin just posted) counts before the page is served.
+            while (message := self._sub.get_nowait()) is not None:
+                self._apply(message)
         entry = self._entries.get(key)
         if entry is None or entry.expires <= time.monotonic():
             self.misses += 1
@@ -156,7 +162,13 @@ class PageCache:
         for key in [k for k, e in self._entries.items() if e.room_id in rooms]:
             del self._entries[key]
 
+    def _apply(self, message: dict) -> None:
+        room = message.get("room")
+        if message.get("type") == "changed" and isinstance(room, int):
+            self.changed(room, message.get("event") in HOME_CHANGING_EVENTS)
+
     def _forget_all(self) -> None:
+        self._sub = None
         self._seq += 1
         self._live_at = None
         self._changed_at.clear()
@@ -168,10 +180,10 @@ class PageCache:
                 async with self.broker.subscribe(PAGES_TOPIC) as sub:
                     self._seq += 1
                     self._live_at = self._seq
+                    self._sub = sub
                     async for message in sub:
-                        room = message.get("room")
-                        if message.get("type") == "changed" and isinstance(room, int):
-                            self.changed(room, message.get("event") in HOME_CHANGING_EVENTS)
+                        self._apply(message)
+                    self._sub = None
                     if sub.overflowed:
                         limited_log.warning("overflow", "page cache: fell behind the page "
                                             "events; every kept page dropped")
