@@ -158,7 +158,11 @@ class _SQLiteReader:
                 self._compiled.pop(next(iter(self._compiled)))  # the oldest shape
             found = self._compiled[cache_key.key] = (compiled, CompilationContext(context))
         compiled, context = found
-        params = compiled.construct_params(extracted_parameters=cache_key.bindparams)
+        try:
+            params = compiled.construct_params(extracted_parameters=cache_key.bindparams)
+        except sa.exc.InvalidRequestError:
+            # values set with .params() are not in the cache key's parameters: compiled whole
+            return self._compiler._compile(statement)
         processors = compiled._bind_processors
         args = [processors[key](params[key]) if key in processors else params[key]
                 for key in compiled.positiontup]
