@@ -258,10 +258,21 @@ def bench_one(kind: str, seconds: float, connections: int) -> dict:
                         + runs["baseline_2"]["requests_per_s"]) / 2
             ratios = {name: round(runs[name]["requests_per_s"] / base_rps, 4)
                       for name in ("room_anonymous", "home", "room_logged_in")}
+            # The same ratio from the server's CPU per request: what one saturated core would
+            # serve.  Steadier than req/s when other work shares the machine (neither server
+            # then has its core to itself, and how much it gets varies within a run).
+            base_cpu = [runs[n].get("server_cpu_us_per_request") for n in ("baseline_1",
+                                                                            "baseline_2")]
+            cpu_ratios = {}
+            if all(base_cpu):
+                for name in ratios:
+                    page_cpu = runs[name].get("server_cpu_us_per_request")
+                    if page_cpu:
+                        cpu_ratios[name] = round(sum(base_cpu) / 2 / page_cpu, 4)
             bad = {name: r["statuses"] for name, r in runs.items()
                    if set(r["statuses"]) != {"200"} or r["closed_by_server"]}
             return {"db": kind, "baseline_requests_per_s": round(base_rps, 1),
-                    "ratios": ratios, "runs": runs, "non_200": bad}
+                    "ratios": ratios, "cpu_ratios": cpu_ratios, "runs": runs, "non_200": bad}
     finally:
         for server in servers:
             server.stop()
@@ -284,13 +295,15 @@ async def pin_a_product(url: str, product_id: int) -> None:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'db':8} {'run':16} {'req/s':>9} {'ratio':>7} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'server us/req':>13} {'load us/req':>11} {'bytes':>6}")
+    print(f"\n{'db':8} {'run':16} {'req/s':>9} {'ratio':>7} {'cpu ratio':>9} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'server us/req':>13} {'load us/req':>11} {'bytes':>6}")
     for r in results:
         for name, run in r["runs"].items():
             ratio = r["ratios"].get(name)
+            cpu = r["cpu_ratios"].get(name)
             print(f"{r['db']:8} {name:16} {run['requests_per_s']:>9} "
                   f"{'' if ratio is None else f'{ratio:.1%}':>7} "
+                  f"{'' if cpu is None else f'{cpu:.1%}':>9} "
                   f"{run['latency_p50_ms']!s:>8} {run['latency_p99_ms']!s:>8} "
                   f"{run.get('server_cpu_us_per_request')!s:>13} "
                   f"{run['load_cpu_us_per_request']!s:>11} {run['bytes']:>6}")
