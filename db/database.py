@@ -40,6 +40,8 @@ import databases
 import pymysql.err
 import sqlalchemy as sa
 from databases.backends.common.records import Record, Row, create_column_maps
+from databases.backends.mysql import CompilationContext as MySQLCompilationContext
+from databases.backends.mysql import MySQLConnection
 from databases.backends.sqlite import CompilationContext, SQLiteConnection
 from sqlalchemy.engine.cursor import CursorResultMetaData
 
@@ -90,6 +92,68 @@ _in_transaction: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "watchbuy_db_in_transaction", default=False)
 
 
+class _CompileCache:
+    """``databases``' compile of a statement, kept per statement shape (SQLAlchemy's cache
+    key): ``databases`` compiles every SQLAlchemy statement it runs, every time, and that was
+    the largest cost of a page's reads once the connection stayed open.  The values of each
+    statement are taken from its cache key, as SQLAlchemy's own compiled cache does; what
+    cannot be cached that way (no cache key, IN lists rendered per length, values set with
+    ``.params()``) goes to ``databases``' own compile.  Returns what that compile returns."""
+
+    def __init__(self, dialect: sa.engine.Dialect, fallback: Callable, context_class: type,
+                 positional: bool) -> None:
+        self._dialect = dialect
+        self._fallback = fallback
+        self._context_class = context_class
+        self._positional = positional  # SQLite's qmark arguments, else MySQL's named ones
+        self._kept: dict[object, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def compile(self, statement) -> tuple:
+        cache_key = statement._generate_cache_key()
+        if cache_key is None or any(p.expanding for p in cache_key.bindparams):
+            return self._fallback(statement)
+        found = self._kept.get(cache_key.key)
+        if found is None:
+            compiled = statement.compile(dialect=self._dialect, cache_key=cache_key,
+                                         compile_kwargs={"render_postcompile": True})
+            context = self._dialect.execution_ctx_cls()
+            context.dialect = self._dialect
+            context.result_column_struct = (
+                compiled._result_columns, compiled._ordered_columns,
+                compiled._textual_ordered_columns, compiled._ad_hoc_textual,
+                compiled._loose_column_name_matching)
+            if len(self._kept) >= COMPILED_CACHE_SIZE:
+                self._kept.pop(next(iter(self._kept)))  # the oldest shape
+            found = self._kept[cache_key.key] = (compiled, self._context_class(context))
+        compiled, context = found
+        try:
+            params = compiled.construct_params(extracted_parameters=cache_key.bindparams)
+        except sa.exc.InvalidRequestError:
+            return self._fallback(statement)  # values set with .params()
+        processors = compiled._bind_processors
+        if self._positional:
+            args: list | dict = [processors[key](params[key]) if key in processors
+                                 else params[key] for key in compiled.positiontup]
+        else:
+            args = {key: processors[key](value) if key in processors else value
+                    for key, value in params.items()}
+        return compiled.string, args, compiled._result_columns, context
+
+
+class _CachedMySQLConnection(MySQLConnection):
+    """``databases``' MySQL connection with its SELECTs compiled once per shape."""
+
+    cache: _CompileCache  # set on the subclass made per Database (see Database.__init__)
+
+    def _compile(self, query) -> tuple:
+        if isinstance(query, sa.Select):
+            return self.cache.compile(query)
+        return super()._compile(query)
+
+
 class _SQLiteReader:
     """Reads on long-lived read-only SQLite connections, one statement at a time.
 
@@ -109,10 +173,11 @@ class _SQLiteReader:
         self._path = path
         self._fast: sqlite3.Connection | None = None  # the loop's; never waits
         self._waiting: sqlite3.Connection | None = None  # the worker thread's; waits
-        # compiles like databases' backend: its _compile needs no open connection
-        self._compiler = SQLiteConnection(None, dialect)  # type: ignore[arg-type]
         self._dialect = dialect
-        self._compiled: dict[object, tuple] = {}
+        # compiles like databases' backend (its _compile needs no open connection), kept
+        self._compiled = _CompileCache(
+            dialect, SQLiteConnection(None, dialect)._compile,  # type: ignore[arg-type]
+            CompilationContext, positional=True)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="watchbuy-sqlite-read")
         self.waited = 0  # reads that found the database busy and ran on the worker thread
 
@@ -136,41 +201,9 @@ class _SQLiteReader:
             self._waiting = self._open(BUSY_TIMEOUT_MS)
         return self._run(self._waiting, sql, args, one)
 
-    def _compile(self, statement) -> tuple[str, list, list | None, CompilationContext]:
-        """``databases``' SQLite compile, kept per statement shape (SQLAlchemy's cache key):
-        compiling was the largest cost of a read once the connection stayed open.  The values
-        of this statement are taken from its cache key, as SQLAlchemy's own cache does."""
-        cache_key = statement._generate_cache_key()
-        if cache_key is None or any(p.expanding for p in cache_key.bindparams):
-            # uncacheable, or IN lists rendered per length: compiled every time
-            return self._compiler._compile(statement)
-        found = self._compiled.get(cache_key.key)
-        if found is None:
-            compiled = statement.compile(dialect=self._dialect, cache_key=cache_key,
-                                         compile_kwargs={"render_postcompile": True})
-            context = self._dialect.execution_ctx_cls()
-            context.dialect = self._dialect
-            context.result_column_struct = (
-                compiled._result_columns, compiled._ordered_columns,
-                compiled._textual_ordered_columns, compiled._ad_hoc_textual,
-                compiled._loose_column_name_matching)
-            if len(self._compiled) >= COMPILED_CACHE_SIZE:
-                self._compiled.pop(next(iter(self._compiled)))  # the oldest shape
-            found = self._compiled[cache_key.key] = (compiled, CompilationContext(context))
-        compiled, context = found
-        try:
-            params = compiled.construct_params(extracted_parameters=cache_key.bindparams)
-        except sa.exc.InvalidRequestError:
-            # values set with .params() are not in the cache key's parameters: compiled whole
-            return self._compiler._compile(statement)
-        processors = compiled._bind_processors
-        args = [processors[key](params[key]) if key in processors else params[key]
-                for key in compiled.positiontup]
-        return compiled.string, args, compiled._result_columns, context
-
     async def fetch(self, query, values: dict | None, one: bool) -> list[Record]:
         built = databases.core.Connection._build_query(query, values)
-        sql, args, result_columns, context = self._compile(built)
+        sql, args, result_columns, context = self._compiled.compile(built)
         if self._fast is None:
             self._fast = self._open(0)
         try:
@@ -244,6 +277,14 @@ class Database:
         options = {"min_size": 1, "max_size": 20} if self.dialect_name == "mysql" else \
             {"factory": _SQLiteConnection}
         self._db = databases.Database(url, **options)
+        if self.dialect_name == "mysql":
+            backend = self._db._backend
+            cache = _CompileCache(backend._dialect, MySQLConnection(backend, backend._dialect)
+                                  ._compile, MySQLCompilationContext, positional=False)
+            connection_class = type("CachedMySQLConnection", (_CachedMySQLConnection,),
+                                    {"cache": cache})
+            # every connection databases makes for this database compiles through the cache
+            backend.connection = lambda: connection_class(backend, backend._dialect)
         self._write_lock = asyncio.Lock() if self.dialect_name == "sqlite" else None
         self._reader: _SQLiteReader | None = None
 
