@@ -76,7 +76,7 @@ class PublicPage:
 
 @dataclass(slots=True)
 class _Entry:
-    room_id: int | None
+    room_id: int
     value: Any
     expires: float
 
@@ -100,6 +100,8 @@ class PageCache:
         self._live_at: int | None = None  # seq when the subscription went live; None: down
         self._follower: asyncio.Task | None = None
         self._sub: Subscription | None = None  # PAGES_TOPIC while it is live
+        self._interruptions = 0  # the broker's count when the subscription was last live
+        self._relive: asyncio.Task | None = None
         self.hits = 0
         self.misses = 0
 
@@ -116,6 +118,7 @@ class PageCache:
     def get(self, key: Hashable) -> Any:
         """The kept value (a :class:`PublicPage`, or what was put), or None."""
         if self._sub is not None:
+            self._check_interrupted()
             # What arrived but the follower has not read yet: a change published by this very
             # process a moment ago (the pin just posted) counts before the page is served.
             while (message := self._sub.get_nowait()) is not None:
@@ -140,6 +143,7 @@ class PageCache:
     def put(self, key: Hashable, room_id: int, value: Any, mark: int) -> bool:
         """Keeps ``value`` unless something changed the room (``HOME``: the list of rooms)
         since ``mark``; True when kept."""
+        self._check_interrupted()
         if (self._live_at is None or self._live_at > mark
                 or self._changed_at.get(room_id, -1) > mark):
             return False
@@ -162,6 +166,34 @@ class PageCache:
         for key in [k for k, e in self._entries.items() if e.room_id in rooms]:
             del self._entries[key]
 
+    def _check_interrupted(self) -> None:
+        """Redis lost our subscription's connection (and resubscribes by itself): changes
+        published meanwhile never arrived, so every kept page goes, and pages are kept again
+        only once the subscription is live again."""
+        sub = self._sub
+        if sub is None:
+            return
+        if self.broker.interruptions != self._interruptions:
+            self._interruptions = self.broker.interruptions
+            self._seq += 1
+            self._live_at = None
+            self._changed_at.clear()
+            self._entries.clear()
+            limited_log.warning("interrupted", "page cache: page events were interrupted; "
+                                "every kept page dropped")
+        if self._live_at is None and (self._relive is None or self._relive.done()):
+            self._relive = asyncio.get_running_loop().create_task(self._until_live(sub))
+
+    async def _until_live(self, sub: Subscription) -> None:
+        try:
+            await sub.ready()
+        except Exception:  # still down: the next get() tries again
+            return
+        if self._sub is sub and self._live_at is None:
+            self._interruptions = self.broker.interruptions
+            self._seq += 1
+            self._live_at = self._seq
+
     def _apply(self, message: dict) -> None:
         room = message.get("room")
         if message.get("type") == "changed" and isinstance(room, int):
@@ -178,6 +210,7 @@ class PageCache:
         while True:
             try:
                 async with self.broker.subscribe(PAGES_TOPIC) as sub:
+                    self._interruptions = self.broker.interruptions
                     self._seq += 1
                     self._live_at = self._seq
                     self._sub = sub
@@ -198,6 +231,9 @@ class PageCache:
             await asyncio.sleep(RESUBSCRIBE_DELAY)
 
     async def close(self) -> None:
+        if self._relive is not None:
+            self._relive.cancel()
+            await asyncio.gather(self._relive, return_exceptions=True)
         follower, self._follower = self._follower, None
         if follower is not None:
             follower.cancel()

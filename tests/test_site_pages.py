@@ -10,6 +10,7 @@ import re
 import uuid
 
 import pytest
+import redis.asyncio as aioredis
 from page_helpers import csrf_from_html
 
 from watchbuy.db import queries
@@ -122,6 +123,35 @@ async def test_pages_change_in_every_process_through_redis(make_site, redis_url)
             break
         await asyncio.sleep(0.02)
     assert 'id="pinned" class="pinned-card">' in page.text
+
+
+async def test_a_lost_redis_connection_drops_every_kept_page(make_site, redis_url) -> None:
+    # What Redis would have delivered while the connection was down never arrives: a change
+    # made then (here: straight in the database, no event at all) must still show afterwards.
+    prefix = f"wb-test-{uuid.uuid4().hex[:8]}:"
+    site = await make_site(page_cache_seconds=LONG, broker_url=redis_url, broker_prefix=prefix)
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug")
+    path = f"/room/{host['channel']['slug']}"
+    assert 'class="pinned-card" hidden>' in await kept_page(site, path)
+    broker = site.app.state.broker
+    old_id = broker.pubsub_client_id
+    plain = aioredis.Redis.from_url(redis_url)
+    try:
+        killed = await plain.execute_command("CLIENT", "KILL", "TYPE", "pubsub", "ID",
+                                             str(old_id))
+        assert killed == 1
+    finally:
+        await plain.connection_pool.disconnect()
+    channel = await queries.channel_by_host(site.db, host["id"])
+    await queries.set_pinned(site.db, channel["id"], mug["id"])
+    for _ in range(500):
+        if broker.pubsub_client_id not in (None, old_id):
+            break
+        await asyncio.sleep(0.01)
+    assert broker.pubsub_client_id not in (None, old_id)
+    page = await kept_page(site, path)  # kept again once the subscription is live again
+    assert 'id="pinned" class="pinned-card">' in page
 
 
 async def test_a_page_built_across_a_change_is_not_kept() -> None:

@@ -231,6 +231,9 @@ class _FanoutBroker:
         # "coalesced" a queued state replaced by a newer one of its key, "overflow" a queued
         # message lost with a subscriber dropped for a full queue
         self.drops: dict[str, int] = {"coalesced": 0, "overflow": 0}
+        # times delivery from other processes stopped (a lost Redis connection): whatever was
+        # published until it was back never arrived (a cache kept by events must start over)
+        self.interruptions = 0
 
     # lifecycle -----------------------------------------------------------------------------
 
