@@ -36,13 +36,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+import aiosqlite
 import databases
 import pymysql.err
 import sqlalchemy as sa
 from databases.backends.common.records import Record, Row, create_column_maps
 from databases.backends.mysql import CompilationContext as MySQLCompilationContext
 from databases.backends.mysql import MySQLConnection
-from databases.backends.sqlite import CompilationContext, SQLiteConnection
+from databases.backends.sqlite import CompilationContext, SQLiteConnection, SQLitePool
 from sqlalchemy.engine.cursor import CursorResultMetaData
 
 from watchbuy.logs import LogLimiter
@@ -152,6 +153,35 @@ class _CachedMySQLConnection(MySQLConnection):
         if isinstance(query, sa.Select):
             return self.cache.compile(query)
         return super()._compile(query)
+
+
+class _TrackedSQLitePool(SQLitePool):
+    """``databases``' SQLite "pool" (a new aiosqlite connection per use), remembering the
+    connections it opened until they are closed.  A task cancelled while it held one (a request
+    cut off at shutdown) never closes it; aiosqlite then stops its thread when the connection is
+    garbage-collected, often after the event loop closed, and the thread fails with "Event loop
+    is closed".  :meth:`Database.disconnect` closes the ones left, while the loop still runs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.open: set[aiosqlite.Connection] = set()
+
+    async def acquire(self) -> aiosqlite.Connection:
+        connection = aiosqlite.connect(database=self._database, isolation_level=None,
+                                       **self._options)
+        self.open.add(connection)  # before it connects: a cancel may come in the middle
+        await connection.__aenter__()
+        return connection
+
+    async def release(self, connection: aiosqlite.Connection) -> None:
+        await connection.__aexit__(None, None, None)
+        self.open.discard(connection)
+
+    async def close_left(self) -> None:
+        for connection in list(self.open):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5)
+            self.open.discard(connection)
 
 
 class _SQLiteReader:
@@ -287,6 +317,11 @@ class Database:
             # every connection databases makes for this database compiles through the cache
             backend.connection = lambda: connection_class(backend, backend._dialect)
         self._write_lock = asyncio.Lock() if self.dialect_name == "sqlite" else None
+        self._sqlite_pool: _TrackedSQLitePool | None = None
+        if self.dialect_name == "sqlite":
+            backend = self._db._backend
+            self._sqlite_pool = backend._pool = _TrackedSQLitePool(backend._database_url,
+                                                                    **options)
         self._reader: _SQLiteReader | None = None
 
     @property
@@ -319,6 +354,8 @@ class Database:
         if reader is not None:
             await reader.close()
         await self._db.disconnect()
+        if self._sqlite_pool is not None:
+            await self._sqlite_pool.close_left()
 
     # -- queries ----------------------------------------------------------------------------
     async def fetch_one(self, query, values: dict | None = None):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import sqlite3
 import threading
 import time
@@ -190,3 +191,31 @@ async def test_the_read_connection_refuses_writes(tmp_path) -> None:
             await db.fetch_all("DELETE FROM products RETURNING id")
     finally:
         await db.disconnect()
+
+
+def test_a_connection_left_open_is_closed_before_the_loop_is(tmp_path) -> None:
+    # A task cut off while it held one of databases' SQLite connections never closes it;
+    # without disconnect() closing it, aiosqlite stops its thread when the connection is
+    # garbage-collected after the loop closed, and that thread fails ("Event loop is closed").
+    failures: list[BaseException] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: failures.append(args.exc_value)
+    try:
+        async def main() -> None:
+            db = Database(f"sqlite:///{tmp_path}/left.db")
+            await db.connect()
+            await upgrade(db)
+            left = db._db.connection()
+            await left.__aenter__()  # acquired, then its task is gone: never released
+            await left.execute("SELECT 1")
+            await db.disconnect()
+
+        asyncio.run(main())
+        gc.collect()
+        deadline = time.monotonic() + 5  # aiosqlite's worker threads finish their last job
+        while time.monotonic() < deadline and any(
+                "_connection_worker_thread" in t.name for t in threading.enumerate()):
+            time.sleep(0.05)
+    finally:
+        threading.excepthook = previous
+    assert not failures, failures
