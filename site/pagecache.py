@@ -13,8 +13,10 @@ How every process hears the events: :func:`chat.publish_room_event` also publish
 changing event's room id on one broker topic, ``PAGES_TOPIC``, which every site process's
 cache follows (with Redis, whichever process published it).  A page is kept only when that
 subscription was live before the page was built and no changing event for its room arrived
-while it was being built, so an event can never be lost in between.  While the subscription is
-down (Redis unreachable) nothing is kept.
+while it was being built, so an event can never be lost in between.  This holds because every
+changing event is published after its write has committed (a page built after the event reads
+the new state): code that adds an event must keep that order.  While the subscription is down
+(Redis unreachable) nothing is kept.
 
 Stock and prices on a kept page are at most one event behind, and the event interval
 (``WATCHBUY_STOCK_EVENT_INTERVAL``) bounds that; nobody pays what a page shows: checkout prices
