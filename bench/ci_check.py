@@ -7,10 +7,11 @@ machines are shared and noisy).  The floors sit well under what a quiet run meas
 bench/RESULTS.md) so noise cannot fail CI, yet a lost optimisation — or a twin sneaking in
 where the extension should be — does.
 
-    python bench/ci_check.py [--json bench/results/ci.json] [--no-servers]
+    python bench/ci_check.py [--json bench/results/ci.json] [--no-servers] [--no-pages]
 
 It also runs the quick fan-out and ingest passes (WatchBuy and node-media-server 4.4.3, installed
-from npm into bench/work/) and checks their CPU ratios.
+from npm into bench/work/) and checks their CPU ratios, and the quick page pass on SQLite
+(bench/site/pages.py) and checks each page's share of a minimal Starlette route.
 """
 
 from __future__ import annotations
@@ -121,11 +122,43 @@ def server_passes(results: Path) -> list[str]:
     return problems
 
 
+# The page pass (python -m bench.site.pages --quick --db sqlite): each page's share of a minimal
+# Starlette route under the same uvicorn, as the servers' CPU per request (steadier than req/s
+# on a shared machine).  Loaded runs measured 43-47 % (anonymous room), 44-45 % (home) and
+# 3.9-6.2 % (logged-in room); before the read connection and the page cache they were 0.5 %,
+# 1.7 % and 0.1 %.  Losing the page cache drops the first two under 10 %; the logged-in floor
+# only catches a fall back to where it was (it varies most between runs).
+PAGE_FLOORS = {"room_anonymous": 0.10, "home": 0.10, "room_logged_in": 0.015}
+
+
+def page_pass(results: Path) -> list[str]:
+    """Run the quick page pass on SQLite; problems (empty when every ratio holds)."""
+    out = results / "pages-quick.json"
+    run = subprocess.run([sys.executable, "-m", "bench.site.pages", "--quick", "--db", "sqlite",
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True)
+    print(run.stdout[-2500:])
+    if run.returncode != 0:
+        return [f"page pass failed: {(run.stderr or run.stdout).strip()[-500:]}"]
+    problems = []
+    for result in json.loads(out.read_text())["results"]:
+        ratios = result.get("cpu_ratios") or {}
+        for page, floor in PAGE_FLOORS.items():
+            ratio = ratios.get(page)
+            print(f"pages ({result['db']}) {page}: {ratio if ratio is None else f'{ratio:.1%}'}"
+                  f" of the baseline's requests per CPU-second (floor {floor:.0%})")
+            if ratio is None or ratio < floor:
+                problems.append(f"page {page} on {result['db']}: {ratio} of the baseline, "
+                                f"under the floor {floor}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "ci.json"))
     parser.add_argument("--no-servers", action="store_true",
                         help="skip the fan-out and ingest passes against node-media-server")
+    parser.add_argument("--no-pages", action="store_true",
+                        help="skip the page pass (the site's pages against a minimal route)")
     args = parser.parse_args(argv)
     problems = compiled_in_use()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"{short}: compiled is only {ratio:.1f}x its twin (floor {floor}x)")
     if not args.no_servers:
         problems += server_passes(Path(args.json).parent)
+    if not args.no_pages:
+        problems += page_pass(Path(args.json).parent)
     for problem in problems:
         print(f"bench: FAIL: {problem}")
     if not problems:

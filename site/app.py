@@ -36,6 +36,7 @@ from watchbuy.site.config import SiteSettings
 from watchbuy.site.media import MediaDirectory
 from watchbuy.site.metrics import SiteMetrics
 from watchbuy.site.observe import RequestContextMiddleware, install_request_id_filter
+from watchbuy.site.pagecache import PageCache
 from watchbuy.site.passwords import PasswordWorkers
 from watchbuy.site.payments import StripeGateway, expire_stale_test_orders
 from watchbuy.site.ratelimit import make_rate_limiter
@@ -146,7 +147,9 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             notify_connections=chat.Connections(),
             mailer=notify.make_mailer(settings),
             show_timers=shows.ShowTimers(),
+            pages=PageCache(broker, settings.page_cache_seconds, settings.page_cache_entries),
         )
+        await shared["pages"].start()
         site = cast(SiteState, shared)
         # Upkeep: unpaid test-mode orders give their stock back; ended sessions and old login
         # attempts are pruned.  Stopped between rounds (see repeat_until).
@@ -178,6 +181,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             await site["show_timers"].stop()
             if site["mailer"] is not None:
                 await site["mailer"].drain()
+            await site["pages"].close()
             await media.close()
             await site["dashboard"].stop()
             await site["chat_limiter"].close()

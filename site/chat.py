@@ -25,6 +25,7 @@ from watchbuy.db import queries
 from watchbuy.logs import LogLimiter
 from watchbuy.site import security
 from watchbuy.site.broker import Broker, BrokerUnavailable
+from watchbuy.site.pagecache import PAGES_TOPIC, page_change
 from watchbuy.site.ratelimit import RateLimiter
 from watchbuy.site.state import SiteState, state
 
@@ -127,6 +128,9 @@ def room_topic(channel_id: int) -> str:
 async def publish_room_event(broker: Broker, channel_id: int, event: dict) -> bool:
     """Send an event to everyone in the room; False (logged) when the broker is down."""
     try:
+        change = page_change(channel_id, event)
+        if change is not None:  # first, so that a page loaded on hearing the event is fresh
+            await broker.publish(PAGES_TOPIC, change)
         await broker.publish(room_topic(channel_id), event)
         return True
     except BrokerUnavailable as exc:

@@ -58,6 +58,11 @@ class SiteSettings:
     # viewer that does not read is closed with 4408 (stock events replace each other instead)
     stock_event_interval: float = 0.25
     ws_send_queue: int = 256
+    # pages anyone gets alike (room and home page, not logged in) are kept rendered this many
+    # seconds at most (0 = never kept); a room's page goes at once when the room changes (pin,
+    # products, stock, live/offline: site/pagecache.py); at most page_cache_entries pages
+    page_cache_seconds: float = 2.0
+    page_cache_entries: int = 1000
     # uploads with more pixels are refused before they are decoded (decompression bombs)
     max_image_pixels: int = 25_000_000
     # uploads: local files by default, S3 when a bucket is named
@@ -163,7 +168,7 @@ class SiteSettings:
             "chat_frame_window", "ws_max_per_ip", "ws_max_per_user", "prune_interval",
             "max_image_pixels", "test_reservation_minutes", "max_body_bytes", "csrf_scan_bytes",
             "max_header_bytes", "ws_max_bytes", "header_timeout", "body_timeout",
-            "health_bitrate_warn_kbps"))
+            "health_bitrate_warn_kbps", "page_cache_entries"))
         if not 30 <= self.checkout_minutes <= 24 * 60 - 1:
             # Stripe allows 30 minutes to 24 hours; a minute of slack is added (payments.py)
             raise ConfigError("WATCHBUY_CHECKOUT_MINUTES: Stripe allows 30 to 1439 minutes")
@@ -197,7 +202,7 @@ class SiteSettings:
             raise ConfigError("WATCHBUY_SMTP_URL: expected smtp://host:port or smtps://host:port")
         check_ranges(self, off_or_positive=("ws_ping_interval", "ws_ping_timeout", "hsts_seconds",
                                             "record_retention_days",
-                                            "notification_retention_days"))
+                                            "notification_retention_days", "page_cache_seconds"))
         if self.public_url and not self.public_url.lower().startswith(("http://", "https://")):
             raise ConfigError("WATCHBUY_PUBLIC_URL: must start with http:// or https://")
 

@@ -12,6 +12,7 @@ from starlette.routing import Route
 from watchbuy.db import queries
 from watchbuy.db import shows as show_queries
 from watchbuy.site.media import hls_url
+from watchbuy.site.pagecache import HOME
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.web import format_money, render
 
@@ -65,6 +66,10 @@ async def home(request: Request):
     db = site["db"]
     storage = site["storage"]
     user = request.state.user
+    pages = site["pages"]
+    if user is None and (kept := pages.get(("home",))) is not None:
+        return kept.respond(request)
+    mark = pages.mark()
     rooms = await queries.list_rooms(db)
     stats = await site["media"].stream_stats()
     live_shows = await show_queries.live_shows(db)
@@ -88,6 +93,14 @@ async def home(request: Request):
             else None
     live = [r for r in rooms if r["is_live"]]
     recent = [r for r in rooms if not r["is_live"]]
+    if user is None:
+        # dropped when a room goes live or offline or gets a new title; a new room or a newly
+        # scheduled show shows once it expires (its viewer counts are kept as long by
+        # MediaDirectory)
+        page = pages.render(request, "home.html", live=live, upcoming=upcoming,
+                            replays=replays, recent=recent)
+        pages.put(("home",), HOME, page, mark)
+        return page.respond(request)
     return render(request, "home.html", live=live, upcoming=upcoming, replays=replays,
                   recent=recent)
 
@@ -114,14 +127,30 @@ async def load_channel(request: Request) -> dict:
 
 
 async def room_page(request: Request):
-    channel = await load_channel(request)
     site = state(request)
-    host = await queries.user_by_id(site["db"], channel["host_id"])
-    shown = await room_state(site, channel)
+    pages = site["pages"]
     user = request.state.user
-    return render(request, "room.html", channel=channel, host=host, state=shown,
-                  is_host=user is not None and user["id"] == channel["host_id"],
-                  **await show_info(site, channel, user))
+    slug = request.path_params["slug"]
+    if user is None and (kept := pages.get(("room", slug))) is not None:
+        return kept.respond(request)
+    mark = pages.mark()  # before reading the room: a change from now on is not missed
+    room = pages.get(("room-data", slug))  # what the page shows, kept for logged-in visitors
+    if room is None:
+        channel = await load_channel(request)
+        room = {"channel": channel,
+                "host": await queries.user_by_id(site["db"], channel["host_id"]),
+                "state": await room_state(site, channel)}
+        pages.put(("room-data", slug), channel["id"], room, mark)
+    channel = room["channel"]
+    if user is None:
+        page = pages.render(request, "room.html", channel=channel, host=room["host"],
+                            state=room["state"], is_host=False,
+                            **await show_info(site, channel, None))
+        pages.put(("room", slug), channel["id"], page, mark)
+        return page.respond(request)
+    # the next show's reminder and the follow button are this shopper's own
+    return render(request, "room.html", channel=channel, host=room["host"], state=room["state"],
+                  is_host=user["id"] == channel["host_id"], **await show_info(site, channel, user))
 
 
 async def room_state_api(request: Request):

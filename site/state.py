@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from watchbuy.site.media import MediaDirectory
     from watchbuy.site.metrics import SiteMetrics
     from watchbuy.site.notify import Mailer
+    from watchbuy.site.pagecache import PageCache
     from watchbuy.site.passwords import PasswordWorkers
     from watchbuy.site.payments import StripeGateway
     from watchbuy.site.ratelimit import RedisRateLimiter
@@ -54,6 +55,7 @@ class SiteState(TypedDict):
     notify_connections: Connections  # notification streams open in this process
     mailer: Mailer | None  # None: no WATCHBUY_SMTP_URL
     show_timers: ShowTimers  # ending shows after their grace period
+    pages: PageCache  # public pages kept rendered (site/pagecache.py)
 
 
 def state(conn: HTTPConnection) -> SiteState:

@@ -159,7 +159,12 @@ async def update_title(request: Request):
     form = await read_form(request)
     title = (form.get("title") or "").strip()
     if 2 <= len(title) <= 100:
-        await queries.update_channel_title(state(request)["db"], host["id"], title)
+        site = state(request)
+        await queries.update_channel_title(site["db"], host["id"], title)
+        channel = await queries.channel_by_host(site["db"], host["id"])
+        if channel is not None:  # the room's kept pages show the title (site/pagecache.py)
+            await publish_room_event(site["broker"], channel["id"],
+                                     {"type": "title", "title": title})
         return redirect("/studio?notice=title")
     return redirect("/studio?notice=title-invalid")
 

@@ -138,7 +138,8 @@ async def seed(url: str, shoppers: int, stock: int) -> dict:
 
 
 class SiteServer:
-    def __init__(self, url: str, data_dir: Path, port: int, log_path: Path) -> None:
+    def __init__(self, url: str, data_dir: Path, port: int, log_path: Path,
+                 command: list[str] | None = None) -> None:
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
         env = {**os.environ, "WATCHBUY_ENV_FILE": os.devnull, "WATCHBUY_DATABASE_URL": url,
@@ -150,7 +151,10 @@ class SiteServer:
                "WATCHBUY_HTTP_PORT": str(free_port())}
         env.pop("WATCHBUY_BROKER_URL", None)
         self.log_file = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.command = [*taskset(0), sys.executable, "-m", "watchbuy", "site", "--port", str(port)]
+        # ``command``: another server under the same environment and CPU (bench.site.pages'
+        # minimal Starlette baseline)
+        self.command = [*taskset(0), *(command or [sys.executable, "-m", "watchbuy", "site",
+                                                  "--port", str(port)])]
         self.proc = subprocess.Popen(self.command, env=env, cwd=data_dir.parent,
                                      stdout=self.log_file, stderr=subprocess.STDOUT,
                                      start_new_session=True)

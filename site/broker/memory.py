@@ -153,15 +153,23 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
+    def get_nowait(self) -> Message | None:
+        """The next message if one has arrived, else None; never suspends (for a consumer
+        that must act on what arrived before it answers, e.g. the page cache)."""
+        sink = self._sink
+        if not sink.buf:
+            return None
+        item = sink.buf.popleft()
+        if type(item) is _Slot:
+            del sink.slots[item.key]
+            return item.message
+        return item
+
     async def __anext__(self) -> Message:
         sink = self._sink
         while True:
             if sink.buf:
-                item = sink.buf.popleft()
-                if type(item) is _Slot:
-                    del sink.slots[item.key]
-                    return item.message
-                return item
+                return self.get_nowait()  # type: ignore[return-value]
             if sink.closed:
                 raise StopAsyncIteration
             if sink.waiter is not None:
@@ -223,6 +231,9 @@ class _FanoutBroker:
         # "coalesced" a queued state replaced by a newer one of its key, "overflow" a queued
         # message lost with a subscriber dropped for a full queue
         self.drops: dict[str, int] = {"coalesced": 0, "overflow": 0}
+        # times delivery from other processes stopped (a lost Redis connection): whatever was
+        # published until it was back never arrived (a cache kept by events must start over)
+        self.interruptions = 0
 
     # lifecycle -----------------------------------------------------------------------------
 

@@ -284,6 +284,7 @@ class RedisBroker(_FanoutBroker):
         raise ConnectionError("pub/sub task ended")  # not reached: both loop forever
 
     def _reset_session(self) -> None:
+        self.interruptions += 1
         self._sent.clear()
         self._live.clear()
         self._pending.clear()

@@ -1,0 +1,202 @@
+"""Public pages kept rendered (site/pagecache.py): each visitor still gets their own CSRF token,
+and a kept page goes the moment its room changes, in every site process (the cache lifetime in
+these tests is ten minutes, so only the events can make a page change)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+from page_helpers import csrf_from_html
+
+from watchbuy.db import queries
+from watchbuy.settings import ConfigError
+from watchbuy.site import security
+from watchbuy.site.broker import InMemoryBroker
+from watchbuy.site.chat import publish_room_event
+from watchbuy.site.config import load_site_settings
+from watchbuy.site.pagecache import HOME, PageCache
+
+pytest_plugins = ["site_fixtures"]
+
+LONG = 600.0  # seconds: longer than any test, so a page that changes was dropped by an event
+
+
+async def kept_page(site, path: str) -> str:
+    """``path`` for a new anonymous visitor, once the page is being served from the cache."""
+    pages = site.app.state.pages
+    for _ in range(100):
+        hits = pages.hits
+        response = await (await site.browser()).get(path)
+        assert response.status_code == 200
+        if pages.hits > hits:
+            return response.text
+        await asyncio.sleep(0.02)  # the cache's subscription is not live yet
+    raise AssertionError(f"{path} was never served from the cache")
+
+
+async def test_a_kept_room_page_gives_each_visitor_their_own_token(make_site) -> None:
+    site = await make_site(page_cache_seconds=LONG)
+    host = await site.user("Host", host=True)
+    await site.product(host, name="Mug")
+    path = f"/room/{host['channel']['slug']}"
+    await kept_page(site, path)
+    for _ in range(3):
+        visitor = await site.browser()
+        page = await visitor.get(path)
+        cookie = visitor.http.cookies.get(security.CSRF_COOKIE)
+        assert cookie and csrf_from_html(page.text) == security.csrf_token_for(
+            site.settings.secret_key, cookie)
+        assert site.app.state.pages.marker not in page.text and "Mug" in page.text
+        # the token works: the visitor can add to a cart form (CSRF accepted, then a login ask)
+        response = await visitor.post("/cart/add", {"product_id": "1", "quantity": "1"})
+        assert response.status_code != 403
+    # a logged-in visitor gets a page of their own, never the kept one
+    shopper = await site.user("Sue")
+    page = await (await site.browser(shopper)).get(path)
+    assert "Log out" in page.text and 'id="chat-input"' in page.text
+
+
+async def test_a_kept_room_page_changes_with_its_room(make_site) -> None:
+    site = await make_site(page_cache_seconds=LONG)
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    path = f"/room/{host['channel']['slug']}"
+    studio = await site.browser(host)
+    assert 'id="pinned" class="pinned-card" hidden>' in await kept_page(site, path)
+
+    assert (await studio.post("/studio/pin", {"product_id": str(mug["id"])})).status_code == 303
+    page = await kept_page(site, path)
+    assert 'id="pinned" class="pinned-card">' in page
+
+    assert (await studio.post("/studio/title", {"title": "Friday deals"})).status_code == 303
+    assert "Friday deals" in await kept_page(site, path)
+    assert "Friday deals" in await kept_page(site, "/")
+
+    # a sale: the stock event drops the page
+    shopper = await site.user("Sue")
+    buyer = await site.browser(shopper)
+    await buyer.post("/cart/add", {"product_id": str(mug["id"]), "quantity": "2"})
+    assert (await buyer.post("/checkout")).status_code == 303
+    for _ in range(100):  # stock events are coalesced: one per stock_event_interval
+        page = await (await site.browser()).get(path)
+        if "3 in stock" in page.text:
+            break
+        await asyncio.sleep(0.05)
+    assert "3 in stock" in page.text
+
+
+async def test_checkout_prices_on_the_server_whatever_a_kept_page_shows(make_site) -> None:
+    site = await make_site(page_cache_seconds=LONG)
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=5)
+    path = f"/room/{host['channel']['slug']}"
+    assert "$18.00" in await kept_page(site, path)
+    # changed behind the site's back (no event): the kept page is stale on purpose here
+    await site.db.execute("UPDATE products SET price_minor = 2500 WHERE id = :id",
+                          {"id": mug["id"]})
+    assert "$18.00" in await kept_page(site, path)
+    buyer = await site.browser(await site.user("Sue"))
+    await buyer.post("/cart/add", {"product_id": str(mug["id"]), "quantity": "1"})
+    response = await buyer.post("/checkout")
+    order_id = int(re.fullmatch(r"/checkout/(\d+)/pay", response.headers["location"]).group(1))
+    assert (await queries.order(site.db, order_id))["total_minor"] == 2500
+
+
+async def test_pages_change_in_every_process_through_redis(make_site, redis_url) -> None:
+    prefix = f"wb-test-{uuid.uuid4().hex[:8]}:"
+    one = await make_site(page_cache_seconds=LONG, broker_url=redis_url, broker_prefix=prefix)
+    two = await make_site(page_cache_seconds=LONG, broker_url=redis_url, broker_prefix=prefix)
+    host = await one.user("Host", host=True)
+    mug = await one.product(host, name="Mug")
+    path = f"/room/{host['channel']['slug']}"
+    assert 'class="pinned-card" hidden>' in await kept_page(two, path)
+    studio = await one.browser(host)
+    assert (await studio.post("/studio/pin", {"product_id": str(mug["id"])})).status_code == 303
+    for _ in range(100):  # through Redis: a moment
+        page = await (await two.browser()).get(path)
+        if 'id="pinned" class="pinned-card">' in page.text:
+            break
+        await asyncio.sleep(0.02)
+    assert 'id="pinned" class="pinned-card">' in page.text
+
+
+async def test_a_lost_redis_connection_drops_every_kept_page(make_site, redis_url) -> None:
+    # What Redis would have delivered while the connection was down never arrives: a change
+    # made then (here: straight in the database, no event at all) must still show afterwards.
+    prefix = f"wb-test-{uuid.uuid4().hex[:8]}:"
+    site = await make_site(page_cache_seconds=LONG, broker_url=redis_url, broker_prefix=prefix)
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug")
+    path = f"/room/{host['channel']['slug']}"
+    assert 'class="pinned-card" hidden>' in await kept_page(site, path)
+    broker = site.app.state.broker
+    old_id = broker.pubsub_client_id
+    plain = aioredis.Redis.from_url(redis_url)
+    try:
+        killed = await plain.execute_command("CLIENT", "KILL", "TYPE", "pubsub", "ID",
+                                             str(old_id))
+        assert killed == 1
+    finally:
+        await plain.connection_pool.disconnect()
+    channel = await queries.channel_by_host(site.db, host["id"])
+    await queries.set_pinned(site.db, channel["id"], mug["id"])
+    for _ in range(500):
+        if broker.pubsub_client_id not in (None, old_id):
+            break
+        await asyncio.sleep(0.01)
+    assert broker.pubsub_client_id not in (None, old_id)
+    page = await kept_page(site, path)  # kept again once the subscription is live again
+    assert 'id="pinned" class="pinned-card">' in page
+
+
+async def test_a_page_built_across_a_change_is_not_kept() -> None:
+    broker = InMemoryBroker()
+    await broker.start()
+    pages = PageCache(broker, LONG, 10)
+    try:
+        mark = pages.mark()
+        assert not pages.put(("room", "a"), 1, "page", mark)  # not following the events yet
+        await pages.start()
+        for _ in range(100):
+            if pages.put(("room", "a"), 1, "page", pages.mark()):
+                break
+            await asyncio.sleep(0.01)
+        assert pages.get(("room", "a")) == "page"
+        mark = pages.mark()
+        await publish_room_event(broker, 1, {"type": "stock", "product_id": 1, "stock": 0})
+        await asyncio.sleep(0.05)
+        assert pages.get(("room", "a")) is None
+        assert not pages.put(("room", "a"), 1, "stale", mark)  # built before the change
+        assert pages.put(("room", "b"), 2, "other room", mark)  # another room's change
+        assert pages.put(("home",), HOME, "home", pages.mark())
+        await publish_room_event(broker, 1, {"type": "chat", "text": "hi"})  # changes nothing
+        await publish_room_event(broker, 2, {"type": "live"})
+        await asyncio.sleep(0.05)
+        assert pages.get(("room", "b")) is None and pages.get(("home",)) is None
+    finally:
+        await pages.close()
+        await broker.close()
+
+
+async def test_no_page_is_kept_when_the_cache_is_off(make_site) -> None:
+    site = await make_site(page_cache_seconds=0)
+    host = await site.user("Host", host=True)
+    for _ in range(3):
+        response = await (await site.browser()).get(f"/room/{host['channel']['slug']}")
+        assert response.status_code == 200
+    assert site.app.state.pages.hits == 0
+
+
+@pytest.mark.parametrize("name, value", [("PAGE_CACHE_SECONDS", "-1"),
+                                         ("PAGE_CACHE_ENTRIES", "0"),
+                                         ("PAGE_CACHE_SECONDS", "soon")])
+def test_a_bad_page_cache_setting_is_one_clear_line(tmp_path, name, value) -> None:
+    with pytest.raises(ConfigError) as bad:
+        load_site_settings(environ={"WATCHBUY_ENV_FILE": os.devnull, f"WATCHBUY_{name}": value},
+                           data_dir=str(tmp_path))
+    assert f"WATCHBUY_{name}" in str(bad.value) and "\n" not in str(bad.value)
