@@ -246,7 +246,7 @@ def test_publish_with_three_pins_then_the_replay_plays_and_seeks_to_each_card(tm
             studio.goto(server.url + "/studio")
             csrf = studio.locator('meta[name="csrf-token"]').get_attribute("content")
             names = ["Ceramic mug", "Linen tote bag", "Scented candle"]
-            ids = [int(studio.locator("#products tr", has_text=n).locator("button[data-pin]")
+            ids = [int(studio.locator(".studio-product", has_text=n).locator("button[data-pin]")
                        .get_attribute("data-pin")) for n in names]
             # a shopper watching live: the room's player takes the cues in band
             shopper = chromium.new_context(viewport=PHONE)
