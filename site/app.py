@@ -19,7 +19,19 @@ from starlette.staticfiles import StaticFiles
 
 from watchbuy.db.database import Database
 from watchbuy.db.migrations import upgrade
-from watchbuy.site import accounts, chat, dashboard, hooks, metrics, rooms, shop, studio
+from watchbuy.site import (
+    accounts,
+    addresses,
+    buynow,
+    chat,
+    dashboard,
+    flash,
+    hooks,
+    metrics,
+    rooms,
+    shop,
+    studio,
+)
 from watchbuy.site.broker import make_broker
 from watchbuy.site.config import SiteSettings
 from watchbuy.site.media import MediaDirectory
@@ -143,6 +155,8 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
                 stopping, settings.prune_interval,
                 lambda: accounts.prune_and_log(db, settings),
                 "pruning sessions and login attempts")),
+            # flash sales end on time, announced by exactly one process (site/flash.py)
+            asyncio.ensure_future(flash.run_ender(site, stopping)),
         ]
         try:
             yield site
@@ -160,6 +174,9 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
         *accounts.routes,
         *studio.routes,
         *shop.routes,
+        *buynow.routes,
+        *addresses.routes,
+        *flash.routes,
         *hooks.routes,
         *chat.routes,
         *dashboard.routes,
