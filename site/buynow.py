@@ -52,35 +52,33 @@ def public_order(order: dict) -> dict:
 
 
 async def choose_address(request: Request, user: dict, data: dict,
-                         physical: bool) -> tuple[dict | None, JSONResponse | None]:
-    """The address the order ships to: (address or None, an error answer or None)."""
+                         physical: bool) -> tuple[dict | None, bool, JSONResponse | None]:
+    """The address the order ships to: (address or None, whether it is a new one to keep in
+    the book once the rest is checked, an error answer or None)."""
     db = state(request)["db"]
     if (data.get("address_id") or "").strip():
         try:
             address_id = parse_int(data["address_id"], "Address", 1, 2**31 - 1)
         except ValueError as exc:
-            return None, field_error(str(exc), "address_id")
+            return None, False, field_error(str(exc), "address_id")
         address = await shopping.user_address(db, user["id"], address_id)
         if address is None:
-            return None, field_error("Choose one of your addresses.", "address_id")
-        return address, None
+            return None, False, field_error("Choose one of your addresses.", "address_id")
+        return address, False, None
     if any((data.get(field) or "").strip() for field in ("line1", "city", "postal_code")):
         # a first-time buyer's address, typed in the buy sheet: checked, then kept in the book
         values, errors = clean_address(data)
         if errors:
             field, message = next(iter(errors.items()))
-            return None, field_error(message, field, errors=errors)
-        try:
-            return await shopping.add_address(db, user["id"], values, make_default=False), None
-        except shopping.AddressBookFull as exc:
-            return None, field_error(str(exc), "address")
+            return None, False, field_error(message, field, errors=errors)
+        return values, True, None
     book = await shopping.user_addresses(db, user["id"])
     if book:
-        return book[0], None  # the default comes first
+        return book[0], False, None  # the default comes first
     if physical:
-        return None, field_error("Add a shipping address: this product is shipped.",
-                                 "address")
-    return None, None
+        return None, False, field_error("Add a shipping address: this product is shipped.",
+                                        "address")
+    return None, False, None
 
 
 async def buy_now(request: Request):
@@ -102,7 +100,8 @@ async def buy_now(request: Request):
     if product["stock"] < 1:
         stock_notifier(site).changed(product_id, sold_out=True)
         return field_error(f"Sorry, {product['name']} is sold out.", "product_id", 409)
-    address, refused = await choose_address(request, user, data, bool(product["physical"]))
+    address, new_address, refused = await choose_address(request, user, data,
+                                                         bool(product["physical"]))
     if refused is not None:
         return refused
     profile = await shopping.payment_profile(db, user["id"])
@@ -115,6 +114,12 @@ async def buy_now(request: Request):
         if problem is not None:
             return field_error(problem[1], problem[0])
         new_card = (TEST_CARD_BRAND, payments.TEST_CARD[-4:])
+    if new_address:
+        # every field checked: the address goes in the book (the default for a first one)
+        try:
+            address = await shopping.add_address(db, user["id"], address, make_default=False)
+        except shopping.AddressBookFull as exc:
+            return field_error(str(exc), "address")
     try:
         order = await shopping.create_buy_now_order(
             db, user["id"], product_id, "test" if test_mode else "stripe",
