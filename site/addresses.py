@@ -95,13 +95,16 @@ async def save_address(request: Request, user: dict, data: dict) -> tuple[dict |
 
 
 async def addresses_page(request: Request, errors: dict | None = None,
-                         values: dict | None = None, status_code: int = 200):
+                         values: dict | None = None, status_code: int = 200,
+                         next_url: str | None = None):
+    """The book and its form; ``next_url`` (kept through a refused form) is where a saved
+    address returns to (the cart that asked for one)."""
     user = require_user(request)
+    next_url = next_url if next_url is not None else request.query_params.get("next")
     rows = await shopping.user_addresses(state(request)["db"], user["id"])
     return render(request, "addresses.html", status_code=status_code, addresses=rows,
                   fields=FIELDS, countries=countries(), errors=errors or {},
-                  values=values or {}, next=safe_next(request.query_params.get("next"))
-                  if request.query_params.get("next") else "",
+                  values=values or {}, next=safe_next(next_url) if next_url else "",
                   notice=request.query_params.get("notice"))
 
 
@@ -116,7 +119,8 @@ async def addresses_add(request: Request):
     data = {key: value for key, value in form.items() if isinstance(value, str)}
     row, errors = await save_address(request, user, data)
     if row is None:
-        return await addresses_page(request, errors=errors, values=data, status_code=400)
+        return await addresses_page(request, errors=errors, values=data, status_code=400,
+                                    next_url=data.get("next") or "")
     if data.get("next"):
         return redirect(safe_next(data["next"]))
     return redirect("/addresses?notice=saved")

@@ -200,9 +200,12 @@ async def announce_purchase(site: SiteState, order_id: int) -> None:
     try:
         for line in await shopping.purchase_announcements(site["db"], order_id):
             first = (strip_invisible(line["display_name"]).split() or ["Someone"])[0]
+            # coalesced per room: a viewer whose queue still holds an unsent "bought" gets
+            # the newer one instead (a rush of sales is a ticker, not a backlog that could
+            # overflow the queue and cut the viewer off)
             await publish_room_event(site["broker"], line["channel_id"], {
                 "type": "bought", "first_name": first, "product_id": line["product_id"],
-                "product_name": line["product_name"]})
+                "product_name": line["product_name"], "coalesce": "bought"})
     except Exception as exc:  # the payment stands; a broker hiccup costs the ticker only
         announce_log.warning("bought", "purchase of order %s not announced: %s", order_id, exc)
 

@@ -175,7 +175,8 @@ async def test_rooms_hear_sold_and_who_bought_unless_they_opted_out(site) -> Non
         assert (await buy(browser, mug["id"])).status_code == 200
         events = await next_events(subscription, {"bought", "stock"})
         assert events["bought"] == {"type": "bought", "first_name": "Ann",
-                                    "product_id": mug["id"], "product_name": "Mug"}
+                                    "product_id": mug["id"], "product_name": "Mug",
+                                    "coalesce": "bought"}
         assert (events["stock"]["stock"], events["stock"]["sold"]) == (11, 1)
         card = (await browser.get(f"/api/rooms/{host['channel']['slug']}")).json()["products"][0]
         assert (card["sold"], card["low_stock"]) == (1, False)
