@@ -553,16 +553,17 @@ def _stock_query() -> sa.Select:
 
 async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                                  test_mode: bool | None = None, max_pending: int | None = None,
-                                 max_units: int | None = None, address: dict | None = None,
-                                 needs_address: bool = False) -> dict:
+                                 max_units: int | None = None, needs_address: bool = False,
+                                 address_id: int | None = None) -> dict:
     """Cart → pending order with price snapshots, stock reserved, cart emptied: all or nothing.
 
     Raises :class:`OutOfStock` (and changes nothing) when any line cannot be reserved,
     :class:`NotForSale` for a hidden product, :class:`OrderLimit` past ``max_pending`` unpaid
     orders or ``max_units`` units of one product held by this shopper, and ValueError for an
     empty cart or mixed currencies.  ``test_mode`` (default: payment_mode "test") marks orders
-    that are no real money.  ``address`` (an address-book row) is copied onto the order;
-    with ``needs_address`` a physical product without one raises :class:`AddressRequired`.
+    that are no real money.  With ``needs_address`` the shopper's address ``address_id`` (or
+    their default) is copied onto the order, and a physical product without one raises
+    :class:`AddressRequired`.
     A product with a flash sale running is priced at the sale's price for as many units as
     the sale still has (db/shopping.py ``claim_sale_units``, inside the transaction), past
     its per-shopper limit refused (``SaleLimit``, an OrderLimit).
@@ -592,10 +593,6 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
         if line["stock"] < line["quantity"]:
             # the cheap answer the sold-out crowd gets
             raise OutOfStock(line["name"], line["product_id"], line["stock"])
-        if needs_address and address is None and line["physical"]:
-            raise AddressRequired(line["name"])
-    # one read, outside the transaction; the claim inside decides
-    sales = await shopping.active_sales_for_products(db, [line["product_id"] for line in lines])
     stamp = now()
     is_test = payment_mode == "test" if test_mode is None else test_mode
 
@@ -616,7 +613,7 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                     raise NotForSale(name)
                 raise OutOfStock(name, product_id)  # rolls everything back
 
-    async def work() -> tuple[int, list[dict]]:
+    async def work() -> tuple[int, list[dict], dict | None]:
         if db.dialect_name == "mysql":
             # One checkout per shopper at a time: the limits below count this shopper's
             # pending orders, and two concurrent checkouts must not both pass the count.  Only
@@ -648,6 +645,16 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                 (line["product_id"], line["quantity"]) for line in current):
             raise ValueError("your cart changed during checkout: check it and try again")
         await check_order_limits(db, user_id, current, max_pending, max_units)
+        # Read in the transaction, not before it: on SQLite a statement outside one costs a
+        # connection of its own (db/database.py), the bulk of a checkout's time in a rush.
+        address = None
+        if needs_address:
+            address = await shopping.chosen_address(db, user_id, address_id)
+            for line in current:
+                if address is None and line["physical"]:
+                    raise AddressRequired(line["name"])  # rolls everything back
+        sales = await shopping.active_sales_for_products(
+            db, [line["product_id"] for line in current])
         prices = {line["product_id"]: (line["price_minor"], None) for line in current}
         for line in current:
             sale = sales.get(line["product_id"])
@@ -670,9 +677,9 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
         await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id))
         if db.dialect_name == "mysql":
             await reserve()  # the hot rows last, locked until the commit that follows
-        return order_id, items
+        return order_id, items, address
 
-    order_id, items = await db.run_transaction(work)
+    order_id, items, address = await db.run_transaction(work)
     return {"id": order_id, "user_id": user_id, "status": "pending",
             "total_minor": sum(i["unit_price_minor"] * i["quantity"] for i in items),
             "currency": currency, "payment_mode": payment_mode, "payment_ref": None,

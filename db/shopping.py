@@ -93,6 +93,16 @@ async def add_address(db: Database, user_id: int, fields: dict, make_default: bo
     return await db.run_transaction(work)
 
 
+async def chosen_address(db: Database, user_id: int, address_id: int | None) -> dict | None:
+    """The shopper's address ``address_id`` when it is theirs, else their default; None for an
+    empty book.  One query (it runs inside the checkout's transaction)."""
+    query = addresses.select().where(addresses.c.user_id == user_id)
+    if address_id is not None:
+        query = query.order_by((addresses.c.id == address_id).desc())
+    return as_dict(await db.fetch_one(query.order_by(addresses.c.is_default.desc(),
+                                                     addresses.c.id).limit(1)))
+
+
 async def set_default_address(db: Database, user_id: int, address_id: int) -> bool:
     async def work() -> bool:
         # (MariaDB's ROW_COUNT() counts changed rows, 0 for the default already: hence a read)
