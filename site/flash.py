@@ -205,8 +205,12 @@ async def run_ender(site: SiteState, stopping: asyncio.Event) -> None:
     while not stopping.is_set():
         delay = interval
         try:
-            await end_due_sales(site)
+            # one cheap query while no sale runs (the usual case); the due sales (time up or
+            # units gone) only when one does
             upcoming = await shopping.next_sale_end(site["db"])
+            if upcoming is not None:
+                await end_due_sales(site)
+                upcoming = await shopping.next_sale_end(site["db"])
             if upcoming is not None:
                 delay = min(interval, max(0.0, upcoming - time.time()))
         except Exception:
