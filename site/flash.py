@@ -190,10 +190,21 @@ async def sold_units(site: SiteState, order: dict) -> None:
     sale_ids = {item.get("flash_sale_id") for item in order["items"]} - {None}
     for sale_id in sale_ids:
         sale = await shopping.sale(site["db"], sale_id)
-        if sale is not None and sale["ended_at"] is None and sale["quantity"] is not None \
-                and sale["sold"] >= sale["quantity"]:
+        if sale is None or sale["ended_at"] is not None or sale["quantity"] is None:
+            continue
+        if sale["sold"] >= sale["quantity"]:
             if await shopping.end_sale(site["db"], sale_id, "sold_out"):
                 await announce_end(site, sale, "sold_out")
+        else:
+            # "N left at the sale price": the sale again with its new ``remaining``; coalesced,
+            # so a viewer's queue holds the latest one only however many buy at once
+            try:
+                await publish_room_event(site["broker"], sale["channel_id"], {
+                    "type": "sale", "sale": public_sale(sale), "server_time": time.time(),
+                    "coalesce": f"sale:{sale_id}"})
+            except Exception as exc:  # the purchase stands; the next one tells the room
+                announce_log.warning("remaining", "flash sale %s remaining not announced: %s",
+                                     sale_id, exc)
 
 
 async def run_ender(site: SiteState, stopping: asyncio.Event) -> None:

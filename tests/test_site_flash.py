@@ -163,6 +163,10 @@ async def test_the_sale_quantity_holds_under_concurrent_buyers(site) -> None:
         row = await flash_row(site.db, sale_id)
         assert row["sold"] == 5 and row["end_reason"] == "sold_out"
         events = await events_for(subscription, 1.0)
+        # the units left at the sale price went to the room as they sold (never below 1 here:
+        # the last unit ends the sale instead)
+        remaining = [e["sale"]["remaining"] for e in events if e["type"] == "sale"]
+        assert remaining and set(remaining) <= {1, 2, 3, 4}, remaining
         assert [e for e in events if e["type"] == "sale_ended"] == [
             {"type": "sale_ended", "sale_id": sale_id, "product_id": mug["id"],
              "reason": "sold_out"}]
