@@ -163,10 +163,10 @@ async def test_the_sale_quantity_holds_under_concurrent_buyers(site) -> None:
         row = await flash_row(site.db, sale_id)
         assert row["sold"] == 5 and row["end_reason"] == "sold_out"
         events = await events_for(subscription, 1.0)
-        # the units left at the sale price went to the room as they sold (never below 1 here:
-        # the last unit ends the sale instead)
+        # units left at the sale price go to the room as they sell (a buyer who reads the
+        # sale after the last unit went ends it instead): never 0, never more than 4
         remaining = [e["sale"]["remaining"] for e in events if e["type"] == "sale"]
-        assert remaining and set(remaining) <= {1, 2, 3, 4}, remaining
+        assert set(remaining) <= {1, 2, 3, 4}, remaining
         assert [e for e in events if e["type"] == "sale_ended"] == [
             {"type": "sale_ended", "sale_id": sale_id, "product_id": mug["id"],
              "reason": "sold_out"}]
@@ -174,6 +174,23 @@ async def test_the_sale_quantity_holds_under_concurrent_buyers(site) -> None:
             sa.select(sa.func.sum(order_items.c.quantity))
             .where(order_items.c.flash_sale_id == sale_id))
         assert sale_units == 5
+    finally:
+        await subscription.close()
+
+
+async def test_the_room_hears_the_units_left_as_they_sell(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=10)
+    (ann,) = await shoppers_with_cards(site, 1)
+    sale_id = await shopping.start_sale(site.db, host["id"], host["channel"]["id"], mug["id"],
+                                        500, 3, None, 600)
+    subscription = site.app.state.broker.subscribe(room_topic(host["channel"]["id"]))
+    await subscription.ready()
+    try:
+        assert (await buy(ann, mug["id"])).json()["order"]["total"] == "$5.00"
+        event = (await next_events(subscription, {"sale"}))["sale"]
+        assert (event["sale"]["id"], event["sale"]["remaining"]) == (sale_id, 2)
+        assert event["coalesce"] == f"sale:{sale_id}"
     finally:
         await subscription.close()
 
