@@ -23,6 +23,7 @@ from watchbuy.db.schema import (
     channels,
     chat_messages,
     chat_mutes,
+    flash_sales,
     login_attempts,
     order_items,
     orders,
@@ -54,6 +55,13 @@ class NotForSale(ValueError):
 
 class OrderLimit(ValueError):
     """The shopper holds as many unpaid orders or units as one shopper may (stock hoarding)."""
+
+
+class AddressRequired(ValueError):
+    """A physical product is ordered without a shipping address."""
+
+    def __init__(self, product_name: str) -> None:
+        super().__init__(f"{product_name} is shipped: add a shipping address")
 
 
 def as_dict(row) -> dict | None:
@@ -341,15 +349,17 @@ async def product(db: Database, product_id: int) -> dict | None:
         products.select().where(products.c.id == product_id, products.c.deleted == sa.false())))
 
 
-async def product_stock_room(db: Database, product_id: int) -> tuple[int, int | None] | None:
-    """(stock, the id of its host's room or None) of a product on sale; None when it is hidden
-    or gone.  One query: what a stock event needs."""
+async def product_stock_room(db: Database,
+                             product_id: int) -> tuple[int, int | None, int] | None:
+    """(stock, the id of its host's room or None, units sold) of a product on sale; None when
+    it is hidden or gone.  One query: what a stock event needs."""
     row = await db.fetch_one(
-        sa.select(products.c.stock, channels.c.id)
+        sa.select(products.c.stock, channels.c.id, products.c.sold)
         .select_from(products.outerjoin(channels, channels.c.host_id == products.c.host_id))
         .where(products.c.id == product_id, products.c.deleted == sa.false(),
                products.c.shown == sa.true()))
-    return None if row is None else (int(row[0]), None if row[1] is None else int(row[1]))
+    return None if row is None else (int(row[0]), None if row[1] is None else int(row[1]),
+                                     int(row[2]))
 
 
 async def host_products(db: Database, host_id: int, shown_only: bool = False) -> list[dict]:
@@ -429,7 +439,7 @@ def _cart_query() -> sa.Select:
     return (
         sa.select(cart_items.c.product_id, cart_items.c.quantity, products.c.name,
                   products.c.price_minor, products.c.currency, products.c.stock,
-                  products.c.image, products.c.host_id, products.c.shown)
+                  products.c.image, products.c.host_id, products.c.shown, products.c.physical)
         .select_from(cart_items.join(products, products.c.id == cart_items.c.product_id))
         .where(cart_items.c.user_id == sa.bindparam("user_id"),
                products.c.deleted == sa.false())
@@ -533,6 +543,8 @@ def _reserve_query() -> sa.Update:
                    # hidden since the cart was read: refused in the same statement
                    products.c.shown == sa.true(), products.c.deleted == sa.false())
             .values(stock=products.c.stock - sa.bindparam("quantity"),
+                    # "N sold" moves with the stock, in the same statement
+                    sold=products.c.sold + sa.bindparam("quantity"),
                     updated_at=sa.bindparam("stamp")))
 
 
@@ -542,14 +554,20 @@ def _stock_query() -> sa.Select:
 
 async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                                  test_mode: bool | None = None, max_pending: int | None = None,
-                                 max_units: int | None = None) -> dict:
+                                 max_units: int | None = None, needs_address: bool = False,
+                                 address_id: int | None = None) -> dict:
     """Cart → pending order with price snapshots, stock reserved, cart emptied: all or nothing.
 
     Raises :class:`OutOfStock` (and changes nothing) when any line cannot be reserved,
     :class:`NotForSale` for a hidden product, :class:`OrderLimit` past ``max_pending`` unpaid
     orders or ``max_units`` units of one product held by this shopper, and ValueError for an
     empty cart or mixed currencies.  ``test_mode`` (default: payment_mode "test") marks orders
-    that are no real money.
+    that are no real money.  With ``needs_address`` the shopper's address ``address_id`` (or
+    their default) is copied onto the order, and a physical product without one raises
+    :class:`AddressRequired`.
+    A product with a flash sale running is priced at the sale's price for as many units as
+    the sale still has (db/shopping.py ``claim_sale_units``, inside the transaction), past
+    its per-shopper limit refused (``SaleLimit``, an OrderLimit).
 
     The hot-row design (a rush: thousands of shoppers, one product; figures in
     site/shop.py's docstring):
@@ -568,6 +586,8 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
     * Each limit query is one statement, the items one multi-row INSERT.
     * The order is returned as built here, not read back (two queries fewer a checkout).
     """
+    from watchbuy.db import shopping  # it builds on this module
+
     lines = await cart(db, user_id)
     currency = _check_cart(lines)
     for line in lines:
@@ -594,7 +614,7 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                     raise NotForSale(name)
                 raise OutOfStock(name, product_id)  # rolls everything back
 
-    async def work() -> tuple[int, list[dict]]:
+    async def work() -> tuple[int, list[dict], dict | None]:
         if db.dialect_name == "mysql":
             # One checkout per shopper at a time: the limits below count this shopper's
             # pending orders, and two concurrent checkouts must not both pass the count.  Only
@@ -626,26 +646,46 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                 (line["product_id"], line["quantity"]) for line in current):
             raise ValueError("your cart changed during checkout: check it and try again")
         await check_order_limits(db, user_id, current, max_pending, max_units)
-        total = sum(line["price_minor"] * line["quantity"] for line in current)
+        # Read in the transaction, not before it: on SQLite a statement outside one costs a
+        # connection of its own (db/database.py), the bulk of a checkout's time in a rush.
+        address = None
+        if needs_address:
+            address = await shopping.chosen_address(db, user_id, address_id)
+            for line in current:
+                if address is None and line["physical"]:
+                    raise AddressRequired(line["name"])  # rolls everything back
+        sales = await shopping.active_sales_for_products(
+            db, [line["product_id"] for line in current])
+        prices = {line["product_id"]: (line["price_minor"], None) for line in current}
+        for line in current:
+            sale = sales.get(line["product_id"])
+            if sale is not None and await shopping.claim_sale_units(
+                    db, user_id, sale, line["quantity"], stamp, line["name"]):
+                prices[line["product_id"]] = (
+                    line["price_minor"] if sale["sale_price_minor"] is None
+                    else sale["sale_price_minor"], sale["id"])
+        total = sum(prices[line["product_id"]][0] * line["quantity"] for line in current)
         order_id = await db.execute(orders.insert().values(
             user_id=user_id, status="pending", total_minor=total, currency=currency,
-            payment_mode=payment_mode, created_at=stamp, test_mode=is_test))
+            payment_mode=payment_mode, created_at=stamp, test_mode=is_test,
+            **shopping.ship_values(address)))
         items = [{"order_id": order_id, "product_id": line["product_id"],
                   "host_id": line["host_id"], "name": line["name"],
-                  "unit_price_minor": line["price_minor"], "currency": line["currency"],
-                  "quantity": line["quantity"]} for line in current]
+                  "unit_price_minor": prices[line["product_id"]][0],
+                  "currency": line["currency"], "quantity": line["quantity"],
+                  "flash_sale_id": prices[line["product_id"]][1]} for line in current]
         await db.execute(order_items.insert().values(items))
         await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id))
         if db.dialect_name == "mysql":
             await reserve()  # the hot rows last, locked until the commit that follows
-        return order_id, items
+        return order_id, items, address
 
-    order_id, items = await db.run_transaction(work)
+    order_id, items, address = await db.run_transaction(work)
     return {"id": order_id, "user_id": user_id, "status": "pending",
             "total_minor": sum(i["unit_price_minor"] * i["quantity"] for i in items),
             "currency": currency, "payment_mode": payment_mode, "payment_ref": None,
             "created_at": stamp, "paid_at": None, "closed_at": None, "status_note": None,
-            "test_mode": is_test, "items": items}
+            "test_mode": is_test, "items": items, **shopping.ship_values(address)}
 
 
 async def order(db: Database, order_id: int) -> dict | None:
@@ -692,7 +732,12 @@ async def release_order(db: Database, order_id: int, status: str) -> bool:
         items = await db.fetch_all(order_items.select().where(order_items.c.order_id == order_id))
         for item in items:
             await db.execute(products.update().where(products.c.id == item["product_id"])
-                             .values(stock=products.c.stock + item["quantity"]))
+                             .values(stock=products.c.stock + item["quantity"],
+                                     sold=products.c.sold - item["quantity"]))
+            if item["flash_sale_id"] is not None:  # the sale's units go back to it too
+                await db.execute(flash_sales.update()
+                                 .where(flash_sales.c.id == item["flash_sale_id"])
+                                 .values(sold=flash_sales.c.sold - item["quantity"]))
         return True
 
     return await db.run_transaction(work)
@@ -717,7 +762,8 @@ async def reopen_paid_order(db: Database, order_id: int) -> bool:
             await db.execute(products.update().where(
                 products.c.id == item["product_id"], products.c.deleted == sa.false(),
                 products.c.stock >= item["quantity"])
-                .values(stock=products.c.stock - item["quantity"], updated_at=now()))
+                .values(stock=products.c.stock - item["quantity"],
+                        sold=products.c.sold + item["quantity"], updated_at=now()))
             if await db.affected_rows() != 1:
                 raise _CannotReserve
         await db.execute(orders.update().where(orders.c.id == order_id,
@@ -777,7 +823,10 @@ async def host_sales(db: Database, host_id: int) -> list[dict]:
     """Lines of orders that contain this host's products (never other hosts' lines)."""
     query = (
         sa.select(order_items, orders.c.status, orders.c.created_at, orders.c.paid_at,
-                  orders.c.test_mode, orders.c.status_note,
+                  orders.c.test_mode, orders.c.status_note, orders.c.ship_name,
+                  orders.c.ship_line1, orders.c.ship_line2, orders.c.ship_city,
+                  orders.c.ship_postal_code, orders.c.ship_region, orders.c.ship_country,
+                  orders.c.shipped_at, orders.c.carrier, orders.c.tracking_number,
                   users.c.display_name.label("buyer"))
         .select_from(order_items.join(orders, orders.c.id == order_items.c.order_id)
                      .join(users, users.c.id == orders.c.user_id))

@@ -21,8 +21,11 @@ from watchbuy.db.database import Database
 from watchbuy.db.migrations import upgrade
 from watchbuy.site import (
     accounts,
+    addresses,
+    buynow,
     chat,
     dashboard,
+    flash,
     hooks,
     metrics,
     notify,
@@ -172,6 +175,8 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             asyncio.ensure_future(repeat_until(
                 stopping, max(1.0, settings.show_end_grace / 2),
                 lambda: shows.end_overdue(site), "ending shows")),
+            # flash sales end on time, announced by exactly one process (site/flash.py)
+            asyncio.ensure_future(flash.run_ender(site, stopping)),
         ]
         try:
             yield site
@@ -195,6 +200,9 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
         *shows.routes,
         *notify.routes,
         *shop.routes,
+        *buynow.routes,
+        *addresses.routes,
+        *flash.routes,
         *hooks.routes,
         *replay_routes,
         *chat.routes,

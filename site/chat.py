@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 import unicodedata
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from watchbuy.db import queries
+from watchbuy.db import queries, shopping
 from watchbuy.logs import LogLimiter
 from watchbuy.site import security
 from watchbuy.site.broker import Broker, BrokerUnavailable
@@ -318,8 +319,14 @@ async def _room(websocket: WebSocket, site: SiteState, user: dict | None) -> Non
     if session is not None:
         await watch.watch(session, websocket)
     history = await queries.recent_chat(db, channel["id"], 50)
+    from watchbuy.site.flash import public_sale  # flash builds on this module
+
+    # the room's running flash sales, and the server's clock to count them down against
+    sales = [public_sale(sale) for sale in await shopping.active_sales(db, channel["id"])]
     await websocket.send_json({
         "type": "hello",
+        "server_time": time.time(),
+        "sales": sales,
         "messages": [public_message(m, channel, host_skeleton) for m in history],
         "can_chat": user is not None,
         "is_host": is_host,

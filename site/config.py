@@ -63,6 +63,12 @@ class SiteSettings:
     # products, stock, live/offline: site/pagecache.py); at most page_cache_entries pages
     page_cache_seconds: float = 2.0
     page_cache_entries: int = 1000
+    # shop: "Only N left" on room product cards at or under this stock; flash sales that
+    # reached their end are ended (and announced, once) by a check this often in each process
+    low_stock_threshold: int = 10
+    flash_sale_check_interval: float = 0.5
+    # flash sales a host may start: longest duration, in seconds
+    flash_sale_max_seconds: int = 3600
     # uploads with more pixels are refused before they are decoded (decompression bombs)
     max_image_pixels: int = 25_000_000
     # uploads: local files by default, S3 when a bucket is named
@@ -181,6 +187,13 @@ class SiteSettings:
             raise ConfigError("WATCHBUY_STOCK_EVENT_INTERVAL: seconds, more than 0, at most 1")
         if self.ws_send_queue < 1:
             raise ConfigError("WATCHBUY_WS_SEND_QUEUE: at least 1")
+        if self.low_stock_threshold < 0:
+            raise ConfigError("WATCHBUY_LOW_STOCK_THRESHOLD: 0 or more")
+        if not 0 < self.flash_sale_check_interval <= 5:
+            # a sale must end within a few seconds of its time
+            raise ConfigError("WATCHBUY_FLASH_SALE_CHECK_INTERVAL: seconds, more than 0, at most 5")
+        if self.flash_sale_max_seconds < 10:
+            raise ConfigError("WATCHBUY_FLASH_SALE_MAX_SECONDS: at least 10")
         if not self.stripe_secret_key and not self.test_payments and self.https:
             # fail closed: a public site without keys would take test-card "payments"
             raise ConfigError(

@@ -21,13 +21,15 @@ from typing import TYPE_CHECKING
 
 import stripe
 
-from watchbuy.db import queries
+from watchbuy.db import queries, shopping
+from watchbuy.logs import LogLimiter
 
 if TYPE_CHECKING:
     from watchbuy.db.database import Database
     from watchbuy.site.state import SiteState
 
 log = logging.getLogger("watchbuy.site.payments")
+announce_log = LogLimiter(log, interval=10.0)  # a broken broker: not a line per sale
 
 TEST_CARD = "4242424242424242"
 SESSION_SLACK = 60  # seconds added to a Checkout Session's lifetime (see create_checkout)
@@ -49,10 +51,14 @@ class StripeGateway:
         self.client = stripe.StripeClient(secret_key, **options)
         self.webhook_secret = webhook_secret
 
-    async def create_checkout(self, order: dict, public_url: str,
-                              minutes: float = 30.0) -> tuple[str, str]:
+    async def create_checkout(self, order: dict, public_url: str, minutes: float = 30.0,
+                              customer: str | None = None) -> tuple[str, str]:
         """(session id, URL to send the buyer to) for a pending order, payable for ``minutes``
-        (Stripe's own default is 24 hours, holding the reserved stock all that time)."""
+        (Stripe's own default is 24 hours, holding the reserved stock all that time).
+
+        With ``customer`` (one-tap buying) the session is prefilled for that Stripe Customer
+        and keeps the card for later off-session payments (``setup_future_usage``), and the
+        buyer comes back to the order's thank-you page."""
         line_items = [
             {
                 "quantity": item["quantity"],
@@ -76,6 +82,11 @@ class StripeGateway:
             # within Stripe's "at least 30 minutes ahead" when the request comes a moment later.
             "expires_at": int(order["created_at"] + minutes * 60) + SESSION_SLACK,
         }
+        if customer is not None:
+            params["customer"] = customer
+            params["payment_intent_data"] = {"setup_future_usage": "off_session",
+                                             "metadata": {"order_id": str(order["id"])}}
+            params["success_url"] = f"{public_url}/orders/{order['id']}/thanks"
         try:
             session = await self.client.v1.checkout.sessions.create_async(
                 params=params,
@@ -88,6 +99,48 @@ class StripeGateway:
             log.warning("stripe refused checkout for order %s: %s", order["id"], exc)
             raise PaymentError("The payment service is not available right now.") from exc
         return session.id, session.url
+
+    async def ensure_customer(self, user_id: int, email: str) -> str:
+        """A Stripe Customer for this shopper (the same one for a retried request: the key)."""
+        try:
+            customer = await self.client.v1.customers.create_async(
+                params={"email": email, "metadata": {"user_id": str(user_id)}},
+                options={"idempotency_key": f"watchbuy-customer-{user_id}"})
+        except stripe.StripeError as exc:
+            log.warning("stripe refused a customer for user %s: %s", user_id, exc)
+            raise PaymentError("The payment service is not available right now.") from exc
+        return customer.id
+
+    async def charge_saved(self, order: dict, customer: str,
+                           payment_method: str) -> tuple[str, str] | None:
+        """Pay a pending order with the shopper's saved card, off-session, at once:
+        (payment intent id, its status), or None when Stripe wants the buyer present (the card
+        needs authentication, was declined, or is gone): then Checkout takes over."""
+        try:
+            intent = await self.client.v1.payment_intents.create_async(
+                params={"amount": order["total_minor"], "currency": order["currency"],
+                        "customer": customer, "payment_method": payment_method,
+                        "off_session": True, "confirm": True,
+                        "metadata": {"order_id": str(order["id"])}},
+                options={"idempotency_key": f"{idempotency_key(order)}-saved"})
+        except stripe.CardError as exc:  # authentication_required, declined: not a failure
+            log.info("saved card refused for order %s (%s): Checkout instead", order["id"],
+                     exc.code)
+            return None
+        except stripe.StripeError as exc:
+            log.warning("stripe refused a saved-card payment for order %s: %s", order["id"],
+                        exc)
+            raise PaymentError("The payment service is not available right now.") from exc
+        return intent.id, intent.status
+
+    async def card_of(self, payment_intent: str) -> tuple[str, str, str] | None:
+        """(payment method id, card brand, last four) a payment was made with, or None."""
+        intent = await self.client.v1.payment_intents.retrieve_async(
+            payment_intent, params={"expand": ["payment_method"]})
+        method = intent.payment_method
+        if method is None or isinstance(method, str) or getattr(method, "card", None) is None:
+            return None
+        return method.id, method.card.brand, method.card.last4
 
     async def expire_checkout(self, session_id: str) -> str:
         """Make a session unpayable: "expired" when it is (now or already), "complete" when the
@@ -128,12 +181,33 @@ class StripeGateway:
         return event.to_dict()
 
 
-async def fulfil(db: Database, order_id: int) -> bool:
-    """Mark a pending order paid (once)."""
+async def fulfil(db: Database, order_id: int, site: SiteState | None = None) -> bool:
+    """Mark a pending order paid (once); with ``site``, the rooms of its products announce it
+    ("<first name> just bought <product>", for shoppers who did not opt out)."""
     paid = await queries.mark_paid(db, order_id)
     if paid:
         log.info("order %s paid", order_id)
+        if site is not None:
+            await announce_purchase(site, order_id)
     return paid
+
+
+async def announce_purchase(site: SiteState, order_id: int) -> None:
+    """``{"type": "bought", "first_name", "product_id", "product_name"}`` in the room of each
+    product of a paid order: the first word of the buyer's display name only."""
+    from watchbuy.site.chat import publish_room_event, strip_invisible
+
+    try:
+        for line in await shopping.purchase_announcements(site["db"], order_id):
+            first = (strip_invisible(line["display_name"]).split() or ["Someone"])[0]
+            # coalesced per room: a viewer whose queue still holds an unsent "bought" gets
+            # the newer one instead (a rush of sales is a ticker, not a backlog that could
+            # overflow the queue and cut the viewer off)
+            await publish_room_event(site["broker"], line["channel_id"], {
+                "type": "bought", "first_name": first, "product_id": line["product_id"],
+                "product_name": line["product_name"], "coalesce": "bought"})
+    except Exception as exc:  # the payment stands; a broker hiccup costs the ticker only
+        announce_log.warning("bought", "purchase of order %s not announced: %s", order_id, exc)
 
 
 async def release(site: SiteState, order_id: int, status: str) -> bool:
@@ -199,21 +273,28 @@ async def announce_stock(site: SiteState, order: dict) -> None:
 
 def check_test_card(number: str, expiry: str, cvc: str, today: date | None = None) -> str | None:
     """None when the test card is acceptable, else the message for the form."""
+    problem = test_card_problem(number, expiry, cvc, today)
+    return None if problem is None else problem[1]
+
+
+def test_card_problem(number: str, expiry: str, cvc: str,
+                      today: date | None = None) -> tuple[str, str] | None:
+    """None when the test card is acceptable, else (the field at fault, its message)."""
     digits = "".join(ch for ch in number if ch.isdigit())
     if digits != TEST_CARD:
-        return "Test mode accepts only the test card 4242 4242 4242 4242."
+        return "card", "Test mode accepts only the test card 4242 4242 4242 4242."
     month_text, _, year_text = expiry.replace(" ", "").partition("/")
     try:
         month, year = int(month_text), int(year_text)
     except ValueError:
-        return "Enter the expiry date as MM/YY."
+        return "expiry", "Enter the expiry date as MM/YY."
     if year < 100:
         year += 2000
     today = today or date.today()
     if not 1 <= month <= 12 or (year, month) < (today.year, today.month):
-        return "That expiry date is not in the future."
+        return "expiry", "That expiry date is not in the future."
     if not (cvc.isdigit() and 3 <= len(cvc) <= 4):
-        return "Enter the 3 or 4 digit security code."
+        return "cvc", "Enter the 3 or 4 digit security code."
     return None
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from watchbuy.db import queries
+from watchbuy.db import queries, shopping
 from watchbuy.db import shows as show_queries
+from watchbuy.site.flash import public_sale
 from watchbuy.site.media import hls_url
 from watchbuy.site.pagecache import HOME
 from watchbuy.site.state import SiteState, state
@@ -24,15 +26,39 @@ def iso_utc(stamp: float | None) -> str:
     return dt.datetime.fromtimestamp(stamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def product_card(product: dict, storage) -> dict:
-    return {
+def product_card(product: dict, storage, sale: dict | None = None,
+                 low_stock_threshold: int = 10) -> dict:
+    """A product as rooms show it.  ``price`` is what it costs now: the flash sale's price
+    while ``sale`` (a running sale of it) lasts, with ``regular_price`` beside it; ``sold``
+    and ``low_stock`` ("Only N left" at or under the threshold) are the live urgency."""
+    regular = format_money(product["price_minor"], product["currency"])
+    card = {
         "id": product["id"],
         "name": product["name"],
         "description": product["description"],
-        "price": format_money(product["price_minor"], product["currency"]),
+        "price": regular,
+        "regular_price": regular,
         "stock": product["stock"],
+        "sold": int(product.get("sold") or 0),
+        "low_stock": 0 < product["stock"] <= low_stock_threshold,
+        "physical": bool(product.get("physical", True)),
         "image": storage.url(product["image"]) if product["image"] else None,
+        "sale": None,
     }
+    if sale is not None:
+        card["sale"] = public_sale(sale)
+        card["price"] = card["sale"]["sale_price"]
+    return card
+
+
+async def room_cards(site: SiteState, channel_id: int | None,
+                     items: list[dict]) -> list[dict]:
+    """Cards of these products with the room's running sales (one query for the sales)."""
+    sales = {} if channel_id is None else {
+        sale["product_id"]: sale for sale in await shopping.active_sales(site["db"], channel_id)}
+    threshold = site["settings"].low_stock_threshold
+    return [product_card(item, site["storage"], sales.get(item["id"]), threshold)
+            for item in items]
 
 
 async def room_state(site: SiteState, channel: dict) -> dict:
@@ -41,11 +67,12 @@ async def room_state(site: SiteState, channel: dict) -> dict:
     media = site["media"]
     stats = (await media.stream_stats()).get(channel["slug"], {})
     shown = await queries.host_products(db, channel["host_id"], shown_only=True)
+    cards = await room_cards(site, channel["id"], shown)
     pinned = None
     if channel["pinned_product_id"]:
-        found = await queries.product(db, channel["pinned_product_id"])
         # a hidden product is not for sale, even if it was pinned before hiding unpinned it
-        pinned = product_card(found, site["storage"]) if found and found["shown"] else None
+        pinned = next((card for card in cards if card["id"] == channel["pinned_product_id"]),
+                      None)
     play_url = await media.play_url(channel["live_node_id"], channel["slug"])
     return {
         "slug": channel["slug"],
@@ -55,7 +82,9 @@ async def room_state(site: SiteState, channel: dict) -> dict:
         "hls_url": hls_url(play_url),
         "viewers": stats.get("viewers", 0),
         "pinned": pinned,
-        "products": [product_card(p, site["storage"]) for p in shown],
+        "products": cards,
+        "sales": [card["sale"] for card in cards if card["sale"] is not None],
+        "server_time": time.time(),
     }
 
 

@@ -51,9 +51,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from watchbuy.db import queries
+from watchbuy.db import queries, shopping
 from watchbuy.logs import LogLimiter
-from watchbuy.site import payments
+from watchbuy.site import flash, payments
 from watchbuy.site.chat import publish_room_event
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.web import (
@@ -86,8 +86,8 @@ class StockNotifier:
     "sold out" and the room has not been told yet.
 
     :meth:`changed` never awaits: a checkout's answer does not wait for the room.  The event is
-    ``{"type": "stock", "product_id", "stock", "coalesce": "stock:<id>"}``; the ``coalesce``
-    key lets each viewer's queue keep only the latest one (site/broker/memory.py).
+    ``{"type": "stock", "product_id", "stock", "sold", "coalesce": "stock:<id>"}``; the
+    ``coalesce`` key lets each viewer's queue keep only the latest one (site/broker/memory.py).
     """
 
     def __init__(self, db: Database, broker, interval: float) -> None:
@@ -144,9 +144,9 @@ class StockNotifier:
             found = await queries.product_stock_room(self.db, product_id)
             broker = self._broker()
             if found is not None and found[1] is not None and broker is not None:
-                stock, channel_id = found
+                stock, channel_id, sold = found
                 await publish_room_event(broker, channel_id, {
-                    "type": "stock", "product_id": product_id, "stock": stock,
+                    "type": "stock", "product_id": product_id, "stock": stock, "sold": sold,
                     "coalesce": f"stock:{product_id}"})
                 self._told[product_id] = stock
         except Exception as exc:  # the database or broker hiccupped: the next sale retries
@@ -194,7 +194,8 @@ async def cart_view(request: Request, error: str | None = None, status_code: int
         line["price"] = format_money(line["price_minor"], line["currency"])
     return render(request, "cart.html", status_code=status_code, lines=lines,
                   totals=money_totals(lines, "price_minor"), error=error,
-                  test_mode=not site["settings"].stripe_enabled)
+                  test_mode=not site["settings"].stripe_enabled,
+                  addresses=await shopping.user_addresses(site["db"], user["id"]))
 
 
 async def cart_page(request: Request):
@@ -208,6 +209,9 @@ async def cart_set(request: Request, add: bool):
     db = state(request)["db"]
     try:
         product_id = parse_int(form.get("product_id"), "Product", 1, 2**31 - 1)
+    except ValueError as exc:
+        return await cart_error(request, str(exc), field="product_id")
+    try:
         quantity = parse_int(form.get("quantity", "1"), "Quantity", 0 if not add else 1,
                              MAX_QUANTITY)
     except ValueError as exc:
@@ -216,7 +220,8 @@ async def cart_set(request: Request, add: bool):
     # A hidden product is not for sale by any path (its id is still known to the shoppers
     # who saw it); taking it out of the cart (quantity 0) stays possible.
     if product is None or not product["shown"] and (add or quantity > 0):
-        return await cart_error(request, "That product is not for sale.", 404)
+        return await cart_error(request, "That product is not for sale.", 404,
+                                field="product_id")
     if add:
         quantity += await queries.cart_quantity(db, user["id"], product_id)
     if quantity > product["stock"]:
@@ -231,13 +236,18 @@ async def cart_set(request: Request, add: bool):
         return await cart_error(request, message)
     await queries.set_cart_quantity(db, user["id"], product_id, quantity)
     if wants_json(request):
-        return JSONResponse({"ok": True, "product_id": product_id, "quantity": quantity})
+        # the header's cart badge shows the units in the cart
+        count = sum(line["quantity"] for line in await queries.cart(db, user["id"]))
+        return JSONResponse({"ok": True, "product_id": product_id, "quantity": quantity,
+                             "cart_count": count})
     return redirect(safe_next(form.get("next")) if form.get("next") else "/cart")
 
 
-async def cart_error(request: Request, message: str, status_code: int = 400):
+async def cart_error(request: Request, message: str, status_code: int = 400,
+                     field: str = "quantity"):
     if wants_json(request):
-        return JSONResponse({"ok": False, "error": message}, status_code=status_code)
+        return JSONResponse({"ok": False, "error": message, "field": field},
+                            status_code=status_code)
     return await cart_view(request, error=message, status_code=status_code)
 
 
@@ -256,13 +266,18 @@ async def checkout(request: Request):
     settings = site["settings"]
     checkouts = site["metrics"].checkouts
     mode = "stripe" if settings.stripe_enabled else "test"
+    form = await read_form(request)
+    chosen = (form.get("address_id") or "").strip()
+    address_id = int(chosen) if chosen.isascii() and chosen.isdigit() and \
+        len(chosen) < 10 else None  # not one of theirs: their default (checked in the query)
     try:
         # hidden products, stock and the per-shopper limits are all checked here, on the
         # server, in the transaction that reserves the stock
         order = await queries.create_order_from_cart(
             site["db"], user["id"], mode, test_mode=settings.test_orders,
             max_pending=settings.max_pending_orders,
-            max_units=settings.max_units_per_product)
+            max_units=settings.max_units_per_product, needs_address=True,
+            address_id=address_id)
     except (queries.OutOfStock, queries.NotForSale) as exc:
         checkouts.labels("unavailable").inc()
         if isinstance(exc, queries.OutOfStock) and exc.product_id is not None:
@@ -274,12 +289,17 @@ async def checkout(request: Request):
         checkouts.labels("limit").inc()
         log_limit(request, user, str(exc))
         return await cart_view(request, error=f"Sorry: {exc}.", status_code=409)
+    except queries.AddressRequired as exc:
+        checkouts.labels("invalid").inc()
+        return await cart_view(request, error=f"{exc}: it is copied onto the order.",
+                               status_code=400)
     except ValueError as exc:
         checkouts.labels("invalid").inc()
         return await cart_view(request, error=str(exc), status_code=400)
     notifier = stock_notifier(site)
     for item in order["items"]:
         notifier.changed(item["product_id"])  # the rooms hear it, coalesced; nobody waits
+    await flash.sold_units(site, order)
     if mode == "test":
         checkouts.labels("test").inc()
         return redirect(f"/checkout/{order['id']}/pay")
@@ -329,8 +349,8 @@ async def test_pay(request: Request):
         if error:
             return render(request, "pay_test.html", status_code=400, order=decorate(order),
                           error=error)
-        if await payments.fulfil(state(request)["db"], order["id"]):
-            return redirect(f"/orders?paid={order['id']}")
+        if await payments.fulfil(state(request)["db"], order["id"], state(request)):
+            return redirect(f"/orders/{order['id']}/thanks")
         # It stopped being payable between the read above and now (its reservation expired,
         # or it was cancelled in another tab).
         order = await own_order(request, order["id"])
@@ -347,7 +367,11 @@ def parse_path_id(request: Request, name: str) -> int:
 
 
 async def checkout_success(request: Request):
-    # Payment is confirmed by the webhook, never by this redirect (anyone can open a URL).
+    # Payment is confirmed by the webhook, never by this redirect (anyone can open a URL): the
+    # thank-you page shows the order as it stands (paid, or being confirmed).
+    order_id = request.query_params.get("order", "")
+    if order_id.isascii() and order_id.isdigit():
+        return redirect(f"/orders/{int(order_id)}/thanks")
     return redirect("/orders?returned=1")
 
 
@@ -372,7 +396,12 @@ async def checkout_cancel(request: Request):
 
 async def orders_page(request: Request):
     user = require_user(request)
-    orders = [decorate(o) for o in await queries.user_orders(state(request)["db"], user["id"])]
+    db = state(request)["db"]
+    orders = [decorate(o) for o in await queries.user_orders(db, user["id"])]
+    sellers = await shopping.order_sellers(db, [order["id"] for order in orders])
+    for order in orders:
+        order["sellers"] = sellers.get(order["id"], [])
+        order["address"] = shopping.order_address(order)
     notices = {
         "paying": "That order was not cancelled: its payment had already gone through.",
         "failed": "The payment service did not answer, so the order is not cancelled yet. "
@@ -442,13 +471,16 @@ async def apply_stripe_event(site: SiteState, event: dict) -> tuple[str, JSONRes
     if event["type"] in ("checkout.session.completed",
                          "checkout.session.async_payment_succeeded"):
         if session.get("payment_status") in ("paid", "no_payment_required"):
-            if not await payments.fulfil(db, order["id"]):
+            if not await payments.fulfil(db, order["id"], site):
                 # not pending: cancelled or expired while the buyer paid (or paid already);
                 # the payment must not be dropped
                 outcome = await payments.late_payment(
                     site, await queries.order(db, order["id"]),
                     session.get("payment_intent"))
                 return "late_payment", JSONResponse({"ok": True, "late_payment": outcome})
+            from watchbuy.site.buynow import remember_card  # it builds on this module
+
+            await remember_card(site, order, session)
             return "paid", JSONResponse({"ok": True})
     elif event["type"] in ("checkout.session.expired",
                            "checkout.session.async_payment_failed"):

@@ -12,12 +12,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from watchbuy.db import queries
+from watchbuy.db import queries, shopping
 from watchbuy.site import replays
 from watchbuy.site.accounts import ensure_channel
 from watchbuy.site.chat import publish_room_event
+from watchbuy.site.flash import public_sale
 from watchbuy.site.media import hls_url
-from watchbuy.site.rooms import product_card
+from watchbuy.site.rooms import product_card, room_cards
 from watchbuy.site.security import origin_of, same_secret
 from watchbuy.site.shop import stock_notifier, wants_json
 from watchbuy.site.state import SiteState, state
@@ -123,6 +124,12 @@ async def host_state_api(request: Request):
 
 
 async def studio(request: Request):
+    return await render_studio(request)
+
+
+async def render_studio(request: Request, status_code: int = 200, **extra):
+    """The studio page; ``extra`` (a refused flash-sale form: its errors and values) goes to
+    the template."""
     host = require_host(request)
     site = state(request)
     db = site["db"]
@@ -142,10 +149,18 @@ async def studio(request: Request):
     if play_url:
         # the preview player fetches from the node: this page's CSP must allow it (web.render)
         request.state.csp_media_origin = origin_of(play_url)
-    return render(request, "studio.html", channel=channel, ingest=ingest,
-                  ingest_error=ingest_error, products=products, room_url=room_url,
-                  play_url=play_url, hls_url=hls_url(play_url),
-                  notice=request.query_params.get("notice"))
+    sales = [public_sale(sale) for sale in await shopping.active_sales(db, channel["id"])]
+    names = {product["id"]: product["name"] for product in products}
+    for sale in sales:
+        sale["product_name"] = names.get(sale["product_id"], "")
+    extra.setdefault("flash_errors", {})
+    extra.setdefault("flash_values", {})
+    return render(request, "studio.html", status_code=status_code, channel=channel,
+                  ingest=ingest, ingest_error=ingest_error, products=products,
+                  room_url=room_url, play_url=play_url, hls_url=hls_url(play_url),
+                  notice=request.query_params.get("notice"),
+                  flash_sales=sales, flash_max_seconds=site["settings"].flash_sale_max_seconds,
+                  **extra)
 
 
 async def regenerate_key(request: Request):
@@ -393,7 +408,7 @@ async def pin(request: Request):
     await queries.set_pinned(db, channel["id"], product_id)
     card = None
     if product_id is not None:
-        card = product_card(product, state(request)["storage"])
+        card = (await room_cards(state(request), channel["id"], [product]))[0]
     # while live: a cue point in the stream and a pin on the media clock (site/replays.py)
     event = await replays.pinned_event(state(request), channel, product_id, card)
     await publish_room_event(state(request)["broker"], channel["id"], event)
@@ -410,22 +425,58 @@ async def announce_products(site: SiteState, host_id: int) -> None:
         return
     shown = await queries.host_products(db, host_id, shown_only=True)
     await publish_room_event(site["broker"], channel["id"], {
-        "type": "products", "products": [product_card(p, site["storage"]) for p in shown]})
+        "type": "products", "products": await room_cards(site, channel["id"], shown)})
 
 
 async def sales(request: Request):
     host = require_host(request)
     lines = await queries.host_sales(state(request)["db"], host["id"])
+    seen: set[int] = set()
     for line in lines:
         line["line_total"] = format_money(line["unit_price_minor"] * line["quantity"],
                                           line["currency"])
+        line["address"] = shopping.order_address(line)
+        # the order's date, address and ship action on its first line only (lines of one
+        # order come together, newest order first)
+        line["first_of_order"] = line["order_id"] not in seen
+        seen.add(line["order_id"])
     paid = [line for line in lines if line["status"] == "paid"]
     # test-mode orders: shown apart, never as money earned
-    return render(request, "sales.html", lines=lines,
+    return render(request, "sales.html", lines=lines, notice=request.query_params.get("notice"),
                   totals=money_totals((p for p in paid if not p["test_mode"]),
                                       "unit_price_minor"),
                   test_totals=money_totals((p for p in paid if p["test_mode"]),
                                            "unit_price_minor"))
+
+
+async def ship(request: Request):
+    """POST /studio/orders/<id>/ship {carrier?, tracking_number?}: a paid order of this host's
+    products is shipped (once); the shopper's /orders shows it."""
+    host = require_host(request)
+    try:
+        order_id = int(request.path_params["order_id"])
+    except ValueError:
+        raise HTTPException(404, "No such order.") from None
+    form = await read_form(request)
+    carrier = " ".join((form.get("carrier") or "").split())
+    tracking = " ".join((form.get("tracking_number") or "").split())
+    json_wanted = request.headers.get("accept", "").startswith("application/json")
+    for field, value, longest in (("carrier", carrier, 60), ("tracking_number", tracking, 100)):
+        if len(value) > longest:
+            message = f"At most {longest} characters."
+            if json_wanted:
+                return JSONResponse({"error": message, "field": field}, status_code=400)
+            raise HTTPException(400, f"{field.replace('_', ' ').capitalize()}: {message}")
+    shipped = await shopping.mark_shipped(state(request)["db"], host["id"], order_id, carrier,
+                                          tracking)
+    if not shipped:
+        message = "That order is not a paid, unshipped order of yours."
+        if json_wanted:
+            return JSONResponse({"error": message, "field": None}, status_code=409)
+        raise HTTPException(409, message)
+    if json_wanted:
+        return JSONResponse({"ok": True})
+    return redirect(f"/studio/sales?notice=shipped#order-{order_id}")
 
 
 routes = [
@@ -441,4 +492,5 @@ routes = [
     Route("/studio/health", health),
     Route("/studio/state", host_state_api),
     Route("/studio/sales", sales),
+    Route("/studio/orders/{order_id}/ship", ship, methods=["POST"]),
 ]

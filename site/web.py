@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
@@ -107,6 +108,11 @@ def build_templates() -> Environment:
         product["currency"],
     )
     env.globals["format_money"] = format_money
+    # order dates: Unix seconds shown in UTC (the site knows no shopper's time zone)
+    env.filters["isodate"] = lambda stamp: datetime.fromtimestamp(
+        stamp, UTC).isoformat(timespec="seconds")
+    env.filters["shortdate"] = lambda stamp: datetime.fromtimestamp(
+        stamp, UTC).strftime("%b %-d, %Y %H:%M UTC")
     env.filters["urlquote"] = lambda value: quote(str(value), safe="")
     return env
 
@@ -133,6 +139,24 @@ async def read_form(request: Request):
     settings = state(request)["settings"]
     return await request.form(max_files=1, max_fields=50,
                               max_part_size=settings.max_body_bytes)
+
+
+async def read_fields(request: Request) -> dict[str, str]:
+    """The request's fields as text, from a JSON object (a script's fetch) or a form; a JSON
+    body that is not an object of plain values is a ValueError (the caller answers 400).
+    Non-text JSON values become text (an id sent as 12 reads as "12"), nested ones are refused."""
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            data = await request.json()
+        except (ValueError, RecursionError):
+            raise ValueError("The request is not valid JSON.") from None
+        if not isinstance(data, dict) or any(isinstance(value, (dict, list))
+                                              for value in data.values()):
+            raise ValueError("The request must be a JSON object of fields.")
+        return {str(key): "" if value is None else str(value).lower()
+                if isinstance(value, bool) else str(value) for key, value in data.items()}
+    form = await read_form(request)
+    return {key: value for key, value in form.items() if isinstance(value, str)}
 
 
 def redirect(url: str) -> RedirectResponse:

@@ -23,7 +23,7 @@ from page_helpers import PASSWORD, Browser
 from starlette.applications import Starlette
 from starlette.exceptions import StarletteDeprecationWarning
 
-from watchbuy.db import queries
+from watchbuy.db import queries, shopping
 from watchbuy.site import security
 from watchbuy.site.accounts import ensure_channel
 from watchbuy.site.app import create_app
@@ -62,13 +62,23 @@ def password_hash() -> str:
     return security.hash_password(PASSWORD)
 
 
-async def make_user(db, name: str, host: bool = False, email: str | None = None) -> dict:
-    """A user made directly in the database (password: PASSWORD), with a room for hosts."""
+SAMPLE_ADDRESS = {"name": "Sam Shopper", "line1": "1 Market Street", "line2": "",
+                  "city": "Springfield", "postal_code": "12345", "region": "OR",
+                  "country": "US"}
+
+
+async def make_user(db, name: str, host: bool = False, email: str | None = None,
+                    address: bool = True) -> dict:
+    """A user made directly in the database (password: PASSWORD), with a room for hosts and
+    (unless ``address=False``) a default shipping address, as a shopper who bought before has
+    (physical products need one at checkout)."""
     local = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "user"
     email = email or f"{local}-{uuid.uuid4().hex[:6]}@example.test"
     user_id = await queries.create_user(db, email, name, password_hash(), host)
     user = {"id": user_id, "email": email, "password": PASSWORD, "display_name": name,
             "is_host": host, "channel": None}
+    if address:
+        user["address"] = await shopping.add_address(db, user_id, SAMPLE_ADDRESS, True)
     if host:
         user["channel"] = await ensure_channel(db, user_id, name)
     return user
@@ -114,8 +124,8 @@ class Site:
             browser.login_with(await start_session(self.db, user))
         return browser
 
-    async def user(self, name: str, host: bool = False) -> dict:
-        return await make_user(self.db, name, host)
+    async def user(self, name: str, host: bool = False, address: bool = True) -> dict:
+        return await make_user(self.db, name, host, address=address)
 
     async def product(self, host: dict, **kwargs) -> dict:
         return await make_product(self.db, host, **kwargs)
@@ -140,8 +150,8 @@ class SyncSite:
         """Run ``await fn(*args)`` on the app's event loop."""
         return self.client.portal.call(fn, *args)
 
-    def user(self, name: str, host: bool = False) -> dict:
-        user = self.call(make_user, self.db, name, host)
+    def user(self, name: str, host: bool = False, address: bool = True) -> dict:
+        user = self.call(functools.partial(make_user, self.db, name, host, address=address))
         user["session"] = self.call(start_session, self.db, user)
         return user
 

@@ -24,7 +24,97 @@ STRIPE_SECRET_KEY = "sk_test_x"
 STRIPE_WEBHOOK_SECRET = "whsec_test"
 
 
-class StripeStandIn:
+def _form(body: bytes) -> dict[str, str]:
+    return {key: values[-1] for key, values in parse_qs(body.decode()).items()}
+
+
+class _CustomersAndIntents:
+    """Customers, card PaymentMethods and PaymentIntents (one-tap buying): what
+    payments.StripeGateway's ensure_customer / charge_saved / card_of call."""
+
+    def add_customers_and_intents(self) -> None:
+        self.customers: dict[str, dict] = {}
+        self.methods: dict[str, dict] = {}
+        self.intents: dict[str, dict] = {}
+        self.by_key: dict[str, dict] = {}  # idempotency key → the object it made
+        self.decline_saved = False  # the next off-session payment needs the buyer present
+        self.app.router.routes.extend([
+            Route("/v1/customers", self.create_customer, methods=["POST"]),
+            Route("/v1/payment_intents", self.create_intent, methods=["POST"]),
+            Route("/v1/payment_intents/{intent_id}", self.retrieve_intent, methods=["GET"]),
+        ])
+
+    def _card_method(self) -> dict:
+        method = {"id": f"pm_{secrets.token_hex(12)}", "object": "payment_method",
+                  "type": "card", "customer": None,
+                  "card": {"brand": "visa", "last4": "4242", "exp_month": 12, "exp_year": 2099}}
+        self.methods[method["id"]] = method
+        return method
+
+    def _intent(self, amount: int, currency: str, customer: str | None, method: str,
+                status: str) -> dict:
+        intent = {"id": f"pi_{secrets.token_hex(12)}", "object": "payment_intent",
+                  "amount": amount, "currency": currency, "customer": customer,
+                  "payment_method": method, "status": status}
+        self.intents[intent["id"]] = intent
+        return intent
+
+    async def create_customer(self, request: Request):
+        form = _form(await request.body())
+        refused = self._refusal(request, "")
+        if refused:
+            return refused
+        key = request.headers.get("idempotency-key")
+        if key and key in self.by_key:
+            return JSONResponse(self.by_key[key])
+        customer = {"id": f"cus_{secrets.token_hex(8)}", "object": "customer",
+                    "email": form.get("email"),
+                    "metadata": {"user_id": form.get("metadata[user_id]")}}
+        self.customers[customer["id"]] = customer
+        if key:
+            self.by_key[key] = customer
+        return JSONResponse(customer)
+
+    async def create_intent(self, request: Request):
+        form = _form(await request.body())
+        method = self.methods.get(form.get("payment_method", ""))
+        problem = ""
+        if method is None:
+            problem = f"No such PaymentMethod: '{form.get('payment_method')}'"
+        elif method["customer"] != form.get("customer"):
+            problem = "The provided PaymentMethod is not attached to this Customer."
+        refused = self._refusal(request, problem)
+        self.requests[-1]["form"] = form  # (_refusal recorded the request)
+        if refused:
+            return refused
+        key = request.headers.get("idempotency-key")
+        if key and key in self.by_key:
+            return JSONResponse(self.by_key[key])
+        if self.decline_saved:  # as Stripe answers an off-session payment that needs 3DS
+            self.decline_saved = False
+            return JSONResponse({"error": {
+                "type": "card_error", "code": "authentication_required",
+                "message": "This payment requires authentication."}}, 402)
+        intent = self._intent(int(form["amount"]), form["currency"], form.get("customer"),
+                              method["id"], "succeeded")
+        intent["metadata"] = {"order_id": form.get("metadata[order_id]")}
+        if key:
+            self.by_key[key] = intent
+        return JSONResponse(intent)
+
+    async def retrieve_intent(self, request: Request):
+        intent = self.intents.get(request.path_params["intent_id"])
+        refused = self._refusal(request, "" if intent else "No such payment_intent", 404)
+        if refused:
+            return refused
+        answer = dict(intent)
+        if "payment_method" in request.query_params.getlist("expand[]") or \
+                request.query_params.get("expand[0]") == "payment_method":
+            answer["payment_method"] = self.methods[intent["payment_method"]]
+        return JSONResponse(answer)
+
+
+class StripeStandIn(_CustomersAndIntents):
     """POST /v1/checkout/sessions as Stripe answers it, enough for the official library.
 
     Records every request; the same Idempotency-Key gets the same session back, as Stripe does.
@@ -40,6 +130,7 @@ class StripeStandIn:
             Route("/v1/checkout/sessions", self.create_session, methods=["POST"]),
         ])
         self.add_expire_and_refund()
+        self.add_customers_and_intents()
 
     async def create_session(self, request: Request):
         body = (await request.body()).decode()
@@ -81,6 +172,8 @@ class StripeStandIn:
             "line_item_count": index,
             "expires_at": int(form["expires_at"]) if "expires_at" in form else None,
             "payment_intent": None,
+            "customer": form.get("customer"),
+            "setup_future_usage": form.get("payment_intent_data[setup_future_usage]"),
         }
         self.sessions[session_id] = session
         if key:
@@ -101,10 +194,15 @@ class StripeStandIn:
         ])
 
     def pay(self, session_id: str) -> dict:
-        """The buyer pays on Stripe's page: the session completes with a payment intent."""
+        """The buyer pays on Stripe's page (with the test Visa): the session completes with a
+        payment intent; a session made to keep the card attaches it to its Customer."""
         session = self.sessions[session_id]
-        session.update(status="complete", payment_status="paid",
-                       payment_intent=f"pi_{secrets.token_hex(12)}")
+        method = self._card_method()
+        intent = self._intent(session["amount_total"], session["currency"], session["customer"],
+                              method["id"], "succeeded")
+        if session["customer"] and session.get("setup_future_usage"):
+            method["customer"] = session["customer"]
+        session.update(status="complete", payment_status="paid", payment_intent=intent["id"])
         return session
 
     def _refusal(self, request: Request, message: str, status: int = 400,

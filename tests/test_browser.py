@@ -232,6 +232,26 @@ def test_chat_pin_and_checkout_between_two_people(server, new_context, record_pr
     assert shopper_page.evaluate("window.__sameDocument === true"), "the room page reloaded"
     shopper_page.goto(server.url + "/cart")
     assert "Ceramic mug" in shopper_page.inner_text("main")
+    # A new shopper has no address: the mug is shipped, so checkout asks for one first.
+    with shopper_page.expect_navigation():
+        shopper_page.click("#checkout")
+    assert "add a shipping address" in shopper_page.inner_text(".errors")
+    with shopper_page.expect_navigation():
+        shopper_page.click('a[href="/addresses?next=/cart"]')
+    shopper_page.set_viewport_size(PHONE)
+    fill_address(shopper_page, city="")
+    with shopper_page.expect_navigation():
+        shopper_page.click("#save-address")
+    error = shopper_page.locator("#error-city")
+    assert error.inner_text() == "Enter the city.", shopper_page.inner_text("main")[:300]
+    assert shopper_page.input_value('input[name="line1"]') == "1 Market Street"
+    error.scroll_into_view_if_needed()
+    screenshot(shopper_page, "addresses-error-phone.png")
+    shopper_page.fill('input[name="city"]', "Springfield")
+    with shopper_page.expect_navigation():
+        shopper_page.click("#save-address")
+    assert shopper_page.url.endswith("/cart"), shopper_page.url
+    assert "Springfield" in shopper_page.inner_text("#ship-to")
     with shopper_page.expect_navigation():
         shopper_page.click("#checkout")
     assert "/pay" in shopper_page.url, f"checkout went to {shopper_page.url}, not the test card form"
@@ -241,18 +261,64 @@ def test_chat_pin_and_checkout_between_two_people(server, new_context, record_pr
     shopper_page.fill('input[name="cvc"]', "123")
     with shopper_page.expect_navigation():
         shopper_page.click("#pay")
-    assert "/orders" in shopper_page.url, \
+    # Every payment ends on the order's thank-you page.
+    assert shopper_page.url.endswith(f"/orders/{order_id}/thanks"), \
         f"paying went to {shopper_page.url}: {shopper_page.inner_text('main')[:300]}"
+    thanks = shopper_page.inner_text("#thank-you")
+    assert "Thank you!" in thanks and "Ceramic mug" in thanks and "1 Market Street" in thanks
+    screenshot(shopper_page, "thank-you-phone.png")
+    shopper_page.goto(server.url + "/orders")
     status = shopper_page.inner_text(f"#order-{order_id} .status").strip().lower()
     assert status == "paid", f"order {order_id} on the shopper's orders page is {status!r}"
 
+    # The host sees the address in Sales and marks the order shipped; the shopper sees it.
     sales = host.new_page()
     sales.goto(server.url + "/studio/sales")
     line = sales.locator("tr", has_text=f"#{order_id}")
     assert line.count() == 1, f"order #{order_id} missing from the host's sales: " \
         f"{sales.inner_text('main')[:500]}"
     text = line.inner_text().lower()
-    assert "ceramic mug" in text and "paid" in text, text
+    assert "ceramic mug" in text and "paid" in text and "1 market street" in text, text
+    line.locator('input[name="carrier"]').fill("UPS")
+    line.locator('input[name="tracking_number"]').fill("1Z999AA10123456784")
+    screenshot(sales, "sales-ship-desktop.png")
+    with sales.expect_navigation():
+        line.locator(f'button[data-ship="{order_id}"]').click()
+    assert "Marked shipped" in sales.inner_text(".notice")
+    shopper_page.goto(server.url + "/orders")
+    status = shopper_page.inner_text(f"#order-{order_id} .status").strip().lower()
+    assert status == "shipped", f"order {order_id} after Mark shipped is {status!r}"
+    assert "1Z999AA10123456784" in shopper_page.inner_text(f"#order-{order_id}")
+    screenshot(shopper_page, "orders-shipped-phone.png")
+    shopper_page.goto(server.url + "/account")
+    assert shopper_page.is_checked("#announce")
+    screenshot(shopper_page, "account-phone.png")
+
+    # The host starts a flash sale from the studio's form.
+    studio.set_viewport_size(PHONE)
+    studio.goto(server.url + "/studio#flash-sales")
+    form = studio.locator("#flash-sales form.flash-form")
+    form.locator('input[name="sale_price"]').fill("5")
+    form.locator('input[name="quantity"]').fill("3")
+    with studio.expect_navigation():
+        studio.click("#start-flash")
+    running = studio.locator("#flash-sales .flash-running")
+    assert "Ceramic mug" in running.inner_text() and "3 of 3 left" in running.inner_text(), \
+        studio.inner_text("#flash-sales")
+    running.scroll_into_view_if_needed()
+    screenshot(studio, "studio-flash-phone.png")
+    with studio.expect_navigation():
+        running.locator("button", has_text="End now").click()
+    assert "Flash sale ended." in studio.inner_text("#flash-sales")
+
+
+def fill_address(page, **changes) -> None:
+    """The address book's form, as a shopper fills it in."""
+    values = {"name": "Sam Shopper", "line1": "1 Market Street", "city": "Springfield",
+              "postal_code": "97477", "region": "OR", **changes}
+    for field, value in values.items():
+        page.fill(f'input[name="{field}"]', value)
+    page.select_option('select[name="country"]', "US")
 
 
 def test_room_plays_goes_offline_and_resumes(server, publisher, new_context, record_property):

@@ -31,10 +31,10 @@ import sys
 import httpx
 import pytest
 import sqlalchemy as sa
-from app_helpers import make_user
+from app_helpers import SAMPLE_ADDRESS, make_user
 from server_helpers import REDIS_URL, redis_problem, require_server
 
-from watchbuy.db import queries
+from watchbuy.db import queries, shopping
 from watchbuy.db.schema import order_items, orders
 from watchbuy.site import security
 from watchbuy.site.broker.memory import InMemoryBroker
@@ -61,6 +61,8 @@ async def prepare_rush(db, shoppers: int = SHOPPERS, units: int = UNITS):
     for i in range(shoppers):
         user_id = await queries.create_user(db, f"rush-{i}-{os.urandom(3).hex()}@example.test",
                                             f"Shopper {i}", "x", False)
+        # the mug is shipped: a checkout needs an address (in the book, as a returning buyer)
+        await shopping.add_address(db, user_id, SAMPLE_ADDRESS, True)
         await queries.set_cart_quantity(db, user_id, product_id, 1)
         people.append((await security.start_session(db, user_id, 1.0),
                        base64.urlsafe_b64encode(os.urandom(18)).decode()))

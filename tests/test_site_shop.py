@@ -36,15 +36,15 @@ async def add_to_cart(browser, product_id, quantity="1"):
 # -- the cart ---------------------------------------------------------------------------------
 
 
-BAD_CART_INPUT = [
-    (None, "0", 400, "Quantity must be between 1 and 99."),
-    (None, "-1", 400, "Quantity must be between 1 and 99."),
-    (None, "1000000000", 400, "Quantity must be between 1 and 99."),
-    (None, "2.5", 400, "Quantity must be a whole number."),
-    (None, "", 400, "Quantity must be a whole number."),
-    (None, "11", 400, "Only 10 of Mug left in stock."),
-    ("999999", "1", 404, "That product is not for sale."),
-    ("abc", "1", 400, "Product must be a whole number."),
+BAD_CART_INPUT = [  # (product, quantity, status, message, the field at fault)
+    (None, "0", 400, "Quantity must be between 1 and 99.", "quantity"),
+    (None, "-1", 400, "Quantity must be between 1 and 99.", "quantity"),
+    (None, "1000000000", 400, "Quantity must be between 1 and 99.", "quantity"),
+    (None, "2.5", 400, "Quantity must be a whole number.", "quantity"),
+    (None, "", 400, "Quantity must be a whole number.", "quantity"),
+    (None, "11", 400, "Only 10 of Mug left in stock.", "quantity"),
+    ("999999", "1", 404, "That product is not for sale.", "product_id"),
+    ("abc", "1", 400, "Product must be a whole number.", "product_id"),
 ]
 
 
@@ -55,7 +55,7 @@ async def test_bad_cart_input_gets_a_message_and_changes_nothing(site) -> None:
     browser = await site.browser(shopper)
     await browser.get("/cart")
     before = await table_counts(site.db)
-    for product_id, quantity, status, message in BAD_CART_INPUT:
+    for product_id, quantity, status, message, field in BAD_CART_INPUT:
         product_id = product_id or str(mug["id"])
         case = f"product_id={product_id!r} quantity={quantity!r}"
         response = await add_to_cart(browser, product_id, quantity)
@@ -66,7 +66,7 @@ async def test_bad_cart_input_gets_a_message_and_changes_nothing(site) -> None:
         response = await browser.fetch("/cart/add", {"product_id": product_id,
                                                      "quantity": quantity})
         assert response.status_code == status, case
-        assert response.json() == {"ok": False, "error": message}, case
+        assert response.json() == {"ok": False, "error": message, "field": field}, case
     for quantity, message in [("1000000000", "Quantity must be between 0 and 99."),
                               ("-1", "Quantity must be between 0 and 99."),
                               ("11", "Only 10 of Mug left in stock.")]:
@@ -84,7 +84,8 @@ async def test_cart_add_update_remove_and_stock_limits(site) -> None:
     shopper = await site.user("Sue")
     browser = await site.browser(shopper)
     response = await browser.fetch("/cart/add", {"product_id": str(mug["id"]), "quantity": "2"})
-    assert response.json() == {"ok": True, "product_id": mug["id"], "quantity": 2}
+    assert response.json() == {"ok": True, "product_id": mug["id"], "quantity": 2,
+                               "cart_count": 2}
     assert (await add_to_cart(browser, mug["id"], 2)).status_code == 303
     assert (await add_to_cart(browser, bag["id"], 1)).status_code == 303
     # 4 in the cart, 5 in stock: 2 more would be 6
@@ -176,7 +177,8 @@ async def test_test_mode_checkout_pays_with_the_test_card(site) -> None:
 
     response = await browser.post(pay_url, {"card": "4242 4242 4242 4242", "expiry": "12/99",
                                             "cvc": "123"})
-    assert response.status_code == 303 and response.headers["location"] == f"/orders?paid={order_id}"
+    assert response.status_code == 303 and \
+        response.headers["location"] == f"/orders/{order_id}/thanks"
     order = await queries.order(site.db, order_id)
     assert order["status"] == "paid" and order["paid_at"]
     # paying again changes nothing, and says so

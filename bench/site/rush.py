@@ -28,12 +28,15 @@ import time
 
 import httpx
 
-from watchbuy.db import queries
+from watchbuy.db import queries, shopping
 from watchbuy.db.migrations import upgrade
 from watchbuy.site import security
 from watchbuy.site.accounts import ensure_channel
 from watchbuy.site.app import create_app
 from watchbuy.site.config import load_site_settings
+
+ADDRESS = {"name": "Rush Shopper", "line1": "1 Market Street", "city": "Springfield",
+           "postal_code": "12345", "country": "US"}
 
 
 async def prepare(db, shoppers: int, stock: int) -> tuple[int, list[tuple[str, str]]]:
@@ -47,6 +50,8 @@ async def prepare(db, shoppers: int, stock: int) -> tuple[int, list[tuple[str, s
     for i in range(shoppers):
         user = await queries.create_user(db, f"s{i}-{tag}@example.test", f"Shopper {i}", "x",
                                          False)
+        # the mug is shipped: checkout copies the shopper's default address onto the order
+        await shopping.add_address(db, user, ADDRESS, True)
         await queries.set_cart_quantity(db, user, product, 1)
         people.append((await security.start_session(db, user, 1.0), secrets.token_urlsafe(24)))
     return product, people

@@ -1,0 +1,291 @@
+"""Buy now (one tap): test mode with the saved test card, the address rules, Stripe with a
+saved card (the local stand-in), the thank-you page, "sold"/"bought" room events, and the
+host's Mark shipped seen on the shopper's /orders."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import sqlalchemy as sa
+from app_helpers import SAMPLE_ADDRESS, table_counts
+from shop_helpers import CARD, buy, next_events
+from stripe_standin import stripe_event, stripe_settings
+
+from watchbuy.db import queries, shopping
+from watchbuy.db.schema import order_items, products, users
+from watchbuy.site.chat import room_topic
+
+pytest_plugins = ["site_fixtures"]
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
+NEW_ADDRESS = {"name": "Ann Lee", "line1": "9 Elm Row", "city": "Leeds", "postal_code": "LS1 4AP",
+               "country": "GB"}
+
+
+async def product_row(db, product_id: int) -> dict:
+    return dict((await db.fetch_one(products.select().where(products.c.id == product_id)))
+                ._mapping)
+
+
+async def test_buy_now_in_test_mode_keeps_the_card_and_needs_an_address(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=5)
+    shopper = await site.user("Ann Lee", address=False)
+    browser = await site.browser(shopper)
+    await browser.get("/")
+    before = await table_counts(site.db)
+    # a physical product without an address: refused, with the field to fix
+    response = await buy(browser, mug["id"], **CARD)
+    assert response.status_code == 400
+    assert response.json() == {"error": "Add a shipping address: this product is shipped.",
+                               "field": "address"}
+    # a bad address field, or a bad card: the field named, nothing saved or reserved
+    response = await buy(browser, mug["id"], **CARD, **{**NEW_ADDRESS, "country": "UK"})
+    assert response.status_code == 400 and response.json()["field"] == "country"
+    response = await buy(browser, mug["id"], **NEW_ADDRESS, **{**CARD, "card": "4000 0000"})
+    assert response.status_code == 400 and response.json() == {
+        "error": "Test mode accepts only the test card 4242 4242 4242 4242.", "field": "card"}
+    response = await buy(browser, mug["id"], **NEW_ADDRESS, **{**CARD, "cvc": "x"})
+    assert response.json()["field"] == "cvc"
+    assert await table_counts(site.db) == before
+
+    # the first purchase: address and card typed in the sheet
+    response = await buy(browser, mug["id"], **NEW_ADDRESS, **CARD)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    order_id = body["order"]["id"]
+    address = {**NEW_ADDRESS, "line2": "", "region": ""}
+    assert body == {"ok": True, "thank_you_url": f"/orders/{order_id}/thanks", "order": {
+        "id": order_id, "total": "$18.00", "total_minor": 1800, "currency": "usd",
+        "items": [{"product_id": mug["id"], "name": "Mug", "quantity": 1,
+                   "unit_price": "$18.00", "flash_sale_id": None}],
+        "address": address}}
+    order = await queries.order(site.db, order_id)
+    assert order["status"] == "paid" and order["ship_city"] == "Leeds"
+    row = await product_row(site.db, mug["id"])
+    assert (row["stock"], row["sold"]) == (4, 1)
+    # the address went into the book; only the card's brand and last four were kept
+    book = await shopping.user_addresses(site.db, shopper["id"])
+    assert [(a["city"], bool(a["is_default"])) for a in book] == [("Leeds", True)]
+    user = dict((await site.db.fetch_one(users.select().where(users.c.id == shopper["id"])))
+                ._mapping)
+    assert (user["saved_card_brand"], user["saved_card_last4"]) == ("visa", "4242")
+    assert "4242424242424242" not in json.dumps(user, default=str)
+    # the thank-you page: the owner's only
+    page = await browser.get(body["thank_you_url"])
+    assert page.status_code == 200 and "Thank you!" in page.text
+    assert "1 × Mug — $18.00" in page.text and "9 Elm Row" in page.text
+    assert "Host will ship it" in page.text
+    stranger = await site.browser(await site.user("Eve"))
+    assert (await stranger.get(body["thank_you_url"])).status_code == 404
+
+    # the second purchase: one tap, no card, no address (the saved ones)
+    response = await buy(browser, mug["id"])
+    assert response.status_code == 200, response.text
+    second = await queries.order(site.db, response.json()["order"]["id"])
+    assert second["status"] == "paid" and second["ship_line1"] == "9 Elm Row"
+    # a chosen address of someone else's book is refused
+    response = await buy(browser, mug["id"], address_id=str(
+        (await site.user("Bob"))["address"]["id"]))
+    assert response.status_code == 400 and response.json()["field"] == "address_id"
+
+
+async def test_buy_now_refusals(site) -> None:
+    host = await site.user("Host", host=True)
+    gone = await site.product(host, name="Gone", stock=0)
+    hidden = await site.product(host, name="Hidden", stock=3)
+    await queries.update_product(site.db, host["id"], hidden["id"], shown=False)
+    ebook = await site.product(host, name="E-book", price_minor=500, stock=3)
+    await site.db.execute(products.update().where(products.c.id == ebook["id"])
+                          .values(physical=False))
+    shopper = await site.user("Ann", address=False)
+    browser = await site.browser(shopper)
+    response = await buy(browser, gone["id"], **CARD)
+    assert response.status_code == 409 and response.json() == {
+        "error": "Sorry, Gone is sold out.", "field": "product_id"}
+    response = await buy(browser, hidden["id"], **CARD)
+    assert response.status_code == 404 and response.json()["field"] == "product_id"
+    response = await buy(browser, "abc", **CARD)
+    assert response.status_code == 400 and response.json()["field"] == "product_id"
+    # nothing to ship: no address needed, none copied
+    response = await buy(browser, ebook["id"], **CARD)
+    assert response.status_code == 200, response.text
+    order = await queries.order(site.db, response.json()["order"]["id"])
+    assert order["status"] == "paid" and order["ship_line1"] is None
+
+
+async def test_buy_now_sells_exactly_the_stock_under_concurrency(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    shoppers = [await site.user(f"Shopper {i}") for i in range(12)]
+    for shopper in shoppers:
+        await shopping.save_card(site.db, shopper["id"], "visa", "4242")
+    browsers = [await site.browser(s) for s in shoppers]
+    await asyncio.gather(*(b.get("/") for b in browsers))
+    responses = await asyncio.gather(*(buy(b, mug["id"]) for b in browsers))
+    assert sorted(r.status_code for r in responses) == [200] * 5 + [409] * 7
+    row = await product_row(site.db, mug["id"])
+    assert (row["stock"], row["sold"]) == (0, 5)
+
+
+async def test_cart_checkout_copies_the_address_and_needs_one(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    nobody = await site.browser(await site.user("Ann", address=False))
+    await nobody.fetch("/cart/add", {"product_id": str(mug["id"]), "quantity": "1"})
+    response = await nobody.post("/checkout")
+    assert response.status_code == 400
+    assert "Mug is shipped: add a shipping address: it is copied onto the order." in \
+        response.text
+    assert (await product_row(site.db, mug["id"]))["stock"] == 5
+    shopper = await site.user("Bob")
+    second = await shopping.add_address(site.db, shopper["id"],
+                                        {**SAMPLE_ADDRESS, "city": "Shelbyville"}, False)
+    browser = await site.browser(shopper)
+    await browser.fetch("/cart/add", {"product_id": str(mug["id"]), "quantity": "2"})
+    page = await browser.get("/cart")
+    assert 'name="address_id"' in page.text and "Shelbyville" in page.text
+    response = await browser.post("/checkout", {"address_id": str(second["id"])})
+    assert response.status_code == 303
+    order_id = int(response.headers["location"].split("/")[2])
+    order = await queries.order(site.db, order_id)
+    assert order["ship_city"] == "Shelbyville" and order["ship_country"] == "US"
+    row = await product_row(site.db, mug["id"])
+    assert (row["stock"], row["sold"]) == (3, 2)
+    # an unpaid order that expires gives its units back, and "sold" with them
+    await queries.release_order(site.db, order_id, "expired")
+    row = await product_row(site.db, mug["id"])
+    assert (row["stock"], row["sold"]) == (5, 0)
+
+
+async def test_rooms_hear_sold_and_who_bought_unless_they_opted_out(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=12)
+    ann = await site.user("Ann Lee")
+    await shopping.save_card(site.db, ann["id"], "visa", "4242")
+    browser = await site.browser(ann)
+    subscription = site.app.state.broker.subscribe(room_topic(host["channel"]["id"]))
+    await subscription.ready()
+    try:
+        # the room's cards carry "sold" and "Only N left" (threshold 10)
+        card = (await browser.get(f"/api/rooms/{host['channel']['slug']}")).json()["products"][0]
+        assert (card["sold"], card["low_stock"], card["stock"]) == (0, False, 12)
+        assert (await buy(browser, mug["id"])).status_code == 200
+        events = await next_events(subscription, {"bought", "stock"})
+        assert events["bought"] == {"type": "bought", "first_name": "Ann",
+                                    "product_id": mug["id"], "product_name": "Mug",
+                                    "coalesce": "bought"}
+        assert (events["stock"]["stock"], events["stock"]["sold"]) == (11, 1)
+        card = (await browser.get(f"/api/rooms/{host['channel']['slug']}")).json()["products"][0]
+        assert (card["sold"], card["low_stock"]) == (1, False)
+
+        await browser.get("/account")
+        await browser.post("/account", {})  # opts out of the announcement
+        assert (await buy(browser, mug["id"])).status_code == 200
+        events = await next_events(subscription, {"stock"}, also={"bought"})
+        assert "bought" not in events  # the stock event came; no announcement before it
+        assert (events["stock"]["stock"], events["stock"]["sold"]) == (10, 2)
+        card = (await browser.get(f"/api/rooms/{host['channel']['slug']}")).json()["products"][0]
+        assert card["low_stock"] is True
+    finally:
+        await subscription.close()
+
+
+async def test_host_marks_shipped_and_the_shopper_sees_it(site) -> None:
+    host = await site.user("Host", host=True)
+    other_host = await site.user("Other", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    shopper = await site.user("Ann")
+    await shopping.save_card(site.db, shopper["id"], "visa", "4242")
+    browser = await site.browser(shopper)
+    order_id = (await buy(browser, mug["id"])).json()["order"]["id"]
+    hosts = await site.browser(host)
+    sales = await hosts.get("/studio/sales")
+    assert "1 Market Street" in sales.text and "Springfield" in sales.text
+    assert f'action="/studio/orders/{order_id}/ship"' in sales.text
+    orders_page = await browser.get("/orders")
+    assert '<span class="status paid">paid</span>' in orders_page.text
+    assert "from Host" in orders_page.text and "waiting to be shipped" in orders_page.text
+    # another host cannot ship it
+    others = await site.browser(other_host)
+    await others.get("/studio")
+    assert (await others.post(f"/studio/orders/{order_id}/ship", {})).status_code == 409
+    too_long = await hosts.post(f"/studio/orders/{order_id}/ship", {"carrier": "x" * 61})
+    assert too_long.status_code == 400
+    response = await hosts.post(f"/studio/orders/{order_id}/ship",
+                                {"carrier": "DHL", "tracking_number": "JD0146 0000 1"})
+    assert response.status_code == 303
+    assert response.headers["location"] == f"/studio/sales?notice=shipped#order-{order_id}"
+    # once only
+    assert (await hosts.post(f"/studio/orders/{order_id}/ship", {})).status_code == 409
+    orders_page = await browser.get("/orders")
+    assert '<span class="status shipped">shipped</span>' in orders_page.text
+    assert "with DHL, tracking number <strong>JD0146 0000 1</strong>" in orders_page.text
+    sales = await hosts.get("/studio/sales")
+    assert "Mark shipped" not in sales.text and "DHL · JD0146 0000 1" in sales.text
+
+
+# -- Stripe -------------------------------------------------------------------------------------
+
+
+async def deliver(site, payload: str):
+    from stripe_standin import stripe_signature
+
+    return await (await site.browser()).http.post(
+        "/webhooks/stripe", content=payload,
+        headers={"Content-Type": "application/json", "Stripe-Signature":
+                 stripe_signature(payload)})
+
+
+async def test_stripe_buy_now_keeps_the_card_and_pays_off_session(make_site, stripe_api) -> None:
+    site = await make_site(**stripe_settings(stripe_api))
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=5)
+    shopper = await site.user("Ann")
+    browser = await site.browser(shopper)
+    await browser.get("/")
+    # first purchase: Checkout, prefilled for a new Customer, keeping the card
+    response = await buy(browser, mug["id"])
+    assert response.status_code == 200, response.text
+    url = response.json()["redirect"]
+    session = stripe_api.sessions[url.rsplit("/", 1)[1]]
+    profile = await shopping.payment_profile(site.db, shopper["id"])
+    assert session["customer"] == profile["stripe_customer_id"] is not None
+    assert session["setup_future_usage"] == "off_session"
+    order = await queries.order_by_payment_ref(site.db, session["id"])
+    assert order["status"] == "pending" and order["ship_city"] == "Springfield"
+    assert session["success_url"].endswith(f"/orders/{order['id']}/thanks")
+    stripe_api.pay(session["id"])
+    completed = stripe_event("checkout.session.completed", session)
+    assert (await deliver(site, completed)).status_code == 200
+    assert (await queries.order(site.db, order["id"]))["status"] == "paid"
+    profile = await shopping.payment_profile(site.db, shopper["id"])
+    assert (profile["saved_card_brand"], profile["saved_card_last4"]) == ("visa", "4242")
+    assert profile["saved_payment_method"].startswith("pm_")
+
+    # second purchase: the saved card pays off-session at once, no page to leave for
+    response = await buy(browser, mug["id"])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["ok"] is True and body["thank_you_url"].endswith("/thanks")
+    second = await queries.order(site.db, body["order"]["id"])
+    assert second["status"] == "paid" and second["payment_ref"].startswith("pi_")
+    intent_request = [r for r in stripe_api.requests if r.get("path") == "/v1/payment_intents"][-1]
+    assert intent_request["form"]["off_session"] == "true"
+    assert intent_request["form"]["confirm"] == "true"
+    assert intent_request["form"]["customer"] == profile["stripe_customer_id"]
+    assert intent_request["form"]["amount"] == "1800"
+    # the customer is reused, never made twice
+    assert sum(1 for c in stripe_api.customers.values()
+               if c["metadata"]["user_id"] == str(shopper["id"])) == 1
+
+    # the bank wants the buyer present: Checkout for the same Customer instead
+    stripe_api.decline_saved = True
+    response = await buy(browser, mug["id"])
+    assert response.status_code == 200 and "redirect" in response.json()
+    session = stripe_api.sessions[response.json()["redirect"].rsplit("/", 1)[1]]
+    assert session["customer"] == profile["stripe_customer_id"]
+    items = await site.db.fetch_val(sa.select(sa.func.count()).select_from(order_items))
+    assert items == 3
