@@ -28,6 +28,7 @@ from watchbuy.site.observe import RequestContextMiddleware, install_request_id_f
 from watchbuy.site.passwords import PasswordWorkers
 from watchbuy.site.payments import StripeGateway, expire_stale_test_orders
 from watchbuy.site.ratelimit import make_rate_limiter
+from watchbuy.site.roomlive import RoomLive
 from watchbuy.site.security import AuthMiddleware, origin_of
 from watchbuy.site.state import SiteState
 from watchbuy.site.storage import LocalStorage, make_storage
@@ -125,6 +126,11 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             # per user across every site process (kept in Redis with a Redis broker)
             chat_limiter=make_rate_limiter(settings.chat_rate, 10.0, settings.broker_url,
                                            settings.broker_prefix, "chat"),
+            # per shopper across every site process, like chat
+            heart_limiter=make_rate_limiter(settings.heart_rate, settings.heart_window,
+                                            settings.broker_url, settings.broker_prefix,
+                                            "hearts"),
+            room_live=RoomLive(settings, broker),
             room_connections=chat.Connections(),
             session_watch=chat.SessionWatch(broker),
             dashboard=dashboard.DashboardSampler(media, db),
@@ -132,6 +138,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             hook_guard=hooks.HookGuard(settings, broker),
         )
         site = cast(SiteState, shared)
+        site["room_live"].start()
         # Upkeep: unpaid test-mode orders give their stock back; ended sessions and old login
         # attempts are pruned.  Stopped between rounds (see repeat_until).
         stopping = asyncio.Event()
@@ -152,6 +159,8 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             await media.close()
             await site["dashboard"].stop()
             await site["chat_limiter"].close()
+            await site["room_live"].close()
+            await site["heart_limiter"].close()
             await broker.close()
             await db.disconnect()
 
