@@ -94,7 +94,9 @@ def parse_int(text: str | None, name: str, low: int, high: int) -> int:
     return value
 
 
-def build_templates() -> Environment:
+def build_templates(vendor: dict[str, str] | None = None) -> Environment:
+    """The pages' Jinja environment; ``vendor``: where each front-end package is served
+    (``{{ vendor.mpegts }}/mpegts.js``)."""
     env = Environment(
         loader=FileSystemLoader(TEMPLATES),
         autoescape=select_autoescape(["html"]),
@@ -108,6 +110,7 @@ def build_templates() -> Environment:
     )
     env.globals["format_money"] = format_money
     env.filters["urlquote"] = lambda value: quote(str(value), safe="")
+    env.globals["vendor"] = vendor or {}
     return env
 
 
