@@ -72,8 +72,12 @@ async def room_page(request: Request):
     host = await queries.user_by_id(site["db"], channel["host_id"])
     shown = await room_state(site, channel)
     user = request.state.user
+    # the header's cart badge (room.js keeps it current as the shopper adds)
+    cart_count = sum(line["quantity"] for line in await queries.cart(site["db"], user["id"])) \
+        if user is not None else 0
     return render(request, "room.html", channel=channel, host=host, state=shown,
-                  is_host=user is not None and user["id"] == channel["host_id"])
+                  is_host=user is not None and user["id"] == channel["host_id"],
+                  cart_count=cart_count)
 
 
 async def room_state_api(request: Request):

@@ -14,23 +14,19 @@ import itertools
 import json
 import statistics
 import time
-import urllib.request
 import uuid
 from urllib.parse import urlencode
 
 import pytest
 from browser_helpers import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     DESKTOP,
     MPEGTS,
     PHONE,
     LocalPages,
-    Publisher,
-    Server,
+    go_live,
     log_in,
-    require_browser,
     require_hlsjs,
+    room_state,
     screenshot,
     sign_up,
     video_state,
@@ -40,79 +36,12 @@ from browser_helpers import (
 from watchbuy.site.media import hls_url
 
 pytestmark = [pytest.mark.ffmpeg, pytest.mark.timeout(120)]
+# server (watchbuy serve), browser (Chromium), new_context (CSP-checked), publisher (ffmpeg)
+pytest_plugins = ["browser_fixtures"]
 
 HOST_EMAIL = "host@watchbuy.local"
 PLAY_TIMEOUT = 30.0  # first frame on a loaded 2-core machine
 MAX_AHEAD = 1.5  # seconds between currentTime and the end of the buffered range
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    require_browser()
-    srv = Server(tmp_path_factory.mktemp("watchbuy-serve")).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, timeout=60_000)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def publisher(server, tmp_path):
-    pub = Publisher(server.rtmp_url, tmp_path / "ffmpeg.log")
-    yield pub
-    pub.stop()
-
-
-@pytest.fixture
-def new_context(browser):
-    """Browser contexts (separate cookie jars: separate people), closed after the test.
-
-    Every page must work under the site's Content-Security-Policy: a violation Chromium
-    reports on the console fails the test."""
-    contexts = []
-    violations: list[str] = []
-
-    def on_console(message) -> None:
-        if "Content Security Policy" in message.text:
-            violations.append(message.text)
-
-    def make(**options):
-        options.setdefault("viewport", DESKTOP)
-        context = browser.new_context(**options)
-        context.on("console", on_console)
-        context.set_default_timeout(20_000)
-        context.set_default_navigation_timeout(30_000)
-        contexts.append(context)
-        return context
-
-    yield make
-    for context in contexts:
-        context.close()
-    assert not violations, f"CSP violations: {violations}"
-
-
-def room_state(server) -> dict:
-    with urllib.request.urlopen(f"{server.url}/api/rooms/{server.room_slug}", timeout=5) as r:
-        return json.load(r)
-
-
-def go_live(server, publisher) -> None:
-    """Start ffmpeg and wait until the site knows the room is live."""
-    publisher.start()
-    wait_until(
-        lambda: room_state(server)["live"], 30,
-        lambda: (f"the room did not go live 30 s after ffmpeg started publishing to "
-                 f"{server.rtmp_url} (ffmpeg running: {publisher.running()}; ffmpeg says: "
-                 f"{publisher.errors()!r}); server output:\n{server.output()}"))
 
 
 def wait_playing(page, what: str, timeout: float = PLAY_TIMEOUT) -> dict:
