@@ -62,7 +62,7 @@ class SiteSettings:
     # every site process); a shopper (or address, for visitors) may send heart_rate heart
     # frames per heart_window, each of at most heart_batch_max taps; more are dropped
     hearts_interval: float = 0.25
-    heart_rate: int = 10
+    heart_rate: int = 15
     heart_window: float = 10.0
     heart_batch_max: int = 10
     # viewer counts reach the room this often after a change (and on arrival at once)

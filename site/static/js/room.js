@@ -498,8 +498,11 @@
   });
   setInterval(function () {
     if (!pendingHearts) return;
-    send({ type: "heart", count: Math.min(pendingHearts, HEART_BATCH) });
-    pendingHearts = 0;  // taps beyond a batch a second only show here
+    const batch = Math.min(pendingHearts, HEART_BATCH);
+    send({ type: "heart", count: batch });
+    // A burst carries over to the next seconds, up to a few batches; beyond that a tap only
+    // shows here (the server would drop it anyway: heart_rate per shopper).
+    pendingHearts = Math.min(pendingHearts - batch, 3 * HEART_BATCH);
   }, 1000);
   function onHearts(count) {
     heartsTotal += count;
