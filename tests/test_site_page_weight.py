@@ -1,13 +1,15 @@
-"""Page weight: compressed text, a year's cache for versioned vendor files, no cookies on static
+"""Page weight and accessibility basics: compressed text, a year's cache for versioned vendor files, no cookies on static
 files, and nothing compressed that must not be (pages with the CSRF token, websockets, SSE)."""
 
 from __future__ import annotations
 
 import gzip
 import re
+from pathlib import Path
 
 from ws_helpers import ws_receive
 
+from watchbuy.site import app as app_module
 from watchbuy.site.app import vendor_version
 
 pytest_plugins = ["site_fixtures"]
@@ -62,3 +64,29 @@ def test_room_page_has_a_skip_link_and_named_images(sync_site) -> None:
     page = sync_site.client.get(f"/room/{host['channel']['slug']}").text
     assert re.search(r'<a class="skip-link" href="#[\w-]+"', page)
     assert 'alt="Blue mug"' in page or "noimage" in page
+
+
+def contrast(a: str, b: str) -> float:
+    """WCAG 2 contrast ratio of two #rrggbb colours."""
+    def luminance(colour: str) -> float:
+        channels = [int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    high, low = sorted((luminance(a), luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_text_colours_pass_wcag_aa() -> None:
+    css = (Path(app_module.__file__).parent / "static" / "css" / "site.css").read_text()
+    colours = dict(re.findall(r"--([\w-]+): (#[0-9a-f]{6})", css.split("}", 1)[0]))
+    pairs = {  # text on background, as the style sheet uses them
+        "accent on white (links, prices)": (colours["accent"], "#ffffff"),
+        "white on accent (buttons, badges)": ("#ffffff", colours["accent"]),
+        "accent on the page": (colours["accent"], colours["bg"]),
+        "muted on the page": (colours["muted"], colours["bg"]),
+        "muted on a badge": (colours["muted"], "#ecebe6"),
+        "ok on white": (colours["ok"], "#ffffff"),
+        "warn on the test-mode note": (colours["warn"], "#fff4e0"),
+    }
+    for what, (ink, paper) in pairs.items():
+        assert contrast(ink, paper) >= 4.5, f"{what}: {contrast(ink, paper):.2f}:1"
