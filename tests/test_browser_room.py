@@ -125,7 +125,8 @@ def test_phone_portrait_vertical_stream_fills_the_screen(server, make_publisher,
 
     host = host_context(new_context, server)
     pin(host, server, "Ceramic mug")
-    go_live(server, make_publisher("720x1280"))
+    publisher = make_publisher("720x1280")
+    go_live(server, publisher)
     _, page = shopper(new_context, server, "Maya", viewport=PHONE, is_mobile=True,
                       has_touch=True, device_scale_factor=1)
     page.goto(server.room_url)
@@ -160,6 +161,26 @@ def test_phone_portrait_vertical_stream_fills_the_screen(server, make_publisher,
     page.keyboard.press("Escape")
     page.wait_for_selector("#products", state="hidden")
     assert page.evaluate("document.activeElement.id") == "open-products"
+
+    # The show ends: the offline card, and neither "Tap for sound" nor a viewer count on it.
+    publisher.stop()
+    page.wait_for_selector("#offline", state="visible", timeout=20_000)
+    assert page.is_hidden("#unmute") and page.is_hidden("#viewers")
+
+
+def test_reduced_motion_keeps_hearts_still(server, new_context):
+    page = new_context(viewport=PHONE, is_mobile=True, has_touch=True,
+                       reduced_motion="reduce").new_page()
+    page.goto(server.room_url)
+    socket_open(page)
+    for _ in range(3):
+        page.tap("#heart")
+    assert page.locator("#hearts-float .float-heart").count() == 0
+    moving = new_context(viewport=PHONE, is_mobile=True, has_touch=True).new_page()
+    moving.goto(server.room_url)
+    socket_open(moving)
+    moving.tap("#heart")
+    assert moving.locator("#hearts-float .float-heart").count() >= 1
 
 
 def test_phone_landscape_and_desktop_follow_the_stream(server, make_publisher, new_context):
