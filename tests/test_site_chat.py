@@ -16,7 +16,9 @@ from starlette.websockets import WebSocketDisconnect
 from ws_helpers import ws_quiet, ws_receive, ws_until
 
 from watchbuy.db import queries
+from watchbuy.settings import ConfigError
 from watchbuy.site import chat, security
+from watchbuy.site.config import load_site_settings
 
 pytest_plugins = ["site_fixtures"]
 
@@ -598,3 +600,30 @@ def test_hearts_and_viewers_are_shared_by_site_processes(db_url, redis_url, tmp_
         with b.websocket(slug) as late:
             ws_receive(late)
             assert viewers_reach(late, 1)
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("WATCHBUY_HEARTS_INTERVAL", "0", "WATCHBUY_HEARTS_INTERVAL: seconds, from 0.05 to 5"),
+    ("WATCHBUY_VIEWERS_INTERVAL", "5", "WATCHBUY_VIEWERS_INTERVAL: seconds, from 0.2 to 2"),
+    ("WATCHBUY_HEART_RATE", "0", "WATCHBUY_HEART_RATE: must be positive"),
+    ("WATCHBUY_HEART_BATCH_MAX", "-1", "WATCHBUY_HEART_BATCH_MAX: must be positive"),
+])
+def test_bad_heart_and_viewer_settings_are_one_clear_line(name, value, message) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_site_settings(environ={"WATCHBUY_ENV_FILE": "/dev/null", name: value})
+    assert str(error.value) == message
+
+
+def test_room_cards_show_urgency_description_and_image_names(sync_site) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    site.product(host, name="Last mugs", stock=3)
+    site.product(host, name="Gone vase", stock=0)
+    site.product(host, name="Plenty bowls", stock=40)
+    page = site.client.get(f"/room/{host['channel']['slug']}").text
+    cards = dict(re.findall(r'<article class="product[^"]*" data-product-id="\d+">\s*'
+                            r'.*?<h3>(.*?)</h3>(.*?)</article>', page, re.S))
+    assert "Only 3 left" in cards["Last mugs"]
+    assert "Sold out" in cards["Gone vase"] and "disabled" in cards["Gone vase"]
+    assert "40 in stock" in cards["Plenty bowls"] and "Only" not in cards["Plenty bowls"]
+    assert 'aria-label="Last mugs"' in page  # no image: the placeholder is named
