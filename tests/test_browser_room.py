@@ -8,6 +8,7 @@ Debian's Chromium through Playwright.  The screenshots go to docs/screenshots/.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from urllib.parse import quote
@@ -391,3 +392,56 @@ def test_visitor_buy_now_goes_through_log_in_and_back(server, new_context):
             "[data-buy]").click()
     expected = quote(f"/room/{server.room_slug}?buy={mug['id']}", safe="")
     assert page.url == f"{server.url}/login?next={expected}", page.url
+
+
+def test_urgency_sale_countdown_and_ticker_from_room_events(server, new_context):
+    """The shop's live events as its contract describes them (stock with "sold", "sale",
+    "sale_ended", "bought"), sent into the room's real websocket (Playwright's websocket route:
+    the page's socket stays connected to the site, these are added to what the site sends).
+    The browser's clock runs an hour slow: the countdown follows the server's clock."""
+    mug = next(p for p in room_state(server)["products"] if p["name"] == "Ceramic mug")
+    context = new_context()
+    context.add_init_script("""(() => { const real = Date.now;
+      Date.now = () => real() - 3600 * 1000; })();""")
+    sockets = []
+
+    def route(ws) -> None:
+        ws.connect_to_server()
+        sockets.append(ws)
+
+    context.route_web_socket("**/ws/room/**", route)
+    page = context.new_page()
+    page.goto(server.room_url)
+    socket_open(page)
+    # the clock answer ({"type": "time"}) has come back: the offset is about an hour
+    page.wait_for_function("() => Math.abs(WatchBuyRoom.now() - Date.now() - 3600e3) < 5000")
+    [ws] = sockets
+    card = page.locator("#product-list .product", has_text="Ceramic mug")
+
+    ws.send(json.dumps({"type": "stock", "product_id": mug["id"], "stock": 3, "sold": 22}))
+    card.locator("text=Only 3 left").wait_for()
+    assert "22 sold" in card.inner_text()
+
+    ends = time.time() * 1000 + 90_000  # the server's clock, 90 s from now
+    ws.send(json.dumps({"type": "sale", "server_time": time.time() * 1000, "sale": {
+        "id": 1, "product_id": mug["id"], "sale_price": "$12.00", "sale_price_minor": 1200,
+        "currency": "usd", "quantity": 3, "remaining": 3, "per_shopper_limit": 1,
+        "starts_at": time.time() * 1000, "ends_at": ends}}))
+    card.locator(".sale-badge").wait_for()
+    page.wait_for_function(
+        "id => /^1:[23]\\d$/.test(document.querySelector("
+        "'#product-list .product[data-product-id=\"' + id + '\"] .countdown').textContent)",
+        arg=mug["id"])
+    assert "$12.00" in card.inner_text() and "$18.00" in card.inner_text()
+
+    ws.send(json.dumps({"type": "bought", "first_name": "Ana", "product_id": mug["id"],
+                        "product_name": "Ceramic mug"}))
+    page.wait_for_selector("#ticker >> text=Ana just bought Ceramic mug")
+    screenshot(page, "room-desktop-urgency.png")
+
+    ws.send(json.dumps({"type": "sale_ended", "sale_id": 1, "product_id": mug["id"],
+                        "reason": "sold_out"}))
+    card.locator(".sale-badge").wait_for(state="detached")
+    ws.send(json.dumps({"type": "stock", "product_id": mug["id"], "stock": 0, "sold": 25}))
+    card.locator(".badge.soldout").wait_for()
+    assert card.locator("[data-buy]").is_disabled() and card.locator("[data-add]").is_disabled()
