@@ -36,6 +36,7 @@ def test_player_script_is_compressed_and_cached_for_a_year(sync_site) -> None:
     with sync_site.client.stream("GET", url, headers={"accept-encoding": "gzip"}) as raw:
         wire = b"".join(raw.iter_raw())
     assert gzip.decompress(wire) == plain.content
+    print(f"\nmpegts.js: {len(plain.content)} bytes, {len(wire)} gzipped on the wire")
     assert len(wire) < len(plain.content) / 3
 
 
