@@ -89,7 +89,9 @@ class RoomLive:
         self.changed: set[int] = set()  # rooms whose local count changed since the last round
         self.published: dict[int, int] = {}  # room -> the total this process last published
         self.member = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
-        self._prefix = settings.broker_prefix
+        # The broker's own prefix (as the hook nonces use it): deployments sharing a Redis, and
+        # parallel test runs, keep their counters apart.
+        self._prefix = getattr(broker, "prefix", settings.broker_prefix)
         self._redis = None
         self._hearts_script = self._viewers_script = None
         if is_redis_url(settings.broker_url):
