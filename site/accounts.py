@@ -122,16 +122,21 @@ SIGNED_UP_NOTICE = ("If this email was new here, your account is ready: log in b
 async def signup_page(request: Request):
     settings = state(request)["settings"]
     if request.method != "POST":
-        return render(request, "signup.html", values={"account_type": "shopper"}, errors=[],
-                      min_password=settings.password_min_length)
+        # "Start selling live" asks for a host account (?host=1); a sign-up begun in a room
+        # carries where to go back to (?next=/room/<slug>?add=<id>), through the log-in.
+        account_type = "host" if request.query_params.get("host") == "1" else "shopper"
+        return render(request, "signup.html", values={"account_type": account_type}, errors=[],
+                      min_password=settings.password_min_length,
+                      next_url=safe_next(request.query_params.get("next")))
     form = await read_form(request)
     values, errors = validate_signup(form, settings.password_min_length)
     db = state(request)["db"]
     shown = {**values, "account_type": "host" if values["is_host"] else "shopper"}
     shown.pop("password")
+    next_url = safe_next(form.get("next"))
     if errors:
         return render(request, "signup.html", status_code=400, values=shown, errors=errors,
-                      min_password=settings.password_min_length)
+                      min_password=settings.password_min_length, next_url=next_url)
     address = client_address(request)
     used, wait = await take_budget(db, f"signup:{address}", settings.signup_per_ip,
                                    settings.signup_window)
@@ -139,7 +144,7 @@ async def signup_page(request: Request):
         throttled.warning("signup-ip", "sign-up refused: address %s made %d sign-ups within "
                           "%g s", address, settings.signup_per_ip, settings.signup_window)
         return render(request, "signup.html", status_code=429, values=shown,
-                      min_password=settings.password_min_length,
+                      min_password=settings.password_min_length, next_url=next_url,
                       errors=[f"Too many sign-ups from your network. Try again in "
                               f"{wait_text(wait)}."])
     # Hash first, whether or not the email is taken: both answers cost the same time.
@@ -155,7 +160,8 @@ async def signup_page(request: Request):
                 raise
     # The same answer for a new and a taken email, so that the form does not tell strangers who
     # has an account (no email is sent to say it privately).  The new user logs in once.
-    next_url = "/studio" if values["is_host"] else "/"
+    if next_url == "/":
+        next_url = "/studio" if values["is_host"] else "/"
     return redirect(f"/login?signed_up=1&next={quote(next_url)}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,10 +13,12 @@ from typing import cast
 from starlette.applications import Starlette
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from watchbuy.db.database import Database
 from watchbuy.db.migrations import upgrade
@@ -45,6 +48,7 @@ from watchbuy.site.payments import StripeGateway, expire_stale_test_orders
 from watchbuy.site.ratelimit import make_rate_limiter
 from watchbuy.site.replays import expire_recordings
 from watchbuy.site.replays import routes as replay_routes
+from watchbuy.site.roomlive import RoomLive
 from watchbuy.site.security import AuthMiddleware, origin_of
 from watchbuy.site.state import SiteState
 from watchbuy.site.storage import LocalStorage, make_storage
@@ -63,10 +67,67 @@ VENDOR = {
 }
 
 
+# A year: what a versioned URL names never changes (a new version is a new URL).
+IMMUTABLE = "public, max-age=31536000, immutable"
+# Compressed: the static files (the 275 KB player script above all) and the JSON APIs.  Not the
+# HTML pages: they carry the CSRF token beside text a visitor can put there (a chat name, a
+# search), the mix BREACH reads secrets from through compressed sizes.  Never websockets or
+# server-sent events (the middleware passes both through).
+COMPRESSED_PREFIXES = ("/static/", "/uploads/", "/api/")
+
+
+class ImmutableFiles(StaticFiles):
+    """Files under a versioned URL, cached by browsers and CDNs for a year."""
+
+    def file_response(self, *args, **kwargs) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["cache-control"] = IMMUTABLE
+        return response
+
+
+class CompressText:
+    """Starlette's GZipMiddleware (which skips images, video and text/event-stream) on the
+    paths of COMPRESSED_PREFIXES only."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        # Level 6: most of level 9's saving on JavaScript for a fraction of the CPU.
+        self.gzip = GZipMiddleware(app, minimum_size=500, compresslevel=6)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(COMPRESSED_PREFIXES):
+            await self.gzip(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def vendor_version(name: str) -> str | None:
+    """The installed version of a front-end package (its package.json), None when missing."""
+    try:
+        return json.loads((VENDOR[name].parent / "package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def vendor_paths() -> dict[str, str]:
+    """Where templates load each front-end package from: ``/static/vendor/<name>@<version>``
+    (cached for a year), or the unversioned folder when the version cannot be read."""
+    paths = {}
+    for name in VENDOR:
+        version = vendor_version(name)
+        paths[name] = f"/static/vendor/{name}@{version}" if version else f"/static/vendor/{name}"
+    return paths
+
+
 def vendor_mounts() -> list[Mount]:
     mounts = []
     for name, folder in VENDOR.items():
         if folder.is_dir():
+            version = vendor_version(name)
+            if version:
+                mounts.append(Mount(f"/static/vendor/{name}@{version}",
+                                    ImmutableFiles(directory=folder)))
+            # unversioned too, revalidated (ETag): for pages that name the folder itself
             mounts.append(Mount(f"/static/vendor/{name}", StaticFiles(directory=folder)))
         else:
             log.warning("front-end package %s is not installed (%s): run make setup", name,
@@ -118,7 +179,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
         "broker": broker,
         "storage": storage,
         "media": media,
-        "templates": build_templates(),
+        "templates": build_templates(vendor=vendor_paths()),
         "metrics": SiteMetrics(),
         "payments": (
             StripeGateway(settings.stripe_secret_key, settings.stripe_webhook_secret,
@@ -142,6 +203,11 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             # per user across every site process (kept in Redis with a Redis broker)
             chat_limiter=make_rate_limiter(settings.chat_rate, 10.0, settings.broker_url,
                                            settings.broker_prefix, "chat"),
+            # per shopper across every site process, like chat
+            heart_limiter=make_rate_limiter(settings.heart_rate, settings.heart_window,
+                                            settings.broker_url, settings.broker_prefix,
+                                            "hearts"),
+            room_live=RoomLive(settings, broker),
             room_connections=chat.Connections(),
             session_watch=chat.SessionWatch(broker),
             dashboard=dashboard.DashboardSampler(media, db),
@@ -154,6 +220,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
         )
         await shared["pages"].start()
         site = cast(SiteState, shared)
+        site["room_live"].start()
         # Upkeep: unpaid test-mode orders give their stock back; ended sessions and old login
         # attempts are pruned.  Stopped between rounds (see repeat_until).
         stopping = asyncio.Event()
@@ -190,6 +257,8 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             await media.close()
             await site["dashboard"].stop()
             await site["chat_limiter"].close()
+            await site["room_live"].close()
+            await site["heart_limiter"].close()
             await broker.close()
             await db.disconnect()
 
@@ -221,6 +290,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
     app.state = State(shared)
     app.add_middleware(AuthMiddleware, settings=settings,
                        media_origins=media_origins(settings, media))
+    app.add_middleware(CompressText)
     # Added last, so outermost: security refusals get a request id and are counted too.
     app.add_middleware(RequestContextMiddleware, trusted_proxies=settings.trusted_proxies,
                        metrics=shared["metrics"])

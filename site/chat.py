@@ -122,6 +122,12 @@ def shown_name(name: str, is_host: bool, host_skeleton: str) -> str:
     return name
 
 
+def server_time() -> int:
+    """Now, in milliseconds since the epoch (as the browser's Date.now()): the room corrects
+    its countdowns by the difference."""
+    return round(time.time() * 1000)
+
+
 def room_topic(channel_id: int) -> str:
     return f"room:{channel_id}"
 
@@ -319,24 +325,45 @@ async def _room(websocket: WebSocket, site: SiteState, user: dict | None) -> Non
     if session is not None:
         await watch.watch(session, websocket)
     history = await queries.recent_chat(db, channel["id"], 50)
+    room_live = site["room_live"]
+    viewers = await room_live.join(channel["id"])
+    try:
+        await _talk(websocket, site, subscription, viewers, history, {
+            "channel": channel, "user": user, "is_host": is_host, "session": session,
+            "host_skeleton": host_skeleton})
+    finally:
+        room_live.leave(channel["id"])
+        if session is not None:
+            watch.unwatch(session, websocket)
+        with contextlib.suppress(Exception):
+            await subscription.close()
+
+
+async def _talk(websocket: WebSocket, site: SiteState, subscription, viewers: int,
+                history: list[dict], room: dict) -> None:
+    """Greets the viewer, then forwards room events to it and acts on what it sends."""
+    settings = site["settings"]
+    channel, user = room["channel"], room["user"]
     from watchbuy.site.flash import public_sale  # flash builds on this module
 
-    # the room's running flash sales, and the server's clock to count them down against
-    sales = [public_sale(sale) for sale in await shopping.active_sales(db, channel["id"])]
+    # the room's running flash sales, counted down against server_time (ms)
+    sales = [public_sale(sale)
+             for sale in await shopping.active_sales(site["db"], channel["id"])]
     await websocket.send_json({
         "type": "hello",
-        "server_time": time.time(),
         "sales": sales,
-        "messages": [public_message(m, channel, host_skeleton) for m in history],
+        "messages": [public_message(m, channel, room["host_skeleton"]) for m in history],
         "can_chat": user is not None,
-        "is_host": is_host,
+        "is_host": room["is_host"],
         "user_id": user["id"] if user else None,
         "max_length": settings.chat_max_length,
+        "viewers": viewers,
+        "server_time": server_time(),
     })
+    # Right on arrival, in the event every viewer gets when the count changes.
+    await websocket.send_json({"type": "viewers", "count": viewers})
     forward = asyncio.ensure_future(_forward(subscription, websocket))
     frames = RateLimiter(settings.chat_frames, settings.chat_frame_window)
-    room = {"channel": channel, "user": user, "is_host": is_host, "session": session,
-            "host_skeleton": host_skeleton}
     try:
         while True:
             try:
@@ -372,10 +399,6 @@ async def _room(websocket: WebSocket, site: SiteState, user: dict | None) -> Non
                 break
     finally:
         forward.cancel()
-        if session is not None:
-            watch.unwatch(session, websocket)
-        with contextlib.suppress(Exception):
-            await subscription.close()
 
 
 def _too_big(text: str, limit: int) -> bool:
@@ -455,6 +478,11 @@ async def _handle(site: SiteState, websocket: WebSocket, room: dict, data: dict)
                                                  user["display_name"], text)
         await publish_room_event(broker, channel["id"], {
             "type": "chat", **public_message(message, channel, room["host_skeleton"])})
+    elif kind == "heart":
+        await _heart(site, websocket, room, data.get("count", 1))
+    elif kind == "time":
+        # The clock the room's countdowns follow; the page measures its offset to it.
+        await websocket.send_json({"type": "time", "server_time": server_time()})
     elif kind == "delete" and is_host:
         message_id = data.get("id")
         if type(message_id) is int and 0 < message_id < 2**63:  # not True, not a bigint
@@ -471,6 +499,23 @@ async def _handle(site: SiteState, websocket: WebSocket, room: dict, data: dict)
             await queries.mute(db, channel["id"], target)
             await publish_room_event(broker, channel["id"], {"type": "muted", "user_id": target})
     return True
+
+
+async def _heart(site: SiteState, websocket: WebSocket, room: dict, count: object) -> None:
+    """Taps of the heart button: the page sends them in batches of at most heart_batch_max;
+    within the shopper's rate they join the room's next aggregated "hearts" event (roomlive)."""
+    settings = site["settings"]
+    if type(count) is not int or not 1 <= count <= settings.heart_batch_max:
+        return  # not a tap count the page sends: ignored
+    user = room["user"]
+    # Visitors may tap too; their budget is their address's.
+    key = f"u{user['id']}" if user is not None else f"a{_peer(websocket)}"
+    if not await site["heart_limiter"].claim(key):
+        throttled.warning("heart-rate", "room %s: %s over %d heart frames in %g s: dropped",
+                          room["channel"]["slug"], key, settings.heart_rate,
+                          settings.heart_window)
+        return
+    site["room_live"].heart(room["channel"]["id"], count)
 
 
 routes = [WebSocketRoute("/ws/room/{slug}", room_socket)]

@@ -69,6 +69,15 @@ class SiteSettings:
     flash_sale_check_interval: float = 0.5
     # flash sales a host may start: longest duration, in seconds
     flash_sale_max_seconds: int = 3600
+    # hearts: a room gets at most one aggregated "hearts" event per hearts_interval (across
+    # every site process); a shopper (or address, for visitors) may send heart_rate heart
+    # frames per heart_window, each of at most heart_batch_max taps; more are dropped
+    hearts_interval: float = 0.25
+    heart_rate: int = 15
+    heart_window: float = 10.0
+    heart_batch_max: int = 10
+    # viewer counts reach the room this often after a change (and on arrival at once)
+    viewers_interval: float = 1.0
     # uploads with more pixels are refused before they are decoded (decompression bombs)
     max_image_pixels: int = 25_000_000
     # uploads: local files by default, S3 when a bucket is named
@@ -185,6 +194,12 @@ class SiteSettings:
         if not 0 < self.stock_event_interval <= 1:
             # stock must reach the viewers within a second of a sale
             raise ConfigError("WATCHBUY_STOCK_EVENT_INTERVAL: seconds, more than 0, at most 1")
+        if not 0.05 <= self.hearts_interval <= 5:
+            raise ConfigError("WATCHBUY_HEARTS_INTERVAL: seconds, from 0.05 to 5")
+        if not 0.2 <= self.viewers_interval <= 2:
+            # the count must follow arrivals and departures within about 2 s
+            raise ConfigError("WATCHBUY_VIEWERS_INTERVAL: seconds, from 0.2 to 2")
+        check_ranges(self, positive=("heart_rate", "heart_window", "heart_batch_max"))
         if self.ws_send_queue < 1:
             raise ConfigError("WATCHBUY_WS_SEND_QUEUE: at least 1")
         if self.low_stock_threshold < 0:

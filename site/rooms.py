@@ -177,9 +177,12 @@ async def room_page(request: Request):
                             **await show_info(site, channel, None))
         pages.put(("room", slug), channel["id"], page, mark)
         return page.respond(request)
-    # the next show's reminder and the follow button are this shopper's own
+    # the next show's reminder, the follow button and the header's cart badge (room.js keeps
+    # it current as the shopper adds) are this shopper's own
+    cart_count = sum(line["quantity"] for line in await queries.cart(site["db"], user["id"]))
     return render(request, "room.html", channel=channel, host=room["host"], state=room["state"],
-                  is_host=user["id"] == channel["host_id"], **await show_info(site, channel, user))
+                  is_host=user["id"] == channel["host_id"], cart_count=cart_count,
+                  **await show_info(site, channel, user))
 
 
 async def room_state_api(request: Request):

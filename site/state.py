@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from watchbuy.site.passwords import PasswordWorkers
     from watchbuy.site.payments import StripeGateway
     from watchbuy.site.ratelimit import RedisRateLimiter
+    from watchbuy.site.roomlive import RoomLive
     from watchbuy.site.shows import ShowTimers
     from watchbuy.site.storage import LocalStorage, S3Storage
 
@@ -47,6 +48,8 @@ class SiteState(TypedDict):
     templates: Environment
     metrics: SiteMetrics
     chat_limiter: RateLimiter | RedisRateLimiter  # per user, shared by every site process
+    heart_limiter: RateLimiter | RedisRateLimiter  # heart frames per shopper, shared
+    room_live: RoomLive  # hearts and viewer counts
     room_connections: Connections
     session_watch: SessionWatch
     dashboard: DashboardSampler

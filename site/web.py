@@ -95,7 +95,9 @@ def parse_int(text: str | None, name: str, low: int, high: int) -> int:
     return value
 
 
-def build_templates() -> Environment:
+def build_templates(vendor: dict[str, str] | None = None) -> Environment:
+    """The pages' Jinja environment; ``vendor``: where each front-end package is served
+    (``{{ vendor.mpegts }}/mpegts.js``)."""
     env = Environment(
         loader=FileSystemLoader(TEMPLATES),
         autoescape=select_autoescape(["html"]),
@@ -114,6 +116,7 @@ def build_templates() -> Environment:
     env.filters["shortdate"] = lambda stamp: datetime.fromtimestamp(
         stamp, UTC).strftime("%b %-d, %Y %H:%M UTC")
     env.filters["urlquote"] = lambda value: quote(str(value), safe="")
+    env.globals["vendor"] = vendor or {}
     return env
 
 

@@ -6,6 +6,7 @@ package; Playwright's own browser downloads are never used.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -141,11 +143,13 @@ class Server:
 
 
 class Publisher:
-    """ffmpeg pushing a 1280×720 test pattern with sound over RTMP, in real time, as OBS does."""
+    """ffmpeg pushing a test pattern with sound over RTMP, in real time, as OBS does: 1280×720,
+    or ``size="720x1280"`` for a phone held upright."""
 
-    def __init__(self, rtmp_url: str, log: Path, gop: int = 30) -> None:
+    def __init__(self, rtmp_url: str, log: Path, size: str = "1280x720", gop: int = 30) -> None:
         self.rtmp_url = rtmp_url
         self.log = log
+        self.size = size
         self.gop = gop  # frames between keyframes: 30 (1 s), or 300 to see the health warning
         self.proc: subprocess.Popen | None = None
 
@@ -154,7 +158,7 @@ class Publisher:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [shutil.which("ffmpeg") or "ffmpeg", "-hide_banner", "-loglevel", "error",
-                 "-re", "-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=30",
+                 "-re", "-f", "lavfi", "-i", f"testsrc2=size={self.size}:rate=30",
                  "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100",
                  "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency",
                  "-g", str(self.gop), "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "64k",
@@ -299,3 +303,18 @@ class LocalPages:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def room_state(server) -> dict:
+    with urllib.request.urlopen(f"{server.url}/api/rooms/{server.room_slug}", timeout=5) as r:
+        return json.load(r)
+
+
+def go_live(server, publisher) -> None:
+    """Start ffmpeg and wait until the site knows the room is live."""
+    publisher.start()
+    wait_until(
+        lambda: room_state(server)["live"], 30,
+        lambda: (f"the room did not go live 30 s after ffmpeg started publishing to "
+                 f"{server.rtmp_url} (ffmpeg running: {publisher.running()}; ffmpeg says: "
+                 f"{publisher.errors()!r}); server output:\n{server.output()}"))

@@ -14,23 +14,19 @@ import itertools
 import json
 import statistics
 import time
-import urllib.request
 import uuid
 from urllib.parse import urlencode
 
 import pytest
 from browser_helpers import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     DESKTOP,
     MPEGTS,
     PHONE,
     LocalPages,
-    Publisher,
-    Server,
+    go_live,
     log_in,
-    require_browser,
     require_hlsjs,
+    room_state,
     screenshot,
     sign_up,
     video_state,
@@ -40,79 +36,12 @@ from browser_helpers import (
 from watchbuy.site.media import hls_url
 
 pytestmark = [pytest.mark.ffmpeg, pytest.mark.timeout(120)]
+# server (watchbuy serve), browser (Chromium), new_context (CSP-checked), publisher (ffmpeg)
+pytest_plugins = ["browser_fixtures"]
 
 HOST_EMAIL = "host@watchbuy.local"
 PLAY_TIMEOUT = 30.0  # first frame on a loaded 2-core machine
 MAX_AHEAD = 1.5  # seconds between currentTime and the end of the buffered range
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    require_browser()
-    srv = Server(tmp_path_factory.mktemp("watchbuy-serve")).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, timeout=60_000)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def publisher(server, tmp_path):
-    pub = Publisher(server.rtmp_url, tmp_path / "ffmpeg.log")
-    yield pub
-    pub.stop()
-
-
-@pytest.fixture
-def new_context(browser):
-    """Browser contexts (separate cookie jars: separate people), closed after the test.
-
-    Every page must work under the site's Content-Security-Policy: a violation Chromium
-    reports on the console fails the test."""
-    contexts = []
-    violations: list[str] = []
-
-    def on_console(message) -> None:
-        if "Content Security Policy" in message.text:
-            violations.append(message.text)
-
-    def make(**options):
-        options.setdefault("viewport", DESKTOP)
-        context = browser.new_context(**options)
-        context.on("console", on_console)
-        context.set_default_timeout(20_000)
-        context.set_default_navigation_timeout(30_000)
-        contexts.append(context)
-        return context
-
-    yield make
-    for context in contexts:
-        context.close()
-    assert not violations, f"CSP violations: {violations}"
-
-
-def room_state(server) -> dict:
-    with urllib.request.urlopen(f"{server.url}/api/rooms/{server.room_slug}", timeout=5) as r:
-        return json.load(r)
-
-
-def go_live(server, publisher) -> None:
-    """Start ffmpeg and wait until the site knows the room is live."""
-    publisher.start()
-    wait_until(
-        lambda: room_state(server)["live"], 30,
-        lambda: (f"the room did not go live 30 s after ffmpeg started publishing to "
-                 f"{server.rtmp_url} (ffmpeg running: {publisher.running()}; ffmpeg says: "
-                 f"{publisher.errors()!r}); server output:\n{server.output()}"))
 
 
 def wait_playing(page, what: str, timeout: float = PLAY_TIMEOUT) -> dict:
@@ -228,7 +157,8 @@ def test_chat_pin_and_checkout_between_two_people(server, new_context, record_pr
 
     # The shopper adds it to the cart from the room and pays in test mode.
     pinned.locator("[data-add]").click()
-    shopper_page.wait_for_selector("#cart-status >> text=Added to your cart", timeout=10_000)
+    pinned.locator(".feedback >> text=Added").wait_for(timeout=10_000)  # beside the button
+    assert shopper_page.inner_text("#cart-count").strip() == "1"
     assert shopper_page.evaluate("window.__sameDocument === true"), "the room page reloaded"
     shopper_page.goto(server.url + "/cart")
     assert "Ceramic mug" in shopper_page.inner_text("main")
@@ -350,17 +280,18 @@ def test_room_plays_goes_offline_and_resumes(server, publisher, new_context, rec
     screenshot(home, "home.png")
     home.close()
 
-    # Phone width: the room stacks video, then products, then chat.
+    # Phone width: the video fills the screen, chat over its lower part, products in a sheet
+    # (tests/test_browser_room.py has the phone layouts in detail).
     phone = new_context(viewport=PHONE, is_mobile=True, has_touch=True,
                         device_scale_factor=1).new_page()
     phone.goto(server.room_url)
     wait_playing(phone, "phone room")
     video = phone.locator("#video").bounding_box()
-    products = phone.locator(".products").bounding_box()
     chat = phone.locator(".chat").bounding_box()
     assert video["width"] <= PHONE["width"] + 1, f"video wider than the phone: {video}"
-    assert video["y"] < products["y"] < chat["y"], \
-        f"phone layout should stack video, products, chat: {video}, {products}, {chat}"
+    assert video["y"] < chat["y"] < chat["y"] + chat["height"] <= PHONE["height"] + 1, \
+        f"phone layout should put chat over the video's lower part: {video}, {chat}"
+    assert phone.is_hidden("#products"), "the product list is a sheet on phones"
     assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], \
         "the phone page scrolls sideways"
     screenshot(phone, "room-phone.png")

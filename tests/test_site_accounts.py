@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 
@@ -470,3 +471,37 @@ async def test_forms_without_the_csrf_token_are_refused(site) -> None:
     rows = await site.db.fetch_all(sa.select(users.c.id))
     assert len(rows) == 2
     assert await queries.product(site.db, product["id"]) == product
+
+
+async def test_sign_up_from_a_room_returns_there_with_the_action(site) -> None:
+    """A sign-up begun in a room ("Add to cart" as a visitor) goes back to the room through
+    the log-in, with what was begun in the address (the room's script then does it)."""
+    back = "/room/hana?add=7"
+    browser = await site.browser()
+    page = await browser.get("/signup?next=/room/hana%3Fadd%3D7")  # as the room links it
+    assert f'name="next" value="{back}"' in page.text
+    assert 'href="/login?next=%2Froom%2Fhana%3Fadd%3D7"' in page.text
+    response = await browser.post("/signup", {
+        "email": "ann@example.test", "display_name": "Ann", "password": PASSWORD,
+        "account_type": "shopper", "next": back})
+    assert response.status_code == 303
+    login = response.headers["location"]
+    assert login == "/login?signed_up=1&next=/room/hana%3Fadd%3D7"
+    page = await browser.get(login)
+    assert f'name="next" value="{back}"' in page.text
+    response = await log_in(browser, "ann@example.test", next_url=back)
+    assert response.headers["location"] == back
+    # another site is never a destination
+    page = await browser.get("/signup?next=//evil.example/x")
+    assert "evil.example" not in page.text
+
+
+async def test_start_selling_live_preselects_a_host_account(site) -> None:
+    browser = await site.browser()
+    home = await browser.get("/")
+    assert 'href="/signup?host=1">Start selling live' in home.text
+    page = await browser.get("/signup?host=1")
+    assert re.search(r'value="host"\s+checked', page.text)
+    assert not re.search(r'value="shopper"\s+checked', page.text)
+    response = await sign_up(browser, "hana@example.test", "Hana", host=True)
+    assert response.headers["location"] == "/login?signed_up=1&next=/studio"

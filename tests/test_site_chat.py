@@ -16,7 +16,9 @@ from starlette.websockets import WebSocketDisconnect
 from ws_helpers import ws_quiet, ws_receive, ws_until
 
 from watchbuy.db import queries
+from watchbuy.settings import ConfigError
 from watchbuy.site import chat, security
+from watchbuy.site.config import load_site_settings
 
 pytest_plugins = ["site_fixtures"]
 
@@ -490,3 +492,146 @@ def test_nobody_else_can_pose_as_the_host(sync_site) -> None:
         assert [m["is_host"] for m in messages] == [True, False, False, False]
     script = ROOM_JS.read_text()
     assert "m.is_host" in script and "Host" in script
+
+
+# -- hearts, viewer counts and the clock (site/roomlive.py) -----------------------------------
+
+def tap(ws, count: int) -> None:
+    ws.send_json({"type": "heart", "count": count})
+
+
+def hearts_until(ws, total: int, timeout: float = 10.0) -> list[int]:
+    """The hearts events' counts until they add up to ``total``."""
+    counts: list[int] = []
+    while sum(counts) < total:
+        counts.append(ws_until(ws, "hearts", timeout)["count"])
+    return counts
+
+
+def viewers_reach(ws, count: int, rounds: int = 3) -> bool:
+    """The room's count reaches ``count`` within a few viewers events (the processes may each
+    publish an intermediate total first)."""
+    return any(ws_until(ws, "viewers", 3.0)["count"] == count for _ in range(rounds))
+
+
+def test_viewer_count_on_arrival_and_as_viewers_come_and_go(sync_site) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    slug = host["channel"]["slug"]
+    with site.websocket(slug) as first:
+        assert ws_receive(first)["viewers"] == 1
+        assert ws_until(first, "viewers")["count"] == 1  # the event, right after hello
+        with site.websocket(slug, site.user("Sam")) as second:
+            assert ws_receive(second)["viewers"] == 2
+            # the room hears it within one viewers_interval (the event's wait is the bound)
+            assert ws_until(first, "viewers", 2.0)["count"] == 2
+        assert ws_until(first, "viewers", 2.0)["count"] == 1
+    # nobody left: the next viewer is alone again
+    with site.websocket(slug) as again:
+        assert ws_receive(again)["viewers"] == 1
+
+
+def test_the_clock_answers_in_milliseconds(sync_site) -> None:
+    host = sync_site.user("Hana", host=True)
+    before = time.time() * 1000
+    with sync_site.websocket(host["channel"]["slug"]) as ws:
+        hello = ws_receive(ws)
+        ws.send_json({"type": "time"})
+        answer = ws_until(ws, "time")
+        after = time.time() * 1000
+        assert before - 1 <= hello["server_time"] <= answer["server_time"] <= after + 1
+
+
+def test_heart_taps_reach_the_room_aggregated_and_rate_limited(sync_site, chat_log) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    slug = host["channel"]["slug"]
+    batch, frames = site.settings.heart_batch_max, site.settings.heart_rate
+    with site.websocket(slug) as watcher, site.websocket(slug, site.user("Sam")) as sam, \
+            site.websocket(slug, site.user("Tom")) as tom:
+        for ws in (watcher, sam, tom):
+            ws_receive(ws)
+        # 200 taps: ten full batches from each shopper
+        assert frames >= 10 and batch == 10
+        for _ in range(10):
+            tap(sam, batch)
+            tap(tom, batch)
+        counts = hearts_until(watcher, 200)
+        assert sum(counts) == 200
+        # aggregated: fewer events than the 20 frames (the rate per second is the browser
+        # test's, test_browser_room.py)
+        assert len(counts) < 20
+        # the rest of Sam's budget arrives; past it, and what is not a tap count the page
+        # sends, is dropped (the socket stays)
+        for _ in range(frames - 10):
+            tap(sam, 1)
+        if frames > 10:
+            assert sum(hearts_until(watcher, frames - 10)) == frames - 10
+        tap(sam, batch)
+        for bad in (0, batch + 1, -3, "5", 2.5, True, None):
+            tap(tom, bad)
+        assert ws_quiet(watcher, 3 * site.settings.hearts_interval, kind="hearts") == []
+        assert warnings_about(chat_log, "heart frames")
+        tom.send_json({"type": "time"})
+        assert ws_until(tom, "time")["server_time"] > 0
+
+
+def test_hearts_and_viewers_are_shared_by_site_processes(db_url, redis_url, tmp_path) -> None:
+    prefix = f"wbtest-{uuid.uuid4().hex}:"
+
+    def isolate(app) -> None:
+        app.state.broker.prefix = prefix
+        app.state.settings.broker_prefix = prefix  # the counters' keys too
+
+    with run_sync_site(tmp_path / "a", db_url, isolate, broker_url=redis_url) as a, \
+            run_sync_site(tmp_path / "b", db_url, isolate, broker_url=redis_url) as b:
+        host = a.user("Hana", host=True)
+        slug = host["channel"]["slug"]
+        sam, tom = a.user("Sam"), a.user("Tom")
+        with b.websocket(slug) as watcher:
+            assert ws_receive(watcher)["viewers"] == 1
+            assert ws_until(watcher, "viewers")["count"] == 1  # the arrival event
+            with a.websocket(slug, sam) as on_a, b.websocket(slug, tom) as on_b:
+                # counted across processes at once (the two arrive in either order)
+                arrivals = sorted(ws_receive(ws)["viewers"] for ws in (on_a, on_b))
+                assert arrivals[1] == 3 and arrivals[0] in (2, 3)
+                assert viewers_reach(watcher, 3)
+                for _ in range(10):
+                    tap(on_a, 10)
+                    tap(on_b, 10)
+                counts = hearts_until(watcher, 200)
+                assert sum(counts) == 200
+                # one flush slot per interval for the room, whichever process holds it:
+                # aggregated across both processes into fewer events than frames
+                assert len(counts) < 20
+        # everyone left: both processes' counts go down in the shared sum within a round
+        with b.websocket(slug) as late:
+            ws_receive(late)
+            assert viewers_reach(late, 1)
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("WATCHBUY_HEARTS_INTERVAL", "0", "WATCHBUY_HEARTS_INTERVAL: seconds, from 0.05 to 5"),
+    ("WATCHBUY_VIEWERS_INTERVAL", "5", "WATCHBUY_VIEWERS_INTERVAL: seconds, from 0.2 to 2"),
+    ("WATCHBUY_HEART_RATE", "0", "WATCHBUY_HEART_RATE: must be positive"),
+    ("WATCHBUY_HEART_BATCH_MAX", "-1", "WATCHBUY_HEART_BATCH_MAX: must be positive"),
+])
+def test_bad_heart_and_viewer_settings_are_one_clear_line(name, value, message) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_site_settings(environ={"WATCHBUY_ENV_FILE": "/dev/null", name: value})
+    assert str(error.value) == message
+
+
+def test_room_cards_show_urgency_description_and_image_names(sync_site) -> None:
+    site = sync_site
+    host = site.user("Hana", host=True)
+    site.product(host, name="Last mugs", stock=3)
+    site.product(host, name="Gone vase", stock=0)
+    site.product(host, name="Plenty bowls", stock=40)
+    page = site.client.get(f"/room/{host['channel']['slug']}").text
+    cards = dict(re.findall(r'<article class="product[^"]*" data-product-id="\d+">\s*'
+                            r'.*?<h3>(.*?)</h3>(.*?)</article>', page, re.S))
+    assert "Only 3 left" in cards["Last mugs"]
+    assert "Sold out" in cards["Gone vase"] and "disabled" in cards["Gone vase"]
+    assert "40 in stock" in cards["Plenty bowls"] and "Only" not in cards["Plenty bowls"]
+    assert 'aria-label="Last mugs"' in page  # no image: the placeholder is named

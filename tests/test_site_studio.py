@@ -219,7 +219,9 @@ async def test_script_in_product_text_is_shown_as_text(site) -> None:
         assert "<script>alert" not in page.text, path  # ... and shown as text
         assert escaped in page.text, path
     room = await (await site.browser()).get(f"/room/{host['channel']['slug']}")
-    assert room.text.count(escaped) == 2  # the pinned card and the product list
+    # the pinned card and the product list, each: the name as heading and as the image's
+    # label, and the description
+    assert room.text.count(escaped) == 6
 
 
 async def test_stream_key_regenerates_and_title_changes(site) -> None:

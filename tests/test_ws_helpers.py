@@ -54,3 +54,13 @@ def test_the_apps_close_is_a_disconnect(client) -> None:
         with pytest.raises(WebSocketDisconnect) as closed:
             ws_receive(ws)
     assert closed.value.code == 4001 and closed.value.reason == "asked to"
+
+
+def test_room_counts_are_passed_over_unless_asked_for(client) -> None:
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json(["viewers", "a", "hearts", "b", "viewers"])
+        assert ws_receive(ws) == {"type": "a"}
+        assert ws_until(ws, "hearts") == {"type": "hearts"}
+        assert ws_quiet(ws, 0.3) == [{"type": "b"}]
+        ws.send_json(["viewers", "c"])
+        assert ws_quiet(ws, 0.3, kind="viewers") == [{"type": "viewers"}]

@@ -52,10 +52,13 @@ def next_message(ws: WebSocketTestSession, timeout: float) -> Message | None:
     return message
 
 
-def ws_receive(ws: WebSocketTestSession, timeout: float = 5.0) -> dict:
-    """The next event on a TestClient websocket; fails instead of hanging when none comes, and
-    raises WebSocketDisconnect when the app closed the socket."""
-    message = next_message(ws, timeout)
+# Room counts that arrive whenever anyone comes, goes or taps a heart (site/roomlive.py):
+# ws_receive and ws_quiet pass over them; ask for them by name with ws_until or ws_quiet(kind=).
+AMBIENT = frozenset({"viewers", "hearts"})
+
+
+def _receive(ws: WebSocketTestSession, deadline: float, timeout: float) -> dict:
+    message = next_message(ws, max(0.05, deadline - time.monotonic()))
     if message is None:
         raise AssertionError(f"no websocket event within {timeout:g} s")
     if message["type"] == "websocket.close":
@@ -64,18 +67,30 @@ def ws_receive(ws: WebSocketTestSession, timeout: float = 5.0) -> dict:
     return json.loads(message["text"])
 
 
+def ws_receive(ws: WebSocketTestSession, timeout: float = 5.0) -> dict:
+    """The next event on a TestClient websocket (viewer counts and hearts passed over); fails
+    instead of hanging when none comes, and raises WebSocketDisconnect when the app closed the
+    socket."""
+    deadline = time.monotonic() + timeout
+    while True:
+        event = _receive(ws, deadline, timeout)
+        if event.get("type") not in AMBIENT:
+            return event
+
+
 def ws_until(ws: WebSocketTestSession, kind: str, timeout: float = 5.0) -> dict:
     """The next event of type ``kind``, skipping others (product list updates and so on)."""
     deadline = time.monotonic() + timeout
     while True:
-        event = ws_receive(ws, max(0.05, deadline - time.monotonic()))
+        event = _receive(ws, deadline, timeout)
         if event.get("type") == kind:
             return event
 
 
 def ws_quiet(ws: WebSocketTestSession, seconds: float = 0.3,
              kind: str | None = None) -> list[dict]:
-    """Events that arrive within ``seconds`` (of type ``kind`` when given)."""
+    """Events that arrive within ``seconds`` (of type ``kind`` when given; viewer counts and
+    hearts only when asked for by ``kind``)."""
     deadline = time.monotonic() + seconds
     events = []
     while (left := deadline - time.monotonic()) > 0:
@@ -84,4 +99,6 @@ def ws_quiet(ws: WebSocketTestSession, seconds: float = 0.3,
             break
         if message.get("type") == "websocket.send":
             events.append(json.loads(message["text"]))
-    return [e for e in events if kind is None or e.get("type") == kind]
+    if kind is None:
+        return [e for e in events if e.get("type") not in AMBIENT]
+    return [e for e in events if e.get("type") == kind]

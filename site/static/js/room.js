@@ -1,6 +1,13 @@
 // The live room: low-latency HTTP-FLV (mpegts.js) or the browser's own LL-HLS player, live and
-// offline without reloads, chat, the pinned product, stock and add-to-cart.  One websocket
-// brings every room event.
+// offline without reloads, chat, the pinned product, stock, hearts, the viewer count, the
+// "just bought" ticker, add-to-cart and the start of buy-now (buy.js shows the sheet).  One
+// websocket brings every room event.
+//
+// The contract with the other scripts of the room (they never reach into this file):
+//   - every websocket message is re-sent as document "watchbuy:room-event" (detail: the data);
+//   - a new mpegts.js player is announced as document "watchbuy:player" ({player, video});
+//   - document "watchbuy:show-pin" (detail: a product card or null) shows that pinned card;
+//   - window.WatchBuyRoom = {slug, csrf, send(obj), now(), product(id), cartCount(n)}.
 (function () {
   "use strict";
   const room = document.querySelector(".room");
@@ -11,6 +18,10 @@
   const offline = document.getElementById("offline");
   const badge = document.getElementById("live-badge");
   const unmute = document.getElementById("unmute");
+  const viewersBox = document.getElementById("viewers");
+  const viewerCount = document.getElementById("viewer-count");
+  const loggedIn = room.dataset.loggedIn === "true";
+  const reducedMotion = window.matchMedia("(prefers-reduced-motion: reduce)");
   let playUrl = room.dataset.playUrl;  // HTTP-FLV (mpegts.js)
   let hlsUrl = room.dataset.hlsUrl;  // LL-HLS playlist, for browsers that play HLS themselves
   let live = room.dataset.live === "true";
@@ -21,6 +32,16 @@
   let retryDelay = 1000;
   let me = null;
   let isHost = false;
+  let clockOffset = 0;  // server clock minus this browser's clock, in ms
+  let clockRtt = Infinity;  // the round trip the offset was measured over (the best one wins)
+
+  // The layout's own measure of the top bar (phones give the video the rest of the screen).
+  const topbar = document.querySelector(".topbar");
+  function measureTopbar() {
+    if (topbar) document.documentElement.style.setProperty("--topbar-h", topbar.offsetHeight + "px");
+  }
+  measureTopbar();
+  window.addEventListener("resize", measureTopbar);
 
   // ---- player ---------------------------------------------------------------------------
   // HTTP-FLV through mpegts.js wherever Media Source Extensions exist: about half a second
@@ -59,6 +80,7 @@
 
   function cannotPlay() {
     offline.hidden = false;
+    unmute.hidden = true;
     offline.replaceChildren();
     const strong = document.createElement("strong"); strong.textContent = "This browser cannot play the live show";
     const hint = document.createElement("span"); hint.textContent = "Open this page in a recent Chrome, Edge, Firefox or Safari.";
@@ -106,8 +128,8 @@
         autoCleanupSourceBuffer: true,
       }
     );
-    player.attachMediaElement(video);
     document.dispatchEvent(new CustomEvent("watchbuy:player", { detail: { player: player, video: video } }));
+    player.attachMediaElement(video);
     player.on(mpegts.Events.ERROR, function () {
       destroyPlayer();
       // Never started (a proxy that buffers or blocks FLV, an MSE that refuses the codec):
@@ -116,6 +138,10 @@
       if (!playing && canPlayHls()) { flvFailed = true; startPlayer(); } else scheduleRetry();
     });
     player.on(mpegts.Events.LOADING_COMPLETE, function () { destroyPlayer(); scheduleRetry(); });
+    // The stream's own size (onMetaData) shapes the layout before the first frame decodes.
+    player.on(mpegts.Events.MEDIA_INFO, function (info) {
+      if (info && info.width && info.height) setAspect(info.width, info.height);
+    });
     player.load();
     play();
     video.addEventListener("playing", function () { playing = true; retryDelay = 1000; }, { once: true });
@@ -140,6 +166,21 @@
   video.addEventListener("error", onNativeEnd);
   video.addEventListener("ended", onNativeEnd);
 
+  // The layout follows the stream's real shape: "portrait" streams cover a phone's screen and
+  // get a tall player on desktop; the element's resize event follows a host who turns the phone.
+  function setAspect(width, height) {
+    if (!width || !height) return;
+    room.style.setProperty("--ar", String(width / height));
+    room.dataset.orientation = height > width ? "portrait" : "landscape";
+  }
+  video.addEventListener("loadedmetadata", function () { setAspect(video.videoWidth, video.videoHeight); });
+  video.addEventListener("resize", function () { setAspect(video.videoWidth, video.videoHeight); });
+
+  function showUnmute() {
+    // Never over the offline or ended card: only while the show plays, muted.
+    unmute.hidden = !(live && video.muted && offline.hidden);
+  }
+
   function setLive(isLive, url, hls) {
     if (url) playUrl = url;
     if (hls) hlsUrl = hls;
@@ -149,26 +190,93 @@
     offline.hidden = isLive;
     badge.textContent = isLive ? "LIVE" : "OFFLINE";
     badge.classList.toggle("live", isLive);
+    // The count is of people watching the show: none once it ended.
+    viewersBox.hidden = !isLive;
+    showUnmute();
     if (isLive) { retryDelay = 1000; startPlayer(); } else { clearTimeout(retryTimer); destroyPlayer(); }
   }
 
-  if (video.muted) unmute.hidden = false;
-  unmute.addEventListener("click", function () { video.muted = false; unmute.hidden = true; });
+  showUnmute();
+  unmute.addEventListener("click", function () { video.muted = false; unmute.hidden = true; play(); });
+  video.addEventListener("volumechange", showUnmute);
 
-  // ---- products and cart -------------------------------------------------------------------
-  function productHtml(p) {
-    const el = document.createElement("article");
-    el.className = "product";
-    el.dataset.productId = p.id;
-    if (p.image) { const img = document.createElement("img"); img.src = p.image; img.alt = ""; el.appendChild(img); }
-    else { const d = document.createElement("div"); d.className = "noimage"; el.appendChild(d); }
-    const body = document.createElement("div"); body.className = "product-body";
-    const h = document.createElement("h3"); h.textContent = p.name; body.appendChild(h);
-    const price = document.createElement("p"); price.className = "price"; price.textContent = p.price; body.appendChild(price);
-    const stock = document.createElement("p"); stock.className = "stock"; stock.dataset.stock = ""; stock.textContent = p.stock + " in stock"; body.appendChild(stock);
-    const b = document.createElement("button"); b.type = "button"; b.className = "add-to-cart"; b.dataset.add = p.id; b.textContent = "Add to cart"; b.disabled = p.stock < 1; body.appendChild(b);
-    el.appendChild(body);
-    return el;
+  // ---- the clock ------------------------------------------------------------------------
+  // Countdowns (flash sales) run on the server's clock: the offset is measured over the
+  // websocket ({"type": "time"}), keeping the measurement with the shortest round trip.
+  function serverMs(value) {
+    if (typeof value === "number") return value < 1e11 ? value * 1000 : value;  // seconds or ms
+    if (typeof value === "string") { const t = Date.parse(value); return isNaN(t) ? null : t; }
+    return null;
+  }
+  let timeAsked = 0;
+  function askTime() { timeAsked = Date.now(); send({ type: "time" }); }
+  function onTime(serverTime) {
+    const t = serverMs(serverTime);
+    if (t === null || !timeAsked) return;
+    const now = Date.now(), rtt = now - timeAsked;
+    if (rtt <= clockRtt) { clockRtt = rtt; clockOffset = t - (timeAsked + now) / 2; }
+    timeAsked = 0;
+  }
+  function now() { return Date.now() + clockOffset; }
+
+  // ---- products, stock, sales and the cart ------------------------------------------------
+  const LOW_STOCK = 5;  // "Only N left" below this, unless the card says its own threshold
+  const sales = {};  // product id -> the running flash sale (from hello and "sale" events)
+
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;  // text, never HTML
+    return node;
+  }
+
+  function stockLine(box, p) {
+    box.replaceChildren();
+    if (p.stock < 1) box.append(el("span", "badge soldout", "Sold out"));
+    else if (p.stock <= (p.low_stock || LOW_STOCK)) box.append(el("span", "low", "Only " + p.stock + " left"));
+    else box.append(document.createTextNode(p.stock + " in stock"));
+    if (p.sold) box.append(" ", el("span", "sold", "· " + p.sold + " sold"));
+  }
+
+  function saleOf(p) { return sales[p.id] || p.sale || null; }
+
+  function priceLine(box, p) {
+    box.replaceChildren();
+    const sale = saleOf(p);
+    const salePrice = sale ? sale.sale_price : p.sale_price;
+    if (salePrice) {
+      box.append(el("span", "sale-price", salePrice), " ", el("s", "was", p.price));
+      if (sale && sale.ends_at) {
+        const tag = el("span", "sale-badge", "Flash sale");
+        const clock = el("span", "countdown"); clock.dataset.endsAt = String(serverMs(sale.ends_at));
+        tag.append(" ", clock);
+        box.append(" ", tag);
+      }
+    } else {
+      box.textContent = p.price;
+    }
+  }
+
+  // The same parts as templates/_product.html.
+  function productCard(p) {
+    const card = el("article", "product");
+    card.dataset.productId = p.id;
+    if (p.image) { const img = el("img"); img.src = p.image; img.alt = p.name; img.loading = "lazy"; card.append(img); }
+    else { const d = el("div", "noimage"); d.setAttribute("role", "img"); d.setAttribute("aria-label", p.name); card.append(d); }
+    const body = el("div", "product-body");
+    body.append(el("h3", "", p.name));
+    if (p.description) body.append(el("p", "description", p.description));
+    const price = el("p", "price"); priceLine(price, p); body.append(price);
+    const stock = el("p", "stock"); stock.dataset.stock = ""; stockLine(stock, p); body.append(stock);
+    const actions = el("div", "product-actions");
+    const buy = el("button", "buy-now", "Buy now"); buy.type = "button"; buy.dataset.buy = p.id; buy.disabled = p.stock < 1;
+    const add = el("button", "add-to-cart secondary", "Add to cart"); add.type = "button"; add.dataset.add = p.id; add.disabled = p.stock < 1;
+    const feedback = el("span", "feedback"); feedback.setAttribute("role", "status"); feedback.setAttribute("aria-live", "polite");
+    actions.append(buy, add, feedback);
+    body.append(actions);
+    card.append(body);
+    card.classList.toggle("sold-out", p.stock < 1);
+    return card;
   }
 
   // What the page shows now (server-rendered first), so that the state poll can repair events
@@ -182,58 +290,234 @@
     });
   }
 
+  function findProduct(id) {
+    id = Number(id);
+    return [shown.pinned].concat(shown.products).find(function (p) { return p && p.id === id; }) || null;
+  }
+
   function showProducts(products) {
     shown.products = products;
     const list = document.getElementById("product-list");
     list.replaceChildren();
-    products.forEach(function (p) { const li = document.createElement("li"); li.appendChild(productHtml(p)); list.appendChild(li); });
-    const none = document.getElementById("no-products");
-    if (none) none.hidden = products.length > 0;
+    products.forEach(function (p) { const li = el("li"); li.append(productCard(p)); list.append(li); });
+    document.getElementById("no-products").hidden = products.length > 0;
+    document.getElementById("product-count").textContent = products.length;
+  }
+
+  // Re-draws a product's cards in place (stock, sold, sale), keeping any "Added" note.
+  function redraw(id) {
+    const p = findProduct(id);
+    if (!p) return;
+    document.querySelectorAll('.product[data-product-id="' + p.id + '"]').forEach(function (card) {
+      const stock = card.querySelector(".stock"); if (stock) stockLine(stock, p);
+      const price = card.querySelector(".price"); if (price) priceLine(price, p);
+      card.querySelectorAll("[data-add],[data-buy]").forEach(function (b) { b.disabled = p.stock < 1; });
+      card.classList.toggle("sold-out", p.stock < 1);
+    });
+    tick();
   }
 
   // One product's stock (the checkout rush sends these, coalesced, instead of whole lists).
-  function showStock(id, stock) {
-    [shown.pinned].concat(shown.products).forEach(function (p) { if (p && p.id === id) p.stock = stock; });
-    document.querySelectorAll('[data-product-id="' + id + '"]').forEach(function (el) {
-      const text = el.querySelector(".stock"); if (text) text.textContent = stock + " in stock";
-      const button = el.querySelector(".add-to-cart"); if (button) button.disabled = stock < 1;
+  function showStock(id, stock, sold) {
+    [shown.pinned].concat(shown.products).forEach(function (p) {
+      if (p && p.id === id) { p.stock = stock; if (typeof sold === "number") p.sold = sold; }
     });
+    redraw(id);
   }
 
   function showPinned(p) {
     shown.pinned = p || null;
     const box = document.getElementById("pinned");
     box.replaceChildren();
-    if (p) box.appendChild(productHtml(p));
+    if (p) box.append(productCard(p));
     box.hidden = !p;
+    tick();
+  }
+  document.addEventListener("watchbuy:show-pin", function (event) { showPinned(event.detail || null); });
+
+  // Flash-sale countdowns, on the server's clock.
+  function tick() {
+    document.querySelectorAll(".countdown[data-ends-at]").forEach(function (node) {
+      const left = Math.max(0, Math.round((Number(node.dataset.endsAt) - now()) / 1000));
+      node.textContent = Math.floor(left / 60) + ":" + String(left % 60).padStart(2, "0");
+    });
+  }
+  setInterval(tick, 1000);
+
+  function onSale(sale) {
+    if (!sale || !sale.product_id) return;
+    sales[sale.product_id] = sale;
+    redraw(sale.product_id);
+  }
+  function onSaleEnded(data) {
+    delete sales[data.product_id];
+    [shown.pinned].concat(shown.products).forEach(function (p) {
+      if (p && p.id === data.product_id) { delete p.sale; delete p.sale_price; }
+    });
+    redraw(data.product_id);
   }
 
-  // Another script (cues.js: the pin at its moment in the video) says which card to show.
-  document.addEventListener("watchbuy:show-pin", function (event) { showPinned(event.detail); });
+  // The header's cart badge.
+  const cartBadge = document.getElementById("cart-count");
+  function cartCount(n) {
+    if (!cartBadge || typeof n !== "number") return;
+    cartBadge.textContent = n;
+    cartBadge.hidden = n < 1;
+  }
 
-  const cartStatus = document.getElementById("cart-status");
-  document.addEventListener("click", async function (event) {
-    const button = event.target.closest("[data-add]");
-    if (!button) return;
-    if (room.dataset.loggedIn !== "true") { location.href = "/login?next=/room/" + slug; return; }
+  // A note beside the control that was pressed: "Added", or the error in the error style.
+  function feedback(button, text, isError) {
+    const box = button.parentElement.querySelector(".feedback");
+    if (!box) return;
+    box.textContent = text;
+    box.classList.toggle("error", !!isError);
+    box.classList.toggle("ok", !isError);
+    clearTimeout(box.clearTimer);
+    if (!isError) box.clearTimer = setTimeout(function () { box.textContent = ""; }, 4000);
+  }
+
+  // A visitor signs up or logs in first and comes back with the action begun.
+  function loginFirst(action, id) {
+    const back = "/room/" + slug + "?" + action + "=" + encodeURIComponent(id);
+    location.href = "/login?next=" + encodeURIComponent(back);
+  }
+
+  async function addToCart(button, id) {
     button.disabled = true;
-    const body = new URLSearchParams({ product_id: button.dataset.add, quantity: "1" });
+    const body = new URLSearchParams({ product_id: String(id), quantity: "1" });
     try {
       const response = await fetch("/cart/add", {
         method: "POST", body: body, credentials: "same-origin",
         headers: { "X-CSRF-Token": csrf, "Accept": "application/json" },
       });
-      const result = await response.json();
-      cartStatus.hidden = false;
-      cartStatus.textContent = result.ok ? "Added to your cart. " : result.error;
-      if (result.ok) { const a = document.createElement("a"); a.href = "/cart"; a.textContent = "Go to cart →"; cartStatus.appendChild(a); }
+      const result = await response.json().catch(function () { return {}; });
+      if (response.ok && result.ok) {
+        feedback(button, "Added ✓");
+        if (typeof result.cart_count === "number") cartCount(result.cart_count);
+        else if (cartBadge) cartCount(Number(cartBadge.textContent || 0) + 1);
+      } else {
+        feedback(button, result.error || "Could not add this. Try again.", true);
+      }
     } catch (e) {
-      cartStatus.hidden = false;
-      cartStatus.textContent = "Could not reach the shop. Try again.";
+      feedback(button, "Could not reach the shop. Try again.", true);
     } finally {
-      button.disabled = false;
+      const p = findProduct(id);
+      button.disabled = !!p && p.stock < 1;
+    }
+  }
+
+  function buyNow(button, id) {
+    const product = findProduct(id);
+    document.dispatchEvent(new CustomEvent("watchbuy:buy", { detail: { product: product, id: Number(id), opener: button } }));
+  }
+
+  document.addEventListener("click", function (event) {
+    const add = event.target.closest("[data-add]");
+    const buy = event.target.closest("[data-buy]");
+    if (!add && !buy) return;
+    const id = (add || buy).dataset.add || (add || buy).dataset.buy;
+    if (!loggedIn) { loginFirst(add ? "add" : "buy", id); return; }
+    if (add) addToCart(add, id); else buyNow(buy, id);
+  });
+
+  // Back from signing up or logging in: do what was begun, once (the address loses it), on a
+  // button the shopper can see: the pinned card's, else the product list's (opened on phones).
+  function resumeAction() {
+    const params = new URLSearchParams(location.search);
+    const action = params.has("add") ? "add" : params.has("buy") ? "buy" : null;
+    if (!action || !loggedIn) return;
+    const id = params.get(action);
+    history.replaceState(null, "", location.pathname);
+    const selector = '[data-' + action + '="' + CSS.escape(id) + '"]';
+    let button = document.querySelector("#pinned " + selector);
+    if (!button) {
+      button = document.querySelector("#product-list " + selector);
+      if (button && action === "add" && phoneSheet.matches) openProducts.click();
+    }
+    if (!button) return;
+    if (action === "add") addToCart(button, id); else buyNow(button, id);
+  }
+
+  // ---- the product sheet (phones) ---------------------------------------------------------
+  const productsPanel = document.getElementById("products");
+  const openProducts = document.getElementById("open-products");
+  const phoneSheet = window.matchMedia("(max-width: 600px) and (orientation: portrait)");
+  productsPanel.dataset.sheetKeep = "true";  // a panel beside the video on wider screens
+  openProducts.addEventListener("click", function () {
+    if (window.WatchBuySheet.isOpen(productsPanel)) { window.WatchBuySheet.hide(productsPanel); return; }
+    openProducts.setAttribute("aria-expanded", "true");
+    if (phoneSheet.matches) {
+      window.WatchBuySheet.show(productsPanel, openProducts, function () { openProducts.setAttribute("aria-expanded", "false"); });
+    } else {
+      productsPanel.scrollIntoView({ behavior: reducedMotion.matches ? "auto" : "smooth", block: "start" });
+      productsPanel.focus({ preventScroll: true });
+      openProducts.setAttribute("aria-expanded", "false");
     }
   });
+
+  // After every script of the room has started listening (buy.js comes after this file).
+  window.addEventListener("load", resumeAction);
+
+  // ---- share --------------------------------------------------------------------------------
+  const shareStatus = document.getElementById("share-status");
+  document.getElementById("share").addEventListener("click", async function () {
+    const url = location.origin + "/room/" + slug;
+    const title = room.dataset.title || document.title;
+    if (navigator.share) {
+      try { await navigator.share({ title: title, text: "Watch " + title + " live", url: url }); return; }
+      catch (e) { if (e && e.name === "AbortError") return; /* else fall back to copying */ }
+    }
+    let copied = false;
+    try { await navigator.clipboard.writeText(url); copied = true; } catch (e) { /* no clipboard: show it */ }
+    shareStatus.hidden = false;
+    shareStatus.textContent = copied ? "Link copied" : url;
+    shareStatus.classList.toggle("error", false);
+    clearTimeout(shareStatus.clearTimer);
+    shareStatus.clearTimer = setTimeout(function () { shareStatus.hidden = true; }, copied ? 2500 : 10000);
+  });
+
+  // ---- hearts -------------------------------------------------------------------------------
+  // Taps are counted here and sent at most once a second as {"type": "heart", "count": n}
+  // (n ≤ 10, the server's batch limit): the socket's frame budget stays for chat.  The room
+  // hears them back aggregated by the server, a few "hearts" events a second at most.
+  const HEART_BATCH = 10;
+  const heartsFloat = document.getElementById("hearts-float");
+  const heartsCount = document.getElementById("hearts-count");
+  let pendingHearts = 0;
+  let heartsTotal = 0;
+  function floatHeart(own) {
+    if (reducedMotion.matches || heartsFloat.childElementCount > 24) return;
+    const h = el("span", own ? "float-heart own" : "float-heart", "♥");
+    h.style.setProperty("--drift", (Math.random() * 40 - 20).toFixed(0) + "px");
+    h.addEventListener("animationend", function () { h.remove(); });
+    heartsFloat.append(h);
+  }
+  document.getElementById("heart").addEventListener("click", function () {
+    pendingHearts += 1;
+    floatHeart(true);
+  });
+  setInterval(function () {
+    if (!pendingHearts) return;
+    const batch = Math.min(pendingHearts, HEART_BATCH);
+    send({ type: "heart", count: batch });
+    // A burst carries over to the next seconds, up to a few batches; beyond that a tap only
+    // shows here (the server would drop it anyway: heart_rate per shopper).
+    pendingHearts = Math.min(pendingHearts - batch, 3 * HEART_BATCH);
+  }, 1000);
+  function onHearts(count) {
+    heartsTotal += count;
+    heartsCount.textContent = heartsTotal > 999 ? Math.floor(heartsTotal / 1000) + "k" : heartsTotal;
+    for (let i = 0; i < Math.min(count, 6); i++) setTimeout(floatHeart, i * 120);
+  }
+
+  // ---- "just bought" -------------------------------------------------------------------------
+  const ticker = document.getElementById("ticker");
+  function onBought(data) {
+    ticker.textContent = (data.first_name || "Someone") + " just bought " + (data.product_name || "this");
+    ticker.hidden = false;
+    clearTimeout(ticker.clearTimer);
+    ticker.clearTimer = setTimeout(function () { ticker.hidden = true; }, 5000);
+  }
 
   // ---- chat and room events ------------------------------------------------------------------
   const messages = document.getElementById("messages");
@@ -244,7 +528,7 @@
     li.dataset.messageId = m.id;
     const name = document.createElement("strong"); name.textContent = m.name; li.appendChild(name);
     // The server's flag, not the name, says who the host is: a viewer cannot earn the badge.
-    if (m.is_host) { const badge = document.createElement("span"); badge.className = "host-badge"; badge.textContent = "Host"; li.appendChild(badge); }
+    if (m.is_host) { const hostBadge = document.createElement("span"); hostBadge.className = "host-badge"; hostBadge.textContent = "Host"; li.appendChild(hostBadge); }
     const text = document.createElement("span"); text.textContent = " " + m.text; li.appendChild(text);  // text, never HTML
     if (isHost && m.user_id !== me) {
       const del = document.createElement("button"); del.className = "link small"; del.textContent = "delete";
@@ -258,13 +542,17 @@
     messages.scrollTop = messages.scrollHeight;
   }
 
+  function showViewers(count) {
+    if (typeof count === "number") viewerCount.textContent = count;
+  }
+
   let socket = null;
   function send(data) { if (socket && socket.readyState === 1) socket.send(JSON.stringify(data)); }
-  window.WatchBuyRoom = { slug: slug, csrf: csrf, send: send };
 
   function connect() {
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
     socket = new WebSocket(scheme + location.host + "/ws/room/" + encodeURIComponent(slug));
+    socket.onopen = askTime;
     socket.onmessage = function (event) {
       const data = JSON.parse(event.data);
       document.dispatchEvent(new CustomEvent("watchbuy:room-event", { detail: data }));
@@ -275,6 +563,8 @@
           room.dataset.socket = "open";
           messages.replaceChildren();
           data.messages.forEach(addMessage);
+          showViewers(data.viewers);
+          (data.sales || []).forEach(onSale);
           break;
         case "chat": addMessage(data); break;
         case "deleted": {
@@ -286,9 +576,16 @@
         case "error": chatError.hidden = false; chatError.textContent = data.error; break;
         case "live": setLive(true, data.play_url, data.hls_url); break;
         case "offline": setLive(false); break;
+        case "ended": setLive(false); break;
         case "pinned": showPinned(data.product); break;
         case "products": showProducts(data.products); break;
-        case "stock": showStock(data.product_id, data.stock); break;
+        case "stock": showStock(data.product_id, data.stock, data.sold); break;
+        case "sale": onSale(data.sale); break;
+        case "sale_ended": onSaleEnded(data); break;
+        case "bought": onBought(data); break;
+        case "hearts": onHearts(data.count); break;
+        case "viewers": showViewers(data.count); break;
+        case "time": onTime(data.server_time); break;
       }
     };
     socket.onclose = function (event) {
@@ -299,6 +596,9 @@
     };
   }
   connect();
+  setInterval(askTime, 60000);  // clocks drift; a phone may sleep
+
+  window.WatchBuyRoom = { slug: slug, csrf: csrf, send: send, now: now, product: findProduct, cartCount: cartCount };
 
   const form = document.getElementById("chat-form");
   if (form) {
@@ -313,14 +613,13 @@
     });
   }
 
-  // Viewer counts come from the media node; the room state is also the fallback for events
-  // missed while the websocket was reconnecting.
+  // The room state is the fallback for events missed while the websocket was reconnecting
+  // (viewer counts come over the socket).
   async function refresh() {
     try {
       const response = await fetch("/api/rooms/" + encodeURIComponent(slug), { credentials: "same-origin" });
       if (!response.ok) return;
       const state = await response.json();
-      document.getElementById("viewer-count").textContent = state.viewers;
       if (state.live !== live) setLive(state.live, state.play_url, state.hls_url);
       if (canon(state.pinned) !== canon(shown.pinned)) showPinned(state.pinned);
       if (canon(state.products) !== canon(shown.products)) showProducts(state.products);

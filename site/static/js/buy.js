@@ -1,0 +1,225 @@
+// Buy now: a confirm sheet in the room (never leaving it) with the total, the address and the
+// payment, then a thank-you sheet.  The shop answers:
+//   GET  /api/checkout-info -> {addresses: [...], saved_card: {brand, last4} | null, cart_count, test_mode}
+//   POST /api/buy-now {product_id, address_id | address fields, card fields}
+//        -> {ok, order, thank_you_url} | {redirect} | {error, field} (4xx)
+// A shop without these endpoints (404) gets a clear message and "Add to cart" instead.
+// Listens to document "watchbuy:buy" ({product, id, opener}) from room.js.
+(function () {
+  "use strict";
+  const sheet = document.getElementById("buy-sheet");
+  const body = document.getElementById("buy-body");
+  const title = document.getElementById("buy-title");
+  if (!sheet || !body) return;
+  const csrf = document.querySelector('meta[name="csrf-token"]').content;
+  const ADDRESS_FIELDS = [
+    ["name", "Full name", "name", true], ["line1", "Address", "address-line1", true],
+    ["line2", "Apartment, suite (optional)", "address-line2", false], ["city", "City", "address-level2", true],
+    ["postal_code", "Postal code", "postal-code", true], ["region", "State or region (optional)", "address-level1", false],
+    ["country", "Country (2 letters, e.g. US)", "country", true],
+  ];
+  const CARD_FIELDS = [
+    ["card_number", "Card number", "cc-number", "numeric"], ["card_expiry", "Expiry (MM/YY)", "cc-exp", "numeric"],
+    ["card_cvc", "CVC", "cc-csc", "numeric"],
+  ];
+
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  // A labelled input with its own error line right under it (filled by showError).
+  function field(name, label, autocomplete, required, inputmode) {
+    const wrap = el("label", "field");
+    wrap.append(document.createTextNode(label));
+    const input = el("input");
+    input.name = name; input.autocomplete = autocomplete; input.required = !!required;
+    if (inputmode) input.inputMode = inputmode;
+    const error = el("span", "field-error"); error.id = "buy-error-" + name; error.hidden = true;
+    input.setAttribute("aria-describedby", error.id);
+    wrap.append(input, error);
+    return wrap;
+  }
+
+  function clearErrors() {
+    body.querySelectorAll(".field-error").forEach(function (e) { e.hidden = true; e.textContent = ""; });
+    body.querySelectorAll("[aria-invalid]").forEach(function (i) { i.removeAttribute("aria-invalid"); });
+  }
+
+  // The error beside the control it is about; the form's own line when no control matches.
+  function showError(message, fieldName) {
+    const input = fieldName ? body.querySelector('[name="' + CSS.escape(fieldName) + '"]') : null;
+    const box = input ? document.getElementById("buy-error-" + fieldName) : body.querySelector(".form-error");
+    if (!box) return;
+    box.textContent = message;
+    box.hidden = false;
+    if (input) { input.setAttribute("aria-invalid", "true"); input.focus(); }
+  }
+
+  function summary(product) {
+    const box = el("div", "buy-product");
+    if (product.image) { const img = el("img"); img.src = product.image; img.alt = product.name; box.append(img); }
+    const text = el("div");
+    text.append(el("strong", "", product.name));
+    const sale = product.sale || null;
+    text.append(el("span", "muted", " · 1 × " + ((sale && sale.sale_price) || product.sale_price || product.price)));
+    box.append(text);
+    return box;
+  }
+
+  function unavailable(product, message) {
+    body.replaceChildren(summary(product));
+    const note = el("p", "notice-error", message);
+    note.setAttribute("role", "alert");
+    body.append(note);
+    const actions = el("div", "product-actions");
+    const add = el("button", "add-to-cart", "Add to cart instead"); add.type = "button"; add.dataset.add = product.id;
+    actions.append(add, el("span", "feedback"));
+    body.append(actions);
+  }
+
+  function busy(product) {
+    body.replaceChildren(summary(product), el("p", "muted", "Loading your details…"));
+  }
+
+  function addressSection(addresses) {
+    const set = el("fieldset", "choice addresses");
+    set.append(el("legend", "", "Ship to"));
+    const newForm = el("div", "new-address");
+    ADDRESS_FIELDS.forEach(function (f) { newForm.append(field(f[0], f[1], f[2], f[3])); });
+    if (addresses.length) {
+      addresses.forEach(function (a, i) {
+        const label = el("label", "radio");
+        const radio = el("input"); radio.type = "radio"; radio.name = "address_id"; radio.value = a.id;
+        radio.checked = a.is_default || (i === 0 && !addresses.some(function (x) { return x.is_default; }));
+        label.append(radio, document.createTextNode(" " + [a.name, a.line1, a.line2, a.city, a.postal_code, a.region, a.country].filter(Boolean).join(", ")));
+        set.append(label);
+      });
+      const label = el("label", "radio");
+      const radio = el("input"); radio.type = "radio"; radio.name = "address_id"; radio.value = "new";
+      label.append(radio, document.createTextNode(" A new address"));
+      set.append(label);
+      newForm.hidden = true;
+      set.addEventListener("change", function () {
+        const picked = set.querySelector('input[name="address_id"]:checked');
+        newForm.hidden = !picked || picked.value !== "new";
+        newForm.querySelectorAll("input").forEach(function (i) { i.disabled = newForm.hidden; });
+      });
+      newForm.querySelectorAll("input").forEach(function (i) { i.disabled = true; });
+    }
+    const error = el("span", "field-error"); error.id = "buy-error-address_id"; error.hidden = true;
+    set.append(newForm, error);
+    return set;
+  }
+
+  function paymentSection(info) {
+    const set = el("fieldset", "choice payment");
+    set.append(el("legend", "", "Pay with"));
+    if (info.saved_card) {
+      set.append(el("p", "saved-card", (info.saved_card.brand || "Card") + " ending in " + info.saved_card.last4));
+    } else {
+      if (info.test_mode) set.append(el("p", "testmode", "Test mode: use 4242 4242 4242 4242, any future date and any CVC. No money moves."));
+      const row = el("div", "card-row");
+      CARD_FIELDS.forEach(function (f) { row.append(field(f[0], f[1], f[2], true, f[3])); });
+      set.append(row);
+    }
+    return set;
+  }
+
+  function confirmForm(product, info) {
+    title.textContent = "Buy now";
+    const form = el("form", "buy-form");
+    form.noValidate = true;  // the server checks every field and answers beside it
+    form.append(summary(product));
+    if (product.physical !== false) form.append(addressSection(info.addresses || []));
+    form.append(paymentSection(info));
+    const total = el("p", "total");
+    const sale = product.sale || null;
+    total.append(el("span", "", "Total "), el("strong", "", (sale && sale.sale_price) || product.sale_price || product.price));
+    form.append(total);
+    const error = el("p", "form-error"); error.setAttribute("role", "alert"); error.hidden = true;
+    form.append(error);
+    const confirm = el("button", "confirm", "Confirm and pay"); confirm.type = "submit"; confirm.id = "buy-confirm";
+    form.append(confirm);
+    form.addEventListener("submit", function (event) { event.preventDefault(); submit(form, product, confirm); });
+    body.replaceChildren(form);
+    const first = form.querySelector("input:not([disabled])") || confirm;
+    first.focus({ preventScroll: true });
+  }
+
+  function payload(form, product) {
+    const data = { product_id: product.id };
+    form.querySelectorAll("input").forEach(function (input) {
+      if (input.disabled || !input.name) return;
+      if (input.type === "radio") { if (input.checked && input.value !== "new") data[input.name] = Number(input.value); return; }
+      if (input.value.trim()) data[input.name] = input.value.trim();
+    });
+    return data;
+  }
+
+  async function submit(form, product, button) {
+    clearErrors();
+    button.disabled = true;
+    button.textContent = "Paying…";
+    try {
+      const response = await fetch("/api/buy-now", {
+        method: "POST", credentials: "same-origin",
+        headers: { "X-CSRF-Token": csrf, "Accept": "application/json", "Content-Type": "application/json" },
+        body: JSON.stringify(payload(form, product)),
+      });
+      if (response.status === 404) { unavailable(product, "One-tap buying is not available on this site yet."); return; }
+      const result = await response.json().catch(function () { return {}; });
+      if (result.redirect) { location.assign(result.redirect); return; }  // e.g. Stripe's own page
+      if (response.ok && result.ok) { thankYou(product, result); return; }
+      showError(result.error || "The payment did not go through. Try again.", result.field);
+    } catch (e) {
+      showError("Could not reach the shop. Check your connection and try again.");
+    } finally {
+      if (document.contains(button)) { button.disabled = false; button.textContent = "Confirm and pay"; }
+    }
+  }
+
+  function thankYou(product, result) {
+    title.textContent = "Thank you!";
+    const order = result.order || {};
+    const box = el("div", "thank-you");
+    box.append(el("p", "notice", "Your order is paid" + (order.id ? " (order #" + order.id + ")" : "") + "."));
+    box.append(summary(product));
+    if (order.total) box.append(el("p", "total", "Total " + order.total));
+    if (order.ship_to || order.address) box.append(el("p", "muted", "Ships to " + (order.ship_to || order.address)));
+    const actions = el("div", "product-actions");
+    if (result.thank_you_url) { const a = el("a", "button secondary", "See your order"); a.href = result.thank_you_url; actions.append(a); }
+    const back = el("button", "", "Keep watching"); back.type = "button"; back.dataset.closeSheet = "";
+    actions.append(back);
+    box.append(actions);
+    body.replaceChildren(box);
+    back.focus();
+    if (window.WatchBuyRoom && typeof result.cart_count === "number") window.WatchBuyRoom.cartCount(result.cart_count);
+  }
+
+  async function open(event) {
+    const detail = event.detail || {};
+    const product = detail.product || (window.WatchBuyRoom && window.WatchBuyRoom.product(detail.id));
+    if (!product) return;
+    title.textContent = "Buy now";
+    busy(product);
+    window.WatchBuySheet.show(sheet, detail.opener);
+    try {
+      const response = await fetch("/api/checkout-info", { credentials: "same-origin", headers: { "Accept": "application/json" } });
+      if (response.status === 404) { unavailable(product, "One-tap buying is not available on this site yet."); return; }
+      if (response.status === 401 || response.status === 403) {
+        location.href = "/login?next=" + encodeURIComponent(location.pathname + "?buy=" + product.id);
+        return;
+      }
+      if (!response.ok) { unavailable(product, "The shop could not load your details. Try again in a moment."); return; }
+      const info = await response.json();
+      if (window.WatchBuyRoom && typeof info.cart_count === "number") window.WatchBuyRoom.cartCount(info.cart_count);
+      confirmForm(product, info);
+    } catch (e) {
+      unavailable(product, "Could not reach the shop. Check your connection and try again.");
+    }
+  }
+  document.addEventListener("watchbuy:buy", open);
+})();
