@@ -184,10 +184,13 @@ def wants_json(request: Request) -> bool:
     return request.headers.get("accept", "").startswith("application/json")
 
 
-async def cart_view(request: Request, error: str | None = None, status_code: int = 200):
+async def cart_view(request: Request, error: str | None = None, status_code: int = 200,
+                    lines: list[dict] | None = None):
+    """The cart page; ``lines`` when the caller has just read the cart (the sold-out answer)."""
     user = require_user(request)
     site = state(request)
-    lines = await queries.cart(site["db"], user["id"])
+    if lines is None:
+        lines = await queries.cart(site["db"], user["id"])
     for line in lines:
         line["line_total"] = format_money(line["price_minor"] * line["quantity"],
                                           line["currency"])
@@ -269,7 +272,7 @@ async def checkout(request: Request):
             # a room still showing units of a product that has none left hears it now
             stock_notifier(site).changed(exc.product_id, sold_out=exc.stock_seen == 0)
         return await cart_view(request, error=f"Sorry: {exc}. Adjust your cart and try again.",
-                               status_code=409)
+                               status_code=409, lines=getattr(exc, "lines", None))
     except queries.OrderLimit as exc:
         checkouts.labels("limit").inc()
         log_limit(request, user, str(exc))

@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
@@ -75,7 +76,9 @@ async def seed(url: str, shoppers: int, stock: int, concurrency: int) -> dict:
     db = Database(url)
     await db.connect()
     try:
-        await upgrade(db)
+        with warnings.catch_warnings():  # MariaDB's notes on CREATE ... IF NOT EXISTS
+            warnings.simplefilter("ignore")
+            await upgrade(db)
         host_id = await queries.create_user(db, "host@rush.test", "Rush Host", "x", True)
         channel = await ensure_channel(db, host_id, "Rush Host")
         product_id = await queries.create_product(db, host_id, "Rush print", "", 2500, "usd",
@@ -227,7 +230,8 @@ async def rush(port: int, requests: list[bytes], window: float, timeout: float, 
 class Site:
     """``watchbuy site`` in a subprocess: one process, or ``--workers N`` (Redis)."""
 
-    def __init__(self, url: str, data_dir: Path, workers: int, pin: bool, log_path: Path) -> None:
+    def __init__(self, url: str, data_dir: Path, workers: int, pin: bool, log_path: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         env = {**os.environ, "WATCHBUY_ENV_FILE": os.devnull, "WATCHBUY_DATABASE_URL": url,
                "WATCHBUY_DATA_DIR": str(data_dir), "WATCHBUY_SITE_HOST": "127.0.0.1",
@@ -238,6 +242,7 @@ class Site:
         if workers > 1:
             env["WATCHBUY_BROKER_URL"] = REDIS_URL
             env["WATCHBUY_BROKER_PREFIX"] = f"rush{os.getpid()}:"
+        env.update(extra_env or {})
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.log_path = log_path
