@@ -12,7 +12,8 @@ theirs.
 
 Prints deliveries (and the fewest viewers any message reached), send→arrival p50/p99/max over
 every delivery, the sockets the server closed, and CPU: the site's processes and wsload's over
-the message phase, each also per delivery.  Exits 1 unless every message reached every
+the message phase, each also per delivery (the site's also over an idle phase of the same
+length just before, with the same sockets open: what the deliveries themselves cost).  Exits 1 unless every message reached every
 joined viewer.
 
     python -m bench.site.fanout --viewers 5000
@@ -149,11 +150,16 @@ def run(args: argparse.Namespace) -> dict:
             join_seconds = time.monotonic() - began
             log(f"{joined} viewers joined ({join_failed} failed) in {join_seconds:.1f} s")
             time.sleep(1.0)  # the last joiners' hello frames are out
+            phase = args.messages * args.spacing + min(args.spacing, 3.0)
+            # What N open sockets cost with nothing said (keep-alive pings, timers), over a
+            # phase as long as the messages': subtracted to get the cost of the deliveries.
+            idle_before = site.cpu_seconds()
+            time.sleep(phase)
+            idle_cpu = site.cpu_seconds() - idle_before
             server_before, load_before = site.cpu_seconds(), cpu_of(load.pid)
             errors = asyncio.run(send_messages(site.port, slug, session, args.messages,
                                                args.spacing))
             server_cpu, load_cpu = site.cpu_seconds() - server_before, cpu_of(load.pid) - load_before
-            phase = args.messages * args.spacing + min(args.spacing, 3.0)
             load.send_signal(signal.SIGUSR1)
             out, _ = load.communicate(timeout=60)
             load = None
@@ -182,6 +188,9 @@ def run(args: argparse.Namespace) -> dict:
                 "per_message_p99_ms": [round(percentile(by_seq.get(s, []), 99) or -1, 1)
                                        for s in range(args.messages)],
                 "server_cpu_s": round(server_cpu, 2), "load_cpu_s": round(load_cpu, 2),
+                "server_idle_cpu_s": round(idle_cpu, 2),
+                "server_us_per_delivery_over_idle": round(
+                    1e6 * max(0.0, server_cpu - idle_cpu) / deliveries, 2) if deliveries else None,
                 "server_cpu_pct": round(100 * server_cpu / phase, 1),
                 "load_cpu_pct": round(100 * load_cpu / phase, 1),
                 "server_us_per_delivery": round(1e6 * server_cpu / deliveries, 2)
