@@ -231,7 +231,7 @@ class Site:
     """``watchbuy site`` in a subprocess: one process, or ``--workers N`` (Redis)."""
 
     def __init__(self, url: str, data_dir: Path, workers: int, pin: bool, log_path: Path,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, profile: str | None = None) -> None:
         self.port = free_port()
         env = {**os.environ, "WATCHBUY_ENV_FILE": os.devnull, "WATCHBUY_DATABASE_URL": url,
                "WATCHBUY_DATA_DIR": str(data_dir), "WATCHBUY_SITE_HOST": "127.0.0.1",
@@ -246,8 +246,10 @@ class Site:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.log_path = log_path
-        self.command = [*(taskset(0) if pin else []), sys.executable, "-m", "watchbuy", "site",
-                        "--port", str(self.port), "--workers", str(workers)]
+        # --profile: the one process under cProfile, its stats written when it stops
+        profiler = ["-m", "cProfile", "-o", profile] if profile and workers == 1 else []
+        self.command = [*(taskset(0) if pin else []), sys.executable, *profiler, "-m",
+                        "watchbuy", "site", "--port", str(self.port), "--workers", str(workers)]
         self.proc = subprocess.Popen(self.command, env=env, stdout=self.log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.workers = workers
@@ -348,7 +350,8 @@ def run(args: argparse.Namespace) -> dict:
             seeded = asyncio.run(seed(url, args.shoppers, args.stock,
                                       1 if args.db == "sqlite" else 16))
             log(f"{args.db}: {args.shoppers} shoppers seeded in {time.monotonic() - began:.1f} s")
-            site = Site(url, workdir / "data", args.workers, args.pin, workdir / "site.log")
+            site = Site(url, workdir / "data", args.workers, args.pin, workdir / "site.log",
+                        profile=args.profile)
             site.wait_ready()
             log(f"site up on port {site.port}: {' '.join(site.command)}")
             fields = dict(item.split("=", 1) for item in args.field)
@@ -440,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="SIGKILL one site worker this many seconds into the rush")
     parser.add_argument("--pin", action="store_true",
                         help="pin the site to CPU 0 and this client to CPU 1 (taskset)")
+    parser.add_argument("--profile", help="run the site (one process) under cProfile and "
+                        "write its stats here (python -m pstats)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     if args.pin and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
