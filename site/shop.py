@@ -34,7 +34,8 @@ the conditional UPDATE already is an atomic counter that survives a killed proce
 database rolls back its open transactions; its committed pending orders expire like any other
 and give the stock back: tests/test_site_rush.py kills one mid-rush).  The issue's targets
 (500/s MariaDB, 200/s SQLite at 3000 shoppers) are for a real server measured from outside
-(bench/site); this in-process driver does not reach them on this box.
+(``python -m bench.site.rush_outside``, bench/RESULTS.md "Rush"); this in-process driver does
+not reach them on this box.
 """
 
 from __future__ import annotations
