@@ -10,8 +10,9 @@ where the extension should be — does.
     python bench/ci_check.py [--json bench/results/ci.json] [--no-servers] [--no-pages]
 
 It also runs the quick fan-out and ingest passes (WatchBuy and node-media-server 4.4.3, installed
-from npm into bench/work/) and checks their CPU ratios, and the quick page pass on SQLite
-(bench/site/pages.py) and checks each page's share of a minimal Starlette route.
+from npm into bench/work/) and checks their CPU ratios, the quick page pass on SQLite
+(bench/site/pages.py) and checks each page's share of a minimal Starlette route, and a quick
+checkout rush against a real site process that must sell exactly the stock.
 """
 
 from __future__ import annotations
@@ -152,6 +153,27 @@ def page_pass(results: Path) -> list[str]:
     return problems
 
 
+def rush_check(results: Path) -> list[str]:
+    """Issue 15's quick rush: 300 shoppers press checkout on 30 units against a real
+    ``watchbuy site`` (SQLite): exactly the stock is sold, never below zero, everyone answered
+    bought or sold out (bench/site/rush_outside.py checks it and exits 1 otherwise).  No speed
+    is checked here: the speed lives in bench/RESULTS.md."""
+    out = results / "rush-quick.json"
+    run = subprocess.run([sys.executable, "-m", "bench.site.rush_outside", "--db", "sqlite",
+                          "--shoppers", "300", "--stock", "30", "--timeout", "120",
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True)
+    if not out.exists():
+        return [f"rush quick pass failed to run: {run.stderr.strip()[-500:]}"]
+    result = json.loads(out.read_text())
+    print(f"rush: {result['shoppers']} shoppers, {result['stock']} units: {result['orders']} "
+          f"orders, answers {result['answers']}, lowest stock {result['lowest_stock_seen']}")
+    if run.returncode != 0 or not result["correct"]:
+        return [f"rush did not sell exactly the stock: {result['orders']} orders of "
+                f"{result['stock']} units, answers {result['answers']}, lowest stock seen "
+                f"{result['lowest_stock_seen']}"]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "ci.json"))
@@ -159,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the fan-out and ingest passes against node-media-server")
     parser.add_argument("--no-pages", action="store_true",
                         help="skip the page pass (the site's pages against a minimal route)")
+    parser.add_argument("--no-rush", action="store_true",
+                        help="skip the checkout rush against a real site process")
     args = parser.parse_args(argv)
     problems = compiled_in_use()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -190,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         problems += server_passes(Path(args.json).parent)
     if not args.no_pages:
         problems += page_pass(Path(args.json).parent)
+    if not args.no_rush:
+        problems += rush_check(Path(args.json).parent)
     for problem in problems:
         print(f"bench: FAIL: {problem}")
     if not problems:

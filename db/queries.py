@@ -43,6 +43,9 @@ class OutOfStock(Exception):
         self.product_name = product_name
         self.product_id = product_id
         self.stock_seen = stock_seen  # the stock the refusal read, when it read one
+        # the shopper's cart as read before any transaction, when the refusal came from that
+        # read: the sold-out answer shows it without reading it again (the rush's common case)
+        self.lines: list[dict] | None = None
 
 
 class NotForSale(ValueError):
@@ -157,19 +160,24 @@ async def create_session(db: Database, session_hash: str, user_id: int, csrf_tok
 
 async def session_user(db: Database, session_hash: str) -> tuple[dict, dict] | None:
     """(session, user) for a live session, or None when unknown, expired or revoked."""
-    query = (
-        sa.select(sessions, users.c.email, users.c.display_name, users.c.is_host,
-                  users.c.is_admin)
-        .select_from(sessions.join(users, users.c.id == sessions.c.user_id))
-        .where(sessions.c.id == session_hash, sessions.c.revoked == sa.false(),
-               sessions.c.expires_at > now())
-    )
-    row = as_dict(await db.fetch_one(query))
+    # Every logged-in request runs this first (AuthMiddleware): compiled once (see compiled())
+    row = as_dict(await db.fetch_one(compiled(db, "session_user", _session_user_query),
+                                     {"session_id": session_hash, "now": now()}))
     if row is None:
         return None
     user = {"id": row["user_id"], "email": row["email"], "display_name": row["display_name"],
             "is_host": bool(row["is_host"]), "is_admin": bool(row["is_admin"])}
     return row, user
+
+
+def _session_user_query() -> sa.Select:
+    return (
+        sa.select(sessions, users.c.email, users.c.display_name, users.c.is_host,
+                  users.c.is_admin)
+        .select_from(sessions.join(users, users.c.id == sessions.c.user_id))
+        .where(sessions.c.id == sa.bindparam("session_id"), sessions.c.revoked == sa.false(),
+               sessions.c.expires_at > sa.bindparam("now"))
+    )
 
 
 async def revoke_session(db: Database, session_hash: str) -> None:
@@ -593,7 +601,9 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
     for line in lines:
         if line["stock"] < line["quantity"]:
             # the cheap answer the sold-out crowd gets
-            raise OutOfStock(line["name"], line["product_id"], line["stock"])
+            refusal = OutOfStock(line["name"], line["product_id"], line["stock"])
+            refusal.lines = lines
+            raise refusal
     stamp = now()
     is_test = payment_mode == "test" if test_mode is None else test_mode
 

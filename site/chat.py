@@ -24,7 +24,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from watchbuy.db import queries, shopping
 from watchbuy.logs import LogLimiter
-from watchbuy.site import security
+from watchbuy.site import security, wsframes
 from watchbuy.site.broker import Broker, BrokerUnavailable
 from watchbuy.site.pagecache import PAGES_TOPIC, page_change
 from watchbuy.site.ratelimit import RateLimiter
@@ -419,9 +419,23 @@ async def _close(websocket: WebSocket, code: int) -> None:
 
 
 async def _forward(subscription, websocket: WebSocket) -> None:
+    writer = websocket.scope.get("extensions", {}).get(wsframes.EXTENSION)
     try:
-        async for event in subscription:
-            await websocket.send_text(event.json)  # the broker's one encoding, shared
+        if writer is None:  # a server without the frame writer (tests' ASGI transports)
+            async for event in subscription:
+                await websocket.send_text(event.json)  # the broker's one encoding, shared
+        else:
+            # The broker writes each frame to this socket itself while it keeps up; what was
+            # queued meanwhile (the socket paused) is written here, in order, once it drains.
+            subscription.write_through(writer)
+            while True:
+                await writer.writable()
+                try:
+                    event = await anext(subscription)
+                except StopAsyncIteration:
+                    break
+                if not writer.write(event.frame):  # no await between taking and writing
+                    return
     except (WebSocketDisconnect, RuntimeError, ConnectionError):
         return
     if getattr(subscription, "overflowed", False):

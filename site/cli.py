@@ -138,6 +138,8 @@ def uvicorn_server(app, settings: SiteSettings):
     """The site's uvicorn server, with every connection-level limit from ``settings``."""
     import uvicorn
 
+    from watchbuy.site.wsframes import FrameProtocol
+
     uvicorn_log = logging.getLogger("uvicorn.error")
     if not any(isinstance(item, DrainCutFilter) for item in uvicorn_log.filters):
         uvicorn_log.addFilter(DrainCutFilter())
@@ -154,7 +156,8 @@ def uvicorn_server(app, settings: SiteSettings):
         served, host=settings.site_host, port=settings.site_port,
         log_level=settings.log_level.lower(), lifespan="on", access_log=False,
         http=guarded_http_protocol(settings.max_header_bytes, settings.header_timeout),
-        ws="websockets-sansio", ws_max_size=settings.ws_max_bytes,
+        # uvicorn's websockets-sansio protocol with the room's frame writer (site/wsframes.py)
+        ws=FrameProtocol, ws_max_size=settings.ws_max_bytes,
         ws_ping_interval=settings.ws_ping_interval or None,
         ws_ping_timeout=settings.ws_ping_timeout or None,
         # SIGTERM: stop accepting, let in-flight requests finish within the bound, then cut

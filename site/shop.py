@@ -34,7 +34,8 @@ the conditional UPDATE already is an atomic counter that survives a killed proce
 database rolls back its open transactions; its committed pending orders expire like any other
 and give the stock back: tests/test_site_rush.py kills one mid-rush).  The issue's targets
 (500/s MariaDB, 200/s SQLite at 3000 shoppers) are for a real server measured from outside
-(bench/site); this in-process driver does not reach them on this box.
+(``python -m bench.site.rush_outside``, bench/RESULTS.md "Rush"); this in-process driver does
+not reach them on this box.
 """
 
 from __future__ import annotations
@@ -184,10 +185,13 @@ def wants_json(request: Request) -> bool:
     return request.headers.get("accept", "").startswith("application/json")
 
 
-async def cart_view(request: Request, error: str | None = None, status_code: int = 200):
+async def cart_view(request: Request, error: str | None = None, status_code: int = 200,
+                    lines: list[dict] | None = None):
+    """The cart page; ``lines`` when the caller has just read the cart (the sold-out answer)."""
     user = require_user(request)
     site = state(request)
-    lines = await queries.cart(site["db"], user["id"])
+    if lines is None:
+        lines = await queries.cart(site["db"], user["id"])
     for line in lines:
         line["line_total"] = format_money(line["price_minor"] * line["quantity"],
                                           line["currency"])
@@ -284,7 +288,7 @@ async def checkout(request: Request):
             # a room still showing units of a product that has none left hears it now
             stock_notifier(site).changed(exc.product_id, sold_out=exc.stock_seen == 0)
         return await cart_view(request, error=f"Sorry: {exc}. Adjust your cart and try again.",
-                               status_code=409)
+                               status_code=409, lines=getattr(exc, "lines", None))
     except queries.OrderLimit as exc:
         checkouts.labels("limit").inc()
         log_limit(request, user, str(exc))

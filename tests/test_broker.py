@@ -113,6 +113,69 @@ async def test_publish_and_receive_in_order(broker) -> None:
             assert message.json == f'{{"type":"chat","i":{i},"text":"h\\u00e9 \\u2713"}}'
 
 
+class SocketEnd:
+    """The writing end of a websocket as the fan-out sees it (site/wsframes.FrameWriter's
+    interface): ``ready`` is whether its transport would take a frame now.  What it is given is
+    parsed as RFC 6455 frames by the websockets library."""
+
+    def __init__(self) -> None:
+        self.is_ready = True
+        self.data = bytearray()
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+    def write(self, frame: bytes) -> bool:
+        self.data += frame
+        return True
+
+    def texts(self) -> list[str]:
+        from websockets.frames import Frame, Opcode
+        from websockets.streams import StreamReader
+
+        reader = StreamReader()
+        reader.feed_data(bytes(self.data))
+        texts = []
+        while reader.buffer:
+            parser = Frame.parse(reader.read_exact, mask=False)
+            with pytest.raises(StopIteration) as done:
+                next(parser)
+            frame = done.value.value
+            assert frame.opcode is Opcode.TEXT and frame.fin and not frame.rsv1
+            texts.append(frame.data.decode())
+        return texts
+
+
+async def test_write_through_writes_frames_while_the_socket_keeps_up_then_queues(broker) -> None:
+    async with broker.subscribe("room:1") as sub:
+        end = SocketEnd()
+        sub.write_through(end)
+        other = broker.subscribe("room:1")  # a plain subscriber beside it gets the same
+        await other.ready()
+        for i in range(3):
+            await broker.publish("room:1", {"type": "chat", "i": i, "text": "hé" * 100 * i})
+        for i in range(3):
+            assert (await next_message(other))["i"] == i
+        # written by the fan-out itself, once per message, in order: nothing queued
+        assert [json.loads(t)["i"] for t in end.texts()] == [0, 1, 2]
+        assert json.loads(end.texts()[2])["text"] == "hé" * 200
+        assert not sub._sink.buf
+        # the socket cannot take more: queued, and what follows stays behind it, in order
+        end.is_ready = False
+        await broker.publish("room:1", {"type": "chat", "i": 3})
+        assert (await next_message(other))["i"] == 3
+        end.is_ready = True
+        await broker.publish("room:1", {"type": "chat", "i": 4})
+        assert (await next_message(other))["i"] == 4
+        assert [json.loads(t)["i"] for t in end.texts()] == [0, 1, 2]
+        assert [(await next_message(sub))["i"] for _ in range(2)] == [3, 4]
+        # drained: the fan-out writes again
+        await broker.publish("room:1", {"type": "chat", "i": 5})
+        assert (await next_message(other))["i"] == 5
+        assert [json.loads(t)["i"] for t in end.texts()] == [0, 1, 2, 5]
+        await other.close()
+
+
 async def test_topics_are_isolated(broker) -> None:
     async with broker.subscribe("room:a") as a, broker.subscribe("room:b") as b:
         await broker.publish("room:a", {"n": "a1"})

@@ -352,9 +352,15 @@ class NonReadingViewer:
         self.sock.close()
 
 
-async def test_a_viewer_that_stops_reading_does_not_hold_up_the_room(make_site) -> None:
+@pytest.mark.parametrize("ws_protocol", ["frames", "websockets-sansio"])
+async def test_a_viewer_that_stops_reading_does_not_hold_up_the_room(make_site,
+                                                                     ws_protocol) -> None:
+    """Both send paths: the deployed one (``watchbuy site``: the broker writes pre-built frames
+    to sockets that keep up, site/wsframes.py) and plain ASGI sends."""
     import uvicorn
     import websockets
+
+    from watchbuy.site.wsframes import FrameProtocol
 
     queue_size = 32
     site = await make_site(ws_send_queue=queue_size)
@@ -366,7 +372,8 @@ async def test_a_viewer_that_stops_reading_does_not_hold_up_the_room(make_site) 
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(site.app, lifespan="off", log_level="warning",
-                                           ws="websockets-sansio", access_log=False))
+                                           ws=FrameProtocol if ws_protocol == "frames"
+                                           else ws_protocol, access_log=False))
     serving = asyncio.ensure_future(server.serve(sockets=[listener]))
     stuck = None
     try:

@@ -101,7 +101,7 @@ async def main(args: argparse.Namespace) -> None:
                   f"orders={orders} stock_left={left}")
             assert orders == min(args.shoppers, args.stock) and left >= 0
             if profiler:
-                pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.profile)
+                pstats.Stats(profiler).sort_stats(os.environ.get("RUSH_PROFILE_SORT", "cumulative")).print_stats(args.profile)
 
 
 if __name__ == "__main__":

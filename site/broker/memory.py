@@ -26,6 +26,7 @@ import json
 import logging
 import weakref
 from collections import deque
+from typing import Protocol
 
 # One logger for the whole package (both backends): ops filter on this name.
 log = logging.getLogger("watchbuy.site.broker")
@@ -45,9 +46,28 @@ class Message(dict):
     that reads slowly gets the latest stock, never a backlog of stale ones.
     """
 
-    __slots__ = ("json", "coalesce")
+    __slots__ = ("json", "coalesce", "_frame")
     json: str
     coalesce: str | None
+
+    @property
+    def frame(self) -> bytes:
+        """``json`` as one websocket text frame, built on first use and then shared by every
+        viewer of this process (site/wsframes.py)."""
+        frame = self._frame
+        if frame is None:
+            from watchbuy.site.wsframes import text_frame
+
+            frame = self._frame = text_frame(self.json)
+        return frame
+
+
+class FrameWriterLike(Protocol):
+    """What the fan-out needs of a socket it writes to (site/wsframes.FrameWriter)."""
+
+    def ready(self) -> bool: ...
+
+    def write(self, frame: bytes) -> bool: ...
 
 
 class _Slot:
@@ -78,6 +98,7 @@ def _decode(text: str) -> Message | None:
         return None
     message = Message(value)
     message.json = text
+    message._frame = None
     key = value.get("coalesce")
     message.coalesce = key if isinstance(key, str) else None
     return message
@@ -87,7 +108,7 @@ class _Sink:
     """One subscriber's bounded queue.  The broker holds sinks, never Subscriptions, so that a
     Subscription nobody references any more can be garbage-collected and unsubscribed."""
 
-    __slots__ = ("buf", "slots", "maxsize", "waiter", "closed", "overflowed")
+    __slots__ = ("buf", "slots", "maxsize", "waiter", "closed", "overflowed", "writer")
 
     def __init__(self, maxsize: int) -> None:
         # A deque plus one waiter future rather than asyncio.Queue: putting is an append and at
@@ -99,6 +120,9 @@ class _Sink:
         self.waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.overflowed = False
+        # A FrameWriter (site/wsframes.py) when the subscriber asked the fan-out to write
+        # frames to its socket itself while its queue is empty and the socket keeps up.
+        self.writer: FrameWriterLike | None = None
 
     def end(self) -> None:
         self.closed = True
@@ -179,6 +203,13 @@ class Subscription:
                 await waiter
             finally:
                 sink.waiter = None
+
+    def write_through(self, writer: FrameWriterLike) -> None:
+        """Let the fan-out write each message's frame to ``writer`` itself, in its one loop,
+        whenever nothing is queued here and ``writer.ready()``; otherwise the message is queued
+        as before and this subscription's reader writes it (to the same writer, so the order
+        holds).  The reader must not await between taking a message and writing it."""
+        self._sink.writer = writer
 
     async def ready(self, timeout: float | None = None) -> None:
         """Wait until messages published from now on will reach this subscription.
@@ -303,9 +334,18 @@ class _FanoutBroker:
         slow: list[_Sink] | None = None
         key = message.coalesce
         coalesced = 0
-        # The hot loop: an append and, for a consumer that is waiting, one set_result.
+        frame: bytes | None = None
+        # The hot loop: for a socket that keeps up and has nothing queued, one write of the
+        # frame built once for everyone (no task wakes up); otherwise an append and, for a
+        # consumer that is waiting, one set_result.
         for sink in sinks:
             buf = sink.buf
+            writer = sink.writer
+            if writer is not None and not buf and writer.ready():
+                if frame is None:
+                    frame = message.frame
+                if writer.write(frame):
+                    continue
             if key is not None:
                 slot = sink.slots.get(key)
                 if slot is not None:  # an older state of the same thing still queued

@@ -1,0 +1,236 @@
+"""``python -m bench.site.fanout``: one room's live events to N websockets, measured from outside.
+
+Issue 15's "live events to a crowd": ``watchbuy site`` (uvicorn; ``--workers N`` processes
+sharing Redis) serves one room; N viewers join it from ``wsload`` (bench/site/wsload.c,
+compiled here with the system ``cc``: one epoll loop, batched reads, a few hundred bytes of
+state per socket, so the load costs less CPU per socket than the server); a logged-in sender
+posts chat messages ``--spacing`` seconds apart, each stamped with its send time
+(CLOCK_MONOTONIC, the clock wsload reads on arrival).  Chat takes the same path as every
+room event (pins, stock, sales, reactions: ``publish_room_event`` → broker → each viewer's
+queue → its socket), plus the database write of the message, so its send→arrival time bounds
+theirs.
+
+Prints deliveries (and the fewest viewers any message reached), send→arrival p50/p99/max over
+every delivery, the sockets the server closed, and CPU: the site's processes and wsload's over
+the message phase, each also per delivery (the site's also over an idle phase of the same
+length just before, with the same sockets open: what the deliveries themselves cost).  Exits 1 unless every message reached every
+joined viewer.
+
+    python -m bench.site.fanout --viewers 5000
+    python -m bench.site.fanout --viewers 5000 --workers 2      # Redis at WATCHBUY_BENCH_REDIS_URL
+
+Only loopback; every wait is bounded; the site and wsload are stopped on any error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from bench.site.__main__ import database_url, percentile, taskset
+from bench.site.rush_outside import Site
+
+HERE = Path(__file__).resolve().parent
+
+
+def log(*parts: object) -> None:
+    print("[fanout]", *parts, file=sys.stderr, flush=True)
+
+
+async def seed(url: str) -> tuple[str, str]:
+    """A host's room and a logged-in chat sender: (room slug, sender's session token)."""
+    from watchbuy.db import queries
+    from watchbuy.db.database import Database
+    from watchbuy.db.migrations import upgrade
+    from watchbuy.site import security
+    from watchbuy.site.accounts import ensure_channel
+
+    db = Database(url)
+    await db.connect()
+    try:
+        with warnings.catch_warnings():  # MariaDB's notes on CREATE ... IF NOT EXISTS
+            warnings.simplefilter("ignore")
+            await upgrade(db)
+        host_id = await queries.create_user(db, "host@fanout.test", "Fanout Host", "x", True)
+        channel = await ensure_channel(db, host_id, "Fanout Host")
+        sender = await queries.create_user(db, "sender@fanout.test", "Chat Sender", "x", False)
+        return channel["slug"], await security.start_session(db, sender, 1)
+    finally:
+        await db.disconnect()
+
+
+def build_wsload(workdir: Path) -> Path:
+    binary = workdir / "wsload"
+    subprocess.run(["cc", "-O2", "-Wall", "-o", str(binary), str(HERE / "wsload.c")],
+                   check=True, timeout=120)
+    return binary
+
+
+def cpu_of(pid: int) -> float:
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def wait_line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
+    """The first stderr line of ``proc`` starting with ``prefix`` (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    pending = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 0.5)
+        if ready:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError("wsload exited before joining")
+            pending += chunk
+            for line in pending.decode(errors="replace").splitlines():
+                if line.startswith(prefix):
+                    return line
+    raise RuntimeError(f"wsload: no {prefix!r} within {timeout} s")
+
+
+async def send_messages(port: int, slug: str, session: str, count: int, spacing: float) -> list:
+    from websockets.asyncio.client import connect
+
+    errors = []
+    async with connect(f"ws://127.0.0.1:{port}/ws/room/{slug}",
+                       additional_headers={"Cookie": f"wb_session={session}"},
+                       open_timeout=20, ping_interval=None, max_queue=None) as sender:
+        hello = json.loads(await asyncio.wait_for(sender.recv(), 20))
+        if not hello.get("can_chat"):
+            raise RuntimeError("the chat sender is not logged in")
+        for seq in range(count):
+            await asyncio.sleep(spacing)
+            await sender.send(json.dumps({"type": "chat",
+                                          "text": f"bench {seq} {time.monotonic_ns()}"}))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # its own copy (or an error) comes back
+                event = json.loads(await asyncio.wait_for(sender.recv(), 10))
+                if event.get("type") == "error":
+                    errors.append(event.get("error"))
+                    break
+                if event.get("type") == "chat":
+                    break
+        await asyncio.sleep(min(spacing, 3.0))  # let the last fan-out finish
+    return errors
+
+
+def run(args: argparse.Namespace) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="wb-fanout-"))
+    site = load = None
+    try:
+        binary = build_wsload(workdir)
+        with database_url(args.db, workdir) as url:
+            slug, session = asyncio.run(seed(url))
+            site = Site(url, workdir / "data", args.workers, args.pin, workdir / "site.log",
+                        extra_env={"WATCHBUY_WS_MAX_PER_IP": str(args.viewers + 100),
+                                   # one sender, a message per --spacing: over the default 5 / 10 s
+                                   "WATCHBUY_CHAT_RATE": str(args.messages + 10)})
+            site.wait_ready()
+            log(f"site up on port {site.port}: {' '.join(site.command)}")
+            load = subprocess.Popen(
+                [*(taskset(1) if args.pin else []), str(binary), "127.0.0.1", str(site.port),
+                 f"/ws/room/{slug}", str(args.viewers), str(args.inflight)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            began = time.monotonic()
+            joined, join_failed = map(int, wait_line(load, "joined", args.join_timeout).split()[1:])
+            join_seconds = time.monotonic() - began
+            log(f"{joined} viewers joined ({join_failed} failed) in {join_seconds:.1f} s")
+            time.sleep(1.0)  # the last joiners' hello frames are out
+            phase = args.messages * args.spacing + min(args.spacing, 3.0)
+            # What N open sockets cost with nothing said (keep-alive pings, timers), over a
+            # phase as long as the messages': subtracted to get the cost of the deliveries.
+            idle_before = site.cpu_seconds()
+            time.sleep(phase)
+            idle_cpu = site.cpu_seconds() - idle_before
+            server_before, load_before = site.cpu_seconds(), cpu_of(load.pid)
+            errors = asyncio.run(send_messages(site.port, slug, session, args.messages,
+                                               args.spacing))
+            server_cpu, load_cpu = site.cpu_seconds() - server_before, cpu_of(load.pid) - load_before
+            load.send_signal(signal.SIGUSR1)
+            out, _ = load.communicate(timeout=60)
+            load = None
+            lines = out.decode().splitlines()
+            closed = int(lines[-1].split()[1]) if lines and lines[-1].startswith("closed") else -1
+            by_seq: dict[int, list[float]] = {}
+            for line in lines[:-1]:
+                seq, _, ns = line.split()
+                by_seq.setdefault(int(seq), []).append(int(ns) / 1e6)
+            every = [ms for got in by_seq.values() for ms in got]
+            received_min = min((len(by_seq.get(s, [])) for s in range(args.messages)), default=0)
+            alive = site.proc.poll() is None
+            site.stop()
+            site = None
+            deliveries = len(every)
+            return {
+                "db": args.db, "workers": args.workers, "viewers": args.viewers,
+                "joined": joined, "join_failed": join_failed,
+                "join_seconds": round(join_seconds, 1), "messages": args.messages,
+                "spacing_s": args.spacing, "send_errors": errors,
+                "deliveries": deliveries, "expected": joined * args.messages,
+                "received_min": received_min, "closed_by_server": closed,
+                "p50_ms": round(percentile(every, 50), 1) if every else None,
+                "p99_ms": round(percentile(every, 99), 1) if every else None,
+                "max_ms": round(max(every), 1) if every else None,
+                "per_message_p99_ms": [round(percentile(by_seq.get(s, []), 99) or -1, 1)
+                                       for s in range(args.messages)],
+                "server_cpu_s": round(server_cpu, 2), "load_cpu_s": round(load_cpu, 2),
+                "server_idle_cpu_s": round(idle_cpu, 2),
+                "server_us_per_delivery_over_idle": round(
+                    1e6 * max(0.0, server_cpu - idle_cpu) / deliveries, 2) if deliveries else None,
+                "server_cpu_pct": round(100 * server_cpu / phase, 1),
+                "load_cpu_pct": round(100 * load_cpu / phase, 1),
+                "server_us_per_delivery": round(1e6 * server_cpu / deliveries, 2)
+                if deliveries else None,
+                "load_us_per_delivery": round(1e6 * load_cpu / deliveries, 2)
+                if deliveries else None,
+                "loadavg_1m": round(os.getloadavg()[0], 2),
+                "correct": alive and not errors and deliveries == joined * args.messages
+                and joined == args.viewers,
+                "command": " ".join(["python -m bench.site.fanout", *sys.argv[1:]]),
+            }
+    finally:
+        if load is not None:
+            load.kill()
+            load.wait(5)
+        if site is not None:
+            site.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--db", choices=["sqlite", "mysql"], default="sqlite")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="site processes (more than 1 uses Redis)")
+    parser.add_argument("--viewers", type=int, default=5000)
+    parser.add_argument("--messages", type=int, default=10)
+    parser.add_argument("--spacing", type=float, default=1.0, help="seconds between messages")
+    parser.add_argument("--inflight", type=int, default=100, help="handshakes at once")
+    parser.add_argument("--join-timeout", type=float, default=300.0)
+    parser.add_argument("--pin", action="store_true",
+                        help="the site on CPU 0, wsload on CPU 1 (taskset)")
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0 if result["correct"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
