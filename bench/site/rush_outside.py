@@ -67,8 +67,10 @@ def log(*parts: object) -> None:
 
 async def seed(url: str, shoppers: int, stock: int, concurrency: int) -> dict:
     """A host with a room, the product (``stock`` units) and ``shoppers`` signed-up shoppers
-    with one unit of it in the cart, each as (session token, csrf cookie)."""
-    from watchbuy.db import queries
+    with an address on file and one unit of it in the cart, each as (session token, csrf
+    cookie)."""
+    from bench.site.rush import ADDRESS
+    from watchbuy.db import queries, shopping
     from watchbuy.db.database import Database
     from watchbuy.db.migrations import upgrade
     from watchbuy.site import security
@@ -91,6 +93,8 @@ async def seed(url: str, shoppers: int, stock: int, concurrency: int) -> dict:
                 # "x" is no argon2 hash: nobody logs in, the session is made directly
                 user_id = await queries.create_user(db, f"shopper{i}@rush.test", f"Shopper {i}",
                                                     "x", False)
+                # the print is shipped: checkout copies the default address onto the order
+                await shopping.add_address(db, user_id, ADDRESS, True)
                 await queries.set_cart_quantity(db, user_id, product_id, 1)
                 token = await security.start_session(db, user_id, 1)
             return token, base64.urlsafe_b64encode(os.urandom(18)).decode()
