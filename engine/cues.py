@@ -11,11 +11,16 @@ the recording.  LL-HLS carries no timed metadata here; the room's websocket even
 Who may call: the operator (``Authorization: Bearer <WATCHBUY_OPERATOR_TOKEN>``), or the site,
 signed as the publish hooks are (HMAC-SHA256 with the hook secret over ``"<timestamp>.POST
 <target>"`` in ``X-WatchBuy-Timestamp`` / ``X-WatchBuy-Signature``); the target's ``nonce`` is
-accepted once within the signature's time window, so a captured call cannot be replayed.
+accepted once within the signature's time window, so a captured call cannot be replayed.  A cue
+is real time (the site calls as the host pins), so that window is short
+(``WATCHBUY_CUE_MAX_AGE``, 30 s, plus the hooks' 30 s of clock skew ahead) and the nonces are
+kept per stream, at most ``WATCHBUY_CUE_NONCES_PER_STREAM`` each: a host pinning furiously
+fills only its own stream's table, never blocking cue points of the node's other streams.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections import OrderedDict
@@ -24,7 +29,6 @@ from urllib.parse import parse_qs
 
 from watchbuy.engine.codecs import amf
 from watchbuy.engine.hooks import (
-    MAX_AGE_SECONDS,
     MAX_FUTURE_SECONDS,
     NONCE,
     SIGNATURE_HEADER,
@@ -33,15 +37,16 @@ from watchbuy.engine.hooks import (
     new_nonce,
     sign,
 )
+from watchbuy.logs import LogLimiter
 
 if TYPE_CHECKING:
     from watchbuy.engine.http import HttpSession
     from watchbuy.engine.httpparse import Request
     from watchbuy.engine.node import MediaNode
 
+log = logging.getLogger("watchbuy.engine.cues")
+
 CUE_PATH = re.compile(r"/api/streams/([^/]{1,128})/cue")
-# signed calls remembered for replays: a few per pin, so this many covers any honest site
-NONCE_CAPACITY = 4096
 
 
 def cue_payload(media_ms: int, product_id: int | None) -> bytes:
@@ -73,42 +78,64 @@ class CueService:
 
     def __init__(self, node: MediaNode) -> None:
         self.node = node
-        self._nonces: OrderedDict[str, float] = OrderedDict()
+        # stream name -> {nonce: when it may be forgotten}, oldest first; only for live
+        # streams, so the tables are bounded by the streams and each by the per-stream cap
+        self._nonces: dict[str, OrderedDict[str, float]] = {}
         self.inserted = 0
+        self.refused_full = 0
+        self._full_log = LogLimiter(log, interval=60.0, lines=3)
 
     @staticmethod
     def is_cue_path(path: str) -> bool:
         return CUE_PATH.fullmatch(path) is not None
 
-    def _authorized(self, session: HttpSession, request: Request, query: dict) -> str:
-        """'' when allowed, else why not."""
+    def _signed(self, session: HttpSession, request: Request, query: dict) -> str:
+        """'' when the operator calls or the signature is good and fresh, else why not."""
         if session.is_operator(request):
             return ""
-        secret = self.node.settings.hook_secret
         problem = check_signature(
-            secret, request.headers.get(TIMESTAMP_HEADER.lower(), ""),
+            self.node.settings.hook_secret, request.headers.get(TIMESTAMP_HEADER.lower(), ""),
             f"POST {request.target}".encode(), request.headers.get(SIGNATURE_HEADER.lower(), ""),
-            max_age=MAX_AGE_SECONDS, max_future=MAX_FUTURE_SECONDS)
+            max_age=self.node.settings.cue_max_age, max_future=MAX_FUTURE_SECONDS)
         if problem:
             return problem
-        nonce = (query.get("nonce") or [""])[0]
-        if not NONCE.fullmatch(nonce):
+        if not NONCE.fullmatch((query.get("nonce") or [""])[0]):
             return "no nonce"
+        return ""
+
+    def _forget_expired(self, now: float) -> None:
+        """Drop the nonces past the window, and the tables of streams no longer live."""
+        registry = self.node.registry
+        for name, nonces in list(self._nonces.items()):
+            while nonces and next(iter(nonces.values())) <= now:
+                nonces.popitem(last=False)
+            if not nonces or registry.get(name) is None:
+                # a stream that ended cannot be cued: its calls (replayed or not) get a 404
+                del self._nonces[name]
+
+    def _claim_nonce(self, name: str, nonce: str) -> str:
+        """'' when ``nonce`` is new for stream ``name`` (now remembered), else why not."""
         now = time.monotonic()
-        nonces = self._nonces
-        while nonces and next(iter(nonces.values())) <= now:
-            nonces.popitem(last=False)
+        self._forget_expired(now)
+        nonces = self._nonces.setdefault(name, OrderedDict())
         if nonce in nonces:
             return "replayed call"
-        if len(nonces) >= NONCE_CAPACITY:
-            return "too many cue calls"  # forgetting one early would let it be replayed
-        nonces[nonce] = now + MAX_AGE_SECONDS + MAX_FUTURE_SECONDS
+        cap = self.node.settings.cue_nonces_per_stream
+        if len(nonces) >= cap:
+            # forgetting one early would let it be replayed; only this stream waits
+            self.refused_full += 1
+            self._full_log.warning(
+                "full", "stream %s: cue call refused: %d cue calls within %.0f s "
+                "(WATCHBUY_CUE_NONCES_PER_STREAM); other streams are not affected",
+                name, cap, self.node.settings.cue_max_age + MAX_FUTURE_SECONDS)
+            return "too many cue calls for this stream"
+        nonces[nonce] = now + self.node.settings.cue_max_age + MAX_FUTURE_SECONDS
         return ""
 
     def handle(self, session: HttpSession, request: Request) -> None:
         keep = request.keep_alive
         query = parse_qs(request.query, keep_blank_values=True)
-        problem = self._authorized(session, request, query)
+        problem = self._signed(session, request, query)
         if problem:
             session.respond(401, {"error": problem}, keep)
             return
@@ -121,6 +148,12 @@ class CueService:
         if stream is None:
             session.respond(404, {"error": "stream is not live"}, keep)
             return
+        if not session.is_operator(request):
+            problem = self._claim_nonce(name, query["nonce"][0])
+            if problem:
+                session.respond(429 if problem.startswith("too many") else 401,
+                                {"error": problem}, keep)
+                return
         media_ms = stream.insert_cue(lambda ms: cue_payload(ms, int(raw) if raw else None))
         self.inserted += 1
         session.respond(200, {"stream": name, "media_ms": media_ms}, keep)

@@ -28,7 +28,7 @@ class ReportingKeys(StaticKeys):
     """Static keys that keep the recording reports a site would get through its hook."""
 
     def __init__(self) -> None:
-        super().__init__({"key1": "show1"})
+        super().__init__({"key1": "show1", "key2": "show2"})
         self.reports: list[tuple[str, dict]] = []
         self.reported = asyncio.Event()
 
@@ -299,4 +299,124 @@ async def test_an_rtmp_player_gets_the_cue_point_in_order_with_the_media(tmp_pat
         if player is not None:
             await player.close()
         await stop_process(pub)
+        await node.stop()
+
+
+async def test_a_takeover_continues_the_clock_for_viewers_the_recording_and_cue_points(tmp_path):
+    """An encoder that hangs and reconnects (the same key takes its silent session over): the
+    new session's clock starts at 0, but the stream goes on from where it was, so an HTTP-FLV
+    viewer never sees a timestamp go back, a pin after the takeover is later than one before,
+    and the MP4 covers both parts."""
+    import signal
+
+    node, keys = await recording_node(tmp_path, publish_takeover_grace=1.0)
+    url = f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1"
+    first = await start_ffmpeg_publisher(url, seconds=60, size="160x120")
+    second = None
+    loop = asyncio.get_running_loop()
+    try:
+        await wait_live(node, "show1", frames=10)
+        stream = node.registry.get("show1")
+        viewer = await FlvHttpReader.open(node.http_port, "/live/show1.flv")
+        tags = await viewer.tags()
+        await asyncio.sleep(2.0)
+        before = (await post_cue(node, 7)).json()["media_ms"]
+        first.send_signal(signal.SIGSTOP)  # hung: its TCP connection stays open
+        await asyncio.sleep(1.5)  # past the grace
+        first_part_ms = stream.media_ms
+        frames = stream.video_frames
+        second = await start_ffmpeg_publisher(url, seconds=3, size="160x120")
+        deadline = loop.time() + 15
+        while stream.video_frames < frames + 25:
+            assert loop.time() < deadline, "the second publisher never took over"
+            tags += await viewer.tags()
+        after = (await post_cue(node, 8)).json()["media_ms"]
+        while not viewer.eof:  # the second publisher ends the stream
+            tags += await viewer.tags(timeout=20)
+        await asyncio.wait_for(keys.reported.wait(), 60)
+        await viewer.close()
+    finally:
+        if first.returncode is None:
+            first.send_signal(signal.SIGCONT)
+        await stop_process(first)
+        if second is not None:
+            await stop_process(second)
+        await node.stop()
+    assert first_part_ms < after and before < after
+    for kind in (flvmux.TAG_VIDEO, flvmux.TAG_AUDIO, flvmux.TAG_SCRIPT):
+        stamps = [t[1] for t in tags if t[0] == kind]
+        backwards = [(a, b) for a, b in zip(stamps, stamps[1:], strict=False) if b < a]
+        assert not backwards, (kind, backwards[:5])
+    # across tracks only the encoder's own interleaving (ffmpeg flushing at its end), never
+    # a jump back to the new session's 0
+    stamps = [t[1] for t in tags]
+    assert all(b >= a - 200 for a, b in zip(stamps, stamps[1:], strict=False))
+    assert [c[0] for c in cue_points(tags)] == [before, after]
+    last_ms = max(t[1] for t in tags)
+    assert last_ms > first_part_ms + 2500  # about 3 s of the second session after the first
+    call, info = keys.reports[0]
+    assert call == "recording_ready", info
+    mp4 = tmp_path / "rec" / info["file"]
+    duration = float(ffprobe_json(mp4, "-show_format")["format"]["duration"])
+    # both parts: what the viewer saw from the start of the file to the end
+    assert duration >= (last_ms - info["start_ms"]) / 1000 - 0.5, (duration, last_ms)
+    assert decode_errors(mp4) == ""
+    assert stream.ts_offset > 0  # the second session was rebased
+
+
+async def test_one_stream_pinning_fast_cannot_block_cue_points_of_the_others(tmp_path, caplog):
+    """Cue nonces are kept per stream (at most WATCHBUY_CUE_NONCES_PER_STREAM) for a short
+    window: a host that fills its own stream's table is refused, the node's other streams are
+    not, and a signed call older than WATCHBUY_CUE_MAX_AGE is stale."""
+    import time
+
+    from watchbuy.engine.client import RtmpClient
+    from watchbuy.engine.hooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+
+    node, _keys = await recording_node(tmp_path, cue_nonces_per_stream=3, cue_max_age=30.0)
+    caplog.set_level(logging.WARNING, logger="watchbuy.engine.cues")
+    publishers = []
+    try:
+        for key in ("key1", "key2"):
+            client = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+            await client.publish(key)
+            publishers.append(client)
+        busy = [await post_cue(node, 1, target=cue_target("show1", 1)) for _ in range(3)]
+        assert [r.status_code for r in busy] == [200, 200, 200]
+        refused = await post_cue(node, 1, target=cue_target("show1", 1))
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"] == "too many cue calls for this stream"
+        assert node.cues.refused_full == 1
+        assert sum("WATCHBUY_CUE_NONCES_PER_STREAM" in r.getMessage()
+                   for r in caplog.records) == 1
+        # the other stream is not affected
+        other = await post_cue(node, 2, target=cue_target("show2", 2))
+        assert other.status_code == 200, other.text
+        # a full table still refuses a replay as a replay, and the operator is not counted
+        target = cue_target("show2", 2)
+        headers = signed_headers(SECRET, target)
+        assert (await post_cue(node, 2, headers=headers, target=target)).status_code == 200
+        again = await post_cue(node, 2, headers=headers, target=target)
+        assert again.json()["error"] == "replayed call"
+        operator = {"Authorization": "Bearer op-token"}
+        assert (await post_cue(node, 1, headers=operator,
+                               target="/api/streams/show1/cue?product_id=1")).status_code == 200
+        # the window is short: a call signed 31 s ago is stale (the hooks accept 300 s)
+        target = cue_target("show2", 2)
+        stamp = str(int(time.time()) - 31)
+        stale = {TIMESTAMP_HEADER: stamp,
+                 SIGNATURE_HEADER: sign(SECRET, stamp, f"POST {target}".encode())}
+        answer = await post_cue(node, 2, headers=stale, target=target)
+        assert answer.status_code == 401 and answer.json()["error"] == "stale timestamp"
+        # a stream that ends takes its table with it
+        await publishers.pop(0).close()
+        deadline = asyncio.get_running_loop().time() + 10
+        while node.registry.get("show1") is not None:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        assert (await post_cue(node, 2, target=cue_target("show2", 2))).status_code == 200
+        assert set(node.cues._nonces) == {"show2"}
+    finally:
+        for client in publishers:
+            await client.close()
         await node.stop()
