@@ -32,9 +32,10 @@ class ReportingKeys(StaticKeys):
         self.reports: list[tuple[str, dict]] = []
         self.reported = asyncio.Event()
 
-    async def recording(self, call: str, app: str, key: str, info: dict) -> None:
+    async def recording(self, call: str, app: str, key: str, info: dict) -> bool:
         self.reports.append((call, {"key": key, **info}))
         self.reported.set()
+        return True
 
 
 async def recording_node(tmp_path: Path, **changes) -> tuple[MediaNode, ReportingKeys]:
