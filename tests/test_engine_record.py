@@ -28,7 +28,7 @@ class ReportingKeys(StaticKeys):
     """Static keys that keep the recording reports a site would get through its hook."""
 
     def __init__(self) -> None:
-        super().__init__({"key1": "show1", "key2": "show2"})
+        super().__init__({"key1": "show1", "key2": "show2", "key3": "show3"})
         self.reports: list[tuple[str, dict]] = []
         self.reported = asyncio.Event()
 
@@ -261,6 +261,14 @@ def test_recording_settings_are_checked_and_a_node_without_a_data_folder_records
     with pytest.raises(ConfigError, match="WATCHBUY_RECORD_RETENTION_DAYS"):
         load_site_settings({"WATCHBUY_RECORD_RETENTION_DAYS": "-1",
                             "WATCHBUY_ENV_FILE": "/dev/null"})
+    for name, value in (("RECORD_RETENTION_DAYS", "-1"), ("RECORD_REMUX_CONCURRENCY", "0"),
+                        ("CUE_MAX_AGE", "0"), ("CUE_MAX_AGE", "301"), ("CUE_MAX_AGE", "nan"),
+                        ("CUE_NONCES_PER_STREAM", "0")):
+        with pytest.raises(ConfigError, match=f"WATCHBUY_{name}"):  # the node's own
+            load_settings({f"WATCHBUY_{name}": value, "WATCHBUY_ENV_FILE": "/dev/null"})
+    defaults = load_settings({"WATCHBUY_ENV_FILE": "/dev/null"})
+    assert (defaults.record_retention_days, defaults.record_remux_concurrency,
+            defaults.cue_max_age, defaults.cue_nonces_per_stream) == (30.0, 2, 30.0, 1024)
     assert load_settings({"WATCHBUY_RECORD": "0", "WATCHBUY_ENV_FILE": "/dev/null"}).record is False
     assert MediaNode(node_settings()).recorder is None  # data_dir "": tests and benchmarks
     assert MediaNode(node_settings(data_dir="/nonexistent", record=False)).recorder is None
@@ -421,3 +429,80 @@ async def test_one_stream_pinning_fast_cannot_block_cue_points_of_the_others(tmp
         for client in publishers:
             await client.close()
         await node.stop()
+
+
+async def test_the_node_sweeps_left_over_flvs_and_mp4s_past_its_retention(tmp_path, caplog):
+    """At start (and hourly): FLVs no recording writes (a failed remux, a node stopped
+    mid-publish) and MP4s older than WATCHBUY_RECORD_RETENTION_DAYS go, with one line; the
+    FLV of a live recording stays however old its last write."""
+    import os
+    import time
+
+    caplog.set_level(logging.INFO, logger="watchbuy.engine.record")
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    now = time.time()
+    ages = {"stopped.flv": 2 * 3600, "writing-elsewhere.flv": 10, "old.mp4": 3 * 86400,
+            "recent.mp4": 86400 / 2}
+    for name, age in ages.items():
+        (folder / name).write_bytes(b"x" * 1000)
+        os.utime(folder / name, (now - age, now - age))
+    node, _keys = await recording_node(tmp_path, record_retention_days=1.0)
+    pub = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
+                                       seconds=30, size="160x120")
+    try:
+        await wait_live(node, "show1", frames=10)
+        assert sorted(p.name for p in folder.iterdir() if p.name in ages) == [
+            "recent.mp4", "writing-elsewhere.flv"]
+        lines = [r.getMessage() for r in caplog.records if "swept" in r.getMessage()]
+        assert len(lines) == 1 and "1 left-over FLVs and 1 MP4s older than 1 days" in lines[0]
+        live = node.recorder.recordings["show1"].path
+        while not live.exists():
+            await asyncio.sleep(0.1)
+        os.utime(live, (now - 7200, now - 7200))
+        (folder / "writing-elsewhere.flv").touch()
+        os.utime(folder / "writing-elsewhere.flv", (now - 7200, now - 7200))
+        assert await node.recorder.sweep() == (1, 0)
+        assert live.exists() and not (folder / "writing-elsewhere.flv").exists()
+    finally:
+        await stop_process(pub)
+        await node.stop()
+
+
+async def test_streams_ending_together_remux_a_few_at_a_time(tmp_path, monkeypatch):
+    """WATCHBUY_RECORD_REMUX_CONCURRENCY: three streams end at once, one ffmpeg runs at a
+    time, and all three recordings become ready."""
+    running = peak = 0
+    real_run_tool = record.run_tool
+
+    async def counted(tool: str, *args: str) -> str:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            out = await real_run_tool(tool, *args)
+            await asyncio.sleep(0.3)  # long enough that remuxes not held back would overlap
+            return out
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(record, "run_tool", counted)
+    node, keys = await recording_node(tmp_path, record_remux_concurrency=1)
+    publishers = [await start_ffmpeg_publisher(
+        f"rtmp://127.0.0.1:{node.rtmp_port}/live/key{i}", seconds=30, size="160x120")
+        for i in (1, 2, 3)]
+    try:
+        for i in (1, 2, 3):
+            await wait_live(node, f"show{i}", frames=10)
+        for pub in publishers:  # all three end at once
+            pub.terminate()
+        deadline = asyncio.get_running_loop().time() + 60
+        while len(keys.reports) < 3:
+            assert asyncio.get_running_loop().time() < deadline, keys.reports
+            await asyncio.sleep(0.1)
+    finally:
+        for pub in publishers:
+            await stop_process(pub)
+        await node.stop()
+    assert [call for call, _info in keys.reports] == ["recording_ready"] * 3
+    assert peak == 1
