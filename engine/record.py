@@ -229,6 +229,7 @@ class Recorder:
         # attempts, next_at (wall clock, so it means the same after a restart)}
         self.pending: list[dict] = []
         self._pending_changed = asyncio.Event()
+        self._file_lock = asyncio.Lock()  # one writer of the pending file at a time
         self._tasks: list[asyncio.Task] = []
         # a disk that is full stays full: one line per stream, at most a few a minute
         self.fail_log = LogLimiter(log, interval=60.0, lines=5)
@@ -317,8 +318,18 @@ class Recorder:
                                     dropped["info"].get("name"))
         self.pending.append({"call": call, "app": recording.app, "key": recording.key,
                              "info": info, "attempts": 0, "next_at": 0.0})
-        await asyncio.to_thread(_write_pending, self.folder / PENDING_FILE, list(self.pending))
+        await self._persist()
         self._pending_changed.set()
+
+    async def _persist(self) -> None:
+        """The pending file as the list stands now (a disk error: logged, kept in memory)."""
+        async with self._file_lock:
+            try:
+                await asyncio.to_thread(_save_pending, self.folder / PENDING_FILE,
+                                        list(self.pending))
+            except OSError as exc:
+                self.report_log.error("file", "cannot keep recording reports in %s: %s",
+                                      self.folder / PENDING_FILE, exc)
 
     async def _report_forever(self) -> None:
         """Send the due reports one at a time; a failure waits twice as long as the last."""
@@ -343,8 +354,7 @@ class Recorder:
                         REPORT_RETRY_MAX, REPORT_RETRY_BASE * 2 ** (entry["attempts"] - 1))
                 changed = True
             if changed:
-                await asyncio.to_thread(_write_pending, self.folder / PENDING_FILE,
-                                        list(self.pending))
+                await self._persist()
             wait = min((e["next_at"] for e in self.pending), default=now + SWEEP_INTERVAL)
             try:
                 await asyncio.wait_for(self._pending_changed.wait(),
@@ -395,7 +405,7 @@ class Recorder:
         self._tasks = []
         # what the site has not taken, as it stands now (the loop may have been cancelled
         # between a send and its write)
-        await asyncio.to_thread(_write_pending, self.folder / PENDING_FILE, list(self.pending))
+        await self._persist()
 
     async def _settled(self) -> None:
         """Until no report is due now (sent, or waiting for a later retry)."""
@@ -421,7 +431,7 @@ def _read_pending(path: Path) -> list[dict]:
     return keep[-PENDING_MAX:]
 
 
-def _write_pending(path: Path, entries: list[dict]) -> None:
+def _save_pending(path: Path, entries: list[dict]) -> None:
     """Replace the pending file at once (a crash mid-write leaves the old one)."""
     if not entries:
         path.unlink(missing_ok=True)
