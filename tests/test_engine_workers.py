@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,7 @@ def media_workers(tmp_path):
             if not Path(f"/proc/{pid}").exists() or \
                     Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
                 break
-            subprocess.run(["sleep", "0.1"], check=False)
+            time.sleep(0.1)
 
 
 async def read_raw(viewer: FlvHttpReader, seconds: float) -> bytes:
@@ -365,8 +366,7 @@ async def test_kill_9_of_the_publishing_worker_ends_the_stream_everywhere(media_
         assert await read_raw(viewer, 1.0)
         os.kill(origin, signal.SIGKILL)
         # The sibling's viewer sees the end, as when a publisher stops: the body ends.
-        rest = await read_to_end(viewer, timeout=10)
-        assert len(rest) >= 0 and not await viewer.reader.read()
+        await read_to_end(viewer, timeout=10)  # a reset would raise, no end would time out
         await node.gone("show1")
         # The supervisor says so and brings the worker back.
         restarted = await node.ready()
@@ -397,7 +397,7 @@ async def test_kill_9_of_the_other_worker_leaves_the_publishers_viewers_playing(
         path.write_bytes(before + after)
         code, errors, frames = await decode_file(path)
         assert code == 0 and errors == "" and frames >= 75, errors
-        assert await read_to_end(doomed, timeout=10) is not None  # it was cut off
+        await read_to_end(doomed, timeout=10)  # its worker is gone: the kernel closed it
         # The restarted worker pulls the stream again: a viewer there plays.
         restarted = await node.ready()
         new = next(pid for pid in restarted.values() if pid != origin)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 
 def children(pid: int) -> set[int]:
-    """The live child processes of ``pid`` (a supervisor's workers)."""
+    """The live child processes of ``pid`` (a supervisor's workers); none once it is gone."""
     found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    tasks = Path(f"/proc/{pid}/task")
+    for task in tasks.iterdir() if tasks.exists() else ():
         with contextlib.suppress(OSError):
             found |= {int(child) for child in (task / "children").read_text().split()}
     return found
