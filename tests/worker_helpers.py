@@ -4,8 +4,9 @@ and ``watchbuy media --workers N``, whose workers share a port (SO_REUSEPORT).""
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
+
+from bench.common import connection_owner  # noqa: F401 - the bench steers connections too
 
 
 def children(pid: int) -> set[int]:
@@ -16,26 +17,3 @@ def children(pid: int) -> set[int]:
         with contextlib.suppress(OSError):
             found |= {int(child) for child in (task / "children").read_text().split()}
     return found
-
-
-def connection_owner(server_port: int, client_port: int, pids: set[int]) -> int | None:
-    """Which of ``pids`` holds the server side of the loopback connection from
-    ``client_port`` (Linux: /proc/net/tcp gives the socket's inode, /proc/<pid>/fd its owner)."""
-    inode = None
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, remote = fields[1], fields[2]
-            if int(local.rsplit(":", 1)[1], 16) == server_port and \
-                    int(remote.rsplit(":", 1)[1], 16) == client_port and fields[9] != "0":
-                inode = fields[9]
-    if inode is None:
-        return None
-    target = f"socket:[{inode}]"
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                        return pid
-    return None
