@@ -291,7 +291,6 @@ def hwm_kb(pids: list[int]) -> int:
     return sum(_status_kb(p, "VmHWM") for p in pids)
 
 
-
 def connection_owner(server_port: int, client_port: int, pids: set[int]) -> int | None:
     """Which of ``pids`` holds the server side of the loopback connection from
     ``client_port`` (Linux: /proc/net/tcp gives the socket's inode, /proc/<pid>/fd its owner)."""
