@@ -439,3 +439,65 @@ async def test_sigterm_drains_until_the_publisher_ends(media_workers) -> None:
         assert "drain time over" not in node.log()
     finally:
         await stop_process(publisher)
+
+
+async def test_serve_with_two_media_workers_fires_the_publish_hook_once(tmp_path) -> None:
+    from browser_helpers import free_port
+
+    env = {name: value for name, value in os.environ.items() if not name.startswith("WATCHBUY_")}
+    env.update(WATCHBUY_ENV_FILE=os.devnull, WATCHBUY_DATA_DIR=str(tmp_path / "data"),
+               PYTHONUNBUFFERED="1")
+    site_port = free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "watchbuy", "serve", "--workers", "2", "--rtmp-port", "0",
+            "--http-port", "0", "--site-port", str(site_port), "--agent-port",
+            str(free_port()), env=env, cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
+            stderr=log_file)
+    publisher = None
+    try:
+        banner = ""
+        while "media: 2 worker processes" not in banner:
+            line = (await asyncio.wait_for(process.stdout.readline(), 60.0)).decode()
+            assert line, f"serve ended: {banner}{log_path.read_text()}"
+            banner += line
+        key = re.search(r"Stream key (\S+)", banner).group(1)
+        rtmp_port = int(re.search(r"rtmp://127\.0\.0\.1:(\d+)/live", banner).group(1))
+        http_port = int(re.search(r"HTTP-FLV http://127\.0\.0\.1:(\d+)/", banner).group(1))
+        [media] = children(process.pid)  # the media supervisor, and its two workers
+        assert len(children(media)) == 2
+        publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{rtmp_port}/live/{key}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        streams: list = []
+        while not streams:
+            assert loop.time() < deadline, log_path.read_text()
+            await asyncio.sleep(0.2)
+            with contextlib.suppress(OSError):
+                reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+                writer.write(b"GET /api/streams HTTP/1.0\r\n\r\n")
+                body = (await asyncio.wait_for(reader.read(), 10)).partition(b"\r\n\r\n")[2]
+                writer.close()
+                streams = [s for s in json.loads(body)["streams"] if s["video_codec"]]
+        assert [s["name"] for s in streams] == ["demo-host"]
+        assert set(streams[0]["viewers_by_worker"]) == {"1", "2"}
+        reader, writer = await asyncio.open_connection("127.0.0.1", site_port)
+        writer.write(b"GET /room/demo-host HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        page = (await asyncio.wait_for(reader.read(), 10)).decode()
+        writer.close()
+        assert 'live="true"' in page
+        await stop_process(publisher)
+        deadline = loop.time() + 20
+        while "room demo-host went offline" not in log_path.read_text():
+            assert loop.time() < deadline, log_path.read_text()
+            await asyncio.sleep(0.2)
+        # One publish, one hook call each way, though two workers carried the stream.
+        log = log_path.read_text()
+        assert log.count("room demo-host is live on node") == 1
+        assert log.count("room demo-host went offline") == 1
+    finally:
+        if publisher is not None:
+            await stop_process(publisher)
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 60.0) == 0

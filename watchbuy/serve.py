@@ -155,6 +155,24 @@ class MediaWorkersProcess:
             sys.executable, "-m", "watchbuy", "media", "--workers", str(self.workers),
             "--rtmp-port", str(self.rtmp_port), "--http-port", str(self.http_port),
             "--node-id", s.node_id, env=env, stdout=asyncio.subprocess.DEVNULL)
+        # Up once both ports accept (a worker listens), so the banner's URLs work when shown.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60.0
+        for host, port in ((s.rtmp_host, self.rtmp_port), (s.http_host, self.http_port)):
+            host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+            while True:
+                if self.process.returncode is not None:
+                    raise OSError(f"the media workers exited with status "
+                                  f"{self.process.returncode}")
+                try:
+                    _reader, writer = await asyncio.open_connection(host, port)
+                    writer.close()
+                    break
+                except OSError:
+                    if loop.time() > deadline:
+                        raise OSError(f"the media workers did not listen on port {port} "
+                                      f"within 60 s") from None
+                    await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
         """SIGTERM: the workers drain (WATCHBUY_WORKER_DRAIN_SECONDS), then end."""
