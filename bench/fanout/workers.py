@@ -118,13 +118,18 @@ def hop_run(args, flv: Path) -> dict:
         other_pid = next(pid for pid in pids.values() if pid != origin_pid)
 
         async def measure() -> dict:
-            t_start = time.monotonic() + 3.0  # after the probes' start-up GOP
-            t_end = t_start + args.hop_seconds
             path = server.play_path(0)
-            origin = [await steered_viewer(server.http_port, origin_pid, path, t_start, t_end)
+            never = float("inf")  # no window until every probe is on
+            origin = [await steered_viewer(server.http_port, origin_pid, path, never, never)
                       for _ in range(args.hop_probes)]
-            other = [await steered_viewer(server.http_port, other_pid, path, t_start, t_end)
+            other = [await steered_viewer(server.http_port, other_pid, path, never, never)
                      for _ in range(args.hop_probes)]
+            # The window opens once the last probe's start-up burst (the cached GOP, sent at
+            # once on join) is over: only live tags, as they arrive on each worker, count.
+            t_start = time.monotonic() + 3.0
+            t_end = t_start + args.hop_seconds
+            for viewer in origin + other:
+                viewer.t_start, viewer.t_end = t_start, t_end
             await asyncio.sleep(max(0.0, t_end - time.monotonic()) + 0.2)
             for viewer in origin + other:
                 viewer.close()
