@@ -50,6 +50,7 @@ limited = LogLimiter(log)
 CONTROL_TIMEOUT = 2.0  # seconds a sibling has to answer a control request
 CONTROL_MAX_LINE = 4 * 1024 * 1024  # one stats answer: thousands of streams' info
 REPULL_DELAY = 0.2  # after a pull ends, look once more whether its origin is still there
+STATS_REUSE = 0.5  # seconds a round of every worker's stats answers node-wide requests
 WORKER_KIND = "worker"  # the viewer kind of a sibling's pull; not a viewer to the outside
 
 
@@ -98,8 +99,7 @@ class RelayOut(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         session = self.session
         session.transport = transport
-        if session.stream.owner is None and session.stream not in \
-                session.node.registry.streams.values():
+        if session.node.registry.get(session.stream.name) is not session.stream:
             transport.close()  # ended while the sibling was connecting
             return
         session.viewer = WorkerViewer(session)
@@ -242,6 +242,8 @@ class Cluster:
         self.stopping = False
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._stats_round: asyncio.Future | None = None
+        self._stats_at = 0.0
         node.registry.listeners.append(self.on_stream)
 
     def siblings(self) -> list[int]:
@@ -429,6 +431,18 @@ class Cluster:
                 "server": self.node.server_info()}
 
     async def gather_stats(self) -> list[dict]:
+        """Every worker's stats.  Requests arriving together share one round, and a round is
+        reused for ``STATS_REUSE`` seconds: /api/streams is public, and each round costs a
+        request to every sibling."""
+        loop = asyncio.get_running_loop()
+        if self._stats_round is None or (self._stats_round.done() and
+                                         loop.time() - self._stats_at > STATS_REUSE):
+            self._stats_at = loop.time()
+            self._stats_round = asyncio.ensure_future(self._stats_now())
+        # shield: one caller's closed connection must not cancel the others' round
+        return json.loads(json.dumps(await asyncio.shield(self._stats_round)))
+
+    async def _stats_now(self) -> list[dict]:
         answers = await asyncio.gather(*(self.request(i, {"op": "stats"})
                                          for i in self.siblings()))
         return [self.local_stats(), *(a for a in answers if a and "streams" in a)]
