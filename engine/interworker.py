@@ -343,7 +343,11 @@ class Cluster:
 
     async def _serve(self, claim: Claim, stream: LiveStream) -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: RelayOut(self, stream), sock=claim.sock)
+        try:
+            server = await loop.create_unix_server(lambda: RelayOut(self, stream),
+                                                   sock=claim.sock)
+        except OSError:  # the claim was closed (the stream ended) while the server started
+            return
         if self.claims.get(stream.name) is not claim:
             server.close()  # the stream ended while the server was starting
             return
