@@ -148,9 +148,10 @@ class NodeWideAnswer:
     blocking LL-HLS request does (``session.hold``): nothing else is read or answered
     meanwhile, and a closed connection cancels it."""
 
-    def __init__(self, session: HttpSession, answer: Coroutine[Any, Any, dict], keep: bool,
-                 head_only: bool) -> None:
+    def __init__(self, session: HttpSession, answer: Coroutine[Any, Any, dict | bytes],
+                 keep: bool, head_only: bool, content_type: str = "application/json") -> None:
         self.session = session
+        self.content_type = content_type
         self.keep = keep
         self.head_only = head_only
         self.task = asyncio.ensure_future(answer)
@@ -167,7 +168,11 @@ class NodeWideAnswer:
                            session.peer, type(exc).__name__, exc, extra=session.log.extra)
             session.respond(500, {"error": "internal error"}, False, self.head_only)
             return
-        session.respond(200, task.result(), self.keep, self.head_only)
+        result = task.result()
+        if isinstance(result, bytes):
+            session.respond_bytes(200, result, self.content_type, self.keep, self.head_only)
+        else:
+            session.respond(200, result, self.keep, self.head_only)
         session.hold_released()
 
     def cancel(self) -> None:
@@ -423,6 +428,10 @@ class HttpSession(ViewerSession):
         elif path == "/metrics":
             if not (is_loopback(self.peer_host) or self.is_operator(request)):
                 self.respond(404, {"error": "not found"}, keep, head_only)
+                return
+            if cluster is not None:  # every worker's series, labelled by worker
+                self.hold = NodeWideAnswer(self, cluster.metrics_text(), keep, head_only,
+                                           metrics.CONTENT_TYPE)
                 return
             self.respond_bytes(200, metrics.render(self.node.metrics), metrics.CONTENT_TYPE, keep,
                                head_only)

@@ -36,8 +36,13 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from watchbuy.engine import metrics
 from watchbuy.engine.codecs import amf, flvmux
-from watchbuy.engine.relay import LiveStream, Tag, Viewer
+from watchbuy.engine.relay import WORKER_KIND, LiveStream, Tag, Viewer
 from watchbuy.engine.wire import MSG_AUDIO, MSG_DATA_AMF0, MSG_VIDEO
 from watchbuy.logs import LogLimiter
 
@@ -51,7 +56,6 @@ CONTROL_TIMEOUT = 2.0  # seconds a sibling has to answer a control request
 CONTROL_MAX_LINE = 4 * 1024 * 1024  # one stats answer: thousands of streams' info
 REPULL_DELAY = 0.2  # after a pull ends, look once more whether its origin is still there
 STATS_REUSE = 0.5  # seconds a round of every worker's stats answers node-wide requests
-WORKER_KIND = "worker"  # the viewer kind of a sibling's pull; not a viewer to the outside
 
 
 def control_address(token: str, index: int) -> str:
@@ -417,6 +421,8 @@ class Cluster:
                                      for c in self.claims.values() if c.stream is not None]
             elif op == "stats":
                 answer = self.local_stats()
+            elif op == "metrics":
+                answer = {"index": self.index, "text": self.local_metrics()}
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
         except (OSError, TimeoutError, ValueError, KeyError, AttributeError):
@@ -450,6 +456,18 @@ class Cluster:
         answers = await asyncio.gather(*(self.request(i, {"op": "stats"})
                                          for i in self.siblings()))
         return [self.local_stats(), *(a for a in answers if a and "streams" in a)]
+
+    def local_metrics(self) -> str:
+        return metrics.render(self.node.metrics).decode()
+
+    async def metrics_text(self) -> bytes:
+        """``/metrics`` for the node: every worker's series, each with a ``worker`` label, so
+        a scrape reads the same series whichever worker answers (sum them by instance)."""
+        answers = await asyncio.gather(*(self.request(i, {"op": "metrics"})
+                                         for i in self.siblings()))
+        texts = [(self.index, self.local_metrics()),
+                 *((a["index"], a["text"]) for a in answers if a and "text" in a)]
+        return merge_metrics(texts)
 
     async def streams_info(self, operator: bool) -> dict:
         return merge_streams(self.node.settings.node_id, await self.gather_stats(), operator)
@@ -494,6 +512,36 @@ def merge_streams(node_id: str, workers: list[dict], operator: bool) -> dict:
             info.pop("publisher", None)
         streams.append(info)
     return {"node_id": node_id, "streams": streams, "workers": len(workers)}
+
+
+def merge_metrics(texts: list[tuple[int, str]]) -> bytes:
+    """Prometheus text from several workers' texts: each family once, every sample with the
+    label ``worker`` (its worker's index) added."""
+    families: dict[str, Metric] = {}
+    for index, text in sorted(texts):
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = family
+                samples = []
+            else:
+                samples = merged.samples
+            samples.extend(s._replace(labels={**s.labels, "worker": str(index)})
+                           for s in family.samples)
+            merged.samples = samples
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Families:
+    """A collector giving back metric families already made (prometheus-client's way in)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 SUMMED = ("connections_total", "connections_refused", "viewers", "bytes_in", "bytes_out",

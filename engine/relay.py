@@ -43,6 +43,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("watchbuy.engine.relay")
 
 
+# The viewer kind of a sibling worker's pull of a stream (engine/interworker.py): on the
+# publishing worker it is fed like a viewer, but it is none to the outside.
+WORKER_KIND = "worker"
+
+
 def _setting_default(name: str):
     """The default of :class:`~watchbuy.settings.Settings` field ``name``: the one place the
     relay's bounds are defaulted (``WATCHBUY_<NAME>`` overrides them)."""

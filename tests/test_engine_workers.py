@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FFMPEG, FlvHttpReader, start_ffmpeg_publisher, stop_process
+from prometheus_client.parser import text_string_to_metric_families
 from worker_helpers import children, connection_owner
 
 from watchbuy.engine.client import RtmpClient, RtmpError
@@ -80,7 +81,8 @@ class MediaWorkers:
             await asyncio.sleep(0.02)
         raise AssertionError(f"no connection reached worker {pid}; log:\n{self.log()}")
 
-    async def get(self, path: str, pid: int | None = None) -> dict:
+    async def get(self, path: str, pid: int | None = None, raw: bool = False):
+        """``GET path`` (on worker ``pid`` when given): the JSON answer, or its text."""
         connection = await self.connect(self.http_port, pid) if pid is not None else \
             await asyncio.open_connection("127.0.0.1", self.http_port)
         reader, writer = connection
@@ -91,7 +93,7 @@ class MediaWorkers:
             writer.close()
         head, _, body = response.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), response[:200]
-        return json.loads(body)
+        return body.decode() if raw else json.loads(body)
 
     async def ready(self, timeout: float = 30.0) -> dict[int, int]:
         """Until both workers answer; {worker index: pid}."""
@@ -292,6 +294,21 @@ async def test_viewers_on_both_workers_decode_and_the_stats_are_node_wide(media_
             assert (server["publishers"], server["viewers"]) == (1, 4)
             assert [(w["index"], w["viewers"]) for w in server["workers"]] == [(1, 2), (2, 2)]
             assert sum(w["publishers"] for w in server["workers"]) == 1
+            # /metrics: every worker's series, labelled by worker, whichever answers
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(
+                           await node.get("/metrics", pid, raw=True))
+                       for s in family.samples}
+            for index in ("1", "2"):
+                assert samples[("watchbuy_node_viewers",
+                                (("protocol", "flv"), ("worker", index)))] == 2
+                assert samples[("watchbuy_node_stream_viewers", (
+                    ("app", "live"), ("protocol", "flv"), ("stream", "show1"),
+                    ("worker", index)))] == 2
+                assert ("process_resident_memory_bytes", (("worker", index),)) in samples
+            assert sum(v for (name, _), v in samples.items()
+                       if name == "watchbuy_node_streams") == 1  # the publisher, counted once
+            assert not [key for key in samples if ("protocol", "worker") in key[1]]
         for index, data in enumerate(recordings):
             assert data.startswith(b"FLV")
             path = tmp_path / f"viewer{index}.flv"
