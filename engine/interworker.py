@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import socket
+import struct
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -66,6 +67,18 @@ def stream_address(token: str, name: str) -> str:
     # A digest: stream names may be long or hold any character, an address has 107 bytes.
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:40]
     return f"\0watchbuy.{token}.s.{digest}"
+
+
+def same_user(sock) -> bool:
+    """Whether the peer of a Unix socket runs as our user.  Abstract names have no file
+    permissions and /proc/net/unix lists them to everyone on the machine: without this, any
+    local account could read the operator-only stats (publisher addresses) or pull streams."""
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (OSError, AttributeError):
+        return False
+    return uid == os.getuid()
 
 
 def unix_socket() -> socket.socket:
@@ -103,6 +116,11 @@ class RelayOut(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         session = self.session
         session.transport = transport
+        if not same_user(transport.get_extra_info("socket")):
+            limited.log(logging.WARNING, "worker pull of %r from another user refused",
+                        session.stream.name)
+            transport.abort()
+            return
         if session.node.registry.get(session.stream.name) is not session.stream:
             transport.close()  # ended while the sibling was connecting
             return
@@ -409,6 +427,10 @@ class Cluster:
                 sock.close()
 
     async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not same_user(writer.get_extra_info("socket")):
+            limited.log(logging.WARNING, "control request from another user refused")
+            writer.close()
+            return
         try:
             line = await asyncio.wait_for(reader.readline(), CONTROL_TIMEOUT)
             message = json.loads(line)

@@ -518,3 +518,36 @@ async def test_serve_with_two_media_workers_fires_the_publish_hook_once(tmp_path
             await stop_process(publisher)
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 60.0) == 0
+
+
+PEEK = r"""
+import json, os, socket, sys
+if len(sys.argv) > 1:  # become that account once Python is loaded (its files are root's)
+    os.setgid(int(sys.argv[1]))
+    os.setuid(int(sys.argv[1]))
+names = [line.split()[-1] for line in open("/proc/net/unix") if "@watchbuy." in line]
+control = next(name for name in names if name.endswith(".w1"))
+sock = socket.socket(socket.AF_UNIX)
+sock.connect("\0" + control[1:])
+sock.sendall(json.dumps({"op": "stats"}).encode() + b"\n")
+print(len(sock.recv(65536)))
+"""
+
+
+async def test_another_local_account_gets_nothing_from_the_workers_sockets(media_workers) -> None:
+    # Abstract Unix socket names are listed in /proc/net/unix to every account on the machine
+    # and have no file permissions: the workers answer only their own user (SO_PEERCRED).
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a peek as another account (nobody)")
+    node = media_workers
+    await node.ready()
+
+    def peek(uid: int | None) -> str:
+        return subprocess.run(
+            [sys.executable, "-c", PEEK, *([str(uid)] if uid is not None else [])],
+            capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+
+    loop = asyncio.get_running_loop()
+    assert int(await loop.run_in_executor(None, peek, None)) > 100  # our own user: the stats
+    assert await loop.run_in_executor(None, peek, 65534) == "0"  # nobody: closed at once
+    assert "control request from another user refused" in node.log()
