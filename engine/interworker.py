@@ -124,6 +124,7 @@ class RelayOut(asyncio.Protocol):
         if session.node.registry.get(session.stream.name) is not session.stream:
             transport.close()  # ended while the sibling was connecting
             return
+        transport.write(json.dumps({"hls_msn": hls_join_msn(session.stream)}).encode() + b"\n")
         session.viewer = WorkerViewer(session)
         session.cluster.relay_viewers += 1
         session.stream.add_viewer(session.viewer)
@@ -145,6 +146,24 @@ class RelayOut(asyncio.Protocol):
             self.session.cluster.relay_viewers -= 1
             viewer.closed = True
             self.session.stream.remove_viewer(viewer)
+
+
+def hls_join_msn(stream: LiveStream) -> int | None:
+    """The LL-HLS media sequence number a sibling starting on this stream's cached GOP should
+    give its first segment, so that its playlists name segments as ours do: ours before the
+    first segment, or the open segment's when that segment starts at the GOP's keyframe (the
+    sibling then cuts where we did).  None otherwise (a GOP shorter than the segment target,
+    joined mid-segment): the sibling numbers its own from its clock, as a node does, rather
+    than give different media the names of ours."""
+    hls = stream.hls
+    if hls is None:
+        return None
+    if not hls.segments:
+        return hls.first_msn
+    segment = hls.segments[-1]
+    if stream.gop and stream.gop[0].timestamp == segment.start:
+        return segment.msn
+    return None
 
 
 class WorkerViewer(Viewer):
@@ -181,17 +200,37 @@ class Pull(asyncio.Protocol):
         self.reader = flvmux.FlvReader(cluster.node.settings.max_message_size)
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.head = b""  # until the publishing worker's JSON line has come
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+
+    def begin(self, line: bytes) -> None:
+        """The publishing worker's first line: register the stream here."""
+        try:
+            msn = json.loads(line).get("hls_msn")
+        except (ValueError, AttributeError):
+            msn = None
         registry = self.cluster.node.registry
-        self.stream = registry.start(self.name, self.app, publisher="")
+        self.stream = registry.start(self.name, self.app, publisher="",
+                                     hls_first_msn=msn if isinstance(msn, int) else None)
         if self.stream is None:  # live here already (a pull that has not seen its end yet)
-            transport.close()
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.head is not None:
+            self.head += data
+            line, newline, data = self.head.partition(b"\n")
+            if not newline:
+                if len(self.head) > 4096:  # our own sibling wrote it: a bug, one line
+                    limited.log(logging.WARNING, "worker %d: pull of %r: no header line",
+                                self.cluster.index, self.name)
+                    self.transport.abort()
+                return
+            self.head = None
+            self.begin(line)
         stream = self.stream
-        if stream is None:
+        if stream is None or not data:
             return
         try:
             tags = self.reader.feed(data)

@@ -278,6 +278,9 @@ class LiveStream:
         # The stream's LL-HLS muxer (engine/hls_http.py sets it at publish when HLS is on):
         # fed here, once per message, whatever the number of viewers.
         self.hls: HlsStream | None = None
+        # The LL-HLS media sequence number to start at, when not the node's clock: a worker
+        # pulling a sibling's stream numbers its segments as the publishing worker does.
+        self.hls_first_msn: int | None = None
 
     # -- input from the publisher --------------------------------------------------------------
     def on_media(self, type_id: int, timestamp: int, payload: bytes) -> None:
@@ -503,11 +506,13 @@ class StreamRegistry:
     def get(self, name: str) -> LiveStream | None:
         return self.streams.get(name)
 
-    def start(self, name: str, app: str, publisher: str = "") -> LiveStream | None:
+    def start(self, name: str, app: str, publisher: str = "",
+              hls_first_msn: int | None = None) -> LiveStream | None:
         """A new live stream, or None when ``name`` is live already."""
         if name in self.streams:
             return None
         stream = LiveStream(name, app, self.limits, publisher)
+        stream.hls_first_msn = hls_first_msn
         self.streams[name] = stream
         for session in tuple(self.waiting.pop(name, ())):
             session.stream_started(stream)

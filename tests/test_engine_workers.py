@@ -551,3 +551,41 @@ async def test_another_local_account_gets_nothing_from_the_workers_sockets(media
     assert int(await loop.run_in_executor(None, peek, None)) > 100  # our own user: the stats
     assert await loop.run_in_executor(None, peek, 65534) == "0"  # nobody: closed at once
     assert "control request from another user refused" in node.log()
+
+
+def segments(playlist: str) -> dict[str, str]:
+    """{segment URI: its EXTINF} of a media playlist."""
+    lines = playlist.splitlines()
+    return {line: lines[i - 1] for i, line in enumerate(lines)
+            if line.startswith("seg") and lines[i - 1].startswith("#EXTINF")}
+
+
+async def test_ll_hls_playlists_name_the_same_segments_on_both_workers(media_workers) -> None:
+    # A keyframe every 2 s, the segment target: every keyframe starts a segment, so a worker
+    # that pulls the stream later (restarted) cuts where the publishing worker does.
+    node = media_workers
+    pids = await node.ready()
+    publisher = await start_ffmpeg_publisher(
+        f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1", gop=50, rate=25)
+    try:
+        info = await node.stream("show1", uptime=7)
+        origin, other = origin_and_other(info, pids)
+        path = "/live/show1/index.m3u8"
+        first = segments(await node.get(path, origin, raw=True))
+        second = segments(await node.get(path, other, raw=True))  # a segment may end meanwhile
+        common = first.keys() & second.keys()
+        assert len(common) >= 2 and all(first[uri] == second[uri] for uri in common)
+        assert set(first) - set(second) <= {max(first)} and set(second) - set(first) <= \
+            {max(second)}
+        os.kill(other, signal.SIGKILL)  # it comes back and pulls the stream mid-way
+        restarted = await node.ready()
+        new = next(pid for pid in restarted.values() if pid != origin)
+        await node.stream("show1")
+        await asyncio.sleep(5)  # two complete segments there
+        late = segments(await node.get(path, new, raw=True))
+        ours = segments(await node.get(path, origin, raw=True))
+        assert len(late) >= 2
+        # every segment the restarted worker lists, the publishing worker lists by that name
+        assert all(ours.get(uri) == extinf for uri, extinf in late.items()), (late, ours)
+    finally:
+        await stop_process(publisher)
