@@ -526,11 +526,16 @@ if len(sys.argv) > 1:  # become that account once Python is loaded (its files ar
     os.setgid(int(sys.argv[1]))
     os.setuid(int(sys.argv[1]))
 names = [line.split()[-1] for line in open("/proc/net/unix") if "@watchbuy." in line]
-control = next(name for name in names if name.endswith(".w1"))
-sock = socket.socket(socket.AF_UNIX)
-sock.connect("\0" + control[1:])
-sock.sendall(json.dumps({"op": "stats"}).encode() + b"\n")
-print(len(sock.recv(65536)))
+answers = []
+for control in [name for name in names if name.endswith(".w1")]:  # any node's worker 1
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.connect("\0" + control[1:])
+        sock.sendall(json.dumps({"op": "stats"}).encode() + b"\n")
+        answers.append(len(sock.recv(65536)))
+    except OSError:  # closed at once: our request unsent or unread (EPIPE, ECONNRESET)
+        answers.append(0)
+print(max(answers))
 """
 
 
