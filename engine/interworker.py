@@ -16,7 +16,8 @@ makes per run, so nothing is left on disk and a killed worker's names vanish wit
 * ``watchbuy.<token>.s.<digest of the name>``: one per published stream.  Binding it is the
   node-wide claim of the name (the kernel refuses a second bind, on whichever worker, and
   frees the name when the publishing process dies, even by SIGKILL), and it is where the
-  siblings pull from: an FLV header then FLV tags, starting with what a late joiner gets
+  siblings pull from: one JSON line (the LL-HLS MSN to start at, :func:`hls_join_msn`), then
+  an FLV header and FLV tags, starting with what a late joiner gets
   (metadata, sequence headers, the GOP so far), so a viewer on any worker starts on a
   keyframe.  On the publishing worker each pull is one more viewer (kind ``worker``) getting
   the very tag bytes HTTP-FLV viewers get; the sibling demuxes them with the FLV reader.
