@@ -27,6 +27,9 @@ from watchbuy.engine.workers import cores, worker_count
 
 pytestmark = pytest.mark.usefixtures("ffmpeg")
 
+# Publishers run until stopped: on a loaded machine steering connections takes a while, and the
+# helper's default of 30 s ended a stream mid-test.
+LONG = 600
 KEYS = "key1=show1,key2=show2,other1=show1"  # other1: a second host's key on the same name
 
 
@@ -275,7 +278,8 @@ async def test_viewers_on_both_workers_decode_and_the_stats_are_node_wide(media_
     node = media_workers
     pids = await node.ready()
     assert set(pids.values()) == node.workers() and len(pids) == 2
-    publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1")
+    publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
+                                                 seconds=LONG)
     try:
         await node.stream("show1")
         viewers = {pid: [await node.viewer("show1", pid) for _ in range(2)]
@@ -327,7 +331,7 @@ async def test_late_joiner_on_the_other_worker_starts_on_a_keyframe(media_worker
     node = media_workers
     pids = await node.ready()
     publisher = await start_ffmpeg_publisher(
-        f"rtmp://127.0.0.1:{node.rtmp_port}/live/key2", gop=50, rate=25)
+        f"rtmp://127.0.0.1:{node.rtmp_port}/live/key2", gop=50, rate=25, seconds=LONG)
     try:
         info = await node.stream("show2", uptime=2.6)  # inside the second 2-second GOP
         _origin, other = origin_and_other(info, pids)
@@ -347,7 +351,8 @@ async def test_late_joiner_on_the_other_worker_starts_on_a_keyframe(media_worker
 async def test_a_second_publisher_is_refused_on_either_worker(media_workers) -> None:
     node = media_workers
     pids = await node.ready()
-    publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1")
+    publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
+                                                 seconds=LONG)
     try:
         await node.stream("show1")
         for pid in pids.values():
@@ -365,7 +370,8 @@ async def test_a_second_publisher_is_refused_on_either_worker(media_workers) -> 
         await stop_process(publisher)
     # Its name is free again once the publisher stops, on whichever worker.
     await node.gone("show1")
-    again = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/other1")
+    again = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/other1",
+                                           seconds=LONG)
     try:
         await node.stream("show1")
     finally:
@@ -375,7 +381,8 @@ async def test_a_second_publisher_is_refused_on_either_worker(media_workers) -> 
 async def test_kill_9_of_the_publishing_worker_ends_the_stream_everywhere(media_workers) -> None:
     node = media_workers
     pids = await node.ready()
-    publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1")
+    publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
+                                                 seconds=LONG)
     try:
         info = await node.stream("show1")
         origin, other = origin_and_other(info, pids)
@@ -400,7 +407,8 @@ async def test_kill_9_of_the_other_worker_leaves_the_publishers_viewers_playing(
         media_workers, tmp_path) -> None:
     node = media_workers
     pids = await node.ready()
-    publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1")
+    publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
+                                                 seconds=LONG)
     try:
         info = await node.stream("show1")
         origin, other = origin_and_other(info, pids)
@@ -432,7 +440,7 @@ async def test_sigterm_drains_until_the_publisher_ends(media_workers) -> None:
     node = media_workers
     pids = await node.ready()
     publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
-                                             seconds=8)
+                                             seconds=15)
     try:
         info = await node.stream("show1")
         _origin, other = origin_and_other(info, pids)
@@ -484,7 +492,8 @@ async def test_serve_with_two_media_workers_fires_the_publish_hook_once(tmp_path
         http_port = int(re.search(r"HTTP-FLV http://127\.0\.0\.1:(\d+)/", banner).group(1))
         [media] = children(process.pid)  # the media supervisor, and its two workers
         assert len(children(media)) == 2
-        publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{rtmp_port}/live/{key}")
+        publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{rtmp_port}/live/{key}",
+                                           seconds=LONG)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
         streams: list = []
@@ -571,7 +580,7 @@ async def test_ll_hls_playlists_name_the_same_segments_on_both_workers(media_wor
     node = media_workers
     pids = await node.ready()
     publisher = await start_ffmpeg_publisher(
-        f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1", gop=50, rate=25)
+        f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1", gop=50, rate=25, seconds=LONG)
     try:
         info = await node.stream("show1", uptime=7)
         origin, other = origin_and_other(info, pids)
