@@ -589,8 +589,6 @@ async def test_ll_hls_playlists_name_the_same_segments_on_both_workers(media_wor
         second = segments(await node.get(path, other, raw=True))  # a segment may end meanwhile
         common = first.keys() & second.keys()
         assert len(common) >= 2 and all(first[uri] == second[uri] for uri in common)
-        assert set(first) - set(second) <= {max(first)} and set(second) - set(first) <= \
-            {max(second)}
         os.kill(other, signal.SIGKILL)  # it comes back and pulls the stream mid-way
         restarted = await node.ready()
         new = next(pid for pid in restarted.values() if pid != origin)
@@ -600,6 +598,7 @@ async def test_ll_hls_playlists_name_the_same_segments_on_both_workers(media_wor
         ours = segments(await node.get(path, origin, raw=True))
         assert len(late) >= 2
         # every segment the restarted worker lists, the publishing worker lists by that name
-        assert all(ours.get(uri) == extinf for uri, extinf in late.items()), (late, ours)
+        assert all(ours.get(uri) == extinf for uri, extinf in late.items()), \
+            f"restarted worker {late}, publishing worker {ours}; log:\n{node.log()[-3000:]}"
     finally:
         await stop_process(publisher)
