@@ -362,9 +362,9 @@ async def test_a_second_publisher_is_refused_on_either_worker(media_workers) -> 
             with pytest.raises(RtmpError, match="NetStream.Publish.BadName"):
                 await client.publish("other1")
             await client.close()
+        assert publisher.returncode is None, (await publisher.stderr.read()).decode()
         [stream] = (await node.get("/api/streams"))["streams"]
         assert stream["name"] == "show1" and stream["video_codec"] == "avc"
-        assert publisher.returncode is None
         assert node.log().count("refused second publisher on live stream 'show1'") == 2
     finally:
         await stop_process(publisher)
