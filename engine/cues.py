@@ -117,10 +117,28 @@ class CueService:
             session.respond(400, {"error": "product_id must be a whole number"}, keep)
             return
         name = CUE_PATH.fullmatch(request.path).group(1)
+        product_id = int(raw) if raw else None
+        cluster = self.node.cluster
+        if cluster is not None and name not in cluster.claims:
+            # One worker of several, not the publisher's: the cue goes in where the stream
+            # comes in (its recording is there, and the pulls carry the cue to every worker).
+            from watchbuy.engine.http import NodeWideAnswer
+
+            session.hold = NodeWideAnswer(session, self._forward(name, product_id), keep, False)
+            return
+        answer = self.insert(name, product_id)
+        session.respond(200 if "media_ms" in answer else 404, answer, keep)
+
+    def insert(self, name: str, product_id: int | None) -> dict:
+        """Put the cue into the local stream ``name``: its answer, or an error answer."""
         stream = self.node.registry.get(name)
         if stream is None:
-            session.respond(404, {"error": "stream is not live"}, keep)
-            return
-        media_ms = stream.insert_cue(lambda ms: cue_payload(ms, int(raw) if raw else None))
+            return {"error": "stream is not live"}
+        media_ms = stream.insert_cue(lambda ms: cue_payload(ms, product_id))
         self.inserted += 1
-        session.respond(200, {"stream": name, "media_ms": media_ms}, keep)
+        return {"stream": name, "media_ms": media_ms}
+
+    async def _forward(self, name: str, product_id: int | None) -> dict:
+        """Ask the sibling workers; the one that holds the stream's claim inserts the cue."""
+        answer = await self.node.cluster.forward_cue(name, product_id)
+        return answer if answer is not None else {"error": "stream is not live"}

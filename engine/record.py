@@ -207,6 +207,9 @@ class Recorder:
         node.registry.listeners.append(self.on_stream)
 
     def on_stream(self, event: str, stream: LiveStream) -> None:
+        cluster = self.node.cluster
+        if event == "publish" and cluster is not None and stream.name not in cluster.claims:
+            return  # a copy pulled from the sibling worker that records it (engine/interworker.py)
         if event == "publish":
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
             path = self.folder / f"{safe_name(stream.name)}-{stamp}-{os.urandom(3).hex()}.flv"

@@ -44,6 +44,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("watchbuy.engine.relay")
 
 
+# The viewer kind of a sibling worker's pull of a stream (engine/interworker.py): on the
+# publishing worker it is fed like a viewer, but it is none to the outside.
+WORKER_KIND = "worker"
+
+
 def _setting_default(name: str):
     """The default of :class:`~watchbuy.settings.Settings` field ``name``: the one place the
     relay's bounds are defaulted (``WATCHBUY_<NAME>`` overrides them)."""
@@ -285,6 +290,9 @@ class LiveStream:
         # each flushed batch after the viewers, written off the event loop.
         self.recording: Recording | None = None
         self.media_ms = 0  # the newest audio/video timestamp: where a cue point goes
+        # The LL-HLS media sequence number to start at, when not the node's clock: a worker
+        # pulling a sibling's stream numbers its segments as the publishing worker does.
+        self.hls_first_msn: int | None = None
 
     # -- input from the publisher --------------------------------------------------------------
     def on_media(self, type_id: int, timestamp: int, payload: bytes) -> None:
@@ -555,11 +563,13 @@ class StreamRegistry:
     def get(self, name: str) -> LiveStream | None:
         return self.streams.get(name)
 
-    def start(self, name: str, app: str, publisher: str = "") -> LiveStream | None:
+    def start(self, name: str, app: str, publisher: str = "",
+              hls_first_msn: int | None = None) -> LiveStream | None:
         """A new live stream, or None when ``name`` is live already."""
         if name in self.streams:
             return None
         stream = LiveStream(name, app, self.limits, publisher)
+        stream.hls_first_msn = hls_first_msn
         self.streams[name] = stream
         for session in tuple(self.waiting.pop(name, ())):
             session.stream_started(stream)

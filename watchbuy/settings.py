@@ -26,6 +26,9 @@ from watchbuy.net import parse_networks
 PREFIX = "WATCHBUY_"
 
 
+MAX_WORKERS = 256  # media worker processes: far past any instance's cores
+
+
 class ConfigError(Exception):
     """A setting has a value we cannot use."""
 
@@ -103,6 +106,12 @@ class Settings:
     record_s3_bucket: str = ""  # upload the MP4 here (boto3's credentials and region)
     record_s3_prefix: str = "recordings/"
     aws_region: str = ""  # the bucket's region (WATCHBUY_AWS_REGION, as the site's); "": boto3's
+    # worker processes (engine/workers.py): "auto" = one per core, or a number; unset means
+    # auto for ``watchbuy media`` and 1 for ``watchbuy serve``
+    workers: str = ""
+    worker_drain_seconds: float = 300.0  # SIGTERM: publishers get this long to end, then cut
+    worker_restart_delay: float = 0.5  # a worker that died is restarted after this; doubles
+    worker_restart_delay_max: float = 30.0  # ... up to this while it keeps dying
     # everything
     data_dir: str = "data"
     log_level: str = "INFO"
@@ -135,7 +144,8 @@ class Settings:
                       "max_partial_messages", "max_partial_bytes", "node_partial_bytes",
                       "amf_max_nodes", "amf_max_expanded_bytes", "http_max_head", "http_max_buffer",
                       "http_requests_per_turn", "header_timeout", "keepalive_timeout",
-                      "drain_timeout", "record_max_buffer"),
+                      "drain_timeout", "record_max_buffer", "worker_drain_seconds",
+                      "worker_restart_delay", "worker_restart_delay_max"),
             off_or_positive=("handshake_timeout", "partial_message_timeout", "publish_idle_timeout",
                              "idle_connection_timeout", "publish_takeover_grace",
                              "max_connections_per_ip", "fd_reserve", "metadata_max_fields",
@@ -153,6 +163,14 @@ class Settings:
         for name in ("hls_block_timeout", "hls_ended_keep"):
             if not 0 <= getattr(self, name) <= 3600:  # NaN fails this too
                 raise ConfigError(f"{PREFIX}{name.upper()}: must be 0..3600 seconds")
+        if self.workers.strip().lower() not in ("", "auto"):
+            try:
+                count = int(self.workers)
+            except ValueError:
+                count = 0
+            if not 1 <= count <= MAX_WORKERS:
+                raise ConfigError(f"{PREFIX}WORKERS: 'auto' or a number 1..{MAX_WORKERS}, "
+                                  f"got {self.workers!r}")
         try:
             parse_networks(self.per_ip_exempt, f"{PREFIX}PER_IP_EXEMPT")
         except ValueError as exc:
