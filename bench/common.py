@@ -8,6 +8,7 @@ process-group id: SIGTERM, a short grace, then SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -288,6 +289,29 @@ def rss_kb(pids: list[int]) -> int:
 def hwm_kb(pids: list[int]) -> int:
     """Sum of each process's peak resident set (VmHWM) since it started."""
     return sum(_status_kb(p, "VmHWM") for p in pids)
+
+
+def connection_owner(server_port: int, client_port: int, pids: set[int]) -> int | None:
+    """Which of ``pids`` holds the server side of the loopback connection from
+    ``client_port`` (Linux: /proc/net/tcp gives the socket's inode, /proc/<pid>/fd its owner)."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if int(local.rsplit(":", 1)[1], 16) == server_port and \
+                    int(remote.rsplit(":", 1)[1], 16) == client_port and fields[9] != "0":
+                inode = fields[9]
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return pid
+    return None
 
 
 @dataclass

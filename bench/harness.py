@@ -55,7 +55,7 @@ def measured_run(
     """
     server_cpus, load_cpus = cpu_plan(args.server_cpus, args.load_cpus)
     run_id = f"{kind}-{n}"
-    server = make_server(name, streams, server_cpus)
+    server = make_server(name, streams, server_cpus, getattr(args, "workers", 1))
     row: dict = {
         "server": name,
         count_key: n,

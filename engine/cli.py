@@ -16,11 +16,17 @@ def add_node_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-id", help="node id, used in CDN play paths")
 
 
+def add_workers_option(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--workers", help=f"media worker processes on the ports: a number or "
+                        f"'auto', one per core (WATCHBUY_WORKERS; default {default})")
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(
         rtmp_port=getattr(args, "rtmp_port", None),
         http_port=getattr(args, "http_port", None),
         node_id=getattr(args, "node_id", None),
+        workers=getattr(args, "workers", None),
     )
 
 
@@ -60,9 +66,17 @@ def print_media_banner(settings: Settings, rtmp_port: int, http_port: int) -> No
 def run_media(args: argparse.Namespace) -> int:
     from watchbuy.cli import install_uvloop, run_until_signalled, setup_logging
     from watchbuy.engine.node import MediaNode
+    from watchbuy.engine.workers import run_worker, supervise_media, worker_count
 
     settings = standalone_keys(settings_from(args))
     setup_logging(settings.log_level)
+    count = worker_count(settings.workers, "auto")  # --workers, WATCHBUY_WORKERS, or per core
+    if args.worker is not None:
+        install_uvloop()
+        asyncio.run(run_worker(settings, args.worker, count, args.cluster, args.supervisor))
+        return 0
+    if count > 1:
+        return supervise_media(settings, count, print_media_banner)
     install_uvloop()
     node = MediaNode(settings)
 
@@ -77,4 +91,9 @@ def run_media(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     media = subparsers.add_parser("media", help="run a media node (RTMP ingest, HTTP-FLV playback)")
     add_node_options(media)
+    add_workers_option(media, "auto")
+    # Set by the supervisor on the worker processes it starts, not by people.
+    media.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    media.add_argument("--cluster", help=argparse.SUPPRESS)
+    media.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
     media.set_defaults(run=run_media)

@@ -42,9 +42,12 @@ class RtmpClient:
         self.statuses: list[dict] = []
 
     @classmethod
-    async def open(cls, host: str, port: int, digest: bool = True) -> RtmpClient:
-        """A client that has done the handshake and nothing else (tests send what follows)."""
-        reader, writer = await asyncio.open_connection(host, port)
+    async def open(cls, host: str, port: int, digest: bool = True,
+                   connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+                   ) -> RtmpClient:
+        """A client that has done the handshake and nothing else (tests send what follows);
+        over ``connection`` when given (a test that chose which worker process it reached)."""
+        reader, writer = connection or await asyncio.open_connection(host, port)
         client = cls(reader, writer)
         handshake = ClientHandshake(digest=digest)
         writer.write(handshake.start())
@@ -63,8 +66,10 @@ class RtmpClient:
 
     @classmethod
     async def connect(cls, host: str, port: int, app: str = "live", digest: bool = True,
-                      connect_extra: dict | None = None) -> RtmpClient:
-        client = await cls.open(host, port, digest)
+                      connect_extra: dict | None = None,
+                      connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+                      ) -> RtmpClient:
+        client = await cls.open(host, port, digest, connection)
         command = {"app": app, "type": "nonprivate", "flashVer": "FMLE/3.0 (compatible; FMSc/1.0)",
                    "tcUrl": f"rtmp://{host}:{port}/{app}"}
         command.update(connect_extra or {})

@@ -144,16 +144,50 @@ class CueService:
             session.respond(400, {"error": "product_id must be a whole number"}, keep)
             return
         name = CUE_PATH.fullmatch(request.path).group(1)
+        product_id = int(raw) if raw else None
+        # the operator's calls carry no nonce; the site's nonce is claimed where the stream
+        # is published, so one table per stream sees every call whichever worker took it
+        nonce = None if session.is_operator(request) else query["nonce"][0]
+        cluster = self.node.cluster
+        if cluster is not None and name not in cluster.claims:
+            # One worker of several, not the publisher's: the cue goes in where the stream
+            # comes in (its recording is there, and the pulls carry the cue to every worker).
+            from watchbuy.engine.http import NodeWideAnswer
+
+            session.hold = NodeWideAnswer(session, self._forward(name, product_id, nonce),
+                                          keep, False)
+            return
+        answer = self.insert(name, product_id, nonce)
+        session.respond(answer_status(answer), answer, keep)
+
+    def insert(self, name: str, product_id: int | None, nonce: str | None = None) -> dict:
+        """Put the cue into the local stream ``name``: its answer, or an error answer.
+        ``nonce``: the signed call's, accepted once (None: the operator's call)."""
         stream = self.node.registry.get(name)
         if stream is None:
-            session.respond(404, {"error": "stream is not live"}, keep)
-            return
-        if not session.is_operator(request):
-            problem = self._claim_nonce(name, query["nonce"][0])
+            return {"error": "stream is not live"}
+        if nonce is not None:
+            problem = self._claim_nonce(name, nonce)
             if problem:
-                session.respond(429 if problem.startswith("too many") else 401,
-                                {"error": problem}, keep)
-                return
-        media_ms = stream.insert_cue(lambda ms: cue_payload(ms, int(raw) if raw else None))
+                return {"error": problem}
+        media_ms = stream.insert_cue(lambda ms: cue_payload(ms, product_id))
         self.inserted += 1
-        session.respond(200, {"stream": name, "media_ms": media_ms}, keep)
+        return {"stream": name, "media_ms": media_ms}
+
+    async def _forward(self, name: str, product_id: int | None,
+                       nonce: str | None) -> tuple[int, dict]:
+        """Ask the sibling workers; the one that holds the stream's claim inserts the cue."""
+        answer = await self.node.cluster.forward_cue(name, product_id, nonce)
+        if answer is None:
+            answer = {"error": "stream is not live"}
+        return answer_status(answer), answer
+
+
+def answer_status(answer: dict) -> int:
+    """The HTTP status of a cue answer (local or from the publishing worker)."""
+    if "media_ms" in answer:
+        return 200
+    error = answer.get("error", "")
+    if error.startswith("too many"):
+        return 429
+    return 401 if error == "replayed call" else 404

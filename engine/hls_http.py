@@ -95,7 +95,9 @@ class HlsService:
     def on_stream(self, event: str, stream: LiveStream) -> None:
         if event == "publish":
             self._cancel_drop(stream.name)
-            hls = HlsStream(stream.name, self.config, first_msn=_media_sequence_base())
+            first_msn = stream.hls_first_msn  # set for a stream pulled from a sibling worker
+            hls = HlsStream(stream.name, self.config, first_msn=_media_sequence_base()
+                            if first_msn is None else first_msn)
             old = self.streams.get(stream.name)
             if old is not None:
                 old.end()  # an ended one still kept: its players get the end now

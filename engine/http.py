@@ -45,7 +45,8 @@ import asyncio
 import hmac
 import json
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from watchbuy.engine import metrics
 from watchbuy.engine.codecs import flvmux
@@ -139,6 +140,47 @@ class FlvViewer(Viewer):
                           if t is not None and all(t is not tag for tag in tags))
         self.write(self.frame(prefix))
         super().deliver(tags, None)
+
+
+class NodeWideAnswer:
+    """A stats request on one worker of several, answered once the sibling workers have
+    (engine/interworker.py, each within a short timeout).  It holds the connection as a
+    blocking LL-HLS request does (``session.hold``): nothing else is read or answered
+    meanwhile, and a closed connection cancels it."""
+
+    def __init__(self, session: HttpSession,
+                 answer: Coroutine[Any, Any, dict | bytes | tuple[int, dict]],
+                 keep: bool, head_only: bool, content_type: str = "application/json") -> None:
+        self.session = session
+        self.content_type = content_type
+        self.keep = keep
+        self.head_only = head_only
+        self.task = asyncio.ensure_future(answer)
+        self.task.add_done_callback(self.done)
+
+    def done(self, task: asyncio.Task) -> None:
+        session = self.session
+        if task.cancelled() or session.hold is not self or session._lost:
+            return
+        session.hold = None
+        exc = task.exception()
+        if exc is not None:  # a bug costs this request only, and one line
+            LOG_BUDGET.log(logging.WARNING, "http %s: node-wide stats failed: %s: %s",
+                           session.peer, type(exc).__name__, exc, extra=session.log.extra)
+            session.respond(500, {"error": "internal error"}, False, self.head_only)
+            return
+        result = task.result()
+        status = 200
+        if isinstance(result, tuple):  # (status, answer): a cue refused by its worker
+            status, result = result
+        if isinstance(result, bytes):
+            session.respond_bytes(200, result, self.content_type, self.keep, self.head_only)
+        else:
+            session.respond(status, result, self.keep, self.head_only)
+        session.hold_released()
+
+    def cancel(self) -> None:
+        self.task.cancel()
 
 
 class HttpSession(ViewerSession):
@@ -377,14 +419,26 @@ class HttpSession(ViewerSession):
             return
         head_only = request.method == "HEAD"
         path = request.path
+        cluster = self.node.cluster
         if path == "/api/streams":
+            if cluster is not None:  # one worker of several: the node's answer, from them all
+                self.hold = NodeWideAnswer(self, cluster.streams_info(self.is_operator(request)),
+                                           keep, head_only)
+                return
             info = self.node.streams_info(operator=self.is_operator(request))
             self.respond(200, info, keep, head_only)
         elif path == "/api/server":
+            if cluster is not None:
+                self.hold = NodeWideAnswer(self, cluster.server_info(), keep, head_only)
+                return
             self.respond(200, self.node.server_info(), keep, head_only)
         elif path == "/metrics":
             if not (is_loopback(self.peer_host) or self.is_operator(request)):
                 self.respond(404, {"error": "not found"}, keep, head_only)
+                return
+            if cluster is not None:  # every worker's series, labelled by worker
+                self.hold = NodeWideAnswer(self, cluster.metrics_text(), keep, head_only,
+                                           metrics.CONTENT_TYPE)
                 return
             self.respond_bytes(200, metrics.render(self.node.metrics), metrics.CONTENT_TYPE, keep,
                                head_only)

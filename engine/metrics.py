@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from watchbuy.engine.codecs import implementations
+from watchbuy.engine.relay import WORKER_KIND
 
 if TYPE_CHECKING:
     from watchbuy.engine.node import MediaNode
@@ -51,6 +52,11 @@ class NodeCollector:
         node = self.node
         stats = node.stats
         streams = list(node.registry.streams.values())
+        # One worker of several: publishers and their bytes where they publish (a sibling's copy
+        # would count them once per worker); viewers wherever they watch, without the pulls.
+        cluster = node.cluster
+        published = streams if cluster is None else \
+            [s for s in streams if s.name in cluster.claims]
         info = GaugeMetricFamily(PREFIX + "info", "This media node: its id and codecs (always 1)",
                                  labels=["node_id", "chunk", "amf", "flvmux"])
         codecs = implementations()
@@ -58,7 +64,7 @@ class NodeCollector:
                          codecs["flvmux"]], 1)
         yield info
         yield GaugeMetricFamily(PREFIX + "streams", "Live streams (publishers) on this node",
-                                value=len(streams))
+                                value=len(published))
         viewers: dict[str, int] = {}
         per_stream = GaugeMetricFamily(PREFIX + "stream_viewers", "Viewers of each live stream",
                                        labels=["app", "stream", "protocol"])
@@ -68,10 +74,12 @@ class NodeCollector:
         for stream in streams:
             kinds = dict.fromkeys(VIEWER_KINDS, 0)
             for viewer in stream.viewers:
-                kinds[viewer.kind] = kinds.get(viewer.kind, 0) + 1
+                if viewer.kind != WORKER_KIND:
+                    kinds[viewer.kind] = kinds.get(viewer.kind, 0) + 1
             for kind, count in kinds.items():
                 per_stream.add_metric([stream.app, stream.name, kind], count)
                 viewers[kind] = viewers.get(kind, 0) + count
+        for stream in published:
             received.add_metric([stream.app, stream.name], stream.bytes_in)
         yield _labelled(GaugeMetricFamily(PREFIX + "viewers", "Viewers playing, by protocol",
                                           labels=["protocol"]), viewers, VIEWER_KINDS)
@@ -83,7 +91,8 @@ class NodeCollector:
         yield _labelled(CounterMetricFamily(PREFIX + "viewers_started",
                                             "Viewers that started playing, by protocol",
                                             labels=["protocol"]),
-                        stats.viewers_started, VIEWER_KINDS)
+                        {kind: count for kind, count in stats.viewers_started.items()
+                         if kind != WORKER_KIND}, VIEWER_KINDS)
         yield _labelled(GaugeMetricFamily(PREFIX + "connections", "Open connections by protocol",
                                           labels=["protocol"]), stats.connections)
         yield CounterMetricFamily(PREFIX + "connections_accepted", "Connections accepted",

@@ -7,6 +7,7 @@ import logging
 import resource
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from watchbuy.engine.codecs import implementations
 from watchbuy.engine.cues import CueService
@@ -21,6 +22,9 @@ from watchbuy.engine.rtmp import RtmpSession
 from watchbuy.logs import LogLimiter
 from watchbuy.net import in_networks, is_loopback, parse_networks
 from watchbuy.settings import Settings
+
+if TYPE_CHECKING:
+    from watchbuy.engine.interworker import Cluster
 
 log = logging.getLogger("watchbuy.engine")
 
@@ -122,17 +126,24 @@ class MediaNode:
         # a node without a data folder (tests, benchmarks: data_dir "") records nothing
         self.recorder = Recorder(self) if settings.record and \
             (settings.record_dir or settings.data_dir) else None
+        # One worker of several (engine/workers.py): claims, pulls between the workers and the
+        # node-wide stats (engine/interworker.py); None for a node in one process.
+        self.cluster: Cluster | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.fd_budget = fd_budget(self.settings.fd_reserve)
+        if self.cluster is not None:
+            await self.cluster.start()  # before listening: the siblings' streams are pulled
+        # Workers share the ports: the kernel spreads connections over them (SO_REUSEPORT).
+        shared = self.cluster is not None
         rtmp = await loop.create_server(
             lambda: RtmpSession(self), self.settings.rtmp_host, self.settings.rtmp_port,
-            reuse_address=True, backlog=1024,
+            reuse_address=True, reuse_port=shared, backlog=1024,
         )
         http = await loop.create_server(
             lambda: HttpSession(self), self.settings.http_host, self.settings.http_port,
-            reuse_address=True, backlog=4096,
+            reuse_address=True, reuse_port=shared, backlog=4096,
         )
         self._servers = [rtmp, http]
         # Port 0 in tests: read back the ports the kernel chose.
@@ -145,11 +156,30 @@ class MediaNode:
                  self.settings.node_id, self.settings.rtmp_host, self.rtmp_port,
                  self.settings.http_host, self.http_port, implementations())
 
+    async def drain(self, seconds: float) -> None:
+        """Stop accepting connections, then wait (at most ``seconds``) until every stream here
+        has ended: its publisher stops, or for a stream pulled from a sibling, the sibling's
+        publisher.  Viewers keep playing meanwhile.  Then :meth:`stop`."""
+        for server in self._servers:
+            server.close()
+        if self.registry.streams:
+            log.info("draining: %d live streams, waiting up to %g s for their publishers "
+                     "to end (WATCHBUY_WORKER_DRAIN_SECONDS)", len(self.registry.streams),
+                     seconds)
+        deadline = time.monotonic() + seconds
+        while self.registry.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.registry.streams:
+            log.warning("drain time over: ending %d live streams", len(self.registry.streams))
+        await self.stop()
+
     async def stop(self) -> None:
         if self._sampler is not None:
             self._sampler.cancel()
         for server in self._servers:
             server.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         for stream in list(self.registry.streams.values()):
             self.registry.stop(stream)
         if self.hls is not None:
@@ -231,15 +261,21 @@ class MediaNode:
         return {"node_id": self.settings.node_id, "streams": streams}
 
     def server_info(self) -> dict:
+        """This process's counters: the node's, unless it is one worker of several (then the
+        node's are :meth:`Cluster.server_info`, which sums every worker's of these)."""
         rx, tx = self.stats.rates()
+        cluster = self.cluster
+        relays = cluster.relay_viewers if cluster is not None else 0
+        publishers = len(self.registry.streams) if cluster is None else \
+            sum(1 for claim in cluster.claims.values() if claim.stream is not None)
         return {
             "node_id": self.settings.node_id,
             "uptime": round(time.monotonic() - self.started_mono, 1),
             "connections": dict(self.stats.connections),
             "connections_total": self.stats.connections_total,
             "connections_refused": self.stats.connections_refused,
-            "publishers": len(self.registry.streams),
-            "viewers": self.registry.viewer_count(),
+            "publishers": publishers,
+            "viewers": self.registry.viewer_count() - relays,
             "bytes_in": self.stats.bytes_in,
             "bytes_out": self.stats.bytes_out,
             "bytes_in_per_s": round(rx),

@@ -19,10 +19,11 @@ their turn rather than start an ffmpeg each.
 
 A report the site does not take (unreachable, restarting, a 5xx) is retried in the background
 with a doubling wait, for about two days; until it is taken it is kept in
-``<record_dir>/pending-reports.json``, so a node restarted meanwhile retries it too.  Once an
-hour (and at start) the node sweeps its folder: FLVs no recording is writing (a remux that
-failed, a node stopped mid-publish) and MP4s older than ``WATCHBUY_RECORD_RETENTION_DAYS`` are
-deleted, with one log line per sweep.
+``<record_dir>/pending-reports.json`` (``pending-reports-<worker>.json`` for each worker of
+several), so a node restarted meanwhile retries it too.  Once an hour (and at start) the node
+(its first worker) sweeps its folder: FLVs no recording is writing and untouched for an hour (a
+remux that failed, a node stopped mid-publish) and MP4s older than
+``WATCHBUY_RECORD_RETENTION_DAYS`` are deleted, with one log line per sweep.
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ REPORT_RETRY_MAX = 3600.0
 REPORT_ATTEMPTS = 60
 PENDING_MAX = 1000
 SWEEP_INTERVAL = 3600.0
-# An FLV not written for this long and not a live recording's is left over (never remuxed).
-LEFTOVER_FLV_AGE = REMUX_TIMEOUT
+# An FLV not written for this long and not a live recording's is left over (never remuxed):
+# long enough for a sibling worker's recording (written every half second while live, then
+# waiting for a remux slot and remuxed within REMUX_TIMEOUT), which this worker cannot see.
+LEFTOVER_FLV_AGE = 3600.0
 
 
 def write_all(handle, chunks: list[bytes]) -> int:
@@ -229,6 +232,7 @@ class Recorder:
         # attempts, next_at (wall clock, so it means the same after a restart)}
         self.pending: list[dict] = []
         self._pending_changed = asyncio.Event()
+        self.pending_path = self.folder / PENDING_FILE
         self._file_lock = asyncio.Lock()  # one writer of the pending file at a time
         self._tasks: list[asyncio.Task] = []
         # a disk that is full stays full: one line per stream, at most a few a minute
@@ -238,14 +242,21 @@ class Recorder:
 
     def start(self) -> None:
         """At node start: the reports a previous run left, the retry loop and the sweep."""
-        self.pending = _read_pending(self.folder / PENDING_FILE)
+        cluster = self.node.cluster
+        if cluster is not None:  # workers share the folder: a file each (the same at restart)
+            self.pending_path = self.folder / f"pending-reports-{cluster.index}.json"
+        self.pending = _read_pending(self.pending_path)
         if self.pending:
             log.info("%d recording reports from before the restart will be retried",
                      len(self.pending))
-        self._tasks = [asyncio.ensure_future(self._report_forever()),
-                       asyncio.ensure_future(self._sweep_forever())]
+        self._tasks = [asyncio.ensure_future(self._report_forever())]
+        if cluster is None or cluster.index == 1:  # one sweeper per folder
+            self._tasks.append(asyncio.ensure_future(self._sweep_forever()))
 
     def on_stream(self, event: str, stream: LiveStream) -> None:
+        cluster = self.node.cluster
+        if event == "publish" and cluster is not None and stream.name not in cluster.claims:
+            return  # a copy pulled from the sibling worker that records it (engine/interworker.py)
         if event == "publish":
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
             path = self.folder / f"{safe_name(stream.name)}-{stamp}-{os.urandom(3).hex()}.flv"
@@ -325,11 +336,10 @@ class Recorder:
         """The pending file as the list stands now (a disk error: logged, kept in memory)."""
         async with self._file_lock:
             try:
-                await asyncio.to_thread(_save_pending, self.folder / PENDING_FILE,
-                                        list(self.pending))
+                await asyncio.to_thread(_save_pending, self.pending_path, list(self.pending))
             except OSError as exc:
                 self.report_log.error("file", "cannot keep recording reports in %s: %s",
-                                      self.folder / PENDING_FILE, exc)
+                                      self.pending_path, exc)
 
     async def _report_forever(self) -> None:
         """Send the due reports one at a time; a failure waits twice as long as the last."""

@@ -48,6 +48,11 @@ log = logging.getLogger("watchbuy.engine.relay")
 NOMINAL_FRAME_MS = 33
 
 
+# The viewer kind of a sibling worker's pull of a stream (engine/interworker.py): on the
+# publishing worker it is fed like a viewer, but it is none to the outside.
+WORKER_KIND = "worker"
+
+
 def _setting_default(name: str):
     """The default of :class:`~watchbuy.settings.Settings` field ``name``: the one place the
     relay's bounds are defaulted (``WATCHBUY_<NAME>`` overrides them)."""
@@ -295,6 +300,9 @@ class LiveStream:
         self.ts_offset = 0
         self._rebase = False  # set by handover: the next message fixes ts_offset
         self._latest_ts = 0  # the newest (rebased) audio/video timestamp
+        # The LL-HLS media sequence number to start at, when not the node's clock: a worker
+        # pulling a sibling's stream numbers its segments as the publishing worker does.
+        self.hls_first_msn: int | None = None
 
     def _rebased(self, timestamp: int) -> int:
         if self._rebase:
@@ -579,11 +587,13 @@ class StreamRegistry:
     def get(self, name: str) -> LiveStream | None:
         return self.streams.get(name)
 
-    def start(self, name: str, app: str, publisher: str = "") -> LiveStream | None:
+    def start(self, name: str, app: str, publisher: str = "",
+              hls_first_msn: int | None = None) -> LiveStream | None:
         """A new live stream, or None when ``name`` is live already."""
         if name in self.streams:
             return None
         stream = LiveStream(name, app, self.limits, publisher)
+        stream.hls_first_msn = hls_first_msn
         self.streams[name] = stream
         for session in tuple(self.waiting.pop(name, ())):
             session.stream_started(stream)

@@ -476,9 +476,14 @@ class RtmpSession(ViewerSession):
         if self.closed:
             await self.node.authorizer.publish_done(self.app, key, name)
             return
-        stream = self.node.registry.start(name, self.app, publisher=self.peer)
-        if stream is None:
-            stream = self.take_over(name, key)
+        cluster = self.node.cluster  # one worker of several: the name is claimed node-wide
+        stream = None
+        if cluster is None or cluster.claim(name):
+            stream = self.node.registry.start(name, self.app, publisher=self.peer)
+            if stream is None:
+                stream = self.take_over(name, key)
+            if stream is None and cluster is not None:
+                cluster.unclaim(name)
         if stream is None:
             self.log.info("rtmp %s: refused second publisher on live stream %r", self.peer, name)
             self.node.stats.publish_refused["already_live"] += 1

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
-import socket
 import sys
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -22,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from watchbuy.logs import LogLimiter
 from watchbuy.site.config import SiteSettings, load_site_settings
 from watchbuy.site.observe import PEER_KEY, install_request_id_filter
+from watchbuy.supervise import Supervisor, reuse_port_socket, watch_supervisor
 
 log = logging.getLogger("watchbuy.site.http")
 workers_log = logging.getLogger("watchbuy.site.workers")
@@ -203,26 +201,6 @@ def run_site(args: argparse.Namespace) -> int:
 # configuration) bound with SO_REUSEPORT; the supervisor only starts, restarts and stops them.
 
 
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` with SO_REUSEPORT, so that every worker binds the
-    port, and not listening yet: Linux hands a connection only to a listening socket of the
-    group, so a worker's socket receives none until uvicorn listens on it, which it does once
-    the app's startup is done (a worker being restarted queues nobody meanwhile).  The
-    supervisor keeps one such socket that never listens: it holds the port while workers come
-    and go, and tells a ``--port 0`` run which port it got."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 async def serve_worker(settings: SiteSettings, index: int, supervisor: int | None) -> None:
     """One worker of ``watchbuy site --workers N``: the site on a SO_REUSEPORT socket.  The
     supervisor has migrated the database already; the worker ends itself when its supervisor
@@ -233,13 +211,12 @@ async def serve_worker(settings: SiteSettings, index: int, supervisor: int | Non
     server = uvicorn_server(app, settings)
     sock = reuse_port_socket(settings.site_host, settings.site_port)
 
-    async def orphaned() -> None:
-        while os.getppid() == supervisor:
-            await asyncio.sleep(1.0)
+    def orphaned() -> None:
         workers_log.warning("site worker %d: supervisor %s gone, stopping", index, supervisor)
         server.should_exit = True
 
-    watch = asyncio.ensure_future(orphaned()) if supervisor is not None else None
+    watch = asyncio.ensure_future(watch_supervisor(supervisor, orphaned)) \
+        if supervisor is not None else None
     try:
         await server.serve(sockets=[sock])
     finally:
@@ -278,74 +255,22 @@ def supervise(settings: SiteSettings) -> int:
             settings = load_site_settings(site_port=port, site_workers=settings.site_workers)
         print(f"WatchBuy site on {settings.public_url} ({settings.site_workers} processes)",
               flush=True)
-        return asyncio.run(Supervisor(settings, port).run())
+        # Workers get SIGTERM and uvicorn's graceful-shutdown bound for requests in flight.
+        supervisor = Supervisor("site worker", settings.site_workers,
+                                lambda index: worker_command(port, index),
+                                settings.site_drain_seconds, settings.site_restart_delay,
+                                settings.site_restart_delay_max, workers_log)
+        return asyncio.run(supervisor.run())
     finally:
         holder.close()
 
 
-class Supervisor:
-    """Keeps ``settings.site_workers`` worker processes running on ``port``."""
-
-    def __init__(self, settings: SiteSettings, port: int) -> None:
-        self.settings = settings
-        self.port = port
-        self.processes: dict[int, asyncio.subprocess.Process] = {}
-        self.stopping = asyncio.Event()
-
-    def command(self, index: int) -> list[str]:
-        # The same settings reach the worker as reached us: the environment (inherited) and
-        # the port, now resolved; the generated secrets are files in the data folder, written
-        # before any worker starts (load_site_settings), so every worker reads the same ones.
-        return [sys.executable, "-m", "watchbuy", "site", "--port", str(self.port),
-                "--worker", str(index), "--supervisor", str(os.getpid())]
-
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stopping.set)
-        keepers = [asyncio.ensure_future(self.keep(index))
-                   for index in range(1, self.settings.site_workers + 1)]
-        await self.stopping.wait()
-        workers_log.info("stopping %d site workers (at most %g s for requests in flight)",
-                         len(self.processes), self.settings.site_drain_seconds)
-        for process in self.processes.values():
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-        # The workers' own bound (uvicorn's graceful-shutdown timeout), and a few seconds for
-        # their lifespan shutdown; a worker still running after that is killed.
-        await asyncio.wait(keepers, timeout=self.settings.site_drain_seconds + 10.0)
-        for process in self.processes.values():
-            if process.returncode is None:
-                workers_log.warning("site worker pid %d did not stop in time: killed",
-                                    process.pid)
-                process.kill()
-        await asyncio.gather(*keepers, return_exceptions=True)
-        return 0
-
-    async def keep(self, index: int) -> None:
-        """Run worker ``index``; restart it with backoff whenever it ends, until stopping."""
-        loop = asyncio.get_running_loop()
-        delay = self.settings.site_restart_delay
-        while not self.stopping.is_set():
-            process = await asyncio.create_subprocess_exec(*self.command(index))
-            self.processes[index] = process
-            started = loop.time()
-            workers_log.info("site worker %d started (pid %d)", index, process.pid)
-            if self.stopping.is_set():  # stopped while it was being started: missed the signal
-                process.send_signal(signal.SIGTERM)
-            code = await process.wait()
-            if self.stopping.is_set():
-                break
-            if loop.time() - started > self.settings.site_restart_delay_max:
-                # It had been running for longer than the longest wait: a fresh failure, not a
-                # crash loop, so it comes back quickly.
-                delay = self.settings.site_restart_delay
-            how = f"signal {-code}" if code < 0 else f"exit status {code}"
-            workers_log.warning("site worker %d (pid %d) ended with %s: restarting in %.1f s",
-                                index, process.pid, how, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), delay)
-            delay = min(delay * 2, self.settings.site_restart_delay_max)
+def worker_command(port: int, index: int) -> list[str]:
+    # The same settings reach the worker as reached us: the environment (inherited) and the
+    # port, now resolved; the generated secrets are files in the data folder, written before
+    # any worker starts (load_site_settings), so every worker reads the same ones.
+    return [sys.executable, "-m", "watchbuy", "site", "--port", str(port),
+            "--worker", str(index), "--supervisor", str(os.getpid())]
 
 
 def register(subparsers) -> None:

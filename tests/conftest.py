@@ -130,8 +130,9 @@ class FlvHttpReader:
         self.eof = False
 
     @classmethod
-    async def open(cls, port: int, path: str) -> FlvHttpReader:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def open(cls, port: int, path: str, connection=None) -> FlvHttpReader:
+        """``GET path`` on a new connection, or on ``connection`` (reader, writer) when given."""
+        reader, writer = connection or await asyncio.open_connection("127.0.0.1", port)
         writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         lines = head.decode("latin-1").split("\r\n")

@@ -121,6 +121,7 @@ class Cluster:
             "WATCHBUY_STREAM_KEYS": ",".join(f"{k}={v}" for k, v in keys.items()),
             "WATCHBUY_DATA_DIR": str(self.tmp / node_id),
             "WATCHBUY_LOG_LEVEL": "WARNING",
+            "WATCHBUY_WORKERS": "1",  # nodes of one process: the balancer's view is the point
             "WATCHBUY_AGENT_INTERVAL": "0.25",
             "WATCHBUY_AGENT_WINDOW": "2",
         })

@@ -21,7 +21,8 @@ async def test_a_json_logging_node_names_the_connection_it_drops(tmp_path):
     env = {**os.environ, "WATCHBUY_LOG_FORMAT": "json", "WATCHBUY_RTMP_HOST": "127.0.0.1",
            "WATCHBUY_HTTP_HOST": "127.0.0.1", "WATCHBUY_RTMP_PORT": "0",
            "WATCHBUY_HTTP_PORT": "0", "WATCHBUY_STREAM_KEYS": "key1=show1",
-           "WATCHBUY_DATA_DIR": str(tmp_path), "WATCHBUY_NODE_ID": "json-node"}
+           "WATCHBUY_DATA_DIR": str(tmp_path), "WATCHBUY_NODE_ID": "json-node",
+           "WATCHBUY_WORKERS": "1"}
     node = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "watchbuy", "media", env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)

@@ -516,7 +516,7 @@ async def test_connections_are_refused_before_the_open_file_limit(tmp_path):
     env = {**os.environ, "WATCHBUY_RTMP_HOST": "127.0.0.1", "WATCHBUY_HTTP_HOST": "127.0.0.1",
            "WATCHBUY_RTMP_PORT": str(rtmp_port), "WATCHBUY_HTTP_PORT": str(http_port),
            "WATCHBUY_STREAM_KEYS": "key1=show1", "WATCHBUY_DATA_DIR": str(tmp_path),
-           "WATCHBUY_NODE_ID": "fd-node"}
+           "WATCHBUY_NODE_ID": "fd-node", "WATCHBUY_WORKERS": "1"}  # one process's limit
     node = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "watchbuy", "media", env=env, preexec_fn=low_fd_limit(160),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import websockets
 from app_helpers import make_user, start_session
+from worker_helpers import children, connection_owner
 
 from watchbuy.db.database import Database
 from watchbuy.site.ratelimit import RateLimiter, RedisRateLimiter, make_rate_limiter
@@ -154,11 +155,7 @@ class WorkersSite:
 
     def workers(self) -> set[int]:
         """The supervisor's live child processes (the workers)."""
-        found: set[int] = set()
-        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                found |= {int(pid) for pid in (task / "children").read_text().split()}
-        return found
+        return children(self.process.pid)
 
     async def get(self, path: str = "/metrics") -> tuple[int, int | None]:
         """The status of ``GET path`` on a new connection, and which worker answered it."""
@@ -207,29 +204,6 @@ class WorkersSite:
             self.process.kill()  # the workers notice their supervisor is gone and stop
             self.process.wait()
         self.log_file.close()
-
-
-def connection_owner(server_port: int, client_port: int, pids: set[int]) -> int | None:
-    """Which of ``pids`` holds the server side of the loopback connection from
-    ``client_port`` (Linux: /proc/net/tcp gives the socket's inode, /proc/<pid>/fd its owner)."""
-    inode = None
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, remote = fields[1], fields[2]
-            if int(local.rsplit(":", 1)[1], 16) == server_port and \
-                    int(remote.rsplit(":", 1)[1], 16) == client_port and fields[9] != "0":
-                inode = fields[9]
-    if inode is None:
-        return None
-    target = f"socket:[{inode}]"
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                        return pid
-    return None
 
 
 @pytest.fixture

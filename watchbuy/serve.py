@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import secrets
+import sys
 
 from watchbuy import urls
-from watchbuy.engine.cli import add_node_options, push_line, settings_from
+from watchbuy.engine.cli import add_node_options, add_workers_option, push_line, settings_from
 
 log = logging.getLogger("watchbuy.serve")
 
@@ -57,6 +59,19 @@ def run_serve(args: argparse.Namespace) -> int:
     from watchbuy.status_agent.config import AgentSettings
 
     media_settings = settings_from(args)
+    from watchbuy.engine.workers import worker_count
+
+    workers = worker_count(media_settings.workers, "1")  # embedded defaults: one process
+    holders = []
+    if workers > 1:
+        # The node's ports, held (never listening) so the site knows them before the media
+        # supervisor binds them too (SO_REUSEPORT); port 0 resolved here.
+        from watchbuy.supervise import reuse_port_socket
+
+        holders = [reuse_port_socket(media_settings.rtmp_host, media_settings.rtmp_port),
+                   reuse_port_socket(media_settings.http_host, media_settings.http_port)]
+        media_settings = media_settings.replace(
+            rtmp_port=holders[0].getsockname()[1], http_port=holders[1].getsockname()[1])
     site_settings = load_site_settings(
         site_port=args.site_port, rtmp_port=media_settings.rtmp_port,
         http_port=media_settings.http_port, node_id=media_settings.node_id,
@@ -68,14 +83,23 @@ def run_serve(args: argparse.Namespace) -> int:
     setup_logging(site_settings.log_level)
     install_uvloop()
 
-    node = MediaNode(media_settings)
-    # The node's status agent (kernel interface counters), reading the engine in-process.
-    agent = StatusAgent(
-        load_config(AgentSettings, node_id=media_settings.node_id, agent_port=args.agent_port,
-                    engine_url=""),
-        engine_info=node.server_info)
-    media = MediaDirectory(site_settings, local_stats=node.streams_info,
-                           local_server=node.server_info, local_agent=lambda: agent.status)
+    if workers > 1:
+        # The node as worker processes (engine/workers.py) under a media supervisor of its own;
+        # the site and the agent read its node-wide stats API like any node's.
+        node = MediaWorkersProcess(media_settings, workers)
+        agent = StatusAgent(load_config(
+            AgentSettings, node_id=media_settings.node_id, agent_port=args.agent_port,
+            engine_url=f"http://127.0.0.1:{media_settings.http_port}"))
+        media = MediaDirectory(site_settings, local_agent=lambda: agent.status)
+    else:
+        node = MediaNode(media_settings)
+        # The node's status agent (kernel interface counters), reading the engine in-process.
+        agent = StatusAgent(
+            load_config(AgentSettings, node_id=media_settings.node_id,
+                        agent_port=args.agent_port, engine_url=""),
+            engine_info=node.server_info)
+        media = MediaDirectory(site_settings, local_stats=node.streams_info,
+                               local_server=node.server_info, local_agent=lambda: agent.status)
     app = create_app(site_settings, media=media)
     server = uvicorn_server(app, site_settings)
     tasks: list[asyncio.Task] = []
@@ -93,6 +117,8 @@ def run_serve(args: argparse.Namespace) -> int:
         print_banner(site_settings, node, demo)
         print(f"  status agent: http://{site_settings.public_host}:{agent.port}/status",
               flush=True)
+        if workers > 1:
+            print(f"  media: {workers} worker processes", flush=True)
 
     async def stop() -> None:
         server.should_exit = True
@@ -101,8 +127,63 @@ def run_serve(args: argparse.Namespace) -> int:
         await agent.stop()
         await node.stop()
 
-    asyncio.run(run_until_signalled(start, stop))
+    try:
+        asyncio.run(run_until_signalled(start, stop))
+    finally:
+        for holder in holders:
+            holder.close()
     return 0
+
+
+class MediaWorkersProcess:
+    """``watchbuy media --workers N`` as a child of ``watchbuy serve``, started and stopped
+    like the in-process node (``start``/``stop``, ``settings``, ports)."""
+
+    def __init__(self, settings, workers: int) -> None:
+        self.settings = settings
+        self.workers = workers
+        self.rtmp_port = settings.rtmp_port
+        self.http_port = settings.http_port
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        # The site's hook and secret reach the media processes as settings do: the environment.
+        env = {**os.environ, "WATCHBUY_PUBLISH_HOOK_URL": s.publish_hook_url,
+               "WATCHBUY_HOOK_SECRET": s.hook_secret, "WATCHBUY_STREAM_KEYS": ""}
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "watchbuy", "media", "--workers", str(self.workers),
+            "--rtmp-port", str(self.rtmp_port), "--http-port", str(self.http_port),
+            "--node-id", s.node_id, env=env, stdout=asyncio.subprocess.DEVNULL)
+        # Up once both ports accept (a worker listens), so the banner's URLs work when shown.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60.0
+        for host, port in ((s.rtmp_host, self.rtmp_port), (s.http_host, self.http_port)):
+            host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+            while True:
+                if self.process.returncode is not None:
+                    raise OSError(f"the media workers exited with status "
+                                  f"{self.process.returncode}")
+                try:
+                    _reader, writer = await asyncio.open_connection(host, port)
+                    writer.close()
+                    break
+                except OSError:
+                    if loop.time() > deadline:
+                        raise OSError(f"the media workers did not listen on port {port} "
+                                      f"within 60 s") from None
+                    await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        """SIGTERM: the workers drain (WATCHBUY_WORKER_DRAIN_SECONDS), then end."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.terminate()
+        try:
+            await asyncio.wait_for(self.process.wait(), self.settings.worker_drain_seconds + 20)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
 
 
 def print_banner(site_settings, node, demo: dict | None) -> None:
@@ -132,4 +213,5 @@ def register(subparsers) -> None:
     add_node_options(serve)
     serve.add_argument("--site-port", type=int, help="site port (default 8080)")
     serve.add_argument("--agent-port", type=int, help="status agent port (default 8090)")
+    add_workers_option(serve, "1")
     serve.set_defaults(run=run_serve)

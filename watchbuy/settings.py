@@ -26,6 +26,9 @@ from watchbuy.net import parse_networks
 PREFIX = "WATCHBUY_"
 
 
+MAX_WORKERS = 256  # media worker processes: far past any instance's cores
+
+
 class ConfigError(Exception):
     """A setting has a value we cannot use."""
 
@@ -111,6 +114,12 @@ class Settings:
     # and each stream remembers at most this many nonces (one stream cannot block others)
     cue_max_age: float = 30.0
     cue_nonces_per_stream: int = 1024
+    # worker processes (engine/workers.py): "auto" = one per core, or a number; unset means
+    # auto for ``watchbuy media`` and 1 for ``watchbuy serve``
+    workers: str = ""
+    worker_drain_seconds: float = 300.0  # SIGTERM: publishers get this long to end, then cut
+    worker_restart_delay: float = 0.5  # a worker that died is restarted after this; doubles
+    worker_restart_delay_max: float = 30.0  # ... up to this while it keeps dying
     # everything
     data_dir: str = "data"
     log_level: str = "INFO"
@@ -144,7 +153,8 @@ class Settings:
                       "amf_max_nodes", "amf_max_expanded_bytes", "http_max_head", "http_max_buffer",
                       "http_requests_per_turn", "header_timeout", "keepalive_timeout",
                       "drain_timeout", "record_max_buffer", "record_remux_concurrency",
-                      "cue_max_age", "cue_nonces_per_stream"),
+                      "cue_max_age", "cue_nonces_per_stream", "worker_drain_seconds",
+                      "worker_restart_delay", "worker_restart_delay_max"),
             off_or_positive=("handshake_timeout", "partial_message_timeout", "publish_idle_timeout",
                              "idle_connection_timeout", "publish_takeover_grace",
                              "max_connections_per_ip", "fd_reserve", "metadata_max_fields",
@@ -165,6 +175,14 @@ class Settings:
         for name in ("hls_block_timeout", "hls_ended_keep"):
             if not 0 <= getattr(self, name) <= 3600:  # NaN fails this too
                 raise ConfigError(f"{PREFIX}{name.upper()}: must be 0..3600 seconds")
+        if self.workers.strip().lower() not in ("", "auto"):
+            try:
+                count = int(self.workers)
+            except ValueError:
+                count = 0
+            if not 1 <= count <= MAX_WORKERS:
+                raise ConfigError(f"{PREFIX}WORKERS: 'auto' or a number 1..{MAX_WORKERS}, "
+                                  f"got {self.workers!r}")
         try:
             parse_networks(self.per_ip_exempt, f"{PREFIX}PER_IP_EXEMPT")
         except ValueError as exc:

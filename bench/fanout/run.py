@@ -326,6 +326,10 @@ def parse_args(argv):
     p.add_argument(
         "--load-procs", type=int, default=0, help="viewer processes (default: one per load CPU)"
     )
+    p.add_argument(
+        "--workers", type=int, default=1,
+        help="WatchBuy's worker processes (watchbuy media --workers N; default 1)",
+    )
     harness.add_machine_options(
         p,
         load_help="ffmpeg and the viewers",

@@ -38,9 +38,10 @@ LABELS = {"watchbuy": "WatchBuy", "nms": "node-media-server"}
 class Server:
     name = "?"
 
-    def __init__(self, streams: int = 1, cpus: str | None = None) -> None:
+    def __init__(self, streams: int = 1, cpus: str | None = None, workers: int = 1) -> None:
         self.streams = streams
         self.cpus = cpus
+        self.workers = workers  # WatchBuy's worker processes (watchbuy media --workers N)
         self.proc = None
         self.rtmp_port = 0
         self.http_port = 0
@@ -126,6 +127,8 @@ class WatchBuy(Server):
             str(self.rtmp_port),
             "--http-port",
             str(self.http_port),
+            "--workers",  # one process unless asked: `watchbuy media` uses every core by default
+            str(self.workers),
         ]
         return cmd, env, REPO
 
@@ -157,9 +160,10 @@ class Nms(Server):
         return cmd, dict(os.environ), NMS_DIR
 
 
-def make_server(name: str, streams: int = 1, cpus: str | None = None) -> Server:
+def make_server(name: str, streams: int = 1, cpus: str | None = None,
+                workers: int = 1) -> Server:
     if name == "watchbuy":
-        return WatchBuy(streams, cpus)
+        return WatchBuy(streams, cpus, workers)
     if name == "nms":
         return Nms(streams, cpus)
     raise BenchError(f"unknown server {name!r} (choose from {', '.join(SERVER_NAMES)})")
