@@ -122,10 +122,11 @@ def shown_name(name: str, is_host: bool, host_skeleton: str) -> str:
     return name
 
 
-def server_time() -> int:
-    """Now, in milliseconds since the epoch (as the browser's Date.now()): the room corrects
-    its countdowns by the difference."""
-    return round(time.time() * 1000)
+def server_time() -> float:
+    """Now, in seconds since the epoch to the millisecond, as every time the site sends (sale
+    windows, the room state): the room corrects its countdowns by the difference from its
+    own clock."""
+    return round(time.time(), 3)
 
 
 def room_topic(channel_id: int) -> str:
@@ -346,7 +347,7 @@ async def _talk(websocket: WebSocket, site: SiteState, subscription, viewers: in
     channel, user = room["channel"], room["user"]
     from watchbuy.site.flash import public_sale  # flash builds on this module
 
-    # the room's running flash sales, counted down against server_time (ms)
+    # the room's running flash sales, counted down against server_time
     sales = [public_sale(sale)
              for sale in await shopping.active_sales(site["db"], channel["id"])]
     await websocket.send_json({

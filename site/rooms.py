@@ -41,6 +41,7 @@ def product_card(product: dict, storage, sale: dict | None = None,
         "stock": product["stock"],
         "sold": int(product.get("sold") or 0),
         "low_stock": 0 < product["stock"] <= low_stock_threshold,
+        "low_stock_at": low_stock_threshold,  # the room's script re-decides as stock changes
         "physical": bool(product.get("physical", True)),
         "image": storage.url(product["image"]) if product["image"] else None,
         "sale": None,

@@ -233,7 +233,7 @@
   function stockLine(box, p) {
     box.replaceChildren();
     if (p.stock < 1) box.append(el("span", "badge soldout", "Sold out"));
-    else if (p.stock <= (p.low_stock || LOW_STOCK)) box.append(el("span", "low", "Only " + p.stock + " left"));
+    else if (p.stock <= (p.low_stock_at || LOW_STOCK)) box.append(el("span", "low", "Only " + p.stock + " left"));
     else box.append(document.createTextNode(p.stock + " in stock"));
     if (p.sold) box.append(" ", el("span", "sold", "· " + p.sold + " sold"));
   }
