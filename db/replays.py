@@ -39,7 +39,8 @@ async def add_pin(db: Database, channel_id: int, product_id: int | None,
 
 async def add_recording(db: Database, channel_id: int, values: dict) -> int:
     """File a recording the node reported and put under it the channel's pins (with a media
-    time) made while it was live; the recording's id."""
+    time) made while it was live; the recording's id (the existing one for a report made
+    again)."""
     started, ended = values["started_at"], values["ended_at"]
     show_id = await db.fetch_val(
         sa.select(shows.c.id).where(
@@ -49,6 +50,18 @@ async def add_recording(db: Database, channel_id: int, values: dict) -> int:
         .order_by(shows.c.id.desc()).limit(1))
 
     async def work():
+        # the node retries a report whose answer it did not get: the same publish (its node,
+        # stream and start) is filed once; the channel's row locked first, so a retry that
+        # crosses the first report waits for it and then finds its row
+        await db.fetch_val(sa.select(channels.c.id).where(channels.c.id == channel_id)
+                           .with_for_update())
+        recording_id = await db.fetch_val(
+            sa.select(recordings.c.id).where(
+                recordings.c.channel_id == channel_id, recordings.c.node_id == values["node_id"],
+                recordings.c.stream_name == values["stream_name"],
+                recordings.c.started_at == started).limit(1))
+        if recording_id is not None:
+            return recording_id
         recording_id = await db.execute(recordings.insert().values(
             channel_id=channel_id, show_id=show_id, **values))
         if values["status"] == "ready":

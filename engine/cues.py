@@ -11,11 +11,16 @@ the recording.  LL-HLS carries no timed metadata here; the room's websocket even
 Who may call: the operator (``Authorization: Bearer <WATCHBUY_OPERATOR_TOKEN>``), or the site,
 signed as the publish hooks are (HMAC-SHA256 with the hook secret over ``"<timestamp>.POST
 <target>"`` in ``X-WatchBuy-Timestamp`` / ``X-WatchBuy-Signature``); the target's ``nonce`` is
-accepted once within the signature's time window, so a captured call cannot be replayed.
+accepted once within the signature's time window, so a captured call cannot be replayed.  A cue
+is real time (the site calls as the host pins), so that window is short
+(``WATCHBUY_CUE_MAX_AGE``, 30 s, plus the hooks' 30 s of clock skew ahead) and the nonces are
+kept per stream, at most ``WATCHBUY_CUE_NONCES_PER_STREAM`` each: a host pinning furiously
+fills only its own stream's table, never blocking cue points of the node's other streams.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections import OrderedDict
@@ -24,7 +29,6 @@ from urllib.parse import parse_qs
 
 from watchbuy.engine.codecs import amf
 from watchbuy.engine.hooks import (
-    MAX_AGE_SECONDS,
     MAX_FUTURE_SECONDS,
     NONCE,
     SIGNATURE_HEADER,
@@ -33,15 +37,16 @@ from watchbuy.engine.hooks import (
     new_nonce,
     sign,
 )
+from watchbuy.logs import LogLimiter
 
 if TYPE_CHECKING:
     from watchbuy.engine.http import HttpSession
     from watchbuy.engine.httpparse import Request
     from watchbuy.engine.node import MediaNode
 
+log = logging.getLogger("watchbuy.engine.cues")
+
 CUE_PATH = re.compile(r"/api/streams/([^/]{1,128})/cue")
-# signed calls remembered for replays: a few per pin, so this many covers any honest site
-NONCE_CAPACITY = 4096
 
 
 def cue_payload(media_ms: int, product_id: int | None) -> bytes:
@@ -73,42 +78,64 @@ class CueService:
 
     def __init__(self, node: MediaNode) -> None:
         self.node = node
-        self._nonces: OrderedDict[str, float] = OrderedDict()
+        # stream name -> {nonce: when it may be forgotten}, oldest first; only for live
+        # streams, so the tables are bounded by the streams and each by the per-stream cap
+        self._nonces: dict[str, OrderedDict[str, float]] = {}
         self.inserted = 0
+        self.refused_full = 0
+        self._full_log = LogLimiter(log, interval=60.0, lines=3)
 
     @staticmethod
     def is_cue_path(path: str) -> bool:
         return CUE_PATH.fullmatch(path) is not None
 
-    def _authorized(self, session: HttpSession, request: Request, query: dict) -> str:
-        """'' when allowed, else why not."""
+    def _signed(self, session: HttpSession, request: Request, query: dict) -> str:
+        """'' when the operator calls or the signature is good and fresh, else why not."""
         if session.is_operator(request):
             return ""
-        secret = self.node.settings.hook_secret
         problem = check_signature(
-            secret, request.headers.get(TIMESTAMP_HEADER.lower(), ""),
+            self.node.settings.hook_secret, request.headers.get(TIMESTAMP_HEADER.lower(), ""),
             f"POST {request.target}".encode(), request.headers.get(SIGNATURE_HEADER.lower(), ""),
-            max_age=MAX_AGE_SECONDS, max_future=MAX_FUTURE_SECONDS)
+            max_age=self.node.settings.cue_max_age, max_future=MAX_FUTURE_SECONDS)
         if problem:
             return problem
-        nonce = (query.get("nonce") or [""])[0]
-        if not NONCE.fullmatch(nonce):
+        if not NONCE.fullmatch((query.get("nonce") or [""])[0]):
             return "no nonce"
+        return ""
+
+    def _forget_expired(self, now: float) -> None:
+        """Drop the nonces past the window, and the tables of streams no longer live."""
+        registry = self.node.registry
+        for name, nonces in list(self._nonces.items()):
+            while nonces and next(iter(nonces.values())) <= now:
+                nonces.popitem(last=False)
+            if not nonces or registry.get(name) is None:
+                # a stream that ended cannot be cued: its calls (replayed or not) get a 404
+                del self._nonces[name]
+
+    def _claim_nonce(self, name: str, nonce: str) -> str:
+        """'' when ``nonce`` is new for stream ``name`` (now remembered), else why not."""
         now = time.monotonic()
-        nonces = self._nonces
-        while nonces and next(iter(nonces.values())) <= now:
-            nonces.popitem(last=False)
+        self._forget_expired(now)
+        nonces = self._nonces.setdefault(name, OrderedDict())
         if nonce in nonces:
             return "replayed call"
-        if len(nonces) >= NONCE_CAPACITY:
-            return "too many cue calls"  # forgetting one early would let it be replayed
-        nonces[nonce] = now + MAX_AGE_SECONDS + MAX_FUTURE_SECONDS
+        cap = self.node.settings.cue_nonces_per_stream
+        if len(nonces) >= cap:
+            # forgetting one early would let it be replayed; only this stream waits
+            self.refused_full += 1
+            self._full_log.warning(
+                "full", "stream %s: cue call refused: %d cue calls within %.0f s "
+                "(WATCHBUY_CUE_NONCES_PER_STREAM); other streams are not affected",
+                name, cap, self.node.settings.cue_max_age + MAX_FUTURE_SECONDS)
+            return "too many cue calls for this stream"
+        nonces[nonce] = now + self.node.settings.cue_max_age + MAX_FUTURE_SECONDS
         return ""
 
     def handle(self, session: HttpSession, request: Request) -> None:
         keep = request.keep_alive
         query = parse_qs(request.query, keep_blank_values=True)
-        problem = self._authorized(session, request, query)
+        problem = self._signed(session, request, query)
         if problem:
             session.respond(401, {"error": problem}, keep)
             return
@@ -118,27 +145,49 @@ class CueService:
             return
         name = CUE_PATH.fullmatch(request.path).group(1)
         product_id = int(raw) if raw else None
+        # the operator's calls carry no nonce; the site's nonce is claimed where the stream
+        # is published, so one table per stream sees every call whichever worker took it
+        nonce = None if session.is_operator(request) else query["nonce"][0]
         cluster = self.node.cluster
         if cluster is not None and name not in cluster.claims:
             # One worker of several, not the publisher's: the cue goes in where the stream
             # comes in (its recording is there, and the pulls carry the cue to every worker).
             from watchbuy.engine.http import NodeWideAnswer
 
-            session.hold = NodeWideAnswer(session, self._forward(name, product_id), keep, False)
+            session.hold = NodeWideAnswer(session, self._forward(name, product_id, nonce),
+                                          keep, False)
             return
-        answer = self.insert(name, product_id)
-        session.respond(200 if "media_ms" in answer else 404, answer, keep)
+        answer = self.insert(name, product_id, nonce)
+        session.respond(answer_status(answer), answer, keep)
 
-    def insert(self, name: str, product_id: int | None) -> dict:
-        """Put the cue into the local stream ``name``: its answer, or an error answer."""
+    def insert(self, name: str, product_id: int | None, nonce: str | None = None) -> dict:
+        """Put the cue into the local stream ``name``: its answer, or an error answer.
+        ``nonce``: the signed call's, accepted once (None: the operator's call)."""
         stream = self.node.registry.get(name)
         if stream is None:
             return {"error": "stream is not live"}
+        if nonce is not None:
+            problem = self._claim_nonce(name, nonce)
+            if problem:
+                return {"error": problem}
         media_ms = stream.insert_cue(lambda ms: cue_payload(ms, product_id))
         self.inserted += 1
         return {"stream": name, "media_ms": media_ms}
 
-    async def _forward(self, name: str, product_id: int | None) -> dict:
+    async def _forward(self, name: str, product_id: int | None,
+                       nonce: str | None) -> tuple[int, dict]:
         """Ask the sibling workers; the one that holds the stream's claim inserts the cue."""
-        answer = await self.node.cluster.forward_cue(name, product_id)
-        return answer if answer is not None else {"error": "stream is not live"}
+        answer = await self.node.cluster.forward_cue(name, product_id, nonce)
+        if answer is None:
+            answer = {"error": "stream is not live"}
+        return answer_status(answer), answer
+
+
+def answer_status(answer: dict) -> int:
+    """The HTTP status of a cue answer (local or from the publishing worker)."""
+    if "media_ms" in answer:
+        return 200
+    error = answer.get("error", "")
+    if error.startswith("too many"):
+        return 429
+    return 401 if error == "replayed call" else 404

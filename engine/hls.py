@@ -266,11 +266,6 @@ class HlsStream:
         self._last_audio_ts = -1
         self._stall_logged = False
         self._fragment_seq = 0
-        # A publisher that reconnects (relay handover) starts its clock again: its timestamps
-        # are shifted by this much so the stream's media time keeps going forward.
-        self._ts_offset = 0
-        self._latest_ts = 0
-        self._clock_restarted = False
 
         # Blocking requests: (msn, part, id, callback) heaps for parts and whole segments.
         self._part_waiters: list[tuple[int, int, int, Callable[[], None]]] = []
@@ -291,17 +286,10 @@ class HlsStream:
             self._metadata_size = (0, 0)
 
     def feed(self, type_id: int, timestamp: int, payload: bytes) -> None:
-        """One media message from the publisher (sequence headers included)."""
+        """One media message from the publisher (sequence headers included), on the stream's
+        clock (after a takeover the relay has rebased the new session's timestamps)."""
         if self.ended:
             return
-        if self._clock_restarted:
-            # The first message of a new publisher session: continue one frame after the
-            # latest timestamp so far, whatever its clock says.
-            self._clock_restarted = False
-            self._ts_offset = self._latest_ts + NOMINAL_FRAME_MS - timestamp
-        timestamp += self._ts_offset
-        if timestamp > self._latest_ts:
-            self._latest_ts = timestamp
         if type_id == TAG_VIDEO:
             self._saw_video = True
             _codec, _frame_type, key, seq = flvmux.inspect_video(payload)
@@ -315,12 +303,6 @@ class HlsStream:
                 self._header(False, payload)
             elif codec == "aac":
                 self._audio_sample(timestamp, payload)
-
-    def restart_clock(self) -> None:
-        """A new publisher session continues this stream (its timestamps may start over):
-        its media follows on from what was fed so far, in the same playlist."""
-        if self._started:
-            self._clock_restarted = True
 
     def _header(self, video: bool, payload: bytes) -> None:
         if video:

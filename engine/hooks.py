@@ -179,17 +179,22 @@ class HttpHooks:
         except PublishRefused as exc:
             log.warning("publish_done hook for %s failed: %s", name, exc)
 
-    async def recording(self, call: str, app: str, key: str, info: dict) -> None:
+    async def recording(self, call: str, app: str, key: str, info: dict) -> bool:
         """``recording_ready`` / ``recording_failed`` (engine/record.py): the site files the
-        replay.  Logged, never raised: the file stays in the folder either way."""
+        replay.  True when the site took it, or refused it for good (a 4xx other than 408 and
+        429: sending it again would not change that); False when it is worth retrying
+        (unreachable, a timeout, a 5xx: a site restarting).  Logged, never raised."""
         try:
             response = await self._call({"call": call, "app": app, "key": key,
                                          "node_id": self.node_id, "addr": "", **info})
-            if response.status_code // 100 != 2:
-                log.warning("%s hook for %s answered %s", call, info.get("name"),
-                            response.status_code)
         except PublishRefused as exc:
             log.warning("%s hook for %s failed: %s", call, info.get("name"), exc)
+            return False
+        status = response.status_code
+        if status // 100 == 2:
+            return True
+        log.warning("%s hook for %s answered %s", call, info.get("name"), status)
+        return status // 100 == 4 and status not in (408, 429)
 
     async def close(self) -> None:
         await self._client.aclose()

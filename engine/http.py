@@ -148,7 +148,8 @@ class NodeWideAnswer:
     blocking LL-HLS request does (``session.hold``): nothing else is read or answered
     meanwhile, and a closed connection cancels it."""
 
-    def __init__(self, session: HttpSession, answer: Coroutine[Any, Any, dict | bytes],
+    def __init__(self, session: HttpSession,
+                 answer: Coroutine[Any, Any, dict | bytes | tuple[int, dict]],
                  keep: bool, head_only: bool, content_type: str = "application/json") -> None:
         self.session = session
         self.content_type = content_type
@@ -169,10 +170,13 @@ class NodeWideAnswer:
             session.respond(500, {"error": "internal error"}, False, self.head_only)
             return
         result = task.result()
+        status = 200
+        if isinstance(result, tuple):  # (status, answer): a cue refused by its worker
+            status, result = result
         if isinstance(result, bytes):
             session.respond_bytes(200, result, self.content_type, self.keep, self.head_only)
         else:
-            session.respond(200, result, self.keep, self.head_only)
+            session.respond(status, result, self.keep, self.head_only)
         session.hold_released()
 
     def cancel(self) -> None:

@@ -488,7 +488,9 @@ class Cluster:
             elif op == "cue":  # a pin for a stream published here (engine/cues.py)
                 name = str(message["name"])
                 product_id = message.get("product_id")
+                nonce = message.get("nonce")
                 answer = (self.node.cues.insert(name, product_id if isinstance(product_id, int)
+                                                else None, nonce if isinstance(nonce, str)
                                                 else None)
                           if name in self.claims else {"ok": False})
             writer.write(json.dumps(answer).encode() + b"\n")
@@ -498,13 +500,16 @@ class Cluster:
         finally:
             writer.close()
 
-    async def forward_cue(self, name: str, product_id: int | None) -> dict | None:
-        """A cue point for ``name`` put in by the sibling that publishes it: its answer, or
+    async def forward_cue(self, name: str, product_id: int | None,
+                          nonce: str | None = None) -> dict | None:
+        """A cue point for ``name`` put in by the sibling that publishes it (which claims the
+        signed call's ``nonce`` in its per-stream table): its answer (a refusal included), or
         None when no sibling holds the stream."""
         answers = await asyncio.gather(*(self.request(i, {"op": "cue", "name": name,
-                                                           "product_id": product_id})
+                                                           "product_id": product_id,
+                                                           "nonce": nonce})
                                          for i in self.siblings()))
-        return next((a for a in answers if a and "media_ms" in a), None)
+        return next((a for a in answers if a and ("media_ms" in a or "error" in a)), None)
 
     # -- node-wide stats ----------------------------------------------------------------------
     def local_stats(self) -> dict:

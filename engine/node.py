@@ -150,6 +150,8 @@ class MediaNode:
         self.rtmp_port = rtmp.sockets[0].getsockname()[1]
         self.http_port = http.sockets[0].getsockname()[1]
         self._sampler = asyncio.ensure_future(self._sample_forever())
+        if self.recorder is not None:
+            self.recorder.start()  # pending reports of an earlier run, the folder sweep
         log.info("media node %s: RTMP on %s:%d, HTTP-FLV on %s:%d (codecs: %s)",
                  self.settings.node_id, self.settings.rtmp_host, self.rtmp_port,
                  self.settings.http_host, self.http_port, implementations())

@@ -14,6 +14,16 @@ browser, iPhone Safari included, can seek in it at once), probed with ffprobe fo
 uploaded to S3 when ``WATCHBUY_RECORD_S3_BUCKET`` is set (boto3), and the site is told through
 the publish hook (``recording_ready`` with the file, URL, duration, size, the wall-clock span and
 the media timestamp the file starts at, which the site needs to place pins in the replay).
+At most ``WATCHBUY_RECORD_REMUX_CONCURRENCY`` remuxes run at once: streams ending together wait
+their turn rather than start an ffmpeg each.
+
+A report the site does not take (unreachable, restarting, a 5xx) is retried in the background
+with a doubling wait, for about two days; until it is taken it is kept in
+``<record_dir>/pending-reports.json`` (``pending-reports-<worker>.json`` for each worker of
+several), so a node restarted meanwhile retries it too.  Once an hour (and at start) the node
+(its first worker) sweeps its folder: FLVs no recording is writing and untouched for an hour (a
+remux that failed, a node stopped mid-publish) and MP4s older than
+``WATCHBUY_RECORD_RETENTION_DAYS`` are deleted, with one log line per sweep.
 """
 
 from __future__ import annotations
@@ -43,6 +53,18 @@ log = logging.getLogger("watchbuy.engine.record")
 WRITE_BATCH_BYTES = 256 * 1024
 WRITE_INTERVAL = 0.5
 REMUX_TIMEOUT = 600.0
+# Reports the site did not take: retried after 5 s, 10 s, 20 s ... at most an hour apart,
+# given up after REPORT_ATTEMPTS (about two days); at most PENDING_MAX kept (oldest dropped).
+PENDING_FILE = "pending-reports.json"
+REPORT_RETRY_BASE = 5.0
+REPORT_RETRY_MAX = 3600.0
+REPORT_ATTEMPTS = 60
+PENDING_MAX = 1000
+SWEEP_INTERVAL = 3600.0
+# An FLV not written for this long and not a live recording's is left over (never remuxed):
+# long enough for a sibling worker's recording (written every half second while live, then
+# waiting for a remux slot and remuxed within REMUX_TIMEOUT), which this worker cannot see.
+LEFTOVER_FLV_AGE = 3600.0
 
 
 def write_all(handle, chunks: list[bytes]) -> int:
@@ -200,11 +222,36 @@ class Recorder:
         self.region = settings.aws_region or None
         self.recordings: dict[str, Recording] = {}
         self.finishing: set[asyncio.Task] = set()
+        self.ending: set[Recording] = set()  # ended, being written out or remuxed
         self.failures = 0
         self.ready = 0
+        self.retention_days = settings.record_retention_days
+        # ffmpeg processes at once: N streams ending together do not start N remuxes
+        self.remux_slots = asyncio.Semaphore(settings.record_remux_concurrency)
+        # reports waiting for the site (kept in PENDING_FILE): {call, app, key, info,
+        # attempts, next_at (wall clock, so it means the same after a restart)}
+        self.pending: list[dict] = []
+        self._pending_changed = asyncio.Event()
+        self.pending_path = self.folder / PENDING_FILE
+        self._file_lock = asyncio.Lock()  # one writer of the pending file at a time
+        self._tasks: list[asyncio.Task] = []
         # a disk that is full stays full: one line per stream, at most a few a minute
         self.fail_log = LogLimiter(log, interval=60.0, lines=5)
+        self.report_log = LogLimiter(log, interval=60.0, lines=3)
         node.registry.listeners.append(self.on_stream)
+
+    def start(self) -> None:
+        """At node start: the reports a previous run left, the retry loop and the sweep."""
+        cluster = self.node.cluster
+        if cluster is not None:  # workers share the folder: a file each (the same at restart)
+            self.pending_path = self.folder / f"pending-reports-{cluster.index}.json"
+        self.pending = _read_pending(self.pending_path)
+        if self.pending:
+            log.info("%d recording reports from before the restart will be retried",
+                     len(self.pending))
+        self._tasks = [asyncio.ensure_future(self._report_forever())]
+        if cluster is None or cluster.index == 1:  # one sweeper per folder
+            self._tasks.append(asyncio.ensure_future(self._sweep_forever()))
 
     def on_stream(self, event: str, stream: LiveStream) -> None:
         cluster = self.node.cluster
@@ -224,6 +271,8 @@ class Recorder:
                 del self.recordings[stream.name]
             self.finishing.add(recording.task)
             recording.task.add_done_callback(self.finishing.discard)
+            self.ending.add(recording)  # its FLV is the sweep's to leave alone
+            recording.task.add_done_callback(lambda _task: self.ending.discard(recording))
             recording.finish()
 
     async def finish(self, recording: Recording) -> None:
@@ -233,10 +282,11 @@ class Recorder:
             return  # no media was ever written: nothing to replay
         mp4 = recording.path.with_suffix(".mp4")
         try:
-            await run_tool("ffmpeg", "-hide_banner", "-loglevel", "error", "-y",
-                           "-i", str(recording.path), "-c", "copy", "-movflags", "+faststart",
-                           str(mp4))
-            duration = await probe_duration(mp4)
+            async with self.remux_slots:
+                await run_tool("ffmpeg", "-hide_banner", "-loglevel", "error", "-y",
+                               "-i", str(recording.path), "-c", "copy",
+                               "-movflags", "+faststart", str(mp4))
+                duration = await probe_duration(mp4)
             size = mp4.stat().st_size
             url = ""
             if self.bucket:
@@ -260,7 +310,10 @@ class Recorder:
                                       "size": size})
 
     async def report(self, recording: Recording, ready: dict | None) -> None:
-        """``recording_ready`` (or ``recording_failed``) to the site through the publish hook."""
+        """``recording_ready`` (or ``recording_failed``) to the site through the publish hook:
+        queued (and kept on disk) for the retry loop, which sends it at once."""
+        if getattr(self.node.authorizer, "recording", None) is None:
+            return  # static keys, no site: the file in the folder is all there is
         info = {"name": recording.name, "started_at": recording.started_at,
                 "ended_at": recording.ended_at or time.time(),
                 "start_ms": recording.start_ms or 0}
@@ -269,20 +322,162 @@ class Recorder:
         else:
             call = "recording_ready"
             info.update(ready)
+        if len(self.pending) >= PENDING_MAX:
+            dropped = self.pending.pop(0)
+            self.report_log.warning("full", "more than %d recording reports wait for the "
+                                    "site: the oldest (%s) is dropped", PENDING_MAX,
+                                    dropped["info"].get("name"))
+        self.pending.append({"call": call, "app": recording.app, "key": recording.key,
+                             "info": info, "attempts": 0, "next_at": 0.0})
+        await self._persist()
+        self._pending_changed.set()
+
+    async def _persist(self) -> None:
+        """The pending file as the list stands now (a disk error: logged, kept in memory)."""
+        async with self._file_lock:
+            try:
+                await asyncio.to_thread(_save_pending, self.pending_path, list(self.pending))
+            except OSError as exc:
+                self.report_log.error("file", "cannot keep recording reports in %s: %s",
+                                      self.pending_path, exc)
+
+    async def _report_forever(self) -> None:
+        """Send the due reports one at a time; a failure waits twice as long as the last."""
+        while True:
+            self._pending_changed.clear()
+            now = time.time()
+            changed = False
+            for entry in [e for e in self.pending if e["next_at"] <= now]:
+                if all(e is not entry for e in self.pending):
+                    continue  # dropped (PENDING_MAX) while another was being sent
+                taken = await self._send(entry)
+                entry["attempts"] += 1
+                if taken or entry["attempts"] >= REPORT_ATTEMPTS:
+                    if not taken:
+                        self.report_log.error(
+                            "gave_up", "stream %s: %s not taken by the site after %d tries: "
+                            "given up (the file stays in the folder)", entry["info"].get("name"),
+                            entry["call"], entry["attempts"])
+                    self.pending = [e for e in self.pending if e is not entry]
+                else:
+                    entry["next_at"] = time.time() + min(
+                        REPORT_RETRY_MAX, REPORT_RETRY_BASE * 2 ** (entry["attempts"] - 1))
+                changed = True
+            if changed:
+                await self._persist()
+            wait = min((e["next_at"] for e in self.pending), default=now + SWEEP_INTERVAL)
+            try:
+                await asyncio.wait_for(self._pending_changed.wait(),
+                                       max(0.05, wait - time.time()))
+            except TimeoutError:
+                pass
+
+    async def _send(self, entry: dict) -> bool:
+        """One try; True when the site took the report (or refused it for good)."""
         sender = getattr(self.node.authorizer, "recording", None)
         if sender is None:
-            return  # static keys, no site: the file in the folder is all there is
+            return True
         try:
-            await sender(call, recording.app, recording.key, info)
+            return bool(await sender(entry["call"], entry["app"], entry["key"], entry["info"]))
         except Exception:
             log.exception("stream %s: telling the site about the recording failed",
-                          recording.name)
+                          entry["info"].get("name"))
+            return False
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("record folder sweep failed")
+            await asyncio.sleep(SWEEP_INTERVAL)
+
+    async def sweep(self) -> tuple[int, int]:
+        """Delete left-over FLVs and MP4s past the retention; (FLVs, MP4s) deleted."""
+        busy = {r.path for r in self.recordings.values()} | {r.path for r in self.ending}
+        return await asyncio.to_thread(_sweep_folder, self.folder, busy, self.retention_days)
 
     async def close(self) -> None:
-        """At node stop: let the recordings that ended finish (bounded by the remux timeout)."""
+        """At node stop: let the recordings that ended finish (bounded by the remux timeout);
+        reports the site has not taken stay in the pending file for the next start."""
         tasks = list(self.finishing)
         if tasks:
             await asyncio.wait(tasks, timeout=REMUX_TIMEOUT)
+        if self.pending and self._tasks:
+            await asyncio.sleep(0)  # a report queued by a finishing task gets its first try
+            try:
+                await asyncio.wait_for(self._settled(), 5.0)
+            except TimeoutError:
+                pass
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        # what the site has not taken, as it stands now (the loop may have been cancelled
+        # between a send and its write)
+        await self._persist()
+
+    async def _settled(self) -> None:
+        """Until no report is due now (sent, or waiting for a later retry)."""
+        while any(e["attempts"] == 0 for e in self.pending):
+            await asyncio.sleep(0.05)
+
+
+def _read_pending(path: Path) -> list[dict]:
+    """The reports a previous run left (a damaged file is logged and started afresh)."""
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read %s (%s): its recording reports are lost", path, exc)
+        return []
+    keep = [e for e in entries if isinstance(e, dict) and isinstance(e.get("info"), dict)
+            and e.get("call") in ("recording_ready", "recording_failed")] \
+        if isinstance(entries, list) else []
+    for entry in keep:
+        entry["next_at"] = 0.0  # retried at once after a restart
+        entry["attempts"] = int(entry.get("attempts") or 0)
+    return keep[-PENDING_MAX:]
+
+
+def _save_pending(path: Path, entries: list[dict]) -> None:
+    """Replace the pending file at once (a crash mid-write leaves the old one)."""
+    if not entries:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_suffix(".tmp")
+    temp.write_text(json.dumps(entries))
+    os.replace(temp, path)
+
+
+def _sweep_folder(folder: Path, busy: set[Path], retention_days: float) -> tuple[int, int]:
+    """In a worker thread: delete left-over FLVs and old MP4s, one log line."""
+    now = time.time()
+    flvs = mp4s = freed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0, 0
+    for entry in entries:
+        path = Path(entry.path)
+        try:
+            info = entry.stat()
+        except FileNotFoundError:
+            continue
+        age = now - info.st_mtime
+        if path.suffix == ".flv" and path not in busy and age > LEFTOVER_FLV_AGE:
+            flvs += 1
+        elif path.suffix == ".mp4" and retention_days and age > retention_days * 86400:
+            mp4s += 1
+        else:
+            continue
+        _remove(path)
+        freed += info.st_size
+    log.info("record folder %s swept: %d left-over FLVs and %d MP4s older than %g days "
+             "deleted (%.1f MB)", folder, flvs, mp4s, retention_days, freed / 1e6)
+    return flvs, mp4s
 
 
 async def run_tool(tool: str, *args: str) -> str:

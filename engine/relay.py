@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("watchbuy.engine.relay")
 
+# After a takeover the new session's clock starts over: its first message is placed this long
+# after the newest one so far (one frame at 30 fps), so timestamps only go forward.
+NOMINAL_FRAME_MS = 33
+
 
 # The viewer kind of a sibling worker's pull of a stream (engine/interworker.py): on the
 # publishing worker it is fed like a viewer, but it is none to the outside.
@@ -290,14 +294,29 @@ class LiveStream:
         # each flushed batch after the viewers, written off the event loop.
         self.recording: Recording | None = None
         self.media_ms = 0  # the newest audio/video timestamp: where a cue point goes
+        # Added to every timestamp the publisher sends: 0 until a takeover (handover), then
+        # what keeps the new session's clock going on from the old one's, for every output
+        # (viewers, LL-HLS, the recording, cue points) at once.
+        self.ts_offset = 0
+        self._rebase = False  # set by handover: the next message fixes ts_offset
+        self._latest_ts = 0  # the newest (rebased) audio/video timestamp
         # The LL-HLS media sequence number to start at, when not the node's clock: a worker
         # pulling a sibling's stream numbers its segments as the publishing worker does.
         self.hls_first_msn: int | None = None
 
+    def _rebased(self, timestamp: int) -> int:
+        if self._rebase:
+            self._rebase = False
+            self.ts_offset = self._latest_ts + NOMINAL_FRAME_MS - timestamp
+        return max(0, timestamp + self.ts_offset)
+
     # -- input from the publisher --------------------------------------------------------------
     def on_media(self, type_id: int, timestamp: int, payload: bytes) -> None:
         self.bytes_in += len(payload)
+        timestamp = self._rebased(timestamp)
         self.media_ms = timestamp
+        if timestamp > self._latest_ts:
+            self._latest_ts = timestamp
         if type_id == MSG_VIDEO:
             codec, _frame_type, keyframe, sequence_header = flvmux.inspect_video(payload)
             if codec:
@@ -357,11 +376,14 @@ class LiveStream:
         payload = amf.encode_amf0("onMetaData", ECMAArray(self.metadata))
         self.metadata_tag = Tag(MSG_DATA_AMF0, 0, payload, False)
         if self.viewers:
-            self.pending.append(self.metadata_tag)
+            # a late joiner gets it first (at 0); live it goes at the stream's current time,
+            # never back to 0 (a publisher resends it mid-stream, a new session always does)
+            self.pending.append(Tag(MSG_DATA_AMF0, self.media_ms, payload, False)
+                                if self.media_ms else self.metadata_tag)
 
     def on_data(self, timestamp: int, payload: bytes) -> None:
         """Other script data (cue points, captions): relayed as is."""
-        self.pending.append(Tag(MSG_DATA_AMF0, timestamp, payload, False))
+        self.pending.append(Tag(MSG_DATA_AMF0, self._rebased(timestamp), payload, False))
 
     def _cache(self, tag: Tag, keyframe: bool) -> None:
         limits = self.limits
@@ -426,7 +448,10 @@ class LiveStream:
         """A new session of the same publisher (its key) continues this stream after the old
         one went silent, as OBS does when it reconnects.  Viewers stay attached; the new
         publisher's sequence headers and first keyframe replace the old ones as they come, and
-        late joiners get no GOP from the old session."""
+        late joiners get no GOP from the old session.  The new session's clock starts over:
+        its first message fixes an offset that puts it one frame after the newest timestamp
+        so far, so the stream's timestamps never go back (viewers, the recording and its
+        remux, LL-HLS, cue points' media_ms)."""
         self.owner = owner
         self.publisher = publisher
         self.gop = []
@@ -435,8 +460,7 @@ class LiveStream:
         self.last_media_at = time.monotonic()
         self.last_keyframe_ts = None  # the new session's clock: intervals start over
         self.keyframe_interval_ms = None
-        if self.hls is not None:
-            self.hls.restart_clock()  # the LL-HLS playlist goes on, on the new clock
+        self._rebase = True
 
     def end(self) -> None:
         for viewer in tuple(self.viewers):

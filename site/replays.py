@@ -7,7 +7,10 @@
   player that sees the in-band cue can tell the two are the same pin.
 * **Recordings.** The node reports ``recording_ready`` (or ``recording_failed``) through the
   signed publish hook (site/hooks.py hands it to :func:`recording_hook`): a ``recordings`` row,
-  and the pins made while it was live are filed under it.
+  and the pins made while it was live are filed under it.  The node retries a report the site
+  did not answer, so the same report may come twice: it files one row.  A local file this
+  site does not have (a node elsewhere without an S3 bucket) is filed as failed, with why,
+  rather than listed as a replay that cannot play.
 * **The replay page** ``/replay/<id>``: the MP4 (from S3, or from the local node's folder at
   ``/replays/media/<file>``) with a product timeline, each pin at its offset.  Buying goes
   through the cart at the regular price: the cart form carries ``source=replay``, and flash
@@ -94,6 +97,16 @@ async def recording_hook(site: SiteState, channel: dict, call: dict) -> JSONResp
                 url = MEDIA_PREFIX + name
             values.update(status="ready", url=url, duration=_number(call, "duration"),
                           size_bytes=int(_number(call, "size")))
+            if url.startswith(MEDIA_PREFIX) and not await asyncio.to_thread(
+                    (site["settings"].recordings_dir / url[len(MEDIA_PREFIX):]).is_file):
+                _refusals.warning(
+                    "missing", "room %s: node %s reports the local file %s, which is not in "
+                    "this site's record folder %s: filed as failed (give the node "
+                    "WATCHBUY_RECORD_S3_BUCKET, or share the folder)", channel["slug"],
+                    values["node_id"], url, site["settings"].recordings_dir)
+                values.update(status="failed", url=None, error=(
+                    f"the node's file {url[len(MEDIA_PREFIX):]} is not in this site's record "
+                    "folder (a node elsewhere needs WATCHBUY_RECORD_S3_BUCKET)")[:255])
         else:
             values.update(status="failed", error=str(call.get("error") or "")[:255])
     except (ValueError, TypeError) as exc:

@@ -28,13 +28,14 @@ class ReportingKeys(StaticKeys):
     """Static keys that keep the recording reports a site would get through its hook."""
 
     def __init__(self) -> None:
-        super().__init__({"key1": "show1"})
+        super().__init__({"key1": "show1", "key2": "show2", "key3": "show3"})
         self.reports: list[tuple[str, dict]] = []
         self.reported = asyncio.Event()
 
-    async def recording(self, call: str, app: str, key: str, info: dict) -> None:
+    async def recording(self, call: str, app: str, key: str, info: dict) -> bool:
         self.reports.append((call, {"key": key, **info}))
         self.reported.set()
+        return True
 
 
 async def recording_node(tmp_path: Path, **changes) -> tuple[MediaNode, ReportingKeys]:
@@ -260,6 +261,14 @@ def test_recording_settings_are_checked_and_a_node_without_a_data_folder_records
     with pytest.raises(ConfigError, match="WATCHBUY_RECORD_RETENTION_DAYS"):
         load_site_settings({"WATCHBUY_RECORD_RETENTION_DAYS": "-1",
                             "WATCHBUY_ENV_FILE": "/dev/null"})
+    for name, value in (("RECORD_RETENTION_DAYS", "-1"), ("RECORD_REMUX_CONCURRENCY", "0"),
+                        ("CUE_MAX_AGE", "0"), ("CUE_MAX_AGE", "301"), ("CUE_MAX_AGE", "nan"),
+                        ("CUE_NONCES_PER_STREAM", "0")):
+        with pytest.raises(ConfigError, match=f"WATCHBUY_{name}"):  # the node's own
+            load_settings({f"WATCHBUY_{name}": value, "WATCHBUY_ENV_FILE": "/dev/null"})
+    defaults = load_settings({"WATCHBUY_ENV_FILE": "/dev/null"})
+    assert (defaults.record_retention_days, defaults.record_remux_concurrency,
+            defaults.cue_max_age, defaults.cue_nonces_per_stream) == (30.0, 2, 30.0, 1024)
     assert load_settings({"WATCHBUY_RECORD": "0", "WATCHBUY_ENV_FILE": "/dev/null"}).record is False
     assert MediaNode(node_settings()).recorder is None  # data_dir "": tests and benchmarks
     assert MediaNode(node_settings(data_dir="/nonexistent", record=False)).recorder is None
@@ -300,3 +309,200 @@ async def test_an_rtmp_player_gets_the_cue_point_in_order_with_the_media(tmp_pat
             await player.close()
         await stop_process(pub)
         await node.stop()
+
+
+async def test_a_takeover_continues_the_clock_for_viewers_the_recording_and_cue_points(tmp_path):
+    """An encoder that hangs and reconnects (the same key takes its silent session over): the
+    new session's clock starts at 0, but the stream goes on from where it was, so an HTTP-FLV
+    viewer never sees a timestamp go back, a pin after the takeover is later than one before,
+    and the MP4 covers both parts."""
+    import signal
+
+    node, keys = await recording_node(tmp_path, publish_takeover_grace=1.0)
+    url = f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1"
+    first = await start_ffmpeg_publisher(url, seconds=60, size="160x120")
+    second = None
+    loop = asyncio.get_running_loop()
+    try:
+        await wait_live(node, "show1", frames=10)
+        stream = node.registry.get("show1")
+        viewer = await FlvHttpReader.open(node.http_port, "/live/show1.flv")
+        tags = await viewer.tags()
+        await asyncio.sleep(2.0)
+        before = (await post_cue(node, 7)).json()["media_ms"]
+        first.send_signal(signal.SIGSTOP)  # hung: its TCP connection stays open
+        await asyncio.sleep(1.5)  # past the grace
+        first_part_ms = stream.media_ms
+        frames = stream.video_frames
+        second = await start_ffmpeg_publisher(url, seconds=3, size="160x120")
+        deadline = loop.time() + 15
+        while stream.video_frames < frames + 25:
+            assert loop.time() < deadline, "the second publisher never took over"
+            tags += await viewer.tags()
+        after = (await post_cue(node, 8)).json()["media_ms"]
+        while not viewer.eof:  # the second publisher ends the stream
+            tags += await viewer.tags(timeout=20)
+        await asyncio.wait_for(keys.reported.wait(), 60)
+        await viewer.close()
+    finally:
+        if first.returncode is None:
+            first.send_signal(signal.SIGCONT)
+        await stop_process(first)
+        if second is not None:
+            await stop_process(second)
+        await node.stop()
+    assert first_part_ms < after and before < after
+    for kind in (flvmux.TAG_VIDEO, flvmux.TAG_AUDIO, flvmux.TAG_SCRIPT):
+        stamps = [t[1] for t in tags if t[0] == kind]
+        backwards = [(a, b) for a, b in zip(stamps, stamps[1:], strict=False) if b < a]
+        assert not backwards, (kind, backwards[:5])
+    # across tracks only the encoder's own interleaving (ffmpeg flushing at its end), never
+    # a jump back to the new session's 0
+    stamps = [t[1] for t in tags]
+    assert all(b >= a - 200 for a, b in zip(stamps, stamps[1:], strict=False))
+    assert [c[0] for c in cue_points(tags)] == [before, after]
+    last_ms = max(t[1] for t in tags)
+    assert last_ms > first_part_ms + 2500  # about 3 s of the second session after the first
+    call, info = keys.reports[0]
+    assert call == "recording_ready", info
+    mp4 = tmp_path / "rec" / info["file"]
+    duration = float(ffprobe_json(mp4, "-show_format")["format"]["duration"])
+    # both parts: what the viewer saw from the start of the file to the end
+    assert duration >= (last_ms - info["start_ms"]) / 1000 - 0.5, (duration, last_ms)
+    assert decode_errors(mp4) == ""
+    assert stream.ts_offset > 0  # the second session was rebased
+
+
+async def test_one_stream_pinning_fast_cannot_block_cue_points_of_the_others(tmp_path, caplog):
+    """Cue nonces are kept per stream (at most WATCHBUY_CUE_NONCES_PER_STREAM) for a short
+    window: a host that fills its own stream's table is refused, the node's other streams are
+    not, and a signed call older than WATCHBUY_CUE_MAX_AGE is stale."""
+    import time
+
+    from watchbuy.engine.client import RtmpClient
+    from watchbuy.engine.hooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+
+    node, _keys = await recording_node(tmp_path, cue_nonces_per_stream=3, cue_max_age=30.0)
+    caplog.set_level(logging.WARNING, logger="watchbuy.engine.cues")
+    publishers = []
+    try:
+        for key in ("key1", "key2"):
+            client = await RtmpClient.connect("127.0.0.1", node.rtmp_port)
+            await client.publish(key)
+            publishers.append(client)
+        busy = [await post_cue(node, 1, target=cue_target("show1", 1)) for _ in range(3)]
+        assert [r.status_code for r in busy] == [200, 200, 200]
+        refused = await post_cue(node, 1, target=cue_target("show1", 1))
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"] == "too many cue calls for this stream"
+        assert node.cues.refused_full == 1
+        assert sum("WATCHBUY_CUE_NONCES_PER_STREAM" in r.getMessage()
+                   for r in caplog.records) == 1
+        # the other stream is not affected
+        other = await post_cue(node, 2, target=cue_target("show2", 2))
+        assert other.status_code == 200, other.text
+        # a full table still refuses a replay as a replay, and the operator is not counted
+        target = cue_target("show2", 2)
+        headers = signed_headers(SECRET, target)
+        assert (await post_cue(node, 2, headers=headers, target=target)).status_code == 200
+        again = await post_cue(node, 2, headers=headers, target=target)
+        assert again.json()["error"] == "replayed call"
+        operator = {"Authorization": "Bearer op-token"}
+        assert (await post_cue(node, 1, headers=operator,
+                               target="/api/streams/show1/cue?product_id=1")).status_code == 200
+        # the window is short: a call signed 31 s ago is stale (the hooks accept 300 s)
+        target = cue_target("show2", 2)
+        stamp = str(int(time.time()) - 31)
+        stale = {TIMESTAMP_HEADER: stamp,
+                 SIGNATURE_HEADER: sign(SECRET, stamp, f"POST {target}".encode())}
+        answer = await post_cue(node, 2, headers=stale, target=target)
+        assert answer.status_code == 401 and answer.json()["error"] == "stale timestamp"
+        # a stream that ends takes its table with it
+        await publishers.pop(0).close()
+        deadline = asyncio.get_running_loop().time() + 10
+        while node.registry.get("show1") is not None:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        assert (await post_cue(node, 2, target=cue_target("show2", 2))).status_code == 200
+        assert set(node.cues._nonces) == {"show2"}
+    finally:
+        for client in publishers:
+            await client.close()
+        await node.stop()
+
+
+async def test_the_node_sweeps_left_over_flvs_and_mp4s_past_its_retention(tmp_path, caplog):
+    """At start (and hourly): FLVs no recording writes (a failed remux, a node stopped
+    mid-publish) and MP4s older than WATCHBUY_RECORD_RETENTION_DAYS go, with one line; the
+    FLV of a live recording stays however old its last write."""
+    import os
+    import time
+
+    caplog.set_level(logging.INFO, logger="watchbuy.engine.record")
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    now = time.time()
+    ages = {"stopped.flv": 2 * 3600, "writing-elsewhere.flv": 10, "old.mp4": 3 * 86400,
+            "recent.mp4": 86400 / 2}
+    for name, age in ages.items():
+        (folder / name).write_bytes(b"x" * 1000)
+        os.utime(folder / name, (now - age, now - age))
+    node, _keys = await recording_node(tmp_path, record_retention_days=1.0)
+    pub = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
+                                       seconds=30, size="160x120")
+    try:
+        await wait_live(node, "show1", frames=10)
+        assert sorted(p.name for p in folder.iterdir() if p.name in ages) == [
+            "recent.mp4", "writing-elsewhere.flv"]
+        lines = [r.getMessage() for r in caplog.records if "swept" in r.getMessage()]
+        assert len(lines) == 1 and "1 left-over FLVs and 1 MP4s older than 1 days" in lines[0]
+        live = node.recorder.recordings["show1"].path
+        while not live.exists():
+            await asyncio.sleep(0.1)
+        os.utime(live, (now - 7200, now - 7200))
+        (folder / "writing-elsewhere.flv").touch()
+        os.utime(folder / "writing-elsewhere.flv", (now - 7200, now - 7200))
+        assert await node.recorder.sweep() == (1, 0)
+        assert live.exists() and not (folder / "writing-elsewhere.flv").exists()
+    finally:
+        await stop_process(pub)
+        await node.stop()
+
+
+async def test_streams_ending_together_remux_a_few_at_a_time(tmp_path, monkeypatch):
+    """WATCHBUY_RECORD_REMUX_CONCURRENCY: three streams end at once, one ffmpeg runs at a
+    time, and all three recordings become ready."""
+    running = peak = 0
+    real_run_tool = record.run_tool
+
+    async def counted(tool: str, *args: str) -> str:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            out = await real_run_tool(tool, *args)
+            await asyncio.sleep(0.3)  # long enough that remuxes not held back would overlap
+            return out
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(record, "run_tool", counted)
+    node, keys = await recording_node(tmp_path, record_remux_concurrency=1)
+    publishers = [await start_ffmpeg_publisher(
+        f"rtmp://127.0.0.1:{node.rtmp_port}/live/key{i}", seconds=30, size="160x120")
+        for i in (1, 2, 3)]
+    try:
+        for i in (1, 2, 3):
+            await wait_live(node, f"show{i}", frames=10)
+        for pub in publishers:  # all three end at once
+            pub.terminate()
+        deadline = asyncio.get_running_loop().time() + 60
+        while len(keys.reports) < 3:
+            assert asyncio.get_running_loop().time() < deadline, keys.reports
+            await asyncio.sleep(0.1)
+    finally:
+        for pub in publishers:
+            await stop_process(pub)
+        await node.stop()
+    assert [call for call, _info in keys.reports] == ["recording_ready"] * 3
+    assert peak == 1

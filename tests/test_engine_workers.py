@@ -22,6 +22,7 @@ from worker_helpers import children, connection_owner
 
 from watchbuy.engine.client import RtmpClient, RtmpError
 from watchbuy.engine.codecs import flvmux
+from watchbuy.engine.cues import cue_target, signed_headers
 from watchbuy.engine.interworker import merge_server, merge_streams
 from watchbuy.engine.workers import cores, worker_count
 
@@ -605,28 +606,38 @@ async def test_ll_hls_playlists_name_the_same_segments_on_both_workers(media_wor
 
 
 async def post_cue(node: MediaWorkers, pid: int, name: str, product_id: int) -> dict:
-    """A pin, as the site sends it, to worker ``pid`` (the operator token, no signature)."""
+    """A pin to worker ``pid`` with the operator token (no signature)."""
+    status, answer = await send_cue(node, pid, f"/api/streams/{name}/cue?product_id={product_id}",
+                                    {"Authorization": f"Bearer {OPERATOR}"})
+    assert status == 200, answer
+    return answer
+
+
+async def send_cue(node: MediaWorkers, pid: int, target: str,
+                   headers: dict[str, str]) -> tuple[int, dict]:
+    """``POST target`` with ``headers`` to worker ``pid``: (status, answer)."""
     reader, writer = await node.connect(node.http_port, pid)
     try:
-        writer.write(f"POST /api/streams/{name}/cue?product_id={product_id} HTTP/1.0\r\n"
-                     f"Host: x\r\nAuthorization: Bearer {OPERATOR}\r\n"
+        lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write(f"POST {target} HTTP/1.0\r\nHost: x\r\n{lines}"
                      f"Content-Length: 0\r\n\r\n".encode())
         response = await asyncio.wait_for(reader.read(), 10)
     finally:
         writer.close()
     head, _, body = response.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), response[:300]
-    return json.loads(body)
+    return int(head.split()[1]), json.loads(body)
 
 
 OPERATOR = "operator-token-for-the-cue-test"
+CUE_SECRET = "hook-secret-for-the-cue-test"
 
 
 async def test_a_cue_sent_to_either_worker_goes_in_where_the_stream_comes_in(tmp_path) -> None:
     # The site's pin may reach any worker: the cue is put into the stream by the worker that
     # publishes it, so every worker's viewers get it in order, and the stream is recorded once
     # (by that worker; the sibling's pulled copy is not recorded again).
-    node = MediaWorkers(tmp_path, WATCHBUY_OPERATOR_TOKEN=OPERATOR)
+    node = MediaWorkers(tmp_path, WATCHBUY_OPERATOR_TOKEN=OPERATOR,
+                        WATCHBUY_HOOK_SECRET=CUE_SECRET)
     publisher = None
     try:
         pids = await node.ready()
@@ -640,11 +651,21 @@ async def test_a_cue_sent_to_either_worker_goes_in_where_the_stream_comes_in(tmp
         answers = [await post_cue(node, pid, "show1", product)
                    for pid, product in ((other, 41), (origin, 42))]
         assert all(isinstance(a["media_ms"], int) for a in answers), answers
+        # the site's signed call: its nonce is claimed by the publishing worker, so the same
+        # call replayed to either worker is refused (each worker keeping its own would not)
+        target = cue_target("show1", 43)
+        signed = signed_headers(CUE_SECRET, target)
+        status, answer = await send_cue(node, other, target, signed)
+        assert status == 200 and isinstance(answer["media_ms"], int), answer
+        answers.append(answer)
+        for pid in (origin, other):
+            assert await send_cue(node, pid, target, signed) == (
+                401, {"error": "replayed call"})
         for pid, viewer in viewers.items():
             cues = []
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 10
-            while len(cues) < 2 and loop.time() < deadline:
+            while len(cues) < 3 and loop.time() < deadline:
                 for tag_type, timestamp, payload in await viewer.tags():
                     if tag_type == flvmux.TAG_SCRIPT and b"onCuePoint" in payload:
                         cues.append((timestamp, payload))

@@ -165,6 +165,31 @@ async def test_hook_with_wrong_secret_is_refused():
     server.close()
 
 
+async def test_a_recording_report_says_whether_sending_it_again_could_help():
+    """engine/record.py retries a report while the hook answers False: unreachable, 5xx, 408
+    and 429; a 2xx is taken and any other 4xx refused for good (sending it again would not
+    change the answer)."""
+    calls: list = []
+    answers = {"taken": (200, {"ok": True}), "bad": (400, {"error": "bad field"}),
+               "busy": (503, {}), "slow": (429, {}), "late": (408, {})}
+    server = await hook_server(answers, calls)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks/rtmp"
+    hooks = HttpHooks(url, "hook-secret", "n1")
+    try:
+        results = {key: await hooks.recording("recording_ready", "live", key, {"name": "s"})
+                   for key in answers}
+        assert results == {"taken": True, "bad": True, "busy": False, "slow": False,
+                           "late": False}
+        assert all(ok and payload["call"] == "recording_ready" for ok, payload in calls)
+    finally:
+        await hooks.close()
+        server.close()
+    await server.wait_closed()
+    gone = HttpHooks(url, "hook-secret", "n1")  # nothing listens there now
+    assert await gone.recording("recording_ready", "live", "taken", {"name": "s"}) is False
+    await gone.close()
+
+
 # -- the site's side: the engine's own calls, refused when replayed -----------------------------
 class Recording(httpx.AsyncBaseTransport):
     """The engine's hook client's transport into the site app, keeping every request sent."""

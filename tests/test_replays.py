@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import subprocess
 import time
@@ -173,6 +174,35 @@ async def test_recording_hook_files_the_replay_with_its_pins_and_retention_expir
     assert not (folder / "show-1.mp4").exists()
     assert (await db_replays.recording(site.db, recording_id))["status"] == "expired"
     assert (await (await site.browser()).get(f"/replay/{recording_id}")).status_code == 404
+
+
+async def test_a_report_made_again_files_one_replay_and_a_file_not_here_is_failed(site,
+                                                                                caplog):
+    """The node retries a report whose answer it did not get (even while the first is being
+    filed): one row.  A node elsewhere without S3 reports a local file this site does not
+    have: filed as failed with why, never listed as a replay that cannot play."""
+    host = await site.user("Ray Retry", host=True)
+    channel = host["channel"]
+    folder = site.settings.recordings_dir
+    folder.mkdir(parents=True)
+    (folder / "show-1.mp4").write_bytes(b"\0" * 64)
+    started = time.time() - 30
+    answers = await asyncio.gather(*(recording_call(site, channel, started_at=started,
+                                                    ended_at=started + 25) for _ in range(3)))
+    assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
+    assert len({a.json()["recording_id"] for a in answers}) == 1
+    assert await site.db.fetch_val("SELECT COUNT(*) FROM recordings") == 1
+    caplog.set_level(logging.WARNING, logger="watchbuy.site.replays")
+    missing = await recording_call(site, channel, file="elsewhere-1.mp4",
+                                   started_at=started + 100, ended_at=started + 120)
+    assert missing.status_code == 200, missing.text  # taken: the node stops retrying
+    row = await db_replays.recording(site.db, missing.json()["recording_id"])
+    assert row["status"] == "failed" and row["url"] is None
+    assert "elsewhere-1.mp4 is not in this site's record folder" in row["error"]
+    assert sum("WATCHBUY_RECORD_S3_BUCKET" in r.getMessage() for r in caplog.records) == 1
+    assert [r["id"] for r in await db_replays.channel_replays(site.db, channel["id"])] == [
+        answers[0].json()["recording_id"]]
+    assert (await (await site.browser()).get(f"/replay/{row['id']}")).status_code == 404
 
 
 async def test_a_failed_recording_is_filed_as_failed_without_a_replay(site):
@@ -352,3 +382,81 @@ def test_replay_files_are_named_for_the_site(tmp_path):
     for name in ("show1", "a-b_c", "weird/../name", "x" * 200):
         made = f"{safe_name(name)}-20260101T000000-abcdef.mp4"
         assert FILE_NAME.fullmatch(made), made
+
+
+class SiteHookKeys(StaticKeys):
+    """A node's keys, with recording reports sent to the site by the engine's own hook client
+    (engine/hooks.py HttpHooks) at ``url``, through ``transport`` when given."""
+
+    def __init__(self, keys: dict, url: str, secret: str, transport=None) -> None:
+        from watchbuy.engine.hooks import HttpHooks
+
+        super().__init__(keys)
+        self.hooks = HttpHooks(url, secret, "test-node", timeout=2.0, transport=transport)
+        self.recording = self.hooks.recording
+
+    async def close(self) -> None:
+        await self.hooks.close()
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_a_report_the_site_misses_is_retried_and_survives_a_node_restart(
+        make_site, tmp_path, monkeypatch):
+    """The site is down when the recording is ready: the node retries in the background and
+    keeps the report in its record folder; restarted, it sends it again and the site files
+    the replay."""
+    from watchbuy.engine import record
+
+    monkeypatch.setattr(record, "REPORT_RETRY_BASE", 0.2)
+    secret = "retry-secret"
+    rec = tmp_path / "rec"
+    site = await make_site(hook_secret=secret, record_dir=str(rec))
+    host = await site.user("Rhea Restart", host=True)
+    channel = host["channel"]
+    keys = {channel["stream_key"]: channel["slug"]}
+    down = SiteHookKeys(keys, f"http://127.0.0.1:{closed_port()}/hooks/rtmp", secret)
+    node = MediaNode(node_settings(record_dir=str(rec), stream_keys={}), authorizer=down)
+    await node.start()
+    pending = rec / record.PENDING_FILE
+    try:
+        publisher = await start_ffmpeg_publisher(
+            f"rtmp://127.0.0.1:{node.rtmp_port}/live/{channel['stream_key']}", seconds=2,
+            size="160x120")
+        assert await asyncio.wait_for(publisher.wait(), 30) == 0
+        deadline = asyncio.get_running_loop().time() + 60
+        while not node.recorder.pending or node.recorder.pending[0]["attempts"] < 3:
+            assert asyncio.get_running_loop().time() < deadline, node.recorder.pending
+            await asyncio.sleep(0.1)
+        kept = json.loads(pending.read_text())
+        assert [e["call"] for e in kept] == ["recording_ready"]
+    finally:
+        await node.stop()
+        await down.close()
+    assert await site.db.fetch_val("SELECT COUNT(*) FROM recordings") == 0
+    kept = json.loads(pending.read_text())  # stopped with the report still waiting
+    assert len(kept) == 1 and kept[0]["info"]["name"] == channel["slug"]
+    mp4 = rec / kept[0]["info"]["file"]
+    assert mp4.is_file()
+    # the node comes back, the site is up: the report from before the restart is filed
+    up = SiteHookKeys(keys, "http://site/hooks/rtmp", secret,
+                      transport=httpx.ASGITransport(app=site.app))
+    node = MediaNode(node_settings(record_dir=str(rec), stream_keys={}), authorizer=up)
+    await node.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while pending.exists():
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        await node.stop()
+        await up.close()
+    rows = await db_replays.channel_replays(site.db, channel["id"])
+    assert len(rows) == 1 and rows[0]["url"] == f"/replays/media/{mp4.name}"
+    assert rows[0]["size_bytes"] == mp4.stat().st_size and rows[0]["node_id"] == "test-node"

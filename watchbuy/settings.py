@@ -106,6 +106,14 @@ class Settings:
     record_s3_bucket: str = ""  # upload the MP4 here (boto3's credentials and region)
     record_s3_prefix: str = "recordings/"
     aws_region: str = ""  # the bucket's region (WATCHBUY_AWS_REGION, as the site's); "": boto3's
+    record_remux_concurrency: int = 2  # ffmpeg remuxes at once; more ended streams wait
+    # the node's own sweep of its record folder: MP4s older than this are deleted (the site's
+    # WATCHBUY_RECORD_RETENTION_DAYS expires their rows); 0 keeps them
+    record_retention_days: float = 30.0
+    # cue points (engine/cues.py): a signed call is accepted this long after its timestamp,
+    # and each stream remembers at most this many nonces (one stream cannot block others)
+    cue_max_age: float = 30.0
+    cue_nonces_per_stream: int = 1024
     # worker processes (engine/workers.py): "auto" = one per core, or a number; unset means
     # auto for ``watchbuy media`` and 1 for ``watchbuy serve``
     workers: str = ""
@@ -144,12 +152,16 @@ class Settings:
                       "max_partial_messages", "max_partial_bytes", "node_partial_bytes",
                       "amf_max_nodes", "amf_max_expanded_bytes", "http_max_head", "http_max_buffer",
                       "http_requests_per_turn", "header_timeout", "keepalive_timeout",
-                      "drain_timeout", "record_max_buffer", "worker_drain_seconds",
+                      "drain_timeout", "record_max_buffer", "record_remux_concurrency",
+                      "cue_max_age", "cue_nonces_per_stream", "worker_drain_seconds",
                       "worker_restart_delay", "worker_restart_delay_max"),
             off_or_positive=("handshake_timeout", "partial_message_timeout", "publish_idle_timeout",
                              "idle_connection_timeout", "publish_takeover_grace",
                              "max_connections_per_ip", "fd_reserve", "metadata_max_fields",
-                             "metadata_max_bytes"))
+                             "metadata_max_bytes", "record_retention_days"))
+        if not self.cue_max_age <= 300:
+            raise ConfigError(f"{PREFIX}CUE_MAX_AGE: at most 300 seconds (cue calls are "
+                              "real time)")
         if self.hls:
             for name in ("hls_part_target", "hls_segment_target", "hls_max_segment_seconds"):
                 if not math.isfinite(getattr(self, name)):
