@@ -231,14 +231,15 @@ async def follower_count(db: Database, host_id: int) -> int:
 
 
 async def go_live(db: Database, channel: dict, node_id: str | None, start_window: float,
-                  host_name: str) -> tuple[dict | None, bool, list[dict]]:
+                  host_name: str, grace: float) -> tuple[dict | None, bool, list[dict]]:
     """The channel went live: ``(show, started, notes)``.
 
     ``started`` is False for a duplicate hook (the channel was live already) and for a host
     who came back within the grace period (the same show resumes); only a start notifies, and
     ``notes`` are the notifications that start stored (one per user: followers and those
     reminded).  The channel row's conditional update decides, so two processes handling the
-    publish start the show once."""
+    publish start the show once.  A resume is a conditional update too (the show still live,
+    its stream away for less than ``grace``): when the ender won, a new show starts."""
     async def work():
         stamp = now()
         await db.execute(channels.update().where(
@@ -251,12 +252,25 @@ async def go_live(db: Database, channel: dict, node_id: str | None, start_window
         current = as_dict(await db.fetch_one(shows.select().where(
             shows.c.channel_id == channel["id"], shows.c.status == LIVE)
             .order_by(shows.c.id.desc()).limit(1)))
+        if current is not None and current["ended_at"] is None:
+            return current, False, []  # a duplicate hook: the show runs
         if current is not None:
-            if current["ended_at"] is not None:  # back within the grace period
-                await db.execute(shows.update().where(shows.c.id == current["id"])
-                                 .values(ended_at=None))
-                current["ended_at"] = None
-            return current, False, []
+            # back within the grace period: resume only if the ender has not ended it since
+            # the read above (the same conditions as end_overdue_shows, reversed), else the
+            # show would be ended with ended_at NULL and the host live with no live show
+            await db.execute(shows.update().where(
+                shows.c.id == current["id"], shows.c.status == LIVE,
+                shows.c.ended_at.is_not(None), shows.c.ended_at > stamp - grace)
+                .values(ended_at=None))
+            if await db.affected_rows() == 1:
+                return {**current, "ended_at": None}, False, []
+            # the ender won, or the grace ran out before it came: a show whose grace is over
+            # ends here unannounced (the room hears "live" now, never "ended" after it), and
+            # the call that turned the channel live starts a new one
+            await db.execute(shows.update().where(
+                shows.c.id == current["id"], shows.c.status == LIVE,
+                shows.c.ended_at.is_not(None), shows.c.ended_at <= stamp - grace)
+                .values(status=ENDED))
         if not first:
             return None, False, []
         scheduled = as_dict(await db.fetch_one(shows.select().where(

@@ -49,7 +49,8 @@ async def on_publish(site: SiteState, channel: dict, node_id: str | None) -> Non
     host = await queries.user_by_id(site["db"], channel["host_id"])
     host_name = host["display_name"] if host else channel["title"]
     show, started, notes = await show_queries.go_live(
-        site["db"], channel, node_id, site["settings"].show_start_window, host_name)
+        site["db"], channel, node_id, site["settings"].show_start_window, host_name,
+        site["settings"].show_end_grace)
     if show is None:
         return
     if started:

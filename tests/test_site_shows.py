@@ -314,6 +314,63 @@ async def test_reconnect_within_grace_resumes_and_after_grace_the_show_ends(make
     assert len(await user_notes(site, follower)) == 2
 
 
+async def test_a_resume_racing_the_grace_ender_never_leaves_an_ended_show_open(
+        make_site) -> None:
+    """The ender ends the show (its row locked, not yet committed) while the host's publish
+    reads it as resumable: the resume must see the end and start a new show, never clear the
+    ended show's ended_at and leave the live channel without a live show."""
+    grace = 30.0
+    site = await make_site(show_end_grace=grace)
+    host = await site.user("Hana", host=True)
+    channel = host["channel"]
+    await hook(site, "publish", host)
+    await hook(site, "publish_done", host)
+    first = (await show_queries.live_shows(site.db))[channel["id"]]
+    assert first["ended_at"] is not None
+    locked, release = asyncio.Event(), asyncio.Event()
+
+    async def ender() -> None:
+        # end_overdue_shows' UPDATE, held open while go_live reads and tries to resume
+        async with site.db.transaction():
+            await site.db.execute(
+                "UPDATE shows SET status = 'ended' WHERE id = :id AND status = 'live'",
+                {"id": first["id"]})
+            locked.set()
+            await release.wait()
+
+    async def publisher():
+        await locked.wait()
+        channel_row = await queries.channel_by_slug(site.db, channel["slug"])
+        return await show_queries.go_live(site.db, channel_row, "local", 600, "Hana", grace)
+
+    ending = asyncio.ensure_future(ender())
+    going = asyncio.ensure_future(publisher())
+    await locked.wait()
+    await asyncio.sleep(0.5)  # go_live reads the snapshot and (MariaDB) waits on the row lock
+    release.set()
+    await ending
+    show, started, _ = await going
+    assert started and show["id"] != first["id"]
+    rows = await site.db.fetch_all(
+        "SELECT id, status, ended_at FROM shows WHERE channel_id = :c ORDER BY id",
+        {"c": channel["id"]})
+    assert [(r[0], r[1], r[2] is None) for r in rows] == [
+        (first["id"], "ended", False), (show["id"], "live", True)]
+    assert (await queries.channel_by_slug(site.db, channel["slug"]))["is_live"]
+
+    # a resume after the grace ran out (the ender not yet round): that show ends unannounced
+    # and the publish starts a new one, so the ender never sends "ended" over a live room
+    await hook(site, "publish_done", host)
+    await site.db.execute("UPDATE shows SET ended_at = :t WHERE id = :id",
+                          {"t": now() - grace - 1, "id": show["id"]})
+    channel_row = await queries.channel_by_slug(site.db, channel["slug"])
+    third, started, _ = await show_queries.go_live(site.db, channel_row, "local", 600, "Hana",
+                                                   grace)
+    assert started and third["id"] != show["id"]
+    assert (await show_queries.show(site.db, show["id"]))["status"] == "ended"
+    assert await show_queries.end_overdue_shows(site.db, grace) == []
+
+
 async def test_the_notification_stream_and_page(make_site) -> None:
     site = await make_site()
     host = await site.user("Hana", host=True)
