@@ -33,6 +33,7 @@ from watchbuy.site.web import (
     redirect,
     render,
     require_host,
+    single_line,
 )
 
 MAX_STOCK = 1_000_000
@@ -172,7 +173,7 @@ async def regenerate_key(request: Request):
 async def update_title(request: Request):
     host = require_host(request)
     form = await read_form(request)
-    title = (form.get("title") or "").strip()
+    title = single_line(form.get("title"))
     if 2 <= len(title) <= 100:
         site = state(request)
         await queries.update_channel_title(site["db"], host["id"], title)
