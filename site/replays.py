@@ -177,23 +177,40 @@ def _delete_stored(settings, url: str) -> None:
             Bucket=match.group(1), Key=parsed.path.lstrip("/"))
 
 
-async def expire_recordings(site: SiteState) -> int:
-    """Delete the replays past their retention and mark them expired; how many."""
+# Recordings read per batch by the expiry job; it pages on until none is left.
+EXPIRE_BATCH = 100
+
+
+async def expire_recordings(site: SiteState, batch: int = EXPIRE_BATCH) -> int:
+    """Delete the replays past their retention and mark them expired, batch after batch until
+    none is left; how many.  One that cannot be deleted (S3 unreachable, a file the site may
+    not remove) is skipped and tried again next round: it never holds up the others."""
     settings = site["settings"]
     days = settings.record_retention_days
     if not days:
         return 0
     db = site["db"]
-    expired = 0
-    for recording in await db_replays.expired_recordings(db, time.time() - days * 86400):
-        try:
-            await asyncio.to_thread(_delete_stored, settings, recording["url"] or "")
-        except Exception as exc:  # S3 unreachable: try again next round
-            _refusals.warning("delete", "cannot delete replay %d (%s): %s", recording["id"],
-                              recording["url"], exc)
-            continue
-        await db_replays.mark_expired(db, recording["id"])
-        expired += 1
+    cutoff = time.time() - days * 86400
+    expired = failed = 0
+    last_id, last_error = 0, ""
+    while True:
+        found = await db_replays.expired_recordings(db, cutoff, batch, after_id=last_id)
+        for recording in found:
+            last_id = recording["id"]
+            try:
+                await asyncio.to_thread(_delete_stored, settings, recording["url"] or "")
+            except Exception as exc:
+                failed += 1
+                last_error = f"replay {recording['id']} ({recording['url']}): {exc}"
+                continue
+            await db_replays.mark_expired(db, recording["id"])
+            expired += 1
+        if len(found) < batch:
+            break
+    if failed:
+        # one line a round, however many failed: the same rows fail again every hour
+        _refusals.warning("delete", "could not delete %d expired replays (tried again next "
+                          "round); the last: %s", failed, last_error)
     if expired:
         log.info("expired %d replays older than %g days", expired, days)
     return expired

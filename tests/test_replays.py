@@ -175,6 +175,34 @@ async def test_recording_hook_files_the_replay_with_its_pins_and_retention_expir
     assert (await (await site.browser()).get(f"/replay/{recording_id}")).status_code == 404
 
 
+async def test_expiry_pages_through_every_old_replay_and_skips_one_it_cannot_delete(
+        site, caplog):
+    host = await site.user("Otto Old", host=True)
+    folder = site.settings.recordings_dir
+    folder.mkdir(parents=True)
+    ids = []
+    for n in range(7):
+        name = f"old-{n}.mp4"
+        if n == 0:
+            (folder / name).mkdir()  # the oldest cannot be unlinked: a directory
+        else:
+            (folder / name).write_bytes(b"\0")
+        ids.append(await site.db.execute(recordings.insert().values(
+            channel_id=host["channel"]["id"], stream_name="x", status="ready",
+            started_at=time.time() - 3 * 86400, ended_at=time.time() - 3 * 86400 + 60,
+            url=f"/replays/media/{name}")))
+    site.settings.record_retention_days = 1
+    caplog.set_level("WARNING", "watchbuy.site.replays")
+    # batches of 3: the undeletable row first in the first batch, six expire all the same
+    assert await expire_recordings(app_state(site.app), batch=3) == 6
+    statuses = {r[0]: r[1] for r in await site.db.fetch_all("SELECT id, status FROM recordings")}
+    assert statuses == {ids[0]: "ready", **{i: "expired" for i in ids[1:]}}
+    assert sorted(p.name for p in folder.iterdir()) == ["old-0.mp4"]
+    lines = [r.getMessage() for r in caplog.records if "could not delete" in r.getMessage()]
+    assert len(lines) == 1 and "could not delete 1 expired replays" in lines[0]
+    assert "old-0.mp4" in lines[0]
+
+
 async def test_a_failed_recording_is_filed_as_failed_without_a_replay(site):
     host = await site.user("Fay Failed", host=True)
     response = await recording_call(site, host["channel"], call="recording_failed",
