@@ -175,10 +175,29 @@ async def ready_replays(db: Database, limit: int = 12) -> list[dict]:
 
 
 async def replay_of_show(db: Database, show_id: int) -> int | None:
+    """The replay a show links: its longest ready recording (the newest of equals).  A host
+    whose encoder reconnected within the grace period made two recordings of one show, one of
+    them a fragment of seconds; the card and the event carry one link and the replay page
+    plays one file with its pins, so the longest (the most of the show) is the one, and the
+    others stay on the home page's list of replays."""
     return await db.fetch_val(
         sa.select(recordings.c.id).where(recordings.c.show_id == show_id,
                                          recordings.c.status == "ready")
-        .order_by(recordings.c.id.desc()).limit(1))
+        .order_by(sa.func.coalesce(recordings.c.duration, 0).desc(), recordings.c.id.desc())
+        .limit(1))
+
+
+async def last_ended_replay(db: Database, channel_id: int) -> dict | None:
+    """The channel's most recently ended show with its replay (``{id, title, replay_id}``),
+    for the offline room; None when that show has no replay (yet)."""
+    last = as_dict(await db.fetch_one(
+        sa.select(shows.c.id, shows.c.title).where(shows.c.channel_id == channel_id,
+                                                   shows.c.status == ENDED)
+        .order_by(shows.c.ended_at.desc(), shows.c.id.desc()).limit(1)))
+    if last is None:
+        return None
+    replay_id = await replay_of_show(db, last["id"])
+    return {**last, "replay_id": replay_id} if replay_id is not None else None
 
 
 async def set_avatar(db: Database, user_id: int, avatar: str) -> None:

@@ -32,7 +32,9 @@ from starlette.routing import Route
 
 from watchbuy.db import queries
 from watchbuy.db import replays as db_replays
+from watchbuy.db import shows as show_queries
 from watchbuy.logs import LogLimiter
+from watchbuy.site.chat import publish_room_event
 from watchbuy.site.rooms import product_card
 from watchbuy.site.security import origin_of
 from watchbuy.site.state import SiteState, state
@@ -101,7 +103,28 @@ async def recording_hook(site: SiteState, channel: dict, call: dict) -> JSONResp
         return JSONResponse({"error": f"bad field {exc}"}, status_code=400)
     recording_id = await db_replays.add_recording(site["db"], channel["id"], values)
     log.info("room %s: recording %d %s", channel["slug"], recording_id, values["status"])
+    if values["status"] == "ready":
+        await announce_replay(site, recording_id)
     return JSONResponse({"ok": True, "recording_id": recording_id})
+
+
+async def announce_replay(site: SiteState, recording_id: int) -> None:
+    """A recording is ready after the remux and upload, usually after its show ended (and
+    the ``ended`` event went out without a replay): tell the room, whose "show has ended" card
+    links it.  Read after the recording committed and the ender reads the replay after the end
+    committed, so one of the two always sees the other and links it."""
+    db = site["db"]
+    found = await db_replays.recording(db, recording_id)
+    if found is None or found["show_id"] is None:
+        return
+    show = await show_queries.show(db, found["show_id"])
+    if show is None or show["status"] != show_queries.ENDED:
+        return  # still live or within the grace: the ender links it
+    replay_id = await show_queries.replay_of_show(db, show["id"])
+    if replay_id is not None:  # the longest of the show's recordings, maybe not this one
+        await publish_room_event(site["broker"], show["channel_id"],
+                                 {"type": "replay", "show_id": show["id"],
+                                  "replay_url": f"/replay/{replay_id}"})
 
 
 def timeline(recording: dict, pins: list[dict], cards: dict[int, dict]) -> list[dict]:
