@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from watchbuy import urls
 from watchbuy.db import queries, shopping
 from watchbuy.logs import LogLimiter
 from watchbuy.site import replays
@@ -152,7 +153,12 @@ async def render_studio(request: Request, status_code: int = 200, **extra):
         product["image_url"] = (site["storage"].url(product["image"])
                                 if product["image"] else None)
     room_url = f"{site['settings'].public_url}/room/{channel['slug']}"
-    play_url = await site["media"].play_url(channel["live_node_id"], channel["slug"])
+    if channel["is_live"] or ingest is None:
+        play_url = await site["media"].play_url(channel["live_node_id"], channel["slug"])
+    else:
+        # not live yet: the stream will land on the node this page tells the host to push to
+        # (the balancer's choice), not necessarily the local one; the CSP below follows it
+        play_url = urls.flv_url(ingest["play_base"], channel["slug"])
     if play_url:
         # the preview player fetches from the node: this page's CSP must allow it (web.render)
         request.state.csp_media_origin = origin_of(play_url)
