@@ -800,3 +800,59 @@ def test_in_chromium_schedule_remind_follow_live_badge_and_ended_card(
         assert db.execute("SELECT status FROM shows WHERE id = ?", (show_id,)).fetchone() == \
             ("ended",)
     assert not violations, f"CSP violations: {violations}"
+
+
+def other_dst_date(zone: str) -> dt.datetime:
+    """A date at 20:00 in ``zone`` whose UTC offset differs from today's (across a
+    daylight-saving change from now), more than two days ahead and well within a year."""
+    from zoneinfo import ZoneInfo
+
+    tz = ZoneInfo(zone)
+    today = dt.datetime.now(tz)
+    for year in (today.year, today.year + 1):
+        for month in (1, 7):
+            at = dt.datetime(year, month, 15, 20, 0, tzinfo=tz)
+            if at - today > dt.timedelta(days=2) and at.utcoffset() != today.utcoffset():
+                return at
+    raise AssertionError("no date across a daylight-saving change within a year")
+
+
+@pytest.mark.timeout(120)
+def test_in_chromium_a_show_across_a_daylight_saving_change_starts_at_the_local_time_chosen(
+        shows_server, chromium) -> None:
+    server = shows_server
+    # the browser in Berlin; the start time is on the other side of a DST change from today
+    context = chromium.new_context(viewport=PHONE, is_mobile=True, has_touch=True,
+                                   timezone_id="Europe/Berlin", locale="en-GB")
+    context.set_default_timeout(20_000)
+    page = context.new_page()
+    try:
+        log_in(page, server.url, HOST_EMAIL, server.password, "/studio/shows")
+        starts = other_dst_date("Europe/Berlin")
+        title = f"Across DST {uuid.uuid4().hex[:6]}"
+        page.goto(f"{server.url}/studio/shows")
+        page.fill("#show-form input[name=title]", title)
+        page.fill("#show-form input[name=starts]", starts.strftime("%Y-%m-%dT%H:%M"))
+        with page.expect_navigation():
+            page.click("#show-form button[type=submit]")
+        assert "Show scheduled" in page.inner_text("main"), page.inner_text("main")[:400]
+        with contextlib.closing(sqlite_of(server)) as db:
+            [(show_id, stored)] = db.execute(
+                "SELECT id, scheduled_at FROM shows WHERE title = ?", (title,)).fetchall()
+        # 20:00 in Berlin on that day (CET or CEST as that day has it), not today's offset
+        assert stored == starts.timestamp(), (
+            dt.datetime.fromtimestamp(stored, dt.UTC), starts.astimezone(dt.UTC))
+        # the edit form shows it back as 20:00 local time on that day
+        page.goto(f"{server.url}/studio/shows/{show_id}")
+        shown = page.input_value("input[type=datetime-local]")
+        assert shown == starts.strftime("%Y-%m-%dT%H:%M")
+        # saved again unchanged, it stays where it was
+        with page.expect_navigation():
+            page.locator("input[type=datetime-local]").locator(
+                "xpath=ancestor::form").locator("button[type=submit]").first.click()
+        with contextlib.closing(sqlite_of(server)) as db:
+            [(again,)] = db.execute("SELECT scheduled_at FROM shows WHERE id = ?",
+                                    (show_id,)).fetchall()
+        assert again == starts.timestamp()
+    finally:
+        context.close()
