@@ -236,7 +236,7 @@ async def test_a_replay_ready_after_the_show_ended_reaches_the_room_and_its_page
     [show] = [s for s in await show_queries.channel_shows(site.db, channel["id"])]
     visitor = await site.browser()
     page = await visitor.get(f"/room/{channel['slug']}")
-    assert 'id="next-show-replay"' in page.text and "Watch the replay of" not in page.text
+    assert 'id="offline-replay"' in page.text and "Watch the replay:" not in page.text
 
     # an OBS reconnect within the grace made two recordings: a fragment and the show
     span = {"started_at": show["started_at"], "ended_at": show["ended_at"]}
@@ -253,7 +253,7 @@ async def test_a_replay_ready_after_the_show_ended_reaches_the_room_and_its_page
     assert await show_queries.replay_of_show(site.db, show["id"]) == whole_id
     # the offline room links it from the database (the kept page was dropped by the event)
     page = await visitor.get(f"/room/{channel['slug']}")
-    assert f'href="/replay/{whole_id}"' in page.text and "Watch the replay of" in page.text
+    assert f'href="/replay/{whole_id}"' in page.text and "Watch the replay:" in page.text
     # a recording of a show still within its grace sends nothing: the ender links it
     await publish_hook(site, "publish", channel)
     live = (await show_queries.live_shows(site.db))[channel["id"]]

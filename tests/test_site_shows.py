@@ -856,3 +856,53 @@ def test_in_chromium_a_show_across_a_daylight_saving_change_starts_at_the_local_
         assert again == starts.timestamp()
     finally:
         context.close()
+
+
+@pytest.mark.timeout(120)
+def test_in_chromium_a_replay_ready_after_the_end_joins_the_card_and_the_offline_room(
+        tmp_path, chromium) -> None:
+    """The node remuxes (and uploads) after the stream left, so the recording is usually ready
+    after the show ended: the open room's card gains the link, a new visitor finds it."""
+    secret = "late-replay-secret"
+    server = Server(tmp_path, env={"WATCHBUY_HOOK_SECRET": secret,
+                                   "WATCHBUY_SHOW_END_GRACE": "1"}).start()
+    context = chromium.new_context(viewport=PHONE, is_mobile=True, has_touch=True,
+                                   device_scale_factor=1)
+    context.set_default_timeout(20_000)
+
+    def call(name: str, **fields) -> None:
+        signed = signed_hook(secret, {"call": name, "app": "live", "key": server.stream_key,
+                                      "name": server.room_slug, "node_id": "local", **fields})
+        response = httpx.post(f"{server.url}/hooks/rtmp", content=signed["content"],
+                              headers=signed["headers"])
+        assert response.status_code == 200, response.text
+
+    try:
+        page = context.new_page()
+        page.goto(server.room_url)
+        page.wait_for_function("window.WatchBuyRoom !== undefined")
+        call("publish")
+        page.wait_for_selector("#live-badge.live")
+        call("publish_done")
+        page.wait_for_selector("#show-ended", state="visible")
+        assert page.locator("#show-ended-replay").is_hidden()  # not remuxed yet
+        with contextlib.closing(sqlite_of(server)) as db:
+            started, ended = db.execute("SELECT started_at, ended_at FROM shows "
+                                        "WHERE status = 'ended'").fetchone()
+        call("recording_ready", addr="", started_at=started, ended_at=ended, start_ms=0,
+             file="late-show.mp4", url="", duration=42.0, size=1000)
+        page.wait_for_selector("#show-ended-replay", state="visible")
+        with contextlib.closing(sqlite_of(server)) as db:
+            [(replay_id,)] = db.execute("SELECT id FROM recordings").fetchall()
+        assert page.get_attribute("#show-ended-replay", "href") == f"/replay/{replay_id}"
+        no_sideways_scroll(page)
+        screenshot(page, "show-ended-late-replay-phone.png")
+        # a visitor who comes later: the offline room links it from the database
+        page.goto(server.room_url)
+        page.wait_for_selector("#offline-replay", state="visible")
+        assert page.get_attribute("#offline-replay", "href") == f"/replay/{replay_id}"
+        no_sideways_scroll(page)
+        screenshot(page, "room-offline-replay-phone.png")
+    finally:
+        context.close()
+        server.stop()

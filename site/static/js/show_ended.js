@@ -1,6 +1,7 @@
 // The end of a show in the room: the "ended" room event (sent after the host's grace period)
-// shows the "show has ended" card with the next show and the replay ("replay" adds the link when
-// the recording is ready later); "live" hides it (the host is back, or the next show started).  Listens to room.js's watchbuy:room-event only.
+// shows the "show has ended" card with the next show and the replay ("replay" adds the link,
+// there and in the offline card, when the recording is ready later); "live" hides it (the host
+// is back, or the next show started).  Listens to room.js's watchbuy:room-event only.
 (function () {
   "use strict";
   const card = document.getElementById("show-ended");
@@ -27,7 +28,7 @@
       if (remind) remind.action = "/shows/" + encodeURIComponent(show.id) + "/remind";
     }
     replay.hidden = !data.replay_url;
-    if (data.replay_url) replay.href = data.replay_url;
+    replayReady(data);
     if (nextBar) nextBar.hidden = true;  // the card says it all
     // nobody is watching a show that ended (room.js may also get a "viewers" event)
     const count = document.getElementById("viewer-count");
@@ -36,32 +37,29 @@
   }
 
   // the recording is ready after the remux and upload, usually after "ended" went out
-  const barReplay = document.getElementById("next-show-replay");
+  const offlineReplay = document.getElementById("offline-replay");  // in the offline card
   function replayReady(data) {
     if (!data.replay_url) return;
     replay.href = data.replay_url;
     replay.hidden = false;
-    if (barReplay) { barReplay.href = data.replay_url; barReplay.hidden = false; }
-    if (nextBar && card.hidden && !live) nextBar.hidden = false;  // the offline room's bar
+    if (offlineReplay) {
+      offlineReplay.href = data.replay_url;
+      offlineReplay.textContent = "Watch the replay";
+      offlineReplay.hidden = false;
+    }
   }
-  let live = !!nextBar && nextBar.dataset.live === "1";
 
   document.addEventListener("watchbuy:room-event", function (event) {
     const data = event.detail || {};
     if (data.type === "ended") { showFollow(false); ended(data); }
     else if (data.type === "replay") replayReady(data);
-    if (data.type === "live" || data.type === "offline" || data.type === "ended") {
-      live = data.type === "live";
-    }
-    if (data.type === "live") {
+    else if (data.type === "live") {
       card.hidden = true;
       if (nextBar) nextBar.hidden = true;
       showFollow(true);
     } else if (data.type === "offline") {
       showFollow(false);  // the next-show bar carries it while offline
-      const shown = nextBar && Array.prototype.some.call(nextBar.children,
-        function (el) { return !el.hidden && el.tagName !== "SCRIPT"; });
-      if (shown && card.hidden) nextBar.hidden = false;
+      if (nextBar && card.hidden && nextBar.children.length) nextBar.hidden = false;
     }
   });
 })();
