@@ -700,3 +700,44 @@ async def test_two_quick_pins_with_a_slow_cue_leave_viewers_on_the_second(make_s
         rows = await site.db.fetch_all("SELECT product_id FROM pins ORDER BY id")
         assert sorted(r[0] for r in rows) == sorted([mug["id"], tote["id"]])
         await events.close()
+
+
+@pytest.mark.timeout(120)
+def test_in_chromium_the_studio_says_when_pins_are_over_the_rate(tmp_path) -> None:
+    from browser_helpers import (
+        CHROMIUM,
+        CHROMIUM_ARGS,
+        PHONE,
+        Server,
+        log_in,
+        require_browser,
+        screenshot,
+    )
+    from playwright.sync_api import sync_playwright
+
+    require_browser()
+    server = Server(tmp_path, env={"WATCHBUY_PIN_RATE": "2", "WATCHBUY_PIN_WINDOW": "60"}).start()
+    try:
+        with sync_playwright() as playwright:
+            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                                  headless=True, timeout=60_000)
+            page = chromium.new_context(viewport=PHONE, is_mobile=True, has_touch=True,
+                                        device_scale_factor=1).new_page()
+            page.set_default_timeout(20_000)
+            log_in(page, server.url, "host@watchbuy.local", server.password, "/studio")
+            page.evaluate("window.__sameDocument = true")
+            pin = page.locator("[data-pin]").first
+            for expected in ("Pinned ", "Unpinned."):
+                pin.click()
+                page.wait_for_function("t => document.getElementById('studio-status')"
+                                       ".textContent.startsWith(t)", arg=expected)
+            pin.click()  # the third within the minute
+            page.wait_for_function("() => document.getElementById('studio-status')"
+                                   ".textContent.startsWith('Too many pins')")
+            assert "at most 2 every 60 seconds" in page.inner_text("#studio-status")
+            assert page.evaluate("window.__sameDocument === true"), "the studio reloaded"
+            page.locator("#studio-status").scroll_into_view_if_needed()
+            screenshot(page, "studio-pin-rate-phone.png")
+            chromium.close()
+    finally:
+        server.stop()
