@@ -111,11 +111,15 @@ async def channel_replays(db: Database, channel_id: int, limit: int = 20) -> lis
         .order_by(recordings.c.id.desc()).limit(limit)))
 
 
-async def expired_recordings(db: Database, before: float, limit: int = 100) -> list[dict]:
-    """Ready recordings that started before ``before`` (the retention cut-off)."""
+async def expired_recordings(db: Database, before: float, limit: int = 100,
+                             after_id: int = 0) -> list[dict]:
+    """Ready recordings that started before ``before`` (the retention cut-off), by id from
+    ``after_id`` on: the expiry job pages on with the last id it saw, so a row it could not
+    delete is passed over, not read again in every batch."""
     return as_dicts(await db.fetch_all(
         recordings.select().where(recordings.c.status == "ready",
-                                  recordings.c.started_at < before)
+                                  recordings.c.started_at < before,
+                                  recordings.c.id > after_id)
         .order_by(recordings.c.id).limit(limit)))
 
 

@@ -305,6 +305,8 @@ notifications = sa.Table(
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("read_at", sa.Double, nullable=True),
     sa.Index("ix_notifications_user", "user_id", "id"),
+    # go_live reads a show's notifications (who was told already) under the channel's row lock
+    sa.Index("ix_notifications_show", "show_id", "user_id"),
 )
 
 recordings = sa.Table(

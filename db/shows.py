@@ -175,10 +175,29 @@ async def ready_replays(db: Database, limit: int = 12) -> list[dict]:
 
 
 async def replay_of_show(db: Database, show_id: int) -> int | None:
+    """The replay a show links: its longest ready recording (the newest of equals).  A host
+    whose encoder reconnected within the grace period made two recordings of one show, one of
+    them a fragment of seconds; the card and the event carry one link and the replay page
+    plays one file with its pins, so the longest (the most of the show) is the one, and the
+    others stay on the home page's list of replays."""
     return await db.fetch_val(
         sa.select(recordings.c.id).where(recordings.c.show_id == show_id,
                                          recordings.c.status == "ready")
-        .order_by(recordings.c.id.desc()).limit(1))
+        .order_by(sa.func.coalesce(recordings.c.duration, 0).desc(), recordings.c.id.desc())
+        .limit(1))
+
+
+async def last_ended_replay(db: Database, channel_id: int) -> dict | None:
+    """The channel's most recently ended show with its replay (``{id, title, replay_id}``),
+    for the offline room; None when that show has no replay (yet)."""
+    last = as_dict(await db.fetch_one(
+        sa.select(shows.c.id, shows.c.title).where(shows.c.channel_id == channel_id,
+                                                   shows.c.status == ENDED)
+        .order_by(shows.c.ended_at.desc(), shows.c.id.desc()).limit(1)))
+    if last is None:
+        return None
+    replay_id = await replay_of_show(db, last["id"])
+    return {**last, "replay_id": replay_id} if replay_id is not None else None
 
 
 async def set_avatar(db: Database, user_id: int, avatar: str) -> None:
@@ -231,14 +250,15 @@ async def follower_count(db: Database, host_id: int) -> int:
 
 
 async def go_live(db: Database, channel: dict, node_id: str | None, start_window: float,
-                  host_name: str) -> tuple[dict | None, bool, list[dict]]:
+                  host_name: str, grace: float) -> tuple[dict | None, bool, list[dict]]:
     """The channel went live: ``(show, started, notes)``.
 
     ``started`` is False for a duplicate hook (the channel was live already) and for a host
     who came back within the grace period (the same show resumes); only a start notifies, and
     ``notes`` are the notifications that start stored (one per user: followers and those
     reminded).  The channel row's conditional update decides, so two processes handling the
-    publish start the show once."""
+    publish start the show once.  A resume is a conditional update too (the show still live,
+    its stream away for less than ``grace``): when the ender won, a new show starts."""
     async def work():
         stamp = now()
         await db.execute(channels.update().where(
@@ -251,12 +271,25 @@ async def go_live(db: Database, channel: dict, node_id: str | None, start_window
         current = as_dict(await db.fetch_one(shows.select().where(
             shows.c.channel_id == channel["id"], shows.c.status == LIVE)
             .order_by(shows.c.id.desc()).limit(1)))
+        if current is not None and current["ended_at"] is None:
+            return current, False, []  # a duplicate hook: the show runs
         if current is not None:
-            if current["ended_at"] is not None:  # back within the grace period
-                await db.execute(shows.update().where(shows.c.id == current["id"])
-                                 .values(ended_at=None))
-                current["ended_at"] = None
-            return current, False, []
+            # back within the grace period: resume only if the ender has not ended it since
+            # the read above (the same conditions as end_overdue_shows, reversed), else the
+            # show would be ended with ended_at NULL and the host live with no live show
+            await db.execute(shows.update().where(
+                shows.c.id == current["id"], shows.c.status == LIVE,
+                shows.c.ended_at.is_not(None), shows.c.ended_at > stamp - grace)
+                .values(ended_at=None))
+            if await db.affected_rows() == 1:
+                return {**current, "ended_at": None}, False, []
+            # the ender won, or the grace ran out before it came: a show whose grace is over
+            # ends here unannounced (the room hears "live" now, never "ended" after it), and
+            # the call that turned the channel live starts a new one
+            await db.execute(shows.update().where(
+                shows.c.id == current["id"], shows.c.status == LIVE,
+                shows.c.ended_at.is_not(None), shows.c.ended_at <= stamp - grace)
+                .values(status=ENDED))
         if not first:
             return None, False, []
         scheduled = as_dict(await db.fetch_one(shows.select().where(

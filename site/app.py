@@ -140,10 +140,14 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
         return RedirectResponse(exc.headers["Location"], status_code=exc.status_code)
     if request.url.path.startswith("/api/") or \
             request.headers.get("accept", "").startswith("application/json"):
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        # the exception's headers too (Retry-After on a 429)
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code,
+                            headers=exc.headers)
     try:
-        return render(request, "error.html", status_code=exc.status_code,
+        page = render(request, "error.html", status_code=exc.status_code,
                       status=exc.status_code, message=exc.detail)
+        page.headers.update(exc.headers or {})
+        return page
     except Exception:  # the error page must never fail itself
         return PlainTextResponse(str(exc.detail), status_code=exc.status_code)
 
@@ -207,6 +211,9 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             heart_limiter=make_rate_limiter(settings.heart_rate, settings.heart_window,
                                             settings.broker_url, settings.broker_prefix,
                                             "hearts"),
+            # per host across every site process: each pin is a node call and a room event
+            pin_limiter=make_rate_limiter(settings.pin_rate, settings.pin_window,
+                                          settings.broker_url, settings.broker_prefix, "pins"),
             room_live=RoomLive(settings, broker),
             room_connections=chat.Connections(),
             session_watch=chat.SessionWatch(broker),
@@ -259,6 +266,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             await site["chat_limiter"].close()
             await site["room_live"].close()
             await site["heart_limiter"].close()
+            await site["pin_limiter"].close()
             await broker.close()
             await db.disconnect()
 

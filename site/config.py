@@ -98,6 +98,10 @@ class SiteSettings:
     login_attempts: int = 5  # failures per email and address per window, then backoff
     login_window: float = 900.0
     chat_rate: int = 5  # messages per user per 10 s
+    # pins (and unpins) per host per pin_window, across site processes: each pin is a cue
+    # call to the node and an event to every viewer of the room; more answer 429
+    pin_rate: int = 20
+    pin_window: float = 10.0
     chat_max_length: int = 300
     # abuse limits
     password_min_length: int = 10
@@ -199,7 +203,8 @@ class SiteSettings:
         if not 0.2 <= self.viewers_interval <= 2:
             # the count must follow arrivals and departures within about 2 s
             raise ConfigError("WATCHBUY_VIEWERS_INTERVAL: seconds, from 0.2 to 2")
-        check_ranges(self, positive=("heart_rate", "heart_window", "heart_batch_max"))
+        check_ranges(self, positive=("heart_rate", "heart_window", "heart_batch_max",
+                                     "pin_rate", "pin_window"))
         if self.ws_send_queue < 1:
             raise ConfigError("WATCHBUY_WS_SEND_QUEUE: at least 1")
         if self.low_stock_threshold < 0:

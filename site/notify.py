@@ -105,11 +105,22 @@ class Mailer:
         with cls(self.host, self.port, timeout=self.timeout) as smtp:
             if self.username:
                 smtp.login(self.username, self.password or "")
+            unusable, last_error = 0, None
             for to, subject, text in messages:
-                message = EmailMessage()
-                message["From"], message["To"], message["Subject"] = self.sender, to, subject
-                message.set_content(text)
+                # one bad message (a line break in a subject or an address: EmailMessage
+                # refuses it) must not cost the rest of the batch
+                try:
+                    message = EmailMessage()
+                    message["From"], message["To"], message["Subject"] = self.sender, to, subject
+                    message.set_content(text)
+                except ValueError as exc:
+                    unusable += 1
+                    last_error = exc
+                    continue
                 smtp.send_message(message)
+            if unusable:
+                limited.warning("unusable", "%d of %d emails not sent: %s", unusable,
+                                len(messages), last_error)
 
     async def drain(self) -> None:
         """Wait for the messages queued so far (shutdown, tests)."""

@@ -3,7 +3,7 @@
 A page anyone gets alike (the room page and the home page for a visitor who is not logged in)
 is rendered once and served from memory until it expires (``WATCHBUY_PAGE_CACHE_SECONDS``) or
 until an event changes what it shows: a room's pin, products, stock, live/offline, a sale, the
-end of a show or a new title drop that room's pages (and the home page, for the events that
+end of a show, its replay or a new title drop that room's pages (and the home page, for the events that
 change the list of rooms).  The only per-visitor part of such a page is its CSRF token: the
 page is rendered with a marker in its place and each answer puts the visitor's own token in.
 What a room page is made of is kept the same way, for visitors who are logged in (their page
@@ -47,8 +47,8 @@ limited_log = LogLimiter(log, interval=60.0)
 # Room events after which a kept room page no longer shows the room as it is; the second set
 # also changes the home page's list of rooms.
 CHANGING_EVENTS = frozenset({"pinned", "products", "stock", "live", "offline", "ended",
-                             "sale", "sale_ended", "title"})
-HOME_CHANGING_EVENTS = frozenset({"live", "offline", "ended", "title"})
+                             "sale", "sale_ended", "title", "replay"})
+HOME_CHANGING_EVENTS = frozenset({"live", "offline", "ended", "title", "replay"})
 PAGES_TOPIC = "pages"  # {"type": "changed", "room": <channel id>, "event": <its type>}
 HOME = 0  # the room id under which the home page is kept (channel ids start at 1)
 RESUBSCRIBE_DELAY = 1.0  # seconds before following PAGES_TOPIC again after it broke

@@ -35,7 +35,9 @@ from starlette.routing import Route
 
 from watchbuy.db import queries
 from watchbuy.db import replays as db_replays
+from watchbuy.db import shows as show_queries
 from watchbuy.logs import LogLimiter
+from watchbuy.site.chat import publish_room_event
 from watchbuy.site.rooms import product_card
 from watchbuy.site.security import origin_of
 from watchbuy.site.state import SiteState, state
@@ -114,7 +116,28 @@ async def recording_hook(site: SiteState, channel: dict, call: dict) -> JSONResp
         return JSONResponse({"error": f"bad field {exc}"}, status_code=400)
     recording_id = await db_replays.add_recording(site["db"], channel["id"], values)
     log.info("room %s: recording %d %s", channel["slug"], recording_id, values["status"])
+    if values["status"] == "ready":
+        await announce_replay(site, recording_id)
     return JSONResponse({"ok": True, "recording_id": recording_id})
+
+
+async def announce_replay(site: SiteState, recording_id: int) -> None:
+    """A recording is ready after the remux and upload, usually after its show ended (and
+    the ``ended`` event went out without a replay): tell the room, whose "show has ended" card
+    links it.  Read after the recording committed and the ender reads the replay after the end
+    committed, so one of the two always sees the other and links it."""
+    db = site["db"]
+    found = await db_replays.recording(db, recording_id)
+    if found is None or found["show_id"] is None:
+        return
+    show = await show_queries.show(db, found["show_id"])
+    if show is None or show["status"] != show_queries.ENDED:
+        return  # still live or within the grace: the ender links it
+    replay_id = await show_queries.replay_of_show(db, show["id"])
+    if replay_id is not None:  # the longest of the show's recordings, maybe not this one
+        await publish_room_event(site["broker"], show["channel_id"],
+                                 {"type": "replay", "show_id": show["id"],
+                                  "replay_url": f"/replay/{replay_id}"})
 
 
 def timeline(recording: dict, pins: list[dict], cards: dict[int, dict]) -> list[dict]:
@@ -190,23 +213,40 @@ def _delete_stored(settings, url: str) -> None:
             Bucket=match.group(1), Key=parsed.path.lstrip("/"))
 
 
-async def expire_recordings(site: SiteState) -> int:
-    """Delete the replays past their retention and mark them expired; how many."""
+# Recordings read per batch by the expiry job; it pages on until none is left.
+EXPIRE_BATCH = 100
+
+
+async def expire_recordings(site: SiteState, batch: int = EXPIRE_BATCH) -> int:
+    """Delete the replays past their retention and mark them expired, batch after batch until
+    none is left; how many.  One that cannot be deleted (S3 unreachable, a file the site may
+    not remove) is skipped and tried again next round: it never holds up the others."""
     settings = site["settings"]
     days = settings.record_retention_days
     if not days:
         return 0
     db = site["db"]
-    expired = 0
-    for recording in await db_replays.expired_recordings(db, time.time() - days * 86400):
-        try:
-            await asyncio.to_thread(_delete_stored, settings, recording["url"] or "")
-        except Exception as exc:  # S3 unreachable: try again next round
-            _refusals.warning("delete", "cannot delete replay %d (%s): %s", recording["id"],
-                              recording["url"], exc)
-            continue
-        await db_replays.mark_expired(db, recording["id"])
-        expired += 1
+    cutoff = time.time() - days * 86400
+    expired = failed = 0
+    last_id, last_error = 0, ""
+    while True:
+        found = await db_replays.expired_recordings(db, cutoff, batch, after_id=last_id)
+        for recording in found:
+            last_id = recording["id"]
+            try:
+                await asyncio.to_thread(_delete_stored, settings, recording["url"] or "")
+            except Exception as exc:
+                failed += 1
+                last_error = f"replay {recording['id']} ({recording['url']}): {exc}"
+                continue
+            await db_replays.mark_expired(db, recording["id"])
+            expired += 1
+        if len(found) < batch:
+            break
+    if failed:
+        # one line a round, however many failed: the same rows fail again every hour
+        _refusals.warning("delete", "could not delete %d expired replays (tried again next "
+                          "round); the last: %s", failed, last_error)
     if expired:
         log.info("expired %d replays older than %g days", expired, days)
     return expired

@@ -137,7 +137,8 @@ async def home(request: Request):
 
 async def show_info(site: SiteState, channel: dict, user: dict | None) -> dict:
     """What the room shows of its shows: the next scheduled one (with whether this shopper
-    asked to be reminded) and whether they follow the host (site/templates/_show_ended.html)."""
+    asked to be reminded), whether they follow the host and the last show's replay
+    (site/templates/_show_ended.html)."""
     db = site["db"]
     found = await show_queries.upcoming_shows(db, 1, channel_id=channel["id"],
                                               user_id=user["id"] if user else None)
@@ -146,7 +147,11 @@ async def show_info(site: SiteState, channel: dict, user: dict | None) -> dict:
         next_show["starts_iso"] = iso_utc(next_show["scheduled_at"])
     following = user is not None and await show_queries.follows_host(db, user["id"],
                                                                      channel["host_id"])
-    return {"next_show": next_show, "following": following}
+    # the replay of the show that ended, from the database: the "replay" event may have gone
+    # out before this visitor came (the offline room links it; a live room needs no link)
+    last_replay = None if channel["is_live"] else await show_queries.last_ended_replay(
+        db, channel["id"])
+    return {"next_show": next_show, "following": following, "last_replay": last_replay}
 
 
 async def load_channel(request: Request) -> dict:

@@ -31,7 +31,15 @@ from watchbuy.site.notify import deliver
 from watchbuy.site.rooms import iso_utc
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.studio import read_image
-from watchbuy.site.web import read_form, redirect, render, require_host, require_user, safe_next
+from watchbuy.site.web import (
+    read_form,
+    redirect,
+    render,
+    require_host,
+    require_user,
+    safe_next,
+    single_line,
+)
 
 log = logging.getLogger("watchbuy.site.shows")
 
@@ -49,7 +57,8 @@ async def on_publish(site: SiteState, channel: dict, node_id: str | None) -> Non
     host = await queries.user_by_id(site["db"], channel["host_id"])
     host_name = host["display_name"] if host else channel["title"]
     show, started, notes = await show_queries.go_live(
-        site["db"], channel, node_id, site["settings"].show_start_window, host_name)
+        site["db"], channel, node_id, site["settings"].show_start_window, host_name,
+        site["settings"].show_end_grace)
     if show is None:
         return
     if started:
@@ -197,7 +206,7 @@ async def save_show(request: Request):
             continue
         if product_id in own_ids and product_id not in chosen:  # never another host's product
             chosen.append(product_id)
-    values = {"title": (form.get("title") or "").strip(), "starts": form.get("starts") or "",
+    values = {"title": single_line(form.get("title")), "starts": form.get("starts") or "",
               "products": chosen}
     errors: dict[str, str] = {}
     if not 2 <= len(values["title"]) <= 100:

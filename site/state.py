@@ -49,6 +49,7 @@ class SiteState(TypedDict):
     metrics: SiteMetrics
     chat_limiter: RateLimiter | RedisRateLimiter  # per user, shared by every site process
     heart_limiter: RateLimiter | RedisRateLimiter  # heart frames per shopper, shared
+    pin_limiter: RateLimiter | RedisRateLimiter  # pins per host, shared
     room_live: RoomLive  # hearts and viewer counts
     room_connections: Connections
     session_watch: SessionWatch

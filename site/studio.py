@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
+import math
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -12,7 +14,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from watchbuy import urls
 from watchbuy.db import queries, shopping
+from watchbuy.logs import LogLimiter
 from watchbuy.site import replays
 from watchbuy.site.accounts import ensure_channel
 from watchbuy.site.chat import publish_room_event
@@ -33,7 +37,11 @@ from watchbuy.site.web import (
     redirect,
     render,
     require_host,
+    single_line,
 )
+
+log = logging.getLogger("watchbuy.site.studio")
+_limited = LogLimiter(log, interval=30.0)
 
 MAX_STOCK = 1_000_000
 # A keyframe interval above this makes late joiners wait and LL-HLS segments long.
@@ -145,7 +153,12 @@ async def render_studio(request: Request, status_code: int = 200, **extra):
         product["image_url"] = (site["storage"].url(product["image"])
                                 if product["image"] else None)
     room_url = f"{site['settings'].public_url}/room/{channel['slug']}"
-    play_url = await site["media"].play_url(channel["live_node_id"], channel["slug"])
+    if channel["is_live"] or ingest is None:
+        play_url = await site["media"].play_url(channel["live_node_id"], channel["slug"])
+    else:
+        # not live yet: the stream will land on the node this page tells the host to push to
+        # (the balancer's choice), not necessarily the local one; the CSP below follows it
+        play_url = urls.flv_url(ingest["play_base"], channel["slug"])
     if play_url:
         # the preview player fetches from the node: this page's CSP must allow it (web.render)
         request.state.csp_media_origin = origin_of(play_url)
@@ -172,7 +185,7 @@ async def regenerate_key(request: Request):
 async def update_title(request: Request):
     host = require_host(request)
     form = await read_form(request)
-    title = (form.get("title") or "").strip()
+    title = single_line(form.get("title"))
     if 2 <= len(title) <= 100:
         site = state(request)
         await queries.update_channel_title(site["db"], host["id"], title)
@@ -390,9 +403,19 @@ async def change_stock(request: Request):
 async def pin(request: Request):
     """Pin one product (or none): every viewer's page shows the card at once."""
     host = require_host(request)
-    db = state(request)["db"]
+    site = state(request)
+    db = site["db"]
     channel = await ensure_channel(db, host["id"], host["display_name"])
     form = await read_form(request)
+    settings = site["settings"]
+    if not await site["pin_limiter"].claim(host["id"]):
+        # each pin is a cue call to the node and an event to every viewer of the room
+        _limited.warning("pin", "host %s: pin refused (over %d per %g s)", host["id"],
+                         settings.pin_rate, settings.pin_window)
+        raise HTTPException(429, f"Too many pins: at most {settings.pin_rate} every "
+                                 f"{settings.pin_window:g} seconds. Wait a moment and pin "
+                                 "again.", headers={"Retry-After": str(math.ceil(
+                                     settings.pin_window))})
     raw = (form.get("product_id") or "").strip()
     product_id = None
     if raw:
@@ -408,13 +431,34 @@ async def pin(request: Request):
     await queries.set_pinned(db, channel["id"], product_id)
     card = None
     if product_id is not None:
-        card = (await room_cards(state(request), channel["id"], [product]))[0]
+        card = (await room_cards(site, channel["id"], [product]))[0]
     # while live: a cue point in the stream and a pin on the media clock (site/replays.py)
-    event = await replays.pinned_event(state(request), channel, product_id, card)
-    await publish_room_event(state(request)["broker"], channel["id"], event)
-    return answer(request, {"pinned": card, "media_ms": event.get("media_ms"),
-                            **await host_state(state(request), host["id"])},
+    event = await replays.pinned_event(site, channel, product_id, card)
+    # The cue call may take up to a second, and a pin made meanwhile (here or in another
+    # process) may have been published already: what goes out is the pin as it stands now,
+    # so the last event every viewer gets is the channel's current pin, whatever the order.
+    event = await current_pin_event(site, host["id"], product_id, event)
+    await publish_room_event(site["broker"], channel["id"], event)
+    return answer(request, {"pinned": event["product"], "media_ms": event.get("media_ms"),
+                            **await host_state(site, host["id"])},
                   "/studio?notice=pinned")
+
+
+async def current_pin_event(site: SiteState, host_id: int, product_id: int | None,
+                            event: dict) -> dict:
+    """``event`` when ``product_id`` is still what the host's channel pins, else the
+    ``pinned`` event of what it pins now (without ``media_ms``: that cue was another pin's)."""
+    db = site["db"]
+    channel = await queries.channel_by_host(db, host_id)
+    current = channel["pinned_product_id"] if channel else None
+    if current == product_id or channel is None:
+        return event
+    card = None
+    if current is not None:
+        product = await queries.product(db, current)
+        if product is not None and product["shown"] and not product["deleted"]:
+            card = (await room_cards(site, channel["id"], [product]))[0]
+    return {"type": "pinned", "product": card}
 
 
 async def announce_products(site: SiteState, host_id: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -160,6 +161,14 @@ async def read_fields(request: Request) -> dict[str, str]:
                 if isinstance(value, bool) else str(value) for key, value in data.items()}
     form = await read_form(request)
     return {key: value for key, value in form.items() if isinstance(value, str)}
+
+
+def single_line(text: str | None) -> str:
+    """A one-line field (a title) as stored: control characters and line breaks become
+    spaces and runs of spaces one.  A title goes into email subjects, where a line break is a
+    ValueError (header injection), and into headings where it means nothing."""
+    spaced = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text or "")
+    return " ".join(spaced.split())
 
 
 def redirect(url: str) -> RedirectResponse:

@@ -20,10 +20,12 @@ from moto import mock_aws
 
 from watchbuy.db import queries
 from watchbuy.db import replays as db_replays
+from watchbuy.db import shows as show_queries
 from watchbuy.db.schema import pins, recordings
 from watchbuy.engine.codecs import amf, flvmux
 from watchbuy.engine.hooks import StaticKeys
 from watchbuy.engine.node import MediaNode
+from watchbuy.site.chat import room_topic
 from watchbuy.site.replays import expire_recordings
 from watchbuy.site.state import app_state
 
@@ -203,6 +205,93 @@ async def test_a_report_made_again_files_one_replay_and_a_file_not_here_is_faile
     assert [r["id"] for r in await db_replays.channel_replays(site.db, channel["id"])] == [
         answers[0].json()["recording_id"]]
     assert (await (await site.browser()).get(f"/replay/{row['id']}")).status_code == 404
+
+
+async def test_expiry_pages_through_every_old_replay_and_skips_one_it_cannot_delete(
+        site, caplog):
+    host = await site.user("Otto Old", host=True)
+    folder = site.settings.recordings_dir
+    folder.mkdir(parents=True)
+    ids = []
+    for n in range(7):
+        name = f"old-{n}.mp4"
+        if n == 0:
+            (folder / name).mkdir()  # the oldest cannot be unlinked: a directory
+        else:
+            (folder / name).write_bytes(b"\0")
+        ids.append(await site.db.execute(recordings.insert().values(
+            channel_id=host["channel"]["id"], stream_name="x", status="ready",
+            started_at=time.time() - 3 * 86400, ended_at=time.time() - 3 * 86400 + 60,
+            url=f"/replays/media/{name}")))
+    site.settings.record_retention_days = 1
+    caplog.set_level("WARNING", "watchbuy.site.replays")
+    # batches of 3: the undeletable row first in the first batch, six expire all the same
+    assert await expire_recordings(app_state(site.app), batch=3) == 6
+    statuses = {r[0]: r[1] for r in await site.db.fetch_all("SELECT id, status FROM recordings")}
+    assert statuses == {ids[0]: "ready", **{i: "expired" for i in ids[1:]}}
+    assert sorted(p.name for p in folder.iterdir()) == ["old-0.mp4"]
+    lines = [r.getMessage() for r in caplog.records if "could not delete" in r.getMessage()]
+    assert len(lines) == 1 and "could not delete 1 expired replays" in lines[0]
+    assert "old-0.mp4" in lines[0]
+
+
+async def publish_hook(site, call: str, channel: dict) -> None:
+    client = await site.browser()
+    response = await client.http.post("/hooks/rtmp", **signed_hook(site.settings.hook_secret, {
+        "call": call, "app": "live", "key": channel["stream_key"], "name": channel["slug"],
+        "node_id": "local"}))
+    assert response.status_code == 200, response.text
+
+
+async def next_of(subscription, kind: str, timeout: float = 10.0) -> dict:
+    async def find() -> dict:
+        async for message in subscription:
+            if message["type"] == kind:
+                return dict(message)
+        raise AssertionError(f"no {kind!r} event")
+
+    return await asyncio.wait_for(find(), timeout)
+
+
+async def test_a_replay_ready_after_the_show_ended_reaches_the_room_and_its_page(make_site):
+    site = await make_site(show_end_grace=0.2)
+    host = await site.user("Rhea Late", host=True)
+    channel = host["channel"]
+    events = site.app.state.broker.subscribe(room_topic(channel["id"]))
+    await events.ready()
+    await publish_hook(site, "publish", channel)
+    await publish_hook(site, "publish_done", channel)
+    ended = await next_of(events, "ended")
+    assert ended["replay_url"] is None  # the node is still remuxing
+    [show] = [s for s in await show_queries.channel_shows(site.db, channel["id"])]
+    visitor = await site.browser()
+    page = await visitor.get(f"/room/{channel['slug']}")
+    assert 'id="offline-replay"' in page.text and "Watch the replay:" not in page.text
+
+    # an OBS reconnect within the grace made two recordings: a fragment and the show
+    span = {"started_at": show["started_at"], "ended_at": show["ended_at"]}
+    fragment = await recording_call(site, channel, duration=3.0, file="frag.mp4", **span)
+    fragment_id = fragment.json()["recording_id"]
+    event = await next_of(events, "replay")
+    assert event["replay_url"] == f"/replay/{fragment_id}" and event["show_id"] == show["id"]
+    whole = await recording_call(site, channel, duration=20.0, file="whole.mp4", **span)
+    whole_id = whole.json()["recording_id"]
+    assert (await next_of(events, "replay"))["replay_url"] == f"/replay/{whole_id}"
+    # a later fragment does not take the link from the longest
+    await recording_call(site, channel, duration=2.0, file="tail.mp4", **span)
+    assert (await next_of(events, "replay"))["replay_url"] == f"/replay/{whole_id}"
+    assert await show_queries.replay_of_show(site.db, show["id"]) == whole_id
+    # the offline room links it from the database (the kept page was dropped by the event)
+    page = await visitor.get(f"/room/{channel['slug']}")
+    assert f'href="/replay/{whole_id}"' in page.text and "Watch the replay:" in page.text
+    # a recording of a show still within its grace sends nothing: the ender links it
+    await publish_hook(site, "publish", channel)
+    live = (await show_queries.live_shows(site.db))[channel["id"]]
+    await recording_call(site, channel, duration=5.0, file="live.mp4",
+                         started_at=live["started_at"], ended_at=live["started_at"] + 1)
+    with pytest.raises(TimeoutError):
+        await next_of(events, "replay", timeout=1.0)
+    await events.close()
 
 
 async def test_a_failed_recording_is_filed_as_failed_without_a_replay(site):

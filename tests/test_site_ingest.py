@@ -61,6 +61,12 @@ async def test_studio_hands_a_new_host_the_less_loaded_node(tmp_path):
             studio = await browser.get("/studio")
             assert f"rtmp://127.0.0.1:{idle.rtmp_port}/live" in studio.text
             assert f":{busy.rtmp_port}/" not in studio.text
+            # the preview, opened before going live, plays from that node, and the CSP lets it
+            idle_origin = f"http://127.0.0.1:{idle.http_port}"
+            assert f'data-play-url="{idle_origin}/live/' in studio.text
+            media_src = next(p for p in studio.headers["content-security-policy"].split("; ")
+                             if p.startswith("media-src"))
+            assert idle_origin in media_src
 
             # the room plays from the node the stream is live on
             channel = await queries.channel_by_host(db, host["id"])

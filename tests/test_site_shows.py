@@ -40,7 +40,7 @@ from hook_helpers import signed_hook
 from PIL import Image
 from show_helpers import SmtpSink, served
 
-from watchbuy.db import queries
+from watchbuy.db import migrations, queries
 from watchbuy.db import shows as show_queries
 from watchbuy.db.database import Database, now
 from watchbuy.db.schema import recordings
@@ -314,6 +314,84 @@ async def test_reconnect_within_grace_resumes_and_after_grace_the_show_ends(make
     assert len(await user_notes(site, follower)) == 2
 
 
+async def test_a_resume_racing_the_grace_ender_never_leaves_an_ended_show_open(
+        make_site) -> None:
+    """The ender ends the show (its row locked, not yet committed) while the host's publish
+    reads it as resumable: the resume must see the end and start a new show, never clear the
+    ended show's ended_at and leave the live channel without a live show."""
+    grace = 30.0
+    site = await make_site(show_end_grace=grace)
+    host = await site.user("Hana", host=True)
+    channel = host["channel"]
+    await hook(site, "publish", host)
+    await hook(site, "publish_done", host)
+    first = (await show_queries.live_shows(site.db))[channel["id"]]
+    assert first["ended_at"] is not None
+    locked, release = asyncio.Event(), asyncio.Event()
+
+    async def ender() -> None:
+        # end_overdue_shows' UPDATE, held open while go_live reads and tries to resume
+        async with site.db.transaction():
+            await site.db.execute(
+                "UPDATE shows SET status = 'ended' WHERE id = :id AND status = 'live'",
+                {"id": first["id"]})
+            locked.set()
+            await release.wait()
+
+    async def publisher():
+        await locked.wait()
+        channel_row = await queries.channel_by_slug(site.db, channel["slug"])
+        return await show_queries.go_live(site.db, channel_row, "local", 600, "Hana", grace)
+
+    ending = asyncio.ensure_future(ender())
+    going = asyncio.ensure_future(publisher())
+    await locked.wait()
+    await asyncio.sleep(0.5)  # go_live reads the snapshot and (MariaDB) waits on the row lock
+    release.set()
+    await ending
+    show, started, _ = await going
+    assert started and show["id"] != first["id"]
+    rows = await site.db.fetch_all(
+        "SELECT id, status, ended_at FROM shows WHERE channel_id = :c ORDER BY id",
+        {"c": channel["id"]})
+    assert [(r[0], r[1], r[2] is None) for r in rows] == [
+        (first["id"], "ended", False), (show["id"], "live", True)]
+    assert (await queries.channel_by_slug(site.db, channel["slug"]))["is_live"]
+
+    # a resume after the grace ran out (the ender not yet round): that show ends unannounced
+    # and the publish starts a new one, so the ender never sends "ended" over a live room
+    await hook(site, "publish_done", host)
+    await site.db.execute("UPDATE shows SET ended_at = :t WHERE id = :id",
+                          {"t": now() - grace - 1, "id": show["id"]})
+    channel_row = await queries.channel_by_slug(site.db, channel["slug"])
+    third, started, _ = await show_queries.go_live(site.db, channel_row, "local", 600, "Hana",
+                                                   grace)
+    assert started and third["id"] != show["id"]
+    assert (await show_queries.show(site.db, show["id"]))["status"] == "ended"
+    assert await show_queries.end_overdue_shows(site.db, grace) == []
+
+
+async def notification_indexes(db) -> set[str]:
+    if db.dialect_name == "sqlite":
+        return {row[1] for row in await db.fetch_all("PRAGMA index_list(notifications)")}
+    return {row[0] for row in await db.fetch_all(
+        "SELECT INDEX_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() "
+        "AND TABLE_NAME = 'notifications'")}
+
+
+async def test_notifications_of_a_show_are_indexed_on_new_and_upgraded_databases(site) -> None:
+    # go_live reads a show's notifications under the channel's lock: never a table scan
+    db = site.db
+    assert "ix_notifications_show" in await notification_indexes(db)  # a new database
+    # a database that reached version 2 before: migration 3 makes the index
+    await db.execute("DROP INDEX ix_notifications_show"
+                     + (" ON notifications" if db.dialect_name == "mysql" else ""))
+    await db.execute("DELETE FROM schema_version WHERE version > 2")
+    assert "ix_notifications_show" not in await notification_indexes(db)
+    assert await migrations.upgrade(db) == [3]
+    assert "ix_notifications_show" in await notification_indexes(db)
+
+
 async def test_the_notification_stream_and_page(make_site) -> None:
     site = await make_site()
     host = await site.user("Hana", host=True)
@@ -368,6 +446,40 @@ async def test_email_goes_out_through_smtp_when_configured(make_site) -> None:
         assert mail.message["From"] == "WatchBuy <shows@watchbuy.test>"
         body = mail.message.get_payload(decode=True).decode()
         assert f"http://shop.test/room/{host['channel']['slug']}" in body
+    finally:
+        sink.close()
+
+
+async def test_a_line_break_in_a_title_is_stripped_and_a_bad_mail_costs_only_itself(
+        make_site, caplog) -> None:
+    sink = SmtpSink()
+    try:
+        site = await make_site(smtp_url=sink.url, smtp_from="WatchBuy <shows@watchbuy.test>")
+        host = await site.user("Hana", host=True)
+        # pasted with a line break and a tab: stored on one line
+        browser = await site.browser(host)
+        await browser.get("/studio/shows")
+        response = await browser.post("/studio/shows/new", {
+            "title": "Mail\r\nBcc: x@evil.test\tday", "starts": form_time(time.time() + 60),
+            "tz_offset": "0"})
+        assert response.status_code == 303, response.text
+        [stored] = await show_queries.channel_shows(site.db, host["channel"]["id"])
+        assert stored["title"] == "Mail Bcc: x@evil.test day"
+        await browser.get("/studio")
+        await browser.post("/studio/title", {"title": "Late\nnight"})
+        channel = await queries.channel_by_slug(site.db, host["channel"]["slug"])
+        assert channel["title"] == "Late night"
+        # a message EmailMessage refuses (a subject from before this check) is skipped and
+        # counted in one line; the rest of the batch goes out
+        notify.limited.reset()  # rate-limited per process: the other database's run logged
+        mailer = notify.Mailer(sink.url, "WatchBuy <shows@watchbuy.test>")
+        mailer.send([("a@watchbuy.test", "Bad\nsubject", "one"),
+                     ("b@watchbuy.test", "Good subject", "two")])
+        await mailer.drain()
+        [mail] = await sink.wait_for(1)
+        assert mail.recipients == ["b@watchbuy.test"]
+        assert mail.message["Subject"] == "Good subject"
+        assert "1 of 2 emails not sent" in caplog.text
     finally:
         sink.close()
 
@@ -688,3 +800,109 @@ def test_in_chromium_schedule_remind_follow_live_badge_and_ended_card(
         assert db.execute("SELECT status FROM shows WHERE id = ?", (show_id,)).fetchone() == \
             ("ended",)
     assert not violations, f"CSP violations: {violations}"
+
+
+def other_dst_date(zone: str) -> dt.datetime:
+    """A date at 20:00 in ``zone`` whose UTC offset differs from today's (across a
+    daylight-saving change from now), more than two days ahead and well within a year."""
+    from zoneinfo import ZoneInfo
+
+    tz = ZoneInfo(zone)
+    today = dt.datetime.now(tz)
+    for year in (today.year, today.year + 1):
+        for month in (1, 7):
+            at = dt.datetime(year, month, 15, 20, 0, tzinfo=tz)
+            if at - today > dt.timedelta(days=2) and at.utcoffset() != today.utcoffset():
+                return at
+    raise AssertionError("no date across a daylight-saving change within a year")
+
+
+@pytest.mark.timeout(120)
+def test_in_chromium_a_show_across_a_daylight_saving_change_starts_at_the_local_time_chosen(
+        shows_server, chromium) -> None:
+    server = shows_server
+    # the browser in Berlin; the start time is on the other side of a DST change from today
+    context = chromium.new_context(viewport=PHONE, is_mobile=True, has_touch=True,
+                                   timezone_id="Europe/Berlin", locale="en-GB")
+    context.set_default_timeout(20_000)
+    page = context.new_page()
+    try:
+        log_in(page, server.url, HOST_EMAIL, server.password, "/studio/shows")
+        starts = other_dst_date("Europe/Berlin")
+        title = f"Across DST {uuid.uuid4().hex[:6]}"
+        page.goto(f"{server.url}/studio/shows")
+        page.fill("#show-form input[name=title]", title)
+        page.fill("#show-form input[name=starts]", starts.strftime("%Y-%m-%dT%H:%M"))
+        with page.expect_navigation():
+            page.click("#show-form button[type=submit]")
+        assert "Show scheduled" in page.inner_text("main"), page.inner_text("main")[:400]
+        with contextlib.closing(sqlite_of(server)) as db:
+            [(show_id, stored)] = db.execute(
+                "SELECT id, scheduled_at FROM shows WHERE title = ?", (title,)).fetchall()
+        # 20:00 in Berlin on that day (CET or CEST as that day has it), not today's offset
+        assert stored == starts.timestamp(), (
+            dt.datetime.fromtimestamp(stored, dt.UTC), starts.astimezone(dt.UTC))
+        # the edit form shows it back as 20:00 local time on that day
+        page.goto(f"{server.url}/studio/shows/{show_id}")
+        shown = page.input_value("input[type=datetime-local]")
+        assert shown == starts.strftime("%Y-%m-%dT%H:%M")
+        # saved again unchanged, it stays where it was
+        with page.expect_navigation():
+            page.locator("input[type=datetime-local]").locator(
+                "xpath=ancestor::form").locator("button[type=submit]").first.click()
+        with contextlib.closing(sqlite_of(server)) as db:
+            [(again,)] = db.execute("SELECT scheduled_at FROM shows WHERE id = ?",
+                                    (show_id,)).fetchall()
+        assert again == starts.timestamp()
+    finally:
+        context.close()
+
+
+@pytest.mark.timeout(120)
+def test_in_chromium_a_replay_ready_after_the_end_joins_the_card_and_the_offline_room(
+        tmp_path, chromium) -> None:
+    """The node remuxes (and uploads) after the stream left, so the recording is usually ready
+    after the show ended: the open room's card gains the link, a new visitor finds it."""
+    secret = "late-replay-secret"
+    server = Server(tmp_path, env={"WATCHBUY_HOOK_SECRET": secret,
+                                   "WATCHBUY_SHOW_END_GRACE": "1"}).start()
+    context = chromium.new_context(viewport=PHONE, is_mobile=True, has_touch=True,
+                                   device_scale_factor=1)
+    context.set_default_timeout(20_000)
+
+    def call(name: str, **fields) -> None:
+        signed = signed_hook(secret, {"call": name, "app": "live", "key": server.stream_key,
+                                      "name": server.room_slug, "node_id": "local", **fields})
+        response = httpx.post(f"{server.url}/hooks/rtmp", content=signed["content"],
+                              headers=signed["headers"])
+        assert response.status_code == 200, response.text
+
+    try:
+        page = context.new_page()
+        page.goto(server.room_url)
+        page.wait_for_function("window.WatchBuyRoom !== undefined")
+        call("publish")
+        page.wait_for_selector("#live-badge.live")
+        call("publish_done")
+        page.wait_for_selector("#show-ended", state="visible")
+        assert page.locator("#show-ended-replay").is_hidden()  # not remuxed yet
+        with contextlib.closing(sqlite_of(server)) as db:
+            started, ended = db.execute("SELECT started_at, ended_at FROM shows "
+                                        "WHERE status = 'ended'").fetchone()
+        call("recording_ready", addr="", started_at=started, ended_at=ended, start_ms=0,
+             file="late-show.mp4", url="", duration=42.0, size=1000)
+        page.wait_for_selector("#show-ended-replay", state="visible")
+        with contextlib.closing(sqlite_of(server)) as db:
+            [(replay_id,)] = db.execute("SELECT id FROM recordings").fetchall()
+        assert page.get_attribute("#show-ended-replay", "href") == f"/replay/{replay_id}"
+        no_sideways_scroll(page)
+        screenshot(page, "show-ended-late-replay-phone.png")
+        # a visitor who comes later: the offline room links it from the database
+        page.goto(server.room_url)
+        page.wait_for_selector("#offline-replay", state="visible")
+        assert page.get_attribute("#offline-replay", "href") == f"/replay/{replay_id}"
+        no_sideways_scroll(page)
+        screenshot(page, "room-offline-replay-phone.png")
+    finally:
+        context.close()
+        server.stop()

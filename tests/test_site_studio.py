@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
+import json
 import os
 
 import pytest
@@ -588,3 +591,153 @@ async def test_concurrent_stock_changes_and_sales_all_count(site) -> None:
         *(queries.create_order_from_cart(site.db, b["id"], "test") for b in buyers))
     assert results[:6] == [200] * 6
     assert (await queries.product(site.db, mug["id"]))["stock"] == 10 + 6 - 4
+
+
+# -- pins: a rate per host, and the last event is the current pin --------------------------------
+
+
+async def test_pins_over_the_rate_get_a_clear_429_and_change_nothing(make_site, caplog) -> None:
+    from watchbuy.site import studio as studio_module
+
+    studio_module._limited.reset()  # rate-limited per process: the other database's run logged
+    site = await make_site(pin_rate=2, pin_window=60.0)
+    host = await site.user("Pia", host=True)
+    mug = await site.product(host, name="Mug")
+    tote = await site.product(host, name="Tote")
+    studio = await site.browser(host)
+    for product in (mug, tote):
+        assert (await studio.fetch("/studio/pin", {"product_id": str(product["id"])})).status_code \
+            == 200
+    refused = await studio.fetch("/studio/pin", {"product_id": str(mug["id"])})
+    assert refused.status_code == 429
+    assert refused.json()["error"].startswith("Too many pins: at most 2 every 60 seconds")
+    assert refused.headers["retry-after"] == "60"
+    assert (await queries.channel_by_host(site.db, host["id"]))["pinned_product_id"] == tote["id"]
+    assert "pin refused" in caplog.text
+    # a plain form post gets the error page with the same words; another host is not limited
+    page = await studio.post("/studio/pin", {"product_id": ""})
+    assert page.status_code == 429 and "Too many pins" in page.text
+    other = await site.user("Olu", host=True)
+    other_mug = await site.product(other, name="Mug")
+    answer = await (await site.browser(other)).fetch(
+        "/studio/pin", {"product_id": str(other_mug["id"])})
+    assert answer.status_code == 200
+
+
+def test_a_bad_pin_rate_setting_is_one_clear_line() -> None:
+    from watchbuy.settings import ConfigError
+    from watchbuy.site.config import load_site_settings
+
+    for name, value in (("WATCHBUY_PIN_RATE", "0"), ("WATCHBUY_PIN_WINDOW", "-1")):
+        with pytest.raises(ConfigError, match=name):
+            load_site_settings({name: value, "WATCHBUY_DATA_DIR": "/nonexistent-never-created"})
+
+
+class SlowCueNode:
+    """The node's cue endpoint on loopback (engine/cues.py answers ``{"media_ms"}``), slow for
+    one product: a node busy for most of the site's one-second cue budget."""
+
+    def __init__(self, slow_product: int, delay: float) -> None:
+        self.slow_product = slow_product
+        self.delay = delay
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                target = head.split(b" ", 2)[1].decode()
+                if f"product_id={self.slow_product}" in target:
+                    await asyncio.sleep(self.delay)
+                body = json.dumps({"media_ms": 1000}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_two_quick_pins_with_a_slow_cue_leave_viewers_on_the_second(make_site) -> None:
+    from watchbuy.site.chat import room_topic
+
+    async with contextlib.AsyncExitStack() as stack:
+        node = SlowCueNode(slow_product=-1, delay=0.8)
+        base = await stack.enter_async_context(node)
+        site = await make_site(node_stats_url=base)
+        host = await site.user("Quin", host=True)
+        mug = await site.product(host, name="Mug")
+        tote = await site.product(host, name="Tote")
+        node.slow_product = mug["id"]
+        await queries.set_live(site.db, host["channel"]["id"], True, "local")
+        events = site.app.state.broker.subscribe(room_topic(host["channel"]["id"]))
+        await events.ready()
+        studio = await site.browser(host)
+        first = asyncio.ensure_future(studio.fetch("/studio/pin", {"product_id": str(mug["id"])}))
+        await asyncio.sleep(0.2)  # the mug's cue is under way when the tote is pinned
+        second = await studio.fetch("/studio/pin", {"product_id": str(tote["id"])})
+        assert second.status_code == 200 and second.json()["pinned"]["id"] == tote["id"]
+        answered = await first
+        assert answered.status_code == 200
+        # the late answer says what is pinned now, as the room's last event does
+        assert answered.json()["pinned"]["id"] == tote["id"]
+        pinned = []
+        while len(pinned) < 2:
+            message = await asyncio.wait_for(events.__anext__(), 5)
+            if message["type"] == "pinned":
+                pinned.append(message["product"]["id"] if message["product"] else None)
+        assert pinned == [tote["id"], tote["id"]]
+        # both pins are on the media clock all the same (the replay's timeline)
+        rows = await site.db.fetch_all("SELECT product_id FROM pins ORDER BY id")
+        assert sorted(r[0] for r in rows) == sorted([mug["id"], tote["id"]])
+        await events.close()
+
+
+@pytest.mark.timeout(120)
+def test_in_chromium_the_studio_says_when_pins_are_over_the_rate(tmp_path) -> None:
+    from browser_helpers import (
+        CHROMIUM,
+        CHROMIUM_ARGS,
+        PHONE,
+        Server,
+        log_in,
+        require_browser,
+        screenshot,
+    )
+    from playwright.sync_api import sync_playwright
+
+    require_browser()
+    server = Server(tmp_path, env={"WATCHBUY_PIN_RATE": "2", "WATCHBUY_PIN_WINDOW": "60"}).start()
+    try:
+        with sync_playwright() as playwright:
+            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                                  headless=True, timeout=60_000)
+            page = chromium.new_context(viewport=PHONE, is_mobile=True, has_touch=True,
+                                        device_scale_factor=1).new_page()
+            page.set_default_timeout(20_000)
+            log_in(page, server.url, "host@watchbuy.local", server.password, "/studio")
+            page.evaluate("window.__sameDocument = true")
+            pin = page.locator("[data-pin]").first
+            for expected in ("Pinned ", "Unpinned."):
+                pin.click()
+                page.wait_for_function("t => document.getElementById('studio-status')"
+                                       ".textContent.startsWith(t)", arg=expected)
+            pin.click()  # the third within the minute
+            page.wait_for_function("() => document.getElementById('studio-status')"
+                                   ".textContent.startsWith('Too many pins')")
+            assert "at most 2 every 60 seconds" in page.inner_text("#studio-status")
+            assert page.evaluate("window.__sameDocument === true"), "the studio reloaded"
+            page.locator("#studio-status").scroll_into_view_if_needed()
+            screenshot(page, "studio-pin-rate-phone.png")
+            chromium.close()
+    finally:
+        server.stop()

@@ -1,5 +1,6 @@
 // The end of a show in the room: the "ended" room event (sent after the host's grace period)
-// shows the "show has ended" card with the next show and the replay; "live" hides it (the host
+// shows the "show has ended" card with the next show and the replay ("replay" adds the link,
+// there and in the offline card, when the recording is ready later); "live" hides it (the host
 // is back, or the next show started).  Listens to room.js's watchbuy:room-event only.
 (function () {
   "use strict";
@@ -27,7 +28,7 @@
       if (remind) remind.action = "/shows/" + encodeURIComponent(show.id) + "/remind";
     }
     replay.hidden = !data.replay_url;
-    if (data.replay_url) replay.href = data.replay_url;
+    replayReady(data);
     if (nextBar) nextBar.hidden = true;  // the card says it all
     // nobody is watching a show that ended (room.js may also get a "viewers" event)
     const count = document.getElementById("viewer-count");
@@ -35,9 +36,23 @@
     card.hidden = false;
   }
 
+  // the recording is ready after the remux and upload, usually after "ended" went out
+  const offlineReplay = document.getElementById("offline-replay");  // in the offline card
+  function replayReady(data) {
+    if (!data.replay_url) return;
+    replay.href = data.replay_url;
+    replay.hidden = false;
+    if (offlineReplay) {
+      offlineReplay.href = data.replay_url;
+      offlineReplay.textContent = "Watch the replay";
+      offlineReplay.hidden = false;
+    }
+  }
+
   document.addEventListener("watchbuy:room-event", function (event) {
     const data = event.detail || {};
     if (data.type === "ended") { showFollow(false); ended(data); }
+    else if (data.type === "replay") replayReady(data);
     else if (data.type === "live") {
       card.hidden = true;
       if (nextBar) nextBar.hidden = true;

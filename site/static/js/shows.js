@@ -1,5 +1,5 @@
 // Shows: start times in the shopper's own time zone, countdowns to upcoming shows, and the
-// schedule form's time zone (the server gets the browser's offset with the local time).
+// schedule form's time zone (the server gets the browser's offset at that local time).
 (function () {
   "use strict";
   function pad(n) { return String(n).padStart(2, "0"); }
@@ -35,9 +35,24 @@
   }
   if (counters.length) { tick(); setInterval(tick, 1000); }
 
-  // the schedule form: the browser's offset from UTC, and an edited show's time in local time
+  // the schedule form: the browser's offset from UTC at the chosen date and time (not today's:
+  // a show after a daylight-saving change is an hour off with today's), and an edited show's
+  // time in local time
+  function offsetAt(text) {
+    const m = /^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})/.exec(text || "");
+    const at = m ? new Date(+m[1], +m[2] - 1, +m[3], +m[4], +m[5]) : new Date();
+    return String((isNaN(at) ? new Date() : at).getTimezoneOffset());
+  }
+  function setOffset(form) {
+    const offset = form.querySelector("input[name=tz_offset]");
+    const starts = form.querySelector("input[type=datetime-local]");
+    if (offset) offset.value = offsetAt(starts && starts.value);
+  }
   document.querySelectorAll("input[name=tz_offset]").forEach(function (el) {
-    el.value = String(new Date().getTimezoneOffset());
+    if (el.form) setOffset(el.form);
+  });
+  document.addEventListener("input", function (event) {
+    if (event.target.type === "datetime-local" && event.target.form) setOffset(event.target.form);
   });
   document.querySelectorAll("input[type=datetime-local][data-utc]").forEach(function (el) {
     const date = new Date(el.dataset.utc);
@@ -47,6 +62,7 @@
   });
   document.addEventListener("submit", function (event) {
     const message = event.target.dataset && event.target.dataset.confirm;
-    if (message && !window.confirm(message)) event.preventDefault();
+    if (message && !window.confirm(message)) { event.preventDefault(); return; }
+    setOffset(event.target);  // the time as it is sent, however it was filled in
   });
 })();
