@@ -1,8 +1,9 @@
 // Buy now: a confirm sheet in the room (never leaving it) with the total, the address and the
 // payment, then a thank-you sheet.  The shop answers:
 //   GET  /api/checkout-info -> {addresses: [...], saved_card: {brand, last4} | null, cart_count, test_mode}
-//   POST /api/buy-now {product_id, address_id | address fields, card fields}
-//        -> {ok, order, thank_you_url} | {redirect} | {error, field} (4xx)
+//   POST /api/buy-now {product_id, address_id | address fields, card, expiry, cvc} (JSON)
+//        -> {ok, order: {id, total, items, address}, thank_you_url} | {redirect}
+//           | {error, field, errors?: {field: text}} (4xx; field "address" = none given)
 // A shop without these endpoints (404) gets a clear message and "Add to cart" instead.
 // Listens to document "watchbuy:buy" ({product, id, opener}) from room.js.
 (function () {
@@ -19,8 +20,8 @@
     ["country", "Country (2 letters, e.g. US)", "country", true],
   ];
   const CARD_FIELDS = [
-    ["card_number", "Card number", "cc-number", "numeric"], ["card_expiry", "Expiry (MM/YY)", "cc-exp", "numeric"],
-    ["card_cvc", "CVC", "cc-csc", "numeric"],
+    ["card", "Card number", "cc-number", "numeric"], ["expiry", "Expiry (MM/YY)", "cc-exp", "numeric"],
+    ["cvc", "CVC", "cc-csc", "numeric"],
   ];
 
   function el(tag, className, text) {
@@ -49,13 +50,28 @@
   }
 
   // The error beside the control it is about; the form's own line when no control matches.
-  function showError(message, fieldName) {
-    const input = fieldName ? body.querySelector('[name="' + CSS.escape(fieldName) + '"]') : null;
-    const box = input ? document.getElementById("buy-error-" + fieldName) : body.querySelector(".form-error");
+  // "address" (no address given) and "address_id" both belong to the "Ship to" box.
+  function showError(message, fieldName, focus) {
+    const input = fieldName ? body.querySelector('[name="' + CSS.escape(fieldName) + '"]:not([disabled])') : null;
+    let box = input ? document.getElementById("buy-error-" + fieldName) : null;
+    if (!box && (fieldName === "address" || fieldName === "address_id")) box = document.getElementById("buy-error-address");
+    if (!box) box = body.querySelector(".form-error");
     if (!box) return;
     box.textContent = message;
     box.hidden = false;
-    if (input) { input.setAttribute("aria-invalid", "true"); input.focus(); }
+    if (input) input.setAttribute("aria-invalid", "true");
+    if (focus === false) return;
+    const target = input || (box.id === "buy-error-address" ? body.querySelector(".addresses input:not([disabled])") : null);
+    if (target) target.focus();
+  }
+
+  // The server's answer: every field it names gets its line, the first one gets the focus.
+  function showErrors(result) {
+    const message = result.error || "The payment did not go through. Try again.";
+    showError(message, result.field);
+    Object.keys(result.errors || {}).forEach(function (name) {
+      if (name !== result.field) showError(result.errors[name], name, false);
+    });
   }
 
   function summary(product) {
@@ -94,7 +110,7 @@
         const label = el("label", "radio");
         const radio = el("input"); radio.type = "radio"; radio.name = "address_id"; radio.value = a.id;
         radio.checked = a.is_default || (i === 0 && !addresses.some(function (x) { return x.is_default; }));
-        label.append(radio, document.createTextNode(" " + [a.name, a.line1, a.line2, a.city, a.postal_code, a.region, a.country].filter(Boolean).join(", ")));
+        label.append(radio, document.createTextNode(" " + addressLine(a)));
         set.append(label);
       });
       const label = el("label", "radio");
@@ -109,7 +125,8 @@
       });
       newForm.querySelectorAll("input").forEach(function (i) { i.disabled = true; });
     }
-    const error = el("span", "field-error"); error.id = "buy-error-address_id"; error.hidden = true;
+    const error = el("span", "field-error"); error.id = "buy-error-address"; error.hidden = true;
+    error.setAttribute("role", "alert");
     set.append(newForm, error);
     return set;
   }
@@ -173,7 +190,7 @@
       const result = await response.json().catch(function () { return {}; });
       if (result.redirect) { location.assign(result.redirect); return; }  // e.g. Stripe's own page
       if (response.ok && result.ok) { thankYou(product, result); return; }
-      showError(result.error || "The payment did not go through. Try again.", result.field);
+      showErrors(result);
     } catch (e) {
       showError("Could not reach the shop. Check your connection and try again.");
     } finally {
@@ -181,14 +198,24 @@
     }
   }
 
+  function addressLine(a) {
+    return [a.name, a.line1, a.line2, a.city, a.postal_code, a.region, a.country].filter(Boolean).join(", ");
+  }
+
+  // The thank-you sheet from the shop's answer: what was bought at what price (a flash-sale
+  // price shows as charged), the total and where it ships.
   function thankYou(product, result) {
     title.textContent = "Thank you!";
     const order = result.order || {};
     const box = el("div", "thank-you");
     box.append(el("p", "notice", "Your order is paid" + (order.id ? " (order #" + order.id + ")" : "") + "."));
-    box.append(summary(product));
+    const items = el("ul", "order-items");
+    (order.items || []).forEach(function (item) {
+      items.append(el("li", "", item.quantity + " × " + item.name + " — " + item.unit_price));
+    });
+    if (items.children.length) box.append(items); else box.append(summary(product));
     if (order.total) box.append(el("p", "total", "Total " + order.total));
-    if (order.ship_to || order.address) box.append(el("p", "muted", "Ships to " + (order.ship_to || order.address)));
+    if (order.address) box.append(el("p", "muted ship-to", "Ships to " + addressLine(order.address)));
     const actions = el("div", "product-actions");
     if (result.thank_you_url) { const a = el("a", "button secondary", "See your order"); a.href = result.thank_you_url; actions.append(a); }
     const back = el("button", "", "Keep watching"); back.type = "button"; back.dataset.closeSheet = "";
@@ -196,7 +223,6 @@
     box.append(actions);
     body.replaceChildren(box);
     back.focus();
-    if (window.WatchBuyRoom && typeof result.cart_count === "number") window.WatchBuyRoom.cartCount(result.cart_count);
   }
 
   async function open(event) {
