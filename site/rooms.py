@@ -16,7 +16,7 @@ from watchbuy.site.flash import public_sale
 from watchbuy.site.media import hls_url
 from watchbuy.site.pagecache import HOME
 from watchbuy.site.state import SiteState, state
-from watchbuy.site.web import format_money, render
+from watchbuy.site.web import format_money, remember_cart_count, render
 
 
 def iso_utc(stamp: float | None) -> str:
@@ -180,9 +180,10 @@ async def room_page(request: Request):
     # the next show's reminder, the follow button and the header's cart badge (room.js keeps
     # it current as the shopper adds) are this shopper's own
     cart_count = sum(line["quantity"] for line in await queries.cart(site["db"], user["id"]))
-    return render(request, "room.html", channel=channel, host=room["host"], state=room["state"],
-                  is_host=user["id"] == channel["host_id"], cart_count=cart_count,
-                  **await show_info(site, channel, user))
+    return remember_cart_count(request, render(
+        request, "room.html", channel=channel, host=room["host"], state=room["state"],
+        is_host=user["id"] == channel["host_id"], cart_count=cart_count,
+        **await show_info(site, channel, user)), user["id"], cart_count)
 
 
 async def room_state_api(request: Request):
