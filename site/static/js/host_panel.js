@@ -20,17 +20,17 @@
   // ---- where the panel is ------------------------------------------------------------------
   // A column beside the chat on wide screens; a sheet elsewhere, opened by the rail's "Host"
   // button (sheet.js keeps focus inside it, Escape and × close it, focus goes back).
-  const opener = document.getElementById("open-host");
+  // (the button comes after this script in the page: one listener on the document finds it)
   const column = window.matchMedia("(min-width: 1100px)");
   panel.dataset.sheetKeep = "true";  // sheet.js: closing leaves the column in place
-  if (opener) {
-    opener.addEventListener("click", function () {
-      if (window.WatchBuySheet.isOpen(panel)) { window.WatchBuySheet.hide(panel); return; }
-      if (column.matches) { panel.focus({ preventScroll: true }); return; }
-      opener.setAttribute("aria-expanded", "true");
-      window.WatchBuySheet.show(panel, opener, function () { opener.setAttribute("aria-expanded", "false"); });
-    });
-  }
+  document.addEventListener("click", function (event) {
+    const opener = event.target.closest("#open-host");
+    if (!opener) return;
+    if (window.WatchBuySheet.isOpen(panel)) { window.WatchBuySheet.hide(panel); return; }
+    if (column.matches) { panel.focus({ preventScroll: true }); return; }
+    opener.setAttribute("aria-expanded", "true");
+    window.WatchBuySheet.show(panel, opener, function () { opener.setAttribute("aria-expanded", "false"); });
+  });
 
   function say(text) { status.hidden = !text; status.textContent = text || ""; }
 
