@@ -74,13 +74,31 @@
     });
   }
 
+  // The running flash sales, from the room's events (the documented "watchbuy:room-event"):
+  // the sheet shows the price the shop will charge now; the shop decides it on its clock.
+  const sales = {};
+  document.addEventListener("watchbuy:room-event", function (event) {
+    const data = event.detail || {};
+    if (data.type === "hello") {
+      Object.keys(sales).forEach(function (k) { delete sales[k]; });
+      (data.sales || []).forEach(function (sale) { sales[sale.product_id] = sale; });
+    } else if (data.type === "sale" && data.sale) sales[data.sale.product_id] = data.sale;
+    else if (data.type === "sale_ended" && sales[data.product_id] && sales[data.product_id].id === data.sale_id) delete sales[data.product_id];
+  });
+  function priceNow(product) {
+    const sale = sales[product.id] || product.sale || null;
+    const now = window.WatchBuyRoom && window.WatchBuyRoom.now ? window.WatchBuyRoom.now() : Date.now();
+    const ends = sale && (sale.ends_at < 1e11 ? sale.ends_at * 1000 : sale.ends_at);
+    if (sale && sale.sale_price && (!ends || ends > now)) return sale.sale_price;
+    return product.regular_price || product.price;  // a card's "price" is the sale's while it runs
+  }
+
   function summary(product) {
     const box = el("div", "buy-product");
     if (product.image) { const img = el("img"); img.src = product.image; img.alt = product.name; box.append(img); }
     const text = el("div");
     text.append(el("strong", "", product.name));
-    const sale = product.sale || null;
-    text.append(el("span", "muted", " · 1 × " + ((sale && sale.sale_price) || product.sale_price || product.price)));
+    text.append(el("span", "muted", " · 1 × " + priceNow(product)));
     box.append(text);
     return box;
   }
@@ -153,8 +171,7 @@
     if (product.physical !== false) form.append(addressSection(info.addresses || []));
     form.append(paymentSection(info));
     const total = el("p", "total");
-    const sale = product.sale || null;
-    total.append(el("span", "", "Total "), el("strong", "", (sale && sale.sale_price) || product.sale_price || product.price));
+    total.append(el("span", "", "Total "), el("strong", "", priceNow(product)));
     form.append(total);
     const error = el("p", "form-error"); error.setAttribute("role", "alert"); error.hidden = true;
     form.append(error);
