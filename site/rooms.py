@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -12,6 +11,7 @@ from starlette.routing import Route
 
 from watchbuy.db import queries, shopping
 from watchbuy.db import shows as show_queries
+from watchbuy.site.chat import server_time
 from watchbuy.site.flash import public_sale
 from watchbuy.site.media import hls_url
 from watchbuy.site.pagecache import HOME
@@ -84,7 +84,7 @@ async def room_state(site: SiteState, channel: dict) -> dict:
         "pinned": pinned,
         "products": cards,
         "sales": [card["sale"] for card in cards if card["sale"] is not None],
-        "server_time": time.time(),
+        "server_time": server_time(),  # ms, as the room websocket's
     }
 
 
