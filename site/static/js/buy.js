@@ -252,7 +252,8 @@
     try {
       const response = await fetch("/api/checkout-info", { credentials: "same-origin", headers: { "Accept": "application/json" } });
       if (response.status === 404) { unavailable(product, "One-tap buying is not available on this site yet."); return; }
-      if (response.status === 401 || response.status === 403) {
+      // a session that ran out: the shop answers with its log-in page (a redirect fetch follows)
+      if (response.status === 401 || response.status === 403 || (response.redirected && new URL(response.url).pathname === "/login")) {
         location.href = "/login?next=" + encodeURIComponent(location.pathname + "?buy=" + product.id);
         return;
       }
