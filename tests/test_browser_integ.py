@@ -118,6 +118,12 @@ def test_buy_now_first_with_address_and_card_then_one_tap(server, phone, new_con
     assert second != first and "1 × Ceramic mug — $18.00" in text
     assert page.evaluate("window.__sameDocument === true"), "buying left the room"
     close_sheet(page)
+    # Buy now leaves the cart alone; Add to cart counts in the header on every page
+    assert page.is_hidden("#cart-count")
+    tote = page.locator("#product-list .product", has_text="Linen tote bag")
+    tote.locator("[data-add]").tap()
+    tote.locator(".feedback >> text=Added").wait_for()
+    assert page.inner_text("#cart-count") == "1"
 
     # the host sees the address in Sales and marks it shipped; the shopper sees "shipped"
     host = new_context().new_page()
@@ -130,6 +136,7 @@ def test_buy_now_first_with_address_and_card_then_one_tap(server, phone, new_con
         line.locator(f'button[data-ship="{second}"]').click()
     page.goto(server.url + "/orders")
     assert page.inner_text(f"#order-{second} .status").strip().lower() == "shipped"
+    assert page.inner_text("#cart-count") == "1" and page.is_visible("#cart-count")
     assert page.inner_text(f"#order-{first} .status").strip().lower() == "paid"
 
 
