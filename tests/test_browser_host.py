@@ -184,7 +184,7 @@ def test_host_panel_in_the_room_reaches_a_shopper_without_reload(server, phone):
     candle.locator("button:text('Set stock')").click()
     shopper.wait_for_function(
         """id => [...document.querySelectorAll('[data-product-id="' + id + '"] .stock')]
-             .every(el => el.textContent === '3 in stock')""", arg=candle_id, timeout=5_000)
+             .every(el => el.textContent === 'Only 3 left')""", arg=candle_id, timeout=5_000)
 
     # flash sale: the form posts what POST /studio/flash takes, and says what happened
     candle = host.locator(".host-product", has_text="Scented candle")
