@@ -110,7 +110,7 @@ def test_buy_now_first_with_address_and_card_then_one_tap(server, phone, new_con
     checked = page.locator('#buy-sheet input[name="address_id"]:checked')
     assert checked.count() == 1 and checked.get_attribute("value") != "new"
     assert "99 Harbour Lane" in page.inner_text("#buy-sheet .addresses")
-    assert page.inner_text("#buy-sheet .saved-card") == "visa ending in 4242"
+    assert page.inner_text("#buy-sheet .saved-card") == "Visa ending in 4242"
     assert page.locator('#buy-sheet input[name="card"]').count() == 0
     screenshot(page, "room-buy-sheet-saved-phone.png")
     confirm(page)

@@ -153,7 +153,8 @@
     const set = el("fieldset", "choice payment");
     set.append(el("legend", "", "Pay with"));
     if (info.saved_card) {
-      set.append(el("p", "saved-card", (info.saved_card.brand || "Card") + " ending in " + info.saved_card.last4));
+      const brand = info.saved_card.brand || "card";  // Stripe's brands are lower case: "visa"
+      set.append(el("p", "saved-card", brand.charAt(0).toUpperCase() + brand.slice(1) + " ending in " + info.saved_card.last4));
     } else {
       if (info.test_mode) set.append(el("p", "testmode", "Test mode: use 4242 4242 4242 4242, any future date and any CVC. No money moves."));
       const row = el("div", "card-row");
