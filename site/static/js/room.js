@@ -461,7 +461,7 @@
     }
   });
 
-  // After every script of the room has started listening (buy.js comes after this file).
+  // After every script of the room has started listening (the page has loaded).
   window.addEventListener("load", resumeAction);
 
   // ---- share --------------------------------------------------------------------------------
