@@ -26,7 +26,7 @@ from starlette.routing import Route
 from watchbuy.db import queries, shopping
 from watchbuy.logs import LogLimiter
 from watchbuy.site.accounts import ensure_channel
-from watchbuy.site.chat import publish_room_event
+from watchbuy.site.chat import publish_room_event, server_time
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.web import (
     format_money,
@@ -135,7 +135,7 @@ async def start(request: Request):
         return await refuse("product_id", "No such product.", 404)
     sale = public_sale(await shopping.sale(db, sale_id))
     await publish_room_event(site["broker"], channel["id"], {
-        "type": "sale", "sale": sale, "server_time": time.time()})
+        "type": "sale", "sale": sale, "server_time": server_time()})
     log.info("flash sale %s on product %s started by host %s", sale_id, product_id, host["id"])
     if wants_json(request):
         return JSONResponse({"sale": sale})
@@ -200,7 +200,7 @@ async def sold_units(site: SiteState, order: dict) -> None:
             # so a viewer's queue holds the latest one only however many buy at once
             try:
                 await publish_room_event(site["broker"], sale["channel_id"], {
-                    "type": "sale", "sale": public_sale(sale), "server_time": time.time(),
+                    "type": "sale", "sale": public_sale(sale), "server_time": server_time(),
                     "coalesce": f"sale:{sale_id}"})
             except Exception as exc:  # the purchase stands; the next one tells the room
                 announce_log.warning("remaining", "flash sale %s remaining not announced: %s",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -12,11 +11,12 @@ from starlette.routing import Route
 
 from watchbuy.db import queries, shopping
 from watchbuy.db import shows as show_queries
+from watchbuy.site.chat import server_time
 from watchbuy.site.flash import public_sale
 from watchbuy.site.media import hls_url
 from watchbuy.site.pagecache import HOME
 from watchbuy.site.state import SiteState, state
-from watchbuy.site.web import format_money, render
+from watchbuy.site.web import format_money, remember_cart_count, render
 
 
 def iso_utc(stamp: float | None) -> str:
@@ -41,7 +41,6 @@ def product_card(product: dict, storage, sale: dict | None = None,
         "stock": product["stock"],
         "sold": int(product.get("sold") or 0),
         "low_stock": 0 < product["stock"] <= low_stock_threshold,
-        "low_stock_at": low_stock_threshold,  # the room's script re-decides as stock changes
         "physical": bool(product.get("physical", True)),
         "image": storage.url(product["image"]) if product["image"] else None,
         "sale": None,
@@ -85,7 +84,7 @@ async def room_state(site: SiteState, channel: dict) -> dict:
         "pinned": pinned,
         "products": cards,
         "sales": [card["sale"] for card in cards if card["sale"] is not None],
-        "server_time": time.time(),
+        "server_time": server_time(),  # as the room websocket's
     }
 
 
@@ -186,9 +185,10 @@ async def room_page(request: Request):
     # the next show's reminder, the follow button and the header's cart badge (room.js keeps
     # it current as the shopper adds) are this shopper's own
     cart_count = sum(line["quantity"] for line in await queries.cart(site["db"], user["id"]))
-    return render(request, "room.html", channel=channel, host=room["host"], state=room["state"],
-                  is_host=user["id"] == channel["host_id"], cart_count=cart_count,
-                  **await show_info(site, channel, user))
+    return remember_cart_count(request, render(
+        request, "room.html", channel=channel, host=room["host"], state=room["state"],
+        is_host=user["id"] == channel["host_id"], cart_count=cart_count,
+        **await show_info(site, channel, user)), user["id"], cart_count)
 
 
 async def room_state_api(request: Request):

@@ -63,6 +63,7 @@ from watchbuy.site.web import (
     parse_int,
     read_form,
     redirect,
+    remember_cart_count,
     render,
     require_user,
     safe_next,
@@ -196,10 +197,12 @@ async def cart_view(request: Request, error: str | None = None, status_code: int
         line["line_total"] = format_money(line["price_minor"] * line["quantity"],
                                           line["currency"])
         line["price"] = format_money(line["price_minor"], line["currency"])
-    return render(request, "cart.html", status_code=status_code, lines=lines,
-                  totals=money_totals(lines, "price_minor"), error=error,
-                  test_mode=not site["settings"].stripe_enabled,
-                  addresses=await shopping.user_addresses(site["db"], user["id"]))
+    count = sum(line["quantity"] for line in lines)
+    return remember_cart_count(request, render(
+        request, "cart.html", status_code=status_code, lines=lines, cart_count=count,
+        totals=money_totals(lines, "price_minor"), error=error,
+        test_mode=not site["settings"].stripe_enabled,
+        addresses=await shopping.user_addresses(site["db"], user["id"])), user["id"], count)
 
 
 async def cart_page(request: Request):
@@ -242,8 +245,10 @@ async def cart_set(request: Request, add: bool):
     if wants_json(request):
         # the header's cart badge shows the units in the cart
         count = sum(line["quantity"] for line in await queries.cart(db, user["id"]))
-        return JSONResponse({"ok": True, "product_id": product_id, "quantity": quantity,
-                             "cart_count": count})
+        return remember_cart_count(request, JSONResponse(
+            {"ok": True, "product_id": product_id, "quantity": quantity, "cart_count": count}),
+            user["id"], count)
+    # no badge cookie here: the page this goes to (the cart, a room) reads the cart and sets it
     return redirect(safe_next(form.get("next")) if form.get("next") else "/cart")
 
 
@@ -306,7 +311,8 @@ async def checkout(request: Request):
     await flash.sold_units(site, order)
     if mode == "test":
         checkouts.labels("test").inc()
-        return redirect(f"/checkout/{order['id']}/pay")
+        return remember_cart_count(request, redirect(f"/checkout/{order['id']}/pay"),
+                                   user["id"], 0)  # the cart became the order
     gateway = site["payments"]
     assert gateway is not None  # stripe mode means a gateway
     try:
@@ -318,7 +324,7 @@ async def checkout(request: Request):
         return await cart_view(request, error=str(exc), status_code=502)
     await queries.set_payment_ref(site["db"], order["id"], session_id)
     checkouts.labels("stripe").inc()
-    return redirect(url)
+    return remember_cart_count(request, redirect(url), user["id"], 0)
 
 
 async def own_order(request: Request, order_id: int) -> dict:

@@ -11,9 +11,9 @@ from urllib.parse import quote
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from watchbuy.site.security import origin_of
+from watchbuy.site.security import cookie_header, cookie_name, origin_of
 from watchbuy.site.state import state
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -121,10 +121,41 @@ def build_templates(vendor: dict[str, str] | None = None) -> Environment:
     return env
 
 
+# The header's cart badge on every page without a cart query per page: the code that reads or
+# changes a cart anyway (the cart endpoints, the cart page, checkout, the room page) leaves
+# "<user id>.<units>" in this cookie and render() shows it.  The user id keeps one shopper's
+# count from showing for another who logs in on the same browser; a stale count (a cart
+# changed on another device) is put right by the next cart action or visit to /cart.
+CART_COOKIE = "wb_cart"
+
+
+def cart_count_hint(request: Request) -> int | None:
+    """The logged-in shopper's cart size as last seen by the site, or None (not known)."""
+    user = request.state.user
+    raw = request.cookies.get(cookie_name(CART_COOKIE, state(request)["settings"].cookie_secure))
+    if user is None or not raw:
+        return None
+    owner, _, count = raw.partition(".")
+    if owner != str(user["id"]) or not count.isdigit() or len(count) > 6:
+        return None
+    return int(count)
+
+
+def remember_cart_count(request: Request, response: Response, user_id: int,
+                        count: int) -> Response:
+    """Has ``response`` keep the shopper's cart size for the badge of the next pages."""
+    response.raw_headers.append((b"set-cookie", cookie_header(
+        CART_COOKIE, f"{user_id}.{count}", 30 * 86400,
+        state(request)["settings"].cookie_secure)))
+    return response
+
+
 def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
     site = state(request)
     env = site["templates"]
     context.setdefault("user", request.state.user)
+    if "cart_count" not in context and request.state.user is not None:
+        context["cart_count"] = cart_count_hint(request)
     context.setdefault("csrf_token", request.state.csrf_token)
     context.setdefault("request", request)
     context.setdefault("settings", site["settings"])

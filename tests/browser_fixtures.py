@@ -1,4 +1,5 @@
-"""Fixtures of the browser tests (test_browser.py, test_browser_room.py): one ``watchbuy serve``
+"""Fixtures of the browser tests (test_browser.py, test_browser_room.py, test_browser_host.py,
+test_browser_integ.py): one ``watchbuy serve``
 per test module, Debian's Chromium through Playwright, browser contexts checked against the CSP,
 and an ffmpeg publisher; helpers that read the room's state from the site's API."""
 
@@ -9,6 +10,7 @@ from browser_helpers import (
     CHROMIUM,
     CHROMIUM_ARGS,
     DESKTOP,
+    PHONE,
     Publisher,
     Server,
     require_browser,
@@ -85,3 +87,16 @@ def new_context(browser):
     for context in contexts:
         context.close()
     assert not violations, f"CSP violations: {violations}"
+
+
+PHONE_OPTIONS = {"viewport": PHONE, "is_mobile": True, "has_touch": True, "device_scale_factor": 2}
+
+
+@pytest.fixture
+def phone(new_context):
+    """Phone contexts (390×844, touch; separate people), under the same CSP check."""
+
+    def make(**options):
+        return new_context(**{**PHONE_OPTIONS, **options})
+
+    return make

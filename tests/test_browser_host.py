@@ -19,64 +19,19 @@ import uuid
 
 import pytest
 from browser_helpers import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
+    DESKTOP,
     PHONE,
     Publisher,
-    Server,
     log_in,
-    require_browser,
     screenshot,
     sign_up,
 )
 from PIL import Image
 
 pytestmark = [pytest.mark.ffmpeg, pytest.mark.timeout(180)]
+pytest_plugins = ["browser_fixtures"]
 
 HOST_EMAIL = "host@watchbuy.local"
-PHONE_OPTIONS = {"viewport": PHONE, "is_mobile": True, "has_touch": True,
-                 "device_scale_factor": 2}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    require_browser()
-    srv = Server(tmp_path_factory.mktemp("watchbuy-host")).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, timeout=60_000)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def phone(browser):
-    """Phone contexts (separate people), closed after the test; a Content-Security-Policy
-    violation reported on the console fails the test."""
-    contexts = []
-    violations: list[str] = []
-
-    def make():
-        context = browser.new_context(**PHONE_OPTIONS)
-        context.on("console", lambda m: violations.append(m.text)
-                   if "Content Security Policy" in m.text else None)
-        context.set_default_timeout(20_000)
-        context.set_default_navigation_timeout(30_000)
-        contexts.append(context)
-        return context
-
-    yield make
-    for context in contexts:
-        context.close()
-    assert not violations, f"CSP violations: {violations}"
 
 
 def png_bytes() -> bytes:
@@ -202,7 +157,18 @@ def test_host_panel_in_the_room_reaches_a_shopper_without_reload(server, phone):
         page.wait_for_function("() => document.querySelector('.room').dataset.socket === 'open'",
                                timeout=15_000)
         page.evaluate("window.__sameDocument = true")
+    # on a phone the panel is a sheet behind the rail's "Host" button: closed, it is off screen
+    panel = host.locator("#host-panel")
+    assert not panel.is_visible()
+    host.tap("#open-host")
+    host.wait_for_function("() => document.getElementById('host-panel').classList.contains('open')")
+    assert host.get_attribute("#open-host", "aria-expanded") == "true"
+    assert host.evaluate("document.getElementById('host-panel').contains(document.activeElement)")
+    for _ in range(8):  # Tab stays inside the sheet
+        host.keyboard.press("Tab")
+        assert host.evaluate("document.getElementById('host-panel').contains(document.activeElement)")
     host.wait_for_selector("#host-products .host-product")
+    within_phone_width(host, panel)
     candle = host.locator(".host-product", has_text="Scented candle")
     candle_id = candle.get_attribute("data-product-id")
 
@@ -218,7 +184,7 @@ def test_host_panel_in_the_room_reaches_a_shopper_without_reload(server, phone):
     candle.locator("button:text('Set stock')").click()
     shopper.wait_for_function(
         """id => [...document.querySelectorAll('[data-product-id="' + id + '"] .stock')]
-             .every(el => el.textContent === '3 in stock')""", arg=candle_id, timeout=5_000)
+             .every(el => el.textContent === 'Only 3 left')""", arg=candle_id, timeout=5_000)
 
     # flash sale: the form posts what POST /studio/flash takes, and says what happened
     candle = host.locator(".host-product", has_text="Scented candle")
@@ -233,13 +199,20 @@ def test_host_panel_in_the_room_reaches_a_shopper_without_reload(server, phone):
         """() => !document.getElementById('flash-error').hidden
              || document.getElementById('host-status').textContent.startsWith('Flash sale started')""")
     response = sent.value.response()
-    if response.status == 404 and response.json() == {"error": "Not Found"}:
-        # POST /studio/flash is the shop's (built in parallel): until it lands, a clear message
-        assert host.inner_text("#flash-error") == "Flash sales are not available on this site yet."
-    elif response.ok:
-        assert host.inner_text("#host-status") == "Flash sale started: viewers see it now."
-    else:
-        assert host.inner_text("#flash-error") == response.json()["error"]
+    assert response.ok, response.text()
+    assert host.inner_text("#host-status") == "Flash sale started: viewers see it now."
+    # the shopper's card counts the sale down at the sale price
+    shopper.wait_for_selector(f'#product-list .product[data-product-id="{candle_id}"] .sale-badge',
+                              state="attached")  # the product sheet is closed on a phone
+    assert "$9.99" in shopper.text_content(
+        f'#product-list .product[data-product-id="{candle_id}"]')
+    # a second sale on the same product is refused, in the form
+    candle.locator("button:text('Flash sale')").click()
+    host.fill("#flash-form input[name=sale_price]", "8.00")
+    host.click("#flash-form button[type=submit]")
+    host.wait_for_selector("#flash-error", state="visible")
+    assert host.inner_text("#flash-error") != ""
+    host.click("#flash-cancel")
 
     # moderation: delete a message, then mute its writer
     shopper.fill("#chat-input", f"spam {run}")
@@ -256,7 +229,11 @@ def test_host_panel_in_the_room_reaches_a_shopper_without_reload(server, phone):
     line.locator("button:text('Mute')").click()
     shopper.wait_for_selector("#chat-error >> text=The host has muted you.", timeout=5_000)
 
-    # the host's own messages carry the Host badge on the shopper's page
+    # the host's own messages carry the Host badge on the shopper's page; Escape closes the
+    # sheet and gives the focus back to the "Host" button
+    host.keyboard.press("Escape")
+    host.wait_for_function("() => !document.getElementById('host-panel').classList.contains('open')")
+    assert host.evaluate("document.activeElement.id") == "open-host"
     host.fill("#chat-input", f"Thanks for watching {run}")
     host.click("#chat-form button")
     shopper.wait_for_selector(f"#messages li:has-text('Thanks for watching {run}') .host-badge",
@@ -264,12 +241,31 @@ def test_host_panel_in_the_room_reaches_a_shopper_without_reload(server, phone):
     assert host.locator("#host-chat li", has_text="Thanks for watching").locator(
         "button").count() == 0  # no moderation buttons on the host's own lines
 
-    host.evaluate("window.scrollTo(0, 0)")  # the room as the host sees it: video, then panel
+    host.tap("#open-host")
+    host.wait_for_function("() => document.getElementById('host-panel').classList.contains('open')")
+    host.wait_for_timeout(400)  # the sheet's slide-in
     assert host.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     screenshot(host, "room-host-panel-phone.png")
     assert same_document(host) and same_document(shopper), "a page reloaded"
     host.locator(".host-product", has_text="Scented candle").locator("[data-host-pin]").click()
     shopper.wait_for_selector("#pinned", state="hidden", timeout=5_000)
+
+
+def test_host_panel_sits_beside_the_chat_on_desktop(server, new_context):
+    page = new_context().new_page()
+    log_in(page, server.url, HOST_EMAIL, server.password, f"/room/{server.room_slug}")
+    if "/room/" not in page.url:
+        page.goto(server.room_url)
+    page.wait_for_selector("#host-products .host-product")
+    assert page.is_hidden("#open-host")  # no button needed: the panel is always there
+    panel, dock = page.locator("#host-panel").bounding_box(), page.locator(".dock").bounding_box()
+    # a column of its own right of the products and chat, as tall as they are
+    assert panel["x"] >= dock["x"] + dock["width"] - 1, (panel, dock)
+    assert panel["x"] + panel["width"] <= DESKTOP["width"] + 0.5
+    assert abs(panel["y"] - dock["y"]) < 1 and abs(panel["height"] - dock["height"]) < 1, \
+        (panel, dock)
+    assert page.evaluate("document.documentElement.scrollWidth") <= DESKTOP["width"]
+    screenshot(page, "room-host-panel-desktop.png")
 
 
 def test_stream_health_shows_what_ffmpeg_publishes_and_warns_on_g300(server, phone, tmp_path):

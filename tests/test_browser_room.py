@@ -83,12 +83,13 @@ def no_scrolling(page) -> None:
 
 
 def pin(host_context, server, product: str) -> None:
+    """Pins ``product`` from the studio's product cards (a fetch: the studio stays put)."""
     studio = host_context.new_page()
     studio.goto(server.url + "/studio")
-    row = studio.locator("#products tr", has_text=product)
-    if "Unpin" not in row.inner_text():
-        with studio.expect_navigation():
-            row.locator("button[data-pin]").click()
+    card = studio.locator(".studio-product", has_text=product)
+    if card.locator("[data-pin]").inner_text() != "Unpin":
+        card.locator("[data-pin]").click()
+    card.locator("[data-pinned-badge]").wait_for(state="visible", timeout=5_000)
     studio.close()
 
 
@@ -347,26 +348,16 @@ def test_sign_up_from_the_room_returns_with_the_item_added(server, new_context):
 
 def test_buy_now_sheet_and_its_form(server, new_context):
     """The buy-now sheet: opened from the address a log-in comes back to (?buy=<id>), focus
-    kept inside, Escape closes it and gives focus back.  Until the shop's endpoints exist the
-    sheet says so; the form is shown with the answer the shop's contract describes."""
+    kept inside, Escape closes it and gives focus back; a first-time buyer gets the address and
+    card fields from the shop's /api/checkout-info (tests/test_browser_integ.py pays)."""
     context, page = shopper(new_context, server, "Omar", viewport=PHONE, is_mobile=True,
                             has_touch=True, device_scale_factor=1)
     mug = next(p for p in room_state(server)["products"] if p["name"] == "Ceramic mug")
-    shop_ready = page.request.get(server.url + "/api/checkout-info").status != 404
     page.goto(f"{server.room_url}?buy={mug['id']}")
-    page.wait_for_selector("#buy-sheet", state="visible")
+    page.wait_for_selector("#buy-sheet #buy-confirm")
     assert page.url == server.room_url, "the ?buy= address should be used once"
-    if not shop_ready:
-        page.wait_for_selector("#buy-sheet >> text=not available on this site yet")
-        assert page.is_visible("#buy-sheet [data-add]")
-        page.keyboard.press("Escape")
-        page.wait_for_selector("#buy-sheet", state="hidden")
-        # The shop's contract (GET /api/checkout-info), answered here until it is merged.
-        page.route("**/api/checkout-info", lambda route: route.fulfill(json={
-            "addresses": [{"id": 1, "name": "Omar Haddad", "line1": "12 Harbour St",
-                           "line2": "", "city": "Portland", "postal_code": "04101",
-                           "region": "ME", "country": "US", "is_default": True}],
-            "saved_card": None, "cart_count": 0, "test_mode": True}))
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#buy-sheet", state="hidden")
     page.tap("#open-products")
     button = page.locator("#product-list .product", has_text="Ceramic mug").locator("[data-buy]")
     button.tap()
@@ -374,6 +365,8 @@ def test_buy_now_sheet_and_its_form(server, new_context):
     assert page.evaluate("document.getElementById('buy-sheet').contains(document.activeElement)")
     text = page.inner_text("#buy-sheet")
     assert "Ceramic mug" in text and "Total" in text and mug["price"] in text
+    for name in ("name", "line1", "city", "postal_code", "country", "card", "expiry", "cvc"):
+        assert page.locator(f'#buy-sheet input[name="{name}"]').count() == 1, name
     # Tab stays in the sheet.
     for _ in range(12):
         page.keyboard.press("Tab")
@@ -425,7 +418,7 @@ def test_urgency_sale_countdown_and_ticker_from_room_events(server, new_context)
     assert "22 sold" in card.inner_text()
 
     ends = time.time() * 1000 + 90_000  # the server's clock, 90 s from now
-    ws.send(json.dumps({"type": "sale", "server_time": time.time() * 1000, "sale": {
+    ws.send(json.dumps({"type": "sale", "server_time": time.time(), "sale": {
         "id": 1, "product_id": mug["id"], "sale_price": "$12.00", "sale_price_minor": 1200,
         "currency": "usd", "quantity": 3, "remaining": 3, "per_shopper_limit": 1,
         "starts_at": time.time() * 1000, "ends_at": ends}}))

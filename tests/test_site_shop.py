@@ -109,6 +109,34 @@ async def test_cart_add_update_remove_and_stock_limits(site) -> None:
     assert response.status_code == 404
 
 
+def cart_badge(html: str) -> str | None:
+    """The header's cart badge: its number, or None when it is hidden."""
+    match = re.search(r'<span id="cart-count" class="cart-count"( hidden)?>(\d+)</span>', html)
+    assert match is not None, "no cart badge in the header"
+    return None if match.group(1) else match.group(2)
+
+
+async def test_the_cart_badge_shows_on_every_page_without_a_cart_query(site) -> None:
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    shopper = await site.user("Sue")
+    browser = await site.browser(shopper)
+    assert cart_badge((await browser.get("/orders")).text) is None
+    await browser.fetch("/cart/add", {"product_id": str(mug["id"]), "quantity": "2"})
+    # a page that never reads the cart shows what the cart endpoint left for it
+    assert cart_badge((await browser.get("/orders")).text) == "2"
+    assert cart_badge((await browser.get("/account")).text) == "2"
+    # another shopper on the same browser never sees Sue's count (it names her)
+    bob = await site.browser(await site.user("Bob"))
+    bob.http.cookies.set("wb_cart", browser.http.cookies["wb_cart"])
+    assert cart_badge((await bob.get("/orders")).text) is None
+    # checkout turns the cart into an order: the badge goes
+    sue = await site.browser(shopper)
+    await sue.fetch("/cart/add", {"product_id": str(mug["id"]), "quantity": "1"})
+    assert (await sue.post("/checkout")).status_code == 303
+    assert cart_badge((await sue.get("/orders")).text) is None
+
+
 async def test_nobody_sees_another_shoppers_cart_or_orders(site) -> None:
     host = await site.user("Host", host=True)
     mug = await site.product(host, name="Secret mug", stock=10)

@@ -1,8 +1,9 @@
 // Buy now: a confirm sheet in the room (never leaving it) with the total, the address and the
 // payment, then a thank-you sheet.  The shop answers:
 //   GET  /api/checkout-info -> {addresses: [...], saved_card: {brand, last4} | null, cart_count, test_mode}
-//   POST /api/buy-now {product_id, address_id | address fields, card fields}
-//        -> {ok, order, thank_you_url} | {redirect} | {error, field} (4xx)
+//   POST /api/buy-now {product_id, address_id | address fields, card, expiry, cvc} (JSON)
+//        -> {ok, order: {id, total, items, address}, thank_you_url} | {redirect}
+//           | {error, field, errors?: {field: text}} (4xx; field "address" = none given)
 // A shop without these endpoints (404) gets a clear message and "Add to cart" instead.
 // Listens to document "watchbuy:buy" ({product, id, opener}) from room.js.
 (function () {
@@ -19,8 +20,8 @@
     ["country", "Country (2 letters, e.g. US)", "country", true],
   ];
   const CARD_FIELDS = [
-    ["card_number", "Card number", "cc-number", "numeric"], ["card_expiry", "Expiry (MM/YY)", "cc-exp", "numeric"],
-    ["card_cvc", "CVC", "cc-csc", "numeric"],
+    ["card", "Card number", "cc-number", "numeric"], ["expiry", "Expiry (MM/YY)", "cc-exp", "numeric"],
+    ["cvc", "CVC", "cc-csc", "numeric"],
   ];
 
   function el(tag, className, text) {
@@ -49,13 +50,47 @@
   }
 
   // The error beside the control it is about; the form's own line when no control matches.
-  function showError(message, fieldName) {
-    const input = fieldName ? body.querySelector('[name="' + CSS.escape(fieldName) + '"]') : null;
-    const box = input ? document.getElementById("buy-error-" + fieldName) : body.querySelector(".form-error");
+  // "address" (no address given) and "address_id" both belong to the "Ship to" box.
+  function showError(message, fieldName, focus) {
+    const input = fieldName ? body.querySelector('[name="' + CSS.escape(fieldName) + '"]:not([disabled])') : null;
+    let box = input ? document.getElementById("buy-error-" + fieldName) : null;
+    if (!box && (fieldName === "address" || fieldName === "address_id")) box = document.getElementById("buy-error-address");
+    if (!box) box = body.querySelector(".form-error");
     if (!box) return;
     box.textContent = message;
     box.hidden = false;
-    if (input) { input.setAttribute("aria-invalid", "true"); input.focus(); }
+    if (input) input.setAttribute("aria-invalid", "true");
+    if (focus === false) return;
+    const target = input || (box.id === "buy-error-address" ? body.querySelector(".addresses input:not([disabled])") : null);
+    if (target) target.focus();
+  }
+
+  // The server's answer: every field it names gets its line, the first one gets the focus.
+  function showErrors(result) {
+    const message = result.error || "The payment did not go through. Try again.";
+    showError(message, result.field);
+    Object.keys(result.errors || {}).forEach(function (name) {
+      if (name !== result.field) showError(result.errors[name], name, false);
+    });
+  }
+
+  // The running flash sales, from the room's events (the documented "watchbuy:room-event"):
+  // the sheet shows the price the shop will charge now; the shop decides it on its clock.
+  const sales = {};
+  document.addEventListener("watchbuy:room-event", function (event) {
+    const data = event.detail || {};
+    if (data.type === "hello") {
+      Object.keys(sales).forEach(function (k) { delete sales[k]; });
+      (data.sales || []).forEach(function (sale) { sales[sale.product_id] = sale; });
+    } else if (data.type === "sale" && data.sale) sales[data.sale.product_id] = data.sale;
+    else if (data.type === "sale_ended" && sales[data.product_id] && sales[data.product_id].id === data.sale_id) delete sales[data.product_id];
+  });
+  function priceNow(product) {
+    const sale = sales[product.id] || product.sale || null;
+    const now = window.WatchBuyRoom && window.WatchBuyRoom.now ? window.WatchBuyRoom.now() : Date.now();
+    const ends = sale && (sale.ends_at < 1e11 ? sale.ends_at * 1000 : sale.ends_at);
+    if (sale && sale.sale_price && (!ends || ends > now)) return sale.sale_price;
+    return product.regular_price || product.price;  // a card's "price" is the sale's while it runs
   }
 
   function summary(product) {
@@ -63,8 +98,7 @@
     if (product.image) { const img = el("img"); img.src = product.image; img.alt = product.name; box.append(img); }
     const text = el("div");
     text.append(el("strong", "", product.name));
-    const sale = product.sale || null;
-    text.append(el("span", "muted", " · 1 × " + ((sale && sale.sale_price) || product.sale_price || product.price)));
+    text.append(el("span", "muted", " · 1 × " + priceNow(product)));
     box.append(text);
     return box;
   }
@@ -94,7 +128,7 @@
         const label = el("label", "radio");
         const radio = el("input"); radio.type = "radio"; radio.name = "address_id"; radio.value = a.id;
         radio.checked = a.is_default || (i === 0 && !addresses.some(function (x) { return x.is_default; }));
-        label.append(radio, document.createTextNode(" " + [a.name, a.line1, a.line2, a.city, a.postal_code, a.region, a.country].filter(Boolean).join(", ")));
+        label.append(radio, document.createTextNode(" " + addressLine(a)));
         set.append(label);
       });
       const label = el("label", "radio");
@@ -109,7 +143,8 @@
       });
       newForm.querySelectorAll("input").forEach(function (i) { i.disabled = true; });
     }
-    const error = el("span", "field-error"); error.id = "buy-error-address_id"; error.hidden = true;
+    const error = el("span", "field-error"); error.id = "buy-error-address"; error.hidden = true;
+    error.setAttribute("role", "alert");
     set.append(newForm, error);
     return set;
   }
@@ -118,7 +153,8 @@
     const set = el("fieldset", "choice payment");
     set.append(el("legend", "", "Pay with"));
     if (info.saved_card) {
-      set.append(el("p", "saved-card", (info.saved_card.brand || "Card") + " ending in " + info.saved_card.last4));
+      const brand = info.saved_card.brand || "card";  // Stripe's brands are lower case: "visa"
+      set.append(el("p", "saved-card", brand.charAt(0).toUpperCase() + brand.slice(1) + " ending in " + info.saved_card.last4));
     } else {
       if (info.test_mode) set.append(el("p", "testmode", "Test mode: use 4242 4242 4242 4242, any future date and any CVC. No money moves."));
       const row = el("div", "card-row");
@@ -136,8 +172,7 @@
     if (product.physical !== false) form.append(addressSection(info.addresses || []));
     form.append(paymentSection(info));
     const total = el("p", "total");
-    const sale = product.sale || null;
-    total.append(el("span", "", "Total "), el("strong", "", (sale && sale.sale_price) || product.sale_price || product.price));
+    total.append(el("span", "", "Total "), el("strong", "", priceNow(product)));
     form.append(total);
     const error = el("p", "form-error"); error.setAttribute("role", "alert"); error.hidden = true;
     form.append(error);
@@ -173,7 +208,7 @@
       const result = await response.json().catch(function () { return {}; });
       if (result.redirect) { location.assign(result.redirect); return; }  // e.g. Stripe's own page
       if (response.ok && result.ok) { thankYou(product, result); return; }
-      showError(result.error || "The payment did not go through. Try again.", result.field);
+      showErrors(result);
     } catch (e) {
       showError("Could not reach the shop. Check your connection and try again.");
     } finally {
@@ -181,14 +216,24 @@
     }
   }
 
+  function addressLine(a) {
+    return [a.name, a.line1, a.line2, a.city, a.postal_code, a.region, a.country].filter(Boolean).join(", ");
+  }
+
+  // The thank-you sheet from the shop's answer: what was bought at what price (a flash-sale
+  // price shows as charged), the total and where it ships.
   function thankYou(product, result) {
     title.textContent = "Thank you!";
     const order = result.order || {};
     const box = el("div", "thank-you");
     box.append(el("p", "notice", "Your order is paid" + (order.id ? " (order #" + order.id + ")" : "") + "."));
-    box.append(summary(product));
+    const items = el("ul", "order-items");
+    (order.items || []).forEach(function (item) {
+      items.append(el("li", "", item.quantity + " × " + item.name + " — " + item.unit_price));
+    });
+    if (items.children.length) box.append(items); else box.append(summary(product));
     if (order.total) box.append(el("p", "total", "Total " + order.total));
-    if (order.ship_to || order.address) box.append(el("p", "muted", "Ships to " + (order.ship_to || order.address)));
+    if (order.address) box.append(el("p", "muted ship-to", "Ships to " + addressLine(order.address)));
     const actions = el("div", "product-actions");
     if (result.thank_you_url) { const a = el("a", "button secondary", "See your order"); a.href = result.thank_you_url; actions.append(a); }
     const back = el("button", "", "Keep watching"); back.type = "button"; back.dataset.closeSheet = "";
@@ -196,7 +241,6 @@
     box.append(actions);
     body.replaceChildren(box);
     back.focus();
-    if (window.WatchBuyRoom && typeof result.cart_count === "number") window.WatchBuyRoom.cartCount(result.cart_count);
   }
 
   async function open(event) {
@@ -209,7 +253,8 @@
     try {
       const response = await fetch("/api/checkout-info", { credentials: "same-origin", headers: { "Accept": "application/json" } });
       if (response.status === 404) { unavailable(product, "One-tap buying is not available on this site yet."); return; }
-      if (response.status === 401 || response.status === 403) {
+      // a session that ran out: the shop answers with its log-in page (a redirect fetch follows)
+      if (response.status === 401 || response.status === 403 || (response.redirected && new URL(response.url).pathname === "/login")) {
         location.href = "/login?next=" + encodeURIComponent(location.pathname + "?buy=" + product.id);
         return;
       }

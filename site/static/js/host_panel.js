@@ -17,6 +17,21 @@
   let state = null;
   let me = null;
 
+  // ---- where the panel is ------------------------------------------------------------------
+  // A column beside the chat on wide screens; a sheet elsewhere, opened by the rail's "Host"
+  // button (sheet.js keeps focus inside it, Escape and × close it, focus goes back).
+  // (the button comes after this script in the page: one listener on the document finds it)
+  const column = window.matchMedia("(min-width: 1100px)");
+  panel.dataset.sheetKeep = "true";  // sheet.js: closing leaves the column in place
+  document.addEventListener("click", function (event) {
+    const opener = event.target.closest("#open-host");
+    if (!opener) return;
+    if (window.WatchBuySheet.isOpen(panel)) { window.WatchBuySheet.hide(panel); return; }
+    if (column.matches) { panel.focus({ preventScroll: true }); return; }
+    opener.setAttribute("aria-expanded", "true");
+    window.WatchBuySheet.show(panel, opener, function () { opener.setAttribute("aria-expanded", "false"); });
+  });
+
   function say(text) { status.hidden = !text; status.textContent = text || ""; }
 
   async function post(url, fields) {
@@ -114,6 +129,7 @@
   flash.addEventListener("submit", async function (event) {
     event.preventDefault();
     flashError.hidden = true;
+    flash.querySelectorAll("[aria-invalid]").forEach(function (i) { i.removeAttribute("aria-invalid"); });
     const f = flash.elements;
     const minutes = parseFloat(f.duration_minutes.value);
     if (!(minutes > 0)) { flashError.hidden = false; flashError.textContent = "Give the sale a length in minutes, e.g. 5."; return; }
@@ -125,6 +141,8 @@
       const r = await post("/studio/flash", fields);
       if (r.ok) { flash.hidden = true; say("Flash sale started: viewers see it now."); return; }
       flashError.hidden = false;
+      const bad = r.body.field && flash.elements[r.body.field === "duration_seconds" ? "duration_minutes" : r.body.field];
+      if (bad && bad.setAttribute) { bad.setAttribute("aria-invalid", "true"); bad.focus(); }
       // An unknown route answers 404 "Not Found"; the flash-sale route itself names its errors.
       flashError.textContent = r.status === 404 && r.body.error === "Not Found"
         ? "Flash sales are not available on this site yet."

@@ -220,7 +220,9 @@
   function now() { return Date.now() + clockOffset; }
 
   // ---- products, stock, sales and the cart ------------------------------------------------
-  const LOW_STOCK = 5;  // "Only N left" below this, unless the card says its own threshold
+  // "Only N left" at or under the site's threshold (WATCHBUY_LOW_STOCK_THRESHOLD, as the server
+  // renders the cards; the cards' own "low_stock" is a yes/no for the stock they were sent with)
+  const LOW_STOCK = Number(room.dataset.lowStock || 5);
   const sales = {};  // product id -> the running flash sale (from hello and "sale" events)
 
   function el(tag, className, text) {
@@ -233,7 +235,7 @@
   function stockLine(box, p) {
     box.replaceChildren();
     if (p.stock < 1) box.append(el("span", "badge soldout", "Sold out"));
-    else if (p.stock <= (p.low_stock_at || LOW_STOCK)) box.append(el("span", "low", "Only " + p.stock + " left"));
+    else if (p.stock <= LOW_STOCK) box.append(el("span", "low", "Only " + p.stock + " left"));
     else box.append(document.createTextNode(p.stock + " in stock"));
     if (p.sold) box.append(" ", el("span", "sold", "· " + p.sold + " sold"));
   }
@@ -245,7 +247,8 @@
     const sale = saleOf(p);
     const salePrice = sale ? sale.sale_price : p.sale_price;
     if (salePrice) {
-      box.append(el("span", "sale-price", salePrice), " ", el("s", "was", p.price));
+      // the server's card says "price" = what it costs now: the regular one is regular_price
+      box.append(el("span", "sale-price", salePrice), " ", el("s", "was", p.regular_price || p.price));
       if (sale && sale.ends_at) {
         const tag = el("span", "sale-badge", "Flash sale");
         const clock = el("span", "countdown"); clock.dataset.endsAt = String(serverMs(sale.ends_at));
@@ -352,7 +355,10 @@
   function onSaleEnded(data) {
     delete sales[data.product_id];
     [shown.pinned].concat(shown.products).forEach(function (p) {
-      if (p && p.id === data.product_id) { delete p.sale; delete p.sale_price; }
+      if (p && p.id === data.product_id) {
+        delete p.sale; delete p.sale_price;
+        if (p.regular_price) p.price = p.regular_price;  // the card's "price" was the sale's
+      }
     });
     redraw(data.product_id);
   }
@@ -455,7 +461,7 @@
     }
   });
 
-  // After every script of the room has started listening (buy.js comes after this file).
+  // After every script of the room has started listening (the page has loaded).
   window.addEventListener("load", resumeAction);
 
   // ---- share --------------------------------------------------------------------------------
