@@ -45,6 +45,7 @@ from databases.backends.mysql import CompilationContext as MySQLCompilationConte
 from databases.backends.mysql import MySQLConnection
 from databases.backends.sqlite import CompilationContext, SQLiteConnection, SQLitePool
 from sqlalchemy.engine.cursor import CursorResultMetaData
+from sqlalchemy.sql.ddl import DDLElement
 
 from watchbuy.logs import LogLimiter
 from watchbuy.settings import ConfigError
@@ -60,7 +61,7 @@ ER_LOCK_WAIT_TIMEOUT = 1205
 ER_DUP_ENTRY = 1062
 TRANSACTION_ATTEMPTS = 3  # one run plus two re-runs: enough for a crowd, bounded for a bug
 BUSY_TIMEOUT_MS = 5000  # how long an SQLite statement waits for another process's lock
-COMPILED_CACHE_SIZE = 500  # read statement shapes kept compiled (the site's queries have ~100)
+COMPILED_CACHE_SIZE = 500  # statement shapes kept compiled per kind of connection (the site has ~200)
 RETRY_BACKOFF = 0.02  # seconds before the first re-run; doubles after each, jittered +-50 %
 
 
@@ -203,14 +204,27 @@ def _records(dialect: sa.engine.Dialect, result_columns, context, description,
 
 
 class _CachedMySQLConnection(MySQLConnection):
-    """``databases``' MySQL connection with its SELECTs compiled once per shape."""
+    """``databases``' MySQL connection with its statements (reads and writes: a checkout's
+    are mostly writes) compiled once per shape; DDL as ``databases`` does it."""
 
     cache: _CompileCache  # set on the subclass made per Database (see Database.__init__)
 
     def _compile(self, query) -> tuple:
-        if isinstance(query, sa.Select):
-            return self.cache.compile(query)
-        return super()._compile(query)
+        if isinstance(query, DDLElement):
+            return super()._compile(query)
+        return self.cache.compile(query)
+
+
+class _CachedSQLiteConnection(SQLiteConnection):
+    """``databases``' SQLite connection (a transaction's: writes, and reads inside one) with
+    its statements compiled once per shape, as the read connection's are."""
+
+    cache: _CompileCache  # set on the subclass made per Database (see Database.__init__)
+
+    def _compile(self, query) -> tuple:
+        if isinstance(query, DDLElement):
+            return super()._compile(query)
+        return self.cache.compile(query)
 
 
 class _TrackedSQLitePool(SQLitePool):
@@ -383,6 +397,11 @@ class Database:
             backend = self._db._backend
             self._sqlite_pool = backend._pool = _TrackedSQLitePool(backend._database_url,
                                                                     **options)
+            cache = _CompileCache(backend._dialect, SQLiteConnection(backend._pool, backend._dialect)
+                                  ._compile, CompilationContext, positional=True)
+            sqlite_class = type("CachedSQLiteConnection", (_CachedSQLiteConnection,),
+                                {"cache": cache})
+            backend.connection = lambda: sqlite_class(backend._pool, backend._dialect)
         self._reader: _SQLiteReader | None = None
 
     @property

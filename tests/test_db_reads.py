@@ -240,3 +240,23 @@ def test_a_connection_left_open_is_closed_before_the_loop_is(tmp_path) -> None:
     finally:
         threading.excepthook = previous
     assert not failures, failures
+
+
+async def test_writes_compile_once_per_shape(db) -> None:
+    # A transaction's statements (a checkout's inserts and conditional updates) are compiled
+    # once per shape in the connections databases makes, like the reads: two products changed
+    # with different values leave one kept shape, and each run's values are the ones applied.
+    host = await make_user(db, "Host", host=True)
+    cache = db._db._backend.connection().cache
+    made = [(await make_product(db, host, name=name, stock=stock))["id"]
+            for name, stock in (("A", 3), ("B", 7))]
+    sizes = []
+    for product_id, take in zip(made, (1, 5), strict=True):
+        async with db.transaction():
+            await db.execute(products.update().where(products.c.id == product_id,
+                                                     products.c.stock >= take)
+                             .values(stock=products.c.stock - take))
+            assert await db.affected_rows() == 1
+        sizes.append(len(cache))
+    assert sizes[0] == sizes[1]  # the second run compiled nothing new
+    assert [await stock_of(db, product_id) for product_id in made] == [2, 2]
