@@ -15,6 +15,11 @@ page's cost.  Each read runs whole (execute, fetch, close) before the next start
 a fresh WAL snapshot and sees every write committed before it.  Reads inside a transaction
 stay on the transaction's connection (they must see its writes).
 
+Every statement is compiled once per shape (:class:`_CompileCache`, in the connections
+``databases`` makes for reads and writes on both databases, and on the SQLite read connection),
+and a text statement once per SQL string (:class:`_TextCache`): the site's hot queries are text
+(``queries.compiled``), which on MariaDB runs straight on the task's aiomysql connection.
+
 MariaDB may still pick a transaction as a deadlock victim (1213) or give up waiting for a row
 lock (1205) when shoppers write at the same moment; InnoDB has then rolled the whole transaction
 back, so :meth:`Database.run_transaction` runs it again from the start, a bounded number of
@@ -97,7 +102,8 @@ _in_transaction: contextvars.ContextVar[bool] = contextvars.ContextVar(
 class _CompileCache:
     """``databases``' compile of a statement, kept per statement shape (SQLAlchemy's cache
     key): ``databases`` compiles every SQLAlchemy statement it runs, every time, and that was
-    the largest cost of a page's reads once the connection stayed open.  The values of each
+    the largest cost of a page's reads once the connection stayed open (and of a checkout's
+    writes).  The values of each
     statement are taken from its cache key, as SQLAlchemy's own compiled cache does; what
     cannot be cached that way (no cache key, IN lists rendered per length, values set with
     ``.params()``) goes to ``databases``' own compile.  Returns what that compile returns."""
