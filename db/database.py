@@ -15,6 +15,11 @@ page's cost.  Each read runs whole (execute, fetch, close) before the next start
 a fresh WAL snapshot and sees every write committed before it.  Reads inside a transaction
 stay on the transaction's connection (they must see its writes).
 
+Every statement is compiled once per shape (:class:`_CompileCache`, in the connections
+``databases`` makes for reads and writes on both databases, and on the SQLite read connection),
+and a text statement once per SQL string (:class:`_TextCache`): the site's hot queries are text
+(``queries.compiled``), which on MariaDB runs straight on the task's aiomysql connection.
+
 MariaDB may still pick a transaction as a deadlock victim (1213) or give up waiting for a row
 lock (1205) when shoppers write at the same moment; InnoDB has then rolled the whole transaction
 back, so :meth:`Database.run_transaction` runs it again from the start, a bounded number of
@@ -45,6 +50,7 @@ from databases.backends.mysql import CompilationContext as MySQLCompilationConte
 from databases.backends.mysql import MySQLConnection
 from databases.backends.sqlite import CompilationContext, SQLiteConnection, SQLitePool
 from sqlalchemy.engine.cursor import CursorResultMetaData
+from sqlalchemy.sql.ddl import DDLElement
 
 from watchbuy.logs import LogLimiter
 from watchbuy.settings import ConfigError
@@ -60,7 +66,7 @@ ER_LOCK_WAIT_TIMEOUT = 1205
 ER_DUP_ENTRY = 1062
 TRANSACTION_ATTEMPTS = 3  # one run plus two re-runs: enough for a crowd, bounded for a bug
 BUSY_TIMEOUT_MS = 5000  # how long an SQLite statement waits for another process's lock
-COMPILED_CACHE_SIZE = 500  # read statement shapes kept compiled (the site's queries have ~100)
+COMPILED_CACHE_SIZE = 500  # statement shapes kept compiled per kind of connection (the site has ~200)
 RETRY_BACKOFF = 0.02  # seconds before the first re-run; doubles after each, jittered +-50 %
 
 
@@ -96,7 +102,8 @@ _in_transaction: contextvars.ContextVar[bool] = contextvars.ContextVar(
 class _CompileCache:
     """``databases``' compile of a statement, kept per statement shape (SQLAlchemy's cache
     key): ``databases`` compiles every SQLAlchemy statement it runs, every time, and that was
-    the largest cost of a page's reads once the connection stayed open.  The values of each
+    the largest cost of a page's reads once the connection stayed open (and of a checkout's
+    writes).  The values of each
     statement are taken from its cache key, as SQLAlchemy's own compiled cache does; what
     cannot be cached that way (no cache key, IN lists rendered per length, values set with
     ``.params()``) goes to ``databases``' own compile.  Returns what that compile returns."""
@@ -144,15 +151,86 @@ class _CompileCache:
         return compiled.string, args, compiled._result_columns, context
 
 
+# Values a text statement may carry on the fast path: what both drivers take as they are (a
+# datetime, a Decimal... go through databases, whose bind types convert them).
+_PLAIN_VALUES = (int, float, str, bytes, type(None))
+
+
+class _TextCache:
+    """The driver's SQL and parameter order of each text statement (the site's hot queries
+    are text compiled once, see ``queries.compiled``), kept per SQL string: ``databases`` made
+    a ``sa.text`` of it and compiled it again on every call (a regular expression over the
+    text, then SQLAlchemy's compiler), more CPU than the driver's own work on MariaDB."""
+
+    def __init__(self, dialect: sa.engine.Dialect, context_class: type,
+                 positional: bool) -> None:
+        self._dialect = dialect
+        self._context_class = context_class
+        self._positional = positional  # SQLite's qmark arguments, else MySQL's pyformat dict
+        self._kept: dict[str, tuple] = {}
+
+    def prepare(self, sql: str, values: dict | None) -> tuple | None:
+        """(driver SQL, arguments, result columns, context), or None for databases' path."""
+        values = values or {}
+        for value in values.values():
+            if type(value) not in _PLAIN_VALUES:  # bool too: its bind type converts it
+                return None
+        found = self._kept.get(sql)
+        if found is None:
+            compiled = sa.text(sql).compile(dialect=self._dialect)
+            context = self._dialect.execution_ctx_cls()
+            context.dialect = self._dialect
+            context.result_column_struct = (
+                compiled._result_columns, compiled._ordered_columns,
+                compiled._textual_ordered_columns, compiled._ad_hoc_textual,
+                compiled._loose_column_name_matching)
+            if len(self._kept) >= COMPILED_CACHE_SIZE:
+                self._kept.pop(next(iter(self._kept)))
+            names = tuple(compiled.positiontup or ()) if self._positional else None
+            found = self._kept[sql] = (compiled.string, names, compiled._result_columns,
+                                       self._context_class(context))
+        string, names, result_columns, context = found
+        try:
+            args = [values[name] for name in names] if names is not None else \
+                {name: values[name] for name in values}
+        except KeyError:
+            return None  # a parameter without a value: databases' own error
+        return string, args, result_columns, context
+
+
+def _records(dialect: sa.engine.Dialect, result_columns, context, description,
+             rows: list) -> list[Record]:
+    """Rows as ``databases``' backends make them (the same record classes)."""
+    if not rows:
+        return []
+    column_maps = create_column_maps(result_columns)
+    metadata = CursorResultMetaData(context, description)
+    return [Record(Row(metadata, metadata._processors, metadata._keymap, row),
+                   result_columns, dialect, column_maps) for row in rows]
+
+
 class _CachedMySQLConnection(MySQLConnection):
-    """``databases``' MySQL connection with its SELECTs compiled once per shape."""
+    """``databases``' MySQL connection with its statements (reads and writes: a checkout's
+    are mostly writes) compiled once per shape; DDL as ``databases`` does it."""
 
     cache: _CompileCache  # set on the subclass made per Database (see Database.__init__)
 
     def _compile(self, query) -> tuple:
-        if isinstance(query, sa.Select):
-            return self.cache.compile(query)
-        return super()._compile(query)
+        if isinstance(query, DDLElement):
+            return super()._compile(query)
+        return self.cache.compile(query)
+
+
+class _CachedSQLiteConnection(SQLiteConnection):
+    """``databases``' SQLite connection (a transaction's: writes, and reads inside one) with
+    its statements compiled once per shape, as the read connection's are."""
+
+    cache: _CompileCache  # set on the subclass made per Database (see Database.__init__)
+
+    def _compile(self, query) -> tuple:
+        if isinstance(query, DDLElement):
+            return super()._compile(query)
+        return self.cache.compile(query)
 
 
 class _TrackedSQLitePool(SQLitePool):
@@ -209,6 +287,7 @@ class _SQLiteReader:
         self._compiled = _CompileCache(
             dialect, SQLiteConnection(None, dialect)._compile,  # type: ignore[arg-type]
             CompilationContext, positional=True)
+        self._texts = _TextCache(dialect, CompilationContext, positional=True)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="watchbuy-sqlite-read")
         self.waited = 0  # reads that found the database busy and ran on the worker thread
 
@@ -233,8 +312,11 @@ class _SQLiteReader:
         return self._run(self._waiting, sql, args, one)
 
     async def fetch(self, query, values: dict | None, one: bool) -> list[Record]:
-        built = databases.core.Connection._build_query(query, values)
-        sql, args, result_columns, context = self._compiled.compile(built)
+        prepared = self._texts.prepare(query, values) if isinstance(query, str) else None
+        if prepared is None:
+            prepared = self._compiled.compile(
+                databases.core.Connection._build_query(query, values))
+        sql, args, result_columns, context = prepared
         if self._fast is None:
             self._fast = self._open(0)
         try:
@@ -245,12 +327,7 @@ class _SQLiteReader:
             self.waited += 1
             description, rows = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._run_waiting, sql, args, one)
-        if not rows:
-            return []
-        column_maps = create_column_maps(result_columns)
-        metadata = CursorResultMetaData(context, description)
-        return [Record(Row(metadata, metadata._processors, metadata._keymap, row),
-                       result_columns, self._dialect, column_maps) for row in rows]
+        return _records(self._dialect, result_columns, context, description, rows)
 
     def _close_waiting(self) -> None:
         if self._waiting is not None:
@@ -316,12 +393,21 @@ class Database:
                                     {"cache": cache})
             # every connection databases makes for this database compiles through the cache
             backend.connection = lambda: connection_class(backend, backend._dialect)
+            self._texts: _TextCache | None = _TextCache(backend._dialect, MySQLCompilationContext,
+                                                        positional=False)
+        else:
+            self._texts = None  # SQLite's reads have their own (_SQLiteReader)
         self._write_lock = asyncio.Lock() if self.dialect_name == "sqlite" else None
         self._sqlite_pool: _TrackedSQLitePool | None = None
         if self.dialect_name == "sqlite":
             backend = self._db._backend
             self._sqlite_pool = backend._pool = _TrackedSQLitePool(backend._database_url,
                                                                     **options)
+            cache = _CompileCache(backend._dialect, SQLiteConnection(backend._pool, backend._dialect)
+                                  ._compile, CompilationContext, positional=True)
+            sqlite_class = type("CachedSQLiteConnection", (_CachedSQLiteConnection,),
+                                {"cache": cache})
+            backend.connection = lambda: sqlite_class(backend._pool, backend._dialect)
         self._reader: _SQLiteReader | None = None
 
     @property
@@ -358,31 +444,69 @@ class Database:
             await self._sqlite_pool.close_left()
 
     # -- queries ----------------------------------------------------------------------------
+    async def _mysql_text(self, prepared: tuple, mode: str):
+        """A text statement straight on the aiomysql connection ``databases`` gives this task
+        (the transaction's own inside one), under the same per-connection lock its calls
+        take; rows become the same records.  ``mode``: "one", "all" or "execute"."""
+        sql, args, result_columns, context = prepared
+        async with self._db.connection() as connection:
+            async with connection._query_lock:
+                cursor = await connection.raw_connection.cursor()
+                try:
+                    await cursor.execute(sql, args)
+                    if mode == "execute":  # what databases' execute returns
+                        return cursor.rowcount if cursor.lastrowid == 0 else cursor.lastrowid
+                    rows = [await cursor.fetchone()] if mode == "one" else \
+                        await cursor.fetchall()
+                    if rows and rows[0] is None:
+                        rows = []
+                    description = cursor.description
+                finally:
+                    await cursor.close()
+        return _records(self._db._backend._dialect, result_columns, context, description,
+                        list(rows))
+
+    def _prepared(self, query, values: dict | None) -> tuple | None:
+        if self._texts is None or not isinstance(query, str):
+            return None
+        return self._texts.prepare(query, values)
+
     async def fetch_one(self, query, values: dict | None = None):
         if self._reader is not None and not _in_transaction.get():
             rows = await self._reader.fetch(query, values, one=True)
+            return rows[0] if rows else None
+        if (prepared := self._prepared(query, values)) is not None:
+            rows = await self._mysql_text(prepared, "one")
             return rows[0] if rows else None
         return await self._db.fetch_one(query, values)
 
     async def fetch_all(self, query, values: dict | None = None) -> list:
         if self._reader is not None and not _in_transaction.get():
             return await self._reader.fetch(query, values, one=False)
+        if (prepared := self._prepared(query, values)) is not None:
+            return await self._mysql_text(prepared, "all")
         return await self._db.fetch_all(query, values)
 
     async def fetch_val(self, query, values: dict | None = None):
         if self._reader is not None and not _in_transaction.get():
             rows = await self._reader.fetch(query, values, one=True)
             return rows[0][0] if rows else None
+        if (prepared := self._prepared(query, values)) is not None:
+            rows = await self._mysql_text(prepared, "one")
+            return rows[0][0] if rows else None
         return await self._db.fetch_val(query, values)
 
     async def execute(self, query, values: dict | None = None):
         """Runs a statement; returns the new row id for inserts."""
+        if (prepared := self._prepared(query, values)) is not None:
+            return await self._mysql_text(prepared, "execute")
         return await self._db.execute(query, values)
 
     async def affected_rows(self) -> int:
         """Rows changed by the previous statement on this task's connection."""
-        sql = "SELECT changes()" if self.dialect_name == "sqlite" else "SELECT ROW_COUNT()"
-        return int(await self._db.fetch_val(sql))
+        if self.dialect_name == "sqlite":
+            return int(await self._db.fetch_val("SELECT changes()"))
+        return int(await self.fetch_val("SELECT ROW_COUNT()"))  # this task's connection
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from watchbuy.db.database import Database, now
-from watchbuy.db.queries import as_dict, as_dicts, upsert
+from watchbuy.db.queries import as_dict, as_dicts, compiled, upsert
 from watchbuy.db.schema import (
+    cart_items,
     channels,
     follows,
     notifications,
@@ -239,6 +240,33 @@ async def set_follow(db: Database, user_id: int, host_id: int, on: bool) -> None
 async def follows_host(db: Database, user_id: int, host_id: int) -> bool:
     return await db.fetch_val(sa.select(sa.func.count()).select_from(follows).where(
         follows.c.user_id == user_id, follows.c.host_id == host_id)) > 0
+
+
+async def room_visitor(db: Database, user_id: int, host_id: int,
+                       show_id: int | None) -> dict:
+    """What a logged-in shopper's room page shows of their own, in one read: the units in
+    their cart (as :func:`queries.cart` counts them), whether they follow the host and whether
+    they asked to be reminded of the show ``show_id`` (the room's next one, if any)."""
+    row = await db.fetch_one(compiled(db, "room_visitor", _room_visitor_query),
+                             {"user_id": user_id, "host_id": host_id, "show_id": show_id or 0})
+    return {"cart_count": int(row["cart_count"] or 0), "following": bool(row["following"]),
+            "reminded": bool(row["reminded"])}
+
+
+def _room_visitor_query() -> sa.Select:
+    user_id = sa.bindparam("user_id")
+    cart_units = (sa.select(sa.func.coalesce(sa.func.sum(cart_items.c.quantity),
+                                             sa.literal_column("0")))
+                  .select_from(cart_items.join(products,
+                                               products.c.id == cart_items.c.product_id))
+                  .where(cart_items.c.user_id == user_id, products.c.deleted == sa.false())
+                  .scalar_subquery())
+    following = sa.exists().where(follows.c.user_id == user_id,
+                                  follows.c.host_id == sa.bindparam("host_id"))
+    reminded = sa.exists().where(reminders.c.user_id == user_id,
+                                 reminders.c.show_id == sa.bindparam("show_id"))
+    return sa.select(cart_units.label("cart_count"), following.label("following"),
+                     reminded.label("reminded"))
 
 
 async def follower_count(db: Database, host_id: int) -> int:

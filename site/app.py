@@ -49,7 +49,7 @@ from watchbuy.site.ratelimit import make_rate_limiter
 from watchbuy.site.replays import expire_recordings
 from watchbuy.site.replays import routes as replay_routes
 from watchbuy.site.roomlive import RoomLive
-from watchbuy.site.security import AuthMiddleware, origin_of
+from watchbuy.site.security import AuthMiddleware, SessionCache, origin_of
 from watchbuy.site.state import SiteState
 from watchbuy.site.storage import LocalStorage, make_storage
 from watchbuy.site.upkeep import repeat_until
@@ -224,8 +224,10 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             mailer=notify.make_mailer(settings),
             show_timers=shows.ShowTimers(),
             pages=PageCache(broker, settings.page_cache_seconds, settings.page_cache_entries),
+            sessions=SessionCache(broker, settings.session_cache_seconds),
         )
         await shared["pages"].start()
+        await shared["sessions"].start()
         site = cast(SiteState, shared)
         site["room_live"].start()
         # Upkeep: unpaid test-mode orders give their stock back; ended sessions and old login
@@ -261,6 +263,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             if site["mailer"] is not None:
                 await site["mailer"].drain()
             await site["pages"].close()
+            await site["sessions"].close()
             await media.close()
             await site["dashboard"].stop()
             await site["chat_limiter"].close()

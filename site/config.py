@@ -63,6 +63,9 @@ class SiteSettings:
     # products, stock, live/offline: site/pagecache.py); at most page_cache_entries pages
     page_cache_seconds: float = 2.0
     page_cache_entries: int = 1000
+    # a session found is kept in each process this many seconds at most (0 = read per request);
+    # a logout drops it at once in every process (the broker's session_revoked event)
+    session_cache_seconds: float = 1.0
     # shop: "Only N left" on room product cards at or under this stock; flash sales that
     # reached their end are ended (and announced, once) by a check this often in each process
     low_stock_threshold: int = 10
@@ -233,6 +236,8 @@ class SiteSettings:
         check_ranges(self, positive=("show_end_grace", "show_start_window"))
         if self.smtp_url and not self.smtp_url.lower().startswith(("smtp://", "smtps://")):
             raise ConfigError("WATCHBUY_SMTP_URL: expected smtp://host:port or smtps://host:port")
+        if not 0 <= self.session_cache_seconds <= 2:
+            raise ConfigError("WATCHBUY_SESSION_CACHE_SECONDS: seconds, from 0 (off) to 2")
         check_ranges(self, off_or_positive=("ws_ping_interval", "ws_ping_timeout", "hsts_seconds",
                                             "record_retention_days",
                                             "notification_retention_days", "page_cache_seconds"))

@@ -70,10 +70,15 @@ class PublicPage:
     marker: str
     csp_media_origin: str | None
 
-    def respond(self, request: Request) -> HTMLResponse:
+    def respond(self, request: Request, values: dict[str, str] | None = None) -> HTMLResponse:
+        """The page with the visitor's token in, and each further marker in ``values``
+        replaced by its text (already escaped for where it stands)."""
         if self.csp_media_origin is not None:
             request.state.csp_media_origin = self.csp_media_origin  # as web.render sets it
-        return HTMLResponse(self.html.replace(self.marker, request.state.csrf_token))
+        html = self.html.replace(self.marker, request.state.csrf_token)
+        for marker, text in (values or {}).items():
+            html = html.replace(marker, text)
+        return HTMLResponse(html)
 
 
 @dataclass(slots=True)
@@ -93,6 +98,7 @@ class PageCache:
         self.max_entries = max_entries
         # One random marker per process: no page text can guess it, and a token never holds it.
         self.marker = f"csrf-{secrets.token_hex(16)}"
+        self.count_marker = f"count-{secrets.token_hex(16)}"  # a logged-in page's cart count
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         # A counter of everything that decides whether a page may be kept: each changing
         # event, the subscription going live.  A build notes it first (mark()); put() then
@@ -136,9 +142,12 @@ class PageCache:
         """Call before reading what a page shows; pass the result to :meth:`put`."""
         return self._seq
 
-    def render(self, request: Request, template: str, **context) -> PublicPage:
-        """``web.render`` of a page for nobody in particular (no user, a marker token)."""
-        response = render(request, template, user=None, csrf_token=self.marker, **context)
+    def render(self, request: Request, template: str, user: dict | None = None,
+               **context) -> PublicPage:
+        """``web.render`` of a page for nobody in particular (no user, a marker token), or
+        for every logged-in ``user`` alike in what the page shows of them (the caller keys it
+        by those parts and puts markers where the rest goes)."""
+        response = render(request, template, user=user, csrf_token=self.marker, **context)
         return PublicPage(response.body.decode(), self.marker,
                           getattr(request.state, "csp_media_origin", None))
 

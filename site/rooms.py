@@ -173,22 +173,43 @@ async def room_page(request: Request):
         channel = await load_channel(request)
         room = {"channel": channel,
                 "host": await queries.user_by_id(site["db"], channel["host_id"]),
-                "state": await room_state(site, channel)}
+                "state": await room_state(site, channel),
+                "shows": await show_info(site, channel, None)}
         pages.put(("room-data", slug), channel["id"], room, mark)
     channel = room["channel"]
     if user is None:
         page = pages.render(request, "room.html", channel=channel, host=room["host"],
-                            state=room["state"], is_host=False,
-                            **await show_info(site, channel, None))
+                            state=room["state"], is_host=False, **room["shows"])
         pages.put(("room", slug), channel["id"], page, mark)
         return page.respond(request)
-    # the next show's reminder, the follow button and the header's cart badge (room.js keeps
-    # it current as the shopper adds) are this shopper's own
-    cart_count = sum(line["quantity"] for line in await queries.cart(site["db"], user["id"]))
-    return remember_cart_count(request, render(
-        request, "room.html", channel=channel, host=room["host"], state=room["state"],
-        is_host=user["id"] == channel["host_id"], cart_count=cart_count,
-        **await show_info(site, channel, user)), user["id"], cart_count)
+    # What is this shopper's own: the header (host, admin), the host panel, the follow and
+    # reminder buttons and the cart badge (room.js keeps it current as the shopper adds).  One
+    # read gives the last three; the page is rendered once per combination of them (the cart
+    # count as a marker) and kept with the room's pages, so it goes when the room changes.
+    next_show = room["shows"]["next_show"]
+    mine = await show_queries.room_visitor(site["db"], user["id"], channel["host_id"],
+                                           next_show["id"] if next_show else None)
+    room_host = user["id"] == channel["host_id"]
+    key = ("room-user", slug, room_host, user["is_host"], user["is_admin"], mine["following"],
+           mine["reminded"], mine["cart_count"] > 0)
+    page = pages.get(key)
+    if page is None:
+        # only what the key holds of the user reaches the template: a page kept for one
+        # shopper can show nothing of another (their id only as "is this room's host")
+        keyed_user = {"id": channel["host_id"] if room_host else 0,
+                      "is_host": user["is_host"], "is_admin": user["is_admin"]}
+        page = pages.render(
+            request, "room.html", user=keyed_user, channel=channel, host=room["host"],
+            state=room["state"], is_host=room_host,
+            cart_count=pages.count_marker if mine["cart_count"] else 0,
+            **{**room["shows"],
+               "next_show": dict(next_show, reminded=mine["reminded"]) if next_show else None,
+               "following": mine["following"]})
+        pages.put(key, channel["id"], page, mark)
+    # the badge of the next pages too (site/web.py: no cart query on every page)
+    return remember_cart_count(
+        request, page.respond(request, {pages.count_marker: str(mine["cart_count"])}),
+        user["id"], mine["cart_count"])
 
 
 async def room_state_api(request: Request):

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from watchbuy.site.payments import StripeGateway
     from watchbuy.site.ratelimit import RedisRateLimiter
     from watchbuy.site.roomlive import RoomLive
+    from watchbuy.site.security import SessionCache
     from watchbuy.site.shows import ShowTimers
     from watchbuy.site.storage import LocalStorage, S3Storage
 
@@ -60,6 +61,7 @@ class SiteState(TypedDict):
     mailer: Mailer | None  # None: no WATCHBUY_SMTP_URL
     show_timers: ShowTimers  # ending shows after their grace period
     pages: PageCache  # public pages kept rendered (site/pagecache.py)
+    sessions: SessionCache  # sessions found, kept <= 2 s, dropped on logout (site/security.py)
 
 
 def state(conn: HTTPConnection) -> SiteState:

@@ -38,6 +38,9 @@ with warnings.catch_warnings():
 
 def site_settings(data_dir, database_url: str, **overrides) -> SiteSettings:
     # WATCHBUY_ENV_FILE=/dev/null: a developer's ./watchbuy.env must not change the tests.
+    # Sessions read per request: tests change sessions and users straight in the database and
+    # must see it at once (the session cache has its own tests, test_site_sessions.py).
+    overrides.setdefault("session_cache_seconds", 0)
     return load_site_settings(environ={"WATCHBUY_ENV_FILE": os.devnull},
                               data_dir=str(data_dir), database_url=database_url, **overrides)
 

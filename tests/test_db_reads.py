@@ -118,6 +118,27 @@ async def test_reads_return_what_databases_returns(db) -> None:
         text = "SELECT name FROM products WHERE host_id = :host ORDER BY id"
         assert [r[0] for r in await db.fetch_all(text, {"host": other["id"]})] == ["P2", "P3"]
         assert await db.fetch_val(text, {"host": host["id"]}) == "P0"
+        # text statements (the site's hot queries, compiled once: queries.compiled) run on the
+        # driver without databases' per-call text compile: the same rows and types, outside a
+        # transaction and inside one (MariaDB: on the transaction's connection)
+        texts = [
+            (queries.compiled(db, "session_user", queries._session_user_query),
+             {"session_id": security.session_hash(session), "now": time.time()}),
+            (text, {"host": other["id"]}),
+            ("SELECT id, price_minor, name FROM products WHERE stock >= :least ORDER BY id",
+             {"least": 2}),
+        ]
+        for sql, values in texts:
+            theirs = [dict(r._mapping) for r in await plain.fetch_all(sql, values)]
+            assert theirs
+            outside = await db.fetch_all(sql, values)
+            async with db.transaction():
+                inside = await db.fetch_all(sql, values)
+            for mine in (outside, inside):
+                assert [dict(r._mapping) for r in mine] == theirs
+                assert [[type(v) for v in r._mapping.values()] for r in mine] == \
+                    [[type(v) for v in row.values()] for row in theirs]
+        assert len(db._reader._texts._kept if db._reader else db._texts._kept) >= 3
         found = await queries.session_user(db, security.session_hash(session))
         assert found is not None and found[1]["is_host"] is True
         assert await queries.session_user(db, "no such session") is None
@@ -219,3 +240,23 @@ def test_a_connection_left_open_is_closed_before_the_loop_is(tmp_path) -> None:
     finally:
         threading.excepthook = previous
     assert not failures, failures
+
+
+async def test_writes_compile_once_per_shape(db) -> None:
+    # A transaction's statements (a checkout's inserts and conditional updates) are compiled
+    # once per shape in the connections databases makes, like the reads: two products changed
+    # with different values leave one kept shape, and each run's values are the ones applied.
+    host = await make_user(db, "Host", host=True)
+    cache = db._db._backend.connection().cache
+    made = [(await make_product(db, host, name=name, stock=stock))["id"]
+            for name, stock in (("A", 3), ("B", 7))]
+    sizes = []
+    for product_id, take in zip(made, (1, 5), strict=True):
+        async with db.transaction():
+            await db.execute(products.update().where(products.c.id == product_id,
+                                                     products.c.stock >= take)
+                             .values(stock=products.c.stock - take))
+            assert await db.affected_rows() == 1
+        sizes.append(len(cache))
+    assert sizes[0] == sizes[1]  # the second run compiled nothing new
+    assert [await stock_of(db, product_id) for product_id in made] == [2, 2]

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from page_helpers import csrf_from_html
 
 from watchbuy.db import queries
+from watchbuy.db import shows as show_queries
 from watchbuy.settings import ConfigError
 from watchbuy.site import security
 from watchbuy.site.broker import InMemoryBroker
@@ -88,6 +89,41 @@ async def test_a_kept_room_page_changes_with_its_room(make_site) -> None:
             break
         await asyncio.sleep(0.05)
     assert "Only 3 left" in page.text  # the low-stock threshold is 10
+
+
+async def test_a_logged_in_room_page_shows_each_shopper_their_own_parts(make_site) -> None:
+    site = await make_site(page_cache_seconds=LONG)
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", stock=9)
+    path = f"/room/{host['channel']['slug']}"
+    pages = site.app.state.pages
+    ann, bob = await site.user("Ann"), await site.user("Bob")
+    await queries.set_cart_quantity(site.db, ann["id"], mug["id"], 2)
+    await queries.set_cart_quantity(site.db, bob["id"], mug["id"], 3)
+    await show_queries.set_follow(site.db, ann["id"], host["id"], True)
+    as_ann, as_bob = await site.browser(ann), await site.browser(bob)
+    await kept_page(site, path)  # the room's data is kept once the cache is live
+    hits = pages.hits
+    for browser, count, follow in ((as_ann, 2, "Following ✓"), (as_bob, 3, "Follow Host"),
+                                   (as_ann, 2, "Following ✓"), (as_bob, 3, "Follow Host")):
+        page = await browser.get(path)
+        assert f'class="cart-count">{count}</span>' in page.text
+        assert follow in page.text and "Log out" in page.text
+        assert csrf_from_html(page.text) == security.csrf_token_for(
+            site.settings.secret_key, browser.http.cookies.get(security.CSRF_COOKIE),
+            browser.session_cookie)
+        assert pages.marker not in page.text and pages.count_marker not in page.text
+    assert pages.hits >= hits + 6  # the room data every time, Ann's and Bob's page once more
+    # their own change shows at once; the room's change drops their kept page
+    await queries.set_cart_quantity(site.db, bob["id"], mug["id"], 0)
+    assert 'class="cart-count" hidden>0</span>' in (await as_bob.get(path)).text
+    studio = await site.browser(host)
+    assert (await studio.post("/studio/title", {"title": "Friday deals"})).status_code == 303
+    assert "Friday deals" in (await as_ann.get(path)).text
+    # the host gets the host panel, a shopper never does
+    host_page = (await studio.get(path)).text
+    assert 'id="host-panel"' in host_page and 'id="host-panel"' not in \
+        (await as_ann.get(path)).text
 
 
 async def test_checkout_prices_on_the_server_whatever_a_kept_page_shows(make_site) -> None:
