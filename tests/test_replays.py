@@ -338,6 +338,10 @@ def test_publish_with_three_pins_then_the_replay_plays_and_seeks_to_each_card(tm
             replay.wait_for_function(
                 "() => !document.getElementById('replay-video').seeking")
             screenshot(replay, "replay-timeline.png")
+            # wide: the products beside the video; the timeline and the card still reachable
+            replay.set_viewport_size({"width": 1280, "height": 800})
+            assert covered(replay, ".timeline-item, #pinned [data-add]") == []
+            screenshot(replay, "replay-timeline-wide.png")
             assert not violations, violations
             chromium.close()
     finally:

@@ -629,6 +629,7 @@ def test_in_chromium_schedule_remind_follow_live_badge_and_ended_card(
     shopper.goto(server.room_url)
     assert "Spring mugs launch" in shopper.inner_text("#next-show")
     assert covered(shopper, "#next-show button") == []
+    screenshot(shopper, "room-next-show-phone.png")
     with shopper.expect_navigation():
         shopper.locator("#next-show .follow-form button").click()
     assert "Following" in shopper.inner_text("#next-show")
@@ -674,6 +675,7 @@ def test_in_chromium_schedule_remind_follow_live_badge_and_ended_card(
         shopper.wait_for_selector("#live-badge.live")
         assert shopper.inner_text("#follow-live") == "Following ✓"  # over the live player
         assert covered(shopper, "#follow-live button") == []  # not under the room head
+        screenshot(shopper, "room-follow-live-phone.png")
         shopper.evaluate("window.__sameDocument = true")
     finally:
         publisher.stop()
