@@ -220,6 +220,31 @@ def video_state(page) -> dict:
     return page.evaluate(VIDEO_STATE_JS)
 
 
+# For each visible element a selector matches: is its centre inside the viewport, and is the
+# element the browser hits there (elementFromPoint) that element or inside it?  Playwright's
+# click finds an overlay only when it clicks; this names every covered control at once.
+COVERED_JS = """selector => {
+  const out = [];
+  for (const el of document.querySelectorAll(selector)) {
+    const r = el.getBoundingClientRect();
+    if (!r.width || !r.height || getComputedStyle(el).visibility === "hidden") continue;
+    const x = r.left + r.width / 2, y = r.top + r.height / 2;
+    const label = (el.id ? "#" + el.id + " " : "") + (el.textContent || "").trim().slice(0, 40);
+    if (x < 0 || y < 0 || x > innerWidth || y > innerHeight) { out.push(label + ": off screen"); continue; }
+    const hit = document.elementFromPoint(x, y);
+    if (!hit || !(hit === el || el.contains(hit))) {
+      out.push(label + ": under " + (hit ? hit.tagName.toLowerCase() + "." + hit.className : "nothing"));
+    }
+  }
+  return out;
+}"""
+
+
+def covered(page, selector: str) -> list[str]:
+    """The controls matching selector that a tap at their centre would not reach."""
+    return page.evaluate(COVERED_JS, selector)
+
+
 def screenshot(page, name: str) -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / name

@@ -341,6 +341,7 @@ def test_publish_with_three_pins_then_the_replay_plays_and_seeks_to_each_card(tm
         CHROMIUM_ARGS,
         PHONE,
         Server,
+        covered,
         log_in,
         require_browser,
         screenshot,
@@ -446,14 +447,20 @@ def test_publish_with_three_pins_then_the_replay_plays_and_seeks_to_each_card(tm
             replay.evaluate("() => { const v = document.getElementById('replay-video');"
                             " v.pause(); v.currentTime = 0; }")
             replay.wait_for_selector("#pinned", state="hidden")
+            assert covered(replay, ".timeline-item") == []
             replay.locator(".timeline-item").nth(1).click()
             replay.wait_for_function(
                 "t => Math.abs(document.getElementById('replay-video').currentTime - t) < 0.6",
                 arg=offsets[1])
             assert names[1] in replay.locator("#pinned").inner_text()
+            assert covered(replay, "#pinned [data-add]") == []  # the card's own buy button
             replay.wait_for_function(
                 "() => !document.getElementById('replay-video').seeking")
             screenshot(replay, "replay-timeline.png")
+            # wide: the products beside the video; the timeline and the card still reachable
+            replay.set_viewport_size({"width": 1280, "height": 800})
+            assert covered(replay, ".timeline-item, #pinned [data-add]") == []
+            screenshot(replay, "replay-timeline-wide.png")
             assert not violations, violations
             chromium.close()
     finally:

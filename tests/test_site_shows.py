@@ -30,6 +30,7 @@ from browser_helpers import (
     PHONE,
     Publisher,
     Server,
+    covered,
     free_port,
     log_in,
     require_browser,
@@ -739,6 +740,8 @@ def test_in_chromium_schedule_remind_follow_live_badge_and_ended_card(
         ".show-card", has_text="Spring mugs launch").inner_text()
     shopper.goto(server.room_url)
     assert "Spring mugs launch" in shopper.inner_text("#next-show")
+    assert covered(shopper, "#next-show button") == []
+    screenshot(shopper, "room-next-show-phone.png")
     with shopper.expect_navigation():
         shopper.locator("#next-show .follow-form button").click()
     assert "Following" in shopper.inner_text("#next-show")
@@ -783,6 +786,8 @@ def test_in_chromium_schedule_remind_follow_live_badge_and_ended_card(
         shopper.goto(server.room_url)
         shopper.wait_for_selector("#live-badge.live")
         assert shopper.inner_text("#follow-live") == "Following ✓"  # over the live player
+        assert covered(shopper, "#follow-live button") == []  # not under the room head
+        screenshot(shopper, "room-follow-live-phone.png")
         shopper.evaluate("window.__sameDocument = true")
     finally:
         publisher.stop()
@@ -795,7 +800,15 @@ def test_in_chromium_schedule_remind_follow_live_badge_and_ended_card(
     assert shopper.locator("#follow-live").is_hidden()
     assert shopper.evaluate("window.__sameDocument === true"), "the room reloaded"
     no_sideways_scroll(shopper)
+    # every action on the card can be tapped: not under the dock, the rail or the room head
+    ended_actions = "#show-ended .show-ended-actions a, #show-ended .show-ended-actions button"
+    assert covered(shopper, ended_actions) == []
     screenshot(shopper, "show-ended-phone.png")
+    for size in ({"width": 844, "height": 390}, {"width": 1280, "height": 800}):
+        shopper.set_viewport_size(size)
+        assert covered(shopper, ended_actions) == [], size
+    shopper.set_viewport_size({"width": 844, "height": 390})
+    screenshot(shopper, "show-ended-landscape.png")
     with sqlite_of(server) as db:
         assert db.execute("SELECT status FROM shows WHERE id = ?", (show_id,)).fetchone() == \
             ("ended",)
