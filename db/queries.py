@@ -604,6 +604,8 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
             refusal = OutOfStock(line["name"], line["product_id"], line["stock"])
             refusal.lines = lines
             raise refusal
+    # taken again at the start of each attempt of ``work()``: a checkout that waited for a lock
+    # past a flash sale's end pays the regular price (the window is checked against it)
     stamp = now()
     is_test = payment_mode == "test" if test_mode is None else test_mode
 
@@ -625,6 +627,8 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                 raise OutOfStock(name, product_id)  # rolls everything back
 
     async def work() -> tuple[int, list[dict], dict | None]:
+        nonlocal stamp
+        stamp = now()
         if db.dialect_name == "mysql":
             # One checkout per shopper at a time: the limits below count this shopper's
             # pending orders, and two concurrent checkouts must not both pass the count.  Only
@@ -665,7 +669,7 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                 if address is None and line["physical"]:
                     raise AddressRequired(line["name"])  # rolls everything back
         sales = await shopping.active_sales_for_products(
-            db, [line["product_id"] for line in current])
+            db, [line["product_id"] for line in current], stamp)
         prices = {line["product_id"]: (line["price_minor"], None) for line in current}
         for line in current:
             sale = sales.get(line["product_id"])
@@ -740,14 +744,18 @@ async def release_order(db: Database, order_id: int, status: str) -> bool:
         if await db.affected_rows() != 1:
             return False
         items = await db.fetch_all(order_items.select().where(order_items.c.order_id == order_id))
-        for item in items:
-            await db.execute(products.update().where(products.c.id == item["product_id"])
-                             .values(stock=products.c.stock + item["quantity"],
-                                     sold=products.c.sold - item["quantity"]))
+        # The lock order of every path: flash_sales rows (by id), then products rows (by id).
+        # A checkout claims the sale's units before it reserves the product; taking them the
+        # other way round here deadlocked a sale rush on MariaDB (1213).
+        for item in sorted(items, key=lambda item: item["flash_sale_id"] or 0):
             if item["flash_sale_id"] is not None:  # the sale's units go back to it too
                 await db.execute(flash_sales.update()
                                  .where(flash_sales.c.id == item["flash_sale_id"])
                                  .values(sold=flash_sales.c.sold - item["quantity"]))
+        for item in sorted(items, key=lambda item: item["product_id"]):
+            await db.execute(products.update().where(products.c.id == item["product_id"])
+                             .values(stock=products.c.stock + item["quantity"],
+                                     sold=products.c.sold - item["quantity"]))
         return True
 
     return await db.run_transaction(work)
@@ -757,18 +765,38 @@ class _CannotReserve(Exception):
     """Rolls back a re-reservation that found too little stock."""
 
 
-async def reopen_paid_order(db: Database, order_id: int) -> bool:
+SALE_UNITS_GONE = "the flash sale's units were gone by then: sold above its quantity"
+
+
+async def reopen_paid_order(db: Database, order_id: int) -> str | None:
     """A payment arrived for a cancelled/expired order: reserve its stock again and make it
-    paid, all or nothing.  False (nothing changed) when the stock is gone or the order is not
-    cancelled/expired (any more)."""
-    async def work() -> bool:
+    paid, all or nothing.  Returns the order's new status note, or None (nothing changed) when
+    the stock is gone or the order is not cancelled/expired (any more).
+
+    Lines bought at a flash sale's price take their units of the sale back too (the release
+    gave them back), conditionally as a checkout does, but regardless of the sale's window:
+    they were priced inside it.  When the sale's units are gone the shopper has paid the sale
+    price already, so the order is kept and its note says so (:data:`SALE_UNITS_GONE`, the
+    caller logs it) rather than refunding a payment the shop accepted.
+    Locks flash_sales rows before products rows, as every path does (release_order)."""
+    async def work() -> str | None:
         row = as_dict(await db.fetch_one(orders.select().where(orders.c.id == order_id)))
         if row is None or row["status"] not in ("cancelled", "expired"):
-            return False
-        items = await db.fetch_all(order_items.select()
-                                   .where(order_items.c.order_id == order_id)
-                                   .order_by(order_items.c.product_id))
-        for item in items:
+            return None
+        items = as_dicts(await db.fetch_all(order_items.select()
+                                            .where(order_items.c.order_id == order_id)))
+        note = f"paid after it was {row['status']}; stock reserved again"
+        for item in sorted(items, key=lambda item: item["flash_sale_id"] or 0):
+            if item["flash_sale_id"] is None:
+                continue
+            await db.execute(flash_sales.update().where(
+                flash_sales.c.id == item["flash_sale_id"],
+                sa.or_(flash_sales.c.quantity.is_(None),
+                       flash_sales.c.sold + item["quantity"] <= flash_sales.c.quantity))
+                .values(sold=flash_sales.c.sold + item["quantity"]))
+            if await db.affected_rows() != 1:
+                note = f"{note}; {SALE_UNITS_GONE}"
+        for item in sorted(items, key=lambda item: item["product_id"]):
             await db.execute(products.update().where(
                 products.c.id == item["product_id"], products.c.deleted == sa.false(),
                 products.c.stock >= item["quantity"])
@@ -778,16 +806,15 @@ async def reopen_paid_order(db: Database, order_id: int) -> bool:
                 raise _CannotReserve
         await db.execute(orders.update().where(orders.c.id == order_id,
                                                orders.c.status == row["status"])
-                         .values(status="paid", paid_at=now(), status_note=(
-                             f"paid after it was {row['status']}; stock reserved again")))
+                         .values(status="paid", paid_at=now(), status_note=note))
         if await db.affected_rows() != 1:
             raise _CannotReserve  # changed meanwhile: undo the reservations
-        return True
+        return note
 
     try:
         return await db.run_transaction(work)
     except _CannotReserve:
-        return False
+        return None
 
 
 async def mark_refunded(db: Database, order_id: int, note: str) -> bool:

@@ -45,6 +45,16 @@ class SaleLimit(OrderLimit):
     """The shopper already bought as many units at the flash-sale price as one shopper may."""
 
 
+class PriceChanged(ValueError):
+    """The unit price computed in the transaction is not the one the shopper was shown (a
+    flash sale sold out or ended, or started, meanwhile): nothing was ordered or charged."""
+
+    def __init__(self, price_minor: int, currency: str) -> None:
+        super().__init__("The price changed")
+        self.price_minor = price_minor
+        self.currency = currency
+
+
 class SaleExists(ValueError):
     """The product already has a flash sale running."""
 
@@ -240,12 +250,14 @@ async def active_sales(db: Database, channel_id: int) -> list[dict]:
     return as_dicts(await db.fetch_all(query))
 
 
-async def active_sales_for_products(db: Database, product_ids: list[int]) -> dict[int, dict]:
-    """product id → its running flash sale, for the given products (one query)."""
+async def active_sales_for_products(db: Database, product_ids: list[int],
+                                    at: float | None = None) -> dict[int, dict]:
+    """product id → its flash sale running at ``at`` (default now), for the given products
+    (one query)."""
     if not product_ids:
         return {}
     rows = as_dicts(await db.fetch_all(flash_sales.select().where(
-        flash_sales.c.product_id.in_(product_ids), _active(now()))))
+        flash_sales.c.product_id.in_(product_ids), _active(now() if at is None else at))))
     return {row["product_id"]: row for row in rows}
 
 
@@ -367,14 +379,18 @@ async def claim_sale_units(db: Database, user_id: int, sale: dict, quantity: int
 
 async def create_buy_now_order(db: Database, user_id: int, product_id: int, payment_mode: str,
                                test_mode: bool, address: dict | None,
-                               max_pending: int | None, max_units: int | None) -> dict:
+                               max_pending: int | None, max_units: int | None,
+                               expected_price_minor: int | None = None) -> dict:
     """One unit of one product → a pending order (the cart untouched), with the address copied
     onto it and the flash-sale price when a sale runs: all or nothing, in one transaction.
 
     As :func:`queries.create_order_from_cart`: sold out is answered from a plain read first;
     on MariaDB the shopper's row is locked first (their limits and sale units are counted
     decisively) and the product's conditional UPDATE comes last; on SQLite it comes first.
-    Raises OutOfStock, LookupError (not for sale), OrderLimit / SaleLimit."""
+    With ``expected_price_minor`` (the unit price the shopper was shown) a different price,
+    decided inside the transaction, raises :class:`PriceChanged` and rolls everything back:
+    the shopper confirms the new price before anything is charged.
+    Raises OutOfStock, LookupError (not for sale), OrderLimit / SaleLimit, PriceChanged."""
     item = as_dict(await db.fetch_one(products.select().where(
         products.c.id == product_id, products.c.deleted == sa.false(),
         products.c.shown == sa.true())))
@@ -382,7 +398,6 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
         raise LookupError("That product is not for sale.")
     if item["stock"] < 1:
         raise OutOfStock(item["name"], product_id, item["stock"])
-    running = (await active_sales_for_products(db, [product_id])).get(product_id)
     stamp = now()
 
     async def reserve() -> None:
@@ -392,6 +407,10 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
             raise OutOfStock(item["name"], product_id)
 
     async def work() -> dict:
+        nonlocal stamp
+        # the time the sale's window is checked against: taken in the transaction, so a
+        # buyer who waited for a lock past the sale's end pays the regular price
+        stamp = now()
         if db.dialect_name == "mysql":
             await db.fetch_val(sa.select(users.c.id).where(users.c.id == user_id)
                                .with_for_update())
@@ -399,12 +418,22 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
             await reserve()
         line = {"product_id": product_id, "quantity": 1, "name": item["name"]}
         await check_order_limits(db, user_id, [line], max_pending, max_units)
-        price, sale_id = item["price_minor"], None
-        if running is not None and await claim_sale_units(db, user_id, running, 1, stamp,
-                                                          item["name"]):
-            sale_id = running["id"]
-            if running["sale_price_minor"] is not None:
-                price = running["sale_price_minor"]
+        running = (await active_sales_for_products(db, [product_id], stamp)).get(product_id)
+        price = item["price_minor"]
+        if running is not None and running["sale_price_minor"] is not None:
+            price = running["sale_price_minor"]
+        if expected_price_minor is not None and price != expected_price_minor:
+            # checked before the claim: a refused shopper takes none of the sale's units
+            raise PriceChanged(price, item["currency"])
+        sale_id = None
+        if running is not None:
+            if await claim_sale_units(db, user_id, running, 1, stamp, item["name"]):
+                sale_id = running["id"]
+            elif price != item["price_minor"]:
+                # the sale's units went: the regular price, unless the shopper saw another
+                price = item["price_minor"]
+                if expected_price_minor is not None:
+                    raise PriceChanged(price, item["currency"])
         order_id = await db.execute(orders.insert().values(
             user_id=user_id, status="pending", total_minor=price, currency=item["currency"],
             payment_mode=payment_mode, created_at=stamp, test_mode=test_mode,

@@ -243,8 +243,13 @@ async def late_payment(site: SiteState, order: dict, payment_intent: str | None)
     if order["status"] in ("paid", "refunded"):
         return order["status"]  # another event for the same payment: already handled
     log.error("order %s was %s when its payment arrived", order["id"], order["status"])
-    if await queries.reopen_paid_order(site["db"], order["id"]):
+    note = await queries.reopen_paid_order(site["db"], order["id"])
+    if note is not None:
         log.error("order %s: stock reserved again, the order is paid", order["id"])
+        if queries.SALE_UNITS_GONE in note:
+            # paid at the sale price already: kept (a refund would lose a sale the shopper
+            # paid for), but the host sold more at that price than the sale offered
+            log.error("order %s: %s", order["id"], queries.SALE_UNITS_GONE)
         await announce_stock(site, order)
         return "paid"
     if not payment_intent:

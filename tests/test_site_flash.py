@@ -12,7 +12,7 @@ from shop_helpers import buy, events_for, next_events
 from ws_helpers import ws_receive
 
 from watchbuy.db import queries, shopping
-from watchbuy.db.schema import flash_sales, order_items
+from watchbuy.db.schema import flash_sales, order_items, orders
 from watchbuy.site import flash
 from watchbuy.site.chat import room_topic
 
@@ -156,10 +156,21 @@ async def test_the_sale_quantity_holds_under_concurrent_buyers(site) -> None:
     try:
         sale_id = await shopping.start_sale(site.db, host["id"], host["channel"]["id"],
                                             mug["id"], 500, 5, None, 600)
-        responses = await asyncio.gather(*(buy(b, mug["id"]) for b in browsers))
-        assert [r.status_code for r in responses] == [200] * 16
-        totals = sorted(r.json()["order"]["total"] for r in responses)
-        assert totals == ["$18.00"] * 11 + ["$5.00"] * 5
+        # every sheet showed $5.00: five are charged that, eleven are asked to confirm $18.00
+        # and charged nothing
+        responses = await asyncio.gather(*(buy(b, mug["id"], expected_price_minor=500)
+                                           for b in browsers))
+        assert sorted(r.status_code for r in responses) == [200] * 5 + [409] * 11
+        assert [r.json()["order"]["total"] for r in responses
+                if r.status_code == 200] == ["$5.00"] * 5
+        assert [r.json() for r in responses if r.status_code == 409] == [{
+            "error": "The price of Mug is now $18.00: confirm to buy at this price.",
+            "field": "price", "price": "$18.00", "price_minor": 1800}] * 11
+        orders_made = await site.db.fetch_val(sa.select(sa.func.count()).select_from(orders))
+        assert orders_made == 5
+        # the second tap, at the price confirmed, buys
+        again = await buy(browsers[0], mug["id"], expected_price_minor=1800)
+        assert again.status_code == 200 and again.json()["order"]["total"] == "$18.00"
         row = await flash_row(site.db, sale_id)
         assert row["sold"] == 5 and row["end_reason"] == "sold_out"
         events = await events_for(subscription, 1.0)
@@ -262,6 +273,6 @@ def test_the_room_hello_carries_server_time_and_running_sales(sync_site) -> None
                              host["channel"]["id"], mug["id"], 1200, 3, 1, 300.0)
     with sync_site.websocket(host["channel"]["slug"]) as ws:
         hello = ws_receive(ws)
-        assert hello["type"] == "hello" and abs(hello["server_time"] - time.time()) < 5
+        assert hello["type"] == "hello" and abs(hello["server_time"] / 1000 - time.time()) < 5  # ms
         assert [(s["id"], s["sale_price"], s["remaining"], s["per_shopper_limit"])
                 for s in hello["sales"]] == [(sale_id, "$12.00", 3, 1)]

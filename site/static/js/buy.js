@@ -150,7 +150,8 @@
   }
 
   function payload(form, product) {
-    const data = { product_id: product.id };
+    // the unit price the sheet showed: the server refuses (409, field "price") a different one
+    const data = { product_id: product.id, expected_price_minor: product.sale ? product.sale.sale_price_minor : product.price_minor };
     form.querySelectorAll("input").forEach(function (input) {
       if (input.disabled || !input.name) return;
       if (input.type === "radio") { if (input.checked && input.value !== "new") data[input.name] = Number(input.value); return; }
