@@ -628,7 +628,6 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
 
     async def work() -> tuple[int, list[dict], dict | None]:
         nonlocal stamp
-        stamp = now()
         if db.dialect_name == "mysql":
             # One checkout per shopper at a time: the limits below count this shopper's
             # pending orders, and two concurrent checkouts must not both pass the count.  Only
@@ -637,6 +636,7 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
             # this lock for the count to see the shopper's other checkouts.
             await db.fetch_val(sa.select(users.c.id).where(users.c.id == user_id)
                                .with_for_update())
+            stamp = now()  # after the wait for the lock: see ``stamp`` above
             # The crowd that read "in stock" before the last unit went leaves here, with no
             # write and no lock on the product row.
             for product_id, quantity in wanted:
@@ -654,6 +654,7 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
             # wrote meanwhile (it fails at once, SQLITE_BUSY_SNAPSHOT), so several site
             # processes on one SQLite file queue (busy_timeout) instead of failing.
             await reserve()
+            stamp = now()  # after the wait for the write lock: see ``stamp`` above
         # read again inside the transaction: the cart may have changed since the first read
         current = await cart(db, user_id)
         if _check_cart(current) != currency or wanted != sorted(

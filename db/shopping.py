@@ -408,14 +408,14 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
 
     async def work() -> dict:
         nonlocal stamp
-        # the time the sale's window is checked against: taken in the transaction, so a
-        # buyer who waited for a lock past the sale's end pays the regular price
-        stamp = now()
         if db.dialect_name == "mysql":
             await db.fetch_val(sa.select(users.c.id).where(users.c.id == user_id)
                                .with_for_update())
         else:
             await reserve()
+        # the time the sale's window is checked against: taken in the transaction once its
+        # first lock is held, so a buyer who waited past the sale's end pays the regular price
+        stamp = now()
         line = {"product_id": product_id, "quantity": 1, "name": item["name"]}
         await check_order_limits(db, user_id, [line], max_pending, max_units)
         running = (await active_sales_for_products(db, [product_id], stamp)).get(product_id)
