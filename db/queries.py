@@ -860,11 +860,12 @@ async def stale_pending_orders(db: Database, created_before: float,
 async def host_sales(db: Database, host_id: int) -> list[dict]:
     """Lines of orders that contain this host's products (never other hosts' lines)."""
     query = (
+        # shipped_at/carrier/tracking_number are the line's own: this host's shipping state,
+        # whatever the other sellers of the order did
         sa.select(order_items, orders.c.status, orders.c.created_at, orders.c.paid_at,
                   orders.c.test_mode, orders.c.status_note, orders.c.ship_name,
                   orders.c.ship_line1, orders.c.ship_line2, orders.c.ship_city,
                   orders.c.ship_postal_code, orders.c.ship_region, orders.c.ship_country,
-                  orders.c.shipped_at, orders.c.carrier, orders.c.tracking_number,
                   users.c.display_name.label("buyer"))
         .select_from(order_items.join(orders, orders.c.id == order_items.c.order_id)
                      .join(users, users.c.id == orders.c.user_id))

@@ -457,18 +457,56 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
 
 async def mark_shipped(db: Database, host_id: int, order_id: int, carrier: str,
                        tracking_number: str) -> bool:
-    """paid → shipped, once, by a host whose products the order holds."""
-    holds = sa.exists().where(order_items.c.order_id == orders.c.id,
-                              order_items.c.host_id == host_id)
+    """This host's lines of a paid order → shipped, once; the order itself is shipped when
+    every seller's lines are.  False when the order is not paid, holds none of this host's
+    unshipped lines (another seller cannot ship them).
 
+    The order's row is written first: it serializes its sellers' concurrent shipments (MariaDB
+    row lock, SQLite's write lock), so the last one sees every other's lines shipped."""
     async def work() -> bool:
-        await db.execute(orders.update().where(
-            orders.c.id == order_id, orders.c.status == "paid", orders.c.shipped_at.is_(None),
-            holds).values(shipped_at=now(), carrier=carrier or None,
-                          tracking_number=tracking_number or None))
-        return await db.affected_rows() == 1
+        stamp = now()
+        await db.execute(orders.update().where(orders.c.id == order_id)
+                         .values(status=orders.c.status))
+        status = await db.fetch_val(sa.select(orders.c.status).where(orders.c.id == order_id))
+        if status != "paid":
+            return False
+        await db.execute(order_items.update().where(
+            order_items.c.order_id == order_id, order_items.c.host_id == host_id,
+            order_items.c.shipped_at.is_(None)).values(
+                shipped_at=stamp, carrier=carrier or None,
+                tracking_number=tracking_number or None))
+        if not await db.affected_rows():
+            return False
+        rows = await db.fetch_all(sa.select(order_items.c.host_id, order_items.c.shipped_at)
+                                  .where(order_items.c.order_id == order_id))
+        if all(row[1] is not None for row in rows):
+            # one seller: the order carries its carrier and number too (older pages read them)
+            single = len({row[0] for row in rows}) == 1
+            await db.execute(orders.update().where(orders.c.id == order_id,
+                                                   orders.c.shipped_at.is_(None)).values(
+                shipped_at=stamp, carrier=(carrier or None) if single else None,
+                tracking_number=(tracking_number or None) if single else None))
+        return True
 
     return await db.run_transaction(work)
+
+
+async def order_shipments(db: Database, order_ids: list[int]) -> dict[int, list[dict]]:
+    """order id → per seller of it: {seller, shipped_at, carrier, tracking_number} (one query;
+    a seller's lines are shipped together)."""
+    if not order_ids:
+        return {}
+    rows = as_dicts(await db.fetch_all(
+        sa.select(order_items.c.order_id, order_items.c.host_id,
+                  users.c.display_name.label("seller"), order_items.c.shipped_at,
+                  order_items.c.carrier, order_items.c.tracking_number)
+        .select_from(order_items.join(users, users.c.id == order_items.c.host_id))
+        .where(order_items.c.order_id.in_(order_ids)).order_by(order_items.c.id)))
+    shipments: dict[int, dict[int, dict]] = {}
+    for row in rows:
+        order_id, host_id = row.pop("order_id"), row.pop("host_id")
+        shipments.setdefault(order_id, {}).setdefault(host_id, row)
+    return {order_id: list(by_host.values()) for order_id, by_host in shipments.items()}
 
 
 async def order_sellers(db: Database, order_ids: list[int]) -> dict[int, list[str]]:

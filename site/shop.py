@@ -402,9 +402,10 @@ async def orders_page(request: Request):
     user = require_user(request)
     db = state(request)["db"]
     orders = [decorate(o) for o in await queries.user_orders(db, user["id"])]
-    sellers = await shopping.order_sellers(db, [order["id"] for order in orders])
+    shipments = await shopping.order_shipments(db, [order["id"] for order in orders])
     for order in orders:
-        order["sellers"] = sellers.get(order["id"], [])
+        order["shipments"] = shipments.get(order["id"], [])  # each seller's shipping state
+        order["sellers"] = [shipment["seller"] for shipment in order["shipments"]]
         order["address"] = shopping.order_address(order)
     notices = {
         "paying": "That order was not cancelled: its payment had already gone through.",

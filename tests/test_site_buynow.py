@@ -227,6 +227,58 @@ async def test_host_marks_shipped_and_the_shopper_sees_it(site) -> None:
     assert "Mark shipped" not in sales.text and "DHL · JD0146 0000 1" in sales.text
 
 
+async def test_each_seller_ships_their_own_lines_of_a_two_seller_order(site) -> None:
+    """A seller marks only their own lines shipped; the order is shipped once every seller
+    has; each seller's Sales and the shopper's /orders show each seller's state."""
+    host = await site.user("Host", host=True)
+    other = await site.user("Other", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    cap = await site.product(other, name="Cap", stock=5)
+    shopper = await site.user("Ann")
+    browser = await site.browser(shopper)
+    hosts, others = await site.browser(host), await site.browser(other)
+    orders_made = []
+    for _ in range(2):
+        for product in (mug, cap):
+            await queries.set_cart_quantity(site.db, shopper["id"], product["id"], 1)
+        order = await queries.create_order_from_cart(site.db, shopper["id"], "test",
+                                                     needs_address=True)
+        assert await queries.mark_paid(site.db, order["id"])
+        orders_made.append(order["id"])
+    first, second = orders_made
+    response = await hosts.post(f"/studio/orders/{first}/ship",
+                                {"carrier": "DHL", "tracking_number": "JD1"})
+    assert response.status_code == 303
+    assert (await hosts.post(f"/studio/orders/{first}/ship", {})).status_code == 409  # once
+    order = await queries.order(site.db, first)
+    assert order["shipped_at"] is None  # Other has not shipped the cap
+    lines = {item["name"]: item for item in order["items"]}
+    assert (lines["Mug"]["carrier"], lines["Mug"]["tracking_number"]) == ("DHL", "JD1")
+    assert lines["Cap"]["shipped_at"] is None
+    their_sales = await others.get("/studio/sales")
+    assert "DHL" not in their_sales.text
+    assert f'action="/studio/orders/{first}/ship"' in their_sales.text
+    page = await browser.get("/orders")
+    card = page.text.split(f'id="order-{first}"')[1].split("\n  </li>")[0]
+    assert '<span class="status paid">paid</span>' in card
+    assert "Host: Shipped" in card and "with DHL, tracking number <strong>JD1</strong>" in card
+    assert "Other: Paid; waiting to be shipped to Springfield" in card
+    response = await others.post(f"/studio/orders/{first}/ship", {"carrier": "UPS"})
+    assert response.status_code == 303
+    order = await queries.order(site.db, first)
+    assert order["shipped_at"] is not None and order["carrier"] is None  # two carriers
+    page = await browser.get("/orders")
+    card = page.text.split(f'id="order-{first}"')[1].split("\n  </li>")[0]
+    assert '<span class="status shipped">shipped</span>' in card
+    assert "Other: Shipped" in card and "with UPS." in card
+    # both sellers at once: the order ends shipped whichever commits last
+    shipped = await asyncio.gather(
+        shopping.mark_shipped(site.db, host["id"], second, "", ""),
+        shopping.mark_shipped(site.db, other["id"], second, "", ""))
+    assert shipped == [True, True]
+    assert (await queries.order(site.db, second))["shipped_at"] is not None
+
+
 # -- Stripe -------------------------------------------------------------------------------------
 
 
