@@ -206,6 +206,11 @@ async def pay_with_stripe(request: Request, site: SiteState, user: dict, order: 
         session_id, url = await gateway.create_checkout(
             order, site["settings"].public_url, site["settings"].checkout_minutes,
             customer=customer)
+    except payments.PaymentUnknown as exc:
+        # the charge may have gone through: the order keeps its stock until the intent's
+        # webhook or the upkeep settles it (payments.settle_stale_intent_orders)
+        checkouts.labels("payment_unknown").inc()
+        return field_error(str(exc), None, 502)
     except payments.PaymentError as exc:
         checkouts.labels("payment_error").inc()
         await payments.release(site, order["id"], "cancelled")

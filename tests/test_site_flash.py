@@ -400,3 +400,27 @@ async def test_a_late_payment_takes_its_sale_units_back_or_says_why_not(site, ca
         f"order {second['id']}: the flash sale's units were gone by then: sold above its "
         "quantity"]
     assert third["status"] == "pending"
+
+
+async def test_a_rush_of_sale_purchases_sends_one_remaining_count_per_interval(make_site) -> None:
+    """Each "sale" event drops the room's kept page: a rush of purchases at the sale price
+    sends them coalesced by interval (the latest count wins), not one per purchase."""
+    site = await make_site(stock_event_interval=1.0)
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=40)
+    browsers = await shoppers_with_cards(site, 8)
+    sale_id = await shopping.start_sale(site.db, host["id"], host["channel"]["id"], mug["id"],
+                                        500, 30, None, 600)
+    subscription = site.app.state.broker.subscribe(room_topic(host["channel"]["id"]))
+    await subscription.ready()
+    try:
+        started = time.monotonic()
+        for browser in browsers:  # one after another: eight purchases, each its own event before
+            assert (await buy(browser, mug["id"], expected_price_minor=500)).status_code == 200
+        took = time.monotonic() - started
+        events = [e for e in await events_for(subscription, 2.5) if e["type"] == "sale"]
+        # the first at once, then at most one per second (and the latest after the last)
+        assert 1 <= len(events) <= min(7, int(took) + 2), (took, events)
+        assert events[-1]["sale"]["remaining"] == 22 and events[-1]["sale"]["id"] == sale_id
+    finally:
+        await subscription.close()
