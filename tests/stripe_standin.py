@@ -61,7 +61,7 @@ class _CustomersAndIntents:
                 status: str) -> dict:
         intent = {"id": f"pi_{secrets.token_hex(12)}", "object": "payment_intent",
                   "amount": amount, "currency": currency, "customer": customer,
-                  "payment_method": method, "status": status}
+                  "payment_method": method, "status": status, "metadata": {}}
         self.intents[intent["id"]] = intent
         return intent
 
