@@ -669,6 +669,10 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
             for line in current:
                 if address is None and line["physical"]:
                     raise AddressRequired(line["name"])  # rolls everything back
+        await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id))
+        # The sale's row is locked from its claim to the commit: the claim comes after every
+        # statement that does not need its outcome (the order's price does), just before the
+        # products' rows, which every path locks after flash_sales (see release_order).
         sales = await shopping.active_sales_for_products(
             db, [line["product_id"] for line in current], stamp)
         prices = {line["product_id"]: (line["price_minor"], None) for line in current}
@@ -690,7 +694,6 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                   "currency": line["currency"], "quantity": line["quantity"],
                   "flash_sale_id": prices[line["product_id"]][1]} for line in current]
         await db.execute(order_items.insert().values(items))
-        await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id))
         if db.dialect_name == "mysql":
             await reserve()  # the hot rows last, locked until the commit that follows
         return order_id, items, address
