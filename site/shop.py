@@ -450,6 +450,11 @@ async def orders_page(request: Request):
     shipments = await shopping.order_shipments(db, [order["id"] for order in orders])
     for order in orders:
         order["shipments"] = shipments.get(order["id"], [])  # each seller's shipping state
+        for shipment in order["shipments"]:
+            if shipment["shipped_at"] is None and order.get("shipped_at"):
+                # shipped before shipping was kept per seller: the order's own record
+                shipment.update(shipped_at=order["shipped_at"], carrier=order.get("carrier"),
+                                tracking_number=order.get("tracking_number"))
         order["sellers"] = [shipment["seller"] for shipment in order["shipments"]]
         order["address"] = shopping.order_address(order)
     notices = {
