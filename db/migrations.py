@@ -92,7 +92,8 @@ async def shows_shipping_and_replays(db: Database) -> None:
         schema.products.c.physical, schema.products.c.sold,
         *(c for c in schema.orders.c if c.name.startswith("ship_")),
         schema.orders.c.shipped_at, schema.orders.c.carrier, schema.orders.c.tracking_number,
-        schema.order_items.c.flash_sale_id,
+        schema.order_items.c.flash_sale_id, schema.order_items.c.shipped_at,
+        schema.order_items.c.carrier, schema.order_items.c.tracking_number,
     ):
         await add_missing_column(db, column)
     await create_tables(db, schema.metadata)

@@ -604,6 +604,8 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
             refusal = OutOfStock(line["name"], line["product_id"], line["stock"])
             refusal.lines = lines
             raise refusal
+    # taken again at the start of each attempt of ``work()``: a checkout that waited for a lock
+    # past a flash sale's end pays the regular price (the window is checked against it)
     stamp = now()
     is_test = payment_mode == "test" if test_mode is None else test_mode
 
@@ -625,6 +627,7 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                 raise OutOfStock(name, product_id)  # rolls everything back
 
     async def work() -> tuple[int, list[dict], dict | None]:
+        nonlocal stamp
         if db.dialect_name == "mysql":
             # One checkout per shopper at a time: the limits below count this shopper's
             # pending orders, and two concurrent checkouts must not both pass the count.  Only
@@ -633,6 +636,7 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
             # this lock for the count to see the shopper's other checkouts.
             await db.fetch_val(sa.select(users.c.id).where(users.c.id == user_id)
                                .with_for_update())
+            stamp = now()  # after the wait for the lock: see ``stamp`` above
             # The crowd that read "in stock" before the last unit went leaves here, with no
             # write and no lock on the product row.
             for product_id, quantity in wanted:
@@ -650,6 +654,7 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
             # wrote meanwhile (it fails at once, SQLITE_BUSY_SNAPSHOT), so several site
             # processes on one SQLite file queue (busy_timeout) instead of failing.
             await reserve()
+            stamp = now()  # after the wait for the write lock: see ``stamp`` above
         # read again inside the transaction: the cart may have changed since the first read
         current = await cart(db, user_id)
         if _check_cart(current) != currency or wanted != sorted(
@@ -664,8 +669,12 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
             for line in current:
                 if address is None and line["physical"]:
                     raise AddressRequired(line["name"])  # rolls everything back
+        await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id))
+        # The sale's row is locked from its claim to the commit: the claim comes after every
+        # statement that does not need its outcome (the order's price does), just before the
+        # products' rows, which every path locks after flash_sales (see release_order).
         sales = await shopping.active_sales_for_products(
-            db, [line["product_id"] for line in current])
+            db, [line["product_id"] for line in current], stamp)
         prices = {line["product_id"]: (line["price_minor"], None) for line in current}
         for line in current:
             sale = sales.get(line["product_id"])
@@ -685,7 +694,6 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                   "currency": line["currency"], "quantity": line["quantity"],
                   "flash_sale_id": prices[line["product_id"]][1]} for line in current]
         await db.execute(order_items.insert().values(items))
-        await db.execute(cart_items.delete().where(cart_items.c.user_id == user_id))
         if db.dialect_name == "mysql":
             await reserve()  # the hot rows last, locked until the commit that follows
         return order_id, items, address
@@ -740,14 +748,18 @@ async def release_order(db: Database, order_id: int, status: str) -> bool:
         if await db.affected_rows() != 1:
             return False
         items = await db.fetch_all(order_items.select().where(order_items.c.order_id == order_id))
-        for item in items:
-            await db.execute(products.update().where(products.c.id == item["product_id"])
-                             .values(stock=products.c.stock + item["quantity"],
-                                     sold=products.c.sold - item["quantity"]))
+        # The lock order of every path: flash_sales rows (by id), then products rows (by id).
+        # A checkout claims the sale's units before it reserves the product; taking them the
+        # other way round here deadlocked a sale rush on MariaDB (1213).
+        for item in sorted(items, key=lambda item: item["flash_sale_id"] or 0):
             if item["flash_sale_id"] is not None:  # the sale's units go back to it too
                 await db.execute(flash_sales.update()
                                  .where(flash_sales.c.id == item["flash_sale_id"])
                                  .values(sold=flash_sales.c.sold - item["quantity"]))
+        for item in sorted(items, key=lambda item: item["product_id"]):
+            await db.execute(products.update().where(products.c.id == item["product_id"])
+                             .values(stock=products.c.stock + item["quantity"],
+                                     sold=products.c.sold - item["quantity"]))
         return True
 
     return await db.run_transaction(work)
@@ -757,18 +769,38 @@ class _CannotReserve(Exception):
     """Rolls back a re-reservation that found too little stock."""
 
 
-async def reopen_paid_order(db: Database, order_id: int) -> bool:
+SALE_UNITS_GONE = "the flash sale's units were gone by then: sold above its quantity"
+
+
+async def reopen_paid_order(db: Database, order_id: int) -> str | None:
     """A payment arrived for a cancelled/expired order: reserve its stock again and make it
-    paid, all or nothing.  False (nothing changed) when the stock is gone or the order is not
-    cancelled/expired (any more)."""
-    async def work() -> bool:
+    paid, all or nothing.  Returns the order's new status note, or None (nothing changed) when
+    the stock is gone or the order is not cancelled/expired (any more).
+
+    Lines bought at a flash sale's price take their units of the sale back too (the release
+    gave them back), conditionally as a checkout does, but regardless of the sale's window:
+    they were priced inside it.  When the sale's units are gone the shopper has paid the sale
+    price already, so the order is kept and its note says so (:data:`SALE_UNITS_GONE`, the
+    caller logs it) rather than refunding a payment the shop accepted.
+    Locks flash_sales rows before products rows, as every path does (release_order)."""
+    async def work() -> str | None:
         row = as_dict(await db.fetch_one(orders.select().where(orders.c.id == order_id)))
         if row is None or row["status"] not in ("cancelled", "expired"):
-            return False
-        items = await db.fetch_all(order_items.select()
-                                   .where(order_items.c.order_id == order_id)
-                                   .order_by(order_items.c.product_id))
-        for item in items:
+            return None
+        items = as_dicts(await db.fetch_all(order_items.select()
+                                            .where(order_items.c.order_id == order_id)))
+        note = f"paid after it was {row['status']}; stock reserved again"
+        for item in sorted(items, key=lambda item: item["flash_sale_id"] or 0):
+            if item["flash_sale_id"] is None:
+                continue
+            await db.execute(flash_sales.update().where(
+                flash_sales.c.id == item["flash_sale_id"],
+                sa.or_(flash_sales.c.quantity.is_(None),
+                       flash_sales.c.sold + item["quantity"] <= flash_sales.c.quantity))
+                .values(sold=flash_sales.c.sold + item["quantity"]))
+            if await db.affected_rows() != 1:
+                note = f"{note}; {SALE_UNITS_GONE}"
+        for item in sorted(items, key=lambda item: item["product_id"]):
             await db.execute(products.update().where(
                 products.c.id == item["product_id"], products.c.deleted == sa.false(),
                 products.c.stock >= item["quantity"])
@@ -778,16 +810,15 @@ async def reopen_paid_order(db: Database, order_id: int) -> bool:
                 raise _CannotReserve
         await db.execute(orders.update().where(orders.c.id == order_id,
                                                orders.c.status == row["status"])
-                         .values(status="paid", paid_at=now(), status_note=(
-                             f"paid after it was {row['status']}; stock reserved again")))
+                         .values(status="paid", paid_at=now(), status_note=note))
         if await db.affected_rows() != 1:
             raise _CannotReserve  # changed meanwhile: undo the reservations
-        return True
+        return note
 
     try:
         return await db.run_transaction(work)
     except _CannotReserve:
-        return False
+        return None
 
 
 async def mark_refunded(db: Database, order_id: int, note: str) -> bool:
@@ -832,11 +863,12 @@ async def stale_pending_orders(db: Database, created_before: float,
 async def host_sales(db: Database, host_id: int) -> list[dict]:
     """Lines of orders that contain this host's products (never other hosts' lines)."""
     query = (
+        # shipped_at/carrier/tracking_number are the line's own: this host's shipping state,
+        # whatever the other sellers of the order did
         sa.select(order_items, orders.c.status, orders.c.created_at, orders.c.paid_at,
                   orders.c.test_mode, orders.c.status_note, orders.c.ship_name,
                   orders.c.ship_line1, orders.c.ship_line2, orders.c.ship_city,
                   orders.c.ship_postal_code, orders.c.ship_region, orders.c.ship_country,
-                  orders.c.shipped_at, orders.c.carrier, orders.c.tracking_number,
                   users.c.display_name.label("buyer"))
         .select_from(order_items.join(orders, orders.c.id == order_items.c.order_id)
                      .join(users, users.c.id == orders.c.user_id))

@@ -170,6 +170,11 @@ order_items = sa.Table(
     sa.Column("quantity", sa.Integer, nullable=False),
     # the flash sale whose price applied (per-shopper limits count these)
     sa.Column("flash_sale_id", sa.Integer, nullable=True, index=True),
+    # shipping is per seller: each host ships their own lines of a multi-seller order (the
+    # order's own shipped_at is set once every seller has shipped)
+    sa.Column("shipped_at", sa.Double, nullable=True),
+    sa.Column("carrier", sa.String(60), nullable=True),
+    sa.Column("tracking_number", sa.String(100), nullable=True),
 )
 
 chat_messages = sa.Table(

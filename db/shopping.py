@@ -45,6 +45,16 @@ class SaleLimit(OrderLimit):
     """The shopper already bought as many units at the flash-sale price as one shopper may."""
 
 
+class PriceChanged(ValueError):
+    """The unit price computed in the transaction is not the one the shopper was shown (a
+    flash sale sold out or ended, or started, meanwhile): nothing was ordered or charged."""
+
+    def __init__(self, price_minor: int, currency: str) -> None:
+        super().__init__("The price changed")
+        self.price_minor = price_minor
+        self.currency = currency
+
+
 class SaleExists(ValueError):
     """The product already has a flash sale running."""
 
@@ -240,12 +250,14 @@ async def active_sales(db: Database, channel_id: int) -> list[dict]:
     return as_dicts(await db.fetch_all(query))
 
 
-async def active_sales_for_products(db: Database, product_ids: list[int]) -> dict[int, dict]:
-    """product id → its running flash sale, for the given products (one query)."""
+async def active_sales_for_products(db: Database, product_ids: list[int],
+                                    at: float | None = None) -> dict[int, dict]:
+    """product id → its flash sale running at ``at`` (default now), for the given products
+    (one query)."""
     if not product_ids:
         return {}
     rows = as_dicts(await db.fetch_all(flash_sales.select().where(
-        flash_sales.c.product_id.in_(product_ids), _active(now()))))
+        flash_sales.c.product_id.in_(product_ids), _active(now() if at is None else at))))
     return {row["product_id"]: row for row in rows}
 
 
@@ -367,14 +379,18 @@ async def claim_sale_units(db: Database, user_id: int, sale: dict, quantity: int
 
 async def create_buy_now_order(db: Database, user_id: int, product_id: int, payment_mode: str,
                                test_mode: bool, address: dict | None,
-                               max_pending: int | None, max_units: int | None) -> dict:
+                               max_pending: int | None, max_units: int | None,
+                               expected_price_minor: int | None = None) -> dict:
     """One unit of one product → a pending order (the cart untouched), with the address copied
     onto it and the flash-sale price when a sale runs: all or nothing, in one transaction.
 
     As :func:`queries.create_order_from_cart`: sold out is answered from a plain read first;
     on MariaDB the shopper's row is locked first (their limits and sale units are counted
     decisively) and the product's conditional UPDATE comes last; on SQLite it comes first.
-    Raises OutOfStock, LookupError (not for sale), OrderLimit / SaleLimit."""
+    With ``expected_price_minor`` (the unit price the shopper was shown) a different price,
+    decided inside the transaction, raises :class:`PriceChanged` and rolls everything back:
+    the shopper confirms the new price before anything is charged.
+    Raises OutOfStock, LookupError (not for sale), OrderLimit / SaleLimit, PriceChanged."""
     item = as_dict(await db.fetch_one(products.select().where(
         products.c.id == product_id, products.c.deleted == sa.false(),
         products.c.shown == sa.true())))
@@ -382,7 +398,6 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
         raise LookupError("That product is not for sale.")
     if item["stock"] < 1:
         raise OutOfStock(item["name"], product_id, item["stock"])
-    running = (await active_sales_for_products(db, [product_id])).get(product_id)
     stamp = now()
 
     async def reserve() -> None:
@@ -392,19 +407,33 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
             raise OutOfStock(item["name"], product_id)
 
     async def work() -> dict:
+        nonlocal stamp
         if db.dialect_name == "mysql":
             await db.fetch_val(sa.select(users.c.id).where(users.c.id == user_id)
                                .with_for_update())
         else:
             await reserve()
+        # the time the sale's window is checked against: taken in the transaction once its
+        # first lock is held, so a buyer who waited past the sale's end pays the regular price
+        stamp = now()
         line = {"product_id": product_id, "quantity": 1, "name": item["name"]}
         await check_order_limits(db, user_id, [line], max_pending, max_units)
-        price, sale_id = item["price_minor"], None
-        if running is not None and await claim_sale_units(db, user_id, running, 1, stamp,
-                                                          item["name"]):
-            sale_id = running["id"]
-            if running["sale_price_minor"] is not None:
-                price = running["sale_price_minor"]
+        running = (await active_sales_for_products(db, [product_id], stamp)).get(product_id)
+        price = item["price_minor"]
+        if running is not None and running["sale_price_minor"] is not None:
+            price = running["sale_price_minor"]
+        if expected_price_minor is not None and price != expected_price_minor:
+            # checked before the claim: a refused shopper takes none of the sale's units
+            raise PriceChanged(price, item["currency"])
+        sale_id = None
+        if running is not None:
+            if await claim_sale_units(db, user_id, running, 1, stamp, item["name"]):
+                sale_id = running["id"]
+            elif price != item["price_minor"]:
+                # the sale's units went: the regular price, unless the shopper saw another
+                price = item["price_minor"]
+                if expected_price_minor is not None:
+                    raise PriceChanged(price, item["currency"])
         order_id = await db.execute(orders.insert().values(
             user_id=user_id, status="pending", total_minor=price, currency=item["currency"],
             payment_mode=payment_mode, created_at=stamp, test_mode=test_mode,
@@ -428,18 +457,56 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
 
 async def mark_shipped(db: Database, host_id: int, order_id: int, carrier: str,
                        tracking_number: str) -> bool:
-    """paid → shipped, once, by a host whose products the order holds."""
-    holds = sa.exists().where(order_items.c.order_id == orders.c.id,
-                              order_items.c.host_id == host_id)
+    """This host's lines of a paid order → shipped, once; the order itself is shipped when
+    every seller's lines are.  False when the order is not paid, holds none of this host's
+    unshipped lines (another seller cannot ship them).
 
+    The order's row is written first: it serializes its sellers' concurrent shipments (MariaDB
+    row lock, SQLite's write lock), so the last one sees every other's lines shipped."""
     async def work() -> bool:
-        await db.execute(orders.update().where(
-            orders.c.id == order_id, orders.c.status == "paid", orders.c.shipped_at.is_(None),
-            holds).values(shipped_at=now(), carrier=carrier or None,
-                          tracking_number=tracking_number or None))
-        return await db.affected_rows() == 1
+        stamp = now()
+        await db.execute(orders.update().where(orders.c.id == order_id)
+                         .values(status=orders.c.status))
+        status = await db.fetch_val(sa.select(orders.c.status).where(orders.c.id == order_id))
+        if status != "paid":
+            return False
+        await db.execute(order_items.update().where(
+            order_items.c.order_id == order_id, order_items.c.host_id == host_id,
+            order_items.c.shipped_at.is_(None)).values(
+                shipped_at=stamp, carrier=carrier or None,
+                tracking_number=tracking_number or None))
+        if not await db.affected_rows():
+            return False
+        rows = await db.fetch_all(sa.select(order_items.c.host_id, order_items.c.shipped_at)
+                                  .where(order_items.c.order_id == order_id))
+        if all(row[1] is not None for row in rows):
+            # one seller: the order carries its carrier and number too (older pages read them)
+            single = len({row[0] for row in rows}) == 1
+            await db.execute(orders.update().where(orders.c.id == order_id,
+                                                   orders.c.shipped_at.is_(None)).values(
+                shipped_at=stamp, carrier=(carrier or None) if single else None,
+                tracking_number=(tracking_number or None) if single else None))
+        return True
 
     return await db.run_transaction(work)
+
+
+async def order_shipments(db: Database, order_ids: list[int]) -> dict[int, list[dict]]:
+    """order id → per seller of it: {seller, shipped_at, carrier, tracking_number} (one query;
+    a seller's lines are shipped together)."""
+    if not order_ids:
+        return {}
+    rows = as_dicts(await db.fetch_all(
+        sa.select(order_items.c.order_id, order_items.c.host_id,
+                  users.c.display_name.label("seller"), order_items.c.shipped_at,
+                  order_items.c.carrier, order_items.c.tracking_number)
+        .select_from(order_items.join(users, users.c.id == order_items.c.host_id))
+        .where(order_items.c.order_id.in_(order_ids)).order_by(order_items.c.id)))
+    shipments: dict[int, dict[int, dict]] = {}
+    for row in rows:
+        order_id, host_id = row.pop("order_id"), row.pop("host_id")
+        shipments.setdefault(order_id, {}).setdefault(host_id, row)
+    return {order_id: list(by_host.values()) for order_id, by_host in shipments.items()}
 
 
 async def order_sellers(db: Database, order_ids: list[int]) -> dict[int, list[str]]:

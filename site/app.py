@@ -44,7 +44,11 @@ from watchbuy.site.metrics import SiteMetrics
 from watchbuy.site.observe import RequestContextMiddleware, install_request_id_filter
 from watchbuy.site.pagecache import PageCache
 from watchbuy.site.passwords import PasswordWorkers
-from watchbuy.site.payments import StripeGateway, expire_stale_test_orders
+from watchbuy.site.payments import (
+    StripeGateway,
+    expire_stale_test_orders,
+    settle_stale_intent_orders,
+)
 from watchbuy.site.ratelimit import make_rate_limiter
 from watchbuy.site.replays import expire_recordings
 from watchbuy.site.replays import routes as replay_routes
@@ -237,6 +241,9 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             asyncio.ensure_future(repeat_until(
                 stopping, 60.0, lambda: expire_stale_test_orders(site),
                 "expiring stale test-mode orders")),
+            asyncio.ensure_future(repeat_until(  # off-session payments no webhook settled
+                stopping, 60.0, lambda: settle_stale_intent_orders(site),
+                "settling stale off-session payments")),
             asyncio.ensure_future(repeat_until(
                 stopping, settings.prune_interval,
                 lambda: accounts.prune_and_log(db, settings),

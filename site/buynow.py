@@ -14,6 +14,12 @@ buyer: checked, then saved to the book), or nothing (the default address).  Paym
 
 Errors are ``{"error": text, "field": name}`` with a 4xx status: 400 bad input (a physical
 product without an address: field ``address``), 404 not for sale, 409 sold out or a limit.
+
+``expected_price_minor`` is the unit price the sheet showed.  When the price decided inside
+the order's transaction differs (a flash sale's units went, it ended or started meanwhile)
+nothing is ordered or charged: 409 ``{"error", "field": "price", "price", "price_minor"}``,
+the new price for the shopper to confirm (a second tap sends it).  Without it (an old page) the price of the moment is
+charged, as the cart's checkout does.
 """
 
 from __future__ import annotations
@@ -100,6 +106,12 @@ async def buy_now(request: Request):
     if product["stock"] < 1:
         stock_notifier(site).changed(product_id, sold_out=True)
         return field_error(f"Sorry, {product['name']} is sold out.", "product_id", 409)
+    expected_price = None
+    if str(data.get("expected_price_minor") or "").strip():
+        try:
+            expected_price = parse_int(data["expected_price_minor"], "Price", 0, 2**62)
+        except ValueError as exc:
+            return field_error(str(exc), "price")
     address, new_address, refused = await choose_address(request, user, data,
                                                          bool(product["physical"]))
     if refused is not None:
@@ -125,7 +137,15 @@ async def buy_now(request: Request):
             db, user["id"], product_id, "test" if test_mode else "stripe",
             test_mode=settings.test_orders, address=address,
             max_pending=settings.max_pending_orders,
-            max_units=settings.max_units_per_product)
+            max_units=settings.max_units_per_product, expected_price_minor=expected_price)
+    except shopping.PriceChanged as exc:
+        # nothing ordered, nothing charged: the sheet shows the new price to confirm
+        checkouts.labels("price_changed").inc()
+        price = format_money(exc.price_minor, exc.currency)
+        return JSONResponse({"error": f"The price of {product['name']} is now {price}: "
+                                      "confirm to buy at this price.",
+                             "field": "price", "price": price,
+                             "price_minor": exc.price_minor}, status_code=409)
     except queries.OutOfStock as exc:
         checkouts.labels("unavailable").inc()
         stock_notifier(site).changed(product_id, sold_out=exc.stock_seen == 0)
@@ -186,6 +206,11 @@ async def pay_with_stripe(request: Request, site: SiteState, user: dict, order: 
         session_id, url = await gateway.create_checkout(
             order, site["settings"].public_url, site["settings"].checkout_minutes,
             customer=customer)
+    except payments.PaymentUnknown as exc:
+        # the charge may have gone through: the order keeps its stock until the intent's
+        # webhook or the upkeep settles it (payments.settle_stale_intent_orders)
+        checkouts.labels("payment_unknown").inc()
+        return field_error(str(exc), None, 502)
     except payments.PaymentError as exc:
         checkouts.labels("payment_error").inc()
         await payments.release(site, order["id"], "cancelled")

@@ -196,15 +196,11 @@ async def sold_units(site: SiteState, order: dict) -> None:
             if await shopping.end_sale(site["db"], sale_id, "sold_out"):
                 await announce_end(site, sale, "sold_out")
         else:
-            # "N left at the sale price": the sale again with its new ``remaining``; coalesced,
-            # so a viewer's queue holds the latest one only however many buy at once
-            try:
-                await publish_room_event(site["broker"], sale["channel_id"], {
-                    "type": "sale", "sale": public_sale(sale), "server_time": server_time(),
-                    "coalesce": f"sale:{sale_id}"})
-            except Exception as exc:  # the purchase stands; the next one tells the room
-                announce_log.warning("remaining", "flash sale %s remaining not announced: %s",
-                                     sale_id, exc)
+            # "N left at the sale price": the sale again with its new ``remaining``, at most
+            # one per interval (each "sale" event drops the room's kept page, pagecache.py)
+            from watchbuy.site.shop import sale_notifier  # shop builds on this module
+
+            sale_notifier(site).changed(sale_id)
 
 
 async def run_ender(site: SiteState, stopping: asyncio.Event) -> None:

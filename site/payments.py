@@ -39,6 +39,18 @@ class PaymentError(Exception):
     """The payment provider refused or failed; the text is fit to show."""
 
 
+class PaymentUnknown(PaymentError):
+    """Stripe did not answer whether a payment went through (timeouts, connection errors,
+    5xx, rate limits, every attempt): the order keeps its stock until its PaymentIntent's
+    webhook or the upkeep's look-up (:func:`settle_stale_intent_orders`) says."""
+
+
+# Errors after which Stripe may or may not have acted: asked again with the same idempotency
+# key (Stripe answers a request it already processed with its first answer).
+UNKNOWN_OUTCOME = (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError)
+CHARGE_ATTEMPTS = 3
+
+
 def idempotency_key(order: dict) -> str:
     return f"watchbuy-order-{order['id']}-{order['created_at']:.3f}"
 
@@ -115,23 +127,37 @@ class StripeGateway:
                            payment_method: str) -> tuple[str, str] | None:
         """Pay a pending order with the shopper's saved card, off-session, at once:
         (payment intent id, its status), or None when Stripe wants the buyer present (the card
-        needs authentication, was declined, or is gone): then Checkout takes over."""
-        try:
-            intent = await self.client.v1.payment_intents.create_async(
-                params={"amount": order["total_minor"], "currency": order["currency"],
-                        "customer": customer, "payment_method": payment_method,
-                        "off_session": True, "confirm": True,
-                        "metadata": {"order_id": str(order["id"])}},
-                options={"idempotency_key": f"{idempotency_key(order)}-saved"})
-        except stripe.CardError as exc:  # authentication_required, declined: not a failure
-            log.info("saved card refused for order %s (%s): Checkout instead", order["id"],
-                     exc.code)
-            return None
-        except stripe.StripeError as exc:
-            log.warning("stripe refused a saved-card payment for order %s: %s", order["id"],
-                        exc)
-            raise PaymentError("The payment service is not available right now.") from exc
-        return intent.id, intent.status
+        needs authentication, was declined, or is gone): then Checkout takes over.  A request
+        without an answer is sent again with the same idempotency key (never a second charge).
+        Raises PaymentError when Stripe refused the request (nothing was charged), and
+        :class:`PaymentUnknown` when no attempt got an answer: the charge may have been made,
+        so the caller must not give the stock back."""
+        for attempt in range(1, CHARGE_ATTEMPTS + 1):
+            try:
+                intent = await self.client.v1.payment_intents.create_async(
+                    params={"amount": order["total_minor"], "currency": order["currency"],
+                            "customer": customer, "payment_method": payment_method,
+                            "off_session": True, "confirm": True,
+                            "metadata": {"order_id": str(order["id"])}},
+                    options={"idempotency_key": f"{idempotency_key(order)}-saved"})
+            except stripe.CardError as exc:  # authentication_required, declined: not a failure
+                log.info("saved card refused for order %s (%s): Checkout instead", order["id"],
+                         exc.code)
+                return None
+            except UNKNOWN_OUTCOME as exc:
+                log.warning("order %s: saved-card payment attempt %d of %d got no answer: %s",
+                            order["id"], attempt, CHARGE_ATTEMPTS, exc)
+                if attempt == CHARGE_ATTEMPTS:
+                    raise PaymentUnknown(
+                        "The payment service did not answer: your orders page shows "
+                        "whether this payment went through.") from exc
+                continue
+            except stripe.StripeError as exc:
+                log.warning("stripe refused a saved-card payment for order %s: %s",
+                            order["id"], exc)
+                raise PaymentError("The payment service is not available right now.") from exc
+            return intent.id, intent.status
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     async def card_of(self, payment_intent: str) -> tuple[str, str, str] | None:
         """(payment method id, card brand, last four) a payment was made with, or None."""
@@ -161,6 +187,30 @@ class StripeGateway:
         if session.status in ("expired", "complete"):
             return session.status
         log.warning("stripe could not expire open session %s: %s", session_id, refusal)
+        raise PaymentError("The payment service is not available right now; "
+                           "try again in a minute.") from refusal
+
+    async def intent_status(self, payment_intent: str) -> str:
+        """A PaymentIntent's status; PaymentError when Stripe cannot say."""
+        try:
+            return (await self.client.v1.payment_intents.retrieve_async(payment_intent)).status
+        except stripe.StripeError as exc:
+            raise PaymentError("The payment service is not available right now; "
+                               "try again in a minute.") from exc
+
+    async def cancel_intent(self, payment_intent: str) -> str:
+        """Make an off-session PaymentIntent unpayable: "canceled" when it is, else the status
+        that stopped it ("succeeded", "processing": the payment is coming, keep the stock);
+        PaymentError when Stripe cannot say."""
+        try:
+            return (await self.client.v1.payment_intents.cancel_async(payment_intent)).status
+        except stripe.StripeError as exc:
+            refusal = exc  # Stripe refuses to cancel a succeeded or processing intent
+        status = await self.intent_status(payment_intent)
+        if status in ("canceled", "succeeded", "processing"):
+            return status
+        log.warning("stripe could not cancel payment %s (%s): %s", payment_intent, status,
+                    refusal)
         raise PaymentError("The payment service is not available right now; "
                            "try again in a minute.") from refusal
 
@@ -227,10 +277,15 @@ async def cancel(site: SiteState, order: dict) -> str:
         return order["status"]
     if order["payment_mode"] == "stripe" and order["payment_ref"] and \
             site["payments"] is not None:
-        # First make the session unpayable, only then give the stock back: the other order
-        # would let the buyer pay for units that are being sold again.
-        state = await site["payments"].expire_checkout(order["payment_ref"])
-        if state == "complete":
+        # First make the session (or off-session PaymentIntent) unpayable, only then give the
+        # stock back: the other order would let the buyer pay for units sold again.
+        if order["payment_ref"].startswith("pi_"):
+            state = await site["payments"].cancel_intent(order["payment_ref"])
+            paying = state in ("succeeded", "processing")
+        else:
+            state = await site["payments"].expire_checkout(order["payment_ref"])
+            paying = state == "complete"
+        if paying:
             log.info("order %s: cancel refused, its checkout session is complete", order["id"])
             return "paying"
     await release(site, order["id"], "cancelled")
@@ -243,8 +298,13 @@ async def late_payment(site: SiteState, order: dict, payment_intent: str | None)
     if order["status"] in ("paid", "refunded"):
         return order["status"]  # another event for the same payment: already handled
     log.error("order %s was %s when its payment arrived", order["id"], order["status"])
-    if await queries.reopen_paid_order(site["db"], order["id"]):
+    note = await queries.reopen_paid_order(site["db"], order["id"])
+    if note is not None:
         log.error("order %s: stock reserved again, the order is paid", order["id"])
+        if queries.SALE_UNITS_GONE in note:
+            # paid at the sale price already: kept (a refund would lose a sale the shopper
+            # paid for), but the host sold more at that price than the sale offered
+            log.error("order %s: %s", order["id"], queries.SALE_UNITS_GONE)
         await announce_stock(site, order)
         return "paid"
     if not payment_intent:
@@ -305,3 +365,34 @@ async def expire_stale_test_orders(site: SiteState) -> int:
     for order_id in await queries.stale_pending_orders(site["db"], cutoff, "test"):
         released += await release(site, order_id, "expired")
     return released
+
+
+async def settle_stale_intent_orders(site: SiteState) -> int:
+    """Pending off-session (PaymentIntent) orders older than the checkout time, whose webhook
+    never settled them: their intent's status decides.  Succeeded: paid; processing: still
+    waiting; anything else is made unpayable (cancelled) and its stock released.  Orders whose
+    charge got no answer at all (no intent id) are left for the shopper or an operator: their
+    outcome is unknown and their stock must not be sold twice.  Returns how many changed."""
+    gateway = site["payments"]
+    if gateway is None:
+        return 0
+    cutoff = time.time() - site["settings"].checkout_minutes * 60
+    changed = 0
+    for order_id in await queries.stale_pending_orders(site["db"], cutoff, "stripe"):
+        order = await queries.order(site["db"], order_id)
+        if order is None or order["status"] != "pending" or \
+                not (order["payment_ref"] or "").startswith("pi_"):
+            continue
+        try:
+            status = await gateway.intent_status(order["payment_ref"])
+            if status == "succeeded":
+                changed += await fulfil(site["db"], order_id, site)
+            elif status != "processing":
+                if status != "canceled":
+                    status = await gateway.cancel_intent(order["payment_ref"])
+                if status == "canceled":
+                    changed += await release(site, order_id, "expired")
+        except PaymentError as exc:  # Stripe unreachable: the next round asks again
+            log.warning("order %s: payment %s not settled: %s", order_id,
+                        order["payment_ref"], exc)
+    return changed

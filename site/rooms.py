@@ -37,6 +37,8 @@ def product_card(product: dict, storage, sale: dict | None = None,
         "name": product["name"],
         "description": product["description"],
         "price": regular,
+        "price_minor": product["price_minor"],  # what buy-now's expected_price_minor echoes
+        "regular_price_minor": product["price_minor"],
         "regular_price": regular,
         "stock": product["stock"],
         "sold": int(product.get("sold") or 0),
@@ -48,6 +50,7 @@ def product_card(product: dict, storage, sale: dict | None = None,
     if sale is not None:
         card["sale"] = public_sale(sale)
         card["price"] = card["sale"]["sale_price"]
+        card["price_minor"] = card["sale"]["sale_price_minor"]
     return card
 
 

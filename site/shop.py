@@ -175,6 +175,51 @@ def stock_notifier(site: SiteState) -> StockNotifier:
     return notifier
 
 
+class SaleNotifier(StockNotifier):
+    """The rooms' "sale" events with the units left, coalesced by interval per sale exactly as
+    :class:`~watchbuy.site.shop.StockNotifier` coalesces stock (keyed by sale id here): a rush
+    of purchases at the sale price sends (and drops the room's kept page) once per
+    ``stock_event_interval``, reading the sale when it sends so the latest count wins."""
+
+    def _log_coalesced(self, sale_id: int) -> None:
+        flash.announce_log.log(logging.INFO, "flash sale %s: remaining-count events coalesced into "
+                         "one per %g s (WATCHBUY_STOCK_EVENT_INTERVAL); %d coalesced so far",
+                         sale_id, self.interval, self.coalesced, key="coalesced")
+
+    async def _publish(self, sale_id: int) -> None:
+        try:
+            sale = await shopping.sale(self.db, sale_id)
+            broker = self._broker()
+            # an ended (or sold-out, ending) sale's end is announced on its own ("sale_ended")
+            running = sale is not None and sale["ended_at"] is None and (
+                sale["quantity"] is None or sale["sold"] < sale["quantity"])
+            if running and broker is not None:
+                await publish_room_event(broker, sale["channel_id"], {
+                    "type": "sale", "sale": flash.public_sale(sale), "server_time": time.time(),
+                    "coalesce": f"sale:{sale_id}"})
+        except Exception as exc:  # the purchase stands; the next one tells the room
+            flash.announce_log.warning("remaining", "flash sale %s remaining not announced: %s",
+                                 sale_id, exc)
+        finally:
+            self._last[sale_id] = time.monotonic()
+            self._reading.discard(sale_id)
+            if sale_id in self._again:
+                self._again.discard(sale_id)
+                self.changed(sale_id)
+
+
+# one per broker, as shop.stock_notifier
+_sale_notifiers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def sale_notifier(site: SiteState) -> SaleNotifier:
+    notifier = _sale_notifiers.get(site["broker"])
+    if notifier is None:
+        notifier = _sale_notifiers[site["broker"]] = SaleNotifier(
+            site["db"], site["broker"], site["settings"].stock_event_interval)
+    return notifier
+
+
 def log_limit(request: Request, user: dict, message: str) -> None:
     """Log a shop limit that refused this shopper: one line a minute per shopper at most, not
     one per request (a script hitting the limit must not flood the log)."""
@@ -408,9 +453,15 @@ async def orders_page(request: Request):
     user = require_user(request)
     db = state(request)["db"]
     orders = [decorate(o) for o in await queries.user_orders(db, user["id"])]
-    sellers = await shopping.order_sellers(db, [order["id"] for order in orders])
+    shipments = await shopping.order_shipments(db, [order["id"] for order in orders])
     for order in orders:
-        order["sellers"] = sellers.get(order["id"], [])
+        order["shipments"] = shipments.get(order["id"], [])  # each seller's shipping state
+        for shipment in order["shipments"]:
+            if shipment["shipped_at"] is None and order.get("shipped_at"):
+                # shipped before shipping was kept per seller: the order's own record
+                shipment.update(shipped_at=order["shipped_at"], carrier=order.get("carrier"),
+                                tracking_number=order.get("tracking_number"))
+        order["sellers"] = [shipment["seller"] for shipment in order["shipments"]]
         order["address"] = shopping.order_address(order)
     notices = {
         "paying": "That order was not cancelled: its payment had already gone through.",
@@ -470,6 +521,8 @@ async def apply_stripe_event(site: SiteState, event: dict) -> tuple[str, JSONRes
     """The event applied: its outcome (a metrics label) and the answer for Stripe."""
     db = site["db"]
     session = event["data"]["object"]
+    if event["type"].startswith("payment_intent."):
+        return await apply_intent_event(site, event)
     order = None
     if session.get("id"):
         order = await queries.order_by_payment_ref(db, session["id"])
@@ -494,6 +547,38 @@ async def apply_stripe_event(site: SiteState, event: dict) -> tuple[str, JSONRes
             return "paid", JSONResponse({"ok": True})
     elif event["type"] in ("checkout.session.expired",
                            "checkout.session.async_payment_failed"):
+        await payments.release(site, order["id"], "expired")
+        return "expired", JSONResponse({"ok": True})
+    return "applied", JSONResponse({"ok": True})
+
+
+async def apply_intent_event(site: SiteState, event: dict) -> tuple[str, JSONResponse]:
+    """payment_intent.succeeded / payment_failed of an off-session (saved-card) payment: the
+    order whose payment_ref is the intent, or (when the charge's answer was lost before the
+    ref was stored) the one its metadata names that has no ref yet.  Intents of Checkout
+    Sessions (their orders hold a cs_ ref) are settled by the session's own events."""
+    db = site["db"]
+    intent = event["data"]["object"]
+    order = await queries.order_by_payment_ref(db, intent["id"])
+    if order is None:
+        try:
+            candidate = await queries.order(
+                db, int((intent.get("metadata") or {}).get("order_id") or 0))
+        except ValueError:
+            candidate = None
+        if candidate is not None and candidate["payment_mode"] == "stripe" and \
+                candidate["payment_ref"] is None:
+            await queries.set_payment_ref(db, candidate["id"], intent["id"])
+            order = await queries.order(db, candidate["id"])
+    if order is None:
+        return "ignored", JSONResponse({"ok": True, "ignored": True})
+    if event["type"] == "payment_intent.succeeded":
+        if await payments.fulfil(db, order["id"], site):
+            return "paid", JSONResponse({"ok": True})
+        outcome = await payments.late_payment(site, await queries.order(db, order["id"]),
+                                              intent["id"])
+        return "late_payment", JSONResponse({"ok": True, "late_payment": outcome})
+    if event["type"] in ("payment_intent.payment_failed", "payment_intent.canceled"):
         await payments.release(site, order["id"], "expired")
         return "expired", JSONResponse({"ok": True})
     return "applied", JSONResponse({"ok": True})

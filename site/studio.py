@@ -494,8 +494,8 @@ async def sales(request: Request):
 
 
 async def ship(request: Request):
-    """POST /studio/orders/<id>/ship {carrier?, tracking_number?}: a paid order of this host's
-    products is shipped (once); the shopper's /orders shows it."""
+    """POST /studio/orders/<id>/ship {carrier?, tracking_number?}: this host's lines of a paid
+    order are shipped (once; other sellers ship their own); the shopper's /orders shows it."""
     host = require_host(request)
     try:
         order_id = int(request.path_params["order_id"])

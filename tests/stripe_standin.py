@@ -38,10 +38,16 @@ class _CustomersAndIntents:
         self.intents: dict[str, dict] = {}
         self.by_key: dict[str, dict] = {}  # idempotency key → the object it made
         self.decline_saved = False  # the next off-session payment needs the buyer present
+        # the next N payment requests are processed (the intent made, its key kept) but their
+        # answer is lost: a 500, as when Stripe or the network fails after acting
+        self.answers_lost = 0
+        self.new_intent_status = "succeeded"  # e.g. "processing" (a bank debit, a slow bank)
         self.app.router.routes.extend([
             Route("/v1/customers", self.create_customer, methods=["POST"]),
             Route("/v1/payment_intents", self.create_intent, methods=["POST"]),
             Route("/v1/payment_intents/{intent_id}", self.retrieve_intent, methods=["GET"]),
+            Route("/v1/payment_intents/{intent_id}/cancel", self.cancel_intent,
+                  methods=["POST"]),
         ])
 
     def _card_method(self) -> dict:
@@ -55,7 +61,7 @@ class _CustomersAndIntents:
                 status: str) -> dict:
         intent = {"id": f"pi_{secrets.token_hex(12)}", "object": "payment_intent",
                   "amount": amount, "currency": currency, "customer": customer,
-                  "payment_method": method, "status": status}
+                  "payment_method": method, "status": status, "metadata": {}}
         self.intents[intent["id"]] = intent
         return intent
 
@@ -89,17 +95,40 @@ class _CustomersAndIntents:
             return refused
         key = request.headers.get("idempotency-key")
         if key and key in self.by_key:
-            return JSONResponse(self.by_key[key])
+            return self._maybe_lost(self.by_key[key])
         if self.decline_saved:  # as Stripe answers an off-session payment that needs 3DS
             self.decline_saved = False
             return JSONResponse({"error": {
                 "type": "card_error", "code": "authentication_required",
                 "message": "This payment requires authentication."}}, 402)
         intent = self._intent(int(form["amount"]), form["currency"], form.get("customer"),
-                              method["id"], "succeeded")
+                              method["id"], self.new_intent_status)
         intent["metadata"] = {"order_id": form.get("metadata[order_id]")}
         if key:
             self.by_key[key] = intent
+        return self._maybe_lost(intent)
+
+    def _maybe_lost(self, intent: dict) -> JSONResponse:
+        if self.answers_lost:
+            self.answers_lost -= 1
+            # Stripe-Should-Retry: false keeps the library from retrying on its own: the
+            # site's retries (same idempotency key) are what is tested
+            return JSONResponse({"error": {"type": "api_error",
+                                           "message": "An unknown error occurred"}}, 500,
+                                headers={"Stripe-Should-Retry": "false"})
+        return JSONResponse(intent)
+
+    async def cancel_intent(self, request: Request):
+        intent = self.intents.get(request.path_params["intent_id"])
+        problem = "" if intent else "No such payment_intent"
+        if intent and intent["status"] in ("succeeded", "processing", "canceled"):
+            # as Stripe refuses it
+            problem = ("You cannot cancel this PaymentIntent because it has a status of "
+                       f"{intent['status']}.")
+        refused = self._refusal(request, problem, 400 if intent else 404)
+        if refused:
+            return refused
+        intent["status"] = "canceled"
         return JSONResponse(intent)
 
     async def retrieve_intent(self, request: Request):
@@ -262,6 +291,8 @@ def stripe_settings(stripe_api: StripeStandIn) -> dict:
 
 
 def stripe_event(event_type: str, session: dict, **changes) -> str:
+    """A signed-to-be event of ``event_type`` whose data.object is ``session`` (a Checkout
+    Session, or a PaymentIntent for payment_intent.* events) with ``changes``."""
     return json.dumps({
         "id": f"evt_{secrets.token_hex(12)}",
         "object": "event",

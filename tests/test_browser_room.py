@@ -353,6 +353,9 @@ def test_buy_now_sheet_and_its_form(server, new_context):
     context, page = shopper(new_context, server, "Omar", viewport=PHONE, is_mobile=True,
                             has_touch=True, device_scale_factor=1)
     mug = next(p for p in room_state(server)["products"] if p["name"] == "Ceramic mug")
+    # as loginFirst leaves it before the log-in (a link from elsewhere has no such flag)
+    page.goto(server.room_url)
+    page.evaluate("id => sessionStorage.setItem('watchbuy:resume', 'buy:' + id)", mug["id"])
     page.goto(f"{server.room_url}?buy={mug['id']}")
     page.wait_for_selector("#buy-sheet #buy-confirm")
     assert page.url == server.room_url, "the ?buy= address should be used once"
@@ -376,6 +379,19 @@ def test_buy_now_sheet_and_its_form(server, new_context):
     page.keyboard.press("Escape")
     page.wait_for_selector("#buy-sheet", state="hidden")
     assert page.evaluate("document.activeElement.dataset.buy") == str(mug["id"])
+
+
+def test_an_add_link_from_elsewhere_adds_nothing_without_a_click(server, new_context):
+    """?add=<id> acts only when this room began it before a log-in (loginFirst's flag): a
+    logged-in shopper following someone's link gets the room, not an item in their cart."""
+    context, page = shopper(new_context, server, "Lena")
+    mug = next(p for p in room_state(server)["products"] if p["name"] == "Ceramic mug")
+    page.goto(f"{server.room_url}?add={mug['id']}")
+    page.wait_for_function("() => location.search === ''")  # the address was still used once
+    page.wait_for_load_state("networkidle")  # a POST /cart/add, were one sent, has finished
+    cart = page.request.get(server.url + "/cart").text()
+    assert "Ceramic mug" not in cart
+    context.close()
 
 
 def test_visitor_buy_now_goes_through_log_in_and_back(server, new_context):

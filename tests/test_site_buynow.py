@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 
 import pytest
 import sqlalchemy as sa
@@ -14,7 +15,8 @@ from shop_helpers import CARD, buy, next_events
 from stripe_standin import stripe_event, stripe_settings
 
 from watchbuy.db import queries, shopping
-from watchbuy.db.schema import order_items, products, users
+from watchbuy.db.schema import order_items, orders, products, users
+from watchbuy.site import payments
 from watchbuy.site.chat import room_topic
 
 pytest_plugins = ["site_fixtures"]
@@ -227,6 +229,58 @@ async def test_host_marks_shipped_and_the_shopper_sees_it(site) -> None:
     assert "Mark shipped" not in sales.text and "DHL · JD0146 0000 1" in sales.text
 
 
+async def test_each_seller_ships_their_own_lines_of_a_two_seller_order(site) -> None:
+    """A seller marks only their own lines shipped; the order is shipped once every seller
+    has; each seller's Sales and the shopper's /orders show each seller's state."""
+    host = await site.user("Host", host=True)
+    other = await site.user("Other", host=True)
+    mug = await site.product(host, name="Mug", stock=5)
+    cap = await site.product(other, name="Cap", stock=5)
+    shopper = await site.user("Ann")
+    browser = await site.browser(shopper)
+    hosts, others = await site.browser(host), await site.browser(other)
+    orders_made = []
+    for _ in range(2):
+        for product in (mug, cap):
+            await queries.set_cart_quantity(site.db, shopper["id"], product["id"], 1)
+        order = await queries.create_order_from_cart(site.db, shopper["id"], "test",
+                                                     needs_address=True)
+        assert await queries.mark_paid(site.db, order["id"])
+        orders_made.append(order["id"])
+    first, second = orders_made
+    response = await hosts.post(f"/studio/orders/{first}/ship",
+                                {"carrier": "DHL", "tracking_number": "JD1"})
+    assert response.status_code == 303
+    assert (await hosts.post(f"/studio/orders/{first}/ship", {})).status_code == 409  # once
+    order = await queries.order(site.db, first)
+    assert order["shipped_at"] is None  # Other has not shipped the cap
+    lines = {item["name"]: item for item in order["items"]}
+    assert (lines["Mug"]["carrier"], lines["Mug"]["tracking_number"]) == ("DHL", "JD1")
+    assert lines["Cap"]["shipped_at"] is None
+    their_sales = await others.get("/studio/sales")
+    assert "DHL" not in their_sales.text
+    assert f'action="/studio/orders/{first}/ship"' in their_sales.text
+    page = await browser.get("/orders")
+    card = page.text.split(f'id="order-{first}"')[1].split("\n  </li>")[0]
+    assert '<span class="status paid">paid</span>' in card
+    assert "Host: Shipped" in card and "with DHL, tracking number <strong>JD1</strong>" in card
+    assert "Other: Paid; waiting to be shipped to Springfield" in card
+    response = await others.post(f"/studio/orders/{first}/ship", {"carrier": "UPS"})
+    assert response.status_code == 303
+    order = await queries.order(site.db, first)
+    assert order["shipped_at"] is not None and order["carrier"] is None  # two carriers
+    page = await browser.get("/orders")
+    card = page.text.split(f'id="order-{first}"')[1].split("\n  </li>")[0]
+    assert '<span class="status shipped">shipped</span>' in card
+    assert "Other: Shipped" in card and "with UPS." in card
+    # both sellers at once: the order ends shipped whichever commits last
+    shipped = await asyncio.gather(
+        shopping.mark_shipped(site.db, host["id"], second, "", ""),
+        shopping.mark_shipped(site.db, other["id"], second, "", ""))
+    assert shipped == [True, True]
+    assert (await queries.order(site.db, second))["shipped_at"] is not None
+
+
 # -- Stripe -------------------------------------------------------------------------------------
 
 
@@ -289,3 +343,97 @@ async def test_stripe_buy_now_keeps_the_card_and_pays_off_session(make_site, str
     assert session["customer"] == profile["stripe_customer_id"]
     items = await site.db.fetch_val(sa.select(sa.func.count()).select_from(order_items))
     assert items == 3
+
+
+async def saved_card_shopper(site, stripe_api, name: str = "Ann") -> tuple[dict, object, str]:
+    """A shopper whose card Stripe keeps (a Customer with an attached PaymentMethod)."""
+    shopper = await site.user(name)
+    customer = f"cus_{secrets.token_hex(8)}"  # the stand-in serves every test of a session
+    stripe_api.customers[customer] = {"id": customer, "object": "customer", "metadata": {}}
+    method = stripe_api._card_method()
+    method["customer"] = customer
+    await shopping.save_card(site.db, shopper["id"], "visa", "4242", payment_method=method["id"],
+                             customer_id=customer)
+    browser = await site.browser(shopper)
+    await browser.get("/")
+    return shopper, browser, customer
+
+
+async def test_a_lost_stripe_answer_never_releases_a_charge_that_may_stand(
+        make_site, stripe_api) -> None:
+    """Off-session charges whose answer is lost are asked again with the same idempotency key
+    (one charge); with no answer at all the order keeps its stock until the intent's webhook
+    says what happened."""
+    site = await make_site(**stripe_settings(stripe_api))
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=5)
+    shopper, browser, customer = await saved_card_shopper(site, stripe_api)
+    # two answers lost, the third attempt hears the first attempt's intent: paid, charged once
+    stripe_api.answers_lost = 2
+    asked = len(stripe_api.requests)
+    response = await buy(browser, mug["id"], expected_price_minor=1800)
+    assert response.status_code == 200 and response.json()["ok"] is True, response.text
+    order_id = str(response.json()["order"]["id"])
+    assert [i for i in stripe_api.intents.values() if i["metadata"].get("order_id") == order_id
+            and i["customer"] == customer] == [stripe_api.intents[
+                (await queries.order(site.db, int(order_id)))["payment_ref"]]]
+    tries = [r for r in stripe_api.requests[asked:] if r["path"] == "/v1/payment_intents"]
+    assert len(tries) == 3 and len({r["headers"]["idempotency-key"] for r in tries}) == 1
+    # no answer at all: 502, but the order stays pending with its unit reserved
+    stripe_api.answers_lost = 3
+    response = await buy(browser, mug["id"], expected_price_minor=1800)
+    assert response.status_code == 502
+    assert response.json()["error"] == ("The payment service did not answer: your orders "
+                                        "page shows whether this payment went through.")
+    pending = [o for o in await queries.user_orders(site.db, shopper["id"])
+               if o["status"] == "pending"]
+    assert len(pending) == 1 and pending[0]["payment_ref"] is None
+    assert (await product_row(site.db, mug["id"]))["stock"] == 3
+    # Stripe did charge it: its webhook finds the order by the intent's metadata
+    intent = next(i for i in stripe_api.intents.values()
+                  if i["metadata"].get("order_id") == str(pending[0]["id"])
+                  and i["customer"] == customer)
+    assert (await deliver(site, stripe_event("payment_intent.succeeded", intent))).status_code \
+        == 200
+    order = await queries.order(site.db, pending[0]["id"])
+    assert order["status"] == "paid" and order["payment_ref"] == intent["id"]
+
+
+async def test_processing_payments_settle_by_webhook_cancel_or_upkeep(make_site, stripe_api) -> None:
+    site = await make_site(max_pending_orders=10, **stripe_settings(stripe_api))
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=5)
+    shopper, browser, _ = await saved_card_shopper(site, stripe_api)
+    stripe_api.new_intent_status = "processing"
+    made = []
+    try:
+        for _ in range(3):
+            response = await buy(browser, mug["id"], expected_price_minor=1800)
+            assert response.status_code == 200 and "/thanks" in response.json()["redirect"]
+            made.append(await queries.order(site.db,
+                                            int(response.json()["redirect"].split("/")[2])))
+    finally:
+        stripe_api.new_intent_status = "succeeded"
+    assert [o["status"] for o in made] == ["pending"] * 3
+    first, second, third = made
+    # the shopper cancels a processing payment: refused, the payment is coming
+    assert await payments.cancel(site.app.state, first) == "paying"
+    # its bank says no: the webhook releases the unit
+    intent = stripe_api.intents[first["payment_ref"]]
+    intent["status"] = "requires_payment_method"
+    assert (await deliver(site, stripe_event("payment_intent.payment_failed", intent))) \
+        .status_code == 200
+    assert (await queries.order(site.db, first["id"]))["status"] == "expired"
+    assert await payments.cancel(site.app.state, await queries.order(site.db, first["id"])) \
+        == "expired"
+    # no webhook came for the other two: the upkeep asks Stripe once they are stale
+    stripe_api.intents[second["payment_ref"]]["status"] = "succeeded"
+    stripe_api.intents[third["payment_ref"]]["status"] = "requires_payment_method"
+    assert await payments.settle_stale_intent_orders(site.app.state) == 0  # not stale yet
+    await site.db.execute(sa.update(orders).where(orders.c.id.in_([second["id"], third["id"]]))
+                          .values(created_at=orders.c.created_at - 3600))
+    assert await payments.settle_stale_intent_orders(site.app.state) == 2
+    assert (await queries.order(site.db, second["id"]))["status"] == "paid"
+    assert (await queries.order(site.db, third["id"]))["status"] == "expired"
+    assert stripe_api.intents[third["payment_ref"]]["status"] == "canceled"
+    assert (await product_row(site.db, mug["id"]))["stock"] == 4

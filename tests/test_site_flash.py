@@ -5,15 +5,17 @@ once by racing site processes, and what the room's websocket hello carries."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 import sqlalchemy as sa
+from server_helpers import mysql_connect
 from shop_helpers import buy, events_for, next_events
 from ws_helpers import ws_receive
 
 from watchbuy.db import queries, shopping
-from watchbuy.db.schema import flash_sales, order_items
-from watchbuy.site import flash
+from watchbuy.db.schema import flash_sales, order_items, orders
+from watchbuy.site import flash, payments
 from watchbuy.site.chat import room_topic
 
 pytest_plugins = ["site_fixtures"]
@@ -156,10 +158,21 @@ async def test_the_sale_quantity_holds_under_concurrent_buyers(site) -> None:
     try:
         sale_id = await shopping.start_sale(site.db, host["id"], host["channel"]["id"],
                                             mug["id"], 500, 5, None, 600)
-        responses = await asyncio.gather(*(buy(b, mug["id"]) for b in browsers))
-        assert [r.status_code for r in responses] == [200] * 16
-        totals = sorted(r.json()["order"]["total"] for r in responses)
-        assert totals == ["$18.00"] * 11 + ["$5.00"] * 5
+        # every sheet showed $5.00: five are charged that, eleven are asked to confirm $18.00
+        # and charged nothing
+        responses = await asyncio.gather(*(buy(b, mug["id"], expected_price_minor=500)
+                                           for b in browsers))
+        assert sorted(r.status_code for r in responses) == [200] * 5 + [409] * 11
+        assert [r.json()["order"]["total"] for r in responses
+                if r.status_code == 200] == ["$5.00"] * 5
+        assert [r.json() for r in responses if r.status_code == 409] == [{
+            "error": "The price of Mug is now $18.00: confirm to buy at this price.",
+            "field": "price", "price": "$18.00", "price_minor": 1800}] * 11
+        orders_made = await site.db.fetch_val(sa.select(sa.func.count()).select_from(orders))
+        assert orders_made == 5
+        # the second tap, at the price confirmed, buys
+        again = await buy(browsers[0], mug["id"], expected_price_minor=1800)
+        assert again.status_code == 200 and again.json()["order"]["total"] == "$18.00"
         row = await flash_row(site.db, sale_id)
         assert row["sold"] == 5 and row["end_reason"] == "sold_out"
         events = await events_for(subscription, 1.0)
@@ -262,6 +275,152 @@ def test_the_room_hello_carries_server_time_and_running_sales(sync_site) -> None
                              host["channel"]["id"], mug["id"], 1200, 3, 1, 300.0)
     with sync_site.websocket(host["channel"]["slug"]) as ws:
         hello = ws_receive(ws)
-        assert hello["type"] == "hello" and abs(hello["server_time"] - time.time()) < 5
+        assert hello["type"] == "hello" and abs(hello["server_time"] / 1000 - time.time()) < 5  # ms
         assert [(s["id"], s["sale_price"], s["remaining"], s["per_shopper_limit"])
                 for s in hello["sales"]] == [(sale_id, "$12.00", 3, 1)]
+
+
+class LockHolder:
+    """Another client holding the lock a checkout waits for first: the shopper's row on
+    MariaDB (SELECT … FOR UPDATE), the write lock on SQLite (BEGIN IMMEDIATE)."""
+
+    def __init__(self, site, user_id: int) -> None:
+        url = site.db.url
+        if site.db.dialect_name == "mysql":
+            self.conn = mysql_connect(url.rsplit("/", 1)[1].split("?")[0])
+            self.conn.autocommit(False)
+            with self.conn.cursor() as cursor:
+                cursor.execute("SELECT id FROM users WHERE id = %s FOR UPDATE", (user_id,))
+        else:
+            self.conn = sqlite3.connect(url.split("sqlite:///", 1)[1], isolation_level=None)
+            self.conn.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        self.conn.rollback()
+        self.conn.close()
+
+
+async def test_a_buyer_who_waited_for_the_lock_is_priced_at_the_time_it_got_it(site) -> None:
+    """The sale window is checked against a time taken once the checkout holds its first
+    lock, not before: here a sale starts while both checkouts wait, and both get its price
+    (with the time read before the wait, both paid the regular price)."""
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=10)
+    ann, bob = await site.user("Ann"), await site.user("Bob")
+    await shopping.save_card(site.db, ann["id"], "visa", "4242")
+    buyer = await site.browser(ann)
+    await buyer.get("/")
+    await queries.set_cart_quantity(site.db, bob["id"], mug["id"], 1)
+    stamp = time.time()
+    sale_id = await site.db.execute(flash_sales.insert().values(
+        channel_id=host["channel"]["id"], product_id=mug["id"], sale_price_minor=900,
+        quantity=5, sold=0, per_shopper_limit=None, starts_at=stamp + 1.0,
+        ends_at=stamp + 600, created_at=stamp))
+    holders = [LockHolder(site, ann["id"])]
+    if site.db.dialect_name == "mysql":
+        holders.append(LockHolder(site, bob["id"]))
+    tapped = asyncio.create_task(buy(buyer, mug["id"]))
+    checked_out = asyncio.create_task(queries.create_order_from_cart(site.db, bob["id"], "test"))
+    await asyncio.sleep(1.5)
+    assert not tapped.done() and not checked_out.done()  # both waiting for the lock
+    for holder in holders:
+        holder.release()
+    order = (await tapped).json()["order"]
+    assert order["total"] == "$9.00" and order["items"][0]["flash_sale_id"] == sale_id
+    cart_order = await checked_out
+    assert cart_order["total_minor"] == 900
+    assert cart_order["items"][0]["flash_sale_id"] == sale_id
+    assert (await flash_row(site.db, sale_id))["sold"] == 2
+
+
+async def test_releases_and_buyers_of_a_sale_at_once_never_deadlock(site) -> None:
+    """Releases (cancelled orders giving units back) and buy-nows of one flash-sale product at
+    once: both take the sale's row before the product's, so neither waits for the other in a
+    cycle (taken the other way round, MariaDB answered 1213 deadlocks until retries ran out)."""
+    count = 40
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=2 * count)
+    sale_id = await shopping.start_sale(site.db, host["id"], host["channel"]["id"], mug["id"],
+                                        500, 2 * count, None, 600)
+    shoppers = [await site.user(f"Shopper {i}") for i in range(2 * count)]
+    first = [await shopping.create_buy_now_order(site.db, user["id"], mug["id"], "test", True,
+                                                 None, None, None)
+             for user in shoppers[:count]]
+    assert {order["total_minor"] for order in first} == {500}
+    results = await asyncio.gather(
+        *(queries.release_order(site.db, order["id"], "cancelled") for order in first),
+        *(shopping.create_buy_now_order(site.db, user["id"], mug["id"], "test", True, None,
+                                        None, None) for user in shoppers[count:]),
+        return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert failures == []
+    assert results[:count] == [True] * count
+    assert {order["total_minor"] for order in results[count:]} == {500}
+    row = await flash_row(site.db, sale_id)
+    product = await queries.product(site.db, mug["id"])
+    assert (row["sold"], product["stock"], product["sold"]) == (count, count, count)
+
+
+async def test_a_late_payment_takes_its_sale_units_back_or_says_why_not(site, caplog) -> None:
+    """A payment for a cancelled sale order reopens it with the sale's units taken again; when
+    the sale's units went meanwhile it is kept (paid at the sale price) with a note and one
+    log line, and the sale is not counted past its quantity."""
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=10)
+    sale_id = await shopping.start_sale(site.db, host["id"], host["channel"]["id"], mug["id"],
+                                        500, 1, None, 600)
+    ann, bob, cat = [await site.user(name) for name in ("Ann", "Bob", "Cat")]
+
+    async def sale_order(user: dict) -> dict:
+        order = await shopping.create_buy_now_order(site.db, user["id"], mug["id"], "test",
+                                                    True, None, None, None)
+        assert order["total_minor"] == 500
+        return order
+
+    first = await sale_order(ann)
+    assert await queries.release_order(site.db, first["id"], "cancelled")
+    assert await queries.reopen_paid_order(site.db, first["id"]) == \
+        "paid after it was cancelled; stock reserved again"
+    assert (await flash_row(site.db, sale_id))["sold"] == 1
+
+    await site.db.execute(flash_sales.update().where(flash_sales.c.id == sale_id)
+                          .values(quantity=2))
+    second = await sale_order(bob)
+    assert await queries.release_order(site.db, second["id"], "expired")
+    third = await sale_order(cat)  # the unit Bob's order gave back
+    assert (await flash_row(site.db, sale_id))["sold"] == 2
+    order = await queries.order(site.db, second["id"])
+    with caplog.at_level("ERROR", logger="watchbuy.site.payments"):
+        assert await payments.late_payment(site.app.state, order, None) == "paid"
+    note = (await queries.order(site.db, second["id"]))["status_note"]
+    assert note == ("paid after it was expired; stock reserved again; the flash sale's units "
+                    "were gone by then: sold above its quantity")
+    assert (await flash_row(site.db, sale_id))["sold"] == 2  # not past its quantity
+    assert [r.getMessage() for r in caplog.records if "units were gone" in r.getMessage()] == [
+        f"order {second['id']}: the flash sale's units were gone by then: sold above its "
+        "quantity"]
+    assert third["status"] == "pending"
+
+
+async def test_a_rush_of_sale_purchases_sends_one_remaining_count_per_interval(make_site) -> None:
+    """Each "sale" event drops the room's kept page: a rush of purchases at the sale price
+    sends them coalesced by interval (the latest count wins), not one per purchase."""
+    site = await make_site(stock_event_interval=1.0)
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=40)
+    browsers = await shoppers_with_cards(site, 8)
+    sale_id = await shopping.start_sale(site.db, host["id"], host["channel"]["id"], mug["id"],
+                                        500, 30, None, 600)
+    subscription = site.app.state.broker.subscribe(room_topic(host["channel"]["id"]))
+    await subscription.ready()
+    try:
+        started = time.monotonic()
+        for browser in browsers:  # one after another: eight purchases, each its own event before
+            assert (await buy(browser, mug["id"], expected_price_minor=500)).status_code == 200
+        took = time.monotonic() - started
+        events = [e for e in await events_for(subscription, 2.5) if e["type"] == "sale"]
+        # the first at once, then at most one per second (and the latest after the last)
+        assert 1 <= len(events) <= min(7, int(took) + 2), (took, events)
+        assert events[-1]["sale"]["remaining"] == 22 and events[-1]["sale"]["id"] == sale_id
+    finally:
+        await subscription.close()

@@ -85,12 +85,20 @@
     } else if (data.type === "sale" && data.sale) sales[data.sale.product_id] = data.sale;
     else if (data.type === "sale_ended" && sales[data.product_id] && sales[data.product_id].id === data.sale_id) delete sales[data.product_id];
   });
-  function priceNow(product) {
+  function runningSale(product) {
     const sale = sales[product.id] || product.sale || null;
     const now = window.WatchBuyRoom && window.WatchBuyRoom.now ? window.WatchBuyRoom.now() : Date.now();
     const ends = sale && (sale.ends_at < 1e11 ? sale.ends_at * 1000 : sale.ends_at);
-    if (sale && sale.sale_price && (!ends || ends > now)) return sale.sale_price;
-    return product.regular_price || product.price;  // a card's "price" is the sale's while it runs
+    return sale && sale.sale_price && (!ends || ends > now) ? sale : null;
+  }
+  function priceNow(product) {
+    const sale = runningSale(product);
+    return sale ? sale.sale_price : (product.regular_price || product.price);  // a card's "price" is the sale's while it runs
+  }
+  function priceMinorNow(product) {
+    const sale = runningSale(product);
+    if (sale) return sale.sale_price_minor;
+    return typeof product.regular_price_minor === "number" ? product.regular_price_minor : product.price_minor;
   }
 
   function summary(product) {
@@ -185,7 +193,10 @@
   }
 
   function payload(form, product) {
-    const data = { product_id: product.id };
+    // the unit price the sheet showed: the server refuses (409, field "price") a different one
+    // (or the new price the shop answered with, once the shopper confirms it)
+    const agreed = form.dataset.expected ? Number(form.dataset.expected) : priceMinorNow(product);
+    const data = { product_id: product.id, expected_price_minor: agreed };
     form.querySelectorAll("input").forEach(function (input) {
       if (input.disabled || !input.name) return;
       if (input.type === "radio") { if (input.checked && input.value !== "new") data[input.name] = Number(input.value); return; }
@@ -208,6 +219,12 @@
       const result = await response.json().catch(function () { return {}; });
       if (result.redirect) { location.assign(result.redirect); return; }  // e.g. Stripe's own page
       if (response.ok && result.ok) { thankYou(product, result); return; }
+      if (response.status === 409 && result.field === "price" && typeof result.price_minor === "number") {
+        // the price changed (a sale ended or sold out): show the new total; pressing again pays it
+        form.dataset.expected = String(result.price_minor);
+        const shown = form.querySelector(".total strong");
+        if (shown && result.price) shown.textContent = result.price;
+      }
       showErrors(result);
     } catch (e) {
       showError("Could not reach the shop. Check your connection and try again.");

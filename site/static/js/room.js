@@ -385,6 +385,9 @@
   // A visitor signs up or logs in first and comes back with the action begun.
   function loginFirst(action, id) {
     const back = "/room/" + slug + "?" + action + "=" + encodeURIComponent(id);
+    // resumeAction acts on ?add=/?buy= only when this flag says this page began it (a link
+    // from elsewhere must not add to a logged-in shopper's cart without a click)
+    try { sessionStorage.setItem("watchbuy:resume", action + ":" + id); } catch (e) { /* private mode: not resumed */ }
     location.href = "/login?next=" + encodeURIComponent(back);
   }
 
@@ -434,6 +437,9 @@
     if (!action || !loggedIn) return;
     const id = params.get(action);
     history.replaceState(null, "", location.pathname);
+    let begun = null;
+    try { begun = sessionStorage.getItem("watchbuy:resume"); sessionStorage.removeItem("watchbuy:resume"); } catch (e) { /* none */ }
+    if (begun !== action + ":" + id) return;  // one time, and only what loginFirst began
     const selector = '[data-' + action + '="' + CSS.escape(id) + '"]';
     let button = document.querySelector("#pinned " + selector);
     if (!button) {
