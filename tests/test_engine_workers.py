@@ -363,7 +363,9 @@ async def test_a_second_publisher_is_refused_on_either_worker(media_workers) -> 
                 await client.publish("other1")
             await client.close()
         assert publisher.returncode is None, (await publisher.stderr.read()).decode()
-        [stream] = (await node.get("/api/streams"))["streams"]
+        streams = (await node.get("/api/streams"))["streams"]
+        assert len(streams) == 1, f"{streams}; log:\n{node.log()}"
+        [stream] = streams
         assert stream["name"] == "show1" and stream["video_codec"] == "avc"
         assert node.log().count("refused second publisher on live stream 'show1'") == 2
     finally:
