@@ -522,21 +522,26 @@ class Cluster:
                 "server": self.node.server_info()}
 
     async def gather_stats(self) -> list[dict]:
-        """Every worker's stats.  Requests arriving together share one round, and a round is
-        reused for ``STATS_REUSE`` seconds: /api/streams is public, and each round costs a
-        request to every sibling."""
+        """Every worker's stats: this worker's as they are now, the siblings' from a round
+        that requests arriving together share and that is reused for ``STATS_REUSE`` seconds
+        (/api/streams is public, and each round costs a request to every sibling).
+
+        Only the siblings' part is reused: a reused local part made a worker answer from
+        before a publish it had itself registered (each worker has its own round), so the
+        node said "live" on one worker and "not live" on the other moments later."""
         loop = asyncio.get_running_loop()
         if self._stats_round is None or (self._stats_round.done() and
                                          loop.time() - self._stats_at > STATS_REUSE):
             self._stats_at = loop.time()
-            self._stats_round = asyncio.ensure_future(self._stats_now())
+            self._stats_round = asyncio.ensure_future(self._siblings_stats())
         # shield: one caller's closed connection must not cancel the others' round
-        return json.loads(json.dumps(await asyncio.shield(self._stats_round)))
+        siblings = json.loads(json.dumps(await asyncio.shield(self._stats_round)))
+        return [self.local_stats(), *siblings]
 
-    async def _stats_now(self) -> list[dict]:
+    async def _siblings_stats(self) -> list[dict]:
         answers = await asyncio.gather(*(self.request(i, {"op": "stats"})
                                          for i in self.siblings()))
-        return [self.local_stats(), *(a for a in answers if a and "streams" in a)]
+        return [a for a in answers if a and "streams" in a]
 
     def local_metrics(self) -> str:
         return metrics.render(self.node.metrics).decode()

@@ -20,6 +20,7 @@ from conftest import FFMPEG, FlvHttpReader, start_ffmpeg_publisher, stop_process
 from prometheus_client.parser import text_string_to_metric_families
 from worker_helpers import children, connection_owner
 
+from watchbuy.engine import interworker
 from watchbuy.engine.client import RtmpClient, RtmpError
 from watchbuy.engine.codecs import flvmux
 from watchbuy.engine.cues import cue_target, signed_headers
@@ -364,7 +365,9 @@ async def test_a_second_publisher_is_refused_on_either_worker(media_workers) -> 
                 await client.publish("other1")
             await client.close()
         assert publisher.returncode is None, (await publisher.stderr.read()).decode()
-        [stream] = (await node.get("/api/streams"))["streams"]
+        streams = (await node.get("/api/streams"))["streams"]
+        assert len(streams) == 1, f"{streams}; log:\n{node.log()}"
+        [stream] = streams
         assert stream["name"] == "show1" and stream["video_codec"] == "avc"
         assert node.log().count("refused second publisher on live stream 'show1'") == 2
     finally:
@@ -686,3 +689,22 @@ async def test_a_cue_sent_to_either_worker_goes_in_where_the_stream_comes_in(tmp
         if publisher is not None:
             await stop_process(publisher)
         node.stop()
+
+
+async def test_a_worker_answers_with_its_own_streams_as_they_are_now(node, monkeypatch) -> None:
+    """The cause of the second-publisher test's flake: each worker reused its whole stats
+    round, its own part included, so a worker asked just after a publish it had registered
+    itself answered from before it (the node said "live" on one worker and nothing on the
+    other).  Only the siblings' answers may be reused."""
+    monkeypatch.setattr(interworker, "STATS_REUSE", 3600.0)  # any round would be reused
+    cluster = interworker.Cluster(node, f"test{os.getpid()}", 1, 2)  # its sibling is absent
+    try:
+        assert (await cluster.streams_info(operator=False))["streams"] == []
+        stream = node.registry.start("show1", "live")
+        assert stream is not None
+        [info] = (await cluster.streams_info(operator=False))["streams"]
+        assert info["name"] == "show1" and info["viewers_by_worker"] == {"1": 0}
+        node.registry.stop(stream)
+        assert (await cluster.streams_info(operator=False))["streams"] == []
+    finally:
+        node.registry.listeners.remove(cluster.on_stream)
