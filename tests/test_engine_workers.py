@@ -100,8 +100,9 @@ class MediaWorkers:
         assert head.startswith(b"HTTP/1.1 200"), response[:200]
         return body.decode() if raw else json.loads(body)
 
-    async def ready(self, timeout: float = 30.0) -> dict[int, int]:
-        """Until both workers answer; {worker index: pid}."""
+    async def ready(self, timeout: float = 30.0, killed: int | None = None) -> dict[int, int]:
+        """Until both workers answer (and a ``killed`` worker has been replaced: until then
+        the supervisor may still list it, unreaped); {worker index: pid}."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -109,7 +110,8 @@ class MediaWorkers:
             with contextlib.suppress(OSError, AssertionError, ValueError):
                 server = await self.get("/api/server")
                 pids = {w["index"]: w["pid"] for w in server["workers"]}
-                if len(pids) == 2 and set(pids.values()) == self.workers():
+                if len(pids) == 2 and set(pids.values()) == self.workers() and \
+                        killed not in pids.values():
                     return pids
             await asyncio.sleep(0.1)
 
@@ -397,7 +399,7 @@ async def test_kill_9_of_the_publishing_worker_ends_the_stream_everywhere(media_
         await read_to_end(viewer, timeout=10)  # a reset would raise, no end would time out
         await node.gone("show1")
         # The supervisor says so and brings the worker back.
-        restarted = await node.ready()
+        restarted = await node.ready(killed=origin)
         assert origin not in restarted.values() and other in restarted.values()
         index = next(i for i, pid in pids.items() if pid == origin)
         assert re.search(rf"media worker {index} \(pid {origin}\) ended with signal 9: "
@@ -428,7 +430,7 @@ async def test_kill_9_of_the_other_worker_leaves_the_publishers_viewers_playing(
         assert code == 0 and errors == "" and frames >= 75, errors
         await read_to_end(doomed, timeout=10)  # its worker is gone: the kernel closed it
         # The restarted worker pulls the stream again: a viewer there plays.
-        restarted = await node.ready()
+        restarted = await node.ready(killed=other)
         new = next(pid for pid in restarted.values() if pid != origin)
         assert new != other
         await node.stream("show1")
@@ -594,7 +596,7 @@ async def test_ll_hls_playlists_name_the_same_segments_on_both_workers(media_wor
         common = first.keys() & second.keys()
         assert len(common) >= 2 and all(first[uri] == second[uri] for uri in common)
         os.kill(other, signal.SIGKILL)  # it comes back and pulls the stream mid-way
-        restarted = await node.ready()
+        restarted = await node.ready(killed=other)
         new = next(pid for pid in restarted.values() if pid != origin)
         await node.stream("show1")
         await asyncio.sleep(5)  # two complete segments there

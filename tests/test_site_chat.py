@@ -154,7 +154,8 @@ def test_pinning_in_the_studio_reaches_the_room(sync_site) -> None:
         assert response.status_code == 303
         event = ws_until(ws, "pinned")
         assert event["product"] == {"id": mug["id"], "name": "Mug <i>", "description": "",
-                                    "price": "$18.00", "regular_price": "$18.00", "stock": 7,
+                                    "price": "$18.00", "regular_price": "$18.00",
+                                    "price_minor": 1800, "regular_price_minor": 1800, "stock": 7,
                                     "sold": 0, "low_stock": True, "physical": True,
                                     "image": None, "sale": None}
         response = site.post("/studio/pin", host, {"product_id": ""})
