@@ -143,10 +143,13 @@ def cart_count_hint(request: Request) -> int | None:
 
 def remember_cart_count(request: Request, response: Response, user_id: int,
                         count: int) -> Response:
-    """Has ``response`` keep the shopper's cart size for the badge of the next pages."""
-    response.raw_headers.append((b"set-cookie", cookie_header(
-        CART_COOKIE, f"{user_id}.{count}", 30 * 86400,
-        state(request)["settings"].cookie_secure)))
+    """Has ``response`` keep the shopper's cart size for the badge of the next pages (only
+    when it changed: an unchanged page sets no cookie, as a browser or a cache expects)."""
+    secure = state(request)["settings"].cookie_secure
+    value = f"{user_id}.{count}"
+    if request.cookies.get(cookie_name(CART_COOKIE, secure)) != value:
+        response.raw_headers.append((b"set-cookie", cookie_header(
+            CART_COOKIE, value, 30 * 86400, secure)))
     return response
 
 
