@@ -209,9 +209,9 @@ def _records(dialect: sa.engine.Dialect, result_columns, context, description,
                    result_columns, dialect, column_maps) for row in rows]
 
 
-class _CachedMySQLConnection(MySQLConnection):
-    """``databases``' MySQL connection with its statements (reads and writes: a checkout's
-    are mostly writes) compiled once per shape; DDL as ``databases`` does it."""
+class _CompiledOnce:
+    """Mixin for ``databases``' connections: statements compiled once per shape (DDL as
+    ``databases`` does it)."""
 
     cache: _CompileCache  # set on the subclass made per Database (see Database.__init__)
 
@@ -221,16 +221,14 @@ class _CachedMySQLConnection(MySQLConnection):
         return self.cache.compile(query)
 
 
-class _CachedSQLiteConnection(SQLiteConnection):
+class _CachedMySQLConnection(_CompiledOnce, MySQLConnection):
+    """``databases``' MySQL connection with its statements (reads and writes: a checkout's
+    are mostly writes) compiled once per shape."""
+
+
+class _CachedSQLiteConnection(_CompiledOnce, SQLiteConnection):
     """``databases``' SQLite connection (a transaction's: writes, and reads inside one) with
     its statements compiled once per shape, as the read connection's are."""
-
-    cache: _CompileCache  # set on the subclass made per Database (see Database.__init__)
-
-    def _compile(self, query) -> tuple:
-        if isinstance(query, DDLElement):
-            return super()._compile(query)
-        return self.cache.compile(query)
 
 
 class _TrackedSQLitePool(SQLitePool):
