@@ -12,13 +12,14 @@ import time
 
 import httpx
 import pytest
-from app_helpers import make_product
+from app_helpers import make_product, table_counts
 from conftest import node_settings, start_ffmpeg_publisher, stop_process, wait_live
 from hook_helpers import signed_hook
 from media_helpers import decode_errors, ffprobe_json
 from moto import mock_aws
+from shop_helpers import buy
 
-from watchbuy.db import queries
+from watchbuy.db import queries, shopping
 from watchbuy.db import replays as db_replays
 from watchbuy.db import shows as show_queries
 from watchbuy.db.schema import pins, recordings
@@ -176,6 +177,56 @@ async def test_recording_hook_files_the_replay_with_its_pins_and_retention_expir
     assert not (folder / "show-1.mp4").exists()
     assert (await db_replays.recording(site.db, recording_id))["status"] == "expired"
     assert (await (await site.browser()).get(f"/replay/{recording_id}")).status_code == 404
+
+
+async def test_buy_now_from_a_replay_pays_the_regular_price_while_the_room_pays_the_sale(site):
+    """Issue 14: buying from the replay works as in the live room, at the regular price.  With
+    a flash sale running on the product, Buy now from the replay (``source=replay``) pays the
+    regular price and takes none of the sale's units; Buy now in the room pays the sale's."""
+    host = await site.user("Sam Sale", host=True)
+    channel = host["channel"]
+    mug = await site.product(host, name="Sale mug", price_minor=1800, stock=10)
+    await db_replays.add_pin(site.db, channel["id"], mug["id"], 6000)
+    folder = site.settings.recordings_dir
+    folder.mkdir(parents=True)
+    (folder / "show-1.mp4").write_bytes(b"\0" * 64)
+    recording_id = (await recording_call(site, channel)).json()["recording_id"]
+    sale_id = await shopping.start_sale(site.db, host["id"], channel["id"], mug["id"], 900, 5,
+                                        None, 600)
+    shoppers = []
+    for name in ("Rae Replay", "Liv Live"):
+        user = await site.user(name)
+        await shopping.save_card(site.db, user["id"], "visa", "4242")
+        shoppers.append(await site.browser(user))
+    replay, room = shoppers
+    # the replay page sells at the regular price, with Buy now beside Add to cart
+    page = await replay.get(f"/replay/{recording_id}")
+    assert page.status_code == 200
+    assert f'data-buy="{mug["id"]}"' in page.text and 'data-source="replay"' in page.text
+    [item] = json.loads(page.text.split('id="replay-timeline">')[1].split("</script>")[0])
+    assert (item["product"]["price_minor"], item["product"]["sale"]) == (1800, None)
+    before = await table_counts(site.db)
+    # a sheet that showed the sale's price is told the replay's (nothing ordered)
+    refused = await buy(replay, mug["id"], source="replay", expected_price_minor=900)
+    assert refused.status_code == 409, refused.text
+    assert (refused.json()["field"], refused.json()["price_minor"]) == ("price", 1800)
+    bad = await buy(replay, mug["id"], source="rerun", expected_price_minor=1800)
+    assert bad.status_code == 400 and bad.json()["field"] == "source", bad.text
+    assert await table_counts(site.db) == before
+    # the replay's Buy now and the room's, concurrently: each pays its own price
+    bought = await asyncio.gather(
+        buy(replay, mug["id"], source="replay", expected_price_minor=1800),
+        buy(room, mug["id"], source="room", expected_price_minor=900))
+    assert [b.status_code for b in bought] == [200, 200], [b.text for b in bought]
+    from_replay, from_room = (b.json()["order"] for b in bought)
+    assert (from_replay["total"], from_replay["items"][0]["flash_sale_id"]) == ("$18.00", None)
+    assert (from_room["total"], from_room["items"][0]["flash_sale_id"]) == ("$9.00", sale_id)
+    # only the room's unit came out of the sale's five; the stock gave one to each
+    assert (await shopping.sale(site.db, sale_id))["sold"] == 1
+    assert (await queries.product(site.db, mug["id"]))["stock"] == 8
+    # a request without a source is the room's (pages from before the replay had Buy now)
+    legacy = (await buy(room, mug["id"])).json()["order"]
+    assert legacy["total"] == "$9.00" and legacy["items"][0]["flash_sale_id"] == sale_id
 
 
 async def test_a_report_made_again_files_one_replay_and_a_file_not_here_is_failed(site,
