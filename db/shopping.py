@@ -380,9 +380,12 @@ async def claim_sale_units(db: Database, user_id: int, sale: dict, quantity: int
 async def create_buy_now_order(db: Database, user_id: int, product_id: int, payment_mode: str,
                                test_mode: bool, address: dict | None,
                                max_pending: int | None, max_units: int | None,
-                               expected_price_minor: int | None = None) -> dict:
+                               expected_price_minor: int | None = None,
+                               flash_sale: bool = True) -> dict:
     """One unit of one product → a pending order (the cart untouched), with the address copied
     onto it and the flash-sale price when a sale runs: all or nothing, in one transaction.
+    ``flash_sale=False`` (bought from a replay: a flash sale is a live-room offer) prices it
+    at the regular price whatever sale runs, and takes none of the sale's units.
 
     As :func:`queries.create_order_from_cart`: sold out is answered from a plain read first;
     on MariaDB the shopper's row is locked first (their limits and sale units are counted
@@ -418,7 +421,8 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
         stamp = now()
         line = {"product_id": product_id, "quantity": 1, "name": item["name"]}
         await check_order_limits(db, user_id, [line], max_pending, max_units)
-        running = (await active_sales_for_products(db, [product_id], stamp)).get(product_id)
+        running = (await active_sales_for_products(db, [product_id], stamp)).get(product_id) \
+            if flash_sale else None
         price = item["price_minor"]
         if running is not None and running["sale_price_minor"] is not None:
             price = running["sale_price_minor"]

@@ -20,6 +20,10 @@ the order's transaction differs (a flash sale's units went, it ended or started 
 nothing is ordered or charged: 409 ``{"error", "field": "price", "price", "price_minor"}``,
 the new price for the shopper to confirm (a second tap sends it).  Without it (an old page) the price of the moment is
 charged, as the cart's checkout does.
+
+``source`` is where Buy now was pressed: ``room`` (the default) or ``replay``.  A replay sells at
+the regular price: a flash sale is a live-room offer, so a replay's order ignores a running
+sale (and its sheet shows, and sends as ``expected_price_minor``, the regular price).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from watchbuy.site.web import format_money, parse_int, read_fields, render, requ
 log = logging.getLogger("watchbuy.site.buynow")
 
 TEST_CARD_BRAND = "visa"  # the one test card (4242…) is a Visa
+# Where Buy now may be pressed; flash sales apply in the room only (never to a replay)
+SOURCES = ("room", "replay")
 
 
 def public_order(order: dict) -> dict:
@@ -100,6 +106,10 @@ async def buy_now(request: Request):
         product_id = parse_int(data.get("product_id"), "Product", 1, 2**31 - 1)
     except ValueError as exc:
         return field_error(str(exc), "product_id")
+    source = str(data.get("source") or "room").strip()
+    if source not in SOURCES:
+        return field_error(f"Unknown source {source[:20]!r} (room or replay).",
+                           "source")
     product = await queries.product(db, product_id)
     if product is None or not product["shown"]:
         return field_error("That product is not for sale.", "product_id", 404)
@@ -137,7 +147,8 @@ async def buy_now(request: Request):
             db, user["id"], product_id, "test" if test_mode else "stripe",
             test_mode=settings.test_orders, address=address,
             max_pending=settings.max_pending_orders,
-            max_units=settings.max_units_per_product, expected_price_minor=expected_price)
+            max_units=settings.max_units_per_product, expected_price_minor=expected_price,
+            flash_sale=source != "replay")
     except shopping.PriceChanged as exc:
         # nothing ordered, nothing charged: the sheet shows the new price to confirm
         checkouts.labels("price_changed").inc()

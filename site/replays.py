@@ -12,9 +12,12 @@
   site does not have (a node elsewhere without an S3 bucket) is filed as failed, with why,
   rather than listed as a replay that cannot play.
 * **The replay page** ``/replay/<id>``: the MP4 (from S3, or from the local node's folder at
-  ``/replays/media/<file>``) with a product timeline, each pin at its offset.  Buying goes
-  through the cart at the regular price: the cart form carries ``source=replay``, and flash
-  sales (a live-room offer) never apply there.
+  ``/replays/media/<file>``) with a product timeline, each pin at its offset.  Buying is the
+  room's: Buy now opens the room's buy sheet (static/js/buy.js), whose purchase carries
+  ``source=replay``, and site/buynow.py then ignores any running flash sale (a live-room
+  offer): the regular price.  The cards are the plain product cards (no sale), so the sheet
+  shows and sends the regular price.  Add to cart goes to the cart (whose checkout prices
+  every line alike, with the flash sale running then).
 * **Retention.** :func:`expire_recordings` (an upkeep job) deletes replays older than
   ``WATCHBUY_RECORD_RETENTION_DAYS`` (the local file or the S3 object) and marks them expired.
 """

@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -343,3 +344,31 @@ def go_live(server, publisher) -> None:
         lambda: (f"the room did not go live 30 s after ffmpeg started publishing to "
                  f"{server.rtmp_url} (ffmpeg running: {publisher.running()}; ffmpeg says: "
                  f"{publisher.errors()!r}); server output:\n{server.output()}"))
+
+
+def sqlite_of(server) -> sqlite3.Connection:
+    """The served site's SQLite database (``watchbuy serve`` keeps it in data/)."""
+    [path] = server.workdir.glob("data/watchbuy.db")
+    return sqlite3.connect(path, timeout=10)
+
+
+# What a first-time buyer types into the buy-now sheet (test mode: the test card).
+BUYER_ADDRESS = {"name": "Rosa Diaz", "line1": "99 Harbour Lane", "city": "Portland",
+                 "postal_code": "04101", "country": "US"}
+TEST_CARD = {"card": "4242 4242 4242 4242", "expiry": "12/34", "cvc": "123"}
+
+
+def fill_first_purchase(page) -> None:
+    """The address and the test card, typed into the open buy-now sheet (buy.js)."""
+    for name, value in {**BUYER_ADDRESS, **TEST_CARD}.items():
+        page.fill(f'#buy-sheet input[name="{name}"]', value)
+
+
+def thank_you(page) -> tuple[int, str]:
+    """Waits for the buy-now sheet's thank-you: (order id, its text)."""
+    page.wait_for_function(
+        "() => document.getElementById('buy-title').textContent === 'Thank you!'",
+        timeout=15_000)
+    text = page.inner_text("#buy-sheet .thank-you")
+    order_id = int(re.search(r"order #(\d+)", text).group(1))
+    return order_id, text

@@ -8,21 +8,26 @@ docs/screenshots/."""
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 
 import pytest
-from browser_helpers import log_in, room_state, screenshot, sign_up
+from browser_helpers import (
+    BUYER_ADDRESS,
+    TEST_CARD,
+    fill_first_purchase,
+    log_in,
+    room_state,
+    screenshot,
+    sign_up,
+    thank_you,
+)
 
 pytestmark = [pytest.mark.ffmpeg, pytest.mark.timeout(240)]
 pytest_plugins = ["browser_fixtures"]
 
 HOST_EMAIL = "host@watchbuy.local"
 PASSWORD = "correct horse 42"
-ADDRESS = {"name": "Rosa Diaz", "line1": "99 Harbour Lane", "city": "Portland",
-           "postal_code": "04101", "country": "US"}
-CARD = {"card": "4242 4242 4242 4242", "expiry": "12/34", "cvc": "123"}
 
 
 def shopper_in_room(phone, server, name: str, **options):
@@ -49,20 +54,6 @@ def confirm(page) -> None:
     page.tap("#buy-confirm")
 
 
-def thank_you(page) -> tuple[int, str]:
-    """Waits for the thank-you sheet: (order id, its text)."""
-    page.wait_for_function("() => document.getElementById('buy-title').textContent === 'Thank you!'",
-                           timeout=15_000)
-    text = page.inner_text("#buy-sheet .thank-you")
-    order_id = int(re.search(r"order #(\d+)", text).group(1))
-    return order_id, text
-
-
-def fill_first_purchase(page) -> None:
-    for name, value in {**ADDRESS, **CARD}.items():
-        page.fill(f'#buy-sheet input[name="{name}"]', value)
-
-
 def close_sheet(page) -> None:
     page.keyboard.press("Escape")
     page.wait_for_selector("#buy-sheet", state="hidden")
@@ -76,7 +67,7 @@ def test_buy_now_first_with_address_and_card_then_one_tap(server, phone, new_con
         assert page.locator(f'#buy-sheet input[name="{name}"]').is_visible(), name
     assert "$18.00" in page.inner_text("#buy-sheet .total")
     # no address: refused, and the message sits beside the address, not the card
-    for name, value in CARD.items():
+    for name, value in TEST_CARD.items():
         page.fill(f'#buy-sheet input[name="{name}"]', value)
     confirm(page)
     error = page.locator("#buy-error-address")
@@ -84,9 +75,9 @@ def test_buy_now_first_with_address_and_card_then_one_tap(server, phone, new_con
     assert error.inner_text() == "Add a shipping address: this product is shipped."
     assert page.locator("#buy-sheet .addresses").locator("#buy-error-address").count() == 1
     assert page.locator("#buy-error-card").is_hidden()
-    assert page.input_value('#buy-sheet input[name="card"]') == CARD["card"]  # nothing lost
+    assert page.input_value('#buy-sheet input[name="card"]') == TEST_CARD["card"]  # nothing lost
     # a bad field: its own line, the rest kept
-    for name, value in {**ADDRESS, "country": "XX"}.items():
+    for name, value in {**BUYER_ADDRESS, "country": "XX"}.items():
         page.fill(f'#buy-sheet input[name="{name}"]', value)
     confirm(page)
     page.locator("#buy-error-country").wait_for(state="visible")

@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,16 @@ pytestmark = pytest.mark.usefixtures("ffmpeg")
 # helper's default of 30 s ended a stream mid-test.
 LONG = 600
 KEYS = "key1=show1,key2=show2,other1=show1"  # other1: a second host's key on the same name
+
+
+@dataclass
+class Live:
+    """A stream ffmpeg publishes to both workers (:meth:`MediaWorkers.live`)."""
+
+    publisher: asyncio.subprocess.Process
+    pids: dict[int, int]  # worker index -> pid
+    origin: int  # the pid of the worker the publisher reached
+    other: int  # the pid of its sibling, which pulls the stream
 
 
 class MediaWorkers:
@@ -131,6 +143,23 @@ class MediaWorkers:
             assert loop.time() < deadline, f"{name} not live: {streams}; log:\n{self.log()}"
             await asyncio.sleep(0.1)
 
+    @contextlib.asynccontextmanager
+    async def live(self, key: str = "key1", name: str = "show1", uptime: float = 0.0,
+                   seconds: float = LONG, **ffmpeg) -> AsyncIterator[Live]:
+        """Both workers up, ffmpeg publishing ``key`` (``seconds`` long; ``ffmpeg``: gop,
+        rate, size) until the block ends; in the block ``name`` is live for ``uptime`` s and
+        pulled by both workers."""
+        pids = await self.ready()
+        publisher = await start_ffmpeg_publisher(
+            f"rtmp://127.0.0.1:{self.rtmp_port}/live/{key}", seconds=seconds, **ffmpeg)
+        try:
+            info = await self.stream(name, uptime=uptime)
+            origin = pids[info["worker"]]
+            other = next(pid for pid in pids.values() if pid != origin)
+            yield Live(publisher, pids, origin, other)
+        finally:
+            await stop_process(publisher)
+
     async def gone(self, name: str, timeout: float = 20.0) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -219,11 +248,6 @@ def tag_kinds(tags: list) -> list[str]:
     return kinds
 
 
-def origin_and_other(info: dict, pids: dict[int, int]) -> tuple[int, int]:
-    origin = pids[info["worker"]]
-    return origin, next(pid for pid in pids.values() if pid != origin)
-
-
 # -- settings and the pure merge functions -------------------------------------------------------
 
 def test_worker_count_auto_is_one_per_core_and_bad_values_are_one_line(tmp_path) -> None:
@@ -280,12 +304,9 @@ def test_merge_lists_each_stream_once_from_its_publisher_with_summed_viewers() -
 async def test_viewers_on_both_workers_decode_and_the_stats_are_node_wide(media_workers,
                                                                          tmp_path) -> None:
     node = media_workers
-    pids = await node.ready()
-    assert set(pids.values()) == node.workers() and len(pids) == 2
-    publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
-                                                 seconds=LONG)
-    try:
-        await node.stream("show1")
+    async with node.live() as live:
+        pids = live.pids
+        assert set(pids.values()) == node.workers() and len(pids) == 2
         viewers = {pid: [await node.viewer("show1", pid) for _ in range(2)]
                    for pid in pids.values()}
         recordings = await asyncio.gather(*(read_raw(v, 3.0) for vs in viewers.values()
@@ -327,19 +348,13 @@ async def test_viewers_on_both_workers_decode_and_the_stats_are_node_wide(media_
         for vs in viewers.values():
             for viewer in vs:
                 await viewer.close()
-    finally:
-        await stop_process(publisher)
 
 
 async def test_late_joiner_on_the_other_worker_starts_on_a_keyframe(media_workers) -> None:
     node = media_workers
-    pids = await node.ready()
-    publisher = await start_ffmpeg_publisher(
-        f"rtmp://127.0.0.1:{node.rtmp_port}/live/key2", gop=50, rate=25, seconds=LONG)
-    try:
-        info = await node.stream("show2", uptime=2.6)  # inside the second 2-second GOP
-        _origin, other = origin_and_other(info, pids)
-        viewer = await node.viewer("show2", other)
+    # uptime: inside the second 2-second GOP
+    async with node.live("key2", "show2", uptime=2.6, gop=50, rate=25) as live:
+        viewer = await node.viewer("show2", live.other)
         first = await viewer.tags()
         kinds = tag_kinds(first)
         assert kinds[:3] == ["meta", "vseq", "aseq"], kinds[:5]
@@ -348,32 +363,24 @@ async def test_late_joiner_on_the_other_worker_starts_on_a_keyframe(media_worker
         meta = next(p for t, _ts, p in first if t == flvmux.TAG_SCRIPT)
         assert b"onMetaData" in meta and b"width" in meta
         await viewer.close()
-    finally:
-        await stop_process(publisher)
 
 
 async def test_a_second_publisher_is_refused_on_either_worker(media_workers) -> None:
     node = media_workers
-    pids = await node.ready()
-    publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
-                                                 seconds=LONG)
-    try:
-        await node.stream("show1")
-        for pid in pids.values():
+    async with node.live() as live:
+        for pid in live.pids.values():
             connection = await node.connect(node.rtmp_port, pid)
             client = await RtmpClient.connect("127.0.0.1", node.rtmp_port,
                                               connection=connection)
             with pytest.raises(RtmpError, match="NetStream.Publish.BadName"):
                 await client.publish("other1")
             await client.close()
-        assert publisher.returncode is None, (await publisher.stderr.read()).decode()
+        assert live.publisher.returncode is None, (await live.publisher.stderr.read()).decode()
         streams = (await node.get("/api/streams"))["streams"]
         assert len(streams) == 1, f"{streams}; log:\n{node.log()}"
         [stream] = streams
         assert stream["name"] == "show1" and stream["video_codec"] == "avc"
         assert node.log().count("refused second publisher on live stream 'show1'") == 2
-    finally:
-        await stop_process(publisher)
     # Its name is free again once the publisher stops, on whichever worker.
     await node.gone("show1")
     again = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/other1",
@@ -386,13 +393,9 @@ async def test_a_second_publisher_is_refused_on_either_worker(media_workers) -> 
 
 async def test_kill_9_of_the_publishing_worker_ends_the_stream_everywhere(media_workers) -> None:
     node = media_workers
-    pids = await node.ready()
-    publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
-                                                 seconds=LONG)
-    try:
-        info = await node.stream("show1")
-        origin, other = origin_and_other(info, pids)
-        viewer = await node.viewer("show1", other)
+    async with node.live() as live:
+        pids, origin = live.pids, live.origin
+        viewer = await node.viewer("show1", live.other)
         assert await read_raw(viewer, 1.0)
         os.kill(origin, signal.SIGKILL)
         # The sibling's viewer sees the end, as when a publisher stops: the body ends.
@@ -400,24 +403,18 @@ async def test_kill_9_of_the_publishing_worker_ends_the_stream_everywhere(media_
         await node.gone("show1")
         # The supervisor says so and brings the worker back.
         restarted = await node.ready(killed=origin)
-        assert origin not in restarted.values() and other in restarted.values()
+        assert origin not in restarted.values() and live.other in restarted.values()
         index = next(i for i, pid in pids.items() if pid == origin)
         assert re.search(rf"media worker {index} \(pid {origin}\) ended with signal 9: "
                          r"restarting in [0-9.]+ s", node.log())
-        await asyncio.wait_for(publisher.wait(), 20)  # its publisher was cut off
-    finally:
-        await stop_process(publisher)
+        await asyncio.wait_for(live.publisher.wait(), 20)  # its publisher was cut off
 
 
 async def test_kill_9_of_the_other_worker_leaves_the_publishers_viewers_playing(
         media_workers, tmp_path) -> None:
     node = media_workers
-    pids = await node.ready()
-    publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
-                                                 seconds=LONG)
-    try:
-        info = await node.stream("show1")
-        origin, other = origin_and_other(info, pids)
+    async with node.live() as live:
+        origin, other = live.origin, live.other
         viewer = await node.viewer("show1", origin)
         doomed = await node.viewer("show1", other)
         before = await read_raw(viewer, 1.0)
@@ -438,19 +435,12 @@ async def test_kill_9_of_the_other_worker_leaves_the_publishers_viewers_playing(
         assert tag_kinds(await late.tags())[:3] == ["meta", "vseq", "aseq"]
         await late.close()
         await viewer.close()
-    finally:
-        await stop_process(publisher)
 
 
 async def test_sigterm_drains_until_the_publisher_ends(media_workers) -> None:
     node = media_workers
-    pids = await node.ready()
-    publisher = await start_ffmpeg_publisher(f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1",
-                                             seconds=15)
-    try:
-        info = await node.stream("show1")
-        _origin, other = origin_and_other(info, pids)
-        viewer = await node.viewer("show1", other)
+    async with node.live(seconds=15) as live:
+        viewer = await node.viewer("show1", live.other)
         assert await read_raw(viewer, 0.5)
         node.process.send_signal(signal.SIGTERM)
         await asyncio.sleep(1.0)
@@ -463,13 +453,11 @@ async def test_sigterm_drains_until_the_publisher_ends(media_workers) -> None:
         assert node.process.poll() is None
         rest = await read_to_end(viewer, timeout=20)
         assert len(rest) > 20_000
-        assert await asyncio.wait_for(publisher.wait(), 20) == 0  # it ended on its own
+        assert await asyncio.wait_for(live.publisher.wait(), 20) == 0  # it ended on its own
         code = await asyncio.get_running_loop().run_in_executor(None, node.process.wait, 30)
         assert code == 0
         assert "draining: 1 live streams" in node.log()
         assert "drain time over" not in node.log()
-    finally:
-        await stop_process(publisher)
 
 
 async def test_serve_with_two_media_workers_fires_the_publish_hook_once(tmp_path) -> None:
@@ -586,12 +574,8 @@ async def test_ll_hls_playlists_name_the_same_segments_on_both_workers(media_wor
     # A keyframe every 2 s, the segment target: every keyframe starts a segment, so a worker
     # that pulls the stream later (restarted) cuts where the publishing worker does.
     node = media_workers
-    pids = await node.ready()
-    publisher = await start_ffmpeg_publisher(
-        f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1", gop=50, rate=25, seconds=LONG)
-    try:
-        info = await node.stream("show1", uptime=7)
-        origin, other = origin_and_other(info, pids)
+    async with node.live(uptime=7, gop=50, rate=25) as live:
+        origin, other = live.origin, live.other
         path = "/live/show1/index.m3u8"
         first = segments(await node.get(path, origin, raw=True))
         second = segments(await node.get(path, other, raw=True))  # a segment may end meanwhile
@@ -608,8 +592,6 @@ async def test_ll_hls_playlists_name_the_same_segments_on_both_workers(media_wor
         # every segment the restarted worker lists, the publishing worker lists by that name
         assert all(ours.get(uri) == extinf for uri, extinf in late.items()), \
             f"restarted worker {late}, publishing worker {ours}; log:\n{node.log()[-3000:]}"
-    finally:
-        await stop_process(publisher)
 
 
 async def post_cue(node: MediaWorkers, pid: int, name: str, product_id: int) -> dict:
@@ -645,42 +627,37 @@ async def test_a_cue_sent_to_either_worker_goes_in_where_the_stream_comes_in(tmp
     # (by that worker; the sibling's pulled copy is not recorded again).
     node = MediaWorkers(tmp_path, WATCHBUY_OPERATOR_TOKEN=OPERATOR,
                         WATCHBUY_HOOK_SECRET=CUE_SECRET)
-    publisher = None
     try:
-        pids = await node.ready()
-        publisher = await start_ffmpeg_publisher(
-            f"rtmp://127.0.0.1:{node.rtmp_port}/live/key1", seconds=LONG)
-        info = await node.stream("show1", uptime=1.0)
-        origin, other = origin_and_other(info, pids)
-        viewers = {pid: await node.viewer("show1", pid) for pid in (origin, other)}
-        for pid in viewers:
-            await viewers[pid].tags()  # past the start-up tags
-        answers = [await post_cue(node, pid, "show1", product)
-                   for pid, product in ((other, 41), (origin, 42))]
-        assert all(isinstance(a["media_ms"], int) for a in answers), answers
-        # the site's signed call: its nonce is claimed by the publishing worker, so the same
-        # call replayed to either worker is refused (each worker keeping its own would not)
-        target = cue_target("show1", 43)
-        signed = signed_headers(CUE_SECRET, target)
-        status, answer = await send_cue(node, other, target, signed)
-        assert status == 200 and isinstance(answer["media_ms"], int), answer
-        answers.append(answer)
-        for pid in (origin, other):
-            assert await send_cue(node, pid, target, signed) == (
-                401, {"error": "replayed call"})
-        for pid, viewer in viewers.items():
-            cues = []
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 10
-            while len(cues) < 3 and loop.time() < deadline:
-                for tag_type, timestamp, payload in await viewer.tags():
-                    if tag_type == flvmux.TAG_SCRIPT and b"onCuePoint" in payload:
-                        cues.append((timestamp, payload))
-            assert [ts for ts, _ in cues] == [a["media_ms"] for a in answers], (pid, cues)
-            assert b"product_id" in cues[0][1]
-            await viewer.close()
-        await stop_process(publisher)
-        publisher = None
+        async with node.live(uptime=1.0) as live:
+            origin, other = live.origin, live.other
+            viewers = {pid: await node.viewer("show1", pid) for pid in (origin, other)}
+            for pid in viewers:
+                await viewers[pid].tags()  # past the start-up tags
+            answers = [await post_cue(node, pid, "show1", product)
+                       for pid, product in ((other, 41), (origin, 42))]
+            assert all(isinstance(a["media_ms"], int) for a in answers), answers
+            # the site's signed call: its nonce is claimed by the publishing worker, so the same
+            # call replayed to either worker is refused (each worker keeping its own would not)
+            target = cue_target("show1", 43)
+            signed = signed_headers(CUE_SECRET, target)
+            status, answer = await send_cue(node, other, target, signed)
+            assert status == 200 and isinstance(answer["media_ms"], int), answer
+            answers.append(answer)
+            for pid in (origin, other):
+                assert await send_cue(node, pid, target, signed) == (
+                    401, {"error": "replayed call"})
+            for pid, viewer in viewers.items():
+                cues = []
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 10
+                while len(cues) < 3 and loop.time() < deadline:
+                    for tag_type, timestamp, payload in await viewer.tags():
+                        if tag_type == flvmux.TAG_SCRIPT and b"onCuePoint" in payload:
+                            cues.append((timestamp, payload))
+                assert [ts for ts, _ in cues] == [a["media_ms"] for a in answers], (pid, cues)
+                assert b"product_id" in cues[0][1]
+                await viewer.close()
+        # the block ended: its publisher is stopped
         await node.gone("show1")
         folder = tmp_path / "data" / "recordings"
         for _ in range(300):  # the remux after the end
@@ -690,8 +667,6 @@ async def test_a_cue_sent_to_either_worker_goes_in_where_the_stream_comes_in(tmp
             await asyncio.sleep(0.1)
         assert len(made) == 1 and made[0].endswith(".mp4"), (made, node.log())
     finally:
-        if publisher is not None:
-            await stop_process(publisher)
         node.stop()
 
 

@@ -5,13 +5,40 @@
 //        -> {ok, order: {id, total, items, address}, thank_you_url} | {redirect}
 //           | {error, field, errors?: {field: text}} (4xx; field "address" = none given)
 // A shop without these endpoints (404) gets a clear message and "Add to cart" instead.
-// Listens to document "watchbuy:buy" ({product, id, opener}) from room.js.
+// Listens to document "watchbuy:buy" ({product, id, opener}) from room.js and replay.js.  The
+// sheet's data-source ("room", or "replay") goes with the purchase: a replay pays the regular
+// price (flash sales are the live room's), so its sheet never shows a sale's.
+// window.WatchBuyResume: a visitor's Add to cart / Buy now signs up or logs in first and comes
+// back to this page with it begun (the room's and the replay's one mechanism).
 (function () {
   "use strict";
+  // The way back is this page with ?add=<id> or ?buy=<id>; take() acts on it once, and only
+  // when this tab began it (a one-time sessionStorage flag): a link with ?add= from elsewhere
+  // must not fill a logged-in shopper's cart without a click.
+  window.WatchBuyResume = {
+    loginFirst: function (action, id) {
+      const back = location.pathname + "?" + action + "=" + encodeURIComponent(id);
+      try { sessionStorage.setItem("watchbuy:resume", action + ":" + id); } catch (e) { /* private mode: not resumed */ }
+      location.href = "/login?next=" + encodeURIComponent(back);
+    },
+    // {action: "add" | "buy", id} begun before the log-in, or null; the address loses it.
+    take: function () {
+      const params = new URLSearchParams(location.search);
+      const action = params.has("add") ? "add" : params.has("buy") ? "buy" : null;
+      if (!action) return null;
+      const id = params.get(action);
+      history.replaceState(null, "", location.pathname);
+      let begun = null;
+      try { begun = sessionStorage.getItem("watchbuy:resume"); sessionStorage.removeItem("watchbuy:resume"); } catch (e) { /* none */ }
+      return begun === action + ":" + id ? { action: action, id: id } : null;
+    },
+  };
+
   const sheet = document.getElementById("buy-sheet");
   const body = document.getElementById("buy-body");
   const title = document.getElementById("buy-title");
   if (!sheet || !body) return;
+  const source = sheet.dataset.source || "room";
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
   const ADDRESS_FIELDS = [
     ["name", "Full name", "name", true], ["line1", "Address", "address-line1", true],
@@ -86,6 +113,7 @@
     else if (data.type === "sale_ended" && sales[data.product_id] && sales[data.product_id].id === data.sale_id) delete sales[data.product_id];
   });
   function runningSale(product) {
+    if (source === "replay") return null;  // the regular price: the shop ignores sales there too
     const sale = sales[product.id] || product.sale || null;
     const now = window.WatchBuyRoom && window.WatchBuyRoom.now ? window.WatchBuyRoom.now() : Date.now();
     const ends = sale && (sale.ends_at < 1e11 ? sale.ends_at * 1000 : sale.ends_at);
@@ -196,7 +224,7 @@
     // the unit price the sheet showed: the server refuses (409, field "price") a different one
     // (or the new price the shop answered with, once the shopper confirms it)
     const agreed = form.dataset.expected ? Number(form.dataset.expected) : priceMinorNow(product);
-    const data = { product_id: product.id, expected_price_minor: agreed };
+    const data = { product_id: product.id, expected_price_minor: agreed, source: source };
     form.querySelectorAll("input").forEach(function (input) {
       if (input.disabled || !input.name) return;
       if (input.type === "radio") { if (input.checked && input.value !== "new") data[input.name] = Number(input.value); return; }
@@ -272,7 +300,7 @@
       if (response.status === 404) { unavailable(product, "One-tap buying is not available on this site yet."); return; }
       // a session that ran out: the shop answers with its log-in page (a redirect fetch follows)
       if (response.status === 401 || response.status === 403 || (response.redirected && new URL(response.url).pathname === "/login")) {
-        location.href = "/login?next=" + encodeURIComponent(location.pathname + "?buy=" + product.id);
+        window.WatchBuyResume.loginFirst("buy", product.id);
         return;
       }
       if (!response.ok) { unavailable(product, "The shop could not load your details. Try again in a moment."); return; }

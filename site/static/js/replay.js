@@ -1,7 +1,9 @@
 // The replay page: the recorded show with its product timeline.  Each pin sits at its offset
 // in the video (the node's media clock, stored with the pin); tapping one seeks there, and
-// while the video plays (or after a seek) the card pinned at that moment is shown.  Buying
-// goes through the cart at the regular price (source=replay: live-only offers never apply).
+// while the video plays (or after a seek) the card pinned at that moment is shown.  Buying is
+// the room's: Buy now opens buy.js's sheet (its data-source="replay": the regular price, flash
+// sales are the live room's), Add to cart goes to the cart; a visitor signs up or logs in first
+// and comes back here with it begun (buy.js's WatchBuyResume, as in the room).
 (function () {
   "use strict";
   const page = document.querySelector(".replay");
@@ -12,6 +14,9 @@
   const items = JSON.parse(document.getElementById("replay-timeline").textContent);
   const buttons = Array.from(document.querySelectorAll(".timeline-item"));
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
+  const loggedIn = page.dataset.loggedIn === "true";
+  const products = {};  // id -> the card's data, what buy.js's sheet shows and charges
+  items.forEach(function (item) { if (item.product) products[item.product.id] = item.product; });
   let current = -1;
 
   // CSP allows no inline styles: the marks are placed from their data attributes here.
@@ -19,21 +24,11 @@
     mark.style.left = mark.dataset.percent + "%";
   });
 
+  // The card of the moment is the list's own card (the server's _product.html), copied: every
+  // product pinned in the show is in "Shop this replay".
   function card(p) {
-    const article = document.createElement("article");
-    article.className = "product";
-    article.dataset.productId = p.id;
-    if (p.image) { const img = document.createElement("img"); img.src = p.image; img.alt = ""; article.appendChild(img); }
-    else { const none = document.createElement("div"); none.className = "noimage"; article.appendChild(none); }
-    const body = document.createElement("div"); body.className = "product-body";
-    const name = document.createElement("h3"); name.textContent = p.name;
-    const price = document.createElement("p"); price.className = "price"; price.textContent = p.price;
-    const stock = document.createElement("p"); stock.className = "stock"; stock.textContent = p.stock + " in stock";
-    const add = document.createElement("button"); add.type = "button"; add.className = "add-to-cart";
-    add.dataset.add = p.id; add.textContent = "Add to cart"; add.disabled = p.stock < 1;
-    body.append(name, price, stock, add);
-    article.appendChild(body);
-    return article;
+    const listed = document.querySelector('.replay-products .product-grid [data-product-id="' + p.id + '"]');
+    return listed ? listed.cloneNode(true) : null;
   }
 
   // The pin in effect at time t: the last one at or before it (a small tolerance, so a seek
@@ -50,9 +45,10 @@
     if (index === current) return;
     current = index;
     const item = index >= 0 ? items[index] : null;
+    const shown = item && item.product ? card(item.product) : null;
     pinned.replaceChildren();
-    if (item && item.product) pinned.appendChild(card(item.product));
-    pinned.hidden = !(item && item.product);
+    if (shown) pinned.appendChild(shown);
+    pinned.hidden = !shown;
     page.dataset.shownIndex = String(index);
     buttons.forEach(function (b, i) { b.classList.toggle("active", i === index); b.setAttribute("aria-current", i === index ? "true" : "false"); });
   }
@@ -74,12 +70,9 @@
   });
 
   const cartStatus = document.getElementById("cart-status");
-  document.addEventListener("click", async function (event) {
-    const button = event.target.closest("[data-add]");
-    if (!button) return;
-    if (page.dataset.loggedIn !== "true") { location.href = "/login?next=" + encodeURIComponent(location.pathname); return; }
+  async function addToCart(button, id) {
     button.disabled = true;
-    const body = new URLSearchParams({ product_id: button.dataset.add, quantity: "1", source: "replay" });
+    const body = new URLSearchParams({ product_id: String(id), quantity: "1", source: "replay" });
     try {
       const response = await fetch("/cart/add", {
         method: "POST", body: body, credentials: "same-origin",
@@ -87,7 +80,7 @@
       });
       const result = await response.json();
       cartStatus.hidden = false;
-      cartStatus.textContent = result.ok ? "Added to your cart at the regular price. " : result.error;
+      cartStatus.textContent = result.ok ? "Added to your cart. " : result.error;
       if (result.ok) { const a = document.createElement("a"); a.href = "/cart"; a.textContent = "Go to cart →"; cartStatus.appendChild(a); }
     } catch (e) {
       cartStatus.hidden = false;
@@ -95,7 +88,30 @@
     } finally {
       button.disabled = false;
     }
+  }
+
+  function buyNow(button, id) {
+    document.dispatchEvent(new CustomEvent("watchbuy:buy", { detail: { product: products[id], id: Number(id), opener: button } }));
+  }
+
+  document.addEventListener("click", function (event) {
+    const add = event.target.closest("[data-add]");
+    const buy = event.target.closest("[data-buy]");
+    if (!add && !buy) return;
+    const id = (add || buy).dataset.add || (add || buy).dataset.buy;
+    if (!loggedIn) { window.WatchBuyResume.loginFirst(add ? "add" : "buy", id); return; }
+    if (add) addToCart(add, id); else buyNow(buy, id);
   });
 
   update();
+
+  // Back from signing up or logging in: do what was begun, on the card of the moment's button
+  // or else the list's (the sheet gives the focus back to it).
+  const begun = loggedIn ? window.WatchBuyResume.take() : null;
+  if (begun) {
+    const selector = '[data-' + begun.action + '="' + CSS.escape(begun.id) + '"]';
+    const button = document.querySelector("#pinned " + selector) ||
+      document.querySelector(".replay-products .product-grid " + selector);
+    if (button) { if (begun.action === "add") addToCart(button, begun.id); else buyNow(button, begun.id); }
+  }
 })();

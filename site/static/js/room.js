@@ -382,15 +382,6 @@
     if (!isError) box.clearTimer = setTimeout(function () { box.textContent = ""; }, 4000);
   }
 
-  // A visitor signs up or logs in first and comes back with the action begun.
-  function loginFirst(action, id) {
-    const back = "/room/" + slug + "?" + action + "=" + encodeURIComponent(id);
-    // resumeAction acts on ?add=/?buy= only when this flag says this page began it (a link
-    // from elsewhere must not add to a logged-in shopper's cart without a click)
-    try { sessionStorage.setItem("watchbuy:resume", action + ":" + id); } catch (e) { /* private mode: not resumed */ }
-    location.href = "/login?next=" + encodeURIComponent(back);
-  }
-
   async function addToCart(button, id) {
     button.disabled = true;
     const body = new URLSearchParams({ product_id: String(id), quantity: "1" });
@@ -425,21 +416,16 @@
     const buy = event.target.closest("[data-buy]");
     if (!add && !buy) return;
     const id = (add || buy).dataset.add || (add || buy).dataset.buy;
-    if (!loggedIn) { loginFirst(add ? "add" : "buy", id); return; }
+    if (!loggedIn) { window.WatchBuyResume.loginFirst(add ? "add" : "buy", id); return; }  // buy.js
     if (add) addToCart(add, id); else buyNow(buy, id);
   });
 
   // Back from signing up or logging in: do what was begun, once (the address loses it), on a
   // button the shopper can see: the pinned card's, else the product list's (opened on phones).
   function resumeAction() {
-    const params = new URLSearchParams(location.search);
-    const action = params.has("add") ? "add" : params.has("buy") ? "buy" : null;
-    if (!action || !loggedIn) return;
-    const id = params.get(action);
-    history.replaceState(null, "", location.pathname);
-    let begun = null;
-    try { begun = sessionStorage.getItem("watchbuy:resume"); sessionStorage.removeItem("watchbuy:resume"); } catch (e) { /* none */ }
-    if (begun !== action + ":" + id) return;  // one time, and only what loginFirst began
+    const begun = loggedIn ? window.WatchBuyResume.take() : null;  // buy.js: once, if begun here
+    if (!begun) return;
+    const action = begun.action, id = begun.id;
     const selector = '[data-' + action + '="' + CSS.escape(id) + '"]';
     let button = document.querySelector("#pinned " + selector);
     if (!button) {
