@@ -29,6 +29,7 @@ and reserves on the server.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -70,21 +71,37 @@ def page_change(channel_id: int, event: dict) -> dict | None:
 
 @dataclass(slots=True)
 class PublicPage:
-    """A page rendered for nobody in particular, with a marker where the CSRF token goes."""
+    """A page rendered for nobody in particular, with markers where the per-visitor parts go
+    (the CSRF token, a shopper's cart count), kept as the bytes between them: an answer joins
+    them with its own parts, no search through the page and no encoding per answer."""
 
-    html: str
-    marker: str
+    pieces: tuple[bytes, ...]  # the page's bytes between its markers
+    holes: tuple[str, ...]  # the marker that stood after each piece but the last
+    marker: str  # the CSRF token's
     csp_media_origin: str | None
+
+    @classmethod
+    def cut(cls, html: str, markers: tuple[str, ...],
+            csp_media_origin: str | None) -> PublicPage:
+        """``html`` cut at each of ``markers`` (the first is the CSRF token's)."""
+        parts = re.split("(" + "|".join(map(re.escape, markers)) + ")", html)
+        return cls(tuple(part.encode() for part in parts[::2]), tuple(parts[1::2]), markers[0],
+                   csp_media_origin)
 
     def respond(self, request: Request, values: dict[str, str] | None = None) -> HTMLResponse:
         """The page with the visitor's token in, and each further marker in ``values``
         replaced by its text (already escaped for where it stands)."""
         if self.csp_media_origin is not None:
             request.state.csp_media_origin = self.csp_media_origin  # as web.render sets it
-        html = self.html.replace(self.marker, request.state.csrf_token)
+        fill = {self.marker: request.state.csrf_token.encode()}
         for marker, text in (values or {}).items():
-            html = html.replace(marker, text)
-        return HTMLResponse(html)
+            fill[marker] = text.encode()
+        pieces = self.pieces
+        body = [pieces[0]]
+        for hole, piece in zip(self.holes, pieces[1:], strict=True):
+            body.append(fill[hole])
+            body.append(piece)
+        return HTMLResponse(b"".join(body))
 
 
 class PageCache(FollowedCache):
@@ -104,8 +121,8 @@ class PageCache(FollowedCache):
         for every logged-in ``user`` alike in what the page shows of them (the caller keys it
         by those parts and puts markers where the rest goes)."""
         response = render(request, template, user=user, csrf_token=self.marker, **context)
-        return PublicPage(response.body.decode(), self.marker,
-                          getattr(request.state, "csp_media_origin", None))
+        return PublicPage.cut(response.body.decode(), (self.marker, self.count_marker),
+                              getattr(request.state, "csp_media_origin", None))
 
     def room_changed(self, room_id: int, home: bool) -> None:
         """The room's pages (and with ``home`` the home page) no longer show it as it is."""
