@@ -161,7 +161,10 @@ async def visitor_changed(site: SiteState, user_id: int) -> None:
     visitor caches keep of them goes, here before this returns, elsewhere when the event
     arrives.  With the broker down, other processes keep nothing anyway (their subscriptions
     are down too)."""
-    site["visitors"].changed(user_id)
+    visitors = site["visitors"]
+    if not visitors.enabled:  # nothing kept here, nor in the other processes (same settings)
+        return
+    visitors.changed(user_id)
     try:
         await site["broker"].publish(PAGES_TOPIC, {"type": "visitor", "user": user_id})
     except BrokerUnavailable as exc:
