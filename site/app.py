@@ -42,7 +42,7 @@ from watchbuy.site.config import SiteSettings
 from watchbuy.site.media import MediaDirectory
 from watchbuy.site.metrics import SiteMetrics
 from watchbuy.site.observe import RequestContextMiddleware, install_request_id_filter
-from watchbuy.site.pagecache import PageCache
+from watchbuy.site.pagecache import VISITOR_CACHE_ENTRIES, PageCache, VisitorCache
 from watchbuy.site.passwords import PasswordWorkers
 from watchbuy.site.payments import (
     StripeGateway,
@@ -228,10 +228,13 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             mailer=notify.make_mailer(settings),
             show_timers=shows.ShowTimers(),
             pages=PageCache(broker, settings.page_cache_seconds, settings.page_cache_entries),
+            # a shopper's own bits of the room page, as long as a page (site/pagecache.py)
+            visitors=VisitorCache(broker, settings.page_cache_seconds,
+                                  VISITOR_CACHE_ENTRIES),
             sessions=SessionCache(broker, settings.session_cache_seconds),
         )
-        await shared["pages"].start()
-        await shared["sessions"].start()
+        for cache in ("pages", "visitors", "sessions"):
+            await shared[cache].start()
         site = cast(SiteState, shared)
         site["room_live"].start()
         # Upkeep: unpaid test-mode orders give their stock back; ended sessions and old login
@@ -269,8 +272,8 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             await site["show_timers"].stop()
             if site["mailer"] is not None:
                 await site["mailer"].drain()
-            await site["pages"].close()
-            await site["sessions"].close()
+            for cache in ("pages", "visitors", "sessions"):
+                await site[cache].close()
             await media.close()
             await site["dashboard"].stop()
             await site["chat_limiter"].close()

@@ -187,11 +187,12 @@ async def room_page(request: Request):
         return page.respond(request)
     # What is this shopper's own: the header (host, admin), the host panel, the follow and
     # reminder buttons and the cart badge (room.js keeps it current as the shopper adds).  One
-    # read gives the last three; the page is rendered once per combination of them (the cart
-    # count as a marker) and kept with the room's pages, so it goes when the room changes.
+    # read gives the last three, kept until the shopper changes them (VisitorCache); the page
+    # is rendered once per combination of them (the cart count as a marker) and kept with the
+    # room's pages, so it goes when the room changes.
     next_show = room["shows"]["next_show"]
-    mine = await show_queries.room_visitor(site["db"], user["id"], channel["host_id"],
-                                           next_show["id"] if next_show else None)
+    mine = await visitor_bits(site, user["id"], channel["host_id"],
+                              next_show["id"] if next_show else None)
     room_host = user["id"] == channel["host_id"]
     key = ("room-user", slug, room_host, user["is_host"], user["is_admin"], mine["following"],
            mine["reminded"], mine["cart_count"] > 0)
@@ -213,6 +214,19 @@ async def room_page(request: Request):
     return remember_cart_count(
         request, page.respond(request, {pages.count_marker: str(mine["cart_count"])}),
         user["id"], mine["cart_count"])
+
+
+async def visitor_bits(site: SiteState, user_id: int, host_id: int,
+                       show_id: int | None) -> dict:
+    """:func:`shows.room_visitor` of this shopper, from the visitor cache when it holds it."""
+    visitors = site["visitors"]
+    key = (user_id, host_id, show_id)
+    mine = visitors.get(key)
+    if mine is None:
+        mark = visitors.mark()  # before the read: a change of theirs from now on is not missed
+        mine = await show_queries.room_visitor(site["db"], user_id, host_id, show_id)
+        visitors.put(key, user_id, mine, mark)
+    return mine
 
 
 async def room_state_api(request: Request):

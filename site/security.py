@@ -26,25 +26,25 @@ import hmac
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
-from http.cookies import SimpleCookie
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus, urlsplit
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import cookie_parser
 from starlette.responses import HTMLResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from watchbuy.db import queries
 from watchbuy.db.database import Database
 from watchbuy.logs import LogLimiter
+from watchbuy.site.followed import FollowedCache
 from watchbuy.site.state import state_of
 
 if TYPE_CHECKING:
-    from watchbuy.site.broker import Broker, Subscription
+    from watchbuy.site.broker import Broker
     from watchbuy.site.config import SiteSettings
 
 SESSION_COOKIE = "wb_session"
@@ -121,7 +121,7 @@ async def start_session(db: Database, user_id: int, days: float) -> str:
 limited_log = LogLimiter(log, interval=10.0)
 
 
-class SessionCache:
+class SessionCache(FollowedCache):
     """Sessions found by :class:`AuthMiddleware`, kept in this process for at most ``seconds``
     (``WATCHBUY_SESSION_CACHE_SECONDS``, at most 2), so a logged-in visitor's burst of requests
     (a page, its fetches, a checkout rush) reads the session once instead of per request.
@@ -129,108 +129,34 @@ class SessionCache:
     Logout must still end a session at once: each kept session goes the moment its
     ``session_revoked`` event arrives on the broker's sessions topic (logout publishes it,
     :func:`chat.publish_session_ended`), in every process.  Nothing is kept while that
-    subscription is not live, and a lookup is kept only when no revocation arrived while it
-    read the database (:meth:`mark` / :meth:`put`, as :class:`pagecache.PageCache` does), so a
+    subscription is not live, and a lookup is kept only when no revocation of its session
+    arrived while it read the database (:meth:`mark` / :meth:`put`, site/followed.py), so a
     revocation can never be missed in between.  What may be stale for ``seconds`` is the user's
     own row (a name, the host flag) and an expiry passing: both are checked again on the next
     lookup, and the expiry is checked on every hit too."""
 
     def __init__(self, broker: Broker, seconds: float, max_entries: int = 10000) -> None:
-        self.broker = broker
-        self.seconds = seconds
-        self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[float, tuple[dict, dict]]] = OrderedDict()
-        self._seq = 0  # bumped by every revocation and every change of the subscription
-        self._live_at: int | None = None  # seq when the subscription went live; None: down
-        self._interruptions = 0
-        self._sub: Subscription | None = None
-        self._follower: asyncio.Task | None = None
-        self.hits = 0
+        from watchbuy.site.chat import SESSIONS_TOPIC  # chat imports this module
 
-    async def start(self) -> None:
-        if self.seconds > 0 and self._follower is None:
-            self._follower = asyncio.get_running_loop().create_task(
-                self._follow(), name="session-cache-follow")
-
-    def _catch_up(self) -> None:
-        sub = self._sub
-        if sub is None:
-            return
-        if self.broker.interruptions != self._interruptions:
-            # Redis lost the subscription's connection: revocations may have been missed
-            self._forget_all()
-            return
-        # a logout this very process published a moment ago counts before the next lookup
-        while (message := sub.get_nowait()) is not None:
-            self._apply(message)
+        super().__init__(broker, SESSIONS_TOPIC, seconds, max_entries, "session cache")
 
     def get(self, session_hash: str) -> tuple[dict, dict] | None:
         """(session, user) as :func:`queries.session_user` gave them, or None."""
-        if not self._entries:
+        found = super().get(session_hash)
+        if found is None:
             return None
-        self._catch_up()
-        entry = self._entries.get(session_hash)
-        if entry is None:
-            return None
-        kept_until, (row, user) = entry
-        if kept_until <= time.monotonic() or row["expires_at"] <= time.time():
-            del self._entries[session_hash]
-            return None
-        self.hits += 1
+        row, user = found
         return dict(row), dict(user)  # copies: a handler may change what it was given
 
-    def mark(self) -> int:
-        """Call before reading the session from the database; pass the result to :meth:`put`."""
-        return self._seq
+    def put(self, session_hash: str, found: tuple[dict, dict], mark: int) -> bool:
+        return super().put(session_hash, session_hash, (dict(found[0]), dict(found[1])), mark)
 
-    def put(self, session_hash: str, found: tuple[dict, dict], mark: int) -> None:
-        self._catch_up()
-        if self._live_at is None or self._live_at > mark or self._seq != mark:
-            return  # not following revocations, or one arrived while this was read
-        self._entries[session_hash] = (time.monotonic() + self.seconds,
-                                       (dict(found[0]), dict(found[1])))
-        self._entries.move_to_end(session_hash)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+    def _holds(self, value: tuple[dict, dict]) -> bool:
+        return value[0]["expires_at"] > time.time()
 
     def _apply(self, message: dict) -> None:
         if message.get("type") == "session_revoked":
-            self._seq += 1
-            self._entries.pop(str(message.get("session")), None)
-
-    def _forget_all(self) -> None:
-        self._sub = None
-        self._seq += 1
-        self._live_at = None
-        self._entries.clear()
-
-    async def _follow(self) -> None:
-        from watchbuy.site.chat import SESSIONS_TOPIC  # chat imports this module
-
-        while True:
-            try:
-                async with self.broker.subscribe(SESSIONS_TOPIC) as sub:
-                    self._interruptions = self.broker.interruptions
-                    self._seq += 1
-                    self._live_at = self._seq
-                    self._sub = sub
-                    async for message in sub:
-                        self._apply(message)
-            except asyncio.CancelledError:
-                self._forget_all()
-                raise
-            except Exception as exc:  # Redis down: every lookup reads the database meanwhile
-                limited_log.warning("session-cache", "session cache: not following logouts, "
-                                    "nothing kept meanwhile: %s", exc)
-            self._forget_all()
-            await asyncio.sleep(1.0)
-
-    async def close(self) -> None:
-        follower, self._follower = self._follower, None
-        if follower is not None:
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
-        self._forget_all()
+            self.changed(str(message.get("session")))
 
 
 class BodyRefused(Exception):
@@ -526,14 +452,11 @@ def _last(headers: Headers, name: str) -> str:
 
 
 def _cookies(values: list[str]) -> dict[str, str]:
+    # Starlette's parser, as ``request.cookies`` in the handlers: both see the same cookies
+    # (and it costs a fraction of SimpleCookie's regular expressions on every request).
     cookies: dict[str, str] = {}
     for value in values:
-        jar = SimpleCookie()
-        try:
-            jar.load(value)
-        except Exception:  # a malformed cookie header is as good as none
-            continue
-        cookies.update({key: morsel.value for key, morsel in jar.items()})
+        cookies.update(cookie_parser(value))
     return cookies
 
 

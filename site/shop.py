@@ -56,6 +56,7 @@ from watchbuy.db import queries, shopping
 from watchbuy.logs import LogLimiter
 from watchbuy.site import flash, payments
 from watchbuy.site.chat import publish_room_event
+from watchbuy.site.pagecache import visitor_changed
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.web import (
     format_money,
@@ -287,6 +288,7 @@ async def cart_set(request: Request, add: bool):
         log_limit(request, user, message)
         return await cart_error(request, message)
     await queries.set_cart_quantity(db, user["id"], product_id, quantity)
+    await visitor_changed(state(request), user["id"])  # the room page's cart badge
     if wants_json(request):
         # the header's cart badge shows the units in the cart
         count = sum(line["quantity"] for line in await queries.cart(db, user["id"]))
@@ -350,6 +352,7 @@ async def checkout(request: Request):
     except ValueError as exc:
         checkouts.labels("invalid").inc()
         return await cart_view(request, error=str(exc), status_code=400)
+    await visitor_changed(site, user["id"])  # the cart became the order
     notifier = stock_notifier(site)
     for item in order["items"]:
         notifier.changed(item["product_id"])  # the rooms hear it, coalesced; nobody waits

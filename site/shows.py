@@ -28,6 +28,7 @@ from watchbuy.db import shows as show_queries
 from watchbuy.site.accounts import ensure_channel
 from watchbuy.site.chat import publish_room_event
 from watchbuy.site.notify import deliver
+from watchbuy.site.pagecache import visitor_changed
 from watchbuy.site.rooms import iso_utc
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.studio import read_image
@@ -292,6 +293,7 @@ async def remind(request: Request):
     if found is None or found["status"] != show_queries.SCHEDULED:
         raise HTTPException(404, "This show is not coming up.")
     await show_queries.set_reminder(db, user["id"], found["id"], _turn_on(form))
+    await visitor_changed(state(request), user["id"])  # the room page's reminder button
     return redirect(safe_next(form.get("next")))
 
 
@@ -305,6 +307,7 @@ async def follow(request: Request):
     if channel["host_id"] == user["id"]:
         raise HTTPException(400, "You cannot follow yourself.")
     await show_queries.set_follow(db, user["id"], channel["host_id"], _turn_on(form))
+    await visitor_changed(state(request), user["id"])  # the room page's follow button
     return redirect(safe_next(form.get("next") or f"/room/{channel['slug']}"))
 
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from watchbuy.site.media import MediaDirectory
     from watchbuy.site.metrics import SiteMetrics
     from watchbuy.site.notify import Mailer
-    from watchbuy.site.pagecache import PageCache
+    from watchbuy.site.pagecache import PageCache, VisitorCache
     from watchbuy.site.passwords import PasswordWorkers
     from watchbuy.site.payments import StripeGateway
     from watchbuy.site.ratelimit import RedisRateLimiter
@@ -61,6 +61,7 @@ class SiteState(TypedDict):
     mailer: Mailer | None  # None: no WATCHBUY_SMTP_URL
     show_timers: ShowTimers  # ending shows after their grace period
     pages: PageCache  # public pages kept rendered (site/pagecache.py)
+    visitors: VisitorCache  # a shopper's own bits of the room page (site/pagecache.py)
     sessions: SessionCache  # sessions found, kept <= 2 s, dropped on logout (site/security.py)
 
 

@@ -10,7 +10,9 @@ import os
 import uuid
 
 import pytest
+import redis.asyncio as aioredis
 
+from watchbuy.db import queries
 from watchbuy.settings import ConfigError
 from watchbuy.site import security
 from watchbuy.site.broker import InMemoryBroker
@@ -67,6 +69,35 @@ async def test_a_logout_in_one_process_ends_the_session_in_another(make_site, re
         await asyncio.sleep(0.01)
     assert hashed not in cache._entries
     assert "Log in" in (await on_two.get("/")).text
+
+
+async def test_a_lost_redis_connection_drops_kept_sessions_and_keeps_again(make_site,
+                                                                           redis_url) -> None:
+    # A logout published while the connection was down never arrives (here: revoked straight
+    # in the database, no event at all): no session kept before may be answered after, and
+    # sessions are kept again once the subscription is live again.
+    prefix = f"wb-test-{uuid.uuid4().hex[:8]}:"
+    site = await make_site(session_cache_seconds=KEPT, broker_url=redis_url,
+                           broker_prefix=prefix)
+    sue, bob = await site.user("Sue"), await site.user("Bob")
+    as_sue, as_bob = await site.browser(sue), await site.browser(bob)
+    await kept_session(site, as_sue)
+    broker = site.app.state.broker
+    old_id = broker.pubsub_client_id
+    plain = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await plain.execute_command("CLIENT", "KILL", "TYPE", "pubsub", "ID",
+                                           str(old_id)) == 1
+    finally:
+        await plain.connection_pool.disconnect()
+    await queries.revoke_session(site.db, security.session_hash(as_sue.session_cookie))
+    for _ in range(500):
+        if broker.pubsub_client_id not in (None, old_id):
+            break
+        await asyncio.sleep(0.01)
+    assert broker.pubsub_client_id not in (None, old_id)
+    assert "Log in" in (await as_sue.get("/")).text
+    await kept_session(site, as_bob)
 
 
 async def test_a_lookup_across_a_logout_is_not_kept() -> None:

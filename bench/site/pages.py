@@ -15,6 +15,7 @@ baseline runs, so a machine that slows down during the run shows as a spread bet
 
     python -m bench.site.pages                       # both databases, 5 s per URL
     python -m bench.site.pages --db sqlite --quick   # CI's pass: 2 s per URL
+    python -m bench.site.pages --db mariadb --quick --profile bench/work/profile  # cProfile
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ def browser_cookie(base: str, path: str, session: str | None) -> str:
     return "; ".join(f"{k}={v}" for k, v in cookies.items())
 
 
-def bench_one(kind: str, seconds: float, connections: int) -> dict:
+def bench_one(kind: str, seconds: float, connections: int, profile: Path | None = None) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix=f"wb-bench-pages-{kind}-"))
     data_dir = workdir / "data"
     servers: list[SiteServer] = []
@@ -222,7 +223,12 @@ def bench_one(kind: str, seconds: float, connections: int) -> dict:
         with database_url(kind, workdir) as url:
             seeded = asyncio.run(seed(url, 0, 10))
             asyncio.run(pin_a_product(url, seeded["product_id"]))
-            site = SiteServer(url, data_dir, free_port(), workdir / "site.log")
+            port = free_port()
+            # --profile: the site under cProfile, written when it stops (SIGINT, a clean exit)
+            profiled = None if profile is None else [
+                sys.executable, "-m", "cProfile", "-o", str(profile / f"site-{kind}.prof"),
+                "-m", "watchbuy", "site", "--port", str(port)]
+            site = SiteServer(url, data_dir, port, workdir / "site.log", command=profiled)
             servers.append(site)
             baseline_port = free_port()
             baseline = SiteServer(url, data_dir, baseline_port, workdir / "baseline.log",
@@ -254,6 +260,8 @@ def bench_one(kind: str, seconds: float, connections: int) -> dict:
             for server in servers:
                 server.stop()
             servers.clear()
+            if profile is not None:
+                print_profile(profile / f"site-{kind}.prof")
             base_rps = (runs["baseline_1"]["requests_per_s"]
                         + runs["baseline_2"]["requests_per_s"]) / 2
             ratios = {name: round(runs[name]["requests_per_s"] / base_rps, 4)
@@ -294,6 +302,17 @@ async def pin_a_product(url: str, product_id: int) -> None:
         await db.disconnect()
 
 
+def print_profile(path: Path, lines: int = 40) -> None:
+    """The profiled site's functions by cumulative time (all five runs, the warm-ups too)."""
+    import pstats
+
+    if not path.exists():
+        log(f"no profile at {path}: the site did not exit cleanly")
+        return
+    print(f"\n{path} (python -m pstats {path}):")
+    pstats.Stats(str(path)).sort_stats("cumulative").print_stats(lines)
+
+
 def print_table(results: list[dict]) -> None:
     print(f"\n{'db':8} {'run':16} {'req/s':>9} {'ratio':>7} {'cpu ratio':>9} {'p50 ms':>8} "
           f"{'p99 ms':>8} {'server us/req':>13} {'load us/req':>11} {'bytes':>6}")
@@ -317,11 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 s per URL")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="run the site under cProfile, write DIR/site-<db>.prof and print "
+                        "its top functions (the ratios of such a run are not comparable)")
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_baseline:
         return serve_baseline(args.serve_baseline)
     seconds = args.seconds or (2.0 if args.quick else 5.0)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        args.profile = args.profile.resolve()  # the site runs in its own working directory
     # the baseline server is ``-m bench.site.pages`` run from the servers' working directory
     root = str(Path(__file__).resolve().parents[2])
     os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -332,13 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     for kind in [k.strip() for k in args.db.split(",") if k.strip()]:
         if kind not in ("sqlite", "mariadb"):
             parser.error(f"unknown database {kind!r}")
-        results.append(bench_one(kind, seconds, args.connections))
+        results.append(bench_one(kind, seconds, args.connections, args.profile))
     print_table(results)
     report = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version(), "cpu": cpu_model(),
                           "loadavg_1m": os.getloadavg()[0]},
-              "args": {"seconds": seconds, "connections": args.connections},
+              "args": {"seconds": seconds, "connections": args.connections,
+                       "profiled": args.profile is not None},
               "results": results}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -557,7 +557,9 @@
       switch (data.type) {
         case "hello":
           me = data.user_id; isHost = data.is_host;
-          if (room.dataset.socket) refresh();  // a reconnect: catch up on what was missed
+          // A reconnect, or a page rendered offline: catch up on what this socket was not there
+          // to hear (a room that went live between the page's render and the subscription).
+          if (room.dataset.socket || !live) refresh();
           room.dataset.socket = "open";
           messages.replaceChildren();
           data.messages.forEach(addMessage);
