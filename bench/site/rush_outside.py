@@ -2,11 +2,12 @@
 
 What issue 15's "checkout rush" asks, measured from outside as deployed: ``watchbuy site``
 (uvicorn; ``--workers N`` with Redis for several processes) on SQLite or MariaDB; S shoppers
-(users, sessions and one unit of the pinned product in each cart, made directly in the
-database) all press the buy button within ``--window`` seconds (default 1 s, spread evenly);
-``--stock`` units.  The endpoint is one argument (``--endpoint /checkout`` today; a "Buy now"
-endpoint later, with ``--field name=value`` for its form fields and ``--bought-status`` for
-its answer).
+(users, sessions, a saved address and a saved test card, made directly in the database)
+all press **Buy now** on the pinned product within ``--window`` seconds (default 1 s, spread
+evenly): ``POST /api/buy-now`` with the product's id, answered 200 ``{"ok": true}`` (bought)
+or 409 (sold out); ``--stock`` units.  ``--endpoint /checkout --bought-status 303`` presses
+the cart's checkout instead (each shopper then also has one unit in the cart);
+``--field name=value`` adds form fields.
 
 The load is one lean asyncio process: each shopper is one raw HTTP/1.1 connection (a
 pre-built request, the answer parsed just far enough to get its status and length), so the
@@ -55,6 +56,7 @@ import httpx
 from bench.site.__main__ import database_url, free_port, mysql_connect, percentile, taskset
 
 REDIS_URL = os.environ.get("WATCHBUY_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+BUY_NOW = "/api/buy-now"
 SECRET = base64.urlsafe_b64encode(os.urandom(32)).decode()  # the site's key, so tokens are made here
 
 
@@ -67,8 +69,8 @@ def log(*parts: object) -> None:
 
 async def seed(url: str, shoppers: int, stock: int, concurrency: int) -> dict:
     """A host with a room, the product (``stock`` units) and ``shoppers`` signed-up shoppers
-    with an address on file and one unit of it in the cart, each as (session token, csrf
-    cookie)."""
+    with an address and a saved test card on file and one unit of it in the cart (for the
+    cart's checkout; Buy now leaves the cart alone), each as (session token, csrf cookie)."""
     from bench.site.rush import ADDRESS
     from watchbuy.db import queries, shopping
     from watchbuy.db.database import Database
@@ -95,6 +97,8 @@ async def seed(url: str, shoppers: int, stock: int, concurrency: int) -> dict:
                                                     "x", False)
                 # the print is shipped: checkout copies the default address onto the order
                 await shopping.add_address(db, user_id, ADDRESS, True)
+                # a returning buyer: Buy now pays with the saved test card at once
+                await shopping.save_card(db, user_id, "visa", "4242")
                 await queries.set_cart_quantity(db, user_id, product_id, 1)
                 token = await security.start_session(db, user_id, 1)
             return token, base64.urlsafe_b64encode(os.urandom(18)).decode()
@@ -363,6 +367,8 @@ def run(args: argparse.Namespace) -> dict:
             site.wait_ready()
             log(f"site up on port {site.port}: {' '.join(site.command)}")
             fields = dict(item.split("=", 1) for item in args.field)
+            if args.endpoint == BUY_NOW:
+                fields.setdefault("product_id", str(seeded["product_id"]))
             requests = [request_bytes(f"127.0.0.1:{site.port}", args.endpoint, token, csrf,
                                       fields) for token, csrf in seeded["people"]]
             watch = StockWatch(url, seeded["product_id"])
@@ -439,11 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stock", type=int, default=300)
     parser.add_argument("--window", type=float, default=1.0,
                         help="seconds over which the presses are spread")
-    parser.add_argument("--endpoint", default="/checkout", help="what the buy button posts to")
+    parser.add_argument("--endpoint", default=BUY_NOW,
+                        help="what the buy button posts to (/checkout: the cart's checkout)")
     parser.add_argument("--field", action="append", default=[],
                         help="extra form field name=value (repeatable)")
-    parser.add_argument("--bought-status", type=int, default=303,
-                        help="the status that means bought (the checkout's redirect to pay)")
+    parser.add_argument("--bought-status", type=int, default=200,
+                        help="the status that means bought (200 for Buy now; 303, the "
+                        "redirect to pay, for /checkout)")
     parser.add_argument("--timeout", type=float, default=30.0, help="per press, seconds")
     parser.add_argument("--retries", type=int, default=0,
                         help="presses again after a connection error (with --kill-at)")
