@@ -199,6 +199,7 @@ class SoldOutBoard:
         self.in_flight = in_flight
         self._marks: dict[int, tuple[str | None, float]] = {}  # product -> (name, until)
         self._listener: asyncio.Task | None = None
+        self.following = asyncio.Event()  # set while the stock events are heard (for tests)
         # kept while a buyer holds or waits for one
         self._gates: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -248,6 +249,7 @@ class SoldOutBoard:
             return
         try:
             async with broker.subscribe(STOCK_TOPIC) as events:
+                self.following.set()
                 async for event in events:
                     product_id, stock = event.get("product_id"), event.get("stock")
                     if not isinstance(product_id, int) or not isinstance(stock, int):
@@ -260,6 +262,7 @@ class SoldOutBoard:
             notifier_log.warning("sold-out", "stock events not followed: %s", exc)
         # ended (broker closed, or this subscriber dropped for lagging): the marks may have
         # missed a restock, so they are forgotten; the next mark subscribes again
+        self.following.clear()
         self._marks.clear()
 
 
