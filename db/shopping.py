@@ -419,6 +419,25 @@ async def claim_sale_units(db: Database, user_id: int, sale: dict, quantity: int
 # -- buy now ----------------------------------------------------------------------------------
 
 
+def _product_room_query() -> sa.Select:
+    return (sa.select(products, channels.c.id.label("channel_id"))
+            .select_from(products.outerjoin(channels, channels.c.host_id == products.c.host_id))
+            .where(products.c.id == sa.bindparam("product_id"),
+                   products.c.deleted == sa.false()))
+
+
+async def product_with_room(db: Database, product_id: int) -> dict | None:
+    """The product as :func:`queries.product` gives it, with ``channel_id``, its host's room
+    (None without one): what Buy now needs, the room being where the purchase is announced.
+    One query, compiled once."""
+    row = as_dict(await db.fetch_one(compiled(db, "product_with_room", _product_room_query),
+                                     {"product_id": product_id}))
+    if row is not None:  # a text statement's rows carry the drivers' 0/1 for booleans
+        for name in ("shown", "physical", "deleted"):
+            row[name] = bool(row[name])
+    return row
+
+
 def _order_insert_query() -> sa.Insert:
     """A one-line order with its shipping columns (NULL without an address)."""
     return orders.insert().values(
@@ -457,15 +476,19 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
     As :func:`queries.create_order_from_cart`: sold out is answered from a plain read first
     (``product``: the caller's read of it, as :func:`queries.product` returns it, saves that
     read); on MariaDB the shopper's row is locked first (their limits and sale units are
-    counted decisively), the stock read again right after it (the crowd that read "in stock"
-    before the last unit went leaves there, with no write), and the product's conditional
-    UPDATE comes last; on SQLite it comes first.  Every statement is compiled once.
+    counted decisively) and the product's conditional UPDATE comes last, so the hot row is
+    locked for one statement and the commit; on SQLite it comes first.  Unlike the cart's
+    checkout there is no read of the stock after the lock: Buy now's callers let buyers in a
+    few at a time (site/shop.py ``SoldOutBoard.gate``), so the UPDATE refusing the few in
+    flight when the last unit goes costs less than a read for every buyer.  A paid order
+    holds no stock unpaid, so the unpaid-order limits (``max_pending``, ``max_units``) apply
+    to pending ones only.  Every statement is compiled once.
     With ``expected_price_minor`` (the unit price the shopper was shown) a different price,
     decided inside the transaction, raises :class:`PriceChanged` and rolls everything back:
     the shopper confirms the new price before anything is charged.
     Raises OutOfStock (``stock_seen`` 0 when it is sold out), LookupError (not for sale),
     OrderLimit / SaleLimit, PriceChanged."""
-    from watchbuy.db.queries import lock_shopper, stock_left  # shared with the cart's checkout
+    from watchbuy.db.queries import lock_shopper  # shared with the cart's checkout
 
     item = product
     if item is None:
@@ -489,16 +512,14 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
         nonlocal stamp
         if db.dialect_name == "mysql":
             await lock_shopper(db, user_id)
-            left = await stock_left(db, product_id)
-            if left < 1:
-                raise OutOfStock(item["name"], product_id, left)
         else:
             await reserve()
         # the time the sale's window is checked against: taken in the transaction once its
         # first lock is held, so a buyer who waited past the sale's end pays the regular price
         stamp = now()
-        line = {"product_id": product_id, "quantity": 1, "name": item["name"]}
-        await check_order_limits(db, user_id, [line], max_pending, max_units)
+        if not paid:
+            line = {"product_id": product_id, "quantity": 1, "name": item["name"]}
+            await check_order_limits(db, user_id, [line], max_pending, max_units)
         running = as_dict(await db.fetch_one(compiled(db, "product_sale", _product_sale_query),
                                              {"product_id": product_id, "stamp": stamp}))
         price = item["price_minor"]

@@ -120,27 +120,39 @@ async def buy_now(request: Request):
     if isinstance(made, JSONResponse):
         return made
     # the order is made: its payment (Stripe's API, the slow part) goes outside the gate
-    order, profile, new_card = made
+    order, profile, new_card, channel_id = made
     stock_notifier(site).changed(product_id)
     await flash.sold_units(site, order)
     if not site["settings"].stripe_enabled:  # test mode: paid in its transaction
         checkouts.labels("test").inc()
-        return await paid_answer(site, user, order, new_card)
+        # announced from what is known here (payments.announce_purchase would read it)
+        item = order["items"][0]
+        lines = [{"product_id": product_id, "product_name": item["name"],
+                  "channel_id": channel_id, "display_name": profile["display_name"]}] \
+            if profile.get("announce_purchases") and channel_id is not None else []
+        log.info("order %s paid", order["id"])
+        await payments.publish_purchases(site, order["id"], lines)
+        if new_card is not None:
+            await shopping.save_card(site["db"], user["id"], *new_card)
+        return JSONResponse({"ok": True, "order": public_order(order),
+                             "thank_you_url": f"/orders/{order['id']}/thanks"})
     return await pay_with_stripe(request, site, user, order, profile)
 
 
 async def order_in_turn(request: Request, site: SiteState, user: dict, data: dict,
                         product_id: int, board: SoldOutBoard
-                        ) -> JSONResponse | tuple[dict, dict, tuple[str, str] | None]:
+                        ) -> JSONResponse | tuple[dict, dict, tuple[str, str] | None,
+                                                 int | None]:
     """Inside the product's gate (a few buyers at a time per process): the order made, as
-    (order, the shopper's payment profile, a first test card to keep), or the refusal."""
+    (order, the shopper's payment profile, a first test card to keep, the product's room), or
+    the refusal."""
     db, settings = site["db"], site["settings"]
     checkouts = site["metrics"].checkouts
     known_sold_out, name = board.sold_out(product_id)
     if known_sold_out:  # marked while this buyer waited its turn
         checkouts.labels("unavailable").inc()
         return sold_out(name)
-    product = await queries.product(db, product_id)
+    product = await shopping.product_with_room(db, product_id)
     if product is None or not product["shown"]:
         return field_error("That product is not for sale.", "product_id", 404)
     if product["stock"] < 1:
@@ -209,19 +221,7 @@ async def order_in_turn(request: Request, site: SiteState, user: dict, data: dic
         return field_error(f"Sorry: {exc}.", "product_id", 409)
     except LookupError:
         return field_error("That product is not for sale.", "product_id", 404)
-    return order, profile, new_card
-
-
-async def paid_answer(site: SiteState, user: dict, order: dict,
-                      new_card: tuple[str, str] | None) -> JSONResponse:
-    """A test-mode order, paid in its own transaction (the test card was checked): the rooms
-    announce it, a first card is kept, and the buyer is answered."""
-    log.info("order %s paid", order["id"])
-    await payments.announce_purchase(site, order["id"])
-    if new_card is not None:
-        await shopping.save_card(site["db"], user["id"], *new_card)
-    return JSONResponse({"ok": True, "order": public_order(order),
-                         "thank_you_url": f"/orders/{order['id']}/thanks"})
+    return order, profile, new_card, product["channel_id"]
 
 
 async def pay_with_stripe(request: Request, site: SiteState, user: dict, order: dict,

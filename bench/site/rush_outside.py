@@ -4,7 +4,8 @@ What issue 15's "checkout rush" asks, measured from outside as deployed: ``watch
 (uvicorn; ``--workers N`` with Redis for several processes) on SQLite or MariaDB; S shoppers
 (users, sessions, a saved address and a saved test card, made directly in the database)
 all press **Buy now** on the pinned product within ``--window`` seconds (default 1 s, spread
-evenly): ``POST /api/buy-now`` with the product's id, answered 200 ``{"ok": true}`` (bought)
+evenly): ``POST /api/buy-now`` with the product's id (JSON and the CSRF header, as the buy
+sheet's script sends it), answered 200 ``{"ok": true}`` (bought)
 or 409 (sold out); ``--stock`` units.  ``--endpoint /checkout --bought-status 303`` presses
 the cart's checkout instead (each shopper then also has one unit in the cart);
 ``--field name=value`` adds form fields.
@@ -111,14 +112,21 @@ async def seed(url: str, shoppers: int, stock: int, concurrency: int) -> dict:
 
 def request_bytes(host: str, endpoint: str, token: str, csrf_cookie: str,
                   fields: dict[str, str]) -> bytes:
+    """One shopper's press as their browser sends it: Buy now as site/static/js/buy.js does
+    (JSON, the CSRF token in X-CSRF-Token), the cart's checkout as its form does."""
     from watchbuy.site import security
 
-    body = urlencode({"csrf_token": security.csrf_token_for(SECRET, csrf_cookie, token),
-                      **fields}).encode()
+    csrf = security.csrf_token_for(SECRET, csrf_cookie, token)
+    if endpoint == BUY_NOW:
+        body = json.dumps(fields).encode()
+        extra = (f"X-CSRF-Token: {csrf}\r\nAccept: application/json\r\n"
+                 "Content-Type: application/json\r\n")
+    else:
+        body = urlencode({"csrf_token": csrf, **fields}).encode()
+        extra = "Content-Type: application/x-www-form-urlencoded\r\n"
     head = (f"POST {endpoint} HTTP/1.1\r\nHost: {host}\r\n"
             f"Cookie: {security.SESSION_COOKIE}={token}; {security.CSRF_COOKIE}={csrf_cookie}\r\n"
-            "Content-Type: application/x-www-form-urlencoded\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            f"{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
     return head.encode() + body
 
 
@@ -332,6 +340,19 @@ class StockWatch(threading.Thread):
                 time.sleep(0.005)
 
 
+def database_server_cpu() -> float | None:
+    """CPU seconds so far of the local MariaDB server (it shares the machine: its share of a
+    rush is reported beside the site's), None when it is not found."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if (proc / "comm").read_text().strip() in ("mariadbd", "mysqld"):
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
 def counts(url: str, product_id: int) -> tuple[int, int, int]:
     """(orders of the product, units in them, stock now) read from the database."""
     query_orders = ("SELECT COUNT(DISTINCT order_id), COALESCE(SUM(quantity), 0) FROM order_items "
@@ -384,11 +405,13 @@ def run(args: argparse.Namespace) -> dict:
                         os.kill(killed, signal.SIGKILL)
                 threading.Timer(args.kill_at, kill).start()
             cpu_server = site.cpu_seconds()
+            cpu_db = database_server_cpu() if args.db == "mysql" else None
             cpu_client = resource.getrusage(resource.RUSAGE_SELF)
             results, elapsed = asyncio.run(rush(site.port, requests, args.window, args.timeout,
                                                 args.retries, args.bought_status))
             cpu_client_after = resource.getrusage(resource.RUSAGE_SELF)
             server_cpu = site.cpu_seconds() - cpu_server
+            cpu_db_after = database_server_cpu() if cpu_db is not None else None
             watch.running = False
             watch.join(5)
             orders, units, final_stock = counts(url, seeded["product_id"])
@@ -423,9 +446,15 @@ def run(args: argparse.Namespace) -> dict:
                 "p99_ms": round(percentile(samples, 99), 1),
                 "max_ms": round(max(samples), 1),
                 "server_cpu_s": round(server_cpu, 2),
+                "server_cpu_ms_per_answer": round(server_cpu * 1000 / len(results), 3),
+                "mariadb_cpu_s": None if cpu_db_after is None or cpu_db is None
+                else round(cpu_db_after - cpu_db, 2),
                 "client_cpu_s": round(
                     cpu_client_after.ru_utime + cpu_client_after.ru_stime
                     - cpu_client.ru_utime - cpu_client.ru_stime, 2),
+                "client_cpu_ms_per_answer": round(
+                    (cpu_client_after.ru_utime + cpu_client_after.ru_stime
+                     - cpu_client.ru_utime - cpu_client.ru_stime) * 1000 / len(results), 3),
                 "loadavg_1m": round(os.getloadavg()[0], 2),
                 "odd_answers": odd,
                 "command": " ".join(sys.argv),
