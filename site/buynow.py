@@ -20,6 +20,13 @@ the order's transaction differs (a flash sale's units went, it ended or started 
 nothing is ordered or charged: 409 ``{"error", "field": "price", "price", "price_minor"}``,
 the new price for the shopper to confirm (a second tap sends it).  Without it (an old page) the price of the moment is
 charged, as the cart's checkout does.
+
+The rush (issue 15: 3000 presses on 300 units within a second) is mostly "sold out": a product
+this process knows is sold out (site/shop.py ``SoldOutBoard``) is answered before any query of
+this module, and buyers go through the product's gate a few at a time, so the crowd behind the
+last unit is answered from the mark instead of reaching the order's transaction.  Measured
+from outside with ``python -m bench.site.rush_outside`` (bench/RESULTS.md, "Issue 15: the
+Buy-now rush").
 """
 
 from __future__ import annotations

@@ -32,7 +32,9 @@ value wins, sold out at once) instead of a product list per sale.  A Redis reser
 was not taken: it would be a second record of the stock to reconcile after every crash, while
 the conditional UPDATE already is an atomic counter that survives a killed process (the
 database rolls back its open transactions; its committed pending orders expire like any other
-and give the stock back: tests/test_site_rush.py kills one mid-rush).  The issue's targets
+and give the stock back: tests/test_site_rush.py kills one mid-rush).  Buy now, the button
+the rush presses, adds a sold-out board and a per-product gate in front of this design
+(:class:`SoldOutBoard`, site/buynow.py).  The issue's targets
 (500/s MariaDB, 200/s SQLite at 3000 shoppers) are for a real server measured from outside
 (``python -m bench.site.rush_outside``, bench/RESULTS.md "Rush"); this in-process driver does
 not reach them on this box.
