@@ -110,8 +110,13 @@ class StockNotifier:
         self._logged: dict[int, float] = {}  # product -> when coalescing was last logged
 
     def changed(self, product_id: int, sold_out: bool = False) -> None:
-        """The stock of ``product_id`` changed (``sold_out``: a shopper was refused for it)."""
-        urgent = sold_out and self._told.get(product_id) != 0
+        """The stock of ``product_id`` changed (``sold_out``: a shopper was refused for it).
+
+        Goes at once, not coalesced, when a shopper was refused and the room was not told 0
+        yet, and when the room was told 0 and something changed since (units came back: a
+        restock, a released order), which also clears every process's sold-out mark."""
+        told = self._told.get(product_id)
+        urgent = told != 0 if sold_out else told == 0
         if product_id in self._reading:
             self._again.add(product_id)
             return
