@@ -12,7 +12,7 @@ where the extension should be — does.
 It also runs the quick fan-out and ingest passes (WatchBuy and node-media-server 4.4.3, installed
 from npm into bench/work/) and checks their CPU ratios, the quick page pass on SQLite
 (bench/site/pages.py) and checks each page's share of a minimal Starlette route, and a quick
-checkout rush against a real site process that must sell exactly the stock.
+Buy-now rush against a real site process that must sell exactly the stock.
 """
 
 from __future__ import annotations
@@ -158,10 +158,11 @@ def page_pass(results: Path) -> list[str]:
 
 
 def rush_check(results: Path) -> list[str]:
-    """Issue 15's quick rush: 300 shoppers press checkout on 30 units against a real
-    ``watchbuy site`` (SQLite): exactly the stock is sold, never below zero, everyone answered
-    bought or sold out (bench/site/rush_outside.py checks it and exits 1 otherwise).  No speed
-    is checked here: the speed lives in bench/RESULTS.md."""
+    """Issue 15's quick rush: 300 shoppers (address and test card on file) press Buy now on 30
+    units against a real ``watchbuy site`` (SQLite): exactly the stock is sold, never below
+    zero, everyone answered bought or sold out (bench/site/rush_outside.py, whose default is
+    Buy now, checks it and exits 1 otherwise).  No speed is checked here: the speed lives in
+    bench/RESULTS.md."""
     out = results / "rush-quick.json"
     run = subprocess.run([sys.executable, "-m", "bench.site.rush_outside", "--db", "sqlite",
                           "--shoppers", "300", "--stock", "30", "--timeout", "120",

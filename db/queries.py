@@ -353,21 +353,35 @@ async def create_product(db: Database, host_id: int, name: str, description: str
 
 
 async def product(db: Database, product_id: int) -> dict | None:
-    return as_dict(await db.fetch_one(
-        products.select().where(products.c.id == product_id, products.c.deleted == sa.false())))
+    # compiled once: every Buy now and every cart change reads it
+    row = as_dict(await db.fetch_one(compiled(db, "product", _product_query),
+                                     {"product_id": product_id}))
+    if row is not None:  # a text statement's rows carry the drivers' 0/1 for booleans
+        for name in ("shown", "physical", "deleted"):
+            row[name] = bool(row[name])
+    return row
+
+
+def _product_query() -> sa.Select:
+    return products.select().where(products.c.id == sa.bindparam("product_id"),
+                                   products.c.deleted == sa.false())
 
 
 async def product_stock_room(db: Database,
-                             product_id: int) -> tuple[int, int | None, int] | None:
-    """(stock, the id of its host's room or None, units sold) of a product on sale; None when
-    it is hidden or gone.  One query: what a stock event needs."""
-    row = await db.fetch_one(
-        sa.select(products.c.stock, channels.c.id, products.c.sold)
-        .select_from(products.outerjoin(channels, channels.c.host_id == products.c.host_id))
-        .where(products.c.id == product_id, products.c.deleted == sa.false(),
-               products.c.shown == sa.true()))
+                             product_id: int) -> tuple[int, int | None, int, str] | None:
+    """(stock, the id of its host's room or None, units sold, name) of a product on sale;
+    None when it is hidden or gone.  One query: what a stock event needs."""
+    row = await db.fetch_one(compiled(db, "product_stock_room", _stock_room_query),
+                             {"product_id": product_id})
     return None if row is None else (int(row[0]), None if row[1] is None else int(row[1]),
-                                     int(row[2]))
+                                     int(row[2]), row[3])
+
+
+def _stock_room_query() -> sa.Select:
+    return (sa.select(products.c.stock, channels.c.id, products.c.sold, products.c.name)
+            .select_from(products.outerjoin(channels, channels.c.host_id == products.c.host_id))
+            .where(products.c.id == sa.bindparam("product_id"),
+                   products.c.deleted == sa.false(), products.c.shown == sa.true()))
 
 
 async def host_products(db: Database, host_id: int, shown_only: bool = False) -> list[dict]:
@@ -492,10 +506,8 @@ async def pending_holdings(db: Database, user_id: int) -> tuple[int, dict[int, i
     """(unpaid orders, units per product they hold) of this shopper: one query for both
     per-shopper limits (they are checked inside the checkout transaction, so every statement
     there counts)."""
-    rows = await db.fetch_all(
-        sa.select(orders.c.id, order_items.c.product_id, order_items.c.quantity)
-        .select_from(orders.outerjoin(order_items, order_items.c.order_id == orders.c.id))
-        .where(orders.c.user_id == user_id, orders.c.status == "pending"))
+    rows = await db.fetch_all(compiled(db, "pending_holdings", _holdings_query),
+                              {"user_id": user_id})
     order_ids: set[int] = set()
     units: dict[int, int] = {}
     for row in rows:  # by index: a databases Record iterates over its keys
@@ -504,6 +516,14 @@ async def pending_holdings(db: Database, user_id: int) -> tuple[int, dict[int, i
         if product_id is not None:
             units[int(product_id)] = units.get(int(product_id), 0) + int(quantity)
     return len(order_ids), units
+
+
+def _holdings_query() -> sa.Select:
+    return (sa.select(orders.c.id, order_items.c.product_id, order_items.c.quantity)
+            .select_from(orders.outerjoin(order_items, order_items.c.order_id == orders.c.id))
+            # a literal, not a bound value: a compiled statement carries no values of its own
+            .where(orders.c.user_id == sa.bindparam("user_id"),
+                   orders.c.status == sa.literal_column("'pending'")))
 
 
 async def pending_units(db: Database, user_id: int) -> dict[int, int]:
@@ -558,6 +578,24 @@ def _reserve_query() -> sa.Update:
 
 def _stock_query() -> sa.Select:
     return sa.select(products.c.stock).where(products.c.id == sa.bindparam("product_id"))
+
+
+async def stock_left(db: Database, product_id: int) -> int:
+    """The product's stock now (0 for a product gone): read inside a checkout's transaction."""
+    left = await db.fetch_val(compiled(db, "stock", _stock_query), {"product_id": product_id})
+    return int(left or 0)
+
+
+def _lock_shopper_query() -> sa.Select:
+    return sa.select(users.c.id).where(users.c.id == sa.bindparam("user_id")).with_for_update()
+
+
+async def lock_shopper(db: Database, user_id: int) -> None:
+    """MariaDB, inside a checkout's transaction: the shopper's own row locked, so that one
+    checkout per shopper runs at a time (their limits count their other pending orders).
+    Before any plain read: InnoDB takes the transaction's snapshot at the first one, which must
+    come after this lock for the counts to see the shopper's other checkouts."""
+    await db.fetch_val(compiled(db, "lock_shopper", _lock_shopper_query), {"user_id": user_id})
 
 
 async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
@@ -634,17 +672,14 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
             # the shopper's own row (no contention between shoppers).  Before any plain read:
             # InnoDB takes the transaction's snapshot at the first one, which must come after
             # this lock for the count to see the shopper's other checkouts.
-            await db.fetch_val(sa.select(users.c.id).where(users.c.id == user_id)
-                               .with_for_update())
+            await lock_shopper(db, user_id)
             stamp = now()  # after the wait for the lock: see ``stamp`` above
             # The crowd that read "in stock" before the last unit went leaves here, with no
             # write and no lock on the product row.
             for product_id, quantity in wanted:
-                left = await db.fetch_val(compiled(db, "stock", _stock_query),
-                                          {"product_id": product_id})
-                if left is None or int(left) < quantity:
-                    raise OutOfStock(by_product[product_id]["name"], product_id,
-                                     int(left or 0))
+                left = await stock_left(db, product_id)
+                if left < quantity:
+                    raise OutOfStock(by_product[product_id]["name"], product_id, left)
         else:
             # SQLite: one writer at a time, so the order of the statements does not change how
             # long anything is locked: the conditional UPDATE comes first, and the crowd that

@@ -165,6 +165,9 @@ def order_address(order: dict) -> dict | None:
 
 # -- the shopper's saved card and settings ----------------------------------------------------
 
+PROFILE_COLUMNS = ("display_name", "announce_purchases", "stripe_customer_id",
+                   "saved_payment_method", "saved_card_brand", "saved_card_last4")
+
 
 async def payment_profile(db: Database, user_id: int) -> dict:
     """What one-tap buying knows of the shopper: saved card, Stripe customer, announcing."""
@@ -173,6 +176,39 @@ async def payment_profile(db: Database, user_id: int) -> dict:
         users.c.saved_payment_method, users.c.saved_card_brand, users.c.saved_card_last4)
         .where(users.c.id == user_id)))
     return row or {}
+
+
+def _buyer_query() -> sa.Select:
+    """The shopper's profile with one address of the book: ``address_id`` when it is theirs,
+    else the default, else the oldest (no address: the address columns are NULL)."""
+    wanted = sa.bindparam("address_id", type_=sa.Integer)
+    return (sa.select(*(users.c[name] for name in PROFILE_COLUMNS),
+                      addresses.c.id.label("a_id"), addresses.c.is_default.label("a_is_default"),
+                      *(addresses.c[name].label(f"a_{name}") for name in ADDRESS_FIELDS))
+            .select_from(users.outerjoin(addresses, addresses.c.user_id == users.c.id))
+            .where(users.c.id == sa.bindparam("user_id"))
+            # no LIMIT (a compiled statement has no value for it): a book is 20 rows at most
+            .order_by((addresses.c.id == wanted).desc(), addresses.c.is_default.desc(),
+                      addresses.c.id))
+
+
+async def buyer(db: Database, user_id: int,
+                address_id: int | None = None) -> tuple[dict, dict | None]:
+    """(the shopper's :func:`payment_profile`, the address ``address_id`` when it is theirs
+    or else their default, None for an empty book): what Buy now needs of the shopper, in one
+    query (compiled once: every Buy now runs it)."""
+    row = as_dict(await db.fetch_one(compiled(db, "buyer", _buyer_query),
+                                     {"user_id": user_id, "address_id": address_id}))
+    if row is None:
+        return {}, None
+    profile = {name: row[name] for name in PROFILE_COLUMNS}
+    # a text statement's rows carry the drivers' 0/1 for booleans
+    profile["announce_purchases"] = bool(profile["announce_purchases"])
+    if row["a_id"] is None:
+        return profile, None
+    address = {name: row[f"a_{name}"] for name in ADDRESS_FIELDS}
+    address.update(id=row["a_id"], user_id=user_id, is_default=bool(row["a_is_default"]))
+    return profile, address
 
 
 async def save_card(db: Database, user_id: int, brand: str, last4: str,
@@ -222,15 +258,21 @@ async def set_announce_purchases(db: Database, user_id: int, announce: bool) -> 
 async def purchase_announcements(db: Database, order_id: int) -> list[dict]:
     """What the rooms announce of a paid order: per line (product, name, the host's room) with
     the buyer's display name; nothing when the buyer opted out.  One query."""
-    query = (
+    # compiled once: every paid order runs it (a Buy-now rush, 300 in a second)
+    return as_dicts(await db.fetch_all(compiled(db, "purchase_announcements",
+                                                _announcements_query), {"order_id": order_id}))
+
+
+def _announcements_query() -> sa.Select:
+    return (
         sa.select(order_items.c.product_id, order_items.c.name.label("product_name"),
                   channels.c.id.label("channel_id"), users.c.display_name)
         .select_from(order_items.join(orders, orders.c.id == order_items.c.order_id)
                      .join(users, users.c.id == orders.c.user_id)
                      .join(channels, channels.c.host_id == order_items.c.host_id))
-        .where(order_items.c.order_id == order_id, users.c.announce_purchases == sa.true())
+        .where(order_items.c.order_id == sa.bindparam("order_id"),
+               users.c.announce_purchases == sa.true())
         .order_by(order_items.c.id))
-    return as_dicts(await db.fetch_all(query))
 
 
 # -- flash sales ------------------------------------------------------------------------------
@@ -377,27 +419,86 @@ async def claim_sale_units(db: Database, user_id: int, sale: dict, quantity: int
 # -- buy now ----------------------------------------------------------------------------------
 
 
+def _product_room_query() -> sa.Select:
+    return (sa.select(products, channels.c.id.label("channel_id"))
+            .select_from(products.outerjoin(channels, channels.c.host_id == products.c.host_id))
+            .where(products.c.id == sa.bindparam("product_id"),
+                   products.c.deleted == sa.false()))
+
+
+async def product_with_room(db: Database, product_id: int) -> dict | None:
+    """The product as :func:`queries.product` gives it, with ``channel_id``, its host's room
+    (None without one): what Buy now needs, the room being where the purchase is announced.
+    One query, compiled once."""
+    row = as_dict(await db.fetch_one(compiled(db, "product_with_room", _product_room_query),
+                                     {"product_id": product_id}))
+    if row is not None:  # a text statement's rows carry the drivers' 0/1 for booleans
+        for name in ("shown", "physical", "deleted"):
+            row[name] = bool(row[name])
+    return row
+
+
+def _order_insert_query() -> sa.Insert:
+    """A one-line order with its shipping columns (NULL without an address)."""
+    return orders.insert().values(
+        user_id=sa.bindparam("user_id"), status=sa.bindparam("status"),
+        total_minor=sa.bindparam("total_minor"), currency=sa.bindparam("currency"),
+        payment_mode=sa.bindparam("payment_mode"), created_at=sa.bindparam("created_at"),
+        paid_at=sa.bindparam("paid_at"), test_mode=sa.bindparam("test_mode"),
+        **{column: sa.bindparam(column) for column in SHIP_COLUMNS})
+
+
+def _item_insert_query() -> sa.Insert:
+    return order_items.insert().values(**{name: sa.bindparam(name) for name in (
+        "order_id", "product_id", "host_id", "name", "unit_price_minor", "currency", "quantity",
+        "flash_sale_id")})
+
+
+def _product_sale_query() -> sa.Select:
+    """The flash sale of one product running at ``stamp`` (at most one runs: start_sale)."""
+    stamp = sa.bindparam("stamp")
+    return flash_sales.select().where(
+        flash_sales.c.product_id == sa.bindparam("product_id"),
+        flash_sales.c.ended_at.is_(None), flash_sales.c.starts_at <= stamp,
+        flash_sales.c.ends_at > stamp)
+
+
 async def create_buy_now_order(db: Database, user_id: int, product_id: int, payment_mode: str,
                                test_mode: bool, address: dict | None,
                                max_pending: int | None, max_units: int | None,
                                expected_price_minor: int | None = None,
+                               product: dict | None = None, paid: bool = False,
                                flash_sale: bool = True) -> dict:
-    """One unit of one product → a pending order (the cart untouched), with the address copied
-    onto it and the flash-sale price when a sale runs: all or nothing, in one transaction.
+    """One unit of one product → an order (the cart untouched), with the address copied onto
+    it and the flash-sale price when a sale runs: all or nothing, in one transaction.
+    Pending (its payment follows), or with ``paid`` already paid (test mode: the test card
+    was checked, so the order is paid in the transaction that makes it, not in a second one).
     ``flash_sale=False`` (bought from a replay: a flash sale is a live-room offer) prices it
     at the regular price whatever sale runs, and takes none of the sale's units.
 
-    As :func:`queries.create_order_from_cart`: sold out is answered from a plain read first;
-    on MariaDB the shopper's row is locked first (their limits and sale units are counted
-    decisively) and the product's conditional UPDATE comes last; on SQLite it comes first.
+    As :func:`queries.create_order_from_cart`: sold out is answered from a plain read first
+    (``product``: the caller's read of it, as :func:`queries.product` returns it, saves that
+    read); on MariaDB the shopper's row is locked first (their limits and sale units are
+    counted decisively) and the product's conditional UPDATE comes last, so the hot row is
+    locked for one statement and the commit; on SQLite it comes first.  Unlike the cart's
+    checkout there is no read of the stock after the lock: Buy now's callers let buyers in a
+    few at a time (site/shop.py ``SoldOutBoard.gate``), so the UPDATE refusing the few in
+    flight when the last unit goes costs less than a read for every buyer.  A paid order
+    holds no stock unpaid, so the unpaid-order limits (``max_pending``, ``max_units``) apply
+    to pending ones only.  Every statement is compiled once.
     With ``expected_price_minor`` (the unit price the shopper was shown) a different price,
     decided inside the transaction, raises :class:`PriceChanged` and rolls everything back:
     the shopper confirms the new price before anything is charged.
-    Raises OutOfStock, LookupError (not for sale), OrderLimit / SaleLimit, PriceChanged."""
-    item = as_dict(await db.fetch_one(products.select().where(
-        products.c.id == product_id, products.c.deleted == sa.false(),
-        products.c.shown == sa.true())))
+    Raises OutOfStock (``stock_seen`` 0 when it is sold out), LookupError (not for sale),
+    OrderLimit / SaleLimit, PriceChanged."""
+    from watchbuy.db.queries import lock_shopper  # shared with the cart's checkout
+
+    item = product
     if item is None:
+        from watchbuy.db.queries import product as read_product
+
+        item = await read_product(db, product_id)
+    if item is None or item["id"] != product_id or not item["shown"]:
         raise LookupError("That product is not for sale.")
     if item["stock"] < 1:
         raise OutOfStock(item["name"], product_id, item["stock"])
@@ -407,21 +508,23 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
         await db.execute(compiled(db, "reserve", reserve_query), {
             "product_id": product_id, "quantity": 1, "stamp": stamp})
         if await db.affected_rows() != 1:
-            raise OutOfStock(item["name"], product_id)
+            # one unit asked: none left (or hidden meanwhile, refused all the same)
+            raise OutOfStock(item["name"], product_id, 0)
 
     async def work() -> dict:
         nonlocal stamp
         if db.dialect_name == "mysql":
-            await db.fetch_val(sa.select(users.c.id).where(users.c.id == user_id)
-                               .with_for_update())
+            await lock_shopper(db, user_id)
         else:
             await reserve()
         # the time the sale's window is checked against: taken in the transaction once its
         # first lock is held, so a buyer who waited past the sale's end pays the regular price
         stamp = now()
-        line = {"product_id": product_id, "quantity": 1, "name": item["name"]}
-        await check_order_limits(db, user_id, [line], max_pending, max_units)
-        running = (await active_sales_for_products(db, [product_id], stamp)).get(product_id) \
+        if not paid:
+            line = {"product_id": product_id, "quantity": 1, "name": item["name"]}
+            await check_order_limits(db, user_id, [line], max_pending, max_units)
+        running = as_dict(await db.fetch_one(compiled(db, "product_sale", _product_sale_query),
+                                             {"product_id": product_id, "stamp": stamp})) \
             if flash_sale else None
         price = item["price_minor"]
         if running is not None and running["sale_price_minor"] is not None:
@@ -438,20 +541,23 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
                 price = item["price_minor"]
                 if expected_price_minor is not None:
                     raise PriceChanged(price, item["currency"])
-        order_id = await db.execute(orders.insert().values(
-            user_id=user_id, status="pending", total_minor=price, currency=item["currency"],
-            payment_mode=payment_mode, created_at=stamp, test_mode=test_mode,
-            **ship_values(address)))
+        ship = ship_values(address)
+        order_id = await db.execute(compiled(db, "buy_now_order", _order_insert_query), {
+            "user_id": user_id, "status": "paid" if paid else "pending", "total_minor": price,
+            "currency": item["currency"], "payment_mode": payment_mode, "created_at": stamp,
+            "paid_at": stamp if paid else None, "test_mode": int(test_mode),
+            **{column: ship.get(column) for column in SHIP_COLUMNS}})
         items = [{"order_id": order_id, "product_id": product_id, "host_id": item["host_id"],
                   "name": item["name"], "unit_price_minor": price,
                   "currency": item["currency"], "quantity": 1, "flash_sale_id": sale_id}]
-        await db.execute(order_items.insert().values(items))
+        await db.execute(compiled(db, "buy_now_item", _item_insert_query), items[0])
         if db.dialect_name == "mysql":
             await reserve()  # the hot row last, locked until the commit
-        return {"id": order_id, "user_id": user_id, "status": "pending", "total_minor": price,
-                "currency": item["currency"], "payment_mode": payment_mode,
-                "payment_ref": None, "created_at": stamp, "test_mode": test_mode,
-                "items": items, **ship_values(address)}
+        return {"id": order_id, "user_id": user_id, "status": "paid" if paid else "pending",
+                "total_minor": price, "currency": item["currency"],
+                "payment_mode": payment_mode, "payment_ref": None, "created_at": stamp,
+                "paid_at": stamp if paid else None, "test_mode": test_mode, "items": items,
+                **ship}
 
     return await db.run_transaction(work)
 

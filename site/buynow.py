@@ -24,6 +24,13 @@ charged, as the cart's checkout does.
 ``source`` is where Buy now was pressed: ``room`` (the default) or ``replay``.  A replay sells at
 the regular price: a flash sale is a live-room offer, so a replay's order ignores a running
 sale (and its sheet shows, and sends as ``expected_price_minor``, the regular price).
+
+The rush (issue 15: 3000 presses on 300 units within a second) is mostly "sold out": a product
+this process knows is sold out (site/shop.py ``SoldOutBoard``) is answered before any query of
+this module, and buyers go through the product's gate a few at a time, so the crowd behind the
+last unit is answered from the mark instead of reaching the order's transaction.  Measured
+from outside with ``python -m bench.site.rush_outside`` (bench/RESULTS.md, "Issue 15: the
+Buy-now rush").
 """
 
 from __future__ import annotations
@@ -38,7 +45,14 @@ from starlette.routing import Route
 from watchbuy.db import queries, shopping
 from watchbuy.site import flash, payments
 from watchbuy.site.addresses import clean_address, field_error
-from watchbuy.site.shop import log_limit, own_order, parse_path_id, stock_notifier
+from watchbuy.site.shop import (
+    SoldOutBoard,
+    log_limit,
+    own_order,
+    parse_path_id,
+    sold_out_board,
+    stock_notifier,
+)
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.web import format_money, parse_int, read_fields, render, require_user
 
@@ -63,20 +77,16 @@ def public_order(order: dict) -> dict:
     }
 
 
-async def choose_address(request: Request, user: dict, data: dict,
-                         physical: bool) -> tuple[dict | None, bool, JSONResponse | None]:
+def choose_address(data: dict, book_address: dict | None,
+                   physical: bool) -> tuple[dict | None, bool, JSONResponse | None]:
     """The address the order ships to: (address or None, whether it is a new one to keep in
-    the book once the rest is checked, an error answer or None)."""
-    db = state(request)["db"]
+    the book once the rest is checked, an error answer or None).  ``book_address`` is what
+    :func:`shopping.buyer` found for the ``address_id`` asked (or the default)."""
     if (data.get("address_id") or "").strip():
-        try:
-            address_id = parse_int(data["address_id"], "Address", 1, 2**31 - 1)
-        except ValueError as exc:
-            return None, False, field_error(str(exc), "address_id")
-        address = await shopping.user_address(db, user["id"], address_id)
-        if address is None:
+        address_id = parse_int(data["address_id"], "Address", 1, 2**31 - 1)  # checked before
+        if book_address is None or book_address["id"] != address_id:
             return None, False, field_error("Choose one of your addresses.", "address_id")
-        return address, False, None
+        return book_address, False, None
     if any((data.get(field) or "").strip() for field in ("line1", "city", "postal_code")):
         # a first-time buyer's address, typed in the buy sheet: checked, then kept in the book
         values, errors = clean_address(data)
@@ -84,20 +94,26 @@ async def choose_address(request: Request, user: dict, data: dict,
             field, message = next(iter(errors.items()))
             return None, False, field_error(message, field, errors=errors)
         return values, True, None
-    book = await shopping.user_addresses(db, user["id"])
-    if book:
-        return book[0], False, None  # the default comes first
+    if book_address is not None:
+        return book_address, False, None  # the default
     if physical:
         return None, False, field_error("Add a shipping address: this product is shipped.",
                                         "address")
     return None, False, None
 
 
+def sold_out(name: str | None) -> JSONResponse:
+    what = name if name else "this product"
+    return field_error(f"Sorry, {what} is sold out.", "product_id", 409)
+
+
 async def buy_now(request: Request):
+    """The rush's hot path: a product this process knows is sold out is answered before any
+    database work (the sold-out board); a buyer costs one read of the product, one of the
+    shopper (profile and address together), the order's transaction (paid in it in test
+    mode) and the announcement's read."""
     user = require_user(request)
     site = state(request)
-    db, settings = site["db"], site["settings"]
-    checkouts = site["metrics"].checkouts
     try:
         data = await read_fields(request)
     except ValueError as exc:
@@ -110,23 +126,75 @@ async def buy_now(request: Request):
     if source not in SOURCES:
         return field_error(f"Unknown source {source[:20]!r} (room or replay).",
                            "source")
-    product = await queries.product(db, product_id)
+    board = sold_out_board(site)
+    checkouts = site["metrics"].checkouts
+    known_sold_out, name = board.sold_out(product_id)
+    if known_sold_out:
+        checkouts.labels("unavailable").inc()
+        return sold_out(name)
+    async with board.gate(product_id):
+        made = await order_in_turn(request, site, user, data, product_id, board,
+                                   flash_sale=source != "replay")
+    if isinstance(made, JSONResponse):
+        return made
+    # the order is made: its payment (Stripe's API, the slow part) goes outside the gate
+    order, profile, new_card, channel_id = made
+    stock_notifier(site).changed(product_id)
+    await flash.sold_units(site, order)
+    if not site["settings"].stripe_enabled:  # test mode: paid in its transaction
+        checkouts.labels("test").inc()
+        # announced from what is known here (payments.announce_purchase would read it)
+        item = order["items"][0]
+        lines = [{"product_id": product_id, "product_name": item["name"],
+                  "channel_id": channel_id, "display_name": profile["display_name"]}] \
+            if profile.get("announce_purchases") and channel_id is not None else []
+        log.info("order %s paid", order["id"])
+        await payments.publish_purchases(site, order["id"], lines)
+        if new_card is not None:
+            await shopping.save_card(site["db"], user["id"], *new_card)
+        return JSONResponse({"ok": True, "order": public_order(order),
+                             "thank_you_url": f"/orders/{order['id']}/thanks"})
+    return await pay_with_stripe(request, site, user, order, profile)
+
+
+async def order_in_turn(request: Request, site: SiteState, user: dict, data: dict,
+                        product_id: int, board: SoldOutBoard, flash_sale: bool = True
+                        ) -> JSONResponse | tuple[dict, dict, tuple[str, str] | None,
+                                                 int | None]:
+    """Inside the product's gate (a few buyers at a time per process): the order made, as
+    (order, the shopper's payment profile, a first test card to keep, the product's room), or
+    the refusal."""
+    db, settings = site["db"], site["settings"]
+    checkouts = site["metrics"].checkouts
+    known_sold_out, name = board.sold_out(product_id)
+    if known_sold_out:  # marked while this buyer waited its turn
+        checkouts.labels("unavailable").inc()
+        return sold_out(name)
+    product = await shopping.product_with_room(db, product_id)
     if product is None or not product["shown"]:
         return field_error("That product is not for sale.", "product_id", 404)
     if product["stock"] < 1:
+        board.mark(product_id, product["name"])
         stock_notifier(site).changed(product_id, sold_out=True)
-        return field_error(f"Sorry, {product['name']} is sold out.", "product_id", 409)
+        checkouts.labels("unavailable").inc()
+        return sold_out(product["name"])
     expected_price = None
     if str(data.get("expected_price_minor") or "").strip():
         try:
             expected_price = parse_int(data["expected_price_minor"], "Price", 0, 2**62)
         except ValueError as exc:
             return field_error(str(exc), "price")
-    address, new_address, refused = await choose_address(request, user, data,
-                                                         bool(product["physical"]))
+    address_id = None
+    if (data.get("address_id") or "").strip():
+        try:
+            address_id = parse_int(data["address_id"], "Address", 1, 2**31 - 1)
+        except ValueError as exc:
+            return field_error(str(exc), "address_id")
+    profile, book_address = await shopping.buyer(db, user["id"], address_id)
+    address, new_address, refused = choose_address(data, book_address,
+                                                    bool(product["physical"]))
     if refused is not None:
         return refused
-    profile = await shopping.payment_profile(db, user["id"])
     test_mode = not settings.stripe_enabled
     new_card = None
     if test_mode and not profile.get("saved_card_last4"):
@@ -143,12 +211,14 @@ async def buy_now(request: Request):
         except shopping.AddressBookFull as exc:
             return field_error(str(exc), "address")
     try:
+        # test mode: the test card was checked, so the order is paid in the transaction
+        # that makes it (no second transaction to mark it paid)
         order = await shopping.create_buy_now_order(
             db, user["id"], product_id, "test" if test_mode else "stripe",
             test_mode=settings.test_orders, address=address,
             max_pending=settings.max_pending_orders,
             max_units=settings.max_units_per_product, expected_price_minor=expected_price,
-            flash_sale=source != "replay")
+            product=product, paid=test_mode, flash_sale=flash_sale)
     except shopping.PriceChanged as exc:
         # nothing ordered, nothing charged: the sheet shows the new price to confirm
         checkouts.labels("price_changed").inc()
@@ -159,32 +229,17 @@ async def buy_now(request: Request):
                              "price_minor": exc.price_minor}, status_code=409)
     except queries.OutOfStock as exc:
         checkouts.labels("unavailable").inc()
+        if exc.stock_seen == 0:
+            board.mark(product_id, product["name"])
         stock_notifier(site).changed(product_id, sold_out=exc.stock_seen == 0)
-        return field_error(f"Sorry, {product['name']} is sold out.", "product_id", 409)
+        return sold_out(product["name"])
     except queries.OrderLimit as exc:  # SaleLimit too
         checkouts.labels("limit").inc()
         log_limit(request, user, str(exc))
         return field_error(f"Sorry: {exc}.", "product_id", 409)
     except LookupError:
         return field_error("That product is not for sale.", "product_id", 404)
-    stock_notifier(site).changed(product_id)
-    await flash.sold_units(site, order)
-    if test_mode:
-        checkouts.labels("test").inc()
-        return await paid_answer(site, user, order, new_card)
-    return await pay_with_stripe(request, site, user, order, profile)
-
-
-async def paid_answer(site: SiteState, user: dict, order: dict,
-                      new_card: tuple[str, str] | None) -> JSONResponse:
-    """Pays a test-mode order at once (the test card was checked) and answers."""
-    if not await payments.fulfil(site["db"], order["id"], site):
-        return field_error("This order is no longer waiting for payment: nothing was charged.",
-                           None, 409)
-    if new_card is not None:
-        await shopping.save_card(site["db"], user["id"], *new_card)
-    return JSONResponse({"ok": True, "order": public_order(order),
-                         "thank_you_url": f"/orders/{order['id']}/thanks"})
+    return order, profile, new_card, product["channel_id"]
 
 
 async def pay_with_stripe(request: Request, site: SiteState, user: dict, order: dict,

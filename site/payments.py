@@ -245,10 +245,22 @@ async def fulfil(db: Database, order_id: int, site: SiteState | None = None) -> 
 async def announce_purchase(site: SiteState, order_id: int) -> None:
     """``{"type": "bought", "first_name", "product_id", "product_name"}`` in the room of each
     product of a paid order: the first word of the buyer's display name only."""
+    try:
+        lines = await shopping.purchase_announcements(site["db"], order_id)
+    except Exception as exc:  # the payment stands; a database hiccup costs the ticker only
+        announce_log.warning("bought", "purchase of order %s not announced: %s", order_id, exc)
+        return
+    await publish_purchases(site, order_id, lines)
+
+
+async def publish_purchases(site: SiteState, order_id: int, lines: list[dict]) -> None:
+    """The "bought" events of :func:`announce_purchase` from its lines as
+    :func:`shopping.purchase_announcements` gives them (a caller that has them already, Buy
+    now, saves the query)."""
     from watchbuy.site.chat import publish_room_event, strip_invisible
 
     try:
-        for line in await shopping.purchase_announcements(site["db"], order_id):
+        for line in lines:
             first = (strip_invisible(line["display_name"]).split() or ["Someone"])[0]
             # coalesced per room: a viewer whose queue still holds an unsent "bought" gets
             # the newer one instead (a rush of sales is a ticker, not a backlog that could

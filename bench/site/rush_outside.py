@@ -2,11 +2,13 @@
 
 What issue 15's "checkout rush" asks, measured from outside as deployed: ``watchbuy site``
 (uvicorn; ``--workers N`` with Redis for several processes) on SQLite or MariaDB; S shoppers
-(users, sessions and one unit of the pinned product in each cart, made directly in the
-database) all press the buy button within ``--window`` seconds (default 1 s, spread evenly);
-``--stock`` units.  The endpoint is one argument (``--endpoint /checkout`` today; a "Buy now"
-endpoint later, with ``--field name=value`` for its form fields and ``--bought-status`` for
-its answer).
+(users, sessions, a saved address and a saved test card, made directly in the database)
+all press **Buy now** on the pinned product within ``--window`` seconds (default 1 s, spread
+evenly): ``POST /api/buy-now`` with the product's id (JSON and the CSRF header, as the buy
+sheet's script sends it), answered 200 ``{"ok": true}`` (bought)
+or 409 (sold out); ``--stock`` units.  ``--endpoint /checkout --bought-status 303`` presses
+the cart's checkout instead (each shopper then also has one unit in the cart);
+``--field name=value`` adds form fields.
 
 The load is one lean asyncio process: each shopper is one raw HTTP/1.1 connection (a
 pre-built request, the answer parsed just far enough to get its status and length), so the
@@ -55,6 +57,7 @@ import httpx
 from bench.site.__main__ import database_url, free_port, mysql_connect, percentile, taskset
 
 REDIS_URL = os.environ.get("WATCHBUY_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+BUY_NOW = "/api/buy-now"
 SECRET = base64.urlsafe_b64encode(os.urandom(32)).decode()  # the site's key, so tokens are made here
 
 
@@ -67,8 +70,8 @@ def log(*parts: object) -> None:
 
 async def seed(url: str, shoppers: int, stock: int, concurrency: int) -> dict:
     """A host with a room, the product (``stock`` units) and ``shoppers`` signed-up shoppers
-    with an address on file and one unit of it in the cart, each as (session token, csrf
-    cookie)."""
+    with an address and a saved test card on file and one unit of it in the cart (for the
+    cart's checkout; Buy now leaves the cart alone), each as (session token, csrf cookie)."""
     from bench.site.rush import ADDRESS
     from watchbuy.db import queries, shopping
     from watchbuy.db.database import Database
@@ -95,6 +98,8 @@ async def seed(url: str, shoppers: int, stock: int, concurrency: int) -> dict:
                                                     "x", False)
                 # the print is shipped: checkout copies the default address onto the order
                 await shopping.add_address(db, user_id, ADDRESS, True)
+                # a returning buyer: Buy now pays with the saved test card at once
+                await shopping.save_card(db, user_id, "visa", "4242")
                 await queries.set_cart_quantity(db, user_id, product_id, 1)
                 token = await security.start_session(db, user_id, 1)
             return token, base64.urlsafe_b64encode(os.urandom(18)).decode()
@@ -107,14 +112,21 @@ async def seed(url: str, shoppers: int, stock: int, concurrency: int) -> dict:
 
 def request_bytes(host: str, endpoint: str, token: str, csrf_cookie: str,
                   fields: dict[str, str]) -> bytes:
+    """One shopper's press as their browser sends it: Buy now as site/static/js/buy.js does
+    (JSON, the CSRF token in X-CSRF-Token), the cart's checkout as its form does."""
     from watchbuy.site import security
 
-    body = urlencode({"csrf_token": security.csrf_token_for(SECRET, csrf_cookie, token),
-                      **fields}).encode()
+    csrf = security.csrf_token_for(SECRET, csrf_cookie, token)
+    if endpoint == BUY_NOW:
+        body = json.dumps(fields).encode()
+        extra = (f"X-CSRF-Token: {csrf}\r\nAccept: application/json\r\n"
+                 "Content-Type: application/json\r\n")
+    else:
+        body = urlencode({"csrf_token": csrf, **fields}).encode()
+        extra = "Content-Type: application/x-www-form-urlencoded\r\n"
     head = (f"POST {endpoint} HTTP/1.1\r\nHost: {host}\r\n"
             f"Cookie: {security.SESSION_COOKIE}={token}; {security.CSRF_COOKIE}={csrf_cookie}\r\n"
-            "Content-Type: application/x-www-form-urlencoded\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            f"{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
     return head.encode() + body
 
 
@@ -328,6 +340,19 @@ class StockWatch(threading.Thread):
                 time.sleep(0.005)
 
 
+def database_server_cpu() -> float | None:
+    """CPU seconds so far of the local MariaDB server (it shares the machine: its share of a
+    rush is reported beside the site's), None when it is not found."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if (proc / "comm").read_text().strip() in ("mariadbd", "mysqld"):
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
 def counts(url: str, product_id: int) -> tuple[int, int, int]:
     """(orders of the product, units in them, stock now) read from the database."""
     query_orders = ("SELECT COUNT(DISTINCT order_id), COALESCE(SUM(quantity), 0) FROM order_items "
@@ -363,6 +388,8 @@ def run(args: argparse.Namespace) -> dict:
             site.wait_ready()
             log(f"site up on port {site.port}: {' '.join(site.command)}")
             fields = dict(item.split("=", 1) for item in args.field)
+            if args.endpoint == BUY_NOW:
+                fields.setdefault("product_id", str(seeded["product_id"]))
             requests = [request_bytes(f"127.0.0.1:{site.port}", args.endpoint, token, csrf,
                                       fields) for token, csrf in seeded["people"]]
             watch = StockWatch(url, seeded["product_id"])
@@ -378,11 +405,13 @@ def run(args: argparse.Namespace) -> dict:
                         os.kill(killed, signal.SIGKILL)
                 threading.Timer(args.kill_at, kill).start()
             cpu_server = site.cpu_seconds()
+            cpu_db = database_server_cpu() if args.db == "mysql" else None
             cpu_client = resource.getrusage(resource.RUSAGE_SELF)
             results, elapsed = asyncio.run(rush(site.port, requests, args.window, args.timeout,
                                                 args.retries, args.bought_status))
             cpu_client_after = resource.getrusage(resource.RUSAGE_SELF)
             server_cpu = site.cpu_seconds() - cpu_server
+            cpu_db_after = database_server_cpu() if cpu_db is not None else None
             watch.running = False
             watch.join(5)
             orders, units, final_stock = counts(url, seeded["product_id"])
@@ -417,9 +446,15 @@ def run(args: argparse.Namespace) -> dict:
                 "p99_ms": round(percentile(samples, 99), 1),
                 "max_ms": round(max(samples), 1),
                 "server_cpu_s": round(server_cpu, 2),
+                "server_cpu_ms_per_answer": round(server_cpu * 1000 / len(results), 3),
+                "mariadb_cpu_s": None if cpu_db_after is None or cpu_db is None
+                else round(cpu_db_after - cpu_db, 2),
                 "client_cpu_s": round(
                     cpu_client_after.ru_utime + cpu_client_after.ru_stime
                     - cpu_client.ru_utime - cpu_client.ru_stime, 2),
+                "client_cpu_ms_per_answer": round(
+                    (cpu_client_after.ru_utime + cpu_client_after.ru_stime
+                     - cpu_client.ru_utime - cpu_client.ru_stime) * 1000 / len(results), 3),
                 "loadavg_1m": round(os.getloadavg()[0], 2),
                 "odd_answers": odd,
                 "command": " ".join(sys.argv),
@@ -439,11 +474,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stock", type=int, default=300)
     parser.add_argument("--window", type=float, default=1.0,
                         help="seconds over which the presses are spread")
-    parser.add_argument("--endpoint", default="/checkout", help="what the buy button posts to")
+    parser.add_argument("--endpoint", default=BUY_NOW,
+                        help="what the buy button posts to (/checkout: the cart's checkout)")
     parser.add_argument("--field", action="append", default=[],
                         help="extra form field name=value (repeatable)")
-    parser.add_argument("--bought-status", type=int, default=303,
-                        help="the status that means bought (the checkout's redirect to pay)")
+    parser.add_argument("--bought-status", type=int, default=200,
+                        help="the status that means bought (200 for Buy now; 303, the "
+                        "redirect to pay, for /checkout)")
     parser.add_argument("--timeout", type=float, default=30.0, help="per press, seconds")
     parser.add_argument("--retries", type=int, default=0,
                         help="presses again after a connection error (with --kill-at)")
