@@ -557,9 +557,9 @@
       switch (data.type) {
         case "hello":
           me = data.user_id; isHost = data.is_host;
-          // A reconnect, or a page rendered offline: catch up on what this socket was not there
-          // to hear (a room that went live between the page's render and the subscription).
-          if (room.dataset.socket || !live) refresh();
+          // Catch up on what this socket was not there to hear: events between the page's
+          // render (a kept page can be 2 s old) and the subscription, or while reconnecting.
+          refresh();
           room.dataset.socket = "open";
           messages.replaceChildren();
           data.messages.forEach(addMessage);
@@ -614,8 +614,12 @@
   }
 
   // The room state is the fallback for events missed while the websocket was reconnecting
-  // (viewer counts come over the socket).
+  // (viewer counts come over the socket).  While the socket is open every change arrives on
+  // it, so the state is read only once a minute as a safety net: a show's crowd polling every
+  // 5 s would be 1000 requests/s for 5000 viewers, all asking what the socket already said.
+  let refreshedAt = 0;
   async function refresh() {
+    refreshedAt = Date.now();
     try {
       const response = await fetch("/api/rooms/" + encodeURIComponent(slug), { credentials: "same-origin" });
       if (!response.ok) return;
@@ -625,7 +629,10 @@
       if (canon(state.products) !== canon(shown.products)) showProducts(state.products);
     } catch (e) { /* try again on the next tick */ }
   }
-  setInterval(refresh, 5000);
+  setInterval(function () {
+    const open = socket && socket.readyState === 1;
+    if (!open || Date.now() - refreshedAt >= 60000) refresh();
+  }, 5000);
 
   // Keep latency low after tab switches: jump to the live edge when far behind.
   setInterval(function () {
