@@ -474,7 +474,8 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
     Pending (its payment follows), or with ``paid`` already paid (test mode: the test card
     was checked, so the order is paid in the transaction that makes it, not in a second one).
     ``flash_sale=False`` (bought from a replay: a flash sale is a live-room offer) prices it
-    at the regular price whatever sale runs, and takes none of the sale's units.
+    at the regular price whatever sale runs, and takes none of the sale's units; while a sale
+    limited per shopper runs it refuses (OrderLimit), so the limit cannot be sidestepped.
 
     As :func:`queries.create_order_from_cart`: sold out is answered from a plain read first
     (``product``: the caller's read of it, as :func:`queries.product` returns it, saves that
@@ -524,8 +525,14 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
             line = {"product_id": product_id, "quantity": 1, "name": item["name"]}
             await check_order_limits(db, user_id, [line], max_pending, max_units)
         running = as_dict(await db.fetch_one(compiled(db, "product_sale", _product_sale_query),
-                                             {"product_id": product_id, "stamp": stamp})) \
-            if flash_sale else None
+                                             {"product_id": product_id, "stamp": stamp}))
+        if running is not None and not flash_sale:
+            if running["per_shopper_limit"] is not None:
+                # a drop limited per shopper is running: a replay's regular-price unit would
+                # sidestep that limit (a bot taking a limited drop through the replay page)
+                raise OrderLimit(f"{item['name']} is in a live flash sale limited per "
+                                 "shopper right now: buy it in the live room")
+            running = None
         price = item["price_minor"]
         if running is not None and running["sale_price_minor"] is not None:
             price = running["sale_price_minor"]

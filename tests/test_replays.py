@@ -246,6 +246,35 @@ async def test_buy_now_from_a_replay_pays_the_regular_price_while_the_room_pays_
     assert legacy["total"] == "$9.00" and legacy["items"][0]["flash_sale_id"] == sale_id
 
 
+async def test_a_replay_cannot_sidestep_a_running_drop_limited_per_shopper(site):
+    """A drop of one per shopper at the regular price (no sale price) runs on the product: the
+    replay's regular-price Buy now would let one shopper take the whole drop, so it is refused
+    with the reason while the sale runs; the room sells each shopper their one unit."""
+    host = await site.user("Dee Drop", host=True)
+    channel = host["channel"]
+    mug = await site.product(host, name="Drop mug", price_minor=1800, stock=3)
+    sale_id = await shopping.start_sale(site.db, host["id"], channel["id"], mug["id"], None, 3,
+                                        1, 600)
+    user = await site.user("Bo Bot")
+    await shopping.save_card(site.db, user["id"], "visa", "4242")
+    bot = await site.browser(user)
+    first = await buy(bot, mug["id"], source="room", expected_price_minor=1800)
+    assert first.status_code == 200, first.text
+    again = await buy(bot, mug["id"], source="room", expected_price_minor=1800)
+    assert again.status_code == 409 and "per shopper" in again.json()["error"], again.text
+    before = await table_counts(site.db)
+    sidestep = await buy(bot, mug["id"], source="replay", expected_price_minor=1800)
+    assert sidestep.status_code == 409, sidestep.text
+    assert "live room" in sidestep.json()["error"] and sidestep.json()["field"] == "product_id"
+    assert await table_counts(site.db) == before
+    assert (await queries.product(site.db, mug["id"]))["stock"] == 2
+    # once the drop has ended the replay sells at the regular price again
+    assert await shopping.end_sale(site.db, sale_id, "host")
+    after = await buy(bot, mug["id"], source="replay", expected_price_minor=1800)
+    assert after.status_code == 200, after.text
+    assert after.json()["order"]["items"][0]["flash_sale_id"] is None
+
+
 async def test_a_report_made_again_files_one_replay_and_a_file_not_here_is_failed(site,
                                                                                 caplog):
     """The node retries a report whose answer it did not get (even while the first is being
