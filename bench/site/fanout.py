@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> dict:
             log(f"site up on port {site.port}: {' '.join(site.command)}")
             load = subprocess.Popen(
                 [*(taskset(1) if args.pin else []), str(binary), "127.0.0.1", str(site.port),
-                 f"/ws/room/{slug}", str(args.viewers), str(args.inflight)],
+                 f"/ws/room/{slug}", str(args.viewers), str(args.inflight),
+                 str(args.client_nap_us)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             began = time.monotonic()
             joined, join_failed = map(int, wait_line(load, "joined", args.join_timeout).split()[1:])
@@ -179,7 +180,8 @@ def run(args: argparse.Namespace) -> dict:
                 "db": args.db, "workers": args.workers, "viewers": args.viewers,
                 "joined": joined, "join_failed": join_failed,
                 "join_seconds": round(join_seconds, 1), "messages": args.messages,
-                "spacing_s": args.spacing, "send_errors": errors,
+                "spacing_s": args.spacing, "client_nap_us": args.client_nap_us,
+                "send_errors": errors,
                 "deliveries": deliveries, "expected": joined * args.messages,
                 "received_min": received_min, "closed_by_server": closed,
                 "p50_ms": round(percentile(every, 50), 1) if every else None,
@@ -220,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=10)
     parser.add_argument("--spacing", type=float, default=1.0, help="seconds between messages")
     parser.add_argument("--inflight", type=int, default=100, help="handshakes at once")
+    parser.add_argument("--client-nap-us", type=int, default=250,
+                        help="wsload sleeps this long between rounds of reads, so that it reads "
+                        "in batches and the server's writes do not wake it one by one (0: no "
+                        "nap); arrivals are stamped at most this late (bench/site/wsload.c)")
     parser.add_argument("--join-timeout", type=float, default=300.0)
     parser.add_argument("--pin", action="store_true",
                         help="the site on CPU 0, wsload on CPU 1 (taskset)")
