@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.site.__main__ import database_url, percentile, taskset
@@ -145,6 +146,13 @@ async def _sender(port: int, slug: str, session: str, index: int, senders: int, 
                     break
 
 
+def median_of(by_seq: dict[int, list[float]], pick: Callable[[list[float]], float]) -> float | None:
+    """The median over the messages of ``pick`` (min: the first viewer, max: the last) of
+    each message's arrival times."""
+    picked = [pick(got) for got in by_seq.values() if got]
+    return round(percentile(picked, 50), 1) if picked else None
+
+
 def run(args: argparse.Namespace) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="wb-fanout-"))
     site = load = None
@@ -212,6 +220,11 @@ def run(args: argparse.Namespace) -> dict:
                                                                          (r + 1) * args.senders)
                                                        for ms in by_seq.get(s, [])], 99) or -1, 1)
                                      for r in range(args.messages)],
+                # per message: its first viewer (the server's path before the fan-out: the
+                # chat's checks and insert, the publish) and its last (plus the whole fan-out),
+                # the medians over the messages: the model's inputs
+                "first_viewer_ms_median": median_of(by_seq, min),
+                "last_viewer_ms_median": median_of(by_seq, max),
                 "server_cpu_s": round(server_cpu, 2), "load_cpu_s": round(load_cpu, 2),
                 "server_idle_cpu_s": round(idle_cpu, 2),
                 "server_us_per_delivery_over_idle": round(
