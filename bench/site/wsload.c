@@ -10,11 +10,13 @@
  * asking epoll again, so the frames a fan-out writes meanwhile are read in one batch.  Why: on
  * loopback the server's write() runs the receiving side's TCP input and, when the client is
  * parked in epoll_wait, wakes it (an inter-processor interrupt, dear in a VM) -- charged to
- * the server.  A client that drains faster than the server writes parks after almost every
- * frame, so without the nap the server paid one wake-up per delivery (13 % of its CPU in
- * `perf`), a cost 5000 viewers on their own machines never put on it.  Asleep in nanosleep the
- * client is not on epoll's wait queue, so those writes wake nobody.  The cost to the figures:
- * an arrival is stamped when epoll returns it, so at most NAP_US late (against the server).
+ * the server.  A client that drains faster than the server writes parks again and again
+ * during one fan-out (`perf`: 13 % of the server's CPU in sock_def_readable, the wake-up), a
+ * cost 5000 viewers on their own machines never put on it.  Asleep in nanosleep the client is
+ * not on epoll's wait queue, so those writes wake nobody (3 interleaved pairs, bench/RESULTS.md:
+ * server 17.6-17.8 us per delivery against 17.8-20.6, client 5.2-6.4 against 7.8-9.2).  The
+ * cost to the figures: an arrival is stamped when epoll returns it, so at most NAP_US late
+ * (against the server).
  *
  * Opens N sockets (at most INFLIGHT handshakes at once), prints "joined <ok> <failed>" on
  * stderr when every handshake has finished, then reads frames until SIGUSR1 or SIGTERM.  A
