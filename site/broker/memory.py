@@ -1,7 +1,9 @@
 """Local delivery, which every site process runs: topic -> bounded subscriber queues.
 
 Both brokers deliver through the same fan-out (:class:`_FanoutBroker`): each process keeps topic ->
-set of subscriber queues (*sinks*), and a message is put in every queue of its topic.  Queues are
+set of subscriber queues (*sinks*), and a message is put in every queue of its topic -- or, for a
+websocket that gave a frame writer (:meth:`Subscription.write_through`), written to its socket
+in the loop's next round, with the topic's other messages of that round in one write.  Queues are
 bounded, as every fast relay bounds a viewer's queue: a subscriber whose queue is full is a *slow
 consumer* and is dropped (its iterator ends and ``overflowed`` is set, so the websocket can tell
 the browser to reconnect and resync) -- it never grows the server's memory and never blocks a
