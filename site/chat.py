@@ -435,7 +435,12 @@ async def _forward(subscription, websocket: WebSocket) -> None:
                     event = await anext(subscription)
                 except StopAsyncIteration:
                     break
-                if not writer.write(event.frame):  # no await between taking and writing
+                # Everything queued meanwhile goes in one write, taken and written with no
+                # await in between (the fan-out writes only once the queue is empty).
+                frames = [event.frame]
+                while (more := subscription.get_nowait()) is not None:
+                    frames.append(more.frame)
+                if not writer.write(frames[0] if len(frames) == 1 else b"".join(frames)):
                     return
     except (WebSocketDisconnect, RuntimeError, ConnectionError):
         return

@@ -13,7 +13,9 @@ The server protocol is uvicorn's own websockets-sansio one; :class:`FrameProtoco
 extensions there).  A viewer whose transport is paused (its kernel buffer and uvicorn's write
 buffer past the high-water mark) is not written to: its events wait in its bounded broker
 queue, coalesced or dropped as before (site/broker/memory.py), and its ``_forward`` task writes
-them when the transport drains -- the same writer, so the order is kept.
+them when the transport drains -- the same writer, so the order is kept.  The fan-out's step
+per viewer is one call, :meth:`FrameWriter.send`: one flag the protocol keeps up to date
+(``FrameProtocol.flowing``), the transport's ``is_closing`` and ``write``, all bound once.
 
 Frames are unfragmented, unmasked (server to client) text frames with RSV1 clear: valid also
 when permessage-deflate was negotiated (RFC 7692 compresses per message, and a message
@@ -44,24 +46,34 @@ def text_frame(text: str) -> bytes:
 class FrameWriter:
     """Writes complete frames to one websocket's transport, or says it cannot now."""
 
-    __slots__ = ("_protocol",)
+    __slots__ = ("_protocol", "_is_closing", "_write")
 
-    def __init__(self, protocol: WebSocketsSansIOProtocol) -> None:
+    def __init__(self, protocol: FrameProtocol) -> None:
         self._protocol = protocol
+        # Bound once: the fan-out calls send() for every viewer of every message.
+        self._is_closing = protocol.transport.is_closing
+        self._write = protocol.transport.write
 
     def ready(self) -> bool:
-        """Open and not paused: a frame written now goes straight out (the fan-out's test)."""
-        p = self._protocol
-        return (p.handshake_complete and not p.close_sent and not p.disconnected
-                and p.writable.is_set() and not p.transport.is_closing())
+        """Open and not paused: a frame written now goes straight out."""
+        return self._protocol.flowing and not self._is_closing()
+
+    def send(self, frames: bytes) -> bool:
+        """Write ``frames`` (one or more complete frames) when :meth:`ready`, in one call: the
+        fan-out's whole step per viewer.  False when nothing was written (then the fan-out
+        queues the messages for this viewer's own task)."""
+        if self._protocol.flowing and not self._is_closing():
+            self._write(frames)
+            return True
+        return False
 
     def write(self, frame: bytes) -> bool:
         """Write ``frame`` unless the socket is closing; False when it was not written.  Paused
-        or not: the caller decides (the fan-out asks :meth:`ready` first)."""
+        or not: the caller decides (the viewer's own task, once :meth:`writable`)."""
         p = self._protocol
-        if p.close_sent or p.disconnected or p.transport.is_closing():
+        if p.close_sent or p.disconnected or self._is_closing():
             return False
-        p.transport.write(frame)
+        self._write(frame)
         return True
 
     async def writable(self) -> None:
@@ -69,8 +81,48 @@ class FrameWriter:
         await self._protocol.writable.wait()
 
 
+def _flow_flag(name: str) -> property:
+    # One of the four states uvicorn's protocol keeps as plain attributes, as a property whose
+    # setter also recomputes ``flowing``.
+    private = "_" + name
+
+    def get(self: FrameProtocol) -> bool:
+        return getattr(self, private)
+
+    def set_(self: FrameProtocol, value: bool) -> None:
+        setattr(self, private, value)
+        self._flow()
+
+    return property(get, set_)
+
+
 class FrameProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol, announcing a :class:`FrameWriter` in the scope."""
+    """uvicorn's websockets-sansio protocol, announcing a :class:`FrameWriter` in the scope.
+
+    ``flowing`` says in one attribute what the fan-out must know of each viewer (handshake
+    done, no close sent, connected, not paused): uvicorn sets the states it is made of as plain
+    attributes in many places, so they are properties here that keep it up to date, rather
+    than four lookups and a method call per viewer per message."""
+
+    flowing = False
+    _handshake_complete = _close_sent = _disconnected = _paused = False
+    handshake_complete = _flow_flag("handshake_complete")
+    close_sent = _flow_flag("close_sent")
+    disconnected = _flow_flag("disconnected")
+
+    def _flow(self) -> None:
+        self.flowing = (self._handshake_complete and not self._close_sent
+                        and not self._disconnected and not self._paused)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._paused = False
+        self._flow()
 
     def handle_connect(self, event) -> None:  # noqa: ANN001 (websockets' Request)
         super().handle_connect(event)

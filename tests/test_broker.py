@@ -90,6 +90,15 @@ async def next_message(sub: Subscription, timeout: float = 2.0) -> Message:
     return await asyncio.wait_for(anext(sub), timeout)
 
 
+async def written(broker, topic: str = "room:1") -> None:
+    """Until the fan-out's round for ``topic`` has run: the next loop round, or later when the
+    last round was long (it rests as long as that one took)."""
+    async with asyncio.timeout(2):
+        await asyncio.sleep(0)
+        while (sinks := broker._topics.get(topic)) is not None and sinks.round is not None:
+            await asyncio.sleep(0.001)
+
+
 async def until(predicate, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not await predicate():
@@ -121,13 +130,18 @@ class SocketEnd:
     def __init__(self) -> None:
         self.is_ready = True
         self.data = bytearray()
+        self.writes = 0
 
     def ready(self) -> bool:
         return self.is_ready
 
     def write(self, frame: bytes) -> bool:
         self.data += frame
+        self.writes += 1
         return True
+
+    def send(self, frames: bytes) -> bool:
+        return self.ready() and self.write(frames)
 
     def texts(self) -> list[str]:
         from websockets.frames import Frame, Opcode
@@ -154,26 +168,112 @@ async def test_write_through_writes_frames_while_the_socket_keeps_up_then_queues
         await other.ready()
         for i in range(3):
             await broker.publish("room:1", {"type": "chat", "i": i, "text": "hé" * 100 * i})
-        for i in range(3):
             assert (await next_message(other))["i"] == i
+            await written(broker)  # the fan-out's next round
         # written by the fan-out itself, once per message, in order: nothing queued
-        assert [json.loads(t)["i"] for t in end.texts()] == [0, 1, 2]
+        assert [json.loads(t)["i"] for t in end.texts()] == [0, 1, 2] and end.writes == 3
         assert json.loads(end.texts()[2])["text"] == "hé" * 200
         assert not sub._sink.buf
         # the socket cannot take more: queued, and what follows stays behind it, in order
         end.is_ready = False
         await broker.publish("room:1", {"type": "chat", "i": 3})
         assert (await next_message(other))["i"] == 3
+        await written(broker)
         end.is_ready = True
         await broker.publish("room:1", {"type": "chat", "i": 4})
         assert (await next_message(other))["i"] == 4
+        await written(broker)
         assert [json.loads(t)["i"] for t in end.texts()] == [0, 1, 2]
         assert [(await next_message(sub))["i"] for _ in range(2)] == [3, 4]
         # drained: the fan-out writes again
         await broker.publish("room:1", {"type": "chat", "i": 5})
         assert (await next_message(other))["i"] == 5
+        await written(broker)
         assert [json.loads(t)["i"] for t in end.texts()] == [0, 1, 2, 5]
         await other.close()
+
+
+async def test_a_burst_reaches_a_socket_in_one_write_and_queue_readers_at_once() -> None:
+    """Messages published before the fan-out's next round are written to each websocket as one
+    write (one system call per viewer, not one per message), in order; a queue reader (the page
+    and session caches, which act on what arrived before they answer) has each one as soon as
+    publish returns."""
+    async with InMemoryBroker() as broker:
+        ends = [SocketEnd() for _ in range(3)]
+        subs = [broker.subscribe("room:1") for _ in ends]
+        for sub, end in zip(subs, ends, strict=True):
+            sub.write_through(end)
+        reader = broker.subscribe("room:1")
+        for i in range(5):
+            await broker.publish("room:1", {"type": "chat", "i": i})
+            assert reader.get_nowait()["i"] == i
+        assert all(end.writes == 0 for end in ends)  # not yet: the round comes after
+        await written(broker)
+        for end in ends:
+            assert end.writes == 1
+            assert [json.loads(t)["i"] for t in end.texts()] == [0, 1, 2, 3, 4]
+        # a socket that cannot take the round gets the whole round queued, in order, and its
+        # queue keeps coalescing: the two stock states of the round leave one entry
+        ends[0].is_ready = False
+        await broker.publish("room:1", {"type": "stock", "stock": 2, "coalesce": "stock:1"})
+        await broker.publish("room:1", {"type": "chat", "i": 5})
+        await broker.publish("room:1", {"type": "stock", "stock": 1, "coalesce": "stock:1"})
+        await written(broker)
+        assert ends[0].writes == 1 and ends[1].writes == ends[2].writes == 2
+        assert [dict(await next_message(subs[0])) for _ in range(2)] == [
+            {"type": "stock", "stock": 1, "coalesce": "stock:1"}, {"type": "chat", "i": 5}]
+        # once in that socket's queue, once in the reader's (which had not read them yet)
+        assert broker.drops == {"coalesced": 2, "overflow": 0}
+        # a round for a topic everyone left meanwhile writes nothing and fails nothing
+        await broker.publish("room:1", {"type": "chat", "i": 6})
+        sinks = broker._topics["room:1"]
+        for sub in [*subs, reader]:
+            await sub.close()
+        assert "room:1" not in broker._topics
+        async with asyncio.timeout(2):
+            while sinks.round is not None:  # the round ran (and found nobody)
+                await asyncio.sleep(0.001)
+        assert ends[1].writes == 2
+
+
+async def test_what_is_published_while_a_round_rests_goes_out_in_the_next_one() -> None:
+    """After a long round the next one rests (as long as that one took): events published
+    meanwhile, by other tasks in other loop rounds, reach each viewer in one write."""
+    async with InMemoryBroker() as broker:
+        end = SocketEnd()
+        sub = broker.subscribe("room:1")
+        sub.write_through(end)
+        loop = asyncio.get_running_loop()
+        # as after a round of a crowd's worth of writes (made long here: a loaded machine
+        # must not end the rest before the three loop rounds below)
+        broker._topics["room:1"].rest_until = loop.time() + 0.5
+        for i in range(3):
+            await broker.publish("room:1", {"type": "chat", "i": i})
+            await asyncio.sleep(0)
+        assert end.writes == 0
+        await written(broker)
+        assert end.writes == 1 and [json.loads(t)["i"] for t in end.texts()] == [0, 1, 2]
+        await sub.close()
+
+
+async def test_a_burst_a_slow_socket_cannot_hold_ends_it_and_counts_the_lost() -> None:
+    async with InMemoryBroker() as broker:
+        end = SocketEnd()
+        end.is_ready = False
+        sub = broker.subscribe("room:1", queue_size=4)
+        sub.write_through(end)
+        for i in range(3):
+            await broker.publish("room:1", {"type": "chat", "i": i})
+        await written(broker)
+        assert len(sub._sink.buf) == 3 and not sub.overflowed
+        for i in range(3, 6):
+            await broker.publish("room:1", {"type": "chat", "i": i})
+        await written(broker)
+        # 4 held, then full: the viewer is dropped, its backlog (4) and the 2 it did not take
+        assert sub.overflowed and broker.local_subscribers("room:1") == 0
+        assert broker.drops == {"coalesced": 0, "overflow": 6}
+        with pytest.raises(StopAsyncIteration):
+            await next_message(sub)
 
 
 async def test_topics_are_isolated(broker) -> None:

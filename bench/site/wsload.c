@@ -4,7 +4,19 @@
  * Python client per socket inflated the latencies it reported.  One thread, one epoll loop,
  * one shared receive buffer read in large batches; per socket only a small frame-parser state.
  *
- *   wsload HOST PORT PATH N INFLIGHT
+ *   wsload HOST PORT PATH N INFLIGHT [NAP_US]
+ *
+ * NAP_US (default 250): after each round of ready sockets the loop sleeps that long before
+ * asking epoll again, so the frames a fan-out writes meanwhile are read in one batch.  Why: on
+ * loopback the server's write() runs the receiving side's TCP input and, when the client is
+ * parked in epoll_wait, wakes it (an inter-processor interrupt, dear in a VM) -- charged to
+ * the server.  A client that drains faster than the server writes parks again and again
+ * during one fan-out (`perf`: 13 % of the server's CPU in sock_def_readable, the wake-up), a
+ * cost 5000 viewers on their own machines never put on it.  Asleep in nanosleep the client is
+ * not on epoll's wait queue, so those writes wake nobody (3 interleaved pairs, bench/RESULTS.md:
+ * server 17.6-17.8 us per delivery against 17.8-20.6, client 5.2-6.4 against 7.8-9.2).  The
+ * cost to the figures: an arrival is stamped when epoll returns it, so at most NAP_US late
+ * (against the server).
  *
  * Opens N sockets (at most INFLIGHT handshakes at once), prints "joined <ok> <failed>" on
  * stderr when every handshake has finished, then reads frames until SIGUSR1 or SIGTERM.  A
@@ -119,9 +131,14 @@ static void feed(conn_t *c, uint32_t index, const uint8_t *p, size_t n, int64_t 
 }
 
 int main(int argc, char **argv) {
-    if (argc != 6) { fprintf(stderr, "usage: wsload HOST PORT PATH N INFLIGHT\n"); return 2; }
+    if (argc != 6 && argc != 7) {
+        fprintf(stderr, "usage: wsload HOST PORT PATH N INFLIGHT [NAP_US]\n"); return 2;
+    }
     const char *host = argv[1], *path = argv[3];
     int port = atoi(argv[2]), total = atoi(argv[4]), inflight_max = atoi(argv[5]);
+    long nap_us = argc == 7 ? atol(argv[6]) : 250;
+    if (nap_us < 0 || nap_us > 100000) { fprintf(stderr, "NAP_US: 0 to 100000\n"); return 2; }
+    struct timespec nap = {.tv_sec = 0, .tv_nsec = nap_us * 1000};
     signal(SIGUSR1, on_signal); signal(SIGTERM, on_signal); signal(SIGPIPE, SIG_IGN);
 
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
@@ -211,6 +228,8 @@ int main(int argc, char **argv) {
                 if ((size_t)got < sizeof buf) break; /* drained: the kernel had no more */
             }
         }
+        /* Let the next frames gather (see NAP_US above); not while handshakes are under way. */
+        if (n > 0 && nap_us > 0 && announced) nanosleep(&nap, NULL);
     }
     if (!announced) fprintf(stderr, "joined %d %d\n", ok, failed);
     for (size_t i = 0; i < nhits; i++)
