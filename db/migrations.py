@@ -101,6 +101,12 @@ async def shows_shipping_and_replays(db: Database) -> None:
     await add_missing_column(db, schema.recordings.c.media_start_ms)
 
 
+async def buy_now_request_keys(db: Database) -> None:
+    await add_missing_column(db, schema.orders.c.request_key)
+    for index in schema.orders.indexes:  # IF NOT EXISTS: the new unique index
+        await db.execute(db.compile_ddl(sa.schema.CreateIndex(index, if_not_exists=True)))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema: users, sessions, channels, products, cart, orders, chat",
               initial_schema),
@@ -108,6 +114,7 @@ MIGRATIONS: list[Migration] = [
               money_bigint_and_test_orders),
     Migration(3, "addresses, shipping, flash sales, shows, follows, reminders, notifications, "
               "recordings, pins; one-tap payment and sold counts", shows_shipping_and_replays),
+    Migration(4, "orders.request_key: one order per Buy-now press", buy_now_request_keys),
 ]
 
 

@@ -153,6 +153,10 @@ orders = sa.Table(
     sa.Column("shipped_at", sa.Double, nullable=True),
     sa.Column("carrier", sa.String(60), nullable=True),
     sa.Column("tracking_number", sa.String(100), nullable=True),
+    # Buy now's press: the key the buy sheet made for it, so a press sent again (its answer
+    # lost to a dropped connection or a restarted process) finds its order, not a second one
+    sa.Column("request_key", sa.String(64), nullable=True),
+    sa.Index("ux_orders_user_request", "user_id", "request_key", unique=True),
 )
 
 order_items = sa.Table(

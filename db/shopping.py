@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from watchbuy.db.database import Database, now
+from watchbuy.db.database import Database, is_duplicate_key, now
 from watchbuy.db.queries import (
     OrderLimit,
     OutOfStock,
@@ -53,6 +53,14 @@ class PriceChanged(ValueError):
         super().__init__("The price changed")
         self.price_minor = price_minor
         self.currency = currency
+
+
+class AlreadyOrdered(Exception):
+    """This Buy-now press (its request key) already made an order: ``order_id``."""
+
+    def __init__(self, order_id: int) -> None:
+        super().__init__(f"already ordered: order {order_id}")
+        self.order_id = order_id
 
 
 class SaleExists(ValueError):
@@ -445,6 +453,7 @@ def _order_insert_query() -> sa.Insert:
         total_minor=sa.bindparam("total_minor"), currency=sa.bindparam("currency"),
         payment_mode=sa.bindparam("payment_mode"), created_at=sa.bindparam("created_at"),
         paid_at=sa.bindparam("paid_at"), test_mode=sa.bindparam("test_mode"),
+        request_key=sa.bindparam("request_key"),
         **{column: sa.bindparam(column) for column in SHIP_COLUMNS})
 
 
@@ -468,7 +477,8 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
                                max_pending: int | None, max_units: int | None,
                                expected_price_minor: int | None = None,
                                product: dict | None = None, paid: bool = False,
-                               flash_sale: bool = True) -> dict:
+                               flash_sale: bool = True, request_key: str | None = None
+                               ) -> dict:
     """One unit of one product → an order (the cart untouched), with the address copied onto
     it and the flash-sale price when a sale runs: all or nothing, in one transaction.
     Pending (its payment follows), or with ``paid`` already paid (test mode: the test card
@@ -490,8 +500,11 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
     With ``expected_price_minor`` (the unit price the shopper was shown) a different price,
     decided inside the transaction, raises :class:`PriceChanged` and rolls everything back:
     the shopper confirms the new price before anything is charged.
+    ``request_key`` (the buy sheet's key for this press): a second order with the same key
+    for this shopper is refused by the unique index and rolled back whole, raising
+    :class:`AlreadyOrdered` with the first one's id.
     Raises OutOfStock (``stock_seen`` 0 when it is sold out), LookupError (not for sale),
-    OrderLimit / SaleLimit, PriceChanged."""
+    OrderLimit / SaleLimit, PriceChanged, AlreadyOrdered."""
     from watchbuy.db.queries import lock_shopper  # shared with the cart's checkout
 
     item = product
@@ -553,7 +566,7 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
             "user_id": user_id, "status": "paid" if paid else "pending", "total_minor": price,
             "currency": item["currency"], "payment_mode": payment_mode, "created_at": stamp,
             "paid_at": stamp if paid else None, "test_mode": int(test_mode),
-            **{column: ship.get(column) for column in SHIP_COLUMNS}})
+            "request_key": request_key, **{column: ship.get(column) for column in SHIP_COLUMNS}})
         items = [{"order_id": order_id, "product_id": product_id, "host_id": item["host_id"],
                   "name": item["name"], "unit_price_minor": price,
                   "currency": item["currency"], "quantity": 1, "flash_sale_id": sale_id}]
@@ -566,7 +579,27 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
                 "paid_at": stamp if paid else None, "test_mode": test_mode, "items": items,
                 **ship}
 
-    return await db.run_transaction(work)
+    try:
+        return await db.run_transaction(work)
+    except Exception as exc:
+        if request_key is None or not is_duplicate_key(exc):
+            raise
+    first = await order_for_request(db, user_id, request_key)
+    if first is None:  # the unique refusal came from elsewhere: not ours to answer
+        raise LookupError("That product is not for sale.")
+    raise AlreadyOrdered(first)
+
+
+def _order_for_request_query() -> sa.Select:
+    return sa.select(orders.c.id).where(orders.c.user_id == sa.bindparam("user_id"),
+                                        orders.c.request_key == sa.bindparam("key"))
+
+
+async def order_for_request(db: Database, user_id: int, request_key: str) -> int | None:
+    """The id of the order this shopper's Buy-now press with this key made, if it made one."""
+    value = await db.fetch_val(compiled(db, "order_for_request", _order_for_request_query),
+                               {"user_id": user_id, "key": request_key})
+    return int(value) if value is not None else None
 
 
 # -- shipping ---------------------------------------------------------------------------------

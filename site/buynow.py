@@ -15,6 +15,12 @@ buyer: checked, then saved to the book), or nothing (the default address).  Paym
 Errors are ``{"error": text, "field": name}`` with a 4xx status: 400 bad input (a physical
 product without an address: field ``address``), 404 not for sale, 409 sold out or a limit.
 
+``request_key`` (optional) is the buy sheet's random key for one press.  It goes on the order
+(unique per shopper), so the same press never makes two orders: sent twice at once, the second
+is answered with the first's order; sent again with ``retry`` (the sheet never got its answer:
+a dropped connection, a restarted process) it is answered from the order it made, if any,
+before anything else (a press whose order took the last unit is not told "sold out").
+
 ``expected_price_minor`` is the unit price the sheet showed.  When the price decided inside
 the order's transaction differs (a flash sale's units went, it ended or started meanwhile)
 nothing is ordered or charged: 409 ``{"error", "field": "price", "price", "price_minor"}``,
@@ -36,6 +42,7 @@ Buy-now rush").
 from __future__ import annotations
 
 import logging
+import re
 
 import stripe
 from starlette.requests import Request
@@ -58,6 +65,8 @@ from watchbuy.site.web import format_money, parse_int, read_fields, render, requ
 
 log = logging.getLogger("watchbuy.site.buynow")
 
+# the buy sheet's key for one press (buy.js: random, URL-safe)
+REQUEST_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
 TEST_CARD_BRAND = "visa"  # the one test card (4242…) is a Visa
 # Where Buy now may be pressed; flash sales apply in the room only (never to a replay)
 SOURCES = ("room", "replay")
@@ -126,15 +135,26 @@ async def buy_now(request: Request):
     if source not in SOURCES:
         return field_error(f"Unknown source {source[:20]!r} (room or replay).",
                            "source")
+    request_key = str(data.get("request_key") or "").strip() or None
+    if request_key is not None and not REQUEST_KEY.fullmatch(request_key):
+        return field_error("This buy sheet is out of date: reload the page.", None)
+    if request_key is not None and data.get("retry") in (True, "1", "true"):
+        # the sheet sends this press again (its answer never came): the order it made, if any
+        first = await shopping.order_for_request(site["db"], user["id"], request_key)
+        if first is not None:
+            return await already_ordered(site, first)
     board = sold_out_board(site)
     checkouts = site["metrics"].checkouts
     known_sold_out, name = board.sold_out(product_id)
     if known_sold_out:
         checkouts.labels("unavailable").inc()
         return sold_out(name)
-    async with board.gate(product_id):
-        made = await order_in_turn(request, site, user, data, product_id, board,
-                                   flash_sale=source != "replay")
+    try:
+        async with board.gate(product_id):
+            made = await order_in_turn(request, site, user, data, product_id, board,
+                                       flash_sale=source != "replay", request_key=request_key)
+    except shopping.AlreadyOrdered as exc:  # the same press twice at once: one order
+        return await already_ordered(site, exc.order_id)
     if isinstance(made, JSONResponse):
         return made
     # the order is made: its payment (Stripe's API, the slow part) goes outside the gate
@@ -157,9 +177,21 @@ async def buy_now(request: Request):
     return await pay_with_stripe(request, site, user, order, profile)
 
 
+async def already_ordered(site: SiteState, order_id: int) -> JSONResponse:
+    """The answer to a press that was already answered (or should have been): its order, paid
+    (the thank-you) or with its payment under way (the thank-you page shows its status)."""
+    order = await queries.order(site["db"], order_id)
+    if order is None:  # its account was deleted meanwhile
+        return field_error("That order no longer exists.", None, 404)
+    if order["status"] == "paid":
+        return JSONResponse({"ok": True, "order": public_order(order),
+                             "thank_you_url": f"/orders/{order_id}/thanks"})
+    return JSONResponse({"redirect": f"/orders/{order_id}/thanks"})
+
+
 async def order_in_turn(request: Request, site: SiteState, user: dict, data: dict,
-                        product_id: int, board: SoldOutBoard, flash_sale: bool = True
-                        ) -> JSONResponse | tuple[dict, dict, tuple[str, str] | None,
+                        product_id: int, board: SoldOutBoard, flash_sale: bool = True,
+                        request_key: str | None = None) -> JSONResponse | tuple[dict, dict, tuple[str, str] | None,
                                                  int | None]:
     """Inside the product's gate (a few buyers at a time per process): the order made, as
     (order, the shopper's payment profile, a first test card to keep, the product's room), or
@@ -218,7 +250,7 @@ async def order_in_turn(request: Request, site: SiteState, user: dict, data: dic
             test_mode=settings.test_orders, address=address,
             max_pending=settings.max_pending_orders,
             max_units=settings.max_units_per_product, expected_price_minor=expected_price,
-            product=product, paid=test_mode, flash_sale=flash_sale)
+            product=product, paid=test_mode, flash_sale=flash_sale, request_key=request_key)
     except shopping.PriceChanged as exc:
         # nothing ordered, nothing charged: the sheet shows the new price to confirm
         checkouts.labels("price_changed").inc()

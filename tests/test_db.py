@@ -375,7 +375,7 @@ async def test_a_version_2_database_gains_the_tables_and_columns_of_version_3(db
         await db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     await db.execute("DELETE FROM schema_version WHERE version > 2")
 
-    assert await upgrade(db) == [3]
+    assert await upgrade(db) == [m.version for m in MIGRATIONS if m.version > 2]
     for name in NEW_IN_3:
         assert await db.fetch_val(f"SELECT COUNT(*) FROM {name}") == 0
     assert {"physical", "sold"} <= await column_names(db, "products")
@@ -384,6 +384,27 @@ async def test_a_version_2_database_gains_the_tables_and_columns_of_version_3(db
     assert bool(row["physical"]) is True and row["sold"] == 0
     assert bool((await queries.user_by_id(db, host["id"]))["announce_purchases"]) is True
     assert {"ship_line1", "shipped_at", "carrier"} <= await column_names(db, "orders")
+    assert await upgrade(db) == []
+
+
+async def test_a_version_3_database_gains_buy_now_request_keys(db) -> None:
+    # Migration 4: orders.request_key and its unique index (one order per Buy-now press).
+    host = await make_user(db, "Host", host=True)
+    shopper = await make_user(db, "Sue")
+    await db.execute("DROP INDEX ux_orders_user_request"
+                     + (" ON orders" if db.dialect_name == "mysql" else ""))
+    await db.execute("ALTER TABLE orders DROP COLUMN request_key")
+    await db.execute("DELETE FROM schema_version WHERE version > 3")
+    assert host and await upgrade(db) == [4]
+    assert "request_key" in await column_names(db, "orders")
+    insert = ("INSERT INTO orders (user_id, status, total_minor, currency, payment_mode, "
+              "created_at, request_key) VALUES (:user, 'paid', 100, 'usd', 'test', 0, :key)")
+    await db.execute(insert, {"user": shopper["id"], "key": "press-0001"})
+    await db.execute(insert, {"user": shopper["id"], "key": None})
+    await db.execute(insert, {"user": shopper["id"], "key": None})  # no key: no limit
+    with pytest.raises(Exception) as refused:
+        await db.execute(insert, {"user": shopper["id"], "key": "press-0001"})
+    assert is_duplicate_key(refused.value)
     assert await upgrade(db) == []
 
 

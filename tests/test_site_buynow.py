@@ -132,6 +132,47 @@ async def test_buy_now_sells_exactly_the_stock_under_concurrency(site) -> None:
     assert (row["stock"], row["sold"]) == (0, 5)
 
 
+async def test_one_press_makes_one_order_however_often_it_is_sent(site) -> None:
+    """The buy sheet's key for a press goes on the order: the same press sent twice at once
+    makes one order (both answered with it); sent again with ``retry`` after its order took
+    the last unit (the answer was lost) it gets that order, not "sold out"; a malformed key is
+    refused with nothing ordered."""
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Last mug", stock=2)
+    shopper = await site.user("Rita Retry")
+    await shopping.save_card(site.db, shopper["id"], "visa", "4242")
+    browser = await site.browser(shopper)
+    key = secrets.token_urlsafe(16)
+    twice = await asyncio.gather(*(buy(browser, mug["id"], request_key=key) for _ in range(2)))
+    assert [r.status_code for r in twice] == [200, 200], [r.text for r in twice]
+    assert {r.json()["order"]["id"] for r in twice} == {twice[0].json()["order"]["id"]}
+    assert (await product_row(site.db, mug["id"]))["stock"] == 1
+    # another press (a new key) takes the last unit; its answer is "lost" and it is sent again
+    last_key = secrets.token_urlsafe(16)
+    last = await buy(browser, mug["id"], request_key=last_key)
+    assert last.status_code == 200, last.text
+    again = await buy(browser, mug["id"], request_key=last_key, retry=True)
+    assert again.status_code == 200 and again.json()["order"] == last.json()["order"], again.text
+    assert again.json()["thank_you_url"] == f"/orders/{last.json()['order']['id']}/thanks"
+    # a new press is told sold out; a retry of a press that made nothing goes on as a press
+    fresh = await buy(browser, mug["id"], request_key=secrets.token_urlsafe(16), retry=True)
+    assert fresh.status_code == 409 and fresh.json()["field"] == "product_id", fresh.text
+    before = await table_counts(site.db)
+    bad = await buy(browser, mug["id"], request_key="no spaces allowed")
+    assert bad.status_code == 400 and "reload" in bad.json()["error"], bad.text
+    assert await table_counts(site.db) == before
+    owned = await site.db.fetch_val(sa.select(sa.func.count()).select_from(orders)
+                                    .where(orders.c.user_id == shopper["id"]))
+    assert owned == 2
+    # another shopper's press with the same key is theirs alone
+    other = await site.user("Otto Other")
+    await shopping.save_card(site.db, other["id"], "visa", "4242")
+    cup = await site.product(host, name="Cup", stock=1)
+    theirs = await buy(await site.browser(other), cup["id"], request_key=key, retry=True)
+    assert theirs.status_code == 200, theirs.text
+    assert theirs.json()["order"]["id"] not in {r.json()["order"]["id"] for r in twice}
+
+
 async def test_cart_checkout_copies_the_address_and_needs_one(site) -> None:
     host = await site.user("Host", host=True)
     mug = await site.product(host, name="Mug", stock=5)

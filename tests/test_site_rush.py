@@ -86,11 +86,14 @@ def shopper_client(base: httpx.AsyncBaseTransport | str, token: str,
 
 
 async def press(client: httpx.AsyncClient, button: str, secret: str, token: str,
-                csrf_cookie: str, product_id: int) -> httpx.Response:
-    """The shopper presses ``button``: "buy-now" (the room's Buy now) or "checkout" (the
-    cart's)."""
+                csrf_cookie: str, product_id: int, request_key: str | None = None,
+                retry: bool = False) -> httpx.Response:
+    """The shopper presses ``button``: "buy-now" (the room's Buy now, with the buy sheet's
+    key for the press and ``retry`` when it is sent again) or "checkout" (the cart's)."""
     fields = {"csrf_token": security.csrf_token_for(secret, csrf_cookie, token)}
     if button == "buy-now":
+        if request_key is not None:
+            fields.update(request_key=request_key, retry="true" if retry else "")
         return await client.post("/api/buy-now", data={**fields, "product_id": str(product_id)})
     return await client.post("/checkout", data=fields)
 
@@ -222,11 +225,13 @@ async def test_a_site_process_killed_mid_rush_reconciles(make_site, tmp_path) ->
     process, url = await start_site_process(env)
     answered: dict[int, str] = {}  # shopper index -> what the killed process told them
     enough = asyncio.Event()
+    keys = [os.urandom(12).hex() for _ in people]  # each buy sheet's key for its press
 
     async def shop(index: int, token: str, csrf: str) -> None:
         async with shopper_client(url, token, csrf) as client:
             try:
-                response = await press(client, "buy-now", secret, token, csrf, product_id)
+                response = await press(client, "buy-now", secret, token, csrf, product_id,
+                                       keys[index])
             except httpx.TransportError:
                 return  # the process died under this request: not answered
             answered[index] = answer(response)
@@ -255,8 +260,11 @@ async def test_a_site_process_killed_mid_rush_reconciles(make_site, tmp_path) ->
     assert left >= 0 and left + held.get("paid", 0) == UNITS and set(held) <= {"paid"}
     assert held.get("paid", 0) >= list(answered.values()).count("bought")
     assert await orders_per_shopper(db) == 1
-    # Restarted: the shoppers the killed process never answered press again and are all
-    # answered, bought while units are left, then sold out.
+    # Restarted: the shoppers the killed process never answered send their press again (its
+    # key, as a retry): one whose order was committed unanswered is told it bought, with that
+    # order, and buys nothing more; the others buy while units are left, then are sold out.
+    ordered_before = {int(row.user_id): int(row.id) for row in await db.fetch_all(
+        sa.select(orders.c.user_id, orders.c.id))}
     process, url = await start_site_process(env)
     again = [i for i in range(SHOPPERS) if i not in answered]
     try:
@@ -264,7 +272,7 @@ async def test_a_site_process_killed_mid_rush_reconciles(make_site, tmp_path) ->
             clients = [await stack.enter_async_context(shopper_client(url, *people[i]))
                        for i in again]
             responses = await asyncio.gather(*(
-                press(client, "buy-now", secret, *people[i], product_id)
+                press(client, "buy-now", secret, *people[i], product_id, keys[i], retry=True)
                 for client, i in zip(clients, again, strict=True)))
         told = [answer(response) for response in responses]
     finally:
@@ -275,13 +283,17 @@ async def test_a_site_process_killed_mid_rush_reconciles(make_site, tmp_path) ->
         except TimeoutError:
             process.kill()
             await process.wait()
-    # (a shopper whose order the killed process committed without answering buys a second
-    # unit on pressing again: Buy now has no cart to empty, a second tap is a second purchase)
-    assert told.count("bought") == min(left, len(again))
+    unanswered_orders = [i for i in again if user_ids[i] in ordered_before]
+    for i, response in zip(again, responses, strict=True):
+        if user_ids[i] in ordered_before:
+            assert response.json()["order"]["id"] == ordered_before[user_ids[i]], response.text
+    new_buyers = len(again) - len(unanswered_orders)
+    assert told.count("bought") == len(unanswered_orders) + min(left, new_buyers)
     assert told.count("sold out") == len(again) - told.count("bought")
     left_now = await stock(db, product_id)
-    assert left_now == left - told.count("bought")
+    assert left_now == left - (told.count("bought") - len(unanswered_orders))
     assert await reserved_units(db, product_id) == {"paid": UNITS - left_now}
+    assert await orders_per_shopper(db) == 1  # no press bought twice
 
 
 # -- stock events ---------------------------------------------------------------------------

@@ -16,8 +16,9 @@ client costs far less CPU per request than the server; its CPU is reported besid
 server's.  A thread polls the product's stock during the rush (the lowest value seen).
 
 It checks, and exits 1 unless all hold: exactly min(S, stock) orders of the product, stock
-never below zero and ending at stock - orders, every shopper answered "bought" or "sold out",
-no 5xx, no connection error, no timeout.  It prints answers/s (presses answered, bought or sold
+never below zero and ending at stock - orders, no shopper with two orders (a press sent again
+after a lost answer carries its key and ``retry``, as buy.js sends it), every shopper answered
+"bought" or "sold out", no 5xx, no connection error, no timeout.  It prints answers/s (presses answered, bought or sold
 out, over the time from the first press to the last answer: the rush's throughput, what the
 issue's "checkouts/s" counts), orders/s, p50/p99/max answer time, and CPU seconds of the
 server processes and of this client.
@@ -111,7 +112,7 @@ async def seed(url: str, shoppers: int, stock: int, concurrency: int) -> dict:
 
 
 def request_bytes(host: str, endpoint: str, token: str, csrf_cookie: str,
-                  fields: dict[str, str]) -> bytes:
+                  fields: dict[str, object]) -> bytes:
     """One shopper's press as their browser sends it: Buy now as site/static/js/buy.js does
     (JSON, the CSRF token in X-CSRF-Token), the cart's checkout as its form does."""
     from watchbuy.site import security
@@ -128,6 +129,20 @@ def request_bytes(host: str, endpoint: str, token: str, csrf_cookie: str,
             f"Cookie: {security.SESSION_COOKIE}={token}; {security.CSRF_COOKIE}={csrf_cookie}\r\n"
             f"{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
     return head.encode() + body
+
+
+def presses(host: str, endpoint: str, token: str, csrf_cookie: str,
+            fields: dict[str, object]) -> tuple[bytes, bytes]:
+    """A shopper's press and the same press sent again after a lost answer: Buy now carries
+    the buy sheet's key for the press (and ``retry`` the second time), as buy.js sends it."""
+    if endpoint != BUY_NOW:
+        request = request_bytes(host, endpoint, token, csrf_cookie, fields)
+        return request, request
+    key = os.urandom(16).hex()
+    return (request_bytes(host, endpoint, token, csrf_cookie,
+                          {**fields, "request_key": key, "retry": False}),
+            request_bytes(host, endpoint, token, csrf_cookie,
+                          {**fields, "request_key": key, "retry": True}))
 
 
 # -- the load: one raw connection per shopper -----------------------------------------------------
@@ -215,7 +230,8 @@ def told(status: int, location: str, body: bytes, bought_status: int) -> str:
     return f"other {status}"
 
 
-async def rush(port: int, requests: list[bytes], window: float, timeout: float, retries: int,
+async def rush(port: int, requests: list[tuple[bytes, bytes]], window: float, timeout: float,
+               retries: int,
                bought_status: int) -> tuple[list[tuple[str, float, int, str]], float]:
     """Every request pressed once, spread evenly over ``window`` seconds; a shopper whose
     connection failed (a process killed under it) presses again, up to ``retries`` times, as a
@@ -224,13 +240,13 @@ async def rush(port: int, requests: list[bytes], window: float, timeout: float, 
     started = loop.time()
     count = len(requests)
 
-    async def one(i: int, request: bytes) -> tuple[str, float, int, str]:
+    async def one(i: int, request: tuple[bytes, bytes]) -> tuple[str, float, int, str]:
         await asyncio.sleep(max(0.0, started + window * i / count - loop.time()))
         begun = loop.time()
         tries = 0
         while True:
             tries += 1
-            status, location, body = await press(loop, port, request, timeout)
+            status, location, body = await press(loop, port, request[tries > 1], timeout)
             answer = told(status, location, body, bought_status)
             if answer != "connection error" or tries > retries:
                 break
@@ -353,9 +369,12 @@ def database_server_cpu() -> float | None:
     return None
 
 
-def counts(url: str, product_id: int) -> tuple[int, int, int]:
-    """(orders of the product, units in them, stock now) read from the database."""
-    query_orders = ("SELECT COUNT(DISTINCT order_id), COALESCE(SUM(quantity), 0) FROM order_items "
+def counts(url: str, product_id: int) -> tuple[int, int, int, int]:
+    """(orders of the product, units in them, stock now, shoppers who ordered it) read from
+    the database."""
+    query_orders = ("SELECT COUNT(DISTINCT order_id), COALESCE(SUM(quantity), 0), "
+                    "COUNT(DISTINCT orders.user_id) FROM order_items "
+                    "JOIN orders ON orders.id = order_items.order_id "
                     f"WHERE product_id = {int(product_id)}")
     query_stock = f"SELECT stock FROM products WHERE id = {int(product_id)}"
     if url.startswith("sqlite"):
@@ -365,10 +384,10 @@ def counts(url: str, product_id: int) -> tuple[int, int, int]:
     with contextlib.closing(conn):
         cursor = conn.cursor()
         cursor.execute(query_orders)
-        orders, units = cursor.fetchone()
+        orders, units, buyers = cursor.fetchone()
         cursor.execute(query_stock)
         stock = cursor.fetchone()[0]
-    return int(orders), int(units), int(stock)
+    return int(orders), int(units), int(stock), int(buyers)
 
 
 # -- one run --------------------------------------------------------------------------------------
@@ -390,8 +409,8 @@ def run(args: argparse.Namespace) -> dict:
             fields = dict(item.split("=", 1) for item in args.field)
             if args.endpoint == BUY_NOW:
                 fields.setdefault("product_id", str(seeded["product_id"]))
-            requests = [request_bytes(f"127.0.0.1:{site.port}", args.endpoint, token, csrf,
-                                      fields) for token, csrf in seeded["people"]]
+            requests = [presses(f"127.0.0.1:{site.port}", args.endpoint, token, csrf, fields)
+                        for token, csrf in seeded["people"]]
             watch = StockWatch(url, seeded["product_id"])
             watch.start()
             time.sleep(0.2)
@@ -414,7 +433,7 @@ def run(args: argparse.Namespace) -> dict:
             cpu_db_after = database_server_cpu() if cpu_db is not None else None
             watch.running = False
             watch.join(5)
-            orders, units, final_stock = counts(url, seeded["product_id"])
+            orders, units, final_stock, buyers = counts(url, seeded["product_id"])
             lowest = min(x for x in (watch.lowest, final_stock) if x is not None)
             answers: dict[str, int] = {}
             for answer, *_ in results:
@@ -429,13 +448,15 @@ def run(args: argparse.Namespace) -> dict:
                        == args.shoppers - expected) if args.kill_at is None else (
                 orders == units and lowest >= 0 and final_stock == args.stock - units
                 and units <= args.stock and set(answers) <= {"bought", "sold out"})
+            # a press sent again after a lost answer never buys twice (Buy now's request key)
+            correct = correct and buyers == orders
             alive = site.proc.poll() is None
             site.stop()
             site = None
             return {
                 "db": args.db, "workers": args.workers, "endpoint": args.endpoint,
                 "shoppers": args.shoppers, "stock": args.stock, "window_s": args.window,
-                "answers": answers, "orders": orders, "units_sold": units,
+                "answers": answers, "orders": orders, "units_sold": units, "buyers": buyers,
                 "final_stock": final_stock, "lowest_stock_seen": lowest,
                 "killed_worker": killed, "retried": sum(1 for r in results if r[2] > 1),
                 "correct": correct and alive, "server_survived": alive,

@@ -1,7 +1,8 @@
 // Buy now: a confirm sheet in the room (never leaving it) with the total, the address and the
 // payment, then a thank-you sheet.  The shop answers:
 //   GET  /api/checkout-info -> {addresses: [...], saved_card: {brand, last4} | null, cart_count, test_mode}
-//   POST /api/buy-now {product_id, address_id | address fields, card, expiry, cvc} (JSON)
+//   POST /api/buy-now {product_id, address_id | address fields, card, expiry, cvc,
+//                      expected_price_minor, source, request_key, retry} (JSON)
 //        -> {ok, order: {id, total, items, address}, thank_you_url} | {redirect}
 //           | {error, field, errors?: {field: text}} (4xx; field "address" = none given)
 // A shop without these endpoints (404) gets a clear message and "Add to cart" instead.
@@ -214,6 +215,11 @@
     form.append(error);
     const confirm = el("button", "confirm", "Confirm and pay"); confirm.type = "submit"; confirm.id = "buy-confirm";
     form.append(confirm);
+    // one key per press: the order keeps it, so this sheet can never buy twice (sent again
+    // after a lost answer, the shop answers with the order the first send made)
+    const key = new Uint8Array(16);
+    crypto.getRandomValues(key);
+    form.dataset.key = Array.from(key, function (b) { return b.toString(16).padStart(2, "0"); }).join("");
     form.addEventListener("submit", function (event) { event.preventDefault(); submit(form, product, confirm); });
     body.replaceChildren(form);
     const first = form.querySelector("input:not([disabled])") || confirm;
@@ -224,7 +230,8 @@
     // the unit price the sheet showed: the server refuses (409, field "price") a different one
     // (or the new price the shop answered with, once the shopper confirms it)
     const agreed = form.dataset.expected ? Number(form.dataset.expected) : priceMinorNow(product);
-    const data = { product_id: product.id, expected_price_minor: agreed, source: source };
+    const data = { product_id: product.id, expected_price_minor: agreed, source: source,
+                   request_key: form.dataset.key, retry: form.dataset.sent === "unanswered" };
     form.querySelectorAll("input").forEach(function (input) {
       if (input.disabled || !input.name) return;
       if (input.type === "radio") { if (input.checked && input.value !== "new") data[input.name] = Number(input.value); return; }
@@ -238,11 +245,14 @@
     button.disabled = true;
     button.textContent = "Paying…";
     try {
+      const body = JSON.stringify(payload(form, product));
+      form.dataset.sent = "unanswered";  // until an answer comes: a later send is a retry
       const response = await fetch("/api/buy-now", {
         method: "POST", credentials: "same-origin",
         headers: { "X-CSRF-Token": csrf, "Accept": "application/json", "Content-Type": "application/json" },
-        body: JSON.stringify(payload(form, product)),
+        body: body,
       });
+      if (response.status < 500) form.dataset.sent = "answered";
       if (response.status === 404) { unavailable(product, "One-tap buying is not available on this site yet."); return; }
       const result = await response.json().catch(function () { return {}; });
       if (result.redirect) { location.assign(result.redirect); return; }  // e.g. Stripe's own page
