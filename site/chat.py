@@ -26,7 +26,12 @@ from watchbuy.db import queries, shopping
 from watchbuy.logs import LogLimiter
 from watchbuy.site import security, wsframes
 from watchbuy.site.broker import Broker, BrokerUnavailable
-from watchbuy.site.pagecache import PAGES_TOPIC, page_change
+from watchbuy.site.pagecache import (
+    PAGES_TOPIC,
+    VISITOR_CHANGING_EVENTS,
+    VISITORS_TOPIC,
+    page_change,
+)
 from watchbuy.site.ratelimit import RateLimiter
 from watchbuy.site.state import SiteState, state
 
@@ -139,6 +144,8 @@ async def publish_room_event(broker: Broker, channel_id: int, event: dict) -> bo
         change = page_change(channel_id, event)
         if change is not None:  # first, so that a page loaded on hearing the event is fresh
             await broker.publish(PAGES_TOPIC, change)
+            if change["event"] in VISITOR_CHANGING_EVENTS:  # the visitor caches' own topic
+                await broker.publish(VISITORS_TOPIC, change)
         await broker.publish(room_topic(channel_id), event)
         return True
     except BrokerUnavailable as exc:
