@@ -268,12 +268,15 @@ class SessionWatch:
 
 
 async def publish_session_ended(broker: Broker, session_hash: str) -> None:
-    """Tell every site process that a session ended (logout), so its sockets close."""
+    """Tell every site process that a session ended (logout), so its sockets close and its
+    session cache drops it.  Logged, never raised: the session already ended in the database
+    (and in this process's cache, which the caller drops first)."""
     try:
         await broker.publish(SESSIONS_TOPIC, {"type": "session_revoked",
                                                         "session": session_hash})
-    except BrokerUnavailable as exc:
-        log.warning("logout not announced to open sockets (they end on their next message): %s",
+    except Exception as exc:  # Redis down, or refusing the command
+        log.warning("logout not announced to other processes (their sockets end on their next "
+                    "message, their kept sessions within WATCHBUY_SESSION_CACHE_SECONDS): %s",
                     exc)
 
 
