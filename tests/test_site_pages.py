@@ -20,7 +20,14 @@ from watchbuy.site import security
 from watchbuy.site.broker import InMemoryBroker
 from watchbuy.site.chat import publish_room_event
 from watchbuy.site.config import load_site_settings
-from watchbuy.site.pagecache import HOME, PAGES_TOPIC, VISITOR_COOKIE, PageCache
+from watchbuy.site.pagecache import (
+    HOME,
+    PAGES_TOPIC,
+    VISITOR_COOKIE,
+    VISITORS_TOPIC,
+    PageCache,
+    VisitorCache,
+)
 
 pytest_plugins = ["site_fixtures"]
 
@@ -461,3 +468,23 @@ async def kept_visitor_page(site, browser, path: str, wanted: str) -> str:
             return text
         await asyncio.sleep(0.02)
     raise AssertionError(f"{path} never showed {wanted!r} from the visitor cache")
+
+
+async def test_a_shoppers_writes_before_the_announcement_goes_are_announced_once() -> None:
+    broker = InMemoryBroker()
+    await broker.start()
+    visitors = VisitorCache(broker, LONG, 10)
+    heard = broker.subscribe(VISITORS_TOPIC)
+    try:
+        await heard.ready()
+        for _ in range(50):  # a shopper's quick writes (and another's) in one turn of the loop
+            visitors.announce(7)
+        visitors.announce(8)
+        assert await anext(heard) == {"type": "visitors", "users": [7, 8]}
+        visitors.announce(7)  # a later write goes again
+        assert await anext(heard) == {"type": "visitors", "users": [7]}
+        assert visitors.announced == 3
+    finally:
+        await heard.close()
+        await visitors.close()
+        await broker.close()
