@@ -68,8 +68,7 @@ VISITORS_TOPIC = "visitors"
 VISITORS_PER_MESSAGE = 1000  # users per announcement: a few KB
 HOME = 0  # the room id under which the home page is kept (channel ids start at 1)
 # Shoppers' room-page bits kept per process: (shopper, host, show, version) → three small
-# values, so
-# 10000 cost about as much memory as a few kept pages.
+# values, so 10000 cost about as much memory as a few kept pages.
 VISITOR_CACHE_ENTRIES = 10000
 # The browser's version of its shopper's own bits: a new one with every write of theirs, part
 # of the visitor cache's key, so a process that has not heard the write yet misses.
@@ -169,8 +168,8 @@ class VisitorCache(FollowedCache):
     subscription is down keeps nothing anyway, so only a process that still listens while
     publishing alone fails (a broken publish connection, a refused command) may show a
     shopper's old bits, and only those it read before the write: they expire about
-    ``seconds`` after it (a read's own time later at most).  An id whose change is older than ``seconds`` is not sent at all
-    (nothing anywhere can still hold what it changed)."""
+    ``seconds`` after it (a read's own time later at most).  An id whose change is older than
+    ``seconds`` is not sent at all (nothing anywhere can still hold what it changed)."""
 
     def __init__(self, broker: Broker, seconds: float, max_entries: int) -> None:
         super().__init__(broker, VISITORS_TOPIC, seconds, max_entries, "visitor cache")
