@@ -250,9 +250,16 @@ async def login_page(request: Request):
 async def logout(request: Request):
     token = request.state.session_token
     if token:
-        await queries.revoke_session(state(request)["db"], security.session_hash(token))
-        # the room sockets opened with this session end too, in every site process
-        await chat.publish_session_ended(state(request)["broker"], security.session_hash(token))
+        site = state(request)
+        hashed = security.session_hash(token)
+        await queries.revoke_session(site["db"], hashed)
+        # Ended here at once, whatever the broker does (after the commit: a lookup that read
+        # the session before it is refused its put); then in every other process, with the
+        # room sockets opened with this session.
+        sessions = site.get("sessions")
+        if sessions is not None:
+            sessions.changed(hashed)
+        await chat.publish_session_ended(site["broker"], hashed)
     response = redirect("/")
     response.raw_headers.append((b"set-cookie", security.cookie_header(
         security.SESSION_COOKIE, "", 0, state(request)["settings"].cookie_secure)))

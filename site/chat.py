@@ -26,7 +26,12 @@ from watchbuy.db import queries, shopping
 from watchbuy.logs import LogLimiter
 from watchbuy.site import security, wsframes
 from watchbuy.site.broker import Broker, BrokerUnavailable
-from watchbuy.site.pagecache import PAGES_TOPIC, page_change
+from watchbuy.site.pagecache import (
+    PAGES_TOPIC,
+    VISITOR_CHANGING_EVENTS,
+    VISITORS_TOPIC,
+    page_change,
+)
 from watchbuy.site.ratelimit import RateLimiter
 from watchbuy.site.state import SiteState, state
 
@@ -139,6 +144,8 @@ async def publish_room_event(broker: Broker, channel_id: int, event: dict) -> bo
         change = page_change(channel_id, event)
         if change is not None:  # first, so that a page loaded on hearing the event is fresh
             await broker.publish(PAGES_TOPIC, change)
+            if change["event"] in VISITOR_CHANGING_EVENTS:  # the visitor caches' own topic
+                await broker.publish(VISITORS_TOPIC, change)
         await broker.publish(room_topic(channel_id), event)
         return True
     except BrokerUnavailable as exc:
@@ -261,12 +268,15 @@ class SessionWatch:
 
 
 async def publish_session_ended(broker: Broker, session_hash: str) -> None:
-    """Tell every site process that a session ended (logout), so its sockets close."""
+    """Tell every site process that a session ended (logout), so its sockets close and its
+    session cache drops it.  Logged, never raised: the session already ended in the database
+    (and in this process's cache, which the caller drops first)."""
     try:
         await broker.publish(SESSIONS_TOPIC, {"type": "session_revoked",
                                                         "session": session_hash})
-    except BrokerUnavailable as exc:
-        log.warning("logout not announced to open sockets (they end on their next message): %s",
+    except Exception as exc:  # Redis down, or refusing the command
+        log.warning("logout not announced to other processes (their sockets end on their next "
+                    "message, their kept sessions within WATCHBUY_SESSION_CACHE_SECONDS): %s",
                     exc)
 
 

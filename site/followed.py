@@ -42,6 +42,12 @@ log = logging.getLogger("watchbuy.site.followed")
 limited_log = LogLimiter(log, interval=60.0)
 
 RESUBSCRIBE_DELAY = 1.0  # seconds before following the topic again after it broke
+# A cache's subscription queue.  Redis delivers what is buffered on the pub/sub connection
+# without yielding to the loop, so a burst of events lands in the queue before the follower
+# runs; a full queue ends the subscription and everything kept goes for RESUBSCRIBE_DELAY.
+# The chat's 256 per viewer is for sockets that may really be slow; a cache's events cost
+# microseconds to apply, and 4096 small messages are a few hundred KB at most.
+FOLLOW_QUEUE_SIZE = 4096
 
 
 @dataclass(slots=True)
@@ -204,7 +210,7 @@ class FollowedCache:
     async def _follow(self) -> None:
         while True:
             try:
-                async with self.broker.subscribe(self.topic) as sub:
+                async with self.broker.subscribe(self.topic, FOLLOW_QUEUE_SIZE) as sub:
                     self._interruptions = self.broker.interruptions
                     self._seq += 1
                     self._live_at = self._seq

@@ -14,7 +14,7 @@ from watchbuy.db import shows as show_queries
 from watchbuy.site.chat import server_time
 from watchbuy.site.flash import public_sale
 from watchbuy.site.media import hls_url
-from watchbuy.site.pagecache import HOME
+from watchbuy.site.pagecache import HOME, visitor_version
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.web import format_money, remember_cart_count, render
 
@@ -192,7 +192,7 @@ async def room_page(request: Request):
     # room's pages, so it goes when the room changes.
     next_show = room["shows"]["next_show"]
     mine = await visitor_bits(site, user["id"], channel["host_id"],
-                              next_show["id"] if next_show else None)
+                              next_show["id"] if next_show else None, visitor_version(request))
     room_host = user["id"] == channel["host_id"]
     key = ("room-user", slug, room_host, user["is_host"], user["is_admin"], mine["following"],
            mine["reminded"], mine["cart_count"] > 0)
@@ -217,10 +217,14 @@ async def room_page(request: Request):
 
 
 async def visitor_bits(site: SiteState, user_id: int, host_id: int,
-                       show_id: int | None) -> dict:
-    """:func:`shows.room_visitor` of this shopper, from the visitor cache when it holds it."""
+                       show_id: int | None, version: str) -> dict:
+    """:func:`shows.room_visitor` of this shopper, from the visitor cache when it holds it.
+    ``version`` is the browser's (:func:`pagecache.visitor_version`): after a write of theirs
+    it is new, so a process that has not heard the write yet reads their bits afresh instead
+    of showing what it kept from before (the old button, the old count in the badge's
+    cookie)."""
     visitors = site["visitors"]
-    key = (user_id, host_id, show_id)
+    key = (user_id, host_id, show_id, version)
     mine = visitors.get(key)
     if mine is None:
         mark = visitors.mark()  # before the read: a change of theirs from now on is not missed

@@ -422,6 +422,9 @@ class AuthMiddleware:
                 # Log-in and log-out change the session: a new csrf cookie too, so a token
                 # seen before (by anyone) is worthless after.
                 new_csrf_cookie = secrets.token_urlsafe(24)
+            visitor_cookie = scope["state"].get("visitor_cookie")
+            if visitor_cookie is not None:  # a write of the shopper's (pagecache.visitor_changed)
+                headers.append("set-cookie", visitor_cookie.decode("latin-1"))
             if new_csrf_cookie is not None:
                 headers.append("set-cookie", cookie_header(
                     CSRF_COOKIE, new_csrf_cookie, None, self.secure).decode("latin-1"))

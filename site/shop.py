@@ -405,7 +405,7 @@ async def cart_set(request: Request, add: bool):
         log_limit(request, user, message)
         return await cart_error(request, message)
     await queries.set_cart_quantity(db, user["id"], product_id, quantity)
-    await visitor_changed(state(request), user["id"])  # the room page's cart badge
+    visitor_changed(request, user["id"])  # the room page's cart badge
     if wants_json(request):
         # the header's cart badge shows the units in the cart
         count = sum(line["quantity"] for line in await queries.cart(db, user["id"]))
@@ -469,7 +469,7 @@ async def checkout(request: Request):
     except ValueError as exc:
         checkouts.labels("invalid").inc()
         return await cart_view(request, error=str(exc), status_code=400)
-    await visitor_changed(site, user["id"])  # the cart became the order
+    visitor_changed(request, user["id"])  # the cart became the order
     notifier = stock_notifier(site)
     for item in order["items"]:
         notifier.changed(item["product_id"])  # the rooms hear it, coalesced; nobody waits

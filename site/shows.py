@@ -293,7 +293,7 @@ async def remind(request: Request):
     if found is None or found["status"] != show_queries.SCHEDULED:
         raise HTTPException(404, "This show is not coming up.")
     await show_queries.set_reminder(db, user["id"], found["id"], _turn_on(form))
-    await visitor_changed(state(request), user["id"])  # the room page's reminder button
+    visitor_changed(request, user["id"])  # the room page's reminder button
     return redirect(safe_next(form.get("next")))
 
 
@@ -307,7 +307,7 @@ async def follow(request: Request):
     if channel["host_id"] == user["id"]:
         raise HTTPException(400, "You cannot follow yourself.")
     await show_queries.set_follow(db, user["id"], channel["host_id"], _turn_on(form))
-    await visitor_changed(state(request), user["id"])  # the room page's follow button
+    visitor_changed(request, user["id"])  # the room page's follow button
     return redirect(safe_next(form.get("next") or f"/room/{channel['slug']}"))
 
 

@@ -10,6 +10,11 @@
 * ``sync_site``: the same app under Starlette's TestClient, for websockets.
 * ``stripe_api``: a local stand-in of Stripe's API, a real HTTP server on 127.0.0.1.
 * ``redis_url``: the test Redis (mandatory in CI).
+* ``redis_url_refusing_publish``: the test Redis as a user that may subscribe but whose every
+  PUBLISH Redis refuses (NOPERM, a ResponseError): a process that hears but cannot announce.
+* ``redis_hold``: a TCP relay to the test Redis (``.url``) that, between ``hold()`` and
+  ``release()``, keeps what its clients send instead of passing it on (Redis blackholed for
+  commands; nothing is lost, it is sent on release).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from app_helpers import FakeNode, Site, build_app, run_sync_site, site_settings
@@ -50,6 +57,82 @@ def pytest_terminal_summary(terminalreporter) -> None:
 def redis_url() -> str:
     require_server(redis_problem(), f"Redis at {REDIS_URL}")
     return REDIS_URL
+
+
+@pytest.fixture
+def redis_url_refusing_publish(redis_url):
+    import redis
+
+    name = f"wb-test-nopublish-{uuid.uuid4().hex[:8]}"
+    admin = redis.Redis.from_url(redis_url)
+    admin.execute_command("ACL", "SETUSER", name, "on", "nopass", "~*", "&*", "+@all",
+                          "-publish")
+    parts = urlsplit(redis_url)
+    try:
+        yield parts._replace(netloc=f"{name}:any@{parts.hostname}:{parts.port or 6379}").geturl()
+    finally:
+        admin.execute_command("ACL", "DELUSER", name)
+        admin.close()
+
+
+class RedisHold:
+    """A relay to Redis on 127.0.0.1 that can stop passing on its clients' bytes."""
+
+    def __init__(self, target: str) -> None:
+        self.target = urlsplit(target)
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.held = 0  # bytes kept back while holding (for the test to see it happened)
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self.url = ""
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = self.target._replace(netloc=f"127.0.0.1:{port}").geturl()
+
+    def hold(self) -> None:
+        self.flowing.clear()
+
+    def release(self) -> None:
+        self.flowing.set()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.target.hostname,
+                                                             self.target.port or 6379)
+        self._writers += [writer, up_writer]
+
+        async def pump(source, sink, gated: bool) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await source.read(65536):
+                    if gated and not self.flowing.is_set():
+                        self.held += len(data)
+                        await self.flowing.wait()
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False))
+
+    async def close(self) -> None:
+        self.flowing.set()
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def redis_hold(redis_url):
+    hold = RedisHold(redis_url)
+    await hold.start()
+    try:
+        yield hold
+    finally:
+        await hold.close()
 
 
 @pytest.fixture(scope="session")

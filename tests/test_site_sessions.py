@@ -71,6 +71,23 @@ async def test_a_logout_in_one_process_ends_the_session_in_another(make_site, re
     assert "Log in" in (await on_two.get("/")).text
 
 
+async def test_a_logout_ends_the_session_here_even_when_redis_refuses_to_publish(
+        make_site, redis_url_refusing_publish) -> None:
+    # The process that logs out drops the session from its own cache itself, before it
+    # publishes: it does not wait for the revocation to come back through Redis (here it
+    # never does: Redis refuses this process's PUBLISH, which must not become a 500 either).
+    site = await make_site(session_cache_seconds=KEPT, broker_url=redis_url_refusing_publish,
+                           broker_prefix=f"wb-test-{uuid.uuid4().hex[:8]}:")
+    browser = await site.browser(await site.user("Sue"))
+    await kept_session(site, browser)
+    stolen = await site.browser()  # someone holding a copy of the cookie
+    stolen.login_with(browser.session_cookie)
+    assert "Log out" in (await stolen.get("/")).text
+    assert (await browser.post("/logout")).status_code == 303
+    page = await stolen.get("/")
+    assert "Log out" not in page.text and "Log in" in page.text
+
+
 async def test_a_lost_redis_connection_drops_kept_sessions_and_keeps_again(make_site,
                                                                            redis_url) -> None:
     # A logout published while the connection was down never arrives (here: revoked straight
