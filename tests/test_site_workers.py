@@ -72,8 +72,10 @@ async def test_limit_lets_in_again_once_the_window_has_moved(make_limiter) -> No
 async def test_two_redis_limiters_share_one_count(redis_url) -> None:
     # Two processes' limiters on one Redis: the count is one, whichever answers.
     prefix = f"test-{uuid.uuid4().hex}:"
-    first = RedisRateLimiter(4, 60.0, redis_url, prefix, "chat")
-    second = RedisRateLimiter(4, 60.0, redis_url, prefix, "chat")
+    # a generous timeout: this is about the shared count, and a loaded machine can take over
+    # the production 1 s to connect (the fallback would then count in this process)
+    first = RedisRateLimiter(4, 60.0, redis_url, prefix, "chat", timeout=10.0)
+    second = RedisRateLimiter(4, 60.0, redis_url, prefix, "chat", timeout=10.0)
     try:
         results = [await (first if n % 2 else second).claim(1) for n in range(6)]
         assert results == [True] * 4 + [False] * 2
@@ -84,7 +86,8 @@ async def test_two_redis_limiters_share_one_count(redis_url) -> None:
 
 async def test_redis_down_falls_back_to_this_process(caplog) -> None:
     # Nothing listens on port 1: the limit still holds, per process, with one warning.
-    limiter = RedisRateLimiter(2, 60.0, "redis://127.0.0.1:1/0", "x:", "chat", timeout=0.5)
+    # its own name: the warning is rate-limited per limiter name across the process
+    limiter = RedisRateLimiter(2, 60.0, "redis://127.0.0.1:1/0", "x:", "chat-down", timeout=0.5)
     try:
         assert [await limiter.claim(1) for _ in range(3)] == [True, True, False]
     finally:
