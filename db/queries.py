@@ -775,11 +775,15 @@ async def mark_paid(db: Database, order_id: int) -> bool:
 
 
 async def release_order(db: Database, order_id: int, status: str) -> bool:
-    """pending → cancelled/expired, once, giving the reserved stock back."""
+    """pending → cancelled/expired, once, giving the reserved stock back.
+
+    A Buy-now order also gives up its press's ``request_key``: the press bought nothing, so
+    the buy sheet's key (kept after a failed payment) may make a new order, where the unique
+    (user, key) index would otherwise answer every later press with the released order."""
     async def work():
         await db.execute(orders.update().where(orders.c.id == order_id,
                                                orders.c.status == "pending")
-                         .values(status=status, closed_at=now()))
+                         .values(status=status, closed_at=now(), request_key=None))
         if await db.affected_rows() != 1:
             return False
         items = await db.fetch_all(order_items.select().where(order_items.c.order_id == order_id))

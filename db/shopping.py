@@ -502,7 +502,8 @@ async def create_buy_now_order(db: Database, user_id: int, product_id: int, paym
     the shopper confirms the new price before anything is charged.
     ``request_key`` (the buy sheet's key for this press): a second order with the same key
     for this shopper is refused by the unique index and rolled back whole, raising
-    :class:`AlreadyOrdered` with the first one's id.
+    :class:`AlreadyOrdered` with the first one's id (a released order gave its key up, so
+    the same press may order again).
     Raises OutOfStock (``stock_seen`` 0 when it is sold out), LookupError (not for sale),
     OrderLimit / SaleLimit, PriceChanged, AlreadyOrdered."""
     from watchbuy.db.queries import lock_shopper  # shared with the cart's checkout
@@ -596,7 +597,8 @@ def _order_for_request_query() -> sa.Select:
 
 
 async def order_for_request(db: Database, user_id: int, request_key: str) -> int | None:
-    """The id of the order this shopper's Buy-now press with this key made, if it made one."""
+    """The id of the order this shopper's Buy-now press with this key made, if it made one
+    that was not released since (a released order gives its key up: queries.release_order)."""
     value = await db.fetch_val(compiled(db, "order_for_request", _order_for_request_query),
                                {"user_id": user_id, "key": request_key})
     return int(value) if value is not None else None

@@ -17,9 +17,20 @@ product without an address: field ``address``), 404 not for sale, 409 sold out o
 
 ``request_key`` (optional) is the buy sheet's random key for one press.  It goes on the order
 (unique per shopper), so the same press never makes two orders: sent twice at once, the second
-is answered with the first's order; sent again with ``retry`` (the sheet never got its answer:
-a dropped connection, a restarted process) it is answered from the order it made, if any,
-before anything else (a press whose order took the last unit is not told "sold out").
+is answered with the first's order, also when the first's order is what refuses it (the last
+unit or sale unit taken, a limit reached, the price moved: a keyed press's refusal looks its
+key up; the sold-out board's answer does so for a ``retry`` only, see :func:`buy_now`); sent
+again with ``retry`` (the sheet never got its answer: a dropped connection, a restarted
+process) it is answered from the order it made, if any, before anything else (a press whose
+order took the last unit is not told "sold out").  That answer is the order paid, or its
+payment resumed: the same Checkout Session (Stripe is asked again under the order's
+idempotency key), a charge not yet answered asked again the same way, a PaymentIntent under
+way its thank-you page.  An order released unpaid (cancelled when Stripe refused, expired)
+gives its key up (``queries.release_order``): the sheet, which keeps its key after a 5xx, makes
+a new order with its next press instead of being answered with the dead one.
+
+After the order commits, ending a flash sale it sold out and keeping a first test card are
+extras: their failure is logged and the shopper still hears the order is paid.
 
 ``expected_price_minor`` is the unit price the sheet showed.  When the price decided inside
 the order's transaction differs (a flash sale's units went, it ended or started meanwhile)
@@ -43,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable
 
 import stripe
 from starlette.requests import Request
@@ -138,29 +150,49 @@ async def buy_now(request: Request):
     request_key = str(data.get("request_key") or "").strip() or None
     if request_key is not None and not REQUEST_KEY.fullmatch(request_key):
         return field_error("This buy sheet is out of date: reload the page.", None)
-    if request_key is not None and data.get("retry") in (True, "1", "true"):
+    retry = request_key is not None and data.get("retry") in (True, "1", "true")
+    if retry:
         # the sheet sends this press again (its answer never came): the order it made, if any
-        first = await shopping.order_for_request(site["db"], user["id"], request_key)
-        if first is not None:
-            return await already_ordered(site, first)
+        answer = await answer_for_press(request, site, user, request_key)
+        if answer is not None:
+            return answer
     board = sold_out_board(site)
     checkouts = site["metrics"].checkouts
+    # A first send told "sold out" by the board costs no query, even with a key: the rush's
+    # crowd is these answers (2700 of 3000 presses), and a first send whose press already
+    # made an order can only be its twin sent at the same moment from below the page (a
+    # browser's or proxy's resend: buy.js disables the button and marks its own resends
+    # ``retry``).  Such a twin told "sold out" is the price: its order stands in /orders.
     known_sold_out, name = board.sold_out(product_id)
     if known_sold_out:
         checkouts.labels("unavailable").inc()
         return sold_out(name)
     try:
         async with board.gate(product_id):
-            made = await order_in_turn(request, site, user, data, product_id, board,
-                                       flash_sale=source != "replay", request_key=request_key)
+            known_sold_out, name = board.sold_out(product_id)
+            if known_sold_out:  # marked while this buyer waited its turn
+                checkouts.labels("unavailable").inc()
+                made: JSONResponse | tuple = sold_out(name)
+            else:
+                made = await order_in_turn(request, site, user, data, product_id, board,
+                                           flash_sale=source != "replay",
+                                           request_key=request_key)
     except shopping.AlreadyOrdered as exc:  # the same press twice at once: one order
-        return await already_ordered(site, exc.order_id)
+        return await already_ordered(request, site, user, exc.order_id) or press_again()
     if isinstance(made, JSONResponse):
+        if request_key is not None and (retry or not known_sold_out):
+            # refused (sold out, a limit, the sale's limit, a new price): when this press was
+            # sent twice at once its twin may have made the very order that refused it (took
+            # the last unit or sale unit, filled a limit): then that order is the answer.  A
+            # refusal of a keyed press only: one read, none for a press sent without a key.
+            answer = await answer_for_press(request, site, user, request_key)
+            if answer is not None:
+                return answer
         return made
     # the order is made: its payment (Stripe's API, the slow part) goes outside the gate
     order, profile, new_card, channel_id = made
     stock_notifier(site).changed(product_id)
-    await flash.sold_units(site, order)
+    await after_commit("ending the sales it sold out", order["id"], flash.sold_units(site, order))
     if not site["settings"].stripe_enabled:  # test mode: paid in its transaction
         checkouts.labels("test").inc()
         # announced from what is known here (payments.announce_purchase would read it)
@@ -171,21 +203,57 @@ async def buy_now(request: Request):
         log.info("order %s paid", order["id"])
         await payments.publish_purchases(site, order["id"], lines)
         if new_card is not None:
-            await shopping.save_card(site["db"], user["id"], *new_card)
+            await after_commit("keeping the test card", order["id"],
+                               shopping.save_card(site["db"], user["id"], *new_card))
         return JSONResponse({"ok": True, "order": public_order(order),
                              "thank_you_url": f"/orders/{order['id']}/thanks"})
     return await pay_with_stripe(request, site, user, order, profile)
 
 
-async def already_ordered(site: SiteState, order_id: int) -> JSONResponse:
-    """The answer to a press that was already answered (or should have been): its order, paid
-    (the thank-you) or with its payment under way (the thank-you page shows its status)."""
+async def after_commit(step: str, order_id: int, work: Awaitable[None]) -> None:
+    """A step after the order's transaction committed: its failure is logged, never the
+    shopper's answer (the order stands, paid in test mode: a 500 would say it did not)."""
+    try:
+        await work
+    except Exception:
+        log.exception("order %s: %s failed after the order was made", order_id, step)
+
+
+def press_again() -> JSONResponse:
+    """The twin of a press whose order was released before the twin could read it (its
+    payment failed): the press bought nothing, and its key may make a new order."""
+    return field_error("That payment did not go through: press again to buy.", None, 409)
+
+
+async def answer_for_press(request: Request, site: SiteState, user: dict,
+                           request_key: str) -> JSONResponse | None:
+    """The answer from the order this press (its key) made, or None when it made none that
+    stands: the press goes on (or its refusal stands)."""
+    first = await shopping.order_for_request(site["db"], user["id"], request_key)
+    return None if first is None else await already_ordered(request, site, user, first)
+
+
+async def already_ordered(request: Request, site: SiteState, user: dict,
+                          order_id: int) -> JSONResponse | None:
+    """The answer to a press that was already answered (or should have been): its order paid
+    (the thank-you), or with its payment under way: a Checkout (or a payment not begun: its
+    send is still at Stripe, or died) is asked of Stripe again under the order's idempotency
+    keys, which answer with the same session or charge, never a second one; an off-session
+    payment (a PaymentIntent) settles by itself (the thank-you page shows its status).
+    None when the order was released (cancelled or expired: its payment failed or never came,
+    and the release gave its key up): the press bought nothing."""
     order = await queries.order(site["db"], order_id)
     if order is None:  # its account was deleted meanwhile
         return field_error("That order no longer exists.", None, 404)
     if order["status"] == "paid":
         return JSONResponse({"ok": True, "order": public_order(order),
                              "thank_you_url": f"/orders/{order_id}/thanks"})
+    if order["status"] != "pending":  # cancelled, expired (or refunded after either)
+        return None
+    if order["payment_mode"] == "stripe" and site["payments"] is not None and \
+            not (order["payment_ref"] or "").startswith("pi_"):
+        profile = await shopping.payment_profile(site["db"], user["id"])
+        return await pay_with_stripe(request, site, user, order, profile, resumed=True)
     return JSONResponse({"redirect": f"/orders/{order_id}/thanks"})
 
 
@@ -198,10 +266,6 @@ async def order_in_turn(request: Request, site: SiteState, user: dict, data: dic
     the refusal."""
     db, settings = site["db"], site["settings"]
     checkouts = site["metrics"].checkouts
-    known_sold_out, name = board.sold_out(product_id)
-    if known_sold_out:  # marked while this buyer waited its turn
-        checkouts.labels("unavailable").inc()
-        return sold_out(name)
     product = await shopping.product_with_room(db, product_id)
     if product is None or not product["shown"]:
         return field_error("That product is not for sale.", "product_id", 404)
@@ -275,21 +339,29 @@ async def order_in_turn(request: Request, site: SiteState, user: dict, data: dic
 
 
 async def pay_with_stripe(request: Request, site: SiteState, user: dict, order: dict,
-                          profile: dict) -> JSONResponse:
-    """The saved card off-session where Stripe allows it, else Checkout for the Customer."""
+                          profile: dict, resumed: bool = False) -> JSONResponse:
+    """The saved card off-session where Stripe allows it, else Checkout for the Customer.
+
+    ``resumed``: the order's press was sent again (its answer lost) while the order is pending
+    without a PaymentIntent.  Every request to Stripe here carries the order's idempotency
+    key, so asking again answers with what the first send made (the same Checkout Session,
+    the same charge).  An order holding a session goes straight to it (never off-session:
+    the buyer could pay twice).  A failure does not release the order: its first send owns
+    it (and may be at Stripe right now); the sheet's next send asks again."""
     gateway = site["payments"]
     assert gateway is not None  # stripe mode means a gateway
     checkouts = site["metrics"].checkouts
     try:
         customer = profile.get("stripe_customer_id")
-        if customer and profile.get("saved_payment_method"):
+        if customer and profile.get("saved_payment_method") and not order["payment_ref"]:
             charged = await gateway.charge_saved(order, customer,
                                                  profile["saved_payment_method"])
             if charged is not None:
                 intent_id, status = charged
                 await queries.set_payment_ref(site["db"], order["id"], intent_id)
                 if status == "succeeded":
-                    checkouts.labels("stripe").inc()
+                    if not resumed:  # a press is counted once
+                        checkouts.labels("stripe").inc()
                     if await payments.fulfil(site["db"], order["id"], site):
                         return JSONResponse({
                             "ok": True, "order": public_order(order),
@@ -311,10 +383,13 @@ async def pay_with_stripe(request: Request, site: SiteState, user: dict, order: 
         return field_error(str(exc), None, 502)
     except payments.PaymentError as exc:
         checkouts.labels("payment_error").inc()
-        await payments.release(site, order["id"], "cancelled")
+        if not resumed:
+            await payments.release(site, order["id"], "cancelled")
         return field_error(str(exc), None, 502)
-    await queries.set_payment_ref(site["db"], order["id"], session_id)
-    checkouts.labels("stripe").inc()
+    if order["payment_ref"] != session_id:
+        await queries.set_payment_ref(site["db"], order["id"], session_id)
+    if not resumed:  # a press is counted once
+        checkouts.labels("stripe").inc()
     return JSONResponse({"redirect": url})
 
 

@@ -5,6 +5,7 @@ host's Mark shipped seen on the shopper's /orders."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 
@@ -171,6 +172,107 @@ async def test_one_press_makes_one_order_however_often_it_is_sent(site) -> None:
     theirs = await buy(await site.browser(other), cup["id"], request_key=key, retry=True)
     assert theirs.status_code == 200, theirs.text
     assert theirs.json()["order"]["id"] not in {r.json()["order"]["id"] for r in twice}
+
+
+async def test_the_same_press_sent_twice_at_once_is_answered_with_its_one_order(site) -> None:
+    """Whatever refuses the second send of a press sent twice at once because the first made
+    its order (the last unit gone, the sale's per-shopper limit reached, the sale's last unit
+    gone so the price changed), it is answered with that order, never a refusal."""
+    host = await site.user("Host", host=True)
+    shopper = await site.user("Rita Twin")
+    await shopping.save_card(site.db, shopper["id"], "visa", "4242")
+    browser = await site.browser(shopper)
+    last = await site.product(host, name="Last mug", stock=1)
+    limited = await site.product(host, name="Drop mug", price_minor=1000, stock=10)
+    await shopping.start_sale(site.db, host["id"], host["channel"]["id"], limited["id"], 500, 5,
+                              1, 600)
+    one_left = await site.product(host, name="Sale cap", price_minor=1000, stock=10)
+    await shopping.start_sale(site.db, host["id"], host["channel"]["id"], one_left["id"], 500,
+                              1, None, 600)
+    made = []
+    for product, fields in ((last, {}), (limited, {"expected_price_minor": 500}),
+                            (one_left, {"expected_price_minor": 500})):
+        key = secrets.token_urlsafe(16)
+        twice = await asyncio.gather(*(buy(browser, product["id"], request_key=key, **fields)
+                                       for _ in range(2)))
+        assert [r.status_code for r in twice] == [200, 200], \
+            (product["name"], [r.text for r in twice])
+        assert twice[0].json() == twice[1].json()
+        made.append(twice[0].json()["order"]["id"])
+    owned = await site.db.fetch_all(sa.select(orders.c.id, orders.c.status)
+                                    .where(orders.c.user_id == shopper["id"])
+                                    .order_by(orders.c.id))
+    assert [(row[0], row[1]) for row in owned] == [(order_id, "paid") for order_id in made]
+    assert [(await product_row(site.db, p["id"]))["stock"] for p in (last, limited, one_left)] \
+        == [0, 9, 9]
+
+
+# triggers that make the database refuse keeping a card and ending a flash sale (a real
+# failure of the steps after an order's commit): (MariaDB's, SQLite's)
+CARD_AND_SALE_END_REFUSED = {
+    "no_card": (
+        "CREATE TRIGGER no_card BEFORE UPDATE ON users FOR EACH ROW BEGIN "
+        "IF NOT (NEW.saved_card_last4 <=> OLD.saved_card_last4) THEN "
+        "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'cards refused'; END IF; END",
+        "CREATE TRIGGER no_card BEFORE UPDATE OF saved_card_last4 ON users "
+        "WHEN NEW.saved_card_last4 IS NOT OLD.saved_card_last4 "
+        "BEGIN SELECT RAISE(ABORT, 'cards refused'); END"),
+    "no_sale_end": (
+        "CREATE TRIGGER no_sale_end BEFORE UPDATE ON flash_sales FOR EACH ROW BEGIN "
+        "IF NEW.ended_at IS NOT NULL AND OLD.ended_at IS NULL THEN "
+        "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'sale ends refused'; END IF; END",
+        "CREATE TRIGGER no_sale_end BEFORE UPDATE OF ended_at ON flash_sales "
+        "WHEN NEW.ended_at IS NOT NULL AND OLD.ended_at IS NULL "
+        "BEGIN SELECT RAISE(ABORT, 'sale ends refused'); END"),
+}
+
+
+@contextlib.asynccontextmanager
+async def refusing(db, triggers: dict[str, tuple[str, str]]):
+    """The triggers installed for the block (the MariaDB database outlives the test)."""
+    try:
+        for mariadb, sqlite in triggers.values():
+            await db.execute(mariadb if db.dialect_name == "mysql" else sqlite)
+        yield
+    finally:
+        for name in triggers:
+            await db.execute(f"DROP TRIGGER IF EXISTS {name}")
+
+
+async def test_a_paid_order_is_answered_paid_when_the_steps_after_it_fail(site, caplog) -> None:
+    """After the test-mode order commits (paid), ending the flash sale it sold out and keeping
+    the first test card are extras: when they fail (here: the database refuses them, through
+    triggers) the shopper is still told the order is paid, and the failure is logged."""
+    host = await site.user("Host", host=True)
+    shopper = await site.user("Ann First", address=False)
+    browser = await site.browser(shopper)
+    await browser.get("/")
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=5)
+    cap = await site.product(host, name="Cap", price_minor=1000, stock=5)
+    sale_id = await shopping.start_sale(site.db, host["id"], host["channel"]["id"], cap["id"],
+                                        500, 1, None, 600)
+    async with refusing(site.db, CARD_AND_SALE_END_REFUSED):
+        # the first purchase: the card is typed, and keeping it fails
+        response = await buy(browser, mug["id"], **NEW_ADDRESS, **CARD, request_key="press-one")
+        assert response.status_code == 200 and response.json()["ok"] is True, response.text
+        first = await queries.order(site.db, response.json()["order"]["id"])
+        assert first["status"] == "paid"
+        assert (await shopping.payment_profile(site.db, shopper["id"]))["saved_card_last4"] is None
+        # the sale's only unit: ending the sale it sold out fails
+        response = await buy(browser, cap["id"], **CARD, expected_price_minor=500)
+        assert response.status_code == 200 and response.json()["ok"] is True, response.text
+        second = await queries.order(site.db, response.json()["order"]["id"])
+        assert second["status"] == "paid" and second["total_minor"] == 500
+        assert (await shopping.sale(site.db, sale_id))["ended_at"] is None  # it did fail
+        failures = [r.getMessage() for r in caplog.records if r.name == "watchbuy.site.buynow"
+                    and "failed after the order was made" in r.getMessage()]
+        assert failures == [
+            f"order {first['id']}: keeping the test card failed after the order was made",
+            f"order {second['id']}: ending the sales it sold out failed after the order was made",
+            f"order {second['id']}: keeping the test card failed after the order was made"]
+        # the press sent again is answered from the paid order too
+        again = await buy(browser, mug["id"], request_key="press-one", retry=True)
+        assert again.status_code == 200 and again.json()["order"]["id"] == first["id"]
 
 
 async def test_cart_checkout_copies_the_address_and_needs_one(site) -> None:
@@ -477,4 +579,129 @@ async def test_processing_payments_settle_by_webhook_cancel_or_upkeep(make_site,
     assert (await queries.order(site.db, second["id"]))["status"] == "paid"
     assert (await queries.order(site.db, third["id"]))["status"] == "expired"
     assert stripe_api.intents[third["payment_ref"]]["status"] == "canceled"
+    assert (await product_row(site.db, mug["id"]))["stock"] == 4
+
+
+def session_creates(stripe_api, since: int) -> list[dict]:
+    """The Checkout Session creations the stand-in heard since request ``since``."""
+    return [r for r in stripe_api.requests[since:] if "path" not in r]
+
+
+async def test_a_checkout_press_sent_again_gets_its_checkout_not_a_waiting_page(
+        make_site, stripe_api) -> None:
+    """A press whose Checkout answer was lost, sent again, goes to the same Checkout Session
+    (asked of Stripe again under the order's idempotency key with the same parameters), also
+    when it comes while the first send is still at Stripe (the order holds no session yet);
+    a pending off-session payment (a PaymentIntent) is answered with its thank-you page."""
+    site = await make_site(**stripe_settings(stripe_api))
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=5)
+    shopper = await site.user("Ann")
+    browser = await site.browser(shopper)
+    await browser.get("/")
+    key = secrets.token_urlsafe(16)
+    since = len(stripe_api.requests)
+    first = await buy(browser, mug["id"], request_key=key)
+    assert first.status_code == 200, first.text
+    url = first.json()["redirect"]
+    assert url.startswith("https://checkout.stripe.test/")
+    again = await buy(browser, mug["id"], request_key=key, retry=True)
+    assert again.status_code == 200 and again.json() == {"redirect": url}, again.text
+    creates = session_creates(stripe_api, since)
+    assert len(creates) == 2 and creates[0]["form"] == creates[1]["form"]
+    assert creates[0]["headers"]["idempotency-key"] == creates[1]["headers"]["idempotency-key"]
+    order_id = int(creates[0]["form"]["metadata[order_id]"])
+    assert (await queries.order(site.db, order_id))["payment_ref"] == url.rsplit("/", 1)[1]
+
+    # the retry comes while the first send is still at Stripe: the order has no session yet
+    key = secrets.token_urlsafe(16)
+    pending = await shopping.create_buy_now_order(
+        site.db, shopper["id"], mug["id"], "stripe", test_mode=True, address=shopper["address"],
+        max_pending=None, max_units=None, request_key=key)
+    again = await buy(browser, mug["id"], request_key=key, retry=True)
+    assert again.status_code == 200, again.text
+    url = again.json()["redirect"]
+    assert url.startswith("https://checkout.stripe.test/")
+    session_id = url.rsplit("/", 1)[1]
+    assert (await queries.order(site.db, pending["id"]))["payment_ref"] == session_id
+    # ... and the first send's own request, when it lands, is answered with the same session
+    profile = await shopping.payment_profile(site.db, shopper["id"])
+    made = await site.app.state.payments.create_checkout(
+        pending, site.settings.public_url, site.settings.checkout_minutes,
+        customer=profile["stripe_customer_id"])
+    assert made == (session_id, url)
+    assert [o["status"] for o in await queries.user_orders(site.db, shopper["id"])] == \
+        ["pending", "pending"]
+
+    # a saved card: the retry of a press whose charge had not been answered asks Stripe again
+    # under the same key (one charge) and the order is paid
+    saver, saver_browser, customer = await saved_card_shopper(site, stripe_api, "Sam")
+    key = secrets.token_urlsafe(16)
+    pending = await shopping.create_buy_now_order(
+        site.db, saver["id"], mug["id"], "stripe", test_mode=True, address=saver["address"],
+        max_pending=None, max_units=None, request_key=key)
+    again = await buy(saver_browser, mug["id"], request_key=key, retry=True)
+    assert again.status_code == 200 and again.json()["ok"] is True, again.text
+    paid = await queries.order(site.db, pending["id"])
+    assert paid["status"] == "paid" and paid["payment_ref"].startswith("pi_")
+    # an off-session payment still processing: the thank-you page, nothing asked of Stripe
+    stripe_api.new_intent_status = "processing"
+    try:
+        key = secrets.token_urlsafe(16)
+        first = await buy(saver_browser, mug["id"], request_key=key)
+    finally:
+        stripe_api.new_intent_status = "succeeded"
+    thanks = first.json()["redirect"]
+    assert thanks.endswith("/thanks"), first.text
+    since = len(stripe_api.requests)
+    again = await buy(saver_browser, mug["id"], request_key=key, retry=True)
+    assert again.status_code == 200 and again.json() == {"redirect": thanks}
+    assert stripe_api.requests[since:] == []
+    assert sum(1 for i in stripe_api.intents.values() if i["customer"] == customer) == 2
+
+
+async def request_keys(site, user: dict) -> list[tuple[str, bool]]:
+    """The shopper's orders as (status, whether it holds a press's key), oldest first."""
+    rows = await site.db.fetch_all(sa.select(orders.c.status, orders.c.request_key)
+                                   .where(orders.c.user_id == user["id"])
+                                   .order_by(orders.c.id))
+    return [(row[0], row[1] is not None) for row in rows]
+
+
+async def test_a_press_whose_order_was_released_buys_when_sent_again(
+        make_site, stripe_api) -> None:
+    """Stripe refused the Checkout: the order is cancelled and gives its press's key up, so
+    the sheet's next send (buy.js keeps the key after a 5xx) makes a new order instead of
+    being answered with the cancelled one; so does a press whose session expired."""
+    site = await make_site(**stripe_settings(stripe_api))
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=5)
+    shopper = await site.user("Ann")
+    browser = await site.browser(shopper)
+    await browser.get("/")
+    key = secrets.token_urlsafe(16)
+    stripe_api.fail_next = True
+    first = await buy(browser, mug["id"], request_key=key)
+    assert first.status_code == 502, first.text
+    assert await request_keys(site, shopper) == [("cancelled", False)]
+    assert (await product_row(site.db, mug["id"]))["stock"] == 5
+    again = await buy(browser, mug["id"], request_key=key, retry=True)
+    assert again.status_code == 200, again.text
+    url = again.json()["redirect"]
+    assert url.startswith("https://checkout.stripe.test/")
+    # the same press once more (not marked a retry): the new order's session, no third order
+    twin = await buy(browser, mug["id"], request_key=key)
+    assert twin.status_code == 200 and twin.json() == {"redirect": url}, twin.text
+    assert await request_keys(site, shopper) == [("cancelled", False), ("pending", True)]
+    # its session expires unpaid: the order gives the key up too, and the press buys again
+    session = stripe_api.sessions[url.rsplit("/", 1)[1]]
+    assert (await deliver(site, stripe_event("checkout.session.expired", session,
+                                             status="expired"))).status_code == 200
+    assert await request_keys(site, shopper) == [("cancelled", False), ("expired", False)]
+    third = await buy(browser, mug["id"], request_key=key, retry=True)
+    assert third.status_code == 200, third.text
+    assert third.json()["redirect"].startswith("https://checkout.stripe.test/")
+    assert third.json()["redirect"] != url
+    assert await request_keys(site, shopper) == [("cancelled", False), ("expired", False),
+                                                 ("pending", True)]
     assert (await product_row(site.db, mug["id"]))["stock"] == 4
