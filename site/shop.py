@@ -73,6 +73,8 @@ from watchbuy.site.web import (
 )
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
+
     from watchbuy.db.database import Database
 
 log = logging.getLogger("watchbuy.site.shop")
@@ -87,40 +89,55 @@ COALESCE_LOG_INTERVAL = 10.0  # seconds between two "stock events coalesced" lin
 class StockNotifier:
     """Tells a product's room its stock, coalesced: at most one event per product per
     ``interval`` seconds from this process, reading the stock when it sends (so the latest
-    value wins and a burst of sales costs one read), and at once when a shopper was just told
-    "sold out" and the room has not been told yet.
+    value wins and a burst of sales costs one read); at once only when the room's picture is
+    wrong in a way that matters now: a shopper was just refused as sold out while the room was
+    not told 0, or units came back while it was told 0 (see :meth:`changed`).
 
     :meth:`changed` never awaits: a checkout's answer does not wait for the room.  The event is
     ``{"type": "stock", "product_id", "stock", "sold", "coalesce": "stock:<id>"}``; the
     ``coalesce`` key lets each viewer's queue keep only the latest one (site/broker/memory.py).
     """
 
-    def __init__(self, db: Database, broker, interval: float) -> None:
+    def __init__(self, db: Database, broker, interval: float,
+                 events: Counter | None = None) -> None:
         self.db = db
         # weakly: the notifiers are kept in a WeakKeyDictionary keyed by their broker, which
         # a strong reference from the value would keep alive for ever
         self._broker = weakref.ref(broker)
         self.interval = interval
         self.coalesced = 0  # changes folded into an event already scheduled (for tests/stats)
+        self.published = 0  # events sent (for tests/stats)
+        self._events = events  # the site's watchbuy_site_stock_events_total, when there is one
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._reading: set[int] = set()  # products whose read and publish are under way
-        self._again: set[int] = set()  # changed while being read: another event after
+        # changed while being read: another event after, with what those changes said
+        # (sold_out, units_back), so that the follow-up is as urgent as they were, no more
+        self._again: dict[int, tuple[bool, bool]] = {}
         self._last: dict[int, float] = {}  # product -> when its last event went (monotonic)
         self._told: dict[int, int] = {}  # product -> the stock its room was last told
         self._tasks: set[asyncio.Task] = set()
         self._logged: dict[int, float] = {}  # product -> when coalescing was last logged
 
-    def changed(self, product_id: int, sold_out: bool = False) -> None:
-        """The stock of ``product_id`` changed (``sold_out``: a shopper was refused for it).
+    def changed(self, product_id: int, sold_out: bool = False,
+                units_back: bool = False) -> None:
+        """The stock of ``product_id`` changed.
 
-        Goes at once, not coalesced, when a shopper was refused and the room was not told 0
-        yet, and when the room was told 0 and something changed since (units came back: a
-        restock, a released order), which also clears every process's sold-out mark."""
-        told = self._told.get(product_id)
-        urgent = told != 0 if sold_out else told == 0
+        ``sold_out``: a shopper was just refused because none is left.  ``units_back``: units
+        were given back or added (a released order, a restock), not taken.  Anything else (a
+        sale, a refusal that does not prove 0 is left) waits for the interval, coalesced.
+
+        Goes at once, not coalesced, in two cases only: a refusal while the room was not told
+        0 (the room shows units that are gone), and units back while it was told 0 (the room
+        and every process's sold-out mark say "sold out" when there are units: the event
+        clears the marks).  A refusal once the room was told 0 is coalesced like a sale: in a
+        rush a thousand refusals arrive after the last unit went, and each event costs a read
+        and drops the room's kept pages in every process."""
         if product_id in self._reading:
-            self._again.add(product_id)
+            queued = self._again.get(product_id, (False, False))
+            self._again[product_id] = (queued[0] or sold_out, queued[1] or units_back)
             return
+        told = self._told.get(product_id)
+        urgent = (sold_out and told != 0) or (units_back and told == 0)
         timer = self._timers.get(product_id)
         if timer is not None:
             if not urgent:
@@ -149,6 +166,16 @@ class StockNotifier:
         self._tasks.add(task)  # a reference, or the task could be collected mid-way
         task.add_done_callback(self._tasks.discard)
 
+    def _sent(self, product_id: int) -> None:
+        """After a read and publish (done or failed): the changes that arrived meanwhile are
+        scheduled again, as urgent as they said (a refusal heard while the room was being told
+        0 waits for the interval; it does not start another read at once)."""
+        self._last[product_id] = time.monotonic()
+        self._reading.discard(product_id)
+        queued = self._again.pop(product_id, None)
+        if queued is not None:
+            self.changed(product_id, sold_out=queued[0], units_back=queued[1])
+
     async def _publish(self, product_id: int) -> None:
         try:
             found = await queries.product_stock_room(self.db, product_id)
@@ -165,15 +192,14 @@ class StockNotifier:
                         "type": "stock", "product_id": product_id, "stock": stock,
                         "sold": sold, "coalesce": f"stock:{product_id}"})
                 self._told[product_id] = stock
+                self.published += 1
+                if self._events is not None:
+                    self._events.inc()
         except Exception as exc:  # the database or broker hiccupped: the next sale retries
             notifier_log.warning("stock", "stock event for product %s failed: %s",
                                  product_id, exc)
         finally:
-            self._last[product_id] = time.monotonic()
-            self._reading.discard(product_id)
-            if product_id in self._again:
-                self._again.discard(product_id)
-                self.changed(product_id)
+            self._sent(product_id)
 
 
 # One notifier per broker (each app has its own broker), kept beside it rather than in the
@@ -289,7 +315,8 @@ def stock_notifier(site: SiteState) -> StockNotifier:
     notifier = _notifiers.get(site["broker"])
     if notifier is None:
         notifier = _notifiers[site["broker"]] = StockNotifier(
-            site["db"], site["broker"], site["settings"].stock_event_interval)
+            site["db"], site["broker"], site["settings"].stock_event_interval,
+            site["metrics"].stock_events)
     return notifier
 
 
@@ -319,11 +346,7 @@ class SaleNotifier(StockNotifier):
             flash.announce_log.warning("remaining", "flash sale %s remaining not announced: %s",
                                  sale_id, exc)
         finally:
-            self._last[sale_id] = time.monotonic()
-            self._reading.discard(sale_id)
-            if sale_id in self._again:
-                self._again.discard(sale_id)
-                self.changed(sale_id)
+            self._sent(sale_id)
 
 
 # one per broker, as shop.stock_notifier
@@ -454,7 +477,9 @@ async def checkout(request: Request):
     except (queries.OutOfStock, queries.NotForSale) as exc:
         checkouts.labels("unavailable").inc()
         if isinstance(exc, queries.OutOfStock) and exc.product_id is not None:
-            # a room still showing units of a product that has none left hears it now
+            # a room still showing units of a product that has none left hears it now (a
+            # refusal that does not prove none is left, a cart of several units, waits for the
+            # interval like a sale: it must not start a read per refused shopper)
             stock_notifier(site).changed(exc.product_id, sold_out=exc.stock_seen == 0)
         return await cart_view(request, error=f"Sorry: {exc}. Adjust your cart and try again.",
                                status_code=409, lines=getattr(exc, "lines", None))
