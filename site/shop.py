@@ -58,6 +58,7 @@ from watchbuy.db import queries, shopping
 from watchbuy.logs import LogLimiter
 from watchbuy.site import flash, payments
 from watchbuy.site.chat import publish_room_event
+from watchbuy.site.followed import FollowedCache
 from watchbuy.site.pagecache import visitor_changed
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.web import (
@@ -213,6 +214,22 @@ SOLD_OUT_TTL = 1.0  # seconds a "sold out" mark is trusted without a stock event
 BUYERS_IN_FLIGHT = 8
 
 
+SOLD_OUT_ENTRIES = 10_000  # products marked at once in one process (the oldest mark goes)
+
+
+class _SoldOutMarks(FollowedCache):
+    """The board's marks (site/followed.py): product -> (its name,), scoped by product, kept
+    for the board's ttl while the stock events are heard."""
+
+    def _apply(self, message: dict) -> None:
+        product_id, stock = message.get("product_id"), message.get("stock")
+        if not isinstance(product_id, int) or not isinstance(stock, int):
+            return
+        self.changed(product_id)  # a restock, a release: its mark (if any) no longer holds
+        if stock <= 0 and self.live:  # another process sold the last unit: marked here too
+            self._store(product_id, product_id, (message.get("name"),))
+
+
 class SoldOutBoard:
     """The products this site process knows are sold out, so that the Buy-now crowd told
     "sold out" costs no database work (in a rush of 3000 presses on 300 units, 2700 answers).
@@ -220,22 +237,36 @@ class SoldOutBoard:
     A product is marked when this process reads its stock at 0, or hears a stock event of 0
     from the broker (another process sold the last unit); it is cleared by a stock event above
     0 (a restock, a released order, in any process: the StockNotifier publishes every one on
-    :data:`STOCK_TOPIC`), and in any case trusted for :data:`SOLD_OUT_TTL` seconds only, so a
-    lost event (the broker down, this process's subscription dropped) costs one database read
-    a second.  It never sells anything: the database's conditional UPDATE decides who buys; a
-    stale mark can only say "sold out" for up to a second after a restock.
+    :data:`STOCK_TOPIC`, at once when the room was told 0), and in any case trusted for
+    :data:`SOLD_OUT_TTL` seconds only.  The marks are a :class:`FollowedCache`: nothing is
+    marked while the stock events are not heard (the subscription not live yet, Redis down,
+    its connection lost: everything marked goes, since a restock may have been missed), so a
+    buyer then reads the product, a few at a time through the gate.  It never sells anything:
+    the database's conditional UPDATE decides who buys; a stale mark can only say "sold out"
+    for up to ``ttl`` after a restock whose event was published while this process read 0.
     """
 
     def __init__(self, broker, ttl: float = SOLD_OUT_TTL,
                  in_flight: int = BUYERS_IN_FLIGHT) -> None:
-        self._broker = weakref.ref(broker)  # weakly: see StockNotifier
         self.ttl = ttl
         self.in_flight = in_flight
-        self._marks: dict[int, tuple[str | None, float]] = {}  # product -> (name, until)
-        self._listener: asyncio.Task | None = None
-        self.following = asyncio.Event()  # set while the stock events are heard (for tests)
+        self.answered = 0  # presses answered from a mark, with no query (tests, stats)
+        self._marks = _SoldOutMarks(broker, STOCK_TOPIC, ttl, SOLD_OUT_ENTRIES,
+                                    "sold-out board")
         # kept while a buyer holds or waits for one
         self._gates: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    @property
+    def live(self) -> bool:
+        """Whether marks are kept now (the stock events are heard)."""
+        return self._marks.live
+
+    def follow(self) -> None:
+        """Hear the stock events from now on (in the background; the first buyer's gate)."""
+        self._marks.follow()
+
+    async def close(self) -> None:
+        await self._marks.close()
 
     def gate(self, product_id: int) -> asyncio.Semaphore:
         """The turnstile of one product's buyers in this process: ``in_flight`` at a time.
@@ -246,6 +277,7 @@ class SoldOutBoard:
         gate the first buyers take the stock a few at a time, the one that finds it gone marks
         the product, and everyone still waiting is answered from the mark with no query.
         (The database's conditional UPDATE still decides every sale.)"""
+        self.follow()  # live by the time the stock runs out
         gate = self._gates.get(product_id)
         if gate is None:
             gate = self._gates[product_id] = asyncio.Semaphore(self.in_flight)
@@ -253,51 +285,22 @@ class SoldOutBoard:
 
     def sold_out(self, product_id: int) -> tuple[bool, str | None]:
         """(whether ``product_id`` is known sold out, its name when known)."""
-        mark = self._marks.get(product_id)
-        if mark is None:
+        kept = self._marks.get(product_id)
+        if kept is None:
             return False, None
-        if mark[1] < time.monotonic():
-            del self._marks[product_id]
-            return False, None
-        return True, mark[0]
+        self.answered += 1
+        return True, kept[0]
 
     def mark(self, product_id: int, name: str | None = None) -> None:
-        known = self._marks.get(product_id)
-        if name is None and known is not None:
-            name = known[0]
-        self._marks[product_id] = (name, time.monotonic() + self.ttl)
-        self._listen()
+        """This process read the product's stock at 0 (kept only while the events are heard)."""
+        self.follow()
+        if name is None:
+            known = self._marks.get(product_id)
+            name = known[0] if known is not None else None
+        self._marks.put(product_id, product_id, (name,), self._marks.mark())
 
     def clear(self, product_id: int) -> None:
-        self._marks.pop(product_id, None)
-
-    def _listen(self) -> None:
-        """Subscribe to the stock events once (the first mark), in the background."""
-        if self._listener is not None and not self._listener.done():
-            return
-        self._listener = asyncio.ensure_future(self._follow())
-
-    async def _follow(self) -> None:
-        broker = self._broker()
-        if broker is None:
-            return
-        try:
-            async with broker.subscribe(STOCK_TOPIC) as events:
-                self.following.set()
-                async for event in events:
-                    product_id, stock = event.get("product_id"), event.get("stock")
-                    if not isinstance(product_id, int) or not isinstance(stock, int):
-                        continue
-                    if stock > 0:
-                        self.clear(product_id)
-                    else:
-                        self.mark(product_id, event.get("name"))
-        except Exception as exc:  # the broker is down: the marks' expiry is the safety net
-            notifier_log.warning("sold-out", "stock events not followed: %s", exc)
-        # ended (broker closed, or this subscriber dropped for lagging): the marks may have
-        # missed a restock, so they are forgotten; the next mark subscribes again
-        self.following.clear()
-        self._marks.clear()
+        self._marks.changed(product_id)
 
 
 _boards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -308,7 +311,15 @@ def sold_out_board(site: SiteState) -> SoldOutBoard:
     board = _boards.get(site["broker"])
     if board is None:
         board = _boards[site["broker"]] = SoldOutBoard(site["broker"])
+        board.follow()  # live by the time a product sells out
     return board
+
+
+async def close_sold_out_board(broker) -> None:
+    """Stops the board of ``broker`` (the app's lifespan, before the broker closes)."""
+    board = _boards.pop(broker, None)
+    if board is not None:
+        await board.close()
 
 
 def stock_notifier(site: SiteState) -> StockNotifier:
