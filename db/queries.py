@@ -662,7 +662,9 @@ async def create_order_from_cart(db: Database, user_id: int, payment_mode: str,
                     products.c.id == product_id, products.c.deleted == sa.false()))
                 if not now_shown:
                     raise NotForSale(name)
-                raise OutOfStock(name, product_id)  # rolls everything back
+                # refused with stock < quantity: for one unit that proves none is left (the
+                # rush's case, whose rooms are told "sold out" at once); for more it does not
+                raise OutOfStock(name, product_id, 0 if quantity == 1 else None)  # rolls back
 
     async def work() -> tuple[int, list[dict], dict | None]:
         nonlocal stamp

@@ -280,6 +280,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             await site["room_live"].close()
             await site["heart_limiter"].close()
             await site["pin_limiter"].close()
+            await shop.close_sold_out_board(broker)  # made on first use (site/shop.py)
             await broker.close()
             await db.disconnect()
 

@@ -90,9 +90,19 @@ class FollowedCache:
 
     async def start(self) -> None:
         """Follows the topic (in the background) when anything is kept at all."""
+        self.follow()
+
+    def follow(self) -> None:
+        """:meth:`start` for a caller that cannot await (a cache made on first use); does
+        nothing once following."""
         if self.enabled and self._follower is None:
             self._follower = asyncio.get_running_loop().create_task(
                 self._follow(), name=f"{self.what}-follow")
+
+    @property
+    def live(self) -> bool:
+        """Whether values may be kept now (the subscription is live)."""
+        return self._live_at is not None
 
     def get(self, key: Hashable) -> Any:
         """The kept value, or None."""
@@ -120,13 +130,18 @@ class FollowedCache:
         if (self._live_at is None or self._live_at > mark
                 or self._changed_at.get(scope, -1) > mark):
             return False
+        self._store(key, scope, value)
+        return True
+
+    def _store(self, key: Hashable, scope: Hashable, value: Any) -> None:
+        """Keeps ``value``, :meth:`put`'s checks done (an event's own news, from
+        :meth:`_apply`, which must not catch up again from inside the catching up)."""
         if key in self._entries:
             self._remove(key)
         self._entries[key] = _Entry(scope, value, time.monotonic() + self.seconds)
         self._keys.setdefault(scope, set()).add(key)
         while len(self._entries) > self.max_entries:
             self._remove(next(iter(self._entries)))
-        return True
 
     def changed(self, *scopes: Hashable) -> None:
         """What is kept under ``scopes`` no longer holds: it goes, and so does what is being

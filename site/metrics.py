@@ -67,6 +67,10 @@ class SiteMetrics:
                                  ["result"], registry=self.registry)
         self.webhooks = Counter("watchbuy_site_webhooks", "Stripe webhook deliveries, by "
                                 "outcome", ["outcome"], registry=self.registry)
+        self.stock_events = Counter(
+            "watchbuy_site_stock_events", "Stock events this process published (a product's "
+            "stock read and sent to its room: at most one per WATCHBUY_STOCK_EVENT_INTERVAL, "
+            "plus sold out and units back at once)", registry=self.registry)
         self.ws_dropped = _BrokerDrops()
         self.registry.register(self.ws_dropped)
 

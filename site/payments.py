@@ -277,7 +277,7 @@ async def release(site: SiteState, order_id: int, status: str) -> bool:
     released = await queries.release_order(site["db"], order_id, status)
     if released:
         log.info("order %s %s; stock released", order_id, status)
-        await announce_stock(site, await queries.order(site["db"], order_id))
+        await announce_stock(site, await queries.order(site["db"], order_id), units_back=True)
     return released
 
 
@@ -317,7 +317,7 @@ async def late_payment(site: SiteState, order: dict, payment_intent: str | None)
             # paid at the sale price already: kept (a refund would lose a sale the shopper
             # paid for), but the host sold more at that price than the sale offered
             log.error("order %s: %s", order["id"], queries.SALE_UNITS_GONE)
-        await announce_stock(site, order)
+        await announce_stock(site, order)  # units taken again, not given back
         return "paid"
     if not payment_intent:
         log.error("order %s: sold out and no payment intent to refund: refund it by hand",
@@ -333,14 +333,16 @@ async def late_payment(site: SiteState, order: dict, payment_intent: str | None)
     return "refunded"
 
 
-async def announce_stock(site: SiteState, order: dict) -> None:
+async def announce_stock(site: SiteState, order: dict, units_back: bool = False) -> None:
     """The rooms of the order's products hear their new stock (coalesced, never awaited: a
-    burst of expiries or cancels is one event per product, as a burst of sales is)."""
+    burst of expiries or cancels is one event per product, as a burst of sales is).
+    ``units_back``: the order gave its units back (released): a room told "sold out" hears
+    it at once, and so does every process's sold-out board (shop.StockNotifier.changed)."""
     from watchbuy.site.shop import stock_notifier  # shop imports this module
 
     notifier = stock_notifier(site)
     for item in order["items"]:
-        notifier.changed(item["product_id"])
+        notifier.changed(item["product_id"], units_back=units_back)
 
 
 def check_test_card(number: str, expiry: str, cvc: str, today: date | None = None) -> str | None:

@@ -58,6 +58,7 @@ from watchbuy.db import queries, shopping
 from watchbuy.logs import LogLimiter
 from watchbuy.site import flash, payments
 from watchbuy.site.chat import publish_room_event
+from watchbuy.site.followed import FollowedCache
 from watchbuy.site.pagecache import visitor_changed
 from watchbuy.site.state import SiteState, state
 from watchbuy.site.web import (
@@ -73,6 +74,8 @@ from watchbuy.site.web import (
 )
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
+
     from watchbuy.db.database import Database
 
 log = logging.getLogger("watchbuy.site.shop")
@@ -87,40 +90,55 @@ COALESCE_LOG_INTERVAL = 10.0  # seconds between two "stock events coalesced" lin
 class StockNotifier:
     """Tells a product's room its stock, coalesced: at most one event per product per
     ``interval`` seconds from this process, reading the stock when it sends (so the latest
-    value wins and a burst of sales costs one read), and at once when a shopper was just told
-    "sold out" and the room has not been told yet.
+    value wins and a burst of sales costs one read); at once only when the room's picture is
+    wrong in a way that matters now: a shopper was just refused as sold out while the room was
+    not told 0, or units came back while it was told 0 (see :meth:`changed`).
 
     :meth:`changed` never awaits: a checkout's answer does not wait for the room.  The event is
     ``{"type": "stock", "product_id", "stock", "sold", "coalesce": "stock:<id>"}``; the
     ``coalesce`` key lets each viewer's queue keep only the latest one (site/broker/memory.py).
     """
 
-    def __init__(self, db: Database, broker, interval: float) -> None:
+    def __init__(self, db: Database, broker, interval: float,
+                 events: Counter | None = None) -> None:
         self.db = db
         # weakly: the notifiers are kept in a WeakKeyDictionary keyed by their broker, which
         # a strong reference from the value would keep alive for ever
         self._broker = weakref.ref(broker)
         self.interval = interval
         self.coalesced = 0  # changes folded into an event already scheduled (for tests/stats)
+        self.published = 0  # events sent (for tests/stats)
+        self._events = events  # the site's watchbuy_site_stock_events_total, when there is one
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._reading: set[int] = set()  # products whose read and publish are under way
-        self._again: set[int] = set()  # changed while being read: another event after
+        # changed while being read: another event after, with what those changes said
+        # (sold_out, units_back), so that the follow-up is as urgent as they were, no more
+        self._again: dict[int, tuple[bool, bool]] = {}
         self._last: dict[int, float] = {}  # product -> when its last event went (monotonic)
         self._told: dict[int, int] = {}  # product -> the stock its room was last told
         self._tasks: set[asyncio.Task] = set()
         self._logged: dict[int, float] = {}  # product -> when coalescing was last logged
 
-    def changed(self, product_id: int, sold_out: bool = False) -> None:
-        """The stock of ``product_id`` changed (``sold_out``: a shopper was refused for it).
+    def changed(self, product_id: int, sold_out: bool = False,
+                units_back: bool = False) -> None:
+        """The stock of ``product_id`` changed.
 
-        Goes at once, not coalesced, when a shopper was refused and the room was not told 0
-        yet, and when the room was told 0 and something changed since (units came back: a
-        restock, a released order), which also clears every process's sold-out mark."""
-        told = self._told.get(product_id)
-        urgent = told != 0 if sold_out else told == 0
+        ``sold_out``: a shopper was just refused because none is left.  ``units_back``: units
+        were given back or added (a released order, a restock), not taken.  Anything else (a
+        sale, a refusal that does not prove 0 is left) waits for the interval, coalesced.
+
+        Goes at once, not coalesced, in two cases only: a refusal while the room was not told
+        0 (the room shows units that are gone), and units back while it was told 0 (the room
+        and every process's sold-out mark say "sold out" when there are units: the event
+        clears the marks).  A refusal once the room was told 0 is coalesced like a sale: in a
+        rush a thousand refusals arrive after the last unit went, and each event costs a read
+        and drops the room's kept pages in every process."""
         if product_id in self._reading:
-            self._again.add(product_id)
+            queued = self._again.get(product_id, (False, False))
+            self._again[product_id] = (queued[0] or sold_out, queued[1] or units_back)
             return
+        told = self._told.get(product_id)
+        urgent = (sold_out and told != 0) or (units_back and told == 0)
         timer = self._timers.get(product_id)
         if timer is not None:
             if not urgent:
@@ -149,6 +167,16 @@ class StockNotifier:
         self._tasks.add(task)  # a reference, or the task could be collected mid-way
         task.add_done_callback(self._tasks.discard)
 
+    def _sent(self, product_id: int) -> None:
+        """After a read and publish (done or failed): the changes that arrived meanwhile are
+        scheduled again, as urgent as they said (a refusal heard while the room was being told
+        0 waits for the interval; it does not start another read at once)."""
+        self._last[product_id] = time.monotonic()
+        self._reading.discard(product_id)
+        queued = self._again.pop(product_id, None)
+        if queued is not None:
+            self.changed(product_id, sold_out=queued[0], units_back=queued[1])
+
     async def _publish(self, product_id: int) -> None:
         try:
             found = await queries.product_stock_room(self.db, product_id)
@@ -165,15 +193,14 @@ class StockNotifier:
                         "type": "stock", "product_id": product_id, "stock": stock,
                         "sold": sold, "coalesce": f"stock:{product_id}"})
                 self._told[product_id] = stock
+                self.published += 1
+                if self._events is not None:
+                    self._events.inc()
         except Exception as exc:  # the database or broker hiccupped: the next sale retries
             notifier_log.warning("stock", "stock event for product %s failed: %s",
                                  product_id, exc)
         finally:
-            self._last[product_id] = time.monotonic()
-            self._reading.discard(product_id)
-            if product_id in self._again:
-                self._again.discard(product_id)
-                self.changed(product_id)
+            self._sent(product_id)
 
 
 # One notifier per broker (each app has its own broker), kept beside it rather than in the
@@ -187,6 +214,22 @@ SOLD_OUT_TTL = 1.0  # seconds a "sold out" mark is trusted without a stock event
 BUYERS_IN_FLIGHT = 8
 
 
+SOLD_OUT_ENTRIES = 10_000  # products marked at once in one process (the oldest mark goes)
+
+
+class _SoldOutMarks(FollowedCache):
+    """The board's marks (site/followed.py): product -> (its name,), scoped by product, kept
+    for the board's ttl while the stock events are heard."""
+
+    def _apply(self, message: dict) -> None:
+        product_id, stock = message.get("product_id"), message.get("stock")
+        if not isinstance(product_id, int) or not isinstance(stock, int):
+            return
+        self.changed(product_id)  # a restock, a release: its mark (if any) no longer holds
+        if stock <= 0 and self.live:  # another process sold the last unit: marked here too
+            self._store(product_id, product_id, (message.get("name"),))
+
+
 class SoldOutBoard:
     """The products this site process knows are sold out, so that the Buy-now crowd told
     "sold out" costs no database work (in a rush of 3000 presses on 300 units, 2700 answers).
@@ -194,22 +237,36 @@ class SoldOutBoard:
     A product is marked when this process reads its stock at 0, or hears a stock event of 0
     from the broker (another process sold the last unit); it is cleared by a stock event above
     0 (a restock, a released order, in any process: the StockNotifier publishes every one on
-    :data:`STOCK_TOPIC`), and in any case trusted for :data:`SOLD_OUT_TTL` seconds only, so a
-    lost event (the broker down, this process's subscription dropped) costs one database read
-    a second.  It never sells anything: the database's conditional UPDATE decides who buys; a
-    stale mark can only say "sold out" for up to a second after a restock.
+    :data:`STOCK_TOPIC`, at once when the room was told 0), and in any case trusted for
+    :data:`SOLD_OUT_TTL` seconds only.  The marks are a :class:`FollowedCache`: nothing is
+    marked while the stock events are not heard (the subscription not live yet, Redis down,
+    its connection lost: everything marked goes, since a restock may have been missed), so a
+    buyer then reads the product, a few at a time through the gate.  It never sells anything:
+    the database's conditional UPDATE decides who buys; a stale mark can only say "sold out"
+    for up to ``ttl`` after a restock whose event was published while this process read 0.
     """
 
     def __init__(self, broker, ttl: float = SOLD_OUT_TTL,
                  in_flight: int = BUYERS_IN_FLIGHT) -> None:
-        self._broker = weakref.ref(broker)  # weakly: see StockNotifier
         self.ttl = ttl
         self.in_flight = in_flight
-        self._marks: dict[int, tuple[str | None, float]] = {}  # product -> (name, until)
-        self._listener: asyncio.Task | None = None
-        self.following = asyncio.Event()  # set while the stock events are heard (for tests)
+        self.answered = 0  # presses answered from a mark, with no query (tests, stats)
+        self._marks = _SoldOutMarks(broker, STOCK_TOPIC, ttl, SOLD_OUT_ENTRIES,
+                                    "sold-out board")
         # kept while a buyer holds or waits for one
         self._gates: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    @property
+    def live(self) -> bool:
+        """Whether marks are kept now (the stock events are heard)."""
+        return self._marks.live
+
+    def follow(self) -> None:
+        """Hear the stock events from now on (in the background; the first buyer's gate)."""
+        self._marks.follow()
+
+    async def close(self) -> None:
+        await self._marks.close()
 
     def gate(self, product_id: int) -> asyncio.Semaphore:
         """The turnstile of one product's buyers in this process: ``in_flight`` at a time.
@@ -220,6 +277,7 @@ class SoldOutBoard:
         gate the first buyers take the stock a few at a time, the one that finds it gone marks
         the product, and everyone still waiting is answered from the mark with no query.
         (The database's conditional UPDATE still decides every sale.)"""
+        self.follow()  # live by the time the stock runs out
         gate = self._gates.get(product_id)
         if gate is None:
             gate = self._gates[product_id] = asyncio.Semaphore(self.in_flight)
@@ -227,51 +285,22 @@ class SoldOutBoard:
 
     def sold_out(self, product_id: int) -> tuple[bool, str | None]:
         """(whether ``product_id`` is known sold out, its name when known)."""
-        mark = self._marks.get(product_id)
-        if mark is None:
+        kept = self._marks.get(product_id)
+        if kept is None:
             return False, None
-        if mark[1] < time.monotonic():
-            del self._marks[product_id]
-            return False, None
-        return True, mark[0]
+        self.answered += 1
+        return True, kept[0]
 
     def mark(self, product_id: int, name: str | None = None) -> None:
-        known = self._marks.get(product_id)
-        if name is None and known is not None:
-            name = known[0]
-        self._marks[product_id] = (name, time.monotonic() + self.ttl)
-        self._listen()
+        """This process read the product's stock at 0 (kept only while the events are heard)."""
+        self.follow()
+        if name is None:
+            known = self._marks.get(product_id)
+            name = known[0] if known is not None else None
+        self._marks.put(product_id, product_id, (name,), self._marks.mark())
 
     def clear(self, product_id: int) -> None:
-        self._marks.pop(product_id, None)
-
-    def _listen(self) -> None:
-        """Subscribe to the stock events once (the first mark), in the background."""
-        if self._listener is not None and not self._listener.done():
-            return
-        self._listener = asyncio.ensure_future(self._follow())
-
-    async def _follow(self) -> None:
-        broker = self._broker()
-        if broker is None:
-            return
-        try:
-            async with broker.subscribe(STOCK_TOPIC) as events:
-                self.following.set()
-                async for event in events:
-                    product_id, stock = event.get("product_id"), event.get("stock")
-                    if not isinstance(product_id, int) or not isinstance(stock, int):
-                        continue
-                    if stock > 0:
-                        self.clear(product_id)
-                    else:
-                        self.mark(product_id, event.get("name"))
-        except Exception as exc:  # the broker is down: the marks' expiry is the safety net
-            notifier_log.warning("sold-out", "stock events not followed: %s", exc)
-        # ended (broker closed, or this subscriber dropped for lagging): the marks may have
-        # missed a restock, so they are forgotten; the next mark subscribes again
-        self.following.clear()
-        self._marks.clear()
+        self._marks.changed(product_id)
 
 
 _boards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -282,14 +311,23 @@ def sold_out_board(site: SiteState) -> SoldOutBoard:
     board = _boards.get(site["broker"])
     if board is None:
         board = _boards[site["broker"]] = SoldOutBoard(site["broker"])
+        board.follow()  # live by the time a product sells out
     return board
+
+
+async def close_sold_out_board(broker) -> None:
+    """Stops the board of ``broker`` (the app's lifespan, before the broker closes)."""
+    board = _boards.pop(broker, None)
+    if board is not None:
+        await board.close()
 
 
 def stock_notifier(site: SiteState) -> StockNotifier:
     notifier = _notifiers.get(site["broker"])
     if notifier is None:
         notifier = _notifiers[site["broker"]] = StockNotifier(
-            site["db"], site["broker"], site["settings"].stock_event_interval)
+            site["db"], site["broker"], site["settings"].stock_event_interval,
+            site["metrics"].stock_events)
     return notifier
 
 
@@ -319,11 +357,7 @@ class SaleNotifier(StockNotifier):
             flash.announce_log.warning("remaining", "flash sale %s remaining not announced: %s",
                                  sale_id, exc)
         finally:
-            self._last[sale_id] = time.monotonic()
-            self._reading.discard(sale_id)
-            if sale_id in self._again:
-                self._again.discard(sale_id)
-                self.changed(sale_id)
+            self._sent(sale_id)
 
 
 # one per broker, as shop.stock_notifier
@@ -454,7 +488,9 @@ async def checkout(request: Request):
     except (queries.OutOfStock, queries.NotForSale) as exc:
         checkouts.labels("unavailable").inc()
         if isinstance(exc, queries.OutOfStock) and exc.product_id is not None:
-            # a room still showing units of a product that has none left hears it now
+            # a room still showing units of a product that has none left hears it now (a
+            # refusal that does not prove none is left, a cart of several units, waits for the
+            # interval like a sale: it must not start a read per refused shopper)
             stock_notifier(site).changed(exc.product_id, sold_out=exc.stock_seen == 0)
         return await cart_view(request, error=f"Sorry: {exc}. Adjust your cart and try again.",
                                status_code=409, lines=getattr(exc, "lines", None))

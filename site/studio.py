@@ -334,6 +334,10 @@ async def save_product(request: Request, host: dict, product: dict | None):
                           values=values, pending_image=held, errors=[
                               "Some units sold while you were editing: the stock cannot go "
                               "that low. Check the stock and save again."])
+        if values["stock_count"] > shown_stock:
+            # units added: every process's sold-out board hears it (the room's cards come
+            # with the product list below)
+            stock_notifier(state(request)).changed(product_id, units_back=True)
     await announce_products(state(request), host["id"])
     return redirect(f"/studio?notice=saved-{product_id}")
 
@@ -396,7 +400,9 @@ async def change_stock(request: Request):
                      f"{now['stock'] if now else 0} now.", "field": "stock",
             "state": await host_state(site, host["id"])},
             "/studio", status_code=409)
-    stock_notifier(site).changed(product["id"])  # the room's cards, as after a sale
+    # the room's cards, as after a sale; units added reach a room (and every process's
+    # sold-out board) told "sold out" at once
+    stock_notifier(site).changed(product["id"], units_back=wanted > shown_stock)
     return answer(request, await host_state(site, host["id"]), "/studio")
 
 

@@ -10,6 +10,7 @@ import logging
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from watchbuy.site import shop
 from watchbuy.site.observe import REQUEST_ID_FILTER
 from watchbuy.site.state import app_state
 
@@ -89,6 +90,14 @@ async def test_checkouts_are_counted_by_result(site) -> None:
     assert (await browser.post("/cart/add", {"product_id": str(mug["id"])})).status_code == 400
     registry = app_state(site.app)["metrics"].registry
     assert registry.get_sample_value("watchbuy_site_checkouts_total", {"result": "test"}) == 1
+    # the sale reaches the room as a stock event, counted (the rush's coalescing shows here)
+    notifier = shop._notifiers[site.app.state.broker]
+    for _ in range(500):
+        if notifier.published:
+            break
+        await asyncio.sleep(0.02)
+    assert registry.get_sample_value("watchbuy_site_stock_events_total") == \
+        notifier.published == 1
 
 
 def test_open_room_sockets_are_a_gauge(sync_site) -> None:

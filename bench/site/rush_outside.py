@@ -40,6 +40,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -390,6 +391,17 @@ def counts(url: str, product_id: int) -> tuple[int, int, int, int]:
     return int(orders), int(units), int(stock), int(buyers)
 
 
+def scraped_stock_events(port: int) -> int | None:
+    """``watchbuy_site_stock_events_total`` of the site process that answers /metrics (it
+    answers loopback), None when it cannot be read."""
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10.0).text
+        found = re.search(r"^watchbuy_site_stock_events_total (\S+)$", text, re.M)
+        if found:
+            return int(float(found.group(1)))
+    return None
+
+
 # -- one run --------------------------------------------------------------------------------------
 
 
@@ -451,6 +463,7 @@ def run(args: argparse.Namespace) -> dict:
             # a press sent again after a lost answer never buys twice (Buy now's request key)
             correct = correct and buyers == orders
             alive = site.proc.poll() is None
+            stock_events = scraped_stock_events(site.port) if alive else None
             site.stop()
             site = None
             return {
@@ -476,6 +489,9 @@ def run(args: argparse.Namespace) -> dict:
                 "client_cpu_ms_per_answer": round(
                     (cpu_client_after.ru_utime + cpu_client_after.ru_stime
                      - cpu_client.ru_utime - cpu_client.ru_stime) * 1000 / len(results), 3),
+                # each a stock read plus publishes that drop the room's kept pages everywhere
+                # (with --workers N: the one worker that answered /metrics)
+                "stock_events": stock_events,
                 "loadavg_1m": round(os.getloadavg()[0], 2),
                 "odd_answers": odd,
                 "command": " ".join(sys.argv),
