@@ -256,6 +256,39 @@ async def test_what_is_published_while_a_round_rests_goes_out_in_the_next_one() 
         await sub.close()
 
 
+async def test_a_viewer_that_joins_while_a_round_is_pending_gets_each_message_once() -> None:
+    """A websocket subscribes (a plain queue while it reads the history), messages arrive, then
+    its _forward gives the writer while the room's round is still waiting: what it had queued is
+    its own to write, and the pending round -- published partly before it subscribed, partly
+    already in its queue -- must not be written to it as well (tests/rv dup.py)."""
+    async with InMemoryBroker() as broker:
+        crowd_end = SocketEnd()
+        crowd = broker.subscribe("room:1")
+        crowd.write_through(crowd_end)
+        loop = asyncio.get_running_loop()
+        # a busy room: the round after this publish waits (long here, so a loaded machine does
+        # not run it before the newcomer switches over)
+        broker._rest_until = loop.time() + 0.5
+        broker._topics["room:1"].rest_until = loop.time() + 0.5
+        await broker.publish("room:1", {"type": "chat", "i": 0})  # before the newcomer came
+        newcomer = broker.subscribe("room:1")
+        await broker.publish("room:1", {"type": "chat", "i": 1})  # in its join window
+        end = SocketEnd()
+        # as chat._forward does: the writer, then the queue drained with no await between
+        newcomer.write_through(end)
+        while (message := newcomer.get_nowait()) is not None:
+            end.write(message.frame)
+        await written(broker)
+        assert [json.loads(t)["i"] for t in crowd_end.texts()] == [0, 1]
+        assert [json.loads(t)["i"] for t in end.texts()] == [1]
+        # from the next round on the fan-out writes it like everyone else, in order
+        await broker.publish("room:1", {"type": "chat", "i": 2})
+        await written(broker)
+        assert [json.loads(t)["i"] for t in end.texts()] == [1, 2]
+        assert newcomer.get_nowait() is None and crowd_end.writes == 2
+        assert newcomer._sink in broker._topics["room:1"].direct
+
+
 async def test_a_burst_a_slow_socket_cannot_hold_ends_it_and_counts_the_lost() -> None:
     async with InMemoryBroker() as broker:
         end = SocketEnd()

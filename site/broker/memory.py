@@ -84,13 +84,15 @@ class _Topic:
     """A topic's local subscribers: ``plain`` ones read their queue; ``direct`` ones gave a
     writer (:meth:`Subscription.write_through`) and are written in rounds (``round``: the
     messages waiting for the next one; ``rest_until``: the loop time before which the next
-    round may not start).  Iterating it gives every sink."""
+    round may not start).  ``joining``: plain sinks that gave a writer while a round was
+    pending, made direct once it is written.  Iterating it gives every sink."""
 
-    __slots__ = ("plain", "direct", "round", "rest_until")
+    __slots__ = ("plain", "direct", "joining", "round", "rest_until")
 
     def __init__(self) -> None:
         self.plain: set[_Sink] = set()
         self.direct: set[_Sink] = set()
+        self.joining: set[_Sink] = set()
         self.round: list[Message] | None = None
         self.rest_until = 0.0
 
@@ -106,6 +108,7 @@ class _Topic:
     def remove(self, sink: _Sink) -> None:
         self.plain.discard(sink)
         self.direct.discard(sink)
+        self.joining.discard(sink)
 
 
 class _Slot:
@@ -363,7 +366,15 @@ class _FanoutBroker:
     def _made_direct(self, topic: str, sink: _Sink) -> None:
         # Subscription.write_through: from now on this sink is written in rounds.
         sinks = self._topics.get(topic)
-        if sinks is not None and sink in sinks.plain:
+        if sinks is None or sink not in sinks.plain:
+            return
+        if sinks.round is not None:
+            # A round is pending: it holds messages published before this sink subscribed and
+            # ones already in its queue.  Written to it as well, they would arrive twice and
+            # out of order; so it stays plain (its reader writes what it is given) until that
+            # round is written, and is direct from the next one, which holds only newer ones.
+            sinks.joining.add(sink)
+        else:
             sinks.plain.remove(sink)
             sinks.direct.add(sink)
 
@@ -409,6 +420,19 @@ class _FanoutBroker:
         messages, sinks.round = sinks.round, None
         if self._topics.get(topic) is not sinks or not messages:
             return  # closed, or everyone left (their sinks were ended) since it was scheduled
+        try:
+            self._write_to_direct(topic, sinks, messages)
+        finally:
+            # Those who gave a writer while this round was pending: what it held was theirs
+            # through their queue (or from before they came); the next round is theirs.
+            if sinks.joining:
+                for sink in sinks.joining:
+                    if sink in sinks.plain:
+                        sinks.plain.remove(sink)
+                        sinks.direct.add(sink)
+                sinks.joining.clear()
+
+    def _write_to_direct(self, topic: str, sinks: _Topic, messages: list[Message]) -> None:
         frames = messages[0].frame if len(messages) == 1 else \
             b"".join([message.frame for message in messages])
         began = time.monotonic()
