@@ -246,7 +246,7 @@ async def test_what_is_published_while_a_round_rests_goes_out_in_the_next_one() 
         loop = asyncio.get_running_loop()
         # as after a round of a crowd's worth of writes (made long here: a loaded machine
         # must not end the rest before the three loop rounds below)
-        broker._topics["room:1"].rest_until = loop.time() + 0.5
+        broker._rest_until = loop.time() + 0.5
         for i in range(3):
             await broker.publish("room:1", {"type": "chat", "i": i})
             await asyncio.sleep(0)
@@ -269,7 +269,6 @@ async def test_a_viewer_that_joins_while_a_round_is_pending_gets_each_message_on
         # a busy room: the round after this publish waits (long here, so a loaded machine does
         # not run it before the newcomer switches over)
         broker._rest_until = loop.time() + 0.5
-        broker._topics["room:1"].rest_until = loop.time() + 0.5
         await broker.publish("room:1", {"type": "chat", "i": 0})  # before the newcomer came
         newcomer = broker.subscribe("room:1")
         await broker.publish("room:1", {"type": "chat", "i": 1})  # in its join window
@@ -287,6 +286,57 @@ async def test_a_viewer_that_joins_while_a_round_is_pending_gets_each_message_on
         assert [json.loads(t)["i"] for t in end.texts()] == [1, 2]
         assert newcomer.get_nowait() is None and crowd_end.writes == 2
         assert newcomer._sink in broker._topics["room:1"].direct
+
+
+class HoldingSocketEnd(SocketEnd):
+    """A socket end whose write holds the loop for ``hold`` seconds, as a round to thousands
+    of viewers does; ``written_at``: the loop's time when each write was done."""
+
+    def __init__(self, hold: float = 0.0) -> None:
+        super().__init__()
+        self.hold = hold
+        self.written_at: list[float] = []
+
+    def send(self, frames: bytes) -> bool:
+        time.sleep(self.hold)
+        self.written_at.append(asyncio.get_running_loop().time())
+        return super().send(frames)
+
+
+async def test_busy_rooms_share_one_rest_and_it_is_capped() -> None:
+    """The rest after a round is the process's: after one room's long round, another room's
+    round waits as well (their rounds do not run back to back, each room resting on its own),
+    and rounds due together are written in one go.  The rest is capped: a very long round
+    does not make the next one wait as long (bigger rounds, longer rests, bigger rounds)."""
+    from watchbuy.site.broker.memory import ROUND_REST_MAX
+
+    async with InMemoryBroker() as broker:
+        loop = asyncio.get_running_loop()
+        hold = ROUND_REST_MAX / 2
+        busy, quiet = HoldingSocketEnd(hold), HoldingSocketEnd()
+        subs = [broker.subscribe("room:a"), broker.subscribe("room:b")]
+        for sub, end in zip(subs, (busy, quiet), strict=True):
+            sub.write_through(end)
+        await broker.publish("room:a", {"i": 0})
+        await written(broker, "room:a")
+        assert busy.writes == 1
+        await broker.publish("room:b", {"i": 0})
+        await written(broker, "room:b")
+        # room b had been quiet, yet its round came only after room a's round's rest (at least
+        # as long as that round held the loop; the loop's clock may run a tick early)
+        assert quiet.written_at[0] >= busy.written_at[0] + hold - 0.002
+        # both rooms due during a rest: written by the same callback, one after the other
+        await broker.publish("room:a", {"i": 1})
+        await broker.publish("room:b", {"i": 1})
+        assert broker._topics["room:b"].round is not None
+        await written(broker, "room:a")
+        assert broker._topics["room:b"].round is None and quiet.writes == 2
+        # a round longer than the cap rests the cap, not as long as it took
+        busy.hold = ROUND_REST_MAX * 3
+        await broker.publish("room:a", {"i": 2})
+        await written(broker, "room:a")
+        assert busy.writes == 3
+        assert broker._rest_until - loop.time() <= ROUND_REST_MAX
 
 
 async def test_a_burst_a_slow_socket_cannot_hold_ends_it_and_counts_the_lost() -> None:

@@ -37,6 +37,9 @@ from typing import Protocol
 log = logging.getLogger("watchbuy.site.broker")
 
 DEFAULT_QUEUE_SIZE = 256
+# The longest the fan-out rests after its rounds (as long as they took, up to this): a longer
+# rest would only gather bigger rounds and hold every room's events back longer.
+ROUND_REST_MAX = 0.05
 
 
 class Message(dict):
@@ -83,18 +86,17 @@ class FrameWriterLike(Protocol):
 class _Topic:
     """A topic's local subscribers: ``plain`` ones read their queue; ``direct`` ones gave a
     writer (:meth:`Subscription.write_through`) and are written in rounds (``round``: the
-    messages waiting for the next one; ``rest_until``: the loop time before which the next
-    round may not start).  ``joining``: plain sinks that gave a writer while a round was
-    pending, made direct once it is written.  Iterating it gives every sink."""
+    messages waiting for the next one, None when none is pending).  ``joining``: plain sinks
+    that gave a writer while a round was pending, made direct once it is written.  Iterating
+    it gives every sink."""
 
-    __slots__ = ("plain", "direct", "joining", "round", "rest_until")
+    __slots__ = ("plain", "direct", "joining", "round")
 
     def __init__(self) -> None:
         self.plain: set[_Sink] = set()
         self.direct: set[_Sink] = set()
         self.joining: set[_Sink] = set()
         self.round: list[Message] | None = None
-        self.rest_until = 0.0
 
     def __len__(self) -> int:
         return len(self.plain) + len(self.direct)
@@ -315,6 +317,11 @@ class _FanoutBroker:
         # times delivery from other processes stopped (a lost Redis connection): whatever was
         # published until it was back never arrived (a cache kept by events must start over)
         self.interruptions = 0
+        # Every topic's pending round, written by one callback (_write_rounds) that then rests
+        # as long as it took: the fan-out's budget is the process's, whatever the rooms.
+        self._due: dict[str, _Topic] = {}
+        self._rounds: asyncio.Handle | None = None  # the callback, when scheduled
+        self._rest_until = 0.0  # loop time before which the next callback may not run
 
     # lifecycle -----------------------------------------------------------------------------
 
@@ -333,9 +340,14 @@ class _FanoutBroker:
     def _end_all(self) -> None:
         self._state = "closed"
         topics, self._topics = self._topics, {}
+        self._due.clear()
+        if self._rounds is not None:
+            self._rounds.cancel()
+            self._rounds = None
         for sinks in topics.values():
+            sinks.round = None
             for sink in sinks:
-                sink.end()  # a round still scheduled finds its topic gone and writes nothing
+                sink.end()
 
     async def __aenter__(self) -> _FanoutBroker:
         await self.start()
@@ -390,6 +402,10 @@ class _FanoutBroker:
         sinks.remove(sink)
         if not len(sinks):
             del self._topics[topic]
+            # its pending round has nobody to go to (if the topic comes back, it is a new one)
+            sinks.round = None
+            if self._due.get(topic) is sinks:
+                del self._due[topic]
             self._topic_removed(topic)
 
     def _fan_out(self, topic: str, message: Message) -> None:
@@ -397,24 +413,46 @@ class _FanoutBroker:
         if sinks is None:
             return
         if sinks.direct:
-            # Websockets are written in the loop's next round, every message that came until
-            # then in one write per viewer: a burst (a sale's stock, sold-out and chat; a batch
-            # read from Redis) costs each viewer one write() instead of one per message.
+            # Websockets are written in the loop's next round (or after the fan-out's rest,
+            # _write_rounds), every message that came until then in one write per viewer: a
+            # burst (a sale's stock, sold-out and chat; a batch read from Redis) costs each
+            # viewer one write() instead of one per message.
             pending = sinks.round
             if pending is None:
                 sinks.round = [message]
-                loop = self._loop
-                rest = sinks.rest_until - loop.time()  # type: ignore[union-attr]
-                if rest > 0:
-                    loop.call_later(rest, self._write_round, topic, sinks)  # type: ignore[union-attr]
-                else:
-                    loop.call_soon(self._write_round, topic, sinks)  # type: ignore[union-attr]
+                self._due[topic] = sinks
+                if self._rounds is None:  # else the callback already scheduled writes it
+                    loop: asyncio.AbstractEventLoop = self._loop  # type: ignore[assignment]
+                    rest = self._rest_until - loop.time()
+                    if rest > 0:
+                        self._rounds = loop.call_later(rest, self._write_rounds)
+                    else:
+                        self._rounds = loop.call_soon(self._write_rounds)
             else:
                 pending.append(message)
         if sinks.plain:
             # Queue readers (the page and session caches act on what arrived before they
             # answer: get_nowait) get it now.
             self._enqueue(topic, sinks.plain, (message,))
+
+    def _write_rounds(self) -> None:
+        """Every due round, then a rest as long as they took (at most ``ROUND_REST_MAX``).
+
+        A round blocks the loop (5000 viewers: ~50 ms).  The rest after it lets the chat, joins
+        and pages move on, and what they publish meanwhile goes out together in the next
+        round (one write per viewer): in a storm of events the fan-out takes about half the
+        process, however many rooms are busy -- their rounds share one callback and one rest,
+        not one each back to back.  A lone event, after a quiet while, goes at once."""
+        self._rounds = None
+        due, self._due = self._due, {}
+        began = time.monotonic()
+        for topic, sinks in due.items():
+            try:
+                self._write_round(topic, sinks)
+            except Exception:  # one room's failure must not hold back the others' rounds
+                log.exception("fan-out round of %r failed", topic)
+        took = time.monotonic() - began
+        self._rest_until = self._loop.time() + min(took, ROUND_REST_MAX)  # type: ignore[union-attr]
 
     def _write_round(self, topic: str, sinks: _Topic) -> None:
         messages, sinks.round = sinks.round, None
@@ -435,7 +473,6 @@ class _FanoutBroker:
     def _write_to_direct(self, topic: str, sinks: _Topic, messages: list[Message]) -> None:
         frames = messages[0].frame if len(messages) == 1 else \
             b"".join([message.frame for message in messages])
-        began = time.monotonic()
         behind: list[_Sink] | None = None
         # The hot loop: for a socket that keeps up and has nothing queued, one write of the
         # frames built once for everyone (no task wakes up, no lookup but the sink's own).
@@ -447,13 +484,6 @@ class _FanoutBroker:
                     behind.append(sink)
         if behind is not None:  # queued for their own readers, which write them once drained
             self._enqueue(topic, behind, messages)
-        # A round blocks the loop (5000 viewers: ~50 ms).  The next one rests as long, so that
-        # in a storm of events the fan-out takes at most about half the process's time: the
-        # rest lets the chat, joins and pages move on, and what they publish meanwhile goes out
-        # together in the next round (one write per viewer).  A lone event, after a quiet
-        # while, goes at once.
-        took = time.monotonic() - began
-        sinks.rest_until = self._loop.time() + took  # type: ignore[union-attr]
 
     def _enqueue(self, topic: str, sinks: Iterable[_Sink], messages: Sequence[Message]) -> None:
         """Put ``messages`` in each sink's bounded queue: a coalescable one replaces its key's
