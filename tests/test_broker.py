@@ -212,8 +212,8 @@ async def test_a_burst_reaches_a_socket_in_one_write_and_queue_readers_at_once()
         for end in ends:
             assert end.writes == 1
             assert [json.loads(t)["i"] for t in end.texts()] == [0, 1, 2, 3, 4]
-        # a socket that cannot take the round gets the whole round queued, in order, and its
-        # queue keeps coalescing: the two stock states of the round leave one entry
+        # a socket that cannot take the round gets the whole round queued, in order; the
+        # round coalesces: its two stock states leave one entry, in the first one's place
         ends[0].is_ready = False
         await broker.publish("room:1", {"type": "stock", "stock": 2, "coalesce": "stock:1"})
         await broker.publish("room:1", {"type": "chat", "i": 5})
@@ -222,8 +222,9 @@ async def test_a_burst_reaches_a_socket_in_one_write_and_queue_readers_at_once()
         assert ends[0].writes == 1 and ends[1].writes == ends[2].writes == 2
         assert [dict(await next_message(subs[0])) for _ in range(2)] == [
             {"type": "stock", "stock": 1, "coalesce": "stock:1"}, {"type": "chat", "i": 5}]
-        # once in that socket's queue, once in the reader's (which had not read them yet)
-        assert broker.drops == {"coalesced": 2, "overflow": 0}
+        # in the round, for each of the three sockets, and in the reader's queue (which had
+        # not read them yet)
+        assert broker.drops == {"coalesced": 4, "overflow": 0}
         # a round for a topic everyone left meanwhile writes nothing and fails nothing
         await broker.publish("room:1", {"type": "chat", "i": 6})
         sinks = broker._topics["room:1"]
@@ -286,6 +287,46 @@ async def test_a_viewer_that_joins_while_a_round_is_pending_gets_each_message_on
         assert [json.loads(t)["i"] for t in end.texts()] == [1, 2]
         assert newcomer.get_nowait() is None and crowd_end.writes == 2
         assert newcomer._sink in broker._topics["room:1"].direct
+
+
+async def test_a_round_coalesces_states_and_holds_no_more_than_a_viewers_queue() -> None:
+    """A pending round keeps one entry per coalesce key (the newest state, in the first one's
+    place), as a viewer's queue does; and a round longer than a viewer's queue is not written
+    to it in one go (that would bypass its bound: tests/rv flood.py wrote 10 stale stock states
+    and 5000 chat messages, 1.19 MB, to a viewer with a queue of 4): it takes the queue's path,
+    full, so the viewer is dropped and the lost messages are counted."""
+    async with InMemoryBroker() as broker:
+        small_end, roomy_end = SocketEnd(), SocketEnd()
+        small = broker.subscribe("room:1", queue_size=4)
+        small.write_through(small_end)
+        roomy = broker.subscribe("room:1", queue_size=8)
+        roomy.write_through(roomy_end)
+        for stock_left in range(10, 7, -1):
+            await broker.publish("room:1", {"type": "stock", "stock": stock_left,
+                                            "coalesce": "stock:1"})
+            await broker.publish("room:1", {"type": "chat", "i": stock_left})
+        await broker.publish("room:1", {"type": "stock", "stock": 5, "coalesce": "stock:2"})
+        assert len(broker._topics["room:1"].round) == 5  # 3 chats, one state per product
+        await written(broker)
+        # 5 messages: more than the small queue holds, within the roomy one's
+        assert small.overflowed and small_end.writes == 0
+        assert not roomy.overflowed and roomy_end.writes == 1
+        assert [json.loads(t) for t in roomy_end.texts()] == [
+            {"type": "stock", "stock": 8, "coalesce": "stock:1"}, {"type": "chat", "i": 10},
+            {"type": "chat", "i": 9}, {"type": "chat", "i": 8},
+            {"type": "stock", "stock": 5, "coalesce": "stock:2"}]
+        # two replaced states, for each of the two viewers; the small one's 4 queued + 1
+        assert broker.drops == {"coalesced": 4, "overflow": 5}
+        # the flood: a round of 10 states of one product and 5000 chat messages
+        for stock_left in range(10, 0, -1):
+            await broker.publish("room:1", {"type": "stock", "stock": stock_left,
+                                            "coalesce": "stock:1"})
+        for i in range(5000):
+            await broker.publish("room:1", {"type": "chat", "i": i, "text": "x" * 200})
+        await written(broker)
+        assert roomy.overflowed and roomy_end.writes == 1
+        assert broker.drops == {"coalesced": 4 + 9, "overflow": 5 + 5001}
+        assert broker.local_subscribers("room:1") == 0
 
 
 class HoldingSocketEnd(SocketEnd):

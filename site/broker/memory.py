@@ -86,17 +86,19 @@ class FrameWriterLike(Protocol):
 class _Topic:
     """A topic's local subscribers: ``plain`` ones read their queue; ``direct`` ones gave a
     writer (:meth:`Subscription.write_through`) and are written in rounds (``round``: the
-    messages waiting for the next one, None when none is pending).  ``joining``: plain sinks
+    messages waiting for the next one, None when none is pending; ``round_keys``: coalesce key
+    -> the index of its message in ``round``, as a queue's slots).  ``joining``: plain sinks
     that gave a writer while a round was pending, made direct once it is written.  Iterating
     it gives every sink."""
 
-    __slots__ = ("plain", "direct", "joining", "round")
+    __slots__ = ("plain", "direct", "joining", "round", "round_keys")
 
     def __init__(self) -> None:
         self.plain: set[_Sink] = set()
         self.direct: set[_Sink] = set()
         self.joining: set[_Sink] = set()
         self.round: list[Message] | None = None
+        self.round_keys: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.plain) + len(self.direct)
@@ -418,8 +420,11 @@ class _FanoutBroker:
             # burst (a sale's stock, sold-out and chat; a batch read from Redis) costs each
             # viewer one write() instead of one per message.
             pending = sinks.round
+            key = message.coalesce
             if pending is None:
                 sinks.round = [message]
+                if key is not None:
+                    sinks.round_keys[key] = 0
                 self._due[topic] = sinks
                 if self._rounds is None:  # else the callback already scheduled writes it
                     loop: asyncio.AbstractEventLoop = self._loop  # type: ignore[assignment]
@@ -428,8 +433,19 @@ class _FanoutBroker:
                         self._rounds = loop.call_later(rest, self._write_rounds)
                     else:
                         self._rounds = loop.call_soon(self._write_rounds)
-            else:
+            elif key is None:
                 pending.append(message)
+            else:
+                # A state (stock, counts) replaces the round's older one of its key in place,
+                # as in a viewer's queue: a busy round carries the latest stock once, not every
+                # step of it.  Each direct viewer misses the older one: counted per viewer.
+                index = sinks.round_keys.get(key)
+                if index is None:
+                    sinks.round_keys[key] = len(pending)
+                    pending.append(message)
+                else:
+                    pending[index] = message
+                    self.drops["coalesced"] += len(sinks.direct)
         if sinks.plain:
             # Queue readers (the page and session caches act on what arrived before they
             # answer: get_nowait) get it now.
@@ -456,6 +472,7 @@ class _FanoutBroker:
 
     def _write_round(self, topic: str, sinks: _Topic) -> None:
         messages, sinks.round = sinks.round, None
+        sinks.round_keys.clear()
         if self._topics.get(topic) is not sinks or not messages:
             return  # closed, or everyone left (their sinks were ended) since it was scheduled
         try:
@@ -471,13 +488,17 @@ class _FanoutBroker:
                 sinks.joining.clear()
 
     def _write_to_direct(self, topic: str, sinks: _Topic, messages: list[Message]) -> None:
-        frames = messages[0].frame if len(messages) == 1 else \
+        count = len(messages)
+        frames = messages[0].frame if count == 1 else \
             b"".join([message.frame for message in messages])
         behind: list[_Sink] | None = None
         # The hot loop: for a socket that keeps up and has nothing queued, one write of the
-        # frames built once for everyone (no task wakes up, no lookup but the sink's own).
+        # frames built once for everyone (no task wakes up, no lookup but the sink's own).  A
+        # round longer than a viewer's queue is not written to it either: it takes the queue's
+        # path, which drops the viewer (counted) as it would a backlog that long, so a round
+        # never hands a socket more than its bound.
         for sink in sinks.direct:
-            if sink.buf or not sink.send(frames):  # type: ignore[misc]
+            if sink.buf or sink.maxsize < count or not sink.send(frames):  # type: ignore[misc]
                 if behind is None:
                     behind = [sink]
                 else:
