@@ -380,6 +380,37 @@ async def test_busy_rooms_share_one_rest_and_it_is_capped() -> None:
         assert broker._rest_until - loop.time() <= ROUND_REST_MAX
 
 
+class BrokenSocketEnd(SocketEnd):
+    """A socket end whose ``send`` raises (a bug or a transport in a state nobody expected);
+    its ``write``, which the viewer's own reader uses, works."""
+
+    def send(self, frames: bytes) -> bool:
+        raise RuntimeError("transport in an unexpected state")
+
+
+async def test_a_viewer_whose_write_raises_does_not_cost_the_others_their_round(caplog) -> None:
+    """The round goes on to every other viewer; the one that raised is moved to its queue (its
+    reader writes through its own path from then on), nothing lost, and it is logged."""
+    async with InMemoryBroker() as broker:
+        ends = [SocketEnd(), BrokenSocketEnd(), SocketEnd(), SocketEnd()]
+        subs = [broker.subscribe("room:1") for _ in ends]
+        for sub, end in zip(subs, ends, strict=True):
+            sub.write_through(end)
+        with caplog.at_level(logging.ERROR, logger="watchbuy.site.broker"):
+            await broker.publish("room:1", {"type": "chat", "i": 0})
+            await written(broker)
+            await broker.publish("room:1", {"type": "chat", "i": 1})
+            await written(broker)
+        for end in (ends[0], *ends[2:]):
+            assert [json.loads(t)["i"] for t in end.texts()] == [0, 1]
+        broken = subs[1]
+        assert [broken.get_nowait()["i"] for _ in range(2)] == [0, 1]
+        assert broken.get_nowait() is None and not broken.overflowed
+        assert broken._sink in broker._topics["room:1"].plain
+        assert any("transport in an unexpected state" in record.exc_text
+                   for record in caplog.records if record.exc_text)
+
+
 async def test_a_burst_a_slow_socket_cannot_hold_ends_it_and_counts_the_lost() -> None:
     async with InMemoryBroker() as broker:
         end = SocketEnd()

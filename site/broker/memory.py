@@ -497,12 +497,30 @@ class _FanoutBroker:
         # round longer than a viewer's queue is not written to it either: it takes the queue's
         # path, which drops the viewer (counted) as it would a backlog that long, so a round
         # never hands a socket more than its bound.
+        failed: list[_Sink] | None = None
+        error: Exception | None = None
         for sink in sinks.direct:
-            if sink.buf or sink.maxsize < count or not sink.send(frames):  # type: ignore[misc]
-                if behind is None:
-                    behind = [sink]
+            try:  # free when nothing raises (Python 3.11's zero-cost exceptions)
+                if sink.buf or sink.maxsize < count or not sink.send(frames):  # type: ignore[misc]
+                    if behind is None:
+                        behind = [sink]
+                    else:
+                        behind.append(sink)
+            except Exception as exc:  # one viewer's writer must not cost the others the round
+                error = exc
+                if failed is None:
+                    failed = [sink]
                 else:
-                    behind.append(sink)
+                    failed.append(sink)
+        if failed is not None:
+            # Not written by the fan-out again (whatever broke may break again): back to their
+            # queues, which their own readers write through their own path; this round too.
+            for sink in failed:
+                sinks.direct.discard(sink)
+                sinks.plain.add(sink)
+            behind = failed if behind is None else behind + failed
+            log.error("fan-out: writing %d viewer(s) of %r raised; they are on their queues now",
+                      len(failed), topic, exc_info=error)
         if behind is not None:  # queued for their own readers, which write them once drained
             self._enqueue(topic, behind, messages)
 
