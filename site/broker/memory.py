@@ -3,7 +3,10 @@
 Both brokers deliver through the same fan-out (:class:`_FanoutBroker`): each process keeps topic ->
 set of subscriber queues (*sinks*), and a message is put in every queue of its topic -- or, for a
 websocket that gave a frame writer (:meth:`Subscription.write_through`), written to its socket
-in the loop's next round, with the topic's other messages of that round in one write.  Queues are
+in the loop's next round, with the topic's other messages of that round in one write (every
+topic's rounds in one callback, which then rests as long as it took, up to ``ROUND_REST_MAX``).
+A round is held to a viewer's bound too: states coalesce in it, and a round longer than a
+viewer's queue goes the queue's way (the viewer is dropped).  Queues are
 bounded, as every fast relay bounds a viewer's queue: a subscriber whose queue is full is a *slow
 consumer* and is dropped (its iterator ends and ``overflowed`` is set, so the websocket can tell
 the browser to reconnect and resync) -- it never grows the server's memory and never blocks a
@@ -258,8 +261,12 @@ class Subscription:
         order holds).  The reader must not await between taking a message and writing it.
 
         The fan-out writes such subscribers in rounds: a message is written in the event loop's
-        next round (``call_soon``), together with every other message of the topic published
-        before that round came, as one write per viewer."""
+        next round (``call_soon``; later while the fan-out rests after a long round), together
+        with every other message of the topic published before that round came, as one write
+        per viewer.  Called while a round is pending, it takes effect once that round is written
+        (the round holds messages from before this subscription and ones already queued here):
+        until then messages keep coming through the queue.  A writer whose ``send`` raises is
+        not given rounds again: its messages are queued from then on."""
         sink = self._sink
         sink.writer = writer
         sink.send = writer.send
