@@ -40,9 +40,13 @@ from typing import Protocol
 log = logging.getLogger("watchbuy.site.broker")
 
 DEFAULT_QUEUE_SIZE = 256
-# The longest the fan-out rests after its rounds (as long as they took, up to this): a longer
-# rest would only gather bigger rounds and hold every room's events back longer.
-ROUND_REST_MAX = 0.05
+# The longest the fan-out rests after its rounds (as long as they took, up to this), so that a
+# round slowed down (a busy core) does not hold every room's next events back as long again.
+# Not shorter: 5000 viewers take ~50 ms a round on a core of their own and more on a shared
+# one, where a 50 ms cap left the chat path starved and cost a busy room 1.5x the CPU per
+# delivery and 3x its p99 (bench/RESULTS.md "after the review fixes").  250 ms is the
+# issue's p99 target; a round's size is bounded by each viewer's queue anyway.
+ROUND_REST_MAX = 0.25
 
 
 class Message(dict):
