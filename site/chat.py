@@ -437,7 +437,8 @@ async def _forward(subscription, websocket: WebSocket) -> None:
                 await websocket.send_text(event.json)  # the broker's one encoding, shared
         else:
             # The broker writes each frame to this socket itself while it keeps up; what was
-            # queued meanwhile (the socket paused) is written here, in order, once it drains.
+            # queued meanwhile (the socket paused, or until the round pending as this socket
+            # switched over was written) is written here, in order, once it drains.
             subscription.write_through(writer)
             while True:
                 await writer.writable()

@@ -212,8 +212,8 @@ async def test_a_burst_reaches_a_socket_in_one_write_and_queue_readers_at_once()
         for end in ends:
             assert end.writes == 1
             assert [json.loads(t)["i"] for t in end.texts()] == [0, 1, 2, 3, 4]
-        # a socket that cannot take the round gets the whole round queued, in order, and its
-        # queue keeps coalescing: the two stock states of the round leave one entry
+        # a socket that cannot take the round gets the whole round queued, in order; the
+        # round coalesces: its two stock states leave one entry, in the first one's place
         ends[0].is_ready = False
         await broker.publish("room:1", {"type": "stock", "stock": 2, "coalesce": "stock:1"})
         await broker.publish("room:1", {"type": "chat", "i": 5})
@@ -222,8 +222,9 @@ async def test_a_burst_reaches_a_socket_in_one_write_and_queue_readers_at_once()
         assert ends[0].writes == 1 and ends[1].writes == ends[2].writes == 2
         assert [dict(await next_message(subs[0])) for _ in range(2)] == [
             {"type": "stock", "stock": 1, "coalesce": "stock:1"}, {"type": "chat", "i": 5}]
-        # once in that socket's queue, once in the reader's (which had not read them yet)
-        assert broker.drops == {"coalesced": 2, "overflow": 0}
+        # in the round, for each of the three sockets, and in the reader's queue (which had
+        # not read them yet)
+        assert broker.drops == {"coalesced": 4, "overflow": 0}
         # a round for a topic everyone left meanwhile writes nothing and fails nothing
         await broker.publish("room:1", {"type": "chat", "i": 6})
         sinks = broker._topics["room:1"]
@@ -246,7 +247,7 @@ async def test_what_is_published_while_a_round_rests_goes_out_in_the_next_one() 
         loop = asyncio.get_running_loop()
         # as after a round of a crowd's worth of writes (made long here: a loaded machine
         # must not end the rest before the three loop rounds below)
-        broker._topics["room:1"].rest_until = loop.time() + 0.5
+        broker._rest_until = loop.time() + 0.5
         for i in range(3):
             await broker.publish("room:1", {"type": "chat", "i": i})
             await asyncio.sleep(0)
@@ -254,6 +255,160 @@ async def test_what_is_published_while_a_round_rests_goes_out_in_the_next_one() 
         await written(broker)
         assert end.writes == 1 and [json.loads(t)["i"] for t in end.texts()] == [0, 1, 2]
         await sub.close()
+
+
+async def test_a_viewer_that_joins_while_a_round_is_pending_gets_each_message_once() -> None:
+    """A websocket subscribes (a plain queue while it reads the history), messages arrive, then
+    its _forward gives the writer while the room's round is still waiting: what it had queued is
+    its own to write, and the pending round -- published partly before it subscribed, partly
+    already in its queue -- must not be written to it as well (tests/rv dup.py)."""
+    async with InMemoryBroker() as broker:
+        crowd_end = SocketEnd()
+        crowd = broker.subscribe("room:1")
+        crowd.write_through(crowd_end)
+        loop = asyncio.get_running_loop()
+        # a busy room: the round after this publish waits (long here, so a loaded machine does
+        # not run it before the newcomer switches over)
+        broker._rest_until = loop.time() + 0.5
+        await broker.publish("room:1", {"type": "chat", "i": 0})  # before the newcomer came
+        newcomer = broker.subscribe("room:1")
+        await broker.publish("room:1", {"type": "chat", "i": 1})  # in its join window
+        end = SocketEnd()
+        # as chat._forward does: the writer, then the queue drained with no await between
+        newcomer.write_through(end)
+        while (message := newcomer.get_nowait()) is not None:
+            end.write(message.frame)
+        await written(broker)
+        assert [json.loads(t)["i"] for t in crowd_end.texts()] == [0, 1]
+        assert [json.loads(t)["i"] for t in end.texts()] == [1]
+        # from the next round on the fan-out writes it like everyone else, in order
+        await broker.publish("room:1", {"type": "chat", "i": 2})
+        await written(broker)
+        assert [json.loads(t)["i"] for t in end.texts()] == [1, 2]
+        assert newcomer.get_nowait() is None and crowd_end.writes == 2
+        assert newcomer._sink in broker._topics["room:1"].direct
+
+
+async def test_a_round_coalesces_states_and_holds_no_more_than_a_viewers_queue() -> None:
+    """A pending round keeps one entry per coalesce key (the newest state, in the first one's
+    place), as a viewer's queue does; and a round longer than a viewer's queue is not written
+    to it in one go (that would bypass its bound: tests/rv flood.py wrote 10 stale stock states
+    and 5000 chat messages, 1.19 MB, to a viewer with a queue of 4): it takes the queue's path,
+    full, so the viewer is dropped and the lost messages are counted."""
+    async with InMemoryBroker() as broker:
+        small_end, roomy_end = SocketEnd(), SocketEnd()
+        small = broker.subscribe("room:1", queue_size=4)
+        small.write_through(small_end)
+        roomy = broker.subscribe("room:1", queue_size=8)
+        roomy.write_through(roomy_end)
+        for stock_left in range(10, 7, -1):
+            await broker.publish("room:1", {"type": "stock", "stock": stock_left,
+                                            "coalesce": "stock:1"})
+            await broker.publish("room:1", {"type": "chat", "i": stock_left})
+        await broker.publish("room:1", {"type": "stock", "stock": 5, "coalesce": "stock:2"})
+        assert len(broker._topics["room:1"].round) == 5  # 3 chats, one state per product
+        await written(broker)
+        # 5 messages: more than the small queue holds, within the roomy one's
+        assert small.overflowed and small_end.writes == 0
+        assert not roomy.overflowed and roomy_end.writes == 1
+        assert [json.loads(t) for t in roomy_end.texts()] == [
+            {"type": "stock", "stock": 8, "coalesce": "stock:1"}, {"type": "chat", "i": 10},
+            {"type": "chat", "i": 9}, {"type": "chat", "i": 8},
+            {"type": "stock", "stock": 5, "coalesce": "stock:2"}]
+        # two replaced states, for each of the two viewers; the small one's 4 queued + 1
+        assert broker.drops == {"coalesced": 4, "overflow": 5}
+        # the flood: a round of 10 states of one product and 5000 chat messages
+        for stock_left in range(10, 0, -1):
+            await broker.publish("room:1", {"type": "stock", "stock": stock_left,
+                                            "coalesce": "stock:1"})
+        for i in range(5000):
+            await broker.publish("room:1", {"type": "chat", "i": i, "text": "x" * 200})
+        await written(broker)
+        assert roomy.overflowed and roomy_end.writes == 1
+        assert broker.drops == {"coalesced": 4 + 9, "overflow": 5 + 5001}
+        assert broker.local_subscribers("room:1") == 0
+
+
+class HoldingSocketEnd(SocketEnd):
+    """A socket end whose write holds the loop for ``hold`` seconds, as a round to thousands
+    of viewers does; ``written_at``: the loop's time when each write was done."""
+
+    def __init__(self, hold: float = 0.0) -> None:
+        super().__init__()
+        self.hold = hold
+        self.written_at: list[float] = []
+
+    def send(self, frames: bytes) -> bool:
+        time.sleep(self.hold)
+        self.written_at.append(asyncio.get_running_loop().time())
+        return super().send(frames)
+
+
+async def test_busy_rooms_share_one_rest_and_it_is_capped() -> None:
+    """The rest after a round is the process's: after one room's long round, another room's
+    round waits as well (their rounds do not run back to back, each room resting on its own),
+    and rounds due together are written in one go.  The rest is capped: a very long round
+    does not make the next one wait as long (bigger rounds, longer rests, bigger rounds)."""
+    from watchbuy.site.broker.memory import ROUND_REST_MAX
+
+    async with InMemoryBroker() as broker:
+        loop = asyncio.get_running_loop()
+        hold = 0.03  # under the cap
+        busy, quiet = HoldingSocketEnd(hold), HoldingSocketEnd()
+        subs = [broker.subscribe("room:a"), broker.subscribe("room:b")]
+        for sub, end in zip(subs, (busy, quiet), strict=True):
+            sub.write_through(end)
+        await broker.publish("room:a", {"i": 0})
+        await written(broker, "room:a")
+        assert busy.writes == 1
+        await broker.publish("room:b", {"i": 0})
+        await written(broker, "room:b")
+        # room b had been quiet, yet its round came only after room a's round's rest (at least
+        # as long as that round held the loop; the loop's clock may run a tick early)
+        assert quiet.written_at[0] >= busy.written_at[0] + hold - 0.002
+        # both rooms due during a rest: written by the same callback, one after the other
+        await broker.publish("room:a", {"i": 1})
+        await broker.publish("room:b", {"i": 1})
+        assert broker._topics["room:b"].round is not None
+        await written(broker, "room:a")
+        assert broker._topics["room:b"].round is None and quiet.writes == 2
+        # a round longer than the cap rests the cap, not as long as it took
+        busy.hold = ROUND_REST_MAX + 0.05
+        await broker.publish("room:a", {"i": 2})
+        await written(broker, "room:a")
+        assert busy.writes == 3
+        assert broker._rest_until - loop.time() <= ROUND_REST_MAX
+
+
+class BrokenSocketEnd(SocketEnd):
+    """A socket end whose ``send`` raises (a bug or a transport in a state nobody expected);
+    its ``write``, which the viewer's own reader uses, works."""
+
+    def send(self, frames: bytes) -> bool:
+        raise RuntimeError("transport in an unexpected state")
+
+
+async def test_a_viewer_whose_write_raises_does_not_cost_the_others_their_round(caplog) -> None:
+    """The round goes on to every other viewer; the one that raised is moved to its queue (its
+    reader writes through its own path from then on), nothing lost, and it is logged."""
+    async with InMemoryBroker() as broker:
+        ends = [SocketEnd(), BrokenSocketEnd(), SocketEnd(), SocketEnd()]
+        subs = [broker.subscribe("room:1") for _ in ends]
+        for sub, end in zip(subs, ends, strict=True):
+            sub.write_through(end)
+        with caplog.at_level(logging.ERROR, logger="watchbuy.site.broker"):
+            await broker.publish("room:1", {"type": "chat", "i": 0})
+            await written(broker)
+            await broker.publish("room:1", {"type": "chat", "i": 1})
+            await written(broker)
+        for end in (ends[0], *ends[2:]):
+            assert [json.loads(t)["i"] for t in end.texts()] == [0, 1]
+        broken = subs[1]
+        assert [broken.get_nowait()["i"] for _ in range(2)] == [0, 1]
+        assert broken.get_nowait() is None and not broken.overflowed
+        assert broken._sink in broker._topics["room:1"].plain
+        assert any("transport in an unexpected state" in record.exc_text
+                   for record in caplog.records if record.exc_text)
 
 
 async def test_a_burst_a_slow_socket_cannot_hold_ends_it_and_counts_the_lost() -> None:

@@ -3,7 +3,10 @@
 Both brokers deliver through the same fan-out (:class:`_FanoutBroker`): each process keeps topic ->
 set of subscriber queues (*sinks*), and a message is put in every queue of its topic -- or, for a
 websocket that gave a frame writer (:meth:`Subscription.write_through`), written to its socket
-in the loop's next round, with the topic's other messages of that round in one write.  Queues are
+in the loop's next round, with the topic's other messages of that round in one write (every
+topic's rounds in one callback, which then rests as long as it took, up to ``ROUND_REST_MAX``).
+A round is held to a viewer's bound too: states coalesce in it, and a round longer than a
+viewer's queue goes the queue's way (the viewer is dropped).  Queues are
 bounded, as every fast relay bounds a viewer's queue: a subscriber whose queue is full is a *slow
 consumer* and is dropped (its iterator ends and ``overflowed`` is set, so the websocket can tell
 the browser to reconnect and resync) -- it never grows the server's memory and never blocks a
@@ -37,6 +40,13 @@ from typing import Protocol
 log = logging.getLogger("watchbuy.site.broker")
 
 DEFAULT_QUEUE_SIZE = 256
+# The longest the fan-out rests after its rounds (as long as they took, up to this), so that a
+# round slowed down (a busy core) does not hold every room's next events back as long again.
+# Not shorter: 5000 viewers take ~50 ms a round on a core of their own and more on a shared
+# one, where a 50 ms cap left the chat path starved and cost a busy room 1.5x the CPU per
+# delivery and 3x its p99 (bench/RESULTS.md "after the review fixes").  250 ms is the
+# issue's p99 target; a round's size is bounded by each viewer's queue anyway.
+ROUND_REST_MAX = 0.25
 
 
 class Message(dict):
@@ -83,16 +93,19 @@ class FrameWriterLike(Protocol):
 class _Topic:
     """A topic's local subscribers: ``plain`` ones read their queue; ``direct`` ones gave a
     writer (:meth:`Subscription.write_through`) and are written in rounds (``round``: the
-    messages waiting for the next one; ``rest_until``: the loop time before which the next
-    round may not start).  Iterating it gives every sink."""
+    messages waiting for the next one, None when none is pending; ``round_keys``: coalesce key
+    -> the index of its message in ``round``, as a queue's slots).  ``joining``: plain sinks
+    that gave a writer while a round was pending, made direct once it is written.  Iterating
+    it gives every sink."""
 
-    __slots__ = ("plain", "direct", "round", "rest_until")
+    __slots__ = ("plain", "direct", "joining", "round", "round_keys")
 
     def __init__(self) -> None:
         self.plain: set[_Sink] = set()
         self.direct: set[_Sink] = set()
+        self.joining: set[_Sink] = set()
         self.round: list[Message] | None = None
-        self.rest_until = 0.0
+        self.round_keys: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.plain) + len(self.direct)
@@ -106,6 +119,7 @@ class _Topic:
     def remove(self, sink: _Sink) -> None:
         self.plain.discard(sink)
         self.direct.discard(sink)
+        self.joining.discard(sink)
 
 
 class _Slot:
@@ -251,8 +265,12 @@ class Subscription:
         order holds).  The reader must not await between taking a message and writing it.
 
         The fan-out writes such subscribers in rounds: a message is written in the event loop's
-        next round (``call_soon``), together with every other message of the topic published
-        before that round came, as one write per viewer."""
+        next round (``call_soon``; later while the fan-out rests after a long round), together
+        with every other message of the topic published before that round came, as one write
+        per viewer.  Called while a round is pending, it takes effect once that round is written
+        (the round holds messages from before this subscription and ones already queued here):
+        until then messages keep coming through the queue.  A writer whose ``send`` raises is
+        not given rounds again: its messages are queued from then on."""
         sink = self._sink
         sink.writer = writer
         sink.send = writer.send
@@ -312,6 +330,11 @@ class _FanoutBroker:
         # times delivery from other processes stopped (a lost Redis connection): whatever was
         # published until it was back never arrived (a cache kept by events must start over)
         self.interruptions = 0
+        # Every topic's pending round, written by one callback (_write_rounds) that then rests
+        # as long as it took: the fan-out's budget is the process's, whatever the rooms.
+        self._due: dict[str, _Topic] = {}
+        self._rounds: asyncio.Handle | None = None  # the callback, when scheduled
+        self._rest_until = 0.0  # loop time before which the next callback may not run
 
     # lifecycle -----------------------------------------------------------------------------
 
@@ -330,9 +353,14 @@ class _FanoutBroker:
     def _end_all(self) -> None:
         self._state = "closed"
         topics, self._topics = self._topics, {}
+        self._due.clear()
+        if self._rounds is not None:
+            self._rounds.cancel()
+            self._rounds = None
         for sinks in topics.values():
+            sinks.round = None
             for sink in sinks:
-                sink.end()  # a round still scheduled finds its topic gone and writes nothing
+                sink.end()
 
     async def __aenter__(self) -> _FanoutBroker:
         await self.start()
@@ -363,7 +391,15 @@ class _FanoutBroker:
     def _made_direct(self, topic: str, sink: _Sink) -> None:
         # Subscription.write_through: from now on this sink is written in rounds.
         sinks = self._topics.get(topic)
-        if sinks is not None and sink in sinks.plain:
+        if sinks is None or sink not in sinks.plain:
+            return
+        if sinks.round is not None:
+            # A round is pending: it holds messages published before this sink subscribed and
+            # ones already in its queue.  Written to it as well, they would arrive twice and
+            # out of order; so it stays plain (its reader writes what it is given) until that
+            # round is written, and is direct from the next one, which holds only newer ones.
+            sinks.joining.add(sink)
+        else:
             sinks.plain.remove(sink)
             sinks.direct.add(sink)
 
@@ -379,6 +415,10 @@ class _FanoutBroker:
         sinks.remove(sink)
         if not len(sinks):
             del self._topics[topic]
+            # its pending round has nobody to go to (if the topic comes back, it is a new one)
+            sinks.round = None
+            if self._due.get(topic) is sinks:
+                del self._due[topic]
             self._topic_removed(topic)
 
     def _fan_out(self, topic: str, message: Message) -> None:
@@ -386,50 +426,114 @@ class _FanoutBroker:
         if sinks is None:
             return
         if sinks.direct:
-            # Websockets are written in the loop's next round, every message that came until
-            # then in one write per viewer: a burst (a sale's stock, sold-out and chat; a batch
-            # read from Redis) costs each viewer one write() instead of one per message.
+            # Websockets are written in the loop's next round (or after the fan-out's rest,
+            # _write_rounds), every message that came until then in one write per viewer: a
+            # burst (a sale's stock, sold-out and chat; a batch read from Redis) costs each
+            # viewer one write() instead of one per message.
             pending = sinks.round
+            key = message.coalesce
             if pending is None:
                 sinks.round = [message]
-                loop = self._loop
-                rest = sinks.rest_until - loop.time()  # type: ignore[union-attr]
-                if rest > 0:
-                    loop.call_later(rest, self._write_round, topic, sinks)  # type: ignore[union-attr]
-                else:
-                    loop.call_soon(self._write_round, topic, sinks)  # type: ignore[union-attr]
-            else:
+                if key is not None:
+                    sinks.round_keys[key] = 0
+                self._due[topic] = sinks
+                if self._rounds is None:  # else the callback already scheduled writes it
+                    loop: asyncio.AbstractEventLoop = self._loop  # type: ignore[assignment]
+                    rest = self._rest_until - loop.time()
+                    if rest > 0:
+                        self._rounds = loop.call_later(rest, self._write_rounds)
+                    else:
+                        self._rounds = loop.call_soon(self._write_rounds)
+            elif key is None:
                 pending.append(message)
+            else:
+                # A state (stock, counts) replaces the round's older one of its key in place,
+                # as in a viewer's queue: a busy round carries the latest stock once, not every
+                # step of it.  Each direct viewer misses the older one: counted per viewer.
+                index = sinks.round_keys.get(key)
+                if index is None:
+                    sinks.round_keys[key] = len(pending)
+                    pending.append(message)
+                else:
+                    pending[index] = message
+                    self.drops["coalesced"] += len(sinks.direct)
         if sinks.plain:
             # Queue readers (the page and session caches act on what arrived before they
             # answer: get_nowait) get it now.
             self._enqueue(topic, sinks.plain, (message,))
 
+    def _write_rounds(self) -> None:
+        """Every due round, then a rest as long as they took (at most ``ROUND_REST_MAX``).
+
+        A round blocks the loop (5000 viewers: ~50 ms).  The rest after it lets the chat, joins
+        and pages move on, and what they publish meanwhile goes out together in the next
+        round (one write per viewer): in a storm of events the fan-out takes about half the
+        process, however many rooms are busy -- their rounds share one callback and one rest,
+        not one each back to back.  A lone event, after a quiet while, goes at once."""
+        self._rounds = None
+        due, self._due = self._due, {}
+        began = time.monotonic()
+        for topic, sinks in due.items():
+            try:
+                self._write_round(topic, sinks)
+            except Exception:  # one room's failure must not hold back the others' rounds
+                log.exception("fan-out round of %r failed", topic)
+        took = time.monotonic() - began
+        self._rest_until = self._loop.time() + min(took, ROUND_REST_MAX)  # type: ignore[union-attr]
+
     def _write_round(self, topic: str, sinks: _Topic) -> None:
         messages, sinks.round = sinks.round, None
+        sinks.round_keys.clear()
         if self._topics.get(topic) is not sinks or not messages:
             return  # closed, or everyone left (their sinks were ended) since it was scheduled
-        frames = messages[0].frame if len(messages) == 1 else \
+        try:
+            self._write_to_direct(topic, sinks, messages)
+        finally:
+            # Those who gave a writer while this round was pending: what it held was theirs
+            # through their queue (or from before they came); the next round is theirs.
+            if sinks.joining:
+                for sink in sinks.joining:
+                    if sink in sinks.plain:
+                        sinks.plain.remove(sink)
+                        sinks.direct.add(sink)
+                sinks.joining.clear()
+
+    def _write_to_direct(self, topic: str, sinks: _Topic, messages: list[Message]) -> None:
+        count = len(messages)
+        frames = messages[0].frame if count == 1 else \
             b"".join([message.frame for message in messages])
-        began = time.monotonic()
         behind: list[_Sink] | None = None
         # The hot loop: for a socket that keeps up and has nothing queued, one write of the
-        # frames built once for everyone (no task wakes up, no lookup but the sink's own).
+        # frames built once for everyone (no task wakes up, no lookup but the sink's own).  A
+        # round longer than a viewer's queue is not written to it either: it takes the queue's
+        # path, which drops the viewer (counted) as it would a backlog that long, so a round
+        # never hands a socket more than its bound.
+        failed: list[_Sink] | None = None
+        error: Exception | None = None
         for sink in sinks.direct:
-            if sink.buf or not sink.send(frames):  # type: ignore[misc]
-                if behind is None:
-                    behind = [sink]
+            try:  # free when nothing raises (Python 3.11's zero-cost exceptions)
+                if sink.buf or sink.maxsize < count or not sink.send(frames):  # type: ignore[misc]
+                    if behind is None:
+                        behind = [sink]
+                    else:
+                        behind.append(sink)
+            except Exception as exc:  # one viewer's writer must not cost the others the round
+                error = exc
+                if failed is None:
+                    failed = [sink]
                 else:
-                    behind.append(sink)
+                    failed.append(sink)
+        if failed is not None:
+            # Not written by the fan-out again (whatever broke may break again): back to their
+            # queues, which their own readers write through their own path; this round too.
+            for sink in failed:
+                sinks.direct.discard(sink)
+                sinks.plain.add(sink)
+            behind = failed if behind is None else behind + failed
+            log.error("fan-out: writing %d viewer(s) of %r raised; they are on their queues now",
+                      len(failed), topic, exc_info=error)
         if behind is not None:  # queued for their own readers, which write them once drained
             self._enqueue(topic, behind, messages)
-        # A round blocks the loop (5000 viewers: ~50 ms).  The next one rests as long, so that
-        # in a storm of events the fan-out takes at most about half the process's time: the
-        # rest lets the chat, joins and pages move on, and what they publish meanwhile goes out
-        # together in the next round (one write per viewer).  A lone event, after a quiet
-        # while, goes at once.
-        took = time.monotonic() - began
-        sinks.rest_until = self._loop.time() + took  # type: ignore[union-attr]
 
     def _enqueue(self, topic: str, sinks: Iterable[_Sink], messages: Sequence[Message]) -> None:
         """Put ``messages`` in each sink's bounded queue: a coalescable one replaces its key's
