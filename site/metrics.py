@@ -43,7 +43,8 @@ class _BrokerDrops:
     def collect(self):
         family = CounterMetricFamily(
             "watchbuy_site_ws_dropped", "Room events not sent to a viewer: coalesced (a newer "
-            "stock replaced it in the viewer's queue) or overflow (the viewer's queue was full: "
+            "state replaced it in the viewer's queue or in a pending round) or overflow (the viewer's "
+            "queue, or a round longer than it, was full: "
             "closed with 4408)", labels=["reason"])
         for reason, count in sorted(getattr(self.broker, "drops", {}).items()):
             family.add_metric([reason], count)
