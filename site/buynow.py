@@ -266,11 +266,13 @@ async def order_in_turn(request: Request, site: SiteState, user: dict, data: dic
     the refusal."""
     db, settings = site["db"], site["settings"]
     checkouts = site["metrics"].checkouts
+    # taken before the read: a restock heard while it runs keeps the 0 read from being marked
+    before_read = board.reading()
     product = await shopping.product_with_room(db, product_id)
     if product is None or not product["shown"]:
         return field_error("That product is not for sale.", "product_id", 404)
     if product["stock"] < 1:
-        board.mark(product_id, product["name"])
+        board.mark(product_id, product["name"], before_read)
         stock_notifier(site).changed(product_id, sold_out=True)
         checkouts.labels("unavailable").inc()
         return sold_out(product["name"])
@@ -306,6 +308,7 @@ async def order_in_turn(request: Request, site: SiteState, user: dict, data: dic
             address = await shopping.add_address(db, user["id"], address, make_default=False)
         except shopping.AddressBookFull as exc:
             return field_error(str(exc), "address")
+    before_order = board.reading()
     try:
         # test mode: the test card was checked, so the order is paid in the transaction
         # that makes it (no second transaction to mark it paid)
@@ -326,7 +329,7 @@ async def order_in_turn(request: Request, site: SiteState, user: dict, data: dic
     except queries.OutOfStock as exc:
         checkouts.labels("unavailable").inc()
         if exc.stock_seen == 0:
-            board.mark(product_id, product["name"])
+            board.mark(product_id, product["name"], before_order)
         stock_notifier(site).changed(product_id, sold_out=exc.stock_seen == 0)
         return sold_out(product["name"])
     except queries.OrderLimit as exc:  # SaleLimit too

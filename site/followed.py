@@ -80,6 +80,7 @@ class FollowedCache:
         self._sub: Subscription | None = None  # the topic while it is live
         self._interruptions = 0  # the broker's count when the subscription was last live
         self._follower: asyncio.Task | None = None
+        self._closed = False  # closed (the lifespan's end): a late request starts no follower
         self._relive: asyncio.Task | None = None
         self.hits = 0
         self.misses = 0
@@ -95,7 +96,7 @@ class FollowedCache:
     def follow(self) -> None:
         """:meth:`start` for a caller that cannot await (a cache made on first use); does
         nothing once following."""
-        if self.enabled and self._follower is None:
+        if self.enabled and self._follower is None and not self._closed:
             self._follower = asyncio.get_running_loop().create_task(
                 self._follow(), name=f"{self.what}-follow")
 
@@ -247,6 +248,7 @@ class FollowedCache:
             await asyncio.sleep(RESUBSCRIBE_DELAY)
 
     async def close(self) -> None:
+        self._closed = True
         relive, self._relive = self._relive, None
         if relive is not None:
             relive.cancel()

@@ -107,6 +107,13 @@ class StripeGateway:
                 # or reset within Stripe's 24 h of keys) from getting another order's session
                 options={"idempotency_key": idempotency_key(order)},
             )
+        except UNKNOWN_OUTCOME as exc:
+            # no answer, or a 409 (another request -- the same press sent twice -- is using
+            # this key right now): a session may exist or be made, so the caller must not
+            # release the order under it
+            log.warning("stripe did not answer checkout for order %s: %s", order["id"], exc)
+            raise PaymentUnknown("The payment service did not answer: press again in a "
+                                 "moment, your order is kept.") from exc
         except stripe.StripeError as exc:
             log.warning("stripe refused checkout for order %s: %s", order["id"], exc)
             raise PaymentError("The payment service is not available right now.") from exc
@@ -118,6 +125,10 @@ class StripeGateway:
             customer = await self.client.v1.customers.create_async(
                 params={"email": email, "metadata": {"user_id": str(user_id)}},
                 options={"idempotency_key": f"watchbuy-customer-{user_id}"})
+        except UNKNOWN_OUTCOME as exc:  # as in create_checkout: the order stays
+            log.warning("stripe did not answer a customer for user %s: %s", user_id, exc)
+            raise PaymentUnknown("The payment service did not answer: press again in a "
+                                 "moment, your order is kept.") from exc
         except stripe.StripeError as exc:
             log.warning("stripe refused a customer for user %s: %s", user_id, exc)
             raise PaymentError("The payment service is not available right now.") from exc

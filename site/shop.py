@@ -291,13 +291,21 @@ class SoldOutBoard:
         self.answered += 1
         return True, kept[0]
 
-    def mark(self, product_id: int, name: str | None = None) -> None:
-        """This process read the product's stock at 0 (kept only while the events are heard)."""
+    def reading(self) -> int:
+        """Taken before reading a product's stock, for :meth:`mark`."""
+        return self._marks.mark()
+
+    def mark(self, product_id: int, name: str | None = None,
+             before_read: int | None = None) -> None:
+        """This process read the product's stock at 0 (kept only while the events are heard,
+        and not when a stock event about it came since ``before_read``, :meth:`reading`'s
+        value taken before that read: a restock heard meanwhile makes the 0 old news)."""
         self.follow()
         if name is None:
             known = self._marks.get(product_id)
             name = known[0] if known is not None else None
-        self._marks.put(product_id, product_id, (name,), self._marks.mark())
+        since = self._marks.mark() if before_read is None else before_read
+        self._marks.put(product_id, product_id, (name,), since)
 
     def clear(self, product_id: int) -> None:
         self._marks.changed(product_id)

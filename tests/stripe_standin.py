@@ -154,6 +154,9 @@ class StripeStandIn(_CustomersAndIntents):
         self.by_idempotency_key: dict[str, dict] = {}
         self.requests: list[dict] = []
         self.fail_next = False
+        # the next Checkout request is answered 409, as Stripe answers a request whose
+        # idempotency key another request is still using (nothing made by this one)
+        self.conflict_next = False
         self.url = ""
         self.app = Starlette(routes=[
             Route("/v1/checkout/sessions", self.create_session, methods=["POST"]),
@@ -174,6 +177,12 @@ class StripeStandIn(_CustomersAndIntents):
             return JSONResponse({"error": {"type": "invalid_request_error",
                                            "message": "Amount must be at least $0.50 usd"}},
                                 400)
+        if self.conflict_next:
+            self.conflict_next = False
+            return JSONResponse({"error": {"type": "invalid_request_error",
+                                           "code": "idempotency_key_in_use",
+                                           "message": "There is currently another in-progress "
+                                                      "request using this Idempotent Key"}}, 409)
         key = request.headers.get("idempotency-key")
         if key and key in self.by_idempotency_key:
             return JSONResponse(self.by_idempotency_key[key])

@@ -291,16 +291,18 @@ async def test_a_viewer_that_joins_while_a_round_is_pending_gets_each_message_on
 
 async def test_a_round_coalesces_states_and_holds_no_more_than_a_viewers_queue() -> None:
     """A pending round keeps one entry per coalesce key (the newest state, in the first one's
-    place), as a viewer's queue does; and a round longer than a viewer's queue is not written
-    to it in one go (that would bypass its bound: tests/rv flood.py wrote 10 stale stock states
-    and 5000 chat messages, 1.19 MB, to a viewer with a queue of 4): it takes the queue's path,
-    full, so the viewer is dropped and the lost messages are counted."""
+    place), as a viewer's queue does; and it never grows longer than the smallest viewer's
+    queue: a flood (tests/rv flood.py: 10 stock states and 5000 chat messages in one rest) is
+    written in rounds of at most that many, so viewers that keep up get every message, in
+    order, and none is dropped; a viewer that cannot keep up takes its queue's path and is
+    dropped (counted) without holding up the others."""
     async with InMemoryBroker() as broker:
         small_end, roomy_end = SocketEnd(), SocketEnd()
-        small = broker.subscribe("room:1", queue_size=4)
+        small = broker.subscribe("room:1", queue_size=8)
         small.write_through(small_end)
-        roomy = broker.subscribe("room:1", queue_size=8)
+        roomy = broker.subscribe("room:1", queue_size=64)
         roomy.write_through(roomy_end)
+        broker._rest_until = asyncio.get_running_loop().time() + 0.5  # a busy room: it rests
         for stock_left in range(10, 7, -1):
             await broker.publish("room:1", {"type": "stock", "stock": stock_left,
                                             "coalesce": "stock:1"})
@@ -308,25 +310,35 @@ async def test_a_round_coalesces_states_and_holds_no_more_than_a_viewers_queue()
         await broker.publish("room:1", {"type": "stock", "stock": 5, "coalesce": "stock:2"})
         assert len(broker._topics["room:1"].round) == 5  # 3 chats, one state per product
         await written(broker)
-        # 5 messages: more than the small queue holds, within the roomy one's
-        assert small.overflowed and small_end.writes == 0
-        assert not roomy.overflowed and roomy_end.writes == 1
-        assert [json.loads(t) for t in roomy_end.texts()] == [
-            {"type": "stock", "stock": 8, "coalesce": "stock:1"}, {"type": "chat", "i": 10},
-            {"type": "chat", "i": 9}, {"type": "chat", "i": 8},
-            {"type": "stock", "stock": 5, "coalesce": "stock:2"}]
-        # two replaced states, for each of the two viewers; the small one's 4 queued + 1
-        assert broker.drops == {"coalesced": 4, "overflow": 5}
-        # the flood: a round of 10 states of one product and 5000 chat messages
-        for stock_left in range(10, 0, -1):
-            await broker.publish("room:1", {"type": "stock", "stock": stock_left,
-                                            "coalesce": "stock:1"})
+        for end in (small_end, roomy_end):
+            assert end.writes == 1
+            assert [json.loads(t) for t in end.texts()] == [
+                {"type": "stock", "stock": 8, "coalesce": "stock:1"}, {"type": "chat", "i": 10},
+                {"type": "chat", "i": 9}, {"type": "chat", "i": 8},
+                {"type": "stock", "stock": 5, "coalesce": "stock:2"}]
+        assert broker.drops == {"coalesced": 4, "overflow": 0}  # two states, for two viewers
+        # the flood, during a rest: written as it comes, 8 messages at a time at most
+        broker._rest_until = asyncio.get_running_loop().time() + 0.5
         for i in range(5000):
             await broker.publish("room:1", {"type": "chat", "i": i, "text": "x" * 200})
         await written(broker)
-        assert roomy.overflowed and roomy_end.writes == 1
-        assert broker.drops == {"coalesced": 4 + 9, "overflow": 5 + 5001}
-        assert broker.local_subscribers("room:1") == 0
+        assert not small.overflowed and not roomy.overflowed
+        for end in (small_end, roomy_end):
+            chats = [json.loads(t)["i"] for t in end.texts()[5:]]
+            assert chats == list(range(5000))
+            assert end.writes == 1 + 5000 // 8
+        assert broker.drops == {"coalesced": 4, "overflow": 0}
+        # a viewer whose socket stops taking frames is dropped once its queue fills; the other
+        # still gets everything
+        roomy_end.is_ready = False
+        for i in range(100):
+            await broker.publish("room:1", {"type": "chat", "i": 5000 + i})
+        await written(broker)
+        assert roomy.overflowed and not small.overflowed
+        assert [json.loads(t)["i"] for t in small_end.texts()[-100:]] == list(range(5000, 5100))
+        assert broker.drops["overflow"] > 0
+        assert broker.local_subscribers("room:1") == 1
+        await small.close()
 
 
 class HoldingSocketEnd(SocketEnd):

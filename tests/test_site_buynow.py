@@ -705,3 +705,26 @@ async def test_a_press_whose_order_was_released_buys_when_sent_again(
     assert await request_keys(site, shopper) == [("cancelled", False), ("expired", False),
                                                  ("pending", True)]
     assert (await product_row(site.db, mug["id"]))["stock"] == 4
+
+
+async def test_a_checkout_conflict_keeps_the_order_for_the_press_sent_again(
+        make_site, stripe_api) -> None:
+    """Stripe answers 409 when the same press's twin is using the idempotency key at that
+    moment: the outcome is not known (the twin may hand the shopper that very session), so the
+    order is not released under it; the press sent again gets the session."""
+    site = await make_site(**stripe_settings(stripe_api))
+    host = await site.user("Host", host=True)
+    mug = await site.product(host, name="Mug", price_minor=1800, stock=5)
+    shopper = await site.user("Cora Conflict")
+    browser = await site.browser(shopper)
+    await browser.get("/")
+    key = secrets.token_urlsafe(16)
+    stripe_api.conflict_next = True
+    first = await buy(browser, mug["id"], request_key=key)
+    assert first.status_code == 502 and "kept" in first.json()["error"], first.text
+    assert await request_keys(site, shopper) == [("pending", True)]
+    assert (await product_row(site.db, mug["id"]))["stock"] == 4
+    again = await buy(browser, mug["id"], request_key=key, retry=True)
+    assert again.status_code == 200, again.text
+    assert again.json()["redirect"].startswith("https://checkout.stripe.test/")
+    assert await request_keys(site, shopper) == [("pending", True)]

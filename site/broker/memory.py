@@ -98,7 +98,7 @@ class _Topic:
     that gave a writer while a round was pending, made direct once it is written.  Iterating
     it gives every sink."""
 
-    __slots__ = ("plain", "direct", "joining", "round", "round_keys")
+    __slots__ = ("plain", "direct", "joining", "round", "round_keys", "round_cap")
 
     def __init__(self) -> None:
         self.plain: set[_Sink] = set()
@@ -106,6 +106,7 @@ class _Topic:
         self.joining: set[_Sink] = set()
         self.round: list[Message] | None = None
         self.round_keys: dict[str, int] = {}
+        self.round_cap = 0  # the round is written at once when it holds this many messages
 
     def __len__(self) -> int:
         return len(self.plain) + len(self.direct)
@@ -436,6 +437,9 @@ class _FanoutBroker:
                 sinks.round = [message]
                 if key is not None:
                     sinks.round_keys[key] = 0
+                # the smallest direct viewer's queue: a round that fills it is written at once
+                # (below), never made longer than a viewer that keeps up may be handed
+                sinks.round_cap = min(sink.maxsize for sink in sinks.direct)
                 self._due[topic] = sinks
                 if self._rounds is None:  # else the callback already scheduled writes it
                     loop: asyncio.AbstractEventLoop = self._loop  # type: ignore[assignment]
@@ -446,6 +450,12 @@ class _FanoutBroker:
                         self._rounds = loop.call_soon(self._write_rounds)
             elif key is None:
                 pending.append(message)
+                if len(pending) >= sinks.round_cap:
+                    # a flood (a chat storm, a batch read from Redis) during the rest: written
+                    # now rather than made longer than the viewers' queues, which would drop
+                    # every viewer of the room though each keeps up
+                    self._due.pop(topic, None)
+                    self._write_round(topic, sinks)
             else:
                 # A state (stock, counts) replaces the round's older one of its key in place,
                 # as in a viewer's queue: a busy round carries the latest stock once, not every
