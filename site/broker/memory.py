@@ -5,8 +5,8 @@ set of subscriber queues (*sinks*), and a message is put in every queue of its t
 websocket that gave a frame writer (:meth:`Subscription.write_through`), written to its socket
 in the loop's next round, with the topic's other messages of that round in one write (every
 topic's rounds in one callback, which then rests as long as it took, up to ``ROUND_REST_MAX``).
-A round is held to a viewer's bound too: states coalesce in it, and a round longer than a
-viewer's queue goes the queue's way (the viewer is dropped).  Queues are
+A round is held to a viewer's bound too: states coalesce in it, and a round that reaches the
+smallest viewer queue of its room is written at once (a flood goes out in bounded rounds).  Queues are
 bounded, as every fast relay bounds a viewer's queue: a subscriber whose queue is full is a *slow
 consumer* and is dropped (its iterator ends and ``overflowed`` is set, so the websocket can tell
 the browser to reconnect and resync) -- it never grows the server's memory and never blocks a
