@@ -236,6 +236,9 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
         for cache in ("pages", "visitors", "sessions"):
             await shared[cache].start()
         site = cast(SiteState, shared)
+        # the sold-out board hears the stock events from the start: a rush's first seconds
+        # (the first process to sell out) are when its marks matter most
+        shop.sold_out_board(site)
         site["room_live"].start()
         # Upkeep: unpaid test-mode orders give their stock back; ended sessions and old login
         # attempts are pruned.  Stopped between rounds (see repeat_until).
@@ -280,7 +283,7 @@ def create_app(settings: SiteSettings, media: MediaDirectory | None = None,
             await site["room_live"].close()
             await site["heart_limiter"].close()
             await site["pin_limiter"].close()
-            await shop.close_sold_out_board(broker)  # made on first use (site/shop.py)
+            await shop.close_sold_out_board(broker)  # made at the start (site/shop.py)
             await broker.close()
             await db.disconnect()
 
