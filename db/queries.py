@@ -352,14 +352,19 @@ async def create_product(db: Database, host_id: int, name: str, description: str
     return await db.run_transaction(work)
 
 
-async def product(db: Database, product_id: int) -> dict | None:
-    # compiled once: every Buy now and every cart change reads it
-    row = as_dict(await db.fetch_one(compiled(db, "product", _product_query),
-                                     {"product_id": product_id}))
-    if row is not None:  # a text statement's rows carry the drivers' 0/1 for booleans
+def product_row(row: dict | None) -> dict | None:
+    """A product read by a compiled text statement, its booleans made bool (such rows carry
+    the drivers' 0/1)."""
+    if row is not None:
         for name in ("shown", "physical", "deleted"):
             row[name] = bool(row[name])
     return row
+
+
+async def product(db: Database, product_id: int) -> dict | None:
+    # compiled once: every Buy now and every cart change reads it
+    return product_row(as_dict(await db.fetch_one(compiled(db, "product", _product_query),
+                                                  {"product_id": product_id})))
 
 
 def _product_query() -> sa.Select:

@@ -20,6 +20,7 @@ from watchbuy.db.queries import (
     as_dicts,
     check_order_limits,
     compiled,
+    product_row,
 )
 from watchbuy.db.queries import _reserve_query as reserve_query
 from watchbuy.db.schema import (
@@ -438,12 +439,8 @@ async def product_with_room(db: Database, product_id: int) -> dict | None:
     """The product as :func:`queries.product` gives it, with ``channel_id``, its host's room
     (None without one): what Buy now needs, the room being where the purchase is announced.
     One query, compiled once."""
-    row = as_dict(await db.fetch_one(compiled(db, "product_with_room", _product_room_query),
-                                     {"product_id": product_id}))
-    if row is not None:  # a text statement's rows carry the drivers' 0/1 for booleans
-        for name in ("shown", "physical", "deleted"):
-            row[name] = bool(row[name])
-    return row
+    return product_row(as_dict(await db.fetch_one(
+        compiled(db, "product_with_room", _product_room_query), {"product_id": product_id})))
 
 
 def _order_insert_query() -> sa.Insert:
