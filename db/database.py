@@ -43,7 +43,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 import databases
@@ -107,6 +107,18 @@ _loop_writer: contextvars.ContextVar[_SQLiteWriter | None] = contextvars.Context
     "watchbuy_db_loop_writer", default=None)
 
 
+def _result_context(dialect: sa.engine.Dialect, compiled) -> Any:
+    """An execution context holding a compiled statement's result columns, as ``databases``
+    makes one per statement: what its record classes read the columns of a row through."""
+    context = dialect.execution_ctx_cls()
+    context.dialect = dialect
+    context.result_column_struct = (
+        compiled._result_columns, compiled._ordered_columns,
+        compiled._textual_ordered_columns, compiled._ad_hoc_textual,
+        compiled._loose_column_name_matching)
+    return context
+
+
 class _CompileCache:
     """``databases``' compile of a statement, kept per statement shape (SQLAlchemy's cache
     key): ``databases`` compiles every SQLAlchemy statement it runs, every time, and that was
@@ -135,12 +147,7 @@ class _CompileCache:
         if found is None:
             compiled = statement.compile(dialect=self._dialect, cache_key=cache_key,
                                          compile_kwargs={"render_postcompile": True})
-            context = self._dialect.execution_ctx_cls()
-            context.dialect = self._dialect
-            context.result_column_struct = (
-                compiled._result_columns, compiled._ordered_columns,
-                compiled._textual_ordered_columns, compiled._ad_hoc_textual,
-                compiled._loose_column_name_matching)
+            context = _result_context(self._dialect, compiled)
             if len(self._kept) >= COMPILED_CACHE_SIZE:
                 self._kept.pop(next(iter(self._kept)))  # the oldest shape
             found = self._kept[cache_key.key] = (compiled, self._context_class(context))
@@ -186,12 +193,7 @@ class _TextCache:
         found = self._kept.get(sql)
         if found is None:
             compiled = sa.text(sql).compile(dialect=self._dialect)
-            context = self._dialect.execution_ctx_cls()
-            context.dialect = self._dialect
-            context.result_column_struct = (
-                compiled._result_columns, compiled._ordered_columns,
-                compiled._textual_ordered_columns, compiled._ad_hoc_textual,
-                compiled._loose_column_name_matching)
+            context = _result_context(self._dialect, compiled)
             if len(self._kept) >= COMPILED_CACHE_SIZE:
                 self._kept.pop(next(iter(self._kept)))
             names = tuple(compiled.positiontup or ()) if self._positional else None
