@@ -436,13 +436,20 @@ async def deliver(site, payload: str):
                  stripe_signature(payload)})
 
 
-async def test_stripe_buy_now_keeps_the_card_and_pays_off_session(make_site, stripe_api) -> None:
+async def stripe_shop(make_site, stripe_api, name: str = "Ann"):
+    """A site paying through the Stripe stand-in, a host's $18.00 mug (5 in stock) and a
+    signed-in shopper's browser: (site, mug, shopper, browser)."""
     site = await make_site(**stripe_settings(stripe_api))
     host = await site.user("Host", host=True)
     mug = await site.product(host, name="Mug", price_minor=1800, stock=5)
-    shopper = await site.user("Ann")
+    shopper = await site.user(name)
     browser = await site.browser(shopper)
     await browser.get("/")
+    return site, mug, shopper, browser
+
+
+async def test_stripe_buy_now_keeps_the_card_and_pays_off_session(make_site, stripe_api) -> None:
+    site, mug, shopper, browser = await stripe_shop(make_site, stripe_api)
     # first purchase: Checkout, prefilled for a new Customer, keeping the card
     response = await buy(browser, mug["id"])
     assert response.status_code == 200, response.text
@@ -593,12 +600,7 @@ async def test_a_checkout_press_sent_again_gets_its_checkout_not_a_waiting_page(
     (asked of Stripe again under the order's idempotency key with the same parameters), also
     when it comes while the first send is still at Stripe (the order holds no session yet);
     a pending off-session payment (a PaymentIntent) is answered with its thank-you page."""
-    site = await make_site(**stripe_settings(stripe_api))
-    host = await site.user("Host", host=True)
-    mug = await site.product(host, name="Mug", price_minor=1800, stock=5)
-    shopper = await site.user("Ann")
-    browser = await site.browser(shopper)
-    await browser.get("/")
+    site, mug, shopper, browser = await stripe_shop(make_site, stripe_api)
     key = secrets.token_urlsafe(16)
     since = len(stripe_api.requests)
     first = await buy(browser, mug["id"], request_key=key)
@@ -673,12 +675,7 @@ async def test_a_press_whose_order_was_released_buys_when_sent_again(
     """Stripe refused the Checkout: the order is cancelled and gives its press's key up, so
     the sheet's next send (buy.js keeps the key after a 5xx) makes a new order instead of
     being answered with the cancelled one; so does a press whose session expired."""
-    site = await make_site(**stripe_settings(stripe_api))
-    host = await site.user("Host", host=True)
-    mug = await site.product(host, name="Mug", price_minor=1800, stock=5)
-    shopper = await site.user("Ann")
-    browser = await site.browser(shopper)
-    await browser.get("/")
+    site, mug, shopper, browser = await stripe_shop(make_site, stripe_api)
     key = secrets.token_urlsafe(16)
     stripe_api.fail_next = True
     first = await buy(browser, mug["id"], request_key=key)
@@ -712,12 +709,7 @@ async def test_a_checkout_conflict_keeps_the_order_for_the_press_sent_again(
     """Stripe answers 409 when the same press's twin is using the idempotency key at that
     moment: the outcome is not known (the twin may hand the shopper that very session), so the
     order is not released under it; the press sent again gets the session."""
-    site = await make_site(**stripe_settings(stripe_api))
-    host = await site.user("Host", host=True)
-    mug = await site.product(host, name="Mug", price_minor=1800, stock=5)
-    shopper = await site.user("Cora Conflict")
-    browser = await site.browser(shopper)
-    await browser.get("/")
+    site, mug, shopper, browser = await stripe_shop(make_site, stripe_api, "Cora Conflict")
     key = secrets.token_urlsafe(16)
     stripe_api.conflict_next = True
     first = await buy(browser, mug["id"], request_key=key)
